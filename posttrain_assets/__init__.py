@@ -1,0 +1,1 @@
+"""posttrain-assets: a Dagster medallion platform for post-training data (SFT, preference, RL)."""

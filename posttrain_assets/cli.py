@@ -1,0 +1,82 @@
+"""The ``posttrain`` command.
+
+    posttrain demo            generate the bundled demo landing data and run the whole graph on it
+    posttrain run             ingest every registry source and rebuild silver and gold
+    posttrain counts          print per-layer row counts of the DuckDB file
+    posttrain show-mask ID    print one tokenised SFT row with its trained spans marked
+    posttrain dev             start the Dagster UI on 127.0.0.1:3000 with these defaults
+
+Environment (defaults in brackets, relative to the current directory):
+POSTTRAIN_SOURCES [data/demo/sources.yaml], POSTTRAIN_DUCKDB_PATH [data/posttrain.duckdb],
+POSTTRAIN_TOKENIZER [smollm2], POSTTRAIN_CACHE_DIR [~/.cache/posttrain_assets],
+DAGSTER_HOME [.dagster_home, seeded with the project's dagster.yaml].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_DIR = Path("data/demo")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def apply_environment_defaults() -> None:
+    """Fill in the documented defaults for every variable the user did not set."""
+    os.environ.setdefault("POSTTRAIN_SOURCES", str((DEFAULT_DEMO_DIR / "sources.yaml").resolve()))
+    os.environ.setdefault("POSTTRAIN_DUCKDB_PATH", str(Path("data/posttrain.duckdb").resolve()))
+    os.environ.setdefault("POSTTRAIN_TOKENIZER", "smollm2")
+    os.environ.setdefault("POSTTRAIN_CACHE_DIR", str(Path("~/.cache/posttrain_assets").expanduser()))
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    Path(os.environ["POSTTRAIN_DUCKDB_PATH"]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="posttrain", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="generate the demo landing data and run the whole graph")
+    demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR, help="where to write the demo landing data")
+    demo.add_argument("--seed", type=int, default=7)
+    commands.add_parser("run", help="ingest every registry source and rebuild silver and gold")
+    commands.add_parser("counts", help="print per-layer row counts")
+    commands.add_parser("dev", help="start the Dagster UI (webserver and daemon) on 127.0.0.1")
+    show = commands.add_parser("show-mask", help="print a tokenised SFT row with trained spans marked")
+    show.add_argument("id", help="row id (a prefix is enough)")
+    show.add_argument("--color", action="store_true", help="ANSI colours instead of ⟦ ⟧ brackets")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from posttrain_assets.demo_data import generate_demo_data
+
+        registry = generate_demo_data(args.out, seed=args.seed)
+        os.environ["POSTTRAIN_SOURCES"] = str(Path(registry).resolve())
+        print(f"demo landing data written to {args.out} (registry {registry})")
+    apply_environment_defaults()
+
+    if args.command == "dev":
+        dagster = Path(sys.executable).with_name("dagster")
+        workspace = PROJECT_ROOT / "workspace.yaml"
+        os.execv(dagster, [str(dagster), "dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(workspace)])
+
+    from posttrain_assets import pipeline
+
+    if args.command in ("demo", "run"):
+        pipeline.run_all()
+        print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
+    elif args.command == "counts":
+        print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
+    elif args.command == "show-mask":
+        print(pipeline.show_mask(os.environ["POSTTRAIN_DUCKDB_PATH"], args.id, color=args.color))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

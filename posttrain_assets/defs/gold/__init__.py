@@ -1,0 +1,1 @@
+"""Gold layer: regime projections of silver, materialised only past the blocking checks."""

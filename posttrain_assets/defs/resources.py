@@ -1,0 +1,66 @@
+"""Resources, built from environment variables at launch (never chosen at import time).
+
+- ``duckdb``: the warehouse file, ``POSTTRAIN_DUCKDB_PATH``.
+- ``registry``: the source registry YAML, ``POSTTRAIN_SOURCES``.
+- ``tokenizer``: the project tokenizer, ``POSTTRAIN_TOKENIZER`` (``smollm2`` = the bundled default,
+  a local tokenizer directory, or a model id already in the local Hugging Face cache), cached under
+  ``POSTTRAIN_CACHE_DIR``.
+
+``posttrain`` (the CLI) and the Makefile set documented defaults for all of them.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import PrivateAttr
+
+from posttrain_assets.registry import Registry, load_registry
+
+
+class SourceRegistryResource(dg.ConfigurableResource):
+    """The source registry file (see ``posttrain_assets.registry``)."""
+
+    path: str
+
+    def load(self) -> Registry:
+        return load_registry(self.path)
+
+
+class TokenizerResource(dg.ConfigurableResource):
+    """The tokenizer whose chat template renders SFT rows and counts tokens for every regime."""
+
+    spec: str = "smollm2"
+    cache_dir: str
+
+    _tokenizer: object = PrivateAttr(default=None)
+    _identity: dict[str, str] | None = PrivateAttr(default=None)
+
+    def get(self):  # -> transformers.PreTrainedTokenizerFast
+        """Load once per process; no network (local files or the local HF cache only)."""
+        if self._tokenizer is None:
+            from posttrain_assets.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.spec, Path(self.cache_dir))
+        return self._tokenizer
+
+    def identity(self) -> dict[str, str]:
+        """Name and hashes of the tokenizer files and chat template, recorded with every row set."""
+        if self._identity is None:
+            from posttrain_assets.tokenizer import tokenizer_identity
+
+            self._identity = tokenizer_identity(self.get())
+        return self._identity
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={
+            "duckdb": DuckDBResource(database=dg.EnvVar("POSTTRAIN_DUCKDB_PATH")),
+            "registry": SourceRegistryResource(path=dg.EnvVar("POSTTRAIN_SOURCES")),
+            "tokenizer": TokenizerResource(
+                spec=dg.EnvVar("POSTTRAIN_TOKENIZER"), cache_dir=dg.EnvVar("POSTTRAIN_CACHE_DIR")
+            ),
+        }
+    )

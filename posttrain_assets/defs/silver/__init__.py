@@ -1,0 +1,1 @@
+"""Silver layer: the canonical corpus and its per-regime preparations."""

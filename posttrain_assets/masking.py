@@ -1,0 +1,641 @@
+"""Chat-template tokenisation with assistant-only loss masks, for any Hugging Face chat template.
+
+What is trained (label = token id): the rendered content of every assistant turn (or only the last one) plus
+the template's end-of-turn marker that closes it (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``...),
+so the model learns to stop. Everything else is -100: system/user/tool turns, role headers, text the template
+injects (default system prompt, dates), the whitespace after the marker.
+
+How spans are found without assuming the template is prefix-stable:
+
+1. Render the real conversation ``R = apply_chat_template(messages, tokenize=False)``.
+2. Render a *skeleton*: the same messages with every ``content`` replaced by a unique sentinel. Splitting the
+   skeleton on the sentinels gives the template's literal chunks ``c0, c1, ..., cK`` between contents.
+3. Walk ``R`` with the chunks (backtracking search, preferring verbatim content, then substrings of the content,
+   so templates that strip ``<think>`` blocks or trim content still parse) to locate each content's span.
+4. The end-of-turn marker is the chunk after the last assistant content (trailing whitespace stripped) of a
+   conversation ending with that assistant turn; ``MaskConfig.end_of_turn`` overrides it. It must directly follow
+   every trained assistant content.
+5. Tokenise every ``R`` once, in one batched call, with character offsets, and label each token by whether it lies
+   inside a trained span. A token that straddles a trained/untrained boundary makes the row an error
+   (``mask_boundary_straddle``), with one exception: a token whose only outside part is whitespace just before
+   an assistant content (``[/INST] answer`` -> ``Ġanswer``) is trained, because the model emits that whitespace
+   itself after the generation prompt; this is the same token-level mask transformers' ``{% generation %}``
+   tracking produces.
+
+:func:`verify_mask` is an independent proof used by a blocking asset check: it re-tokenises with
+``apply_chat_template(tokenize=True)`` and checks decoded trained runs against the message contents, without
+reusing the span search above.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+IGNORE_INDEX = -100
+
+MASK_REASONS: dict[str, str] = {
+    "too_long": "the tokenised row is longer than max_seq_len (and no turn-boundary truncation fits)",
+    "no_trainable_tokens": "the row has no trained (assistant) token",
+    "template_error": "the chat template raised, or its rendering could not be parsed into turns",
+    "mask_boundary_straddle": "a token spans both trained and untrained text, so its mask cannot be exact",
+    "unsupported_message": "a message has non-string content or assistant fields other than content",
+    "special_token_in_content": "a message's content contains a special token of the tokenizer",
+}
+
+_SENTINEL_OPEN = "\ue000"
+_SENTINEL_CLOSE = "\ue001"
+_SENTINEL_RE = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
+# Assistant fields that the template may render outside ``content`` (reasoning, tool calls). Their rendering would
+# land in untrained skeleton text, silently, so such messages are rejected instead.
+_ASSISTANT_EXTRA_FIELDS = ("tool_calls", "reasoning_content", "thinking", "reasoning", "function_call")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How to build labels.
+
+    ``end_of_turn=None`` auto-detects the marker from the template; ``""`` explicitly trains no marker.
+    """
+
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    max_seq_len: int = 4096
+    overflow: Literal["quarantine", "truncate"] = "quarantine"
+    end_of_turn: str | None = None
+
+
+@dataclass
+class TokenizedConversation:
+    """One tokenised conversation. ``labels`` is -100 where untrained, else the token id (unshifted).
+
+    ``num_messages`` is how many leading messages were rendered (fewer than the input when ``truncated``).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    num_tokens: int
+    num_trainable_tokens: int
+    truncated: bool
+    num_messages: int = 0
+
+
+class MaskError(Exception):
+    """A conversation that cannot be tokenised with an exact mask. ``reason`` is a key of :data:`MASK_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaskError) and (self.reason, self.message) == (other.reason, other.message)
+
+    def __hash__(self) -> int:
+        return hash((self.reason, self.message))
+
+
+@dataclass
+class _Rendered:
+    """A rendered conversation prefix with its character spans to train."""
+
+    text: str
+    trained_spans: list[tuple[int, int]]  # (start, end) in ``text``; content start .. end of marker
+    content_starts: set[int]  # starts of assistant contents (for the leading-whitespace rule)
+    num_messages: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rendering and span search
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sentinel(index: int) -> str:
+    return f"{_SENTINEL_OPEN}{index}{_SENTINEL_CLOSE}"
+
+
+def _render(tok: Any, messages: list[dict[str, Any]]) -> str:
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    except Exception as exc:  # noqa: BLE001 - any template exception is a template_error for this row
+        raise MaskError("template_error", f"chat template raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(text, str):
+        raise MaskError("template_error", f"chat template rendered {type(text).__name__}, not str")
+    return text
+
+
+def _special_token_pattern(tok: Any) -> re.Pattern[str] | None:
+    specials = sorted(
+        {str(t.content) for t in tok.added_tokens_decoder.values() if getattr(t, "special", False) and str(t.content)},
+        key=len,
+        reverse=True,
+    )
+    return re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+
+
+def _check_messages(messages: list[dict[str, Any]], special_re: re.Pattern[str] | None) -> None:
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise MaskError("unsupported_message", f"message {index} is not a dict with a string role")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise MaskError("unsupported_message", f"message {index} content is {type(content).__name__}, not str")
+        if message["role"] == "assistant":
+            extra = [key for key in _ASSISTANT_EXTRA_FIELDS if message.get(key) is not None]
+            if extra:
+                raise MaskError("unsupported_message", f"assistant message {index} has fields {extra} besides content")
+        if special_re is not None and (found := special_re.search(content)):
+            raise MaskError(
+                "special_token_in_content", f"message {index} content contains special token {found.group(0)!r}"
+            )
+
+
+def _skeleton(tok: Any, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
+    """Literal template chunks and the message index of each sentinel, in rendering order."""
+    masked = [{**message, "content": _sentinel(index)} for index, message in enumerate(messages)]
+    text = _render(tok, masked)
+    parts = _SENTINEL_RE.split(text)
+    chunks = parts[0::2]
+    order = [int(p) for p in parts[1::2]]
+    if len(set(order)) != len(order):
+        raise MaskError("template_error", "the template renders a message's content more than once")
+    if any(not 0 <= i < len(messages) for i in order):
+        raise MaskError("template_error", "the template renders a content that is not a message")
+    for k in range(1, len(chunks) - 1):
+        if chunks[k] == "":
+            raise MaskError(
+                "template_error",
+                f"messages {order[k - 1]} and {order[k]} are rendered with nothing between them; cannot split turns",
+            )
+    return chunks, order
+
+
+def _candidate_ends(text: str, start: int, chunk: str, content: str, is_last: bool, assistant: bool) -> list[int]:
+    """Possible end positions of the content that starts at ``start`` and is followed by ``chunk``, best first."""
+    if is_last:
+        end = len(text) - len(chunk)
+        positions = [end] if end >= start and text.endswith(chunk) else []
+    else:
+        positions = []
+        pos = text.find(chunk, start)
+        while pos != -1:
+            positions.append(pos)
+            pos = text.find(chunk, pos + 1)
+    verbatim = [e for e in positions if text[start:e] == content]
+    substring = sorted((e for e in positions if e not in verbatim and text[start:e] in content), reverse=True)
+    if assistant:  # an assistant content must render verbatim or as a part of itself (trimmed, thinking stripped)
+        return verbatim + substring
+    others = [e for e in positions if e not in verbatim and e not in substring]
+    return verbatim + substring + others
+
+
+def _locate_contents(
+    text: str, chunks: list[str], order: list[int], messages: list[dict[str, Any]]
+) -> dict[int, tuple[int, int]]:
+    """Find each rendered content's (start, end) in ``text`` by walking the skeleton chunks (with backtracking)."""
+    if not text.startswith(chunks[0]):
+        raise MaskError("template_error", "the rendering does not start with the template's skeleton prefix")
+    spans: dict[int, tuple[int, int]] = {}
+    failed: set[tuple[int, int]] = set()
+    count = len(order)
+
+    def walk(k: int, start: int) -> bool:
+        if k == count:
+            return start == len(text)
+        if (k, start) in failed:
+            return False
+        message = messages[order[k]]
+        nxt = chunks[k + 1]
+        ends = _candidate_ends(text, start, nxt, message["content"], k + 1 == count, message.get("role") == "assistant")
+        for end in ends:
+            spans[order[k]] = (start, end)
+            if walk(k + 1, end + len(nxt)):
+                return True
+        spans.pop(order[k], None)
+        failed.add((k, start))
+        return False
+
+    limit = sys.getrecursionlimit()
+    if count + 100 > limit:
+        sys.setrecursionlimit(count + 200)
+    try:
+        found = walk(0, len(chunks[0]))
+    finally:
+        sys.setrecursionlimit(limit)
+    if not found:
+        raise MaskError(
+            "template_error",
+            "could not align the rendering with the template skeleton (the template's text depends on message "
+            "content, or transforms assistant content beyond trimming/stripping)",
+        )
+    return spans
+
+
+def _trained_indices(messages: list[dict[str, Any]], cfg: MaskConfig) -> list[int]:
+    assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if cfg.train_on == "last_assistant":
+        return assistants[-1:]
+    if cfg.train_on == "all_assistant":
+        return assistants
+    raise ValueError(f"unknown train_on {cfg.train_on!r}")
+
+
+def _detect_marker(tok: Any, messages: list[dict[str, Any]], chunks: list[str], order: list[int]) -> str:
+    """The end-of-turn marker: the skeleton chunk after the last assistant content, trailing whitespace stripped,
+    rendered for a conversation that ends with that assistant turn."""
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+    if last != len(messages) - 1:
+        chunks, order = _skeleton(tok, messages[: last + 1])
+    if last not in order:
+        raise MaskError("template_error", f"the template does not render assistant message {last}")
+    marker = chunks[order.index(last) + 1].rstrip()
+    if not marker:
+        raise MaskError(
+            "template_error", "no end-of-turn marker follows the last assistant content; set MaskConfig.end_of_turn"
+        )
+    return marker
+
+
+def _render_with_spans(
+    tok: Any, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
+) -> _Rendered:
+    _check_messages(messages, special_re)
+    trained = _trained_indices(messages, cfg)
+    if not trained:
+        raise MaskError("no_trainable_tokens", "the conversation has no assistant turn")
+    text = _render(tok, messages)
+    chunks, order = _skeleton(tok, messages)
+    missing = [i for i in trained if i not in order]
+    if missing:
+        raise MaskError("template_error", f"the template does not render assistant message(s) {missing}")
+    marker = cfg.end_of_turn if cfg.end_of_turn is not None else _detect_marker(tok, messages, chunks, order)
+    spans = _locate_contents(text, chunks, order, messages)
+    trained_spans: list[tuple[int, int]] = []
+    starts: set[int] = set()
+    for index in trained:
+        start, end = spans[index]
+        if not text.startswith(marker, end):
+            raise MaskError(
+                "template_error",
+                f"end-of-turn marker {marker!r} does not follow assistant message {index} "
+                f"(found {text[end : end + len(marker) + 8]!r})",
+            )
+        trained_spans.append((start, end + len(marker)))
+        starts.add(start)
+    trained_spans.sort()
+    return _Rendered(text=text, trained_spans=trained_spans, content_starts=starts, num_messages=len(messages))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenisation
+# ----------------------------------------------------------------------------------------------------------------
+
+_BACKENDS: dict[int, tuple[Any, Any]] = {}
+
+
+def _offset_backend(tok: Any) -> Any:
+    """A copy of ``tok``'s backend without post-processor, padding or truncation: its offsets are never trimmed
+    (a ByteLevel post-processor with ``trim_offsets=True`` would hide whitespace at span boundaries)."""
+    from tokenizers import Tokenizer
+
+    backend = tok.backend_tokenizer
+    cached = _BACKENDS.get(id(tok))
+    if cached is not None and cached[0] is backend:
+        return cached[1]
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.post_processor = None
+    copy.no_padding()
+    copy.no_truncation()
+    _BACKENDS[id(tok)] = (backend, copy)
+    return copy
+
+
+def _labels_from_offsets(
+    text: str, ids: list[int], offsets: list[tuple[int, int]], rendered: _Rendered
+) -> list[int] | MaskError:
+    """Label each token by its character offsets; both lists are in text order, so one pass suffices."""
+    labels = [IGNORE_INDEX] * len(ids)
+    spans = rendered.trained_spans
+    k = 0
+    for pos, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        span_start, span_end = spans[k]
+        if end <= span_start:
+            continue  # entirely before the span (a zero-width token at its start included)
+        if start == end or (span_start <= start and end <= span_end):
+            labels[pos] = ids[pos]  # inside (a zero-width token here is strictly inside)
+            continue
+        if (
+            start < span_start < end <= span_end
+            and span_start in rendered.content_starts
+            and text[start:span_start].isspace()
+        ):
+            labels[pos] = ids[pos]  # e.g. "[/INST]" + " answer" -> "Ġanswer": the model emits the space itself
+            continue
+        return MaskError(
+            "mask_boundary_straddle",
+            f"token {pos} covers characters {start}:{end} ({text[start:end]!r}) across the boundary of the "
+            f"trained span {span_start}:{span_end}",
+        )
+    return labels
+
+
+def tokenize_conversations(
+    tok: Any, conversations: Sequence[list[dict[str, Any]]], cfg: MaskConfig
+) -> list[TokenizedConversation | MaskError]:
+    """Tokenise conversations with the tokenizer's chat template and assistant-only labels.
+
+    Returns one entry per conversation, in order: a :class:`TokenizedConversation` or a :class:`MaskError`.
+    """
+    if cfg.overflow not in ("quarantine", "truncate"):
+        raise ValueError(f"unknown overflow {cfg.overflow!r}")
+    if cfg.max_seq_len <= 0:
+        raise ValueError("max_seq_len must be positive")
+    special_re = _special_token_pattern(tok)
+    backend = _offset_backend(tok)
+    results: list[TokenizedConversation | MaskError | None] = [None] * len(conversations)
+    pending: list[tuple[int, _Rendered]] = []
+    for row, messages in enumerate(conversations):
+        try:
+            pending.append((row, _render_with_spans(tok, list(messages), cfg, special_re)))
+        except MaskError as err:
+            results[row] = err
+
+    def encode(items: list[tuple[int, _Rendered]]) -> list[tuple[int, _Rendered, Any]]:
+        if not items:
+            return []
+        encodings = backend.encode_batch([r.text for _, r in items], add_special_tokens=False)
+        return [(row, r, enc) for (row, r), enc in zip(items, encodings, strict=True)]
+
+    too_long: list[int] = []
+    for row, rendered, enc in encode(pending):
+        if len(enc.ids) > cfg.max_seq_len:
+            too_long.append(row)
+            results[row] = MaskError("too_long", f"{len(enc.ids)} tokens > max_seq_len {cfg.max_seq_len}")
+            continue
+        results[row] = _finish(rendered, enc, truncated=False)
+
+    if cfg.overflow == "truncate":
+        for row in too_long:
+            results[row] = _truncate(tok, list(conversations[row]), cfg, special_re, backend, results[row])
+    return [r for r in results if r is not None]
+
+
+def _finish(rendered: _Rendered, enc: Any, truncated: bool) -> TokenizedConversation | MaskError:
+    ids = list(enc.ids)
+    labels = _labels_from_offsets(rendered.text, ids, list(enc.offsets), rendered)
+    if isinstance(labels, MaskError):
+        return labels
+    trainable = sum(1 for label in labels if label != IGNORE_INDEX)
+    if trainable == 0:
+        return MaskError("no_trainable_tokens", "no token falls inside an assistant span")
+    return TokenizedConversation(
+        input_ids=ids,
+        labels=labels,
+        num_tokens=len(ids),
+        num_trainable_tokens=trainable,
+        truncated=truncated,
+        num_messages=rendered.num_messages,
+    )
+
+
+def _truncate(
+    tok: Any,
+    messages: list[dict[str, Any]],
+    cfg: MaskConfig,
+    special_re: re.Pattern[str] | None,
+    backend: Any,
+    original: Any,
+) -> TokenizedConversation | MaskError:
+    """Longest prefix of whole messages ending with an assistant turn that fits ``max_seq_len``."""
+    ends = [i + 1 for i, m in enumerate(messages) if m.get("role") == "assistant" and i + 1 < len(messages)]
+    for count in sorted(ends, reverse=True):
+        try:
+            rendered = _render_with_spans(tok, messages[:count], cfg, special_re)
+        except MaskError as err:
+            if err.reason == "template_error":  # e.g. a template that needs a final user turn: try shorter
+                continue
+            return err
+        enc = backend.encode(rendered.text, add_special_tokens=False)
+        if len(enc.ids) <= cfg.max_seq_len:
+            return _finish(rendered, enc, truncated=True)
+    if isinstance(original, MaskError):
+        return MaskError("too_long", f"{original.message}, and no prefix of whole turns ending with an assistant fits")
+    return MaskError("too_long", "no prefix of whole turns ending with an assistant turn fits")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# independent verification and display
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _decode(tok: Any, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _rendered_content_forms(content: str) -> list[str]:
+    """Forms an assistant content may take in a rendering: verbatim, trimmed, or with its thinking stripped."""
+    forms = [content, content.strip(), content.lstrip(), content.rstrip()]
+    if "</think>" in content:
+        answer = content.split("</think>")[-1]
+        forms += [answer, answer.strip(), answer.lstrip(), answer.lstrip("\n")]
+    return list(dict.fromkeys(forms))
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for pos, label in enumerate(labels):
+        if label != IGNORE_INDEX and start is None:
+            start = pos
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, pos))
+            start = None
+    if start is not None:
+        runs.append((start, len(labels)))
+    return runs
+
+
+def _matches_piece(run_text: str, forms: list[str], marker: str) -> bool:
+    if not run_text.endswith(marker):
+        return False
+    body = run_text[: len(run_text) - len(marker)]
+    for form in forms:
+        if body == form:
+            return True
+        lead = len(body) - len(form)
+        if lead > 0 and body.endswith(form) and body[:lead].isspace():
+            return True
+    return False
+
+
+def _consistent(decoded: str, expected: str) -> bool:
+    """Whether ``decoded`` can be the beginning of ``expected`` (leading whitespace glued to text is allowed)."""
+    if expected.startswith(decoded):
+        return True
+    stripped = decoded.lstrip()
+    return bool(stripped) and expected.startswith(stripped)
+
+
+def _first_wrong_position(tok: Any, input_ids: list[int], run: tuple[int, int], expected: str) -> int:
+    """Best-effort first wrong label position for a trained run that does not decode to ``expected``."""
+    start, end = run
+    if not _consistent(_decode(tok, input_ids[start : start + 1]), expected):
+        for back in range(1, min(start, 64) + 1):  # the run may start too late: expected text begins earlier
+            if _consistent(_decode(tok, input_ids[start - back : start + 1]), expected):
+                return start - back
+        return start  # trained, but not the beginning of the expected text
+    for pos in range(start + 1, end):
+        if not _consistent(_decode(tok, input_ids[start : pos + 1]), expected):
+            return pos  # trained beyond the expected text
+    return end  # the run stops early: this position should be trained
+
+
+def verify_mask(
+    tok: Any,
+    messages: list[dict[str, Any]],
+    input_ids: list[int],
+    labels: list[int],
+    cfg: MaskConfig,
+    num_messages: int | None = None,
+) -> str | None:
+    """Independently prove a mask; return None if correct, else a message naming the first wrong position.
+
+    ``num_messages`` is the number of leading messages that were kept (``TokenizedConversation.num_messages``;
+    None means all). Checks, without reusing the span search of :func:`tokenize_conversations`:
+
+    * ``input_ids`` equal a fresh ``apply_chat_template(messages[:num_messages], tokenize=True)``;
+    * every label is -100 or its input id, and at least one is trained;
+    * the contiguous trained runs decode, in order, to exactly each trained assistant content (as the template
+      renders it: verbatim, trimmed, or thinking stripped; optionally preceded by whitespace the template puts
+      before it) followed by the end-of-turn marker;
+    * every non-assistant content (and every untrained assistant content) that appears in the decoded text
+      appears in untrained text, and never inside a trained run.
+    """
+    kept = list(messages if num_messages is None else messages[:num_messages])
+    if not kept:
+        return "no messages to verify"
+    try:
+        expected_ids = tok.apply_chat_template(kept, tokenize=True, return_dict=False, add_generation_prompt=False)
+    except Exception as exc:  # noqa: BLE001
+        return f"chat template raised {type(exc).__name__}: {exc}"
+    expected_ids = list(expected_ids)
+    if list(input_ids) != expected_ids:
+        pos = next(
+            (i for i, (a, b) in enumerate(zip(input_ids, expected_ids, strict=False)) if a != b),
+            min(len(input_ids), len(expected_ids)),
+        )
+        return (
+            f"position {pos}: input_ids differ from apply_chat_template ({len(input_ids)} vs {len(expected_ids)} ids)"
+        )
+    if len(labels) != len(input_ids):
+        return f"position {min(len(labels), len(input_ids))}: {len(labels)} labels for {len(input_ids)} input ids"
+    for pos, (label, token) in enumerate(zip(labels, input_ids, strict=True)):
+        if label != IGNORE_INDEX and label != token:
+            return f"position {pos}: label {label} is neither -100 nor the input id {token}"
+    runs = _runs(labels)
+    if not runs:
+        return "no trained position"
+
+    trained = _trained_indices(kept, cfg)
+    if not trained:
+        return f"position {runs[0][0]}: trained, but the kept messages have no assistant turn to train"
+    if cfg.end_of_turn is not None:
+        marker = cfg.end_of_turn
+    else:
+        # Independent of the skeleton: the marker is what the template writes after a trained content before the
+        # next whitespace; take it from the decoded text right after the last assistant content.
+        marker = _independent_marker(tok, kept)
+        if marker is None:
+            return "cannot determine the end-of-turn marker independently; set MaskConfig.end_of_turn"
+
+    for number, index in enumerate(trained):
+        forms = _rendered_content_forms(kept[index]["content"])
+        if number >= len(runs):
+            after = runs[-1][1]
+            return (
+                f"position {after}: assistant message {index} has no trained run "
+                f"(expected {forms[0][:60]!r} + {marker!r} to be trained)"
+            )
+        run = runs[number]
+        text = _decode(tok, input_ids[run[0] : run[1]])
+        if not _matches_piece(text, forms, marker):
+            best = max(_first_wrong_position(tok, input_ids, run, form + marker) for form in forms)
+            return (
+                f"position {best}: trained run {run[0]}:{run[1]} decodes to {text[:80]!r}, expected assistant "
+                f"message {index} content {forms[0][:60]!r} followed by {marker!r}"
+            )
+    if len(runs) > len(trained):
+        extra = runs[len(trained)]
+        return (
+            f"position {extra[0]}: trained run {extra[0]}:{extra[1]} "
+            f"({_decode(tok, input_ids[extra[0] : extra[1]])[:60]!r}) is not an assistant turn"
+        )
+
+    trained_texts = [_decode(tok, input_ids[s:e]) for s, e in runs]
+    untrained_texts = [_decode(tok, input_ids[s:e]) for s, e in _untrained_runs(runs, len(input_ids))]
+    full_text = _decode(tok, input_ids)
+    trained_set = set(trained)
+    for index, message in enumerate(kept):
+        if index in trained_set:
+            continue
+        content = message["content"].strip()
+        if not content or content not in full_text:
+            continue  # the template does not render it (e.g. thinking stripped); nothing can be trained from it
+        if any(content in t for t in trained_texts) and not any(content in t for t in untrained_texts):
+            run = next(r for r, t in zip(runs, trained_texts, strict=True) if content in t)
+            return f"position {run[0]}: content of {message['role']} message {index} is trained"
+        if not any(content in t for t in untrained_texts):
+            return f"content of {message['role']} message {index} is not wholly inside untrained text"
+    return None
+
+
+def _untrained_runs(runs: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    gaps: list[tuple[int, int]] = []
+    prev = 0
+    for start, end in runs:
+        if start > prev:
+            gaps.append((prev, start))
+        prev = end
+    if prev < length:
+        gaps.append((prev, length))
+    return gaps
+
+
+def _independent_marker(tok: Any, messages: list[dict[str, Any]]) -> str | None:
+    """End-of-turn marker from a plain rendering: the text after the last assistant content up to whitespace."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return None
+    probe = [*messages[:last], {**messages[last], "content": "\ue002"}]
+    try:
+        text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001
+        return None
+    position = text.rfind("\ue002")
+    if position == -1:
+        return None
+    tail = text[position + 1 :].rstrip()
+    if not tail:
+        return None
+    return tail
+
+
+def render_mask(tok: Any, input_ids: list[int], labels: list[int], color: bool = False) -> str:
+    """Human-readable mask: trained spans wrapped in ``⟦ ⟧`` (or shown in green with ``color=True``)."""
+    open_mark, close_mark = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
+    pieces: list[str] = []
+    prev = 0
+    for start, end in _runs(labels):
+        if start > prev:
+            pieces.append(_decode(tok, input_ids[prev:start]))
+        pieces.append(open_mark + _decode(tok, input_ids[start:end]) + close_mark)
+        prev = end
+    if prev < len(input_ids):
+        pieces.append(_decode(tok, input_ids[prev:]))
+    return "".join(pieces)

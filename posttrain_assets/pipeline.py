@@ -1,0 +1,72 @@
+"""Run the whole graph from code (the CLI and tests use this), and read back what it produced."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import dagster as dg
+import duckdb
+
+from posttrain_assets.registry import load_registry
+
+LAYER_TABLES = (
+    "bronze.records",
+    "silver.records",
+    "silver.eval_records",
+    "silver.quarantine",
+    "silver.dedup_clusters",
+    "silver.sft_tokenized",
+    "gold.sft",
+    "gold.preference",
+    "gold.rl_prompts",
+)
+
+
+def load_definitions() -> dg.Definitions:
+    from posttrain_assets.definitions import defs
+
+    return defs()
+
+
+def sync_source_partitions(instance: dg.DagsterInstance, names: Iterable[str]) -> None:
+    """Make the bronze partitions exactly the registry's sources."""
+    wanted = list(names)
+    current = set(instance.get_dynamic_partitions("source"))
+    missing = [n for n in wanted if n not in current]
+    if missing:
+        instance.add_dynamic_partitions("source", missing)
+    for stale in current - set(wanted):
+        instance.delete_dynamic_partition("source", stale)
+
+
+def run_all(instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None) -> None:
+    """Ingest every registry source into bronze, then rebuild silver and gold with every check."""
+    instance = instance or dg.DagsterInstance.get()
+    definitions = definitions or load_definitions()
+    registry = load_registry(os.environ["POSTTRAIN_SOURCES"])
+    sync_source_partitions(instance, registry.names)
+    ingest = definitions.resolve_job_def("ingest_source")
+    for name in registry.names:
+        ingest.execute_in_process(instance=instance, partition_key=name)
+    definitions.resolve_job_def("refresh_corpus").execute_in_process(instance=instance)
+
+
+def layer_counts(database: str) -> list[tuple[str, int | None]]:
+    """Row count of every platform table (None where a table does not exist yet)."""
+    with duckdb.connect(database, read_only=True) as conn:
+        existing = {
+            f"{s}.{t}"
+            for s, t in conn.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall()
+        }
+        return [
+            (name, conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0] if name in existing else None)
+            for name in LAYER_TABLES
+        ]
+
+
+def format_counts(counts: list[tuple[str, int | None]]) -> str:
+    width = max(len(name) for name, _ in counts)
+    lines = ["rows per table:"]
+    lines += [f"  {name:<{width}}  {'-' if n is None else f'{n:>8,}'}" for name, n in counts]
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""Every DuckDB table the platform writes: its columns, types and meaning, in one place.
+
+Assets create tables from these definitions and describe them in Dagster
+(``dagster/column_schema``) from the same list, so the README, the UI and the
+database cannot drift apart. No Dagster imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MESSAGES_TYPE = "STRUCT(role VARCHAR, content VARCHAR)[]"
+ORIGIN_TYPE = (
+    'STRUCT(source VARCHAR, uri VARCHAR, file VARCHAR, "row" BIGINT, record_sha256 VARCHAR, file_sha256 VARCHAR)'
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    description: str
+    nullable: bool = True
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+    description: str
+    columns: tuple[Column, ...]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(f"{self.qualified} has no column {name!r}")
+
+    def create_sql(self, *, replace: bool = False) -> str:
+        """CREATE [OR REPLACE] TABLE statement (identifiers are constants of this module)."""
+        cols = ",\n  ".join(f'"{c.name}" {c.type}' + ("" if c.nullable else " NOT NULL") for c in self.columns)
+        verb = "CREATE OR REPLACE TABLE" if replace else "CREATE TABLE IF NOT EXISTS"
+        return f"CREATE SCHEMA IF NOT EXISTS {self.schema};\n{verb} {self.qualified} (\n  {cols}\n)"
+
+    def insert_sql(self, relation: str) -> str:
+        """INSERT of every column, by name, from a registered relation (an Arrow table)."""
+        names = ", ".join(f'"{n}"' for n in self.column_names)
+        return f"INSERT INTO {self.qualified} ({names}) SELECT {names} FROM {relation}"
+
+
+def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column:
+    return Column(name, type_, description, nullable)
+
+
+PROVENANCE_COLUMNS = (
+    _c("source", "VARCHAR", "registry source name (the bronze partition)", False),
+    _c("file_path", "VARCHAR", "landing file the row came from (absolute path)", False),
+    _c("row_number", "BIGINT", "0-based row in the file (JSONL line index, array element, Parquet row)", False),
+    _c("record_sha256", "VARCHAR", "sha256 of the row's raw bytes", False),
+)
+
+BRONZE_RECORDS = Table(
+    "bronze",
+    "records",
+    "One row per input record, raw payload unchanged, partitioned by source.",
+    (
+        *PROVENANCE_COLUMNS,
+        _c("payload", "VARCHAR", "the raw row text (JSON line, array element or Parquet row as JSON)", False),
+        _c("decode_error", "VARCHAR", "where the row's bytes are not UTF-8 (payload then has U+FFFD)"),
+        _c("file_sha256", "VARCHAR", "sha256 of the whole landing file", False),
+        _c("ingested_at", "TIMESTAMP WITH TIME ZONE", "when this partition was (re)ingested", False),
+        _c("run_id", "VARCHAR", "Dagster run that ingested the row", False),
+    ),
+)
+
+RECORD_COLUMNS = (
+    _c("id", "VARCHAR", "stable content hash of regime + content (sha256, 32 hex)", False),
+    _c("source", "VARCHAR", "registry source name", False),
+    _c("regime", "VARCHAR", "sft | preference | rl", False),
+    _c("messages", MESSAGES_TYPE, "sft: whole conversation; preference/rl: the prompt conversation", False),
+    _c("prompt", "VARCHAR", "last user turn of the conversation / prompt", False),
+    _c("response", "VARCHAR", "sft: last assistant turn"),
+    _c("chosen", "VARCHAR", "preference: preferred final assistant response"),
+    _c("rejected", "VARCHAR", "preference: dispreferred final assistant response"),
+    _c("answer", "VARCHAR", "rl: gold answer the verifier checks against"),
+    _c("verifier", "VARCHAR", "rl: verifier name (exact_match | numeric | math | python_eval)"),
+    _c("lang", "VARCHAR", "language code (filled by the quality gate)"),
+    _c("difficulty", "DOUBLE", "difficulty in [0, 1] as given by the source (rl)"),
+    _c("token_count", "INTEGER", "tokens of the chat-template rendering with the project tokenizer"),
+    _c("license", "VARCHAR", "SPDX-like license id of the source", False),
+    _c("origin", ORIGIN_TYPE, "provenance: source, uri (registry origin), file, row, record and file sha256", False),
+    _c("created_at", "TIMESTAMP WITH TIME ZONE", "modification time of the landing file the row came from", False),
+    _c("domain", "VARCHAR", "task domain, e.g. math/arithmetic (rl)"),
+    _c("source_kind", "VARCHAR", "human | ai | synthetic, from the registry", False),
+    _c("score_chosen", "DOUBLE", "preference: score of the chosen response, when the source has one"),
+    _c("score_rejected", "DOUBLE", "preference: score of the rejected response, when the source has one"),
+)
+
+SILVER_RECORDS = Table(
+    "silver",
+    "records",
+    "The canonical training corpus: every valid row of every training source, one row per distinct content "
+    "(exact duplicates collapse onto the kept twin, see silver.dedup_clusters).",
+    RECORD_COLUMNS,
+)
+
+SILVER_EVAL_RECORDS = Table(
+    "silver",
+    "eval_records",
+    "Valid rows of evaluation sources (role: eval): never trained on, kept as the decontamination reference.",
+    RECORD_COLUMNS,
+)
+
+SILVER_QUARANTINE = Table(
+    "silver",
+    "quarantine",
+    "Every bronze row that could not be parsed or validated, with its raw payload and the reason.",
+    (
+        *PROVENANCE_COLUMNS,
+        _c("stage", "VARCHAR", "stage that rejected the row (canonical, tokenize, ...)", False),
+        _c("reason", "VARCHAR", "reason code (see README)", False),
+        _c("field", "VARCHAR", "offending field as a dotted path, when one is to blame"),
+        _c("message", "VARCHAR", "human-readable error naming the file, row and field", False),
+        _c("payload", "VARCHAR", "the raw row text", False),
+    ),
+)
+
+SILVER_DEDUP_CLUSTERS = Table(
+    "silver",
+    "dedup_clusters",
+    "One row per dropped duplicate: which kept row it collapsed onto, by which method and how similar.",
+    (
+        _c("cluster_id", "VARCHAR", "cluster identifier (the kept row's id)", False),
+        _c("kept_id", "VARCHAR", "id of the kept twin in silver.records", False),
+        _c("member_id", "VARCHAR", "content id of the dropped row", False),
+        *PROVENANCE_COLUMNS,
+        _c("method", "VARCHAR", "exact (same content hash)", False),
+        _c("similarity", "DOUBLE", "similarity to the kept twin (1.0 for exact)", False),
+    ),
+)
+
+ALL_TABLES = (BRONZE_RECORDS, SILVER_RECORDS, SILVER_EVAL_RECORDS, SILVER_QUARANTINE, SILVER_DEDUP_CLUSTERS)
+
+
+def _pick(names: tuple[str, ...]) -> tuple[Column, ...]:
+    by_name = {c.name: c for c in RECORD_COLUMNS}
+    return tuple(by_name[n] for n in names)
+
+
+GOLD_PREFERENCE = Table(
+    "gold",
+    "preference",
+    "Training-ready preference pairs (DPO/IPO/KTO/RM): the prompt conversation, chosen and rejected responses.",
+    _pick(
+        (
+            "id",
+            "source",
+            "source_kind",
+            "messages",
+            "prompt",
+            "chosen",
+            "rejected",
+            "score_chosen",
+            "score_rejected",
+            "token_count",
+            "lang",
+            "license",
+            "origin",
+            "created_at",
+        )
+    ),
+)
+
+GOLD_RL_PROMPTS = Table(
+    "gold",
+    "rl_prompts",
+    "The RLVR prompt bank: prompt, gold answer and verifier per seed; responses are never stored.",
+    _pick(
+        (
+            "id",
+            "source",
+            "source_kind",
+            "messages",
+            "prompt",
+            "answer",
+            "verifier",
+            "domain",
+            "difficulty",
+            "token_count",
+            "lang",
+            "license",
+            "origin",
+            "created_at",
+        )
+    ),
+)
+
+# Per regime, the fields the projection table (shared/docs/data-by-regime.txt) requires, beyond
+# the ones every row must have (id, source, license, origin).
+REQUIRED_FOR_ALL = ("id", "source", "regime", "messages", "prompt", "license", "origin", "created_at", "source_kind")
+REQUIRED_BY_REGIME = {
+    "sft": ("response",),
+    "preference": ("chosen", "rejected"),
+    "rl": ("answer", "verifier"),
+}
