@@ -14,23 +14,24 @@ seed; only the generated text does.
 Sources (registry order), physical rows (JSONL non-blank lines / JSON-array
 elements / Parquet rows):
 
-====================== ========================== ============== ===== =========
-name                   path                       format         rows  malformed
-====================== ========================== ============== ===== =========
-demo_sft_messages      sft/messages.jsonl         messages       417   7
-demo_sft_sharegpt      sft/sharegpt.json          sharegpt       310   3
-demo_sft_alpaca        sft/alpaca.json            alpaca         253   3
-demo_pref_trl_explicit preference/trl_explicit... trl_preference 257   4
-demo_pref_trl_implicit preference/trl_implicit... trl_preference 205   2
-demo_pref_ultrafeedbk. preference/ultrafeedback.. ultrafeedback  301   1
-demo_pref_hh_rlhf      preference/hh_rlhf.jsonl.gz hh_rlhf       257   5
-demo_rl_gsm8k          rl/gsm8k_train.jsonl       gsm8k          419   6
-demo_rl_math           rl/math.jsonl              math           202   2
-demo_rl_verl           rl/verl.parquet            verl           250   0
-demo_eval_gsm8k        eval/gsm8k_test.jsonl      gsm8k          60    0
-====================== ========================== ============== ===== =========
+======================= ================================ ============== ==== =========
+name                    path                             format         rows malformed
+======================= ================================ ============== ==== =========
+demo_sft_messages       sft/messages.jsonl               messages        417         7
+demo_sft_sharegpt       sft/sharegpt.json                sharegpt        309         3
+demo_sft_alpaca         sft/alpaca.json                  alpaca          253         3
+demo_pref_trl_explicit  preference/trl_explicit.jsonl    trl_preference  257         4
+demo_pref_trl_implicit  preference/trl_implicit.parquet  trl_preference  204         2
+demo_pref_ultrafeedback preference/ultrafeedback.parquet ultrafeedback   301         1
+demo_pref_hh_rlhf       preference/hh_rlhf.jsonl.gz      hh_rlhf         256         5
+demo_rl_gsm8k           rl/gsm8k_train.jsonl             gsm8k           417         6
+demo_rl_math            rl/math.jsonl                    math            202         2
+demo_rl_verl            rl/verl.parquet                  verl            250         0
+demo_eval_gsm8k         eval/gsm8k_test.jsonl            gsm8k (eval)     60         0
+======================= ================================ ============== ==== =========
 
-Total: 2931 physical rows, 33 malformed. (Full names/paths: see :data:`SOURCES`.)
+Total: 2926 physical rows, 33 malformed. Parquet files hold no malformed-by-parsing
+rows, only content problems (prefix mismatch, blank reply).
 
 Planted (all recorded in ``manifest.json`` with file and 0-based row number):
 
@@ -55,8 +56,13 @@ Planted (all recorded in ``manifest.json`` with file and 0-based row number):
   the same regime — messages <-> sharegpt x2 (same conversation, ShareGPT
   spelling), trl_explicit <-> trl_implicit x2 (same prompt/chosen/rejected).
 - Near duplicates (17 rows, each a copy of another row of the same file with
-  5-15% of its whitespace words substituted, word count unchanged): messages x6,
-  sharegpt x4, trl_explicit x3, gsm8k x4.
+  5-9% of its whitespace words reworded in one or two runs, word count unchanged):
+  messages x6, sharegpt x4, trl_explicit x3, gsm8k x4. The manifest gives, per
+  pair, the edited fraction and the Jaccard similarity of lower-cased word
+  5-gram sets (:func:`shingle_jaccard`): about 0.72-0.86 for chat rows, 0.65-0.72
+  for the short GSM8K rows. Unplanted pairs of chat rows in one file stay below
+  0.7; templated math prompts (gsm8k, math, verl) can reach about 0.8 with each
+  other, so a near-dup check on RL prompts will see some template look-alikes.
 - Length bias: in ``demo_pref_ultrafeedback`` (kind ``ai``) the chosen reply has
   more whitespace words than the rejected one in exactly 270 of the 300
   well-formed pairs (90%). The other preference sources are balanced: trl_explicit
@@ -370,11 +376,25 @@ NAMES = (
 NEAR_DUP_SUBS = {
     "good": "great", "great": "good", "important": "essential", "usually": "often", "often": "usually",
     "start": "begin", "small": "little", "big": "large", "large": "big", "help": "assist", "helps": "assists",
-    "easier": "simpler", "quickly": "fast", "many": "lots of", "people": "folks", "useful": "handy",
-    "first": "initial", "problems": "issues", "mistakes": "errors", "think": "believe", "makes": "renders",
-    "each": "every", "every": "each", "much": "far", "look": "check", "check": "verify", "want": "wish",
-    "how": "in what way", "the": "a", "a": "the", "is": "remains", "and": "plus", "you": "one", "your": "one's",
+    "easier": "simpler", "useful": "handy", "first": "initial", "problems": "issues", "mistakes": "errors",
+    "think": "believe", "each": "every", "every": "each", "look": "check", "check": "verify", "people": "folks",
+    "the": "a", "a": "the", "total": "overall", "more": "additional", "same": "identical", "then": "next",
+    "also": "too", "after": "following", "steady": "constant", "new": "fresh", "when": "whenever",
+    "key": "main", "main": "key", "short": "brief", "simple": "plain", "quick": "fast", "clear": "plain",
+    "real": "actual", "hardest": "toughest", "practical": "useful", "common": "frequent", "explain": "describe",
+    "describe": "explain", "know": "understand", "give": "provide", "example": "instance", "later": "afterwards",
+    "subtle": "hidden", "buys": "purchases", "gives": "hands", "makes": "produces",
+    "equal": "even", "extra": "spare", "wants": "plans", "still": "yet", "so": "thus",
+    "but": "yet", "rather": "instead", "place": "spot", "habit": "practice", "part": "piece", "this": "that",
+    "that": "this", "these": "those", "idea": "notion", "ideas": "notions", "sure": "certain", "tips": "hints",
 }
+PHRASE_BANK = (
+    "in most cases this is what people notice when they try it for the first time",
+    "as many readers have pointed out the simplest version tends to work best in practice",
+    "according to several guides the usual approach is to go slowly and check often",
+    "which is roughly what you would expect after thinking about it for a while",
+    "so it makes sense to keep things simple and revisit them once you know more",
+)
 FILLERS = ("really", "also", "quite", "simply", "actually", "basically", "certainly", "truly")
 
 # --------------------------------------------------------------------------------------
@@ -399,7 +419,7 @@ class SourceBuild:
     spec: SourceSpec
     entries: list[Entry] = field(default_factory=list)
     exact_groups: list[tuple[str, list[str]]] = field(default_factory=list)
-    near: list[tuple[str, str, int, int]] = field(default_factory=list)  # (dup key, original key, edited, total)
+    near: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # (dup, original, edited, total, jaccard)
 
     def add(self, payload: Any, *, key: str | None = None, raw: bytes | None = None, reason: str | None = None,
             note: str = "") -> Entry:
@@ -424,6 +444,17 @@ def _fmt_int(n: int, rng: random.Random | None = None) -> str:
 def _words(text: str) -> int:
     """Whitespace word count."""
     return len(text.split())
+
+
+def shingle_jaccard(a: list[str], b: list[str], n: int = 5) -> float:
+    """Jaccard similarity of lower-cased whitespace-word ``n``-gram sets over the concatenated texts."""
+
+    def grams(texts: list[str]) -> set[tuple[str, ...]]:
+        words = " ".join(texts).lower().split()
+        return {tuple(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb) if ga | gb else 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -455,8 +486,8 @@ class ChatWriter:
         prefix = rng.choice(USER_PREFIXES).format(**s)
         if prefix.endswith("and "):
             body = "I'd like to know: " + body[0].lower() + body[1:]
-        elif prefix:
-            body = body[0].lower() + body[1:] if prefix.endswith(", ") else body
+        elif prefix.endswith(", ") and not re.match(r"I\b|I'", body):
+            body = body[0].lower() + body[1:]
         return prefix + body + rng.choice(USER_SUFFIXES)
 
     def sentences(self, s: dict[str, str], n: int) -> list[str]:
@@ -500,8 +531,9 @@ class ChatWriter:
         if with_system:
             msgs.append({"role": "system", "content": self.system(s)})
         exchanges = rng.randint(1, 3 if with_system else 4)
+        follow_ups = [f.format(**s) for f in rng.sample(FOLLOW_UPS, exchanges - 1)]
         for i in range(exchanges):
-            user = self.user_prompt(s) if i == 0 else self.follow_up(s)
+            user = self.user_prompt(s) if i == 0 else follow_ups[i - 1]
             msgs.append({"role": "user", "content": user})
             msgs.append({"role": "assistant", "content": self.reply(s, rng.randint(1 if i else 2, 6))})
         return msgs
@@ -545,23 +577,33 @@ def _flags(rng: random.Random, n: int, k: int) -> list[bool]:
 _WORD_RE = re.compile(r"^([A-Za-z]+)([.,!?:;]?)$")
 
 
-def _near_dup_texts(rng: random.Random, texts: list[str], lo: float = 0.06, hi: float = 0.13) -> tuple[list[str], int]:
-    """Substitute a fraction in [lo, hi] of whitespace words across ``texts`` (alphabetic words only).
+def _near_dup_texts(rng: random.Random, texts: list[str], lo: float = 0.05, hi: float = 0.09) -> tuple[list[str], int]:
+    """Reword a fraction in [lo, hi] of the whitespace words across ``texts`` (alphabetic words only).
 
-    Returns the edited texts and the number of edited words; word counts stay the same.
+    The edits form one or two runs of neighbouring words (a reworded phrase), so the copy stays close at the
+    shingle level. Returns the edited texts and the number of edited words; word counts stay the same.
     """
     split = [re.split(r"(\s+)", t) for t in texts]
     positions = [(i, j) for i, parts in enumerate(split) for j, w in enumerate(parts)
                  if j % 2 == 0 and _WORD_RE.match(w)]
     total = sum(_words(t) for t in texts)
-    k = max(1, round(total * rng.uniform(lo, hi)))
+    k = max(math.ceil(total * lo), round(total * rng.uniform(lo, hi)))
     k = min(k, len(positions), math.floor(total * 0.15))
     if k < 1 or k / total < 0.05:
         raise ValueError("text too short for a 5-15% near duplicate")
-    for i, j in rng.sample(positions, k):
+    runs = [k] if k < 8 else [k // 2, k - k // 2]
+    chosen: list[tuple[int, int]] = []
+    for length in runs:
+        free = [s for s in range(len(positions) - length + 1)
+                if not set(positions[s : s + length]) & set(chosen)]
+        start = rng.choice(free)
+        chosen += positions[start : start + length]
+    phrase = rng.choice(PHRASE_BANK).split()
+    offset = rng.randrange(len(phrase))
+    for n, (i, j) in enumerate(chosen):
         word, punct = _WORD_RE.match(split[i][j]).groups()  # type: ignore[union-attr]
-        sub = NEAR_DUP_SUBS.get(word.lower())
-        if sub is None or " " in sub:
+        sub = NEAR_DUP_SUBS.get(word.lower()) or phrase[(offset + n) % len(phrase)]
+        if sub.lower() == word.lower():
             sub = rng.choice([f for f in FILLERS if f != word.lower()])
         if word[0].isupper():
             sub = sub[0].upper() + sub[1:]
@@ -666,7 +708,7 @@ def _gsm8k_problem(rng: random.Random) -> tuple[str, list[str], int]:
         return q, sol, w + bonus
     if family == 7:
         groups, each = rng.randint(3, 12), rng.randint(3, 15)
-        left = rng.randint(0, groups - 1)
+        left = rng.randint(1, groups - 1)
         total = groups * each + left
         thing = rng.choice(["students", "apples", "books", "chairs", "volunteers"])
         q = rng.choice([
@@ -835,6 +877,32 @@ def _sharegpt(conv: list[dict[str, str]], ident: str) -> dict[str, Any]:
     return {"id": ident, "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in conv]}
 
 
+def _payload_words(value: Any) -> tuple[int, int]:
+    """(whitespace words, purely alphabetic words) over every string inside a JSON-like value."""
+    if isinstance(value, str):
+        words = value.split()
+        return len(words), sum(1 for w in words if _WORD_RE.match(w))
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    counts = [_payload_words(v) for v in items]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def _pick(
+    rng: random.Random, rows: list[Entry], n_exact: int, n_near: int, min_words: int = 40
+) -> tuple[list[int], list[int]]:
+    """Distinct row indices to copy exactly and to near-duplicate.
+
+    Near-duplicate candidates have at least ``min_words`` words, a fifth of them alphabetic (editable).
+    """
+    exact = rng.sample(range(len(rows)), n_exact)
+    eligible = []
+    for i, e in enumerate(rows):
+        total, alpha = _payload_words(e.payload)
+        if i not in exact and total >= min_words and alpha * 5 >= total:
+            eligible.append(i)
+    return exact, rng.sample(eligible, n_near)
+
+
 def _unique(make: Callable[[], Any], seen: set[str]) -> Any:
     """Call ``make`` until its JSON form is new."""
     while True:
@@ -857,17 +925,18 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
     for conv in convs:
         msg_b.add({"messages": conv})
     clean = list(msg_b.entries)
-    picks = rng.sample(range(len(clean)), 3 + 6)
-    for gi, idx in enumerate(picks[:3]):  # within-source exact duplicates
+    exact_idx, near_idx = _pick(rng, clean, 3, 6)
+    for gi, idx in enumerate(exact_idx):  # within-source exact duplicates
         orig = clean[idx]
         copies = [msg_b.add(json.loads(json.dumps(orig.payload)), note="exact_dup").key for _ in range(2 if gi == 0 else 1)]
         msg_b.exact_groups.append(("within_source", [orig.key, *copies]))
-    for idx in picks[3:]:  # near duplicates
+    for idx in near_idx:  # near duplicates
         orig = clean[idx]
         texts, k = _near_dup_texts(rng, [m["content"] for m in orig.payload["messages"]])
         conv = [{"role": m["role"], "content": t} for m, t in zip(orig.payload["messages"], texts, strict=True)]
         dup = msg_b.add({"messages": conv}, note="near_dup")
-        msg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts)))
+        msg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts),
+                           shingle_jaccard([m["content"] for m in orig.payload["messages"]], texts)))
     good = cw.conversation()
     msg_b.add(None, raw=_truncate({"messages": good}, rng), reason="bad_json")
     bad = json.dumps({"messages": cw.conversation()}, ensure_ascii=False)
@@ -891,19 +960,20 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
     for i in range(300):
         sg_b.add(_sharegpt(_unique(cw.conversation, seen), f"sg_{i:05d}"))
     clean = list(sg_b.entries)
-    free = sorted(set(range(len(convs))) - set(picks))
+    free = sorted(set(range(len(convs))) - set(exact_idx) - set(near_idx))
     for j, idx in enumerate(rng.sample(free, 2)):  # cross-source exact duplicates
         src = msg_b.entries[idx]
         dup = sg_b.add(_sharegpt(src.payload["messages"], f"sg_x{j:04d}"), note="exact_dup_of_messages")
         sg_b.exact_groups.append(("cross_source", [src.key, dup.key]))
-    for j, idx in enumerate(rng.sample(range(len(clean)), 4)):
+    for j, idx in enumerate(_pick(rng, clean, 0, 4)[1]):
         orig = clean[idx]
         turns = orig.payload["conversations"]
         texts, k = _near_dup_texts(rng, [t["value"] for t in turns])
         dup = sg_b.add({"id": f"sg_n{j:04d}",
                         "conversations": [{"from": t["from"], "value": v} for t, v in zip(turns, texts, strict=True)]},
                        note="near_dup")
-        sg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts)))
+        sg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts),
+                          shingle_jaccard([t["value"] for t in turns], texts)))
     rec = _sharegpt(cw.conversation(), "sg_bad0")
     rec["conversations"].insert(-2, {"from": "narrator", "value": "The assistant pauses to think."})
     sg_b.add(rec, reason="unknown_role", note="from 'narrator'")
@@ -994,12 +1064,13 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         p, c, r = _unique(lambda lg=longer: pair(cw, lg), seen)
         ex_b.add({"prompt": p, "chosen": c, "rejected": r})
     clean = list(ex_b.entries)
-    ex_picks = rng.sample(range(len(clean)), 5)
-    for idx in ex_picks[:3]:
+    ex_cross, ex_near = _pick(rng, clean, 2, 3)
+    for idx in ex_near:
         orig = clean[idx].payload
         texts, k = _near_dup_texts(rng, [orig["prompt"], orig["chosen"], orig["rejected"]])
         dup = ex_b.add(dict(zip(("prompt", "chosen", "rejected"), texts, strict=True)), note="near_dup")
-        ex_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts)))
+        ex_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts),
+                          shingle_jaccard([orig["prompt"], orig["chosen"], orig["rejected"]], texts)))
     p, c, r = pair(cw, True)
     ex_b.add(None, raw=_truncate({"prompt": p, "chosen": c, "rejected": r}, rng), reason="bad_json")
     p, c, r = pair(cw, True)
@@ -1030,7 +1101,7 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
 
     for longer in _flags(rng, 200, 100):
         im_b.add(_unique(lambda lg=longer: implicit_row(lg), seen))
-    for idx in ex_picks[3:]:  # cross-source exact duplicates of trl explicit rows
+    for idx in ex_cross:  # cross-source exact duplicates of trl explicit rows
         src = ex_b.entries[idx]
         pl = src.payload
         dup = im_b.add(implicit([{"role": "user", "content": pl["prompt"]}], pl["chosen"], pl["rejected"]),
@@ -1109,15 +1180,16 @@ def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceB
     for _ in range(400):
         gs_b.add(_gsm8k_row(rng, *pool.gsm8k(rng)))
     clean = list(gs_b.entries)
-    picks = rng.sample(range(len(clean)), 2 + 4)
-    for idx in picks[:2]:
+    exact_idx, near_idx = _pick(rng, clean, 2, 4, min_words=30)
+    for idx in exact_idx:
         dup = gs_b.add(dict(clean[idx].payload), note="exact_dup")
         gs_b.exact_groups.append(("within_source", [clean[idx].key, dup.key]))
-    for idx in picks[2:]:
+    for idx in near_idx:
         orig = clean[idx].payload
         texts, k = _near_dup_texts(rng, [orig["question"], orig["answer"]])
         dup = gs_b.add({"question": texts[0], "answer": texts[1]}, note="near_dup")
-        gs_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts)))
+        gs_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts),
+                          shingle_jaccard([orig["question"], orig["answer"]], texts)))
     contaminated: list[tuple[str, str]] = []
     for idx in rng.sample(range(60), 5):
         dup = gs_b.add(dict(ev_b.entries[idx].payload), note="copied_from_eval")
@@ -1283,7 +1355,8 @@ def generate_demo_data(out_dir: Path, seed: int = 7) -> Path:
                                                                    key=lambda r: (r["source"], r["row"]))}
              for b in builds for kind, keys in b.exact_groups]
     near = [{**ref(dup), "of_row": where[orig][2], "edited_words": k, "total_words": total,
-             "fraction": round(k / total, 4)} for b in builds for dup, orig, k, total in b.near]
+             "fraction": round(k / total, 4), "jaccard_5gram": round(jac, 4)}
+            for b in builds for dup, orig, k, total, jac in b.near]
     contam = [{**ref(dup), "eval_source": where[ev][0], "eval_file": where[ev][1], "eval_row": where[ev][2]}
               for dup, ev in contaminated]
     manifest = {
@@ -1314,8 +1387,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     registry = generate_demo_data(args.out_dir, seed=args.seed)
     manifest = json.loads((args.out_dir / "manifest.json").read_text(encoding="utf-8"))
-    for name, info in manifest["sources"].items():
-        print(f"{name:26s} {info['path']:34s} rows={info['rows']:4d} malformed={len(info['malformed'])}")
+    for spec in SOURCES:
+        info = manifest["sources"][spec.name]
+        print(f"{spec.name:26s} {info['path']:34s} rows={info['rows']:4d} malformed={len(info['malformed'])}")
     print(f"total rows={manifest['total_rows']} malformed={manifest['total_malformed']} "
           f"exact-dup groups={len(manifest['exact_duplicates'])} near-dups={len(manifest['near_duplicates'])} "
           f"contaminated={len(manifest['contaminated'])}")

@@ -70,3 +70,27 @@ def format_counts(counts: list[tuple[str, int | None]]) -> str:
     lines = ["rows per table:"]
     lines += [f"  {name:<{width}}  {'-' if n is None else f'{n:>8,}'}" for name, n in counts]
     return "\n".join(lines)
+
+
+def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
+    """One tokenised SFT row with its trained spans marked, for debugging a template."""
+    from pathlib import Path
+
+    from posttrain_assets.masking import render_mask
+    from posttrain_assets.tokenizer import load_tokenizer
+
+    with duckdb.connect(database, read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT id, source, input_ids, labels, num_trainable_tokens, chat_template_sha256 "
+            "FROM silver.sft_tokenized WHERE starts_with(id, ?) ORDER BY id LIMIT 2",
+            [record_id],
+        ).fetchall()
+    if not rows:
+        raise SystemExit(f"no tokenised SFT row with id starting {record_id!r}")
+    if len(rows) > 1:
+        raise SystemExit(f"id prefix {record_id!r} is ambiguous: {rows[0][0]}, {rows[1][0]}, ...")
+    ((row_id, source, input_ids, labels, trained, template_sha),) = rows
+    tok = load_tokenizer(os.environ["POSTTRAIN_TOKENIZER"], Path(os.environ["POSTTRAIN_CACHE_DIR"]))
+    header = f"{row_id} ({source}): {len(input_ids)} tokens, {trained} trained, template {template_sha[:12]}"
+    legend = "trained spans are green" if color else "trained spans are inside ⟦ ⟧"
+    return f"{header}; {legend}\n\n{render_mask(tok, input_ids, labels, color=color)}"

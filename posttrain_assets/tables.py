@@ -8,6 +8,7 @@ database cannot drift apart. No Dagster imports here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 MESSAGES_TYPE = "STRUCT(role VARCHAR, content VARCHAR)[]"
 ORIGIN_TYPE = (
@@ -54,6 +55,13 @@ class Table:
         """INSERT of every column, by name, from a registered relation (an Arrow table)."""
         names = ", ".join(f'"{n}"' for n in self.column_names)
         return f"INSERT INTO {self.qualified} ({names}) SELECT {names} FROM {relation}"
+
+
+def fetch_dicts(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    """Run a query on a DuckDB connection and return its rows as dicts."""
+    cursor = conn.execute(sql, params) if params is not None else conn.execute(sql)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column:
@@ -211,3 +219,55 @@ REQUIRED_BY_REGIME = {
     "preference": ("chosen", "rejected"),
     "rl": ("answer", "verifier"),
 }
+
+TOKENIZER_COLUMNS = (
+    _c("tokenizer_sha256", "VARCHAR", "hash of the tokenizer (vocab, merges, special tokens)", False),
+    _c("chat_template_sha256", "VARCHAR", "hash of the chat template that rendered the row", False),
+)
+
+SILVER_SFT_TOKENIZED = Table(
+    "silver",
+    "sft_tokenized",
+    "Every SFT row of silver.records rendered with the chat template and tokenised, with assistant-only labels "
+    "(-100 on every untrained position). Rows that cannot be masked exactly are in silver.sft_quarantine.",
+    (
+        _c("id", "VARCHAR", "silver.records id", False),
+        _c("source", "VARCHAR", "registry source name", False),
+        _c("input_ids", "INTEGER[]", "token ids of the chat-template rendering", False),
+        _c("labels", "INTEGER[]", "input id where trained, -100 elsewhere (unshifted)", False),
+        _c("num_tokens", "INTEGER", "len(input_ids)", False),
+        _c("num_trainable_tokens", "INTEGER", "positions whose label is not -100", False),
+        _c("num_messages", "INTEGER", "leading messages rendered (fewer than the conversation when truncated)", False),
+        _c("truncated", "BOOLEAN", "cut at a turn boundary to fit max_seq_len", False),
+        _c("train_on", "VARCHAR", "all_assistant | last_assistant", False),
+        _c("end_of_turn", "VARCHAR", "end-of-turn marker override (null: detected from the template)"),
+        *TOKENIZER_COLUMNS,
+    ),
+)
+
+SILVER_SFT_QUARANTINE = Table(
+    "silver",
+    "sft_quarantine",
+    "SFT rows of silver.records kept out of gold.sft because no exact loss mask could be built, with the reason.",
+    (
+        _c("id", "VARCHAR", "silver.records id", False),
+        _c("source", "VARCHAR", "registry source name", False),
+        _c(
+            "reason", "VARCHAR", "too_long | no_trainable_tokens | template_error | mask_boundary_straddle | ...", False
+        ),
+        _c("message", "VARCHAR", "human-readable explanation", False),
+        *TOKENIZER_COLUMNS,
+    ),
+)
+
+GOLD_SFT = Table(
+    "gold",
+    "sft",
+    "Training-ready SFT rows: the conversation, its tokens and assistant-only labels, proven by loss_mask_check.",
+    (
+        *_pick(("id", "source", "source_kind", "messages", "response")),
+        *SILVER_SFT_TOKENIZED.columns[2:8],
+        *_pick(("lang", "license", "origin", "created_at")),
+        *TOKENIZER_COLUMNS,
+    ),
+)

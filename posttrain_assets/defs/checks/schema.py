@@ -13,6 +13,7 @@ from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.tables import (
     GOLD_PREFERENCE,
     GOLD_RL_PROMPTS,
+    GOLD_SFT,
     REQUIRED_BY_REGIME,
     REQUIRED_FOR_ALL,
     SILVER_RECORDS,
@@ -73,3 +74,4 @@ def gold_schema_check(table: Table, regime: str) -> dg.AssetChecksDefinition:
 
 gold_preference_schema_check = gold_schema_check(GOLD_PREFERENCE, "preference")
 gold_rl_prompts_schema_check = gold_schema_check(GOLD_RL_PROMPTS, "rl")
+gold_sft_schema_check = gold_schema_check(GOLD_SFT, "sft")

@@ -18,6 +18,7 @@ from posttrain_assets.tables import (
     SILVER_QUARANTINE,
     SILVER_RECORDS,
     Table,
+    fetch_dicts,
 )
 from posttrain_assets.token_counts import token_counts
 
@@ -74,7 +75,7 @@ def silver_canonical(
     tok = tokenizer.get()
     with duckdb.get_connection() as conn:
         conn.execute(BRONZE_RECORDS.create_sql())
-        rows = conn.execute(BRONZE_IN_PRIORITY_ORDER, {"sources": sources.names}).to_arrow_table().to_pylist()
+        rows = fetch_dicts(conn, BRONZE_IN_PRIORITY_ORDER, {"sources": sources.names})
         orphans = conn.execute(
             f"SELECT DISTINCT source FROM {BRONZE_RECORDS.qualified} WHERE NOT list_contains($sources, source)",
             {"sources": sources.names},

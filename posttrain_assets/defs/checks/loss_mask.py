@@ -1,0 +1,75 @@
+"""loss_mask_check: proves every tokenised SFT row's labels before gold.sft may be written.
+
+For each row it re-renders and re-tokenises the conversation and checks, independently of the
+code that built the mask, that exactly the assistant contents and their end-of-turn markers are
+trained (``posttrain_assets.masking.verify_mask``). A failure names the row ids and the first
+wrong position; gold.sft then does not materialise.
+"""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.defs.metadata import markdown_table
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.masking import MaskConfig, verify_mask
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED
+
+MAX_REPORTED = 20
+
+ROWS_TO_VERIFY = f"""
+SELECT t.id, t.source, r.messages, t.input_ids, t.labels, t.num_messages, t.train_on, t.end_of_turn,
+       t.tokenizer_sha256, t.chat_template_sha256
+FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id)
+ORDER BY t.id
+"""
+
+
+@dg.asset_check(
+    asset=["silver", "sft_tokenized"],
+    blocking=True,
+    additional_deps=[["silver", "records"]],
+    description="Every row: only assistant contents + end markers trained, input_ids = fresh chat-template tokens.",
+)
+def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
+    tok, identity = tokenizer.get(), tokenizer.identity()
+    with duckdb.get_connection() as conn:
+        rows = conn.execute(ROWS_TO_VERIFY).fetchall()
+        orphans = conn.execute(
+            f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified} WHERE id NOT IN (SELECT id FROM "
+            f"{SILVER_RECORDS.qualified})"
+        ).fetchone()[0]
+    failures: list[tuple[str, str, str]] = []
+    tokens_by_source: dict[str, list[int]] = {}
+    for record_id, source, messages, input_ids, labels, num_messages, train_on, end_of_turn, tok_sha, tpl_sha in rows:
+        if (tok_sha, tpl_sha) != (identity["tokenizer_sha256"], identity["chat_template_sha256"]):
+            failures.append((record_id, source, "tokenised with another tokenizer or chat template: re-materialise"))
+            continue
+        cfg = MaskConfig(train_on=train_on, end_of_turn=end_of_turn)
+        problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages=num_messages)
+        if problem:
+            failures.append((record_id, source, problem))
+        counts = tokens_by_source.setdefault(source, [0, 0])
+        counts[0] += len(input_ids)
+        counts[1] += sum(1 for label in labels if label != -100)
+    total = sum(c[0] for c in tokens_by_source.values())
+    trained = sum(c[1] for c in tokens_by_source.values())
+    metadata: dict[str, dg.MetadataValue] = {
+        "rows_checked": dg.MetadataValue.int(len(rows)),
+        "rows_failed": dg.MetadataValue.int(len(failures)),
+        "trainable_share": dg.MetadataValue.float(trained / total if total else 0.0),
+        "failures": dg.MetadataValue.md(markdown_table(["id", "source", "problem"], failures[:MAX_REPORTED])),
+        **{
+            f"trainable_share/{source}": dg.MetadataValue.float(c[1] / c[0] if c[0] else 0.0)
+            for source, c in sorted(tokens_by_source.items())
+        },
+    }
+    if orphans:
+        failures.append(("-", "-", f"{orphans} tokenised row(s) have no silver.records row"))
+    if not rows:
+        failures.append(("-", "-", "no tokenised rows to prove"))
+    description = (
+        f"{len(rows)} rows proven"
+        if not failures
+        else f"{len(failures)} row(s) fail: " + "; ".join(f"{i}: {p}" for i, _, p in failures[:3])
+    )
+    return dg.AssetCheckResult(passed=not failures, description=description, metadata=metadata)

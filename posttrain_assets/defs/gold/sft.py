@@ -1,0 +1,48 @@
+"""gold.sft: conversations with input_ids and assistant-only labels, written only past loss_mask_check."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
+from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
+from posttrain_assets.tables import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
+
+SILVER_KEY = dg.AssetKey(["silver", "records"])
+FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
+
+
+@dg.asset(
+    key=["gold", "sft"],
+    deps=[SFT_TOKENIZED_KEY, SILVER_KEY],
+    group_name="gold",
+    kinds={"duckdb"},
+    pool="duckdb",
+    automation_condition=GOLD_AUTOMATION,
+    description=GOLD_SFT.description,
+)
+def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.MaterializeResult:
+    """Join each proven tokenised row with its silver record; rows with no trained token never reach gold."""
+    select = ", ".join(f't."{c}"' if c in FROM_TOKENIZED else f'r."{c}"' for c in GOLD_SFT.column_names)
+    names = ", ".join(f'"{c}"' for c in GOLD_SFT.column_names)
+    with duckdb.get_connection() as conn:
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute(GOLD_SFT.create_sql(replace=True))
+        conn.execute(
+            f"INSERT INTO {GOLD_SFT.qualified} ({names}) SELECT {select} "
+            f"FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
+            "WHERE t.num_trainable_tokens > 0 ORDER BY t.id"
+        )
+        conn.execute("COMMIT")
+        metadata = table_metadata(
+            conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
+        )
+    metadata["dagster/column_lineage"] = dg.TableColumnLineage(
+        deps_by_column={
+            c: [dg.TableColumnDep(asset_key=SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, column_name=c)]
+            for c in GOLD_SFT.column_names
+        }
+    )
+    metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,124 @@
+"""silver.sft_tokenized: SFT conversations rendered with the chat template, tokenised, with assistant-only labels."""
+
+from typing import Literal
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
+
+SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
+SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
+
+SFT_ROWS = f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft' ORDER BY id"
+
+
+class SftTokenizeConfig(dg.Config):
+    """Mask rules. Trained: assistant contents and the end-of-turn marker closing each; nothing else."""
+
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    max_seq_len: int = 4096
+    overflow: Literal["quarantine", "truncate"] = "quarantine"
+    end_of_turn: str | None = None
+
+    def mask_config(self) -> MaskConfig:
+        return MaskConfig(
+            train_on=self.train_on,
+            max_seq_len=self.max_seq_len,
+            overflow=self.overflow,
+            end_of_turn=self.end_of_turn,
+        )
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            SFT_TOKENIZED_KEY,
+            deps=[SILVER_RECORDS_KEY],
+            description=SILVER_SFT_TOKENIZED.description,
+            group_name="silver",
+            kinds={"duckdb"},
+        ),
+        dg.AssetSpec(
+            SFT_QUARANTINE_KEY,
+            deps=[SILVER_RECORDS_KEY],
+            description=SILVER_SFT_QUARANTINE.description,
+            group_name="silver",
+            kinds={"duckdb"},
+        ),
+    ],
+    pool="duckdb",
+)
+def silver_sft_tokenized(
+    context: dg.AssetExecutionContext,
+    config: SftTokenizeConfig,
+    duckdb: DuckDBResource,
+    tokenizer: TokenizerResource,
+):
+    """Tokenise every SFT row in batches; rows without an exact mask go to silver.sft_quarantine."""
+    tok, identity = tokenizer.get(), tokenizer.identity()
+    cfg = config.mask_config()
+    hashes = {
+        "tokenizer_sha256": identity["tokenizer_sha256"],
+        "chat_template_sha256": identity["chat_template_sha256"],
+    }
+    with duckdb.get_connection() as conn:
+        rows = conn.execute(SFT_ROWS).fetchall()
+        context.log.info(f"tokenising {len(rows)} SFT rows with {identity['name']}")
+        results = tokenize_conversations(tok, [messages for _, _, messages in rows], cfg)
+        tokenized, rejected = [], []
+        for (record_id, source, _), result in zip(rows, results, strict=True):
+            if isinstance(result, MaskError):
+                rejected.append(
+                    {"id": record_id, "source": source, "reason": result.reason, "message": result.message, **hashes}
+                )
+                continue
+            tokenized.append(
+                {
+                    "id": record_id,
+                    "source": source,
+                    "input_ids": result.input_ids,
+                    "labels": result.labels,
+                    "num_tokens": result.num_tokens,
+                    "num_trainable_tokens": result.num_trainable_tokens,
+                    "num_messages": result.num_messages,
+                    "truncated": result.truncated,
+                    "train_on": cfg.train_on,
+                    "end_of_turn": cfg.end_of_turn,
+                    **hashes,
+                }
+            )
+        replace_table(conn, SILVER_SFT_TOKENIZED, tokenized)
+        replace_table(conn, SILVER_SFT_QUARANTINE, rejected)
+        identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
+        tokens = sum(r["num_tokens"] for r in tokenized)
+        trained = sum(r["num_trainable_tokens"] for r in tokenized)
+        yield dg.MaterializeResult(
+            asset_key=SFT_TOKENIZED_KEY,
+            metadata={
+                **table_metadata(
+                    conn,
+                    SILVER_SFT_TOKENIZED,
+                    preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"],
+                    group_by="source",
+                ),
+                **identity_metadata,
+                "tokens": dg.MetadataValue.int(tokens),
+                "trainable_tokens": dg.MetadataValue.int(trained),
+                "trainable_share": dg.MetadataValue.float(trained / tokens if tokens else 0.0),
+                "truncated_rows": dg.MetadataValue.int(sum(r["truncated"] for r in tokenized)),
+            },
+        )
+        yield dg.MaterializeResult(
+            asset_key=SFT_QUARANTINE_KEY,
+            metadata={
+                **table_metadata(
+                    conn, SILVER_SFT_QUARANTINE, preview_columns=["id", "reason", "message"], group_by="reason"
+                ),
+                **identity_metadata,
+            },
+        )

@@ -1,0 +1,111 @@
+"""The whole graph on the five real files in ../shared/data: row counts, accounting, checks, gold tables."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from posttrain_assets.defs.checks.accounting import bronze_accounting_check
+from posttrain_assets.defs.checks.loss_mask import loss_mask_check
+from posttrain_assets.defs.checks.schema import silver_records_schema_check
+from posttrain_assets_tests.graph import REAL_REGISTRY, SHARED_DATA, Graph, deployed
+
+# Row counts from ../shared/data/README.md.
+README_ROWS = {
+    "fastchat_dummy": 500,
+    "alpaca_cleaned": 1000,
+    "hh_rlhf_harmless": 2312,
+    "gsm8k_train": 7473,
+    "gsm8k_test": 1319,
+}
+
+
+@pytest.fixture(scope="module")
+def real_graph(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Path) -> Iterator[Graph]:
+    workdir = tmp_path_factory.mktemp("real_graph")
+    registry = workdir / "sources.yaml"
+    registry.write_text(REAL_REGISTRY, encoding="utf-8")
+    with deployed(registry, workdir, tokenizer_cache_dir) as graph:
+        graph.run_all()
+        yield graph
+
+
+def test_bronze_holds_every_row_of_every_file(real_graph: Graph) -> None:
+    counts = dict(real_graph.query("SELECT source, count(*) FROM bronze.records GROUP BY source"))
+    assert counts == README_ROWS
+    # Provenance of one known row: GSM8K train line 0, hashed as it was on disk.
+    (row,) = real_graph.query(
+        "SELECT file_path, payload, length(file_sha256), length(record_sha256) FROM bronze.records "
+        "WHERE source = 'gsm8k_train' AND row_number = 0"
+    )
+    assert row[0].endswith("gsm8k/train.jsonl")
+    assert row[1].startswith('{"question": "Natalia sold clips to 48 of her friends in April')
+    assert row[2:] == (64, 64)
+
+
+def test_every_bronze_row_lands_in_silver_eval_or_quarantine(real_graph: Graph) -> None:
+    silver = dict(real_graph.query("SELECT source, count(*) FROM silver.records GROUP BY source"))
+    assert silver == {"fastchat_dummy": 500, "alpaca_cleaned": 1000, "hh_rlhf_harmless": 2303, "gsm8k_train": 7473}
+    assert real_graph.query("SELECT source, count(*) FROM silver.eval_records GROUP BY source") == [
+        ("gsm8k_test", 1319)
+    ]
+    quarantine = real_graph.query(
+        "SELECT source, reason, field, count(*) FROM silver.quarantine GROUP BY ALL ORDER BY ALL"
+    )
+    assert quarantine == [
+        ("hh_rlhf_harmless", "empty_content", "chosen", 4),
+        ("hh_rlhf_harmless", "pair_not_single_response", "chosen", 4),
+        ("hh_rlhf_harmless", "pair_not_single_response", "rejected", 1),
+    ]
+    (message,) = real_graph.query("SELECT message FROM silver.quarantine WHERE row_number = 86")[0]
+    assert message.startswith(f"{SHARED_DATA}/hh-rlhf/harmless-base-test.jsonl.gz, row 86, field chosen: ")
+    assert real_graph.query("SELECT count(*) FROM silver.dedup_clusters") == [(0,)]
+
+
+def test_accounting_and_schema_checks_pass_when_called_directly(real_graph: Graph) -> None:
+    accounting = bronze_accounting_check(
+        duckdb=real_graph.duckdb_resource(), registry=real_graph.registry_resource()
+    )
+    assert accounting.passed, accounting.description
+    assert accounting.metadata["bronze_rows"].value == sum(README_ROWS.values())
+    assert accounting.metadata["missing_rows"].value == 0
+    schema = silver_records_schema_check(duckdb=real_graph.duckdb_resource())
+    assert schema.passed, schema.description
+
+
+def test_gold_tables_are_the_regime_projections(real_graph: Graph) -> None:
+    assert dict(real_graph.query("SELECT source, count(*) FROM gold.sft GROUP BY source")) == {
+        "fastchat_dummy": 500,
+        "alpaca_cleaned": 1000,
+    }
+    assert real_graph.query("SELECT count(*) FROM gold.preference") == [(2303,)]
+    assert real_graph.query("SELECT count(*), count(DISTINCT verifier) FROM gold.rl_prompts") == [(7473, 1)]
+    (first,) = real_graph.dicts(
+        "SELECT prompt, answer, verifier, license, origin FROM gold.rl_prompts WHERE origin.row = 0"
+    )
+    assert first["answer"] == "72" and first["verifier"] == "numeric" and first["license"] == "MIT"
+    assert first["origin"]["source"] == "gsm8k_train"
+    assert first["origin"]["uri"] == "openai/grade-school-math@3101c7d5:grade_school_math/data/train.jsonl"
+    # The eval set never reaches gold.
+    assert real_graph.query("SELECT count(*) FROM gold.rl_prompts WHERE source = 'gsm8k_test'") == [(0,)]
+    # Every row of every regime has a token count from the project tokenizer.
+    assert real_graph.query("SELECT count(*) FROM silver.records WHERE token_count IS NULL OR token_count < 5") == [
+        (0,)
+    ]
+
+
+def test_sft_masks_of_real_data_pass_the_loss_mask_check(real_graph: Graph) -> None:
+    result = loss_mask_check(duckdb=real_graph.duckdb_resource(), tokenizer=real_graph.tokenizer_resource())
+    assert result.passed, result.description
+    assert result.metadata["rows_checked"].value == 1500
+    assert 0.5 < result.metadata["trainable_share"].value < 0.8
+    # No gold row without a trained token; labels are -100 or the input id, position by position.
+    assert real_graph.query(
+        "SELECT count(*) FROM gold.sft WHERE num_trainable_tokens = 0 "
+        "OR len(input_ids) != len(labels) OR num_tokens != len(input_ids)"
+    ) == [(0,)]
+    bad = real_graph.query(
+        "SELECT count(*) FROM (SELECT unnest(input_ids) AS i, unnest(labels) AS l FROM gold.sft) "
+        "WHERE l != -100 AND l != i"
+    )
+    assert bad == [(0,)]
