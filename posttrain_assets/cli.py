@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("demo", "run"):
         pipeline.run_all()
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
+        print(f"\nDuckDB file: {os.environ['POSTTRAIN_DUCKDB_PATH']}  (query it: duckdb -readonly <file>)")
+        print(f"Dagster instance: {os.environ['DAGSTER_HOME']}  (browse runs, lineage and checks: make dev)")
     elif args.command == "counts":
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
     elif args.command == "show-mask":

@@ -1,4 +1,4 @@
-"""Seeded, offline demo-data generator: a small landing zone of post-training data.
+r"""Seeded, offline demo-data generator: a small landing zone of post-training data.
 
 ``generate_demo_data(out_dir, seed=7)`` writes raw files in every supported input
 format, a source registry ``out_dir/sources.yaml`` (order = source priority) and a
@@ -48,7 +48,7 @@ Planted (all recorded in ``manifest.json`` with file and 0-based row number):
   bad_json, invalid_utf8; gsm8k_train.jsonl: bad_json, invalid_utf8,
   missing_field (no ``answer``), wrong_type (``"question": 12``), 2 x
   missing_gold_answer (worked solution without ``####``); math.jsonl:
-  missing_gold_answer (no ``\\boxed``), missing_field (no ``solution``).
+  missing_gold_answer (no ``\boxed``), missing_field (no ``solution``).
   Row numbers are line indices of the (decompressed) JSONL file, element indices of
   a JSON array, or row indices of a Parquet file. Files contain no blank lines.
 - Exact duplicates (10 groups, 11 surplus rows): within a source — messages x3
@@ -59,8 +59,8 @@ Planted (all recorded in ``manifest.json`` with file and 0-based row number):
   5-9% of its whitespace words reworded in one or two runs, word count unchanged):
   messages x6, sharegpt x4, trl_explicit x3, gsm8k x4. The manifest gives, per
   pair, the edited fraction and the Jaccard similarity of lower-cased word
-  5-gram sets (:func:`shingle_jaccard`): about 0.72-0.86 for chat rows, 0.65-0.72
-  for the short GSM8K rows. Unplanted pairs of chat rows in one file stay below
+  5-gram sets (:func:`shingle_jaccard`): 0.72-0.85 for chat rows with seed 7 (about
+  0.67-0.86 over other seeds), 0.65-0.72 for the short GSM8K rows. Unplanted pairs of chat rows in one file stay below
   0.7; templated math prompts (gsm8k, math, verl) can reach about 0.8 with each
   other, so a near-dup check on RL prompts will see some template look-alikes.
 - Length bias: in ``demo_pref_ultrafeedback`` (kind ``ai``) the chosen reply has
@@ -419,7 +419,8 @@ class SourceBuild:
     spec: SourceSpec
     entries: list[Entry] = field(default_factory=list)
     exact_groups: list[tuple[str, list[str]]] = field(default_factory=list)
-    near: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # (dup, original, edited, total, jaccard)
+    # near duplicates: (dup key, original key, edited words, total words, 5-gram Jaccard)
+    near: list[tuple[str, str, int, int, float]] = field(default_factory=list)
 
     def add(self, payload: Any, *, key: str | None = None, raw: bytes | None = None, reason: str | None = None,
             note: str = "") -> Entry:
@@ -465,6 +466,7 @@ class ChatWriter:
     """Templated but varied prompts and replies about :data:`TOPICS`."""
 
     def __init__(self, rng: random.Random) -> None:
+        """Draw all choices from ``rng``."""
         self.rng = rng
 
     def slots(self, topic: dict[str, Any] | None = None) -> dict[str, str]:
@@ -637,7 +639,8 @@ def _gsm8k_problem(rng: random.Random) -> tuple[str, list[str], int]:
         a, h, d = rng.randint(12, 95), rng.randint(6, 12), rng.randint(5, 30)
         thing = rng.choice(["widgets", "bottles", "bolts", "toy cars", "loaves of bread", "T-shirts"])
         q = rng.choice([
-            f"A factory makes {a} {thing} per hour. It runs {h} hours a day. How many {thing} does it make in {d} days?",
+            f"A factory makes {a} {thing} per hour. It runs {h} hours a day. "
+            f"How many {thing} does it make in {d} days?",
             f"{name}'s workshop produces {a} {thing} every hour and operates {h} hours each day. "
             f"How many {thing} are produced over {d} days?",
         ])
@@ -829,6 +832,7 @@ class QuestionPool:
     """Hands out RL questions that are unique across all RL sources."""
 
     def __init__(self) -> None:
+        """Start with no questions handed out."""
         self.seen: set[str] = set()
 
     def gsm8k(self, rng: random.Random) -> tuple[str, list[str], int]:
@@ -914,7 +918,7 @@ def _unique(make: Callable[[], Any], seen: set[str]) -> Any:
 
 
 def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
-    """messages (JSONL), sharegpt (JSON array), alpaca (JSON array)."""
+    """Build the SFT sources: messages (JSONL), sharegpt (JSON array), alpaca (JSON array)."""
     msg_b, sg_b, al_b = (SourceBuild(spec) for spec in SOURCES[:3])
     seen: set[str] = set()
 
@@ -928,7 +932,8 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
     exact_idx, near_idx = _pick(rng, clean, 3, 6)
     for gi, idx in enumerate(exact_idx):  # within-source exact duplicates
         orig = clean[idx]
-        copies = [msg_b.add(json.loads(json.dumps(orig.payload)), note="exact_dup").key for _ in range(2 if gi == 0 else 1)]
+        n_copies = 2 if gi == 0 else 1
+        copies = [msg_b.add(json.loads(json.dumps(orig.payload)), note="exact_dup").key for _ in range(n_copies)]
         msg_b.exact_groups.append(("within_source", [orig.key, *copies]))
     for idx in near_idx:  # near duplicates
         orig = clean[idx]
@@ -1049,7 +1054,7 @@ def _alpaca_row(rng: random.Random, cw: ChatWriter) -> dict[str, str]:
 
 
 def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceBuild]:
-    """trl explicit (JSONL), trl implicit (Parquet), ultrafeedback (Parquet), hh_rlhf (JSONL.gz)."""
+    """Build the preference sources: TRL explicit (JSONL), TRL implicit and UltraFeedback (Parquet), HH (JSONL.gz)."""
     ex_b, im_b, uf_b, hh_b = (SourceBuild(spec) for spec in SOURCES[3:7])
     seen: set[str] = set()
 
@@ -1159,7 +1164,8 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         prefix, c, r = hh_row(rng.random() < 0.5)
         other = [*prefix]
         other[0] = ("user", other[0][1] + " " + cw.follow_up(cw.slots()))
-        hh_b.add({"chosen": transcript([*prefix, ("assistant", c)]), "rejected": transcript([*other, ("assistant", r)])},
+        hh_b.add({"chosen": transcript([*prefix, ("assistant", c)]),
+                  "rejected": transcript([*other, ("assistant", r)])},
                  reason="pair_prefix_mismatch", note="first Human turn differs")
     hh_b.add(None, raw=_truncate(hh_payload(*hh_row(True)), rng), reason="bad_json")
     hh_b.add(None, raw=_with_invalid_utf8(hh_payload(*hh_row(False)), "chosen"), reason="invalid_utf8")

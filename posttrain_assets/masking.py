@@ -33,7 +33,10 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -116,17 +119,17 @@ def _sentinel(index: int) -> str:
     return f"{_SENTINEL_OPEN}{index}{_SENTINEL_CLOSE}"
 
 
-def _render(tok: Any, messages: list[dict[str, Any]]) -> str:
+def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    except Exception as exc:  # noqa: BLE001 - any template exception is a template_error for this row
+    except Exception as exc:  # any template exception is a template_error for this row
         raise MaskError("template_error", f"chat template raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(text, str):
         raise MaskError("template_error", f"chat template rendered {type(text).__name__}, not str")
     return text
 
 
-def _special_token_pattern(tok: Any) -> re.Pattern[str] | None:
+def _special_token_pattern(tok: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
     specials = sorted(
         {str(t.content) for t in tok.added_tokens_decoder.values() if getattr(t, "special", False) and str(t.content)},
         key=len,
@@ -152,7 +155,7 @@ def _check_messages(messages: list[dict[str, Any]], special_re: re.Pattern[str] 
             )
 
 
-def _skeleton(tok: Any, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
+def _skeleton(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
     """Literal template chunks and the message index of each sentinel, in rendering order."""
     masked = [{**message, "content": _sentinel(index)} for index, message in enumerate(messages)]
     text = _render(tok, masked)
@@ -242,7 +245,9 @@ def _trained_indices(messages: list[dict[str, Any]], cfg: MaskConfig) -> list[in
     raise ValueError(f"unknown train_on {cfg.train_on!r}")
 
 
-def _detect_marker(tok: Any, messages: list[dict[str, Any]], chunks: list[str], order: list[int]) -> str:
+def _detect_marker(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], chunks: list[str], order: list[int]
+) -> str:
     """The end-of-turn marker: the skeleton chunk after the last assistant content, trailing whitespace stripped,
     rendered for a conversation that ends with that assistant turn."""
     last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
@@ -259,7 +264,7 @@ def _detect_marker(tok: Any, messages: list[dict[str, Any]], chunks: list[str], 
 
 
 def _render_with_spans(
-    tok: Any, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
 ) -> _Rendered:
     _check_messages(messages, special_re)
     trained = _trained_indices(messages, cfg)
@@ -292,23 +297,24 @@ def _render_with_spans(
 # tokenisation
 # ----------------------------------------------------------------------------------------------------------------
 
-_BACKENDS: dict[int, tuple[Any, Any]] = {}
+_BACKENDS: dict[int, tuple[Any, int, Any]] = {}
 
 
-def _offset_backend(tok: Any) -> Any:
+def _offset_backend(tok: PreTrainedTokenizerBase) -> Any:
     """A copy of ``tok``'s backend without post-processor, padding or truncation: its offsets are never trimmed
     (a ByteLevel post-processor with ``trim_offsets=True`` would hide whitespace at span boundaries)."""
     from tokenizers import Tokenizer
 
     backend = tok.backend_tokenizer
+    size = backend.get_vocab_size(with_added_tokens=True)  # changes when tokens are added in place
     cached = _BACKENDS.get(id(tok))
-    if cached is not None and cached[0] is backend:
-        return cached[1]
+    if cached is not None and cached[0] is backend and cached[1] == size:
+        return cached[2]
     copy = Tokenizer.from_str(backend.to_str())
     copy.post_processor = None
     copy.no_padding()
     copy.no_truncation()
-    _BACKENDS[id(tok)] = (backend, copy)
+    _BACKENDS[id(tok)] = (backend, size, copy)
     return copy
 
 
@@ -346,7 +352,7 @@ def _labels_from_offsets(
 
 
 def tokenize_conversations(
-    tok: Any, conversations: Sequence[list[dict[str, Any]]], cfg: MaskConfig
+    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]], cfg: MaskConfig
 ) -> list[TokenizedConversation | MaskError]:
     """Tokenise conversations with the tokenizer's chat template and assistant-only labels.
 
@@ -405,7 +411,7 @@ def _finish(rendered: _Rendered, enc: Any, truncated: bool) -> TokenizedConversa
 
 
 def _truncate(
-    tok: Any,
+    tok: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     cfg: MaskConfig,
     special_re: re.Pattern[str] | None,
@@ -434,7 +440,7 @@ def _truncate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _decode(tok: Any, ids: list[int]) -> str:
+def _decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -482,7 +488,9 @@ def _consistent(decoded: str, expected: str) -> bool:
     return bool(stripped) and expected.startswith(stripped)
 
 
-def _first_wrong_position(tok: Any, input_ids: list[int], run: tuple[int, int], expected: str) -> int:
+def _first_wrong_position(
+    tok: PreTrainedTokenizerBase, input_ids: list[int], run: tuple[int, int], expected: str
+) -> int:
     """Best-effort first wrong label position for a trained run that does not decode to ``expected``."""
     start, end = run
     if not _consistent(_decode(tok, input_ids[start : start + 1]), expected):
@@ -496,8 +504,30 @@ def _first_wrong_position(tok: Any, input_ids: list[int], run: tuple[int, int], 
     return end  # the run stops early: this position should be trained
 
 
+def _untrained_occurrence(
+    tok: PreTrainedTokenizerBase, input_ids: list[int], gap: tuple[int, int], texts: list[str]
+) -> int | None:
+    """First position in the untrained ``gap`` where one of ``texts`` starts (it should have been trained)."""
+    start, end = gap
+    if end <= start:
+        return None
+    gap_text = _decode(tok, input_ids[start:end])
+    found = [i for i in (gap_text.find(t) for t in texts if t) if i != -1]
+    if not found:
+        return None
+    char = min(found)
+    lo, hi = start, end  # smallest p with len(decode(ids[start:p + 1])) > char
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_decode(tok, input_ids[start : mid + 1])) > char:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def verify_mask(
-    tok: Any,
+    tok: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     input_ids: list[int],
     labels: list[int],
@@ -522,7 +552,7 @@ def verify_mask(
         return "no messages to verify"
     try:
         expected_ids = tok.apply_chat_template(kept, tokenize=True, return_dict=False, add_generation_prompt=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"chat template raised {type(exc).__name__}: {exc}"
     expected_ids = list(expected_ids)
     if list(input_ids) != expected_ids:
@@ -558,6 +588,8 @@ def verify_mask(
         forms = _rendered_content_forms(kept[index]["content"])
         if number >= len(runs):
             after = runs[-1][1]
+            missing = _untrained_occurrence(tok, input_ids, (after, len(input_ids)), [f + marker for f in forms])
+            after = after if missing is None else missing
             return (
                 f"position {after}: assistant message {index} has no trained run "
                 f"(expected {forms[0][:60]!r} + {marker!r} to be trained)"
@@ -565,7 +597,13 @@ def verify_mask(
         run = runs[number]
         text = _decode(tok, input_ids[run[0] : run[1]])
         if not _matches_piece(text, forms, marker):
-            best = max(_first_wrong_position(tok, input_ids, run, form + marker) for form in forms)
+            previous_end = runs[number - 1][1] if number else 0
+            missing = _untrained_occurrence(tok, input_ids, (previous_end, run[0]), [f + marker for f in forms])
+            best = (
+                missing
+                if missing is not None
+                else max(_first_wrong_position(tok, input_ids, run, form + marker) for form in forms)
+            )
             return (
                 f"position {best}: trained run {run[0]}:{run[1]} decodes to {text[:80]!r}, expected assistant "
                 f"message {index} content {forms[0][:60]!r} followed by {marker!r}"
@@ -607,7 +645,7 @@ def _untrained_runs(runs: list[tuple[int, int]], length: int) -> list[tuple[int,
     return gaps
 
 
-def _independent_marker(tok: Any, messages: list[dict[str, Any]]) -> str | None:
+def _independent_marker(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str | None:
     """End-of-turn marker from a plain rendering: the text after the last assistant content up to whitespace."""
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
@@ -615,7 +653,7 @@ def _independent_marker(tok: Any, messages: list[dict[str, Any]]) -> str | None:
     probe = [*messages[:last], {**messages[last], "content": "\ue002"}]
     try:
         text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     position = text.rfind("\ue002")
     if position == -1:
@@ -626,7 +664,7 @@ def _independent_marker(tok: Any, messages: list[dict[str, Any]]) -> str | None:
     return tail
 
 
-def render_mask(tok: Any, input_ids: list[int], labels: list[int], color: bool = False) -> str:
+def render_mask(tok: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int], color: bool = False) -> str:
     """Human-readable mask: trained spans wrapped in ``⟦ ⟧`` (or shown in green with ``color=True``)."""
     open_mark, close_mark = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
     pieces: list[str] = []

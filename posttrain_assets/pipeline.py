@@ -40,16 +40,32 @@ def sync_source_partitions(instance: dg.DagsterInstance, names: Iterable[str]) -
         instance.delete_dynamic_partition("source", stale)
 
 
-def run_all(instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None) -> None:
-    """Ingest every registry source into bronze, then rebuild silver and gold with every check."""
+# Runs print warnings and errors; the full event log is in the Dagster UI (`make dev`).
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def run_all(
+    instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None, *, verbose: bool = False
+) -> None:
+    """Ingest every registry source into bronze, then rebuild silver and gold with every check.
+
+    Raises if any step fails or a blocking check fails (gold is then left as it was).
+    """
     instance = instance or dg.DagsterInstance.get()
     definitions = definitions or load_definitions()
     registry = load_registry(os.environ["POSTTRAIN_SOURCES"])
     sync_source_partitions(instance, registry.names)
+    run_config = {} if verbose else QUIET
     ingest = definitions.resolve_job_def("ingest_source")
     for name in registry.names:
-        ingest.execute_in_process(instance=instance, partition_key=name)
-    definitions.resolve_job_def("refresh_corpus").execute_in_process(instance=instance)
+        ingest.execute_in_process(instance=instance, partition_key=name, run_config=run_config)
+        print(f"ingested {name}")
+    result = definitions.resolve_job_def("refresh_corpus").execute_in_process(instance=instance, run_config=run_config)
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else "FAILED"
+        print(
+            f"check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} {verdict}: {evaluation.description}"
+        )
 
 
 def layer_counts(database: str) -> list[tuple[str, int | None]]:

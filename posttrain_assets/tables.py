@@ -155,8 +155,6 @@ SILVER_DEDUP_CLUSTERS = Table(
     ),
 )
 
-ALL_TABLES = (BRONZE_RECORDS, SILVER_RECORDS, SILVER_EVAL_RECORDS, SILVER_QUARANTINE, SILVER_DEDUP_CLUSTERS)
-
 
 def _pick(names: tuple[str, ...]) -> tuple[Column, ...]:
     by_name = {c.name: c for c in RECORD_COLUMNS}
@@ -271,3 +269,29 @@ GOLD_SFT = Table(
         *TOKENIZER_COLUMNS,
     ),
 )
+
+
+ALL_TABLES = (
+    BRONZE_RECORDS,
+    SILVER_RECORDS,
+    SILVER_EVAL_RECORDS,
+    SILVER_QUARANTINE,
+    SILVER_DEDUP_CLUSTERS,
+    SILVER_SFT_TOKENIZED,
+    SILVER_SFT_QUARANTINE,
+    GOLD_SFT,
+    GOLD_PREFERENCE,
+    GOLD_RL_PROMPTS,
+)
+
+
+def markdown_reference() -> str:
+    """The table reference in the README, generated from the declarations above."""
+    parts = []
+    for table in ALL_TABLES:
+        lines = [f"### `{table.qualified}`", "", table.description, "", "| column | type | meaning |", "|---|---|---|"]
+        for c in table.columns:
+            meaning = ("" if c.nullable else "not null; ") + c.description.replace("|", "/")
+            lines.append(f"| `{c.name}` | `{c.type}` | {meaning} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -18,7 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEFAULT_TOKENIZER_SPEC = "smollm2"
 DEFAULT_TOKENIZER_NAME = "smollm2-135m-instruct"
@@ -98,7 +101,7 @@ def _field_value(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def _build_from_gguf(gguf_path: Path) -> Any:
+def _build_from_gguf(gguf_path: Path) -> PreTrainedTokenizerFast:
     """Build a ``PreTrainedTokenizerFast`` from the GGUF tokenizer metadata (gpt2 BPE, 'smollm' pre-tokenizer)."""
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -188,7 +191,7 @@ def build_smollm2_tokenizer(cache_dir: Path, gguf_path: Path | None = None) -> P
     return target
 
 
-def _require_chat_template(tok: Any, origin: str) -> Any:
+def _require_chat_template(tok: PreTrainedTokenizerBase, origin: str) -> PreTrainedTokenizerFast:
     if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
         raise TokenizerError(f"tokenizer {origin!r} is not a fast (tokenizers-backed) tokenizer; offsets are required")
     if not getattr(tok, "chat_template", None):
@@ -196,7 +199,7 @@ def _require_chat_template(tok: Any, origin: str) -> Any:
     return tok
 
 
-def load_tokenizer(spec: str | None, cache_dir: Path) -> Any:
+def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer with a chat template. Never touches the network.
 
     ``spec`` is None or ``"smollm2"`` (the default, built from the bundled GGUF), a local ``save_pretrained``
@@ -226,7 +229,7 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> Any:
     return _require_chat_template(tok, spec)
 
 
-def tokenizer_identity(tok: Any) -> dict[str, str]:
+def tokenizer_identity(tok: PreTrainedTokenizerBase) -> dict[str, str]:
     """Identify a tokenizer: ``name``, ``tokenizer_sha256`` (vocab, merges, added tokens, pipeline, special tokens)
     and ``chat_template_sha256``. Padding/truncation state is excluded, so the hash is stable across calls."""
     state = json.loads(tok.backend_tokenizer.to_str())

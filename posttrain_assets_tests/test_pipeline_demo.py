@@ -1,0 +1,206 @@
+"""The whole graph on the generated demo data: planted faults land where they should, reruns are identical,
+and failing blocking checks keep gold tables as they were."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from posttrain_assets.defs.silver import canonical, sft_tokenized
+from posttrain_assets.demo_data import generate_demo_data
+from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
+from posttrain_assets_tests.graph import Graph, deployed
+
+GOLD_KEYS = {dg.AssetKey(["gold", name]) for name in ("sft", "preference", "rl_prompts")}
+SNAPSHOT_TABLES = (
+    "silver.records",
+    "silver.eval_records",
+    "silver.quarantine",
+    "silver.dedup_clusters",
+    "silver.sft_tokenized",
+    "silver.sft_quarantine",
+    "gold.sft",
+    "gold.preference",
+    "gold.rl_prompts",
+)
+
+
+def snapshot(graph: Graph) -> dict[str, list[tuple]]:
+    tables = {name: graph.query(f"SELECT * FROM {name} ORDER BY ALL") for name in SNAPSHOT_TABLES}
+    tables["bronze.records"] = graph.query(
+        "SELECT * EXCLUDE (ingested_at, run_id) FROM bronze.records ORDER BY source, file_path, row_number"
+    )
+    return tables
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo_landing")
+    generate_demo_data(out, seed=7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(demo_dir: Path) -> dict:
+    return json.loads((demo_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_graph(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Path) -> Iterator[Graph]:
+    with deployed(demo_dir / "sources.yaml", tmp_path_factory.mktemp("demo_graph"), tokenizer_cache_dir) as graph:
+        graph.run_all()
+        yield graph
+
+
+def test_bronze_rows_match_the_files(demo_graph: Graph, manifest: dict) -> None:
+    counts = dict(demo_graph.query("SELECT source, count(*) FROM bronze.records GROUP BY source"))
+    assert counts == {name: spec["rows"] for name, spec in manifest["sources"].items()}
+    assert sum(counts.values()) == manifest["total_rows"] == 2926
+
+
+def test_every_planted_malformed_row_is_quarantined_with_its_reason(demo_graph: Graph, manifest: dict) -> None:
+    planted = {
+        (name, bad["row"], bad["reason"]) for name, spec in manifest["sources"].items() for bad in spec["malformed"]
+    }
+    quarantined = set(demo_graph.query("SELECT source, row_number, reason FROM silver.quarantine"))
+    assert quarantined == planted
+    assert len(quarantined) == manifest["total_malformed"] == 33
+    # Every message names the file, the row and (where one is to blame) the field.
+    for file_path, row, field, message in demo_graph.query(
+        "SELECT file_path, row_number, field, message FROM silver.quarantine"
+    ):
+        assert message.startswith(f"{file_path}, row {row}")
+        if field:
+            assert f"field {field}:" in message
+
+
+def test_exact_duplicates_collapse_onto_the_kept_twin(demo_graph: Graph, manifest: dict) -> None:
+    dropped = {
+        (source, row): (kept_source, kept_row)
+        for source, row, kept_source, kept_row in demo_graph.query(
+            "SELECT d.source, d.row_number, r.source, r.origin.row FROM silver.dedup_clusters d "
+            "JOIN silver.records r ON r.id = d.kept_id"
+        )
+    }
+    for group in manifest["exact_duplicates"]:
+        first, *copies = [(r["source"], r["row"]) for r in group["rows"]]
+        kept = {dropped.get(c) for c in copies}
+        # All copies point at one kept twin, which is itself not dropped.
+        assert len(kept) == 1 and None not in kept, group
+        assert kept.pop() not in dropped
+    assert len(dropped) == manifest["exact_duplicate_surplus_rows"] + 1 == 12
+    # The extra one is a templated GSM8K question generated twice by chance: same content, same id.
+    (extra,) = set(dropped) - {(r["source"], r["row"]) for g in manifest["exact_duplicates"] for r in g["rows"]}
+    assert extra[0] == "demo_rl_gsm8k"
+
+
+def test_nothing_is_lost_per_source(demo_graph: Graph) -> None:
+    rows = demo_graph.query(
+        """
+        SELECT b.source, count(*) AS bronze,
+          (SELECT count(*) FROM silver.records s WHERE s.source = b.source)
+          + (SELECT count(*) FROM silver.eval_records e WHERE e.source = b.source)
+          + (SELECT count(*) FROM silver.quarantine q WHERE q.source = b.source)
+          + (SELECT count(*) FROM silver.dedup_clusters d WHERE d.source = b.source) AS placed
+        FROM bronze.records b GROUP BY b.source
+        """
+    )
+    assert len(rows) == 11
+    assert all(bronze == placed for _, bronze, placed in rows), rows
+
+
+def test_gold_counts_and_the_eval_set_stays_out(demo_graph: Graph) -> None:
+    assert demo_graph.query("SELECT count(*) FROM gold.sft") == [(960,)]
+    assert demo_graph.query("SELECT count(*) FROM gold.preference") == [(1003,)]
+    assert demo_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(858,)]
+    assert demo_graph.query("SELECT count(*) FROM silver.eval_records") == [(60,)]
+    for table in ("gold.sft", "gold.preference", "gold.rl_prompts"):
+        assert demo_graph.query(f"SELECT count(*) FROM {table} WHERE source = 'demo_eval_gsm8k'") == [(0,)]
+
+
+def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> None:
+    before = snapshot(demo_graph)
+    demo_graph.run_all()
+    after = snapshot(demo_graph)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name] == before[name], name
+    # Re-ingesting replaced each bronze partition instead of appending to it.
+    assert demo_graph.query("SELECT count(*) FROM bronze.records") == [(2926,)]
+
+
+@pytest.fixture
+def broken_graph(
+    demo_dir: Path, tmp_path: Path, tokenizer_cache_dir: Path
+) -> Iterator[tuple[Graph, dict[str, list[tuple]]]]:
+    """A private deployment with a good run behind it, and the snapshot of that run."""
+    with deployed(demo_dir / "sources.yaml", tmp_path, tokenizer_cache_dir) as graph:
+        graph.run_all()
+        yield graph, snapshot(graph)
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> set[dg.AssetKey]:
+    return {e.asset_key for e in result.get_asset_materialization_events()}
+
+
+def _evaluation(result: dg.ExecuteInProcessResult, check_name: str):
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == check_name]
+    return evaluation
+
+
+def test_failing_silver_schema_check_leaves_gold_untouched(
+    broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph, good = broken_graph
+    real_build = canonical.build_silver
+
+    def build_with_a_missing_answer(*args, **kwargs):
+        tables = real_build(*args, **kwargs)
+        victim = next(r for r in tables.records if r["regime"] == "rl")
+        victim["answer"] = None
+        return tables
+
+    monkeypatch.setattr(canonical, "build_silver", build_with_a_missing_answer)
+    result = graph.refresh()
+
+    assert not result.success
+    evaluation = _evaluation(result, "silver_records_schema_check")
+    assert not evaluation.passed
+    assert "rl rows: required field answer is null or empty: 1 row(s)" in evaluation.description
+    assert dg.AssetKey(["silver", "records"]) in _materialized(result)
+    assert not _materialized(result) & GOLD_KEYS
+    for table in ("gold.sft", "gold.preference", "gold.rl_prompts"):
+        assert graph.query(f"SELECT * FROM {table} ORDER BY ALL") == good[table], table
+
+
+def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
+    broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph, good = broken_graph
+    real_tokenize = sft_tokenized.tokenize_conversations
+    corrupted: dict[str, int] = {}
+
+    def tokenize_with_a_trained_header(tok, conversations, cfg):
+        results = real_tokenize(tok, conversations, cfg)
+        first: TokenizedConversation = results[0]
+        position = first.labels.index(IGNORE_INDEX)  # position 0: `<|im_start|>` of the system header
+        first.labels[position] = first.input_ids[position]
+        corrupted["position"] = position
+        return results
+
+    monkeypatch.setattr(sft_tokenized, "tokenize_conversations", tokenize_with_a_trained_header)
+    result = graph.refresh()
+
+    assert not result.success
+    evaluation = _evaluation(result, "loss_mask_check")
+    assert not evaluation.passed
+    (first_id,) = graph.query("SELECT min(id) FROM silver.sft_tokenized")[0]
+    assert evaluation.description.startswith(f"1 row(s) fail: {first_id}: ")
+    assert f"position {corrupted['position']}" in evaluation.description
+    assert evaluation.metadata["rows_failed"].value == 1
+    assert dg.AssetKey(["gold", "sft"]) not in _materialized(result)
+    # gold.sft is exactly what the last good run wrote; the other regimes were not blocked by an SFT mask.
+    assert graph.query("SELECT * FROM gold.sft ORDER BY ALL") == good["gold.sft"]
+    assert {dg.AssetKey(["gold", "preference"]), dg.AssetKey(["gold", "rl_prompts"])} <= _materialized(result)
