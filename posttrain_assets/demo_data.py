@@ -157,108 +157,209 @@ LENGTH_BIASED_SOURCE = "demo_pref_ultrafeedback"
 # Text pools
 
 TOPICS: tuple[dict[str, Any], ...] = (
-    {"name": "binary search", "area": "programming",
-     "terms": ["sorted input", "the midpoint", "logarithmic time", "off-by-one errors"],
-     "examples": ["looking up a word in a dictionary", "finding the first failing commit with git bisect"]},
-    {"name": "hash tables", "area": "programming",
-     "terms": ["hash functions", "collisions", "the load factor", "constant-time lookups"],
-     "examples": ["counting word frequencies", "caching results of an expensive call"]},
-    {"name": "recursion", "area": "programming",
-     "terms": ["the base case", "the call stack", "smaller subproblems", "memoization"],
-     "examples": ["walking a directory tree", "computing factorials"]},
-    {"name": "unit testing", "area": "programming",
-     "terms": ["test isolation", "fixtures", "edge cases", "regression tests"],
-     "examples": ["checking a date parser", "guarding a refactor of billing code"]},
-    {"name": "SQL joins", "area": "databases",
-     "terms": ["inner joins", "left outer joins", "join keys", "NULL handling"],
-     "examples": ["matching orders to customers", "finding products that never sold"]},
-    {"name": "database indexes", "area": "databases",
-     "terms": ["B-trees", "selectivity", "write amplification", "covering indexes"],
-     "examples": ["speeding up a slow report", "looking up users by email"]},
-    {"name": "photosynthesis", "area": "biology",
-     "terms": ["chlorophyll", "light-dependent reactions", "the Calvin cycle", "glucose"],
-     "examples": ["a houseplant near a window", "algae blooms in a warm lake"]},
-    {"name": "the water cycle", "area": "earth science",
-     "terms": ["evaporation", "condensation", "precipitation", "groundwater"],
-     "examples": ["fog forming over a valley", "puddles drying after rain"]},
-    {"name": "plate tectonics", "area": "earth science",
-     "terms": ["subduction zones", "mid-ocean ridges", "the mantle", "fault lines"],
-     "examples": ["the Himalayas rising", "earthquakes along the Pacific coast"]},
-    {"name": "vaccines", "area": "health",
-     "terms": ["antigens", "memory cells", "herd immunity", "booster doses"],
-     "examples": ["seasonal flu shots", "childhood immunization schedules"]},
-    {"name": "sleep hygiene", "area": "health",
-     "terms": ["a consistent schedule", "screen time", "caffeine timing", "the circadian rhythm"],
-     "examples": ["adjusting after a long flight", "studying late before exams"]},
-    {"name": "strength training", "area": "fitness",
-     "terms": ["progressive overload", "recovery days", "proper form", "compound lifts"],
-     "examples": ["a beginner squat routine", "training twice a week at home"]},
-    {"name": "sourdough baking", "area": "cooking",
-     "terms": ["the starter", "hydration", "bulk fermentation", "oven spring"],
-     "examples": ["a dense first loaf", "baking in a cast-iron pot"]},
-    {"name": "knife skills", "area": "cooking",
-     "terms": ["the claw grip", "a sharp edge", "uniform cuts", "a stable cutting board"],
-     "examples": ["dicing an onion", "julienning carrots for a stir-fry"]},
-    {"name": "compound interest", "area": "personal finance",
-     "terms": ["the interest rate", "compounding frequency", "the time horizon", "the principal"],
-     "examples": ["a savings account over ten years", "credit card debt that keeps growing"]},
-    {"name": "budgeting", "area": "personal finance",
-     "terms": ["fixed costs", "an emergency fund", "discretionary spending", "tracking expenses"],
-     "examples": ["planning a first apartment", "saving for a holiday"]},
-    {"name": "index funds", "area": "personal finance",
-     "terms": ["diversification", "expense ratios", "market risk", "rebalancing"],
-     "examples": ["a retirement account", "investing a small monthly amount"]},
-    {"name": "the French Revolution", "area": "history",
-     "terms": ["the Estates-General", "the storming of the Bastille", "the Reign of Terror", "the rise of Napoleon"],
-     "examples": ["debates about taxation", "the fall of the monarchy"]},
-    {"name": "the printing press", "area": "history",
-     "terms": ["movable type", "literacy rates", "the spread of pamphlets", "standardized spelling"],
-     "examples": ["the Gutenberg Bible", "early newspapers"]},
-    {"name": "the Silk Road", "area": "history",
-     "terms": ["caravan routes", "cultural exchange", "trade in silk and spices", "oasis cities"],
-     "examples": ["merchants crossing Central Asia", "the spread of paper-making"]},
-    {"name": "persuasive essays", "area": "writing",
-     "terms": ["a clear thesis", "supporting evidence", "counterarguments", "a strong conclusion"],
-     "examples": ["a letter to a city council", "an op-ed about school start times"]},
-    {"name": "writing cover letters", "area": "writing",
-     "terms": ["a specific opening", "relevant achievements", "the company's needs", "a concise close"],
-     "examples": ["applying for a first internship", "switching careers into design"]},
-    {"name": "active listening", "area": "communication",
-     "terms": ["paraphrasing", "open questions", "nonverbal cues", "withholding judgment"],
-     "examples": ["a difficult conversation with a coworker", "a parent-teacher meeting"]},
-    {"name": "time management", "area": "productivity",
-     "terms": ["prioritization", "time blocking", "realistic estimates", "saying no"],
-     "examples": ["a week with three deadlines", "balancing study and a part-time job"]},
-    {"name": "learning a new language", "area": "education",
-     "terms": ["spaced repetition", "comprehensible input", "speaking practice", "core vocabulary"],
-     "examples": ["preparing for a trip to Spain", "reading children's books in German"]},
-    {"name": "probability", "area": "mathematics",
-     "terms": ["sample spaces", "independent events", "conditional probability", "expected value"],
-     "examples": ["rolling two dice", "drawing cards without replacement"]},
-    {"name": "linear regression", "area": "statistics",
-     "terms": ["the least-squares fit", "residuals", "overfitting", "the coefficient of determination"],
-     "examples": ["predicting house prices from size", "relating study hours to grades"]},
-    {"name": "climate change", "area": "environment",
-     "terms": ["greenhouse gases", "feedback loops", "carbon budgets", "adaptation"],
-     "examples": ["melting mountain glaciers", "more frequent heat waves"]},
-    {"name": "composting", "area": "gardening",
-     "terms": ["the carbon-to-nitrogen ratio", "aeration", "moisture", "finished compost"],
-     "examples": ["a small backyard bin", "using kitchen scraps in an apartment"]},
-    {"name": "home networking", "area": "technology",
-     "terms": ["the router", "Wi-Fi channels", "IP addresses", "mesh systems"],
-     "examples": ["a slow connection upstairs", "setting up a guest network"]},
-    {"name": "public speaking", "area": "communication",
-     "terms": ["a strong opening", "pacing", "eye contact", "rehearsal"],
-     "examples": ["a five-minute team update", "a wedding toast"]},
-    {"name": "version control", "area": "programming",
-     "terms": ["commits", "branches", "merge conflicts", "code review"],
-     "examples": ["two people editing the same file", "rolling back a bad release"]},
+    {
+        "name": "binary search",
+        "area": "programming",
+        "terms": ["sorted input", "the midpoint", "logarithmic time", "off-by-one errors"],
+        "examples": ["looking up a word in a dictionary", "finding the first failing commit with git bisect"],
+    },
+    {
+        "name": "hash tables",
+        "area": "programming",
+        "terms": ["hash functions", "collisions", "the load factor", "constant-time lookups"],
+        "examples": ["counting word frequencies", "caching results of an expensive call"],
+    },
+    {
+        "name": "recursion",
+        "area": "programming",
+        "terms": ["the base case", "the call stack", "smaller subproblems", "memoization"],
+        "examples": ["walking a directory tree", "computing factorials"],
+    },
+    {
+        "name": "unit testing",
+        "area": "programming",
+        "terms": ["test isolation", "fixtures", "edge cases", "regression tests"],
+        "examples": ["checking a date parser", "guarding a refactor of billing code"],
+    },
+    {
+        "name": "SQL joins",
+        "area": "databases",
+        "terms": ["inner joins", "left outer joins", "join keys", "NULL handling"],
+        "examples": ["matching orders to customers", "finding products that never sold"],
+    },
+    {
+        "name": "database indexes",
+        "area": "databases",
+        "terms": ["B-trees", "selectivity", "write amplification", "covering indexes"],
+        "examples": ["speeding up a slow report", "looking up users by email"],
+    },
+    {
+        "name": "photosynthesis",
+        "area": "biology",
+        "terms": ["chlorophyll", "light-dependent reactions", "the Calvin cycle", "glucose"],
+        "examples": ["a houseplant near a window", "algae blooms in a warm lake"],
+    },
+    {
+        "name": "the water cycle",
+        "area": "earth science",
+        "terms": ["evaporation", "condensation", "precipitation", "groundwater"],
+        "examples": ["fog forming over a valley", "puddles drying after rain"],
+    },
+    {
+        "name": "plate tectonics",
+        "area": "earth science",
+        "terms": ["subduction zones", "mid-ocean ridges", "the mantle", "fault lines"],
+        "examples": ["the Himalayas rising", "earthquakes along the Pacific coast"],
+    },
+    {
+        "name": "vaccines",
+        "area": "health",
+        "terms": ["antigens", "memory cells", "herd immunity", "booster doses"],
+        "examples": ["seasonal flu shots", "childhood immunization schedules"],
+    },
+    {
+        "name": "sleep hygiene",
+        "area": "health",
+        "terms": ["a consistent schedule", "screen time", "caffeine timing", "the circadian rhythm"],
+        "examples": ["adjusting after a long flight", "studying late before exams"],
+    },
+    {
+        "name": "strength training",
+        "area": "fitness",
+        "terms": ["progressive overload", "recovery days", "proper form", "compound lifts"],
+        "examples": ["a beginner squat routine", "training twice a week at home"],
+    },
+    {
+        "name": "sourdough baking",
+        "area": "cooking",
+        "terms": ["the starter", "hydration", "bulk fermentation", "oven spring"],
+        "examples": ["a dense first loaf", "baking in a cast-iron pot"],
+    },
+    {
+        "name": "knife skills",
+        "area": "cooking",
+        "terms": ["the claw grip", "a sharp edge", "uniform cuts", "a stable cutting board"],
+        "examples": ["dicing an onion", "julienning carrots for a stir-fry"],
+    },
+    {
+        "name": "compound interest",
+        "area": "personal finance",
+        "terms": ["the interest rate", "compounding frequency", "the time horizon", "the principal"],
+        "examples": ["a savings account over ten years", "credit card debt that keeps growing"],
+    },
+    {
+        "name": "budgeting",
+        "area": "personal finance",
+        "terms": ["fixed costs", "an emergency fund", "discretionary spending", "tracking expenses"],
+        "examples": ["planning a first apartment", "saving for a holiday"],
+    },
+    {
+        "name": "index funds",
+        "area": "personal finance",
+        "terms": ["diversification", "expense ratios", "market risk", "rebalancing"],
+        "examples": ["a retirement account", "investing a small monthly amount"],
+    },
+    {
+        "name": "the French Revolution",
+        "area": "history",
+        "terms": ["the Estates-General", "the storming of the Bastille", "the Reign of Terror", "the rise of Napoleon"],
+        "examples": ["debates about taxation", "the fall of the monarchy"],
+    },
+    {
+        "name": "the printing press",
+        "area": "history",
+        "terms": ["movable type", "literacy rates", "the spread of pamphlets", "standardized spelling"],
+        "examples": ["the Gutenberg Bible", "early newspapers"],
+    },
+    {
+        "name": "the Silk Road",
+        "area": "history",
+        "terms": ["caravan routes", "cultural exchange", "trade in silk and spices", "oasis cities"],
+        "examples": ["merchants crossing Central Asia", "the spread of paper-making"],
+    },
+    {
+        "name": "persuasive essays",
+        "area": "writing",
+        "terms": ["a clear thesis", "supporting evidence", "counterarguments", "a strong conclusion"],
+        "examples": ["a letter to a city council", "an op-ed about school start times"],
+    },
+    {
+        "name": "writing cover letters",
+        "area": "writing",
+        "terms": ["a specific opening", "relevant achievements", "the company's needs", "a concise close"],
+        "examples": ["applying for a first internship", "switching careers into design"],
+    },
+    {
+        "name": "active listening",
+        "area": "communication",
+        "terms": ["paraphrasing", "open questions", "nonverbal cues", "withholding judgment"],
+        "examples": ["a difficult conversation with a coworker", "a parent-teacher meeting"],
+    },
+    {
+        "name": "time management",
+        "area": "productivity",
+        "terms": ["prioritization", "time blocking", "realistic estimates", "saying no"],
+        "examples": ["a week with three deadlines", "balancing study and a part-time job"],
+    },
+    {
+        "name": "learning a new language",
+        "area": "education",
+        "terms": ["spaced repetition", "comprehensible input", "speaking practice", "core vocabulary"],
+        "examples": ["preparing for a trip to Spain", "reading children's books in German"],
+    },
+    {
+        "name": "probability",
+        "area": "mathematics",
+        "terms": ["sample spaces", "independent events", "conditional probability", "expected value"],
+        "examples": ["rolling two dice", "drawing cards without replacement"],
+    },
+    {
+        "name": "linear regression",
+        "area": "statistics",
+        "terms": ["the least-squares fit", "residuals", "overfitting", "the coefficient of determination"],
+        "examples": ["predicting house prices from size", "relating study hours to grades"],
+    },
+    {
+        "name": "climate change",
+        "area": "environment",
+        "terms": ["greenhouse gases", "feedback loops", "carbon budgets", "adaptation"],
+        "examples": ["melting mountain glaciers", "more frequent heat waves"],
+    },
+    {
+        "name": "composting",
+        "area": "gardening",
+        "terms": ["the carbon-to-nitrogen ratio", "aeration", "moisture", "finished compost"],
+        "examples": ["a small backyard bin", "using kitchen scraps in an apartment"],
+    },
+    {
+        "name": "home networking",
+        "area": "technology",
+        "terms": ["the router", "Wi-Fi channels", "IP addresses", "mesh systems"],
+        "examples": ["a slow connection upstairs", "setting up a guest network"],
+    },
+    {
+        "name": "public speaking",
+        "area": "communication",
+        "terms": ["a strong opening", "pacing", "eye contact", "rehearsal"],
+        "examples": ["a five-minute team update", "a wedding toast"],
+    },
+    {
+        "name": "version control",
+        "area": "programming",
+        "terms": ["commits", "branches", "merge conflicts", "code review"],
+        "examples": ["two people editing the same file", "rolling back a bad release"],
+    },
 )
 
 METAPHORS = (
-    "a map rather than the territory", "a budget you spend carefully", "a recipe with adjustable steps",
-    "a conversation between parts of a system", "a ladder where each rung depends on the last",
-    "a filter that keeps only what matters", "a habit that compounds over time", "a toolbox, not a single tool",
+    "a map rather than the territory",
+    "a budget you spend carefully",
+    "a recipe with adjustable steps",
+    "a conversation between parts of a system",
+    "a ladder where each rung depends on the last",
+    "a filter that keeps only what matters",
+    "a habit that compounds over time",
+    "a toolbox, not a single tool",
 )
 
 AUDIENCES = ("a beginner", "a ten-year-old", "a busy manager", "a first-year student", "a retiree", "a new colleague")
@@ -281,13 +382,29 @@ USER_OPENERS = (
 )
 
 USER_PREFIXES = (
-    "", "", "", "", "Quick question: ", "Hi! ", "I'm {audience_bare} and ", "For a class project, ",
-    "Sorry if this is basic. ", "Hello, ",
+    "",
+    "",
+    "",
+    "",
+    "Quick question: ",
+    "Hi! ",
+    "I'm {audience_bare} and ",
+    "For a class project, ",
+    "Sorry if this is basic. ",
+    "Hello, ",
 )
 
 USER_SUFFIXES = (
-    "", "", "", "", " Keep it brief.", " Please use bullet points.", " An example would help.",
-    " Thanks in advance!", " Assume I know nothing.", " Please be specific.",
+    "",
+    "",
+    "",
+    "",
+    " Keep it brief.",
+    " Please use bullet points.",
+    " An example would help.",
+    " Thanks in advance!",
+    " Assume I know nothing.",
+    " Please be specific.",
 )
 
 FOLLOW_UPS = (
@@ -339,13 +456,26 @@ SENTENCES = (
 )
 
 OPENERS = (
-    "Sure!", "Great question.", "Happy to help.", "Here is a short explanation.", "Of course.",
-    "Good question, and a common one.", "Let me break it down.", "", "", "",
+    "Sure!",
+    "Great question.",
+    "Happy to help.",
+    "Here is a short explanation.",
+    "Of course.",
+    "Good question, and a common one.",
+    "Let me break it down.",
+    "",
+    "",
+    "",
 )
 
 CLOSERS = (
-    "Let me know if you want more detail on any part.", "I hope this helps!",
-    "Feel free to ask a follow-up question.", "", "", "", "Good luck!",
+    "Let me know if you want more detail on any part.",
+    "I hope this helps!",
+    "Feel free to ask a follow-up question.",
+    "",
+    "",
+    "",
+    "Good luck!",
 )
 
 SYSTEM_PROMPTS = (
@@ -369,24 +499,103 @@ BAD_REPLIES = (
 )
 
 NAMES = (
-    "Maria", "James", "Aisha", "Chen", "Lucas", "Priya", "Tomas", "Fatima", "Noah", "Yuki", "Olga", "Mateo",
-    "Grace", "Ahmed", "Sofia", "Kwame", "Elena", "Ravi", "Hannah", "Diego", "Mei", "Samuel", "Leila", "Oscar",
+    "Maria",
+    "James",
+    "Aisha",
+    "Chen",
+    "Lucas",
+    "Priya",
+    "Tomas",
+    "Fatima",
+    "Noah",
+    "Yuki",
+    "Olga",
+    "Mateo",
+    "Grace",
+    "Ahmed",
+    "Sofia",
+    "Kwame",
+    "Elena",
+    "Ravi",
+    "Hannah",
+    "Diego",
+    "Mei",
+    "Samuel",
+    "Leila",
+    "Oscar",
 )
 
 NEAR_DUP_SUBS = {
-    "good": "great", "great": "good", "important": "essential", "usually": "often", "often": "usually",
-    "start": "begin", "small": "little", "big": "large", "large": "big", "help": "assist", "helps": "assists",
-    "easier": "simpler", "useful": "handy", "first": "initial", "problems": "issues", "mistakes": "errors",
-    "think": "believe", "each": "every", "every": "each", "look": "check", "check": "verify", "people": "folks",
-    "the": "a", "a": "the", "total": "overall", "more": "additional", "same": "identical", "then": "next",
-    "also": "too", "after": "following", "steady": "constant", "new": "fresh", "when": "whenever",
-    "key": "main", "main": "key", "short": "brief", "simple": "plain", "quick": "fast", "clear": "plain",
-    "real": "actual", "hardest": "toughest", "practical": "useful", "common": "frequent", "explain": "describe",
-    "describe": "explain", "know": "understand", "give": "provide", "example": "instance", "later": "afterwards",
-    "subtle": "hidden", "buys": "purchases", "gives": "hands", "makes": "produces",
-    "equal": "even", "extra": "spare", "wants": "plans", "still": "yet", "so": "thus",
-    "but": "yet", "rather": "instead", "place": "spot", "habit": "practice", "part": "piece", "this": "that",
-    "that": "this", "these": "those", "idea": "notion", "ideas": "notions", "sure": "certain", "tips": "hints",
+    "good": "great",
+    "great": "good",
+    "important": "essential",
+    "usually": "often",
+    "often": "usually",
+    "start": "begin",
+    "small": "little",
+    "big": "large",
+    "large": "big",
+    "help": "assist",
+    "helps": "assists",
+    "easier": "simpler",
+    "useful": "handy",
+    "first": "initial",
+    "problems": "issues",
+    "mistakes": "errors",
+    "think": "believe",
+    "each": "every",
+    "every": "each",
+    "look": "check",
+    "check": "verify",
+    "people": "folks",
+    "the": "a",
+    "a": "the",
+    "total": "overall",
+    "more": "additional",
+    "same": "identical",
+    "then": "next",
+    "also": "too",
+    "after": "following",
+    "steady": "constant",
+    "new": "fresh",
+    "when": "whenever",
+    "key": "main",
+    "main": "key",
+    "short": "brief",
+    "simple": "plain",
+    "quick": "fast",
+    "clear": "plain",
+    "real": "actual",
+    "hardest": "toughest",
+    "practical": "useful",
+    "common": "frequent",
+    "explain": "describe",
+    "describe": "explain",
+    "know": "understand",
+    "give": "provide",
+    "example": "instance",
+    "later": "afterwards",
+    "subtle": "hidden",
+    "buys": "purchases",
+    "gives": "hands",
+    "makes": "produces",
+    "equal": "even",
+    "extra": "spare",
+    "wants": "plans",
+    "still": "yet",
+    "so": "thus",
+    "but": "yet",
+    "rather": "instead",
+    "place": "spot",
+    "habit": "practice",
+    "part": "piece",
+    "this": "that",
+    "that": "this",
+    "these": "those",
+    "idea": "notion",
+    "ideas": "notions",
+    "sure": "certain",
+    "tips": "hints",
 }
 PHRASE_BANK = (
     "in most cases this is what people notice when they try it for the first time",
@@ -422,8 +631,15 @@ class SourceBuild:
     # near duplicates: (dup key, original key, edited words, total words, 5-gram Jaccard)
     near: list[tuple[str, str, int, int, float]] = field(default_factory=list)
 
-    def add(self, payload: Any, *, key: str | None = None, raw: bytes | None = None, reason: str | None = None,
-            note: str = "") -> Entry:
+    def add(
+        self,
+        payload: Any,
+        *,
+        key: str | None = None,
+        raw: bytes | None = None,
+        reason: str | None = None,
+        note: str = "",
+    ) -> Entry:
         """Append a row and return it."""
         entry = Entry(key or f"{self.spec.name}#{len(self.entries)}", payload, raw, reason, note)
         self.entries.append(entry)
@@ -476,9 +692,15 @@ class ChatWriter:
         term, term2 = rng.sample(topic["terms"], 2)
         audience = rng.choice(AUDIENCES)
         return {
-            "topic": topic["name"], "Topic": topic["name"][0].upper() + topic["name"][1:], "term": term,
-            "term2": term2, "example": rng.choice(topic["examples"]), "metaphor": rng.choice(METAPHORS),
-            "audience": audience, "audience_bare": audience, "area": topic["area"],
+            "topic": topic["name"],
+            "Topic": topic["name"][0].upper() + topic["name"][1:],
+            "term": term,
+            "term2": term2,
+            "example": rng.choice(topic["examples"]),
+            "metaphor": rng.choice(METAPHORS),
+            "audience": audience,
+            "audience_bare": audience,
+            "area": topic["area"],
         }
 
     def user_prompt(self, s: dict[str, str]) -> str:
@@ -586,8 +808,9 @@ def _near_dup_texts(rng: random.Random, texts: list[str], lo: float = 0.05, hi: 
     shingle level. Returns the edited texts and the number of edited words; word counts stay the same.
     """
     split = [re.split(r"(\s+)", t) for t in texts]
-    positions = [(i, j) for i, parts in enumerate(split) for j, w in enumerate(parts)
-                 if j % 2 == 0 and _WORD_RE.match(w)]
+    positions = [
+        (i, j) for i, parts in enumerate(split) for j, w in enumerate(parts) if j % 2 == 0 and _WORD_RE.match(w)
+    ]
     total = sum(_words(t) for t in texts)
     k = max(math.ceil(total * lo), round(total * rng.uniform(lo, hi)))
     k = min(k, len(positions), math.floor(total * 0.15))
@@ -596,8 +819,7 @@ def _near_dup_texts(rng: random.Random, texts: list[str], lo: float = 0.05, hi: 
     runs = [k] if k < 8 else [k // 2, k - k // 2]
     chosen: list[tuple[int, int]] = []
     for length in runs:
-        free = [s for s in range(len(positions) - length + 1)
-                if not set(positions[s : s + length]) & set(chosen)]
+        free = [s for s in range(len(positions) - length + 1) if not set(positions[s : s + length]) & set(chosen)]
         start = rng.choice(free)
         chosen += positions[start : start + length]
     phrase = rng.choice(PHRASE_BANK).split()
@@ -626,126 +848,169 @@ def _gsm8k_problem(rng: random.Random) -> tuple[str, list[str], int]:
         item = rng.choice(["pencils", "stickers", "marbles", "cookies", "seashells", "trading cards"])
         a, b, c = rng.randint(3, 15), rng.randint(4, 24), rng.randint(2, 20)
         c = min(c, a * b - 1)
-        q = rng.choice([
-            f"{name} buys {a} packs of {item}. Each pack has {b} {item}. {name} gives {c} {item} to {other}. "
-            f"How many {item} does {name} have left?",
-            f"There are {b} {item} in every pack, and {name} bought {a} packs. After giving {other} {c} of them, "
-            f"how many {item} remain?",
-        ])
-        sol = [f"{name} bought {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.",
-               f"After giving away {c}, {name} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} {item}."]
+        q = rng.choice(
+            [
+                f"{name} buys {a} packs of {item}. Each pack has {b} {item}. {name} gives {c} {item} to {other}. "
+                f"How many {item} does {name} have left?",
+                f"There are {b} {item} in every pack, and {name} bought {a} packs. After giving {other} {c} of them, "
+                f"how many {item} remain?",
+            ]
+        )
+        sol = [
+            f"{name} bought {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.",
+            f"After giving away {c}, {name} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} {item}.",
+        ]
         return q, sol, a * b - c
     if family == 1:
         a, h, d = rng.randint(12, 95), rng.randint(6, 12), rng.randint(5, 30)
         thing = rng.choice(["widgets", "bottles", "bolts", "toy cars", "loaves of bread", "T-shirts"])
-        q = rng.choice([
-            f"A factory makes {a} {thing} per hour. It runs {h} hours a day. "
-            f"How many {thing} does it make in {d} days?",
-            f"{name}'s workshop produces {a} {thing} every hour and operates {h} hours each day. "
-            f"How many {thing} are produced over {d} days?",
-        ])
+        q = rng.choice(
+            [
+                f"A factory makes {a} {thing} per hour. It runs {h} hours a day. "
+                f"How many {thing} does it make in {d} days?",
+                f"{name}'s workshop produces {a} {thing} every hour and operates {h} hours each day. "
+                f"How many {thing} are produced over {d} days?",
+            ]
+        )
         per_day = a * h
-        sol = [f"Each day it makes {a} * {h} = <<{a}*{h}={per_day}>>{per_day} {thing}.",
-               f"In {d} days that is {per_day} * {d} = <<{per_day}*{d}={per_day * d}>>{per_day * d} {thing}."]
+        sol = [
+            f"Each day it makes {a} * {h} = <<{a}*{h}={per_day}>>{per_day} {thing}.",
+            f"In {d} days that is {per_day} * {d} = <<{per_day}*{d}={per_day * d}>>{per_day * d} {thing}.",
+        ]
         return q, sol, per_day * d
     if family == 2:
         p, n, cost = rng.randint(3, 25), rng.randint(20, 200), rng.randint(50, 900)
         thing = rng.choice(["lemonade cups", "handmade candles", "bracelets", "cupcakes", "notebooks"])
-        q = rng.choice([
-            f"{name} sells {thing} for ${p} each. This month {name} sold {n} of them and spent ${cost} on supplies. "
-            f"What was {name}'s profit?",
-            f"At a market, {name} sold {n} {thing} at ${p} apiece. Supplies cost ${cost}. How much profit did "
-            f"{name} make?",
-        ])
+        q = rng.choice(
+            [
+                f"{name} sells {thing} for ${p} each. "
+                f"This month {name} sold {n} of them and spent ${cost} on supplies. "
+                f"What was {name}'s profit?",
+                f"At a market, {name} sold {n} {thing} at ${p} apiece. Supplies cost ${cost}. How much profit did "
+                f"{name} make?",
+            ]
+        )
         rev = p * n
-        sol = [f"Revenue was {n} * {p} = <<{n}*{p}={rev}>>{rev} dollars.",
-               f"Profit is {rev} - {cost} = <<{rev}-{cost}={rev - cost}>>{rev - cost} dollars."]
+        sol = [
+            f"Revenue was {n} * {p} = <<{n}*{p}={rev}>>{rev} dollars.",
+            f"Profit is {rev} - {cost} = <<{rev}-{cost}={rev - cost}>>{rev - cost} dollars.",
+        ]
         return q, sol, rev - cost
     if family == 3:
         speed, t1, t2 = rng.randint(30, 75), rng.randint(2, 6), rng.randint(1, 5)
-        q = rng.choice([
-            f"{name} drives at {speed} miles per hour for {t1} hours, stops for lunch, then drives {t2} more hours "
-            f"at the same speed. How many miles does {name} drive in total?",
-            f"A train travels at a steady {speed} miles per hour. It runs for {t1} hours, waits at a station, and "
-            f"runs for another {t2} hours. What total distance does it cover?",
-        ])
+        q = rng.choice(
+            [
+                f"{name} drives at {speed} miles per hour for {t1} hours, stops for lunch, then drives {t2} more hours "
+                f"at the same speed. How many miles does {name} drive in total?",
+                f"A train travels at a steady {speed} miles per hour. It runs for {t1} hours, waits at a station, and "
+                f"runs for another {t2} hours. What total distance does it cover?",
+            ]
+        )
         d1, d2 = speed * t1, speed * t2
-        sol = [f"First leg: {speed} * {t1} = <<{speed}*{t1}={d1}>>{d1} miles.",
-               f"Second leg: {speed} * {t2} = <<{speed}*{t2}={d2}>>{d2} miles.",
-               f"Total: {d1} + {d2} = <<{d1}+{d2}={d1 + d2}>>{d1 + d2} miles."]
+        sol = [
+            f"First leg: {speed} * {t1} = <<{speed}*{t1}={d1}>>{d1} miles.",
+            f"Second leg: {speed} * {t2} = <<{speed}*{t2}={d2}>>{d2} miles.",
+            f"Total: {d1} + {d2} = <<{d1}+{d2}={d1 + d2}>>{d1 + d2} miles.",
+        ]
         return q, sol, d1 + d2
     if family == 4:
         total, pct = rng.randint(4, 60) * 20, rng.choice([10, 15, 20, 25, 30, 40, 50, 75])
         spent = total * pct // 100
-        q = rng.choice([
-            f"{name} has ${total} saved. {name} spends {pct}% of it on a new bike. How much money is left?",
-            f"Out of a ${total} budget, {pct}% goes to rent for the club room. How many dollars remain for "
-            f"everything else?",
-        ])
-        sol = [f"{pct}% of {total} is {total} * {pct} / 100 = <<{total}*{pct}/100={spent}>>{spent} dollars.",
-               f"Left over: {total} - {spent} = <<{total}-{spent}={total - spent}>>{total - spent} dollars."]
+        q = rng.choice(
+            [
+                f"{name} has ${total} saved. {name} spends {pct}% of it on a new bike. How much money is left?",
+                f"Out of a ${total} budget, {pct}% goes to rent for the club room. How many dollars remain for "
+                f"everything else?",
+            ]
+        )
+        sol = [
+            f"{pct}% of {total} is {total} * {pct} / 100 = <<{total}*{pct}/100={spent}>>{spent} dollars.",
+            f"Left over: {total} - {spent} = <<{total}-{spent}={total - spent}>>{total - spent} dollars.",
+        ]
         return q, sol, total - spent
     if family == 5:
         rows, per_row, broken = rng.randint(6, 40), rng.randint(8, 45), rng.randint(1, 30)
-        q = rng.choice([
-            f"A theater has {rows} rows with {per_row} seats in each row. {broken} seats are broken. "
-            f"How many seats can be used?",
-            f"An orchard has {rows} rows of trees with {per_row} trees per row. A storm knocked down {broken} trees. "
-            f"How many trees are still standing?",
-        ])
+        q = rng.choice(
+            [
+                f"A theater has {rows} rows with {per_row} seats in each row. {broken} seats are broken. "
+                f"How many seats can be used?",
+                f"An orchard has {rows} rows of trees with {per_row} trees per row. "
+                f"A storm knocked down {broken} trees. "
+                f"How many trees are still standing?",
+            ]
+        )
         t = rows * per_row
-        sol = [f"There are {rows} * {per_row} = <<{rows}*{per_row}={t}>>{t} in total.",
-               f"Subtracting {broken} gives {t} - {broken} = <<{t}-{broken}={t - broken}>>{t - broken}."]
+        sol = [
+            f"There are {rows} * {per_row} = <<{rows}*{per_row}={t}>>{t} in total.",
+            f"Subtracting {broken} gives {t} - {broken} = <<{t}-{broken}={t - broken}>>{t - broken}.",
+        ]
         return q, sol, t - broken
     if family == 6:
         weekly, weeks, bonus = rng.randint(15, 400), rng.randint(4, 52), rng.randint(10, 500)
-        q = rng.choice([
-            f"{name} earns ${weekly} a week walking dogs. After {weeks} weeks, {name} also gets a ${bonus} bonus. "
-            f"How much did {name} earn altogether?",
-            f"{name} saves ${weekly} every week for {weeks} weeks, and {other} adds a gift of ${bonus}. "
-            f"How much money does {name} have now?",
-        ])
+        q = rng.choice(
+            [
+                f"{name} earns ${weekly} a week walking dogs. After {weeks} weeks, {name} also gets a ${bonus} bonus. "
+                f"How much did {name} earn altogether?",
+                f"{name} saves ${weekly} every week for {weeks} weeks, and {other} adds a gift of ${bonus}. "
+                f"How much money does {name} have now?",
+            ]
+        )
         w = weekly * weeks
-        sol = [f"Weekly amounts: {weekly} * {weeks} = <<{weekly}*{weeks}={w}>>{w} dollars.",
-               f"With the extra {bonus}: {w} + {bonus} = <<{w}+{bonus}={w + bonus}>>{w + bonus} dollars."]
+        sol = [
+            f"Weekly amounts: {weekly} * {weeks} = <<{weekly}*{weeks}={w}>>{w} dollars.",
+            f"With the extra {bonus}: {w} + {bonus} = <<{w}+{bonus}={w + bonus}>>{w + bonus} dollars.",
+        ]
         return q, sol, w + bonus
     if family == 7:
         groups, each = rng.randint(3, 12), rng.randint(3, 15)
         left = rng.randint(1, groups - 1)
         total = groups * each + left
         thing = rng.choice(["students", "apples", "books", "chairs", "volunteers"])
-        q = rng.choice([
-            f"{name} has {total} {thing} and wants to split them into {groups} equal groups. How many {thing} "
-            f"go in each group if the {left} extra are set aside?",
-            f"There are {total} {thing}. After setting aside {left}, the rest are shared equally among {groups} "
-            f"teams. How many does each team get?",
-        ])
+        q = rng.choice(
+            [
+                f"{name} has {total} {thing} and wants to split them into {groups} equal groups. How many {thing} "
+                f"go in each group if the {left} extra are set aside?",
+                f"There are {total} {thing}. After setting aside {left}, the rest are shared equally among {groups} "
+                f"teams. How many does each team get?",
+            ]
+        )
         rest = total - left
-        sol = [f"After setting aside {left}, there are {total} - {left} = <<{total}-{left}={rest}>>{rest}.",
-               f"Each group gets {rest} / {groups} = <<{rest}/{groups}={each}>>{each}."]
+        sol = [
+            f"After setting aside {left}, there are {total} - {left} = <<{total}-{left}={rest}>>{rest}.",
+            f"Each group gets {rest} / {groups} = <<{rest}/{groups}={each}>>{each}.",
+        ]
         return q, sol, each
     if family == 8:
         length, width, price = rng.randint(8, 40), rng.randint(6, 30), rng.randint(2, 12)
-        q = rng.choice([
-            f"A rectangular garden is {length} feet long and {width} feet wide. Sod costs ${price} per square foot. "
-            f"How much does it cost to cover the garden?",
-            f"{name} is tiling a floor that measures {length} feet by {width} feet. Tiles cost ${price} per square "
-            f"foot. What is the total cost of the tiles?",
-        ])
+        q = rng.choice(
+            [
+                f"A rectangular garden is {length} feet long and {width} feet wide. "
+                f"Sod costs ${price} per square foot. "
+                f"How much does it cost to cover the garden?",
+                f"{name} is tiling a floor that measures {length} feet by {width} feet. Tiles cost ${price} per square "
+                f"foot. What is the total cost of the tiles?",
+            ]
+        )
         area = length * width
-        sol = [f"The area is {length} * {width} = <<{length}*{width}={area}>>{area} square feet.",
-               f"The cost is {area} * {price} = <<{area}*{price}={area * price}>>{area * price} dollars."]
+        sol = [
+            f"The area is {length} * {width} = <<{length}*{width}={area}>>{area} square feet.",
+            f"The cost is {area} * {price} = <<{area}*{price}={area * price}>>{area * price} dollars.",
+        ]
         return q, sol, area * price
     age, diff, years = rng.randint(5, 30), rng.randint(2, 30), rng.randint(2, 20)
-    q = rng.choice([
-        f"{name} is {age} years old. {other} is {diff} years older than {name}. How old will {other} be in "
-        f"{years} years?",
-        f"{other} is {diff} years older than {name}, who is {age}. What will {other}'s age be {years} years "
-        f"from now?",
-    ])
+    q = rng.choice(
+        [
+            f"{name} is {age} years old. {other} is {diff} years older than {name}. How old will {other} be in "
+            f"{years} years?",
+            f"{other} is {diff} years older than {name}, who is {age}. What will {other}'s age be {years} years "
+            f"from now?",
+        ]
+    )
     o = age + diff
-    sol = [f"{other} is now {age} + {diff} = <<{age}+{diff}={o}>>{o} years old.",
-           f"In {years} years {other} will be {o} + {years} = <<{o}+{years}={o + years}>>{o + years}."]
+    sol = [
+        f"{other} is now {age} + {diff} = <<{age}+{diff}={o}>>{o} years old.",
+        f"In {years} years {other} will be {o} + {years} = <<{o}+{years}={o + years}>>{o + years}.",
+    ]
     return q, sol, o + years
 
 
@@ -764,8 +1029,7 @@ def _math_problem(rng: random.Random) -> tuple[str, str, str, str, str]:
         a, b, c = rng.randint(2, 12), rng.randint(-20, 20), rng.randint(-40, 60)
         x = Fraction(c - b, a)
         prob = f"Solve for $x$: ${a}x {'+' if b >= 0 else '-'} {abs(b)} = {c}$."
-        sol = (f"Subtract {b} from both sides to get ${a}x = {c - b}$. Dividing by ${a}$ gives "
-               f"$x = {_tex(x)}$.")
+        sol = f"Subtract {b} from both sides to get ${a}x = {c - b}$. Dividing by ${a}$ gives $x = {_tex(x)}$."
         return prob, sol, _tex(x), f"Level {1 if x.denominator == 1 else 2}", "Algebra"
     if family == 1:
         r1, r2 = rng.randint(-9, 12), rng.randint(-9, 12)
@@ -775,8 +1039,10 @@ def _math_problem(rng: random.Random) -> tuple[str, str, str, str, str]:
         sign_p = "+" if p >= 0 else "-"
         prob = f"What is the {which} of the roots of $x^2 {sign_s} {abs(s)}x {sign_p} {abs(p)} = 0$?"
         ans = s if which == "sum" else p
-        sol = (f"By Vieta's formulas, for $x^2 + bx + c = 0$ the sum of the roots is $-b$ and the product is $c$. "
-               f"Here the {which} is ${ans}$.")
+        sol = (
+            f"By Vieta's formulas, for $x^2 + bx + c = 0$ the sum of the roots is $-b$ and the product is $c$. "
+            f"Here the {which} is ${ans}$."
+        )
         return prob, sol, str(ans), "Level 3", "Algebra"
     if family == 2:
         n, m = rng.randint(100, 99999), rng.randint(3, 29)
@@ -794,10 +1060,12 @@ def _math_problem(rng: random.Random) -> tuple[str, str, str, str, str]:
     if family == 4:
         n = rng.randint(5, 16)
         k = rng.randint(2, min(6, n - 1))
-        prob = rng.choice([
-            f"In how many ways can a committee of {k} people be chosen from a group of {n} people?",
-            f"How many different {k}-element subsets does a set with {n} elements have?",
-        ])
+        prob = rng.choice(
+            [
+                f"In how many ways can a committee of {k} people be chosen from a group of {n} people?",
+                f"How many different {k}-element subsets does a set with {n} elements have?",
+            ]
+        )
         ans = math.comb(n, k)
         sol = f"Order does not matter, so the count is $\\binom{{{n}}}{{{k}}} = {ans}$."
         return prob, sol, str(ans), f"Level {3 if n < 10 else 4}", "Counting & Probability"
@@ -806,8 +1074,10 @@ def _math_problem(rng: random.Random) -> tuple[str, str, str, str, str]:
         ways = sum(1 for i in range(1, 7) for j in range(1, 7) if i + j == target)
         p = Fraction(ways, 36)
         prob = f"Two fair six-sided dice are rolled. What is the probability that the sum of the numbers is {target}?"
-        sol = (f"There are $36$ equally likely outcomes, and ${ways}$ of them sum to ${target}$, so the probability "
-               f"is $\\frac{{{ways}}}{{36}} = {_tex(p)}$.")
+        sol = (
+            f"There are $36$ equally likely outcomes, and ${ways}$ of them sum to ${target}$, so the probability "
+            f"is $\\frac{{{ways}}}{{36}} = {_tex(p)}$."
+        )
         return prob, sol, _tex(p), "Level 3", "Counting & Probability"
     if family == 6:
         base = rng.choice([(3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29)])
@@ -940,8 +1210,15 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
         texts, k = _near_dup_texts(rng, [m["content"] for m in orig.payload["messages"]])
         conv = [{"role": m["role"], "content": t} for m, t in zip(orig.payload["messages"], texts, strict=True)]
         dup = msg_b.add({"messages": conv}, note="near_dup")
-        msg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts),
-                           shingle_jaccard([m["content"] for m in orig.payload["messages"]], texts)))
+        msg_b.near.append(
+            (
+                dup.key,
+                orig.key,
+                k,
+                sum(_words(t) for t in texts),
+                shingle_jaccard([m["content"] for m in orig.payload["messages"]], texts),
+            )
+        )
     good = cw.conversation()
     msg_b.add(None, raw=_truncate({"messages": good}, rng), reason="bad_json")
     bad = json.dumps({"messages": cw.conversation()}, ensure_ascii=False)
@@ -974,11 +1251,16 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
         orig = clean[idx]
         turns = orig.payload["conversations"]
         texts, k = _near_dup_texts(rng, [t["value"] for t in turns])
-        dup = sg_b.add({"id": f"sg_n{j:04d}",
-                        "conversations": [{"from": t["from"], "value": v} for t, v in zip(turns, texts, strict=True)]},
-                       note="near_dup")
-        sg_b.near.append((dup.key, orig.key, k, sum(_words(t) for t in texts),
-                          shingle_jaccard([t["value"] for t in turns], texts)))
+        dup = sg_b.add(
+            {
+                "id": f"sg_n{j:04d}",
+                "conversations": [{"from": t["from"], "value": v} for t, v in zip(turns, texts, strict=True)],
+            },
+            note="near_dup",
+        )
+        sg_b.near.append(
+            (dup.key, orig.key, k, sum(_words(t) for t in texts), shingle_jaccard([t["value"] for t in turns], texts))
+        )
     rec = _sharegpt(cw.conversation(), "sg_bad0")
     rec["conversations"].insert(-2, {"from": "narrator", "value": "The assistant pauses to think."})
     sg_b.add(rec, reason="unknown_role", note="from 'narrator'")
@@ -1006,10 +1288,20 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
     return msg_b, sg_b, al_b
 
 
-REVIEW_POS = ("absolutely loved it", "works perfectly and arrived early", "best purchase I made this year",
-              "friendly staff and great food", "easy to set up and very reliable")
-REVIEW_NEG = ("broke after two days", "the worst service I have had", "arrived late and damaged",
-              "way too expensive for what it is", "confusing instructions and poor support")
+REVIEW_POS = (
+    "absolutely loved it",
+    "works perfectly and arrived early",
+    "best purchase I made this year",
+    "friendly staff and great food",
+    "easy to set up and very reliable",
+)
+REVIEW_NEG = (
+    "broke after two days",
+    "the worst service I have had",
+    "arrived late and damaged",
+    "way too expensive for what it is",
+    "confusing instructions and poor support",
+)
 REVIEW_ITEMS = ("blender", "hotel", "headphones", "restaurant", "backpack", "laptop stand", "coffee maker", "bike")
 
 
@@ -1018,39 +1310,60 @@ def _alpaca_row(rng: random.Random, cw: ChatWriter) -> dict[str, str]:
     task = rng.randrange(7)
     if task == 0:
         s = cw.slots()
-        return {"instruction": f"Give {rng.randint(3, 5)} tips for {s['topic']}.", "input": "",
-                "output": "\n".join(f"{i}. {c}" for i, c in enumerate(cw.sentences(s, rng.randint(3, 5)), 1))}
+        return {
+            "instruction": f"Give {rng.randint(3, 5)} tips for {s['topic']}.",
+            "input": "",
+            "output": "\n".join(f"{i}. {c}" for i, c in enumerate(cw.sentences(s, rng.randint(3, 5)), 1)),
+        }
     if task == 1:
         s = cw.slots()
-        return {"instruction": f"Explain {s['term']} to {s['audience']}.", "input": f"Context: {s['topic']}",
-                "output": cw.reply(s, rng.randint(2, 4), style="paragraph")}
+        return {
+            "instruction": f"Explain {s['term']} to {s['audience']}.",
+            "input": f"Context: {s['topic']}",
+            "output": cw.reply(s, rng.randint(2, 4), style="paragraph"),
+        }
     if task == 2:
         positive = rng.random() < 0.5
         text = f"The {rng.choice(REVIEW_ITEMS)}: {rng.choice(REVIEW_POS if positive else REVIEW_NEG)}."
         if rng.random() < 0.5:
             text += f" Rated {rng.randint(4, 5) if positive else rng.randint(1, 2)} out of 5."
-        return {"instruction": "Classify the sentiment of the following review as Positive or Negative.",
-                "input": text, "output": "Positive" if positive else "Negative"}
+        return {
+            "instruction": "Classify the sentiment of the following review as Positive or Negative.",
+            "input": text,
+            "output": "Positive" if positive else "Negative",
+        }
     if task == 3:
         c = rng.randint(-30, 45)
         f = c * 9 / 5 + 32
-        return {"instruction": "Convert the temperature from Celsius to Fahrenheit.", "input": f"{c} degrees Celsius",
-                "output": f"{c} degrees Celsius is {f:g} degrees Fahrenheit, since F = C * 9/5 + 32."}
+        return {
+            "instruction": "Convert the temperature from Celsius to Fahrenheit.",
+            "input": f"{c} degrees Celsius",
+            "output": f"{c} degrees Celsius is {f:g} degrees Fahrenheit, since F = C * 9/5 + 32.",
+        }
     if task == 4:
         nums = rng.sample(range(-50, 500), rng.randint(4, 9))
         order = rng.choice(["ascending", "descending"])
         out = sorted(nums, reverse=order == "descending")
-        return {"instruction": f"Sort the following numbers in {order} order.",
-                "input": ", ".join(map(str, nums)), "output": ", ".join(map(str, out))}
+        return {
+            "instruction": f"Sort the following numbers in {order} order.",
+            "input": ", ".join(map(str, nums)),
+            "output": ", ".join(map(str, out)),
+        }
     if task == 5:
         s = cw.slots()
         paragraph = " ".join(cw.sentences(s, rng.randint(4, 6)))
-        return {"instruction": "Summarize the following paragraph in one sentence.", "input": paragraph,
-                "output": f"The paragraph explains that {s['topic']} depends on {s['term']} and {s['term2']}."}
+        return {
+            "instruction": "Summarize the following paragraph in one sentence.",
+            "input": paragraph,
+            "output": f"The paragraph explains that {s['topic']} depends on {s['term']} and {s['term2']}.",
+        }
     s = cw.slots()
-    return {"instruction": f"Write a short title for an article about {s['term']} in {s['topic']}.", "input": "",
-            "output": rng.choice(["Understanding", "A Guide to", "Getting Started with", "Rethinking", "Why We Need"])
-            + f" {s['term'][0].upper() + s['term'][1:]}"}
+    return {
+        "instruction": f"Write a short title for an article about {s['term']} in {s['topic']}.",
+        "input": "",
+        "output": rng.choice(["Understanding", "A Guide to", "Getting Started with", "Rethinking", "Why We Need"])
+        + f" {s['term'][0].upper() + s['term'][1:]}",
+    }
 
 
 def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceBuild]:
@@ -1074,8 +1387,15 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         orig = clean[idx].payload
         texts, k = _near_dup_texts(rng, [orig["prompt"], orig["chosen"], orig["rejected"]])
         dup = ex_b.add(dict(zip(("prompt", "chosen", "rejected"), texts, strict=True)), note="near_dup")
-        ex_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts),
-                          shingle_jaccard([orig["prompt"], orig["chosen"], orig["rejected"]], texts)))
+        ex_b.near.append(
+            (
+                dup.key,
+                clean[idx].key,
+                k,
+                sum(_words(t) for t in texts),
+                shingle_jaccard([orig["prompt"], orig["chosen"], orig["rejected"]], texts),
+            )
+        )
     p, c, r = pair(cw, True)
     ex_b.add(None, raw=_truncate({"prompt": p, "chosen": c, "rejected": r}, rng), reason="bad_json")
     p, c, r = pair(cw, True)
@@ -1090,8 +1410,10 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
     cw = ChatWriter(rng)
 
     def implicit(prefix: list[dict[str, str]], c: str, r: str) -> dict[str, Any]:
-        return {"chosen": [*prefix, {"role": "assistant", "content": c}],
-                "rejected": [*prefix, {"role": "assistant", "content": r}]}
+        return {
+            "chosen": [*prefix, {"role": "assistant", "content": c}],
+            "rejected": [*prefix, {"role": "assistant", "content": r}],
+        }
 
     def implicit_row(longer: bool) -> dict[str, Any]:
         s = cw.slots()
@@ -1100,8 +1422,10 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
             prefix.append({"role": "system", "content": cw.system(s)})
         prefix.append({"role": "user", "content": cw.user_prompt(s)})
         if rng.random() < 0.35:
-            prefix += [{"role": "assistant", "content": cw.reply(s, rng.randint(1, 3))},
-                       {"role": "user", "content": cw.follow_up(s)}]
+            prefix += [
+                {"role": "assistant", "content": cw.reply(s, rng.randint(1, 3))},
+                {"role": "user", "content": cw.follow_up(s)},
+            ]
         return implicit(prefix, *_pref_pair(cw, s, longer))
 
     for longer in _flags(rng, 200, 100):
@@ -1109,8 +1433,10 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
     for idx in ex_cross:  # cross-source exact duplicates of trl explicit rows
         src = ex_b.entries[idx]
         pl = src.payload
-        dup = im_b.add(implicit([{"role": "user", "content": pl["prompt"]}], pl["chosen"], pl["rejected"]),
-                       note="exact_dup_of_trl_explicit")
+        dup = im_b.add(
+            implicit([{"role": "user", "content": pl["prompt"]}], pl["chosen"], pl["rejected"]),
+            note="exact_dup_of_trl_explicit",
+        )
         im_b.exact_groups.append(("cross_source", [src.key, dup.key]))
     for _ in range(2):
         row = implicit_row(rng.random() < 0.5)
@@ -1126,10 +1452,14 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         p, c, r = pair(cw, longer)
         sc = rng.choice([6.0, 7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0])
         sr = max(1.0, sc - rng.choice([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]))
-        return {"prompt": p, "prompt_id": hashlib.sha256(p.encode()).hexdigest(),
-                "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                "score_chosen": sc, "score_rejected": sr}
+        return {
+            "prompt": p,
+            "prompt_id": hashlib.sha256(p.encode()).hexdigest(),
+            "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+            "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+            "score_chosen": sc,
+            "score_rejected": sr,
+        }
 
     for longer in _flags(rng, 300, 270):
         uf_b.add(_unique(lambda lg=longer: uf_row(lg), seen))
@@ -1164,9 +1494,11 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         prefix, c, r = hh_row(rng.random() < 0.5)
         other = [*prefix]
         other[0] = ("user", other[0][1] + " " + cw.follow_up(cw.slots()))
-        hh_b.add({"chosen": transcript([*prefix, ("assistant", c)]),
-                  "rejected": transcript([*other, ("assistant", r)])},
-                 reason="pair_prefix_mismatch", note="first Human turn differs")
+        hh_b.add(
+            {"chosen": transcript([*prefix, ("assistant", c)]), "rejected": transcript([*other, ("assistant", r)])},
+            reason="pair_prefix_mismatch",
+            note="first Human turn differs",
+        )
     hh_b.add(None, raw=_truncate(hh_payload(*hh_row(True)), rng), reason="bad_json")
     hh_b.add(None, raw=_with_invalid_utf8(hh_payload(*hh_row(False)), "chosen"), reason="invalid_utf8")
     return ex_b, im_b, uf_b, hh_b
@@ -1194,8 +1526,15 @@ def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceB
         orig = clean[idx].payload
         texts, k = _near_dup_texts(rng, [orig["question"], orig["answer"]])
         dup = gs_b.add({"question": texts[0], "answer": texts[1]}, note="near_dup")
-        gs_b.near.append((dup.key, clean[idx].key, k, sum(_words(t) for t in texts),
-                          shingle_jaccard([orig["question"], orig["answer"]], texts)))
+        gs_b.near.append(
+            (
+                dup.key,
+                clean[idx].key,
+                k,
+                sum(_words(t) for t in texts),
+                shingle_jaccard([orig["question"], orig["answer"]], texts),
+            )
+        )
     contaminated: list[tuple[str, str]] = []
     for idx in rng.sample(range(60), 5):
         dup = gs_b.add(dict(ev_b.entries[idx].payload), note="copied_from_eval")
@@ -1207,17 +1546,22 @@ def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceB
     gs_b.add({"question": 12, "answer": row["answer"]}, reason="wrong_type", note="'question' is a number")
     for _ in range(2):
         q, sol, ans = pool.gsm8k(rng)
-        gs_b.add({"question": q, "answer": "\n".join(sol) + f"\nSo the answer is {ans}."},
-                 reason="missing_gold_answer", note="no '####' line")
+        gs_b.add(
+            {"question": q, "answer": "\n".join(sol) + f"\nSo the answer is {ans}."},
+            reason="missing_gold_answer",
+            note="no '####' line",
+        )
 
     rng = _rng(seed, ma_b.spec.name)
     for _ in range(200):
         prob, sol, ans, level, typ = pool.math(rng)
-        ma_b.add({"problem": prob, "solution": f"{sol} The answer is $\\boxed{{{ans}}}$.", "level": level,
-                  "type": typ})
+        ma_b.add({"problem": prob, "solution": f"{sol} The answer is $\\boxed{{{ans}}}$.", "level": level, "type": typ})
     prob, sol, ans, level, typ = pool.math(rng)
-    ma_b.add({"problem": prob, "solution": f"{sol} So the answer is ${ans}$.", "level": level, "type": typ},
-             reason="missing_gold_answer", note="no \\boxed{}")
+    ma_b.add(
+        {"problem": prob, "solution": f"{sol} So the answer is ${ans}$.", "level": level, "type": typ},
+        reason="missing_gold_answer",
+        note="no \\boxed{}",
+    )
     prob, _, _, level, typ = pool.math(rng)
     ma_b.add({"problem": prob, "level": level, "type": typ}, reason="missing_field", note="no 'solution'")
 
@@ -1230,9 +1574,15 @@ def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceB
         else:
             prob, _, truth, _, _ = pool.math(rng)
             src, content = "DigitalLearningGmbH/MATH-lighteval", prob + " Put your final answer within \\boxed{}."
-        ve_b.add({"data_source": src, "prompt": [{"role": "user", "content": content}], "ability": "math",
-                  "reward_model": {"style": "rule", "ground_truth": truth},
-                  "extra_info": {"index": i, "split": "train"}})
+        ve_b.add(
+            {
+                "data_source": src,
+                "prompt": [{"role": "user", "content": content}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": truth},
+                "extra_info": {"index": i, "split": "train"},
+            }
+        )
     return gs_b, ma_b, ve_b, ev_b, contaminated
 
 
@@ -1242,15 +1592,25 @@ def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceB
 _MSG_LIST = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 PARQUET_SCHEMAS: dict[str, pa.Schema] = {
     "demo_pref_trl_implicit": pa.schema([("chosen", _MSG_LIST), ("rejected", _MSG_LIST)]),
-    "demo_pref_ultrafeedback": pa.schema([
-        ("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", _MSG_LIST), ("rejected", _MSG_LIST),
-        ("score_chosen", pa.float64()), ("score_rejected", pa.float64()),
-    ]),
-    "demo_rl_verl": pa.schema([
-        ("data_source", pa.string()), ("prompt", _MSG_LIST), ("ability", pa.string()),
-        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-        ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
-    ]),
+    "demo_pref_ultrafeedback": pa.schema(
+        [
+            ("prompt", pa.string()),
+            ("prompt_id", pa.string()),
+            ("chosen", _MSG_LIST),
+            ("rejected", _MSG_LIST),
+            ("score_chosen", pa.float64()),
+            ("score_rejected", pa.float64()),
+        ]
+    ),
+    "demo_rl_verl": pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", _MSG_LIST),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+            ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
+        ]
+    ),
 }
 
 
@@ -1267,14 +1627,25 @@ def _write(build: SourceBuild, out_dir: Path) -> None:
     suffix = build.spec.path
     if suffix.endswith(".parquet"):
         table = pa.Table.from_pylist([e.payload for e in build.entries], schema=PARQUET_SCHEMAS[build.spec.name])
-        pq.write_table(table, path, compression="zstd", compression_level=3, use_dictionary=False,
-                       write_statistics=False, version="2.6", data_page_version="1.0", row_group_size=100_000)
+        pq.write_table(
+            table,
+            path,
+            compression="zstd",
+            compression_level=3,
+            use_dictionary=False,
+            write_statistics=False,
+            version="2.6",
+            data_page_version="1.0",
+            row_group_size=100_000,
+        )
     elif suffix.endswith(".json"):
         rows = [e.payload for e in build.entries]
         path.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     else:
-        lines = [e.raw if e.raw is not None else json.dumps(e.payload, ensure_ascii=False).encode("utf-8")
-                 for e in build.entries]
+        lines = [
+            e.raw if e.raw is not None else json.dumps(e.payload, ensure_ascii=False).encode("utf-8")
+            for e in build.entries
+        ]
         if not all(line.strip() and b"\n" not in line for line in lines):
             raise ValueError(f"{path}: a JSONL row is blank or spans lines")
         data = b"\n".join(lines) + b"\n"
@@ -1297,7 +1668,7 @@ def _registry_text(seed: int) -> str:
             f"    format: {s.format}",
             f"    regime: {s.regime}",
             f"    license: {s.license}",
-            f"    origin: \"generated by posttrain_assets.demo_data (seed {seed})\"",
+            f'    origin: "generated by posttrain_assets.demo_data (seed {seed})"',
             f"    kind: {s.kind}",
         ]
         if s.role:
@@ -1344,27 +1715,59 @@ def generate_demo_data(out_dir: Path, seed: int = 7) -> Path:
     manifest_sources: dict[str, Any] = {}
     pref_stats: dict[str, Any] = {}
     for b in builds:
-        malformed = sorted(({"file": b.spec.path, "row": i, "reason": e.reason, "note": e.note}
-                            for i, e in enumerate(b.entries) if e.reason), key=lambda m: m["row"])
+        malformed = sorted(
+            (
+                {"file": b.spec.path, "row": i, "reason": e.reason, "note": e.note}
+                for i, e in enumerate(b.entries)
+                if e.reason
+            ),
+            key=lambda m: m["row"],
+        )
         manifest_sources[b.spec.name] = {
-            "path": b.spec.path, "format": b.spec.format, "regime": b.spec.regime, "kind": b.spec.kind,
-            "license": b.spec.license, "role": b.spec.role or "train", "rows": len(b.entries),
-            "well_formed": len(b.entries) - len(malformed), "malformed": malformed,
+            "path": b.spec.path,
+            "format": b.spec.format,
+            "regime": b.spec.regime,
+            "kind": b.spec.kind,
+            "license": b.spec.license,
+            "role": b.spec.role or "train",
+            "rows": len(b.entries),
+            "well_formed": len(b.entries) - len(malformed),
+            "malformed": malformed,
         }
         if b.spec.regime == "preference":
             counts = [w for e in b.entries if (w := _final_reply_words(b, e)) is not None]
             longer = sum(1 for c, r in counts if c > r)
-            pref_stats[b.spec.name] = {"pairs": len(counts), "chosen_longer": longer,
-                                       "fraction": round(longer / len(counts), 4)}
+            pref_stats[b.spec.name] = {
+                "pairs": len(counts),
+                "chosen_longer": longer,
+                "fraction": round(longer / len(counts), 4),
+            }
 
-    exact = [{"kind": kind, "regime": b.spec.regime, "rows": sorted((ref(k) for k in keys),
-                                                                   key=lambda r: (r["source"], r["row"]))}
-             for b in builds for kind, keys in b.exact_groups]
-    near = [{**ref(dup), "of_row": where[orig][2], "edited_words": k, "total_words": total,
-             "fraction": round(k / total, 4), "jaccard_5gram": round(jac, 4)}
-            for b in builds for dup, orig, k, total, jac in b.near]
-    contam = [{**ref(dup), "eval_source": where[ev][0], "eval_file": where[ev][1], "eval_row": where[ev][2]}
-              for dup, ev in contaminated]
+    exact = [
+        {
+            "kind": kind,
+            "regime": b.spec.regime,
+            "rows": sorted((ref(k) for k in keys), key=lambda r: (r["source"], r["row"])),
+        }
+        for b in builds
+        for kind, keys in b.exact_groups
+    ]
+    near = [
+        {
+            **ref(dup),
+            "of_row": where[orig][2],
+            "edited_words": k,
+            "total_words": total,
+            "fraction": round(k / total, 4),
+            "jaccard_5gram": round(jac, 4),
+        }
+        for b in builds
+        for dup, orig, k, total, jac in b.near
+    ]
+    contam = [
+        {**ref(dup), "eval_source": where[ev][0], "eval_file": where[ev][1], "eval_row": where[ev][2]}
+        for dup, ev in contaminated
+    ]
     manifest = {
         "seed": seed,
         "registry": "sources.yaml",
@@ -1396,9 +1799,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in SOURCES:
         info = manifest["sources"][spec.name]
         print(f"{spec.name:26s} {info['path']:34s} rows={info['rows']:4d} malformed={len(info['malformed'])}")
-    print(f"total rows={manifest['total_rows']} malformed={manifest['total_malformed']} "
-          f"exact-dup groups={len(manifest['exact_duplicates'])} near-dups={len(manifest['near_duplicates'])} "
-          f"contaminated={len(manifest['contaminated'])}")
+    print(
+        f"total rows={manifest['total_rows']} malformed={manifest['total_malformed']} "
+        f"exact-dup groups={len(manifest['exact_duplicates'])} near-dups={len(manifest['near_duplicates'])} "
+        f"contaminated={len(manifest['contaminated'])}"
+    )
     print(f"registry: {registry}")
     return 0
 

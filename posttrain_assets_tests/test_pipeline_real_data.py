@@ -63,9 +63,7 @@ def test_every_bronze_row_lands_in_silver_eval_or_quarantine(real_graph: Graph) 
 
 
 def test_accounting_and_schema_checks_pass_when_called_directly(real_graph: Graph) -> None:
-    accounting = bronze_accounting_check(
-        duckdb=real_graph.duckdb_resource(), registry=real_graph.registry_resource()
-    )
+    accounting = bronze_accounting_check(duckdb=real_graph.duckdb_resource(), registry=real_graph.registry_resource())
     assert accounting.passed, accounting.description
     assert accounting.metadata["bronze_rows"].value == sum(README_ROWS.values())
     assert accounting.metadata["missing_rows"].value == 0
