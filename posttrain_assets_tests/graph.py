@@ -16,8 +16,7 @@ import pytest
 from posttrain_assets import pipeline
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.tables import fetch_dicts
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from posttrain_assets_tests.shared_data import SHARED_DATA
 
 REAL_REGISTRY = f"""
 sources:

@@ -18,8 +18,9 @@ import pytest
 from posttrain_assets.formats import ADAPTERS, Adapter, get_adapter
 from posttrain_assets.formats.adapters import last_boxed, parse_hh_transcript
 from posttrain_assets.schema import REASONS, CanonicalRecord, RecordError
+from posttrain_assets_tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def parse(name: str, row: Any, regime: str | None = None) -> CanonicalRecord:
@@ -673,10 +674,7 @@ def test_content_id() -> None:
 
 # ---------------------------------------------------------------------- real data
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
-
-@needs_data
 def test_real_fastchat_sharegpt() -> None:
     rows = json.loads((DATA / "fastchat" / "dummy_conversation.json").read_text(encoding="utf-8"))
     ok, bad = tally("sharegpt", rows)
@@ -698,7 +696,6 @@ def test_real_fastchat_sharegpt() -> None:
     assert len({rec.content_id() for rec in ok}) == 500  # openings repeat, but no two conversations are identical
 
 
-@needs_data
 def test_real_alpaca() -> None:
     rows = json.loads((DATA / "alpaca" / "alpaca_data_cleaned_1000.json").read_text(encoding="utf-8"))
     ok, bad = tally("alpaca", rows)
@@ -718,7 +715,6 @@ def test_real_alpaca() -> None:
     )
 
 
-@needs_data
 def test_real_gsm8k() -> None:
     train = read_jsonl(DATA / "gsm8k" / "train.jsonl")
     test = read_jsonl(DATA / "gsm8k" / "test.jsonl")
@@ -738,7 +734,6 @@ def test_real_gsm8k() -> None:
     assert all(rec.answer.lstrip("-").replace(".", "", 1).isdigit() for rec in train_ok + test_ok)
 
 
-@needs_data
 def test_real_hh_rlhf() -> None:
     rows = read_jsonl(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz")
     ok, bad = tally("hh_rlhf", rows)
