@@ -53,12 +53,49 @@ def describe(rejected: Rejected, file_path: str, row_number: int) -> str:
 
 @dataclass
 class SilverTables:
-    """Where each bronze row went: one of records, eval_records, quarantine or duplicates."""
+    """Where each bronze row went: one of records, eval_records, quarantine or duplicates.
+
+    ``bronze`` maps the id of every training row in records to the bronze row it came from, so a later
+    stage that removes a record can still quarantine it with its file, row and raw payload.
+    """
 
     records: list[dict[str, Any]]
     eval_records: list[dict[str, Any]]
     quarantine: list[dict[str, Any]]
     duplicates: list[dict[str, Any]]
+    bronze: dict[str, dict[str, Any]]
+
+
+PROVENANCE = ("source", "file_path", "row_number", "record_sha256")
+
+
+def quarantine_entry(
+    row: dict[str, Any], stage: str, reason: str, field: str | None, message: str, record_id: str | None = None
+) -> dict[str, Any]:
+    """A silver.quarantine row for bronze ``row``."""
+    return {
+        **{k: row[k] for k in PROVENANCE},
+        "id": record_id,
+        "stage": stage,
+        "reason": reason,
+        "field": field,
+        "message": message,
+        "payload": row["payload"],
+    }
+
+
+def duplicate_entry(
+    row: dict[str, Any], member_id: str, kept_id: str, method: str, similarity: float
+) -> dict[str, Any]:
+    """A silver.dedup_clusters row: bronze ``row`` (content ``member_id``) collapsed onto ``kept_id``."""
+    return {
+        "cluster_id": kept_id,
+        "kept_id": kept_id,
+        "member_id": member_id,
+        **{k: row[k] for k in PROVENANCE},
+        "method": method,
+        "similarity": similarity,
+    }
 
 
 def build_silver(bronze_rows: Iterable[dict[str, Any]], registry: Registry, created_at: CreatedAt) -> SilverTables:
@@ -70,39 +107,23 @@ def build_silver(bronze_rows: Iterable[dict[str, Any]], registry: Registry, crea
     Training and evaluation sources are deduplicated separately, so an eval
     question copied into training data stays visible to decontamination.
     """
-    out = SilverTables([], [], [], [])
-    kept: dict[tuple[str, str], str] = {}
+    out = SilverTables([], [], [], [], {})
+    kept: set[tuple[str, str]] = set()
     for row in bronze_rows:
         source = registry.get(row["source"])
-        provenance = {k: row[k] for k in ("source", "file_path", "row_number", "record_sha256")}
         result = parse_payload(row["payload"], row["decode_error"], source.format, source.regime)
         if isinstance(result, Rejected):
-            out.quarantine.append(
-                {
-                    **provenance,
-                    "stage": "canonical",
-                    "reason": result.reason,
-                    "field": result.field,
-                    "message": describe(result, row["file_path"], row["row_number"]),
-                    "payload": row["payload"],
-                }
-            )
+            message = describe(result, row["file_path"], row["row_number"])
+            out.quarantine.append(quarantine_entry(row, "canonical", result.reason, result.field, message))
             continue
         record_id = result.content_id()
         key = (source.role, record_id)
         if key in kept:
-            out.duplicates.append(
-                {
-                    "cluster_id": record_id,
-                    "kept_id": record_id,
-                    "member_id": record_id,
-                    **provenance,
-                    "method": "exact",
-                    "similarity": 1.0,
-                }
-            )
+            out.duplicates.append(duplicate_entry(row, record_id, record_id, "exact", 1.0))
             continue
-        kept[key] = record_id
+        kept.add(key)
+        if source.role != "eval":  # an eval row may share its id with a contaminated training copy
+            out.bronze[record_id] = row
         record = canonical_row(result, record_id, source, row, created_at(row["file_path"]))
         (out.eval_records if source.role == "eval" else out.records).append(record)
     return out

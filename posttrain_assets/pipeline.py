@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import dagster as dg
 import duckdb
@@ -44,12 +45,32 @@ def sync_source_partitions(instance: dg.DagsterInstance, names: Iterable[str]) -
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
+@dataclass
+class CheckVerdict:
+    check: str
+    passed: bool
+    description: str
+
+
+@dataclass
+class RunReport:
+    """What a full run did: every check's verdict, and the assets a failed blocking check held back."""
+
+    checks: list[CheckVerdict]
+    not_materialized: list[str]
+
+    @property
+    def failed_checks(self) -> list[CheckVerdict]:
+        return [c for c in self.checks if not c.passed]
+
+
 def run_all(
     instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None, *, verbose: bool = False
-) -> None:
+) -> RunReport:
     """Ingest every registry source into bronze, then rebuild silver and gold with every check.
 
-    Raises if any step fails or a blocking check fails (gold is then left as it was).
+    A failing blocking check is reported, not raised: the assets behind it keep their previous contents.
+    Any other failure (a step error) raises.
     """
     instance = instance or dg.DagsterInstance.get()
     definitions = definitions or load_definitions()
@@ -60,12 +81,28 @@ def run_all(
     for name in registry.names:
         ingest.execute_in_process(instance=instance, partition_key=name, run_config=run_config)
         print(f"ingested {name}")
-    result = definitions.resolve_job_def("refresh_corpus").execute_in_process(instance=instance, run_config=run_config)
-    for evaluation in result.get_asset_check_evaluations():
-        verdict = "passed" if evaluation.passed else "FAILED"
-        print(
-            f"check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} {verdict}: {evaluation.description}"
-        )
+    refresh = definitions.resolve_job_def("refresh_corpus")
+    result = refresh.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    checks = [
+        CheckVerdict(f"{e.asset_key.to_user_string()}:{e.check_name}", e.passed, e.description or "")
+        for e in result.get_asset_check_evaluations()
+    ]
+    failed_checks = {c.check for c in checks if not c.passed}
+    step_errors = [
+        e.step_key
+        for e in result.all_events
+        if e.is_step_failure and not (e.step_key and any(e.step_key.endswith(c.split(":")[1]) for c in failed_checks))
+    ]
+    if step_errors:
+        raise RuntimeError(f"refresh_corpus failed in steps {step_errors}; see the run in the Dagster UI")
+    done = {e.asset_key for e in result.get_asset_materialization_events()}
+    selected = refresh.asset_layer.executable_asset_keys if hasattr(refresh, "asset_layer") else set()
+    report = RunReport(checks, sorted(k.to_user_string() for k in selected - done))
+    for check in checks:
+        print(f"check {check.check} {'passed' if check.passed else 'FAILED'}: {check.description}")
+    if report.not_materialized:
+        print(f"not materialised (held back by a failed blocking check): {', '.join(report.not_materialized)}")
+    return report
 
 
 def layer_counts(database: str) -> list[tuple[str, int | None]]:

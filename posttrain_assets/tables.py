@@ -115,8 +115,8 @@ RECORD_COLUMNS = (
 SILVER_RECORDS = Table(
     "silver",
     "records",
-    "The canonical training corpus: every valid row of every training source, one row per distinct content "
-    "(exact duplicates collapse onto the kept twin, see silver.dedup_clusters).",
+    "The canonical training corpus, cleaned: every valid row of every training source that passed the quality "
+    "gate and decontamination, one row per (near-)distinct content; duplicates are in silver.dedup_clusters.",
     RECORD_COLUMNS,
 )
 
@@ -130,10 +130,12 @@ SILVER_EVAL_RECORDS = Table(
 SILVER_QUARANTINE = Table(
     "silver",
     "quarantine",
-    "Every bronze row that could not be parsed or validated, with its raw payload and the reason.",
+    "Every bronze row that could not be parsed or validated, or that the shared cleaning pass removed (quality "
+    "gate, decontamination, cross-regime leak policy), with its raw payload, the stage and the reason.",
     (
         *PROVENANCE_COLUMNS,
-        _c("stage", "VARCHAR", "stage that rejected the row (canonical, tokenize, ...)", False),
+        _c("id", "VARCHAR", "content id, for rows that parsed (null for parse failures)"),
+        _c("stage", "VARCHAR", "canonical | quality | decontamination | leak", False),
         _c("reason", "VARCHAR", "reason code (see README)", False),
         _c("field", "VARCHAR", "offending field as a dotted path, when one is to blame"),
         _c("message", "VARCHAR", "human-readable error naming the file, row and field", False),
@@ -150,8 +152,13 @@ SILVER_DEDUP_CLUSTERS = Table(
         _c("kept_id", "VARCHAR", "id of the kept twin in silver.records", False),
         _c("member_id", "VARCHAR", "content id of the dropped row", False),
         *PROVENANCE_COLUMNS,
-        _c("method", "VARCHAR", "exact (same content hash)", False),
-        _c("similarity", "DOUBLE", "similarity to the kept twin (1.0 for exact)", False),
+        _c(
+            "method",
+            "VARCHAR",
+            "exact (same content id) / exact_normalized (same after NFKC, case, whitespace folding) / near (MinHash)",
+            False,
+        ),
+        _c("similarity", "DOUBLE", "estimated Jaccard similarity to the kept twin (1.0 for exact)", False),
     ),
 )
 
@@ -160,30 +167,6 @@ def _pick(names: tuple[str, ...]) -> tuple[Column, ...]:
     by_name = {c.name: c for c in RECORD_COLUMNS}
     return tuple(by_name[n] for n in names)
 
-
-GOLD_PREFERENCE = Table(
-    "gold",
-    "preference",
-    "Training-ready preference pairs (DPO/IPO/KTO/RM): the prompt conversation, chosen and rejected responses.",
-    _pick(
-        (
-            "id",
-            "source",
-            "source_kind",
-            "messages",
-            "prompt",
-            "chosen",
-            "rejected",
-            "score_chosen",
-            "score_rejected",
-            "token_count",
-            "lang",
-            "license",
-            "origin",
-            "created_at",
-        )
-    ),
-)
 
 GOLD_RL_PROMPTS = Table(
     "gold",
@@ -271,16 +254,130 @@ GOLD_SFT = Table(
 )
 
 
+SILVER_CONTAMINATION = Table(
+    "silver",
+    "contamination",
+    "Every overlap between a training row and an evaluation row (shared word n-gram, or a short prompt equal to "
+    "an eval prompt); the training rows are removed by the cleaning pass.",
+    (
+        _c("id", "VARCHAR", "training row id (in silver.quarantine with stage decontamination)", False),
+        _c("source", "VARCHAR", "training source", False),
+        _c("benchmark", "VARCHAR", "evaluation source (role: eval)", False),
+        _c("eval_id", "VARCHAR", "id of the evaluation row in silver.eval_records", False),
+        _c("field", "VARCHAR", "training field that overlaps (messages[i], chosen, answer, ...)", False),
+        _c("eval_field", "VARCHAR", "prompt | answer", False),
+        _c("shared_ngrams", "INTEGER", "distinct shared n-grams (0 for a whole short-prompt match)", False),
+        _c("ngram_text", "VARCHAR", "the first shared n-gram, normalised", False),
+    ),
+)
+
+SILVER_CROSS_REGIME_LEAKS = Table(
+    "silver",
+    "cross_regime_leaks",
+    "Prompts (normalised last user turn) found in more than one regime, with the ids of the rows that carry them.",
+    (
+        _c("prompt_key", "VARCHAR", "sha256 of the normalised prompt", False),
+        _c("prompt", "VARCHAR", "the prompt as first seen", False),
+        _c("regimes", "VARCHAR[]", "regimes the prompt occurs in", False),
+        _c("ids", "VARCHAR[]", "silver row ids carrying it", False),
+    ),
+)
+
+PAIR_COLUMNS = (
+    *_pick(
+        ("id", "source", "source_kind", "messages", "prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+    ),
+    _c("score_margin", "DOUBLE", "score_chosen - score_rejected, when both scores exist"),
+    _c("chosen_tokens", "INTEGER", "tokens of the chosen response (project tokenizer, no special tokens)", False),
+    _c("rejected_tokens", "INTEGER", "tokens of the rejected response", False),
+    _c("length_diff", "INTEGER", "chosen_tokens - rejected_tokens", False),
+    _c("is_tie", "BOOLEAN", "chosen and rejected are identical or near-identical after normalisation", False),
+    *_pick(("token_count", "lang", "license", "origin", "created_at")),
+)
+
+SILVER_PREFERENCE_PAIRS = Table(
+    "silver",
+    "preference_pairs",
+    "Every preference pair of the corpus with its length and tie audit columns; length_confound_check judges it.",
+    PAIR_COLUMNS,
+)
+
+SILVER_PREFERENCE_PAIRS_BALANCED = Table(
+    "silver",
+    "preference_pairs_balanced",
+    "The pairs left after subsampling offending sources by matched length-difference strata, and dropping ties.",
+    PAIR_COLUMNS,
+)
+
+SILVER_PREFERENCE_BALANCE_DROPS = Table(
+    "silver",
+    "preference_balance_drops",
+    "Every pair the length balancing dropped, and why (tie, length_balance, cannot_balance).",
+    (
+        _c("id", "VARCHAR", "pair id (silver.preference_pairs)", False),
+        _c("source", "VARCHAR", "registry source name", False),
+        _c("reason", "VARCHAR", "tie | length_balance | cannot_balance", False),
+    ),
+)
+
+SILVER_PREFERENCE_AUDIT = Table(
+    "silver",
+    "preference_audit",
+    "Length-confound and tie statistics of silver.preference_pairs per source, per source kind and overall.",
+    (
+        _c("group_kind", "VARCHAR", "source | source_kind | overall", False),
+        _c("group_name", "VARCHAR", "the source, the kind, or 'all'", False),
+        _c("pairs", "INTEGER", "pairs in the group", False),
+        _c("chosen_longer_share", "DOUBLE", "share of pairs whose chosen side has more tokens (equal = half)", False),
+        _c("share_ci_low", "DOUBLE", "Wilson 95% interval, low", False),
+        _c("share_ci_high", "DOUBLE", "Wilson 95% interval, high", False),
+        _c("mean_length_ratio", "DOUBLE", "mean of chosen/rejected tokens", False),
+        _c("median_length_ratio", "DOUBLE", "median of chosen/rejected tokens", False),
+        _c("length_diff_mean", "DOUBLE", "mean of chosen - rejected tokens", False),
+        _c("length_diff_median", "DOUBLE", "median of chosen - rejected tokens", False),
+        _c("length_auc_unpaired", "DOUBLE", "Mann-Whitney AUC of chosen vs rejected lengths", False),
+        _c("point_biserial_r", "DOUBLE", "correlation of length difference and label (symmetrised)", False),
+        _c("rank_biserial_r", "DOUBLE", "matched-pairs rank-biserial correlation (robust companion of r)", False),
+        _c("tie_rate", "DOUBLE", "share of identical or near-identical pairs", False),
+        _c("scored_pairs", "INTEGER", "pairs with both scores", False),
+        _c("score_tie_rate", "DOUBLE", "share of scored pairs with equal scores"),
+        _c("score_margin_mean", "DOUBLE", "mean score margin"),
+        _c("score_margin_median", "DOUBLE", "median score margin"),
+    ),
+)
+
+GOLD_PREFERENCE = Table(
+    "gold",
+    "preference",
+    "Training-ready preference pairs (DPO/IPO/KTO/RM): the prompt conversation, chosen and rejected responses, "
+    "written only when length_confound_check passes.",
+    PAIR_COLUMNS,
+)
+
+GOLD_PREFERENCE_LENGTH_BALANCED = Table(
+    "gold",
+    "preference_length_balanced",
+    "The length-balanced remedy: silver.preference_pairs_balanced, for when the full set fails the length gate.",
+    PAIR_COLUMNS,
+)
+
 ALL_TABLES = (
     BRONZE_RECORDS,
     SILVER_RECORDS,
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
     SILVER_DEDUP_CLUSTERS,
+    SILVER_CONTAMINATION,
+    SILVER_CROSS_REGIME_LEAKS,
     SILVER_SFT_TOKENIZED,
     SILVER_SFT_QUARANTINE,
+    SILVER_PREFERENCE_PAIRS,
+    SILVER_PREFERENCE_PAIRS_BALANCED,
+    SILVER_PREFERENCE_BALANCE_DROPS,
+    SILVER_PREFERENCE_AUDIT,
     GOLD_SFT,
     GOLD_PREFERENCE,
+    GOLD_PREFERENCE_LENGTH_BALANCED,
     GOLD_RL_PROMPTS,
 )
 

@@ -118,7 +118,7 @@ ACCOUNTING_SQL = f"""
 WITH placed AS (
     SELECT origin.source AS source, origin.file AS file_path, origin."row" AS row_number FROM {SILVER_RECORDS.qualified}
     UNION ALL SELECT origin.source, origin.file, origin."row" FROM {SILVER_EVAL_RECORDS.qualified}
-    UNION ALL SELECT source, file_path, row_number FROM {SILVER_QUARANTINE.qualified} WHERE stage = 'canonical'
+    UNION ALL SELECT source, file_path, row_number FROM {SILVER_QUARANTINE.qualified}
     UNION ALL SELECT source, file_path, row_number FROM {SILVER_DEDUP_CLUSTERS.qualified}
 ), per_row AS (
     SELECT source, file_path, row_number, count(*) AS n FROM placed GROUP BY ALL
@@ -128,7 +128,7 @@ SELECT
     count(*) AS bronze,
     (SELECT count(*) FROM {SILVER_RECORDS.qualified} s WHERE s.source = b.source) AS silver,
     (SELECT count(*) FROM {SILVER_EVAL_RECORDS.qualified} e WHERE e.source = b.source) AS eval,
-    (SELECT count(*) FROM {SILVER_QUARANTINE.qualified} q WHERE q.source = b.source AND q.stage = 'canonical')
+    (SELECT count(*) FROM {SILVER_QUARANTINE.qualified} q WHERE q.source = b.source)
         AS quarantined,
     (SELECT count(*) FROM {SILVER_DEDUP_CLUSTERS.qualified} d WHERE d.source = b.source) AS duplicates,
     count(*) FILTER (WHERE p.n IS NULL) AS missing,

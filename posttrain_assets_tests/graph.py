@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 import pytest
+import yaml
 
 from posttrain_assets import pipeline
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
@@ -93,12 +94,21 @@ class Graph:
         return TokenizerResource(spec="smollm2", cache_dir=str(self.cache_dir))
 
 
+# The project's instance policy (dagster.yaml) minus its storage location, which tests put under tmp.
+INSTANCE_POLICY = {
+    k: v
+    for k, v in yaml.safe_load((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text()).items()
+    if k != "storage"
+}
+
+
 @contextmanager
 def deployed(registry: Path, workdir: Path, cache_dir: Path) -> Iterator[Graph]:
     """Point the environment at ``registry`` and a fresh DuckDB file, with a throw-away Dagster instance."""
     database = workdir / "warehouse.duckdb"
     (workdir / "dagster_home").mkdir(parents=True, exist_ok=True)
-    with pytest.MonkeyPatch.context() as env, dg.instance_for_test(temp_dir=str(workdir / "dagster_home")) as inst:
+    home = str(workdir / "dagster_home")
+    with pytest.MonkeyPatch.context() as env, dg.instance_for_test(temp_dir=home, overrides=INSTANCE_POLICY) as inst:
         env.setenv("POSTTRAIN_SOURCES", str(registry))
         env.setenv("POSTTRAIN_DUCKDB_PATH", str(database))
         env.setenv("POSTTRAIN_TOKENIZER", "smollm2")

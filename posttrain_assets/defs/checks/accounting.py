@@ -11,6 +11,7 @@ from posttrain_assets.validation import account_sources
 @dg.asset_check(
     asset=["silver", "records"],
     blocking=True,
+    pool="duckdb",
     additional_deps=[
         ["bronze", "records"],
         ["silver", "quarantine"],

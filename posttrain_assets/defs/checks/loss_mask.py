@@ -27,6 +27,7 @@ ORDER BY t.id
 @dg.asset_check(
     asset=["silver", "sft_tokenized"],
     blocking=True,
+    pool="duckdb",
     additional_deps=[["silver", "records"]],
     description="Every row: only assistant contents + end markers trained, input_ids = fresh chat-template tokens.",
 )

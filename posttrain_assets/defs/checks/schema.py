@@ -12,6 +12,7 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.tables import (
     GOLD_PREFERENCE,
+    GOLD_PREFERENCE_LENGTH_BALANCED,
     GOLD_RL_PROMPTS,
     GOLD_SFT,
     REQUIRED_BY_REGIME,
@@ -50,7 +51,10 @@ def schema_check_result(
 
 
 @dg.asset_check(
-    asset=["silver", "records"], blocking=True, description="Column types, per-regime required fields, unique ids."
+    asset=["silver", "records"],
+    blocking=True,
+    pool="duckdb",
+    description="Column types, per-regime required fields, unique ids.",
 )
 def silver_records_schema_check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return schema_check_result(duckdb, SILVER_RECORDS, REQUIRED_FOR_ALL, REQUIRED_BY_REGIME)
@@ -64,6 +68,7 @@ def gold_schema_check(table: Table, regime: str) -> dg.AssetChecksDefinition:
         asset=[table.schema, table.name],
         name=f"{table.schema}_{table.name}_schema_check",
         blocking=True,
+        pool="duckdb",
         description=f"{table.qualified}: declared column types, required {regime} fields non-null, unique ids.",
     )
     def _check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -73,5 +78,6 @@ def gold_schema_check(table: Table, regime: str) -> dg.AssetChecksDefinition:
 
 
 gold_preference_schema_check = gold_schema_check(GOLD_PREFERENCE, "preference")
+gold_preference_length_balanced_schema_check = gold_schema_check(GOLD_PREFERENCE_LENGTH_BALANCED, "preference")
 gold_rl_prompts_schema_check = gold_schema_check(GOLD_RL_PROMPTS, "rl")
 gold_sft_schema_check = gold_schema_check(GOLD_SFT, "sft")

@@ -1,38 +1,44 @@
-"""The regime split: a gold table is a projection of silver.records onto one regime's fields."""
+"""The regime split: each gold table is a projection of one silver table onto its regime's columns."""
+
+from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import table_metadata
-from posttrain_assets.tables import SILVER_RECORDS, Table
+from posttrain_assets.tables import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
 # `blocking=True` alone only holds inside one run.
 GOLD_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
-SILVER_RECORDS_KEY = dg.AssetKey(["silver", "records"])
-
-
-def column_lineage(table: Table, upstream: dg.AssetKey = SILVER_RECORDS_KEY) -> dg.TableColumnLineage:
-    """Each gold column comes from the silver column of the same name."""
+def column_lineage(table: Table, upstream: dg.AssetKey) -> dg.TableColumnLineage:
+    """Each gold column comes from the upstream column of the same name."""
     return dg.TableColumnLineage(
         deps_by_column={name: [dg.TableColumnDep(asset_key=upstream, column_name=name)] for name in table.column_names}
     )
 
 
-def write_projection(duckdb: DuckDBResource, table: Table, regime: str) -> dg.MaterializeResult:
-    """Create or replace ``table`` with the ``regime`` rows of silver.records, in id order."""
+def write_projection(
+    duckdb: DuckDBResource,
+    table: Table,
+    upstream: Table,
+    upstream_key: dg.AssetKey,
+    where: str = "TRUE",
+    params: list[Any] | None = None,
+) -> dg.MaterializeResult:
+    """Create or replace ``table`` with the rows of ``upstream`` matching ``where`` (bound ``params``), by id."""
     columns = ", ".join(f'"{c}"' for c in table.column_names)
     with duckdb.get_connection() as conn:
         conn.execute("BEGIN TRANSACTION")
         conn.execute(table.create_sql(replace=True))
         conn.execute(
-            f"INSERT INTO {table.qualified} ({columns}) SELECT {columns} FROM {SILVER_RECORDS.qualified} "
-            "WHERE regime = ? ORDER BY id",
-            [regime],
+            f"INSERT INTO {table.qualified} ({columns}) SELECT {columns} FROM {upstream.qualified} "
+            f"WHERE {where} ORDER BY id",
+            params or [],
         )
         conn.execute("COMMIT")
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
-    metadata["dagster/column_lineage"] = column_lineage(table)
+    metadata["dagster/column_lineage"] = column_lineage(table, upstream_key)
     return dg.MaterializeResult(metadata=metadata)

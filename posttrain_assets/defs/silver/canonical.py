@@ -1,18 +1,26 @@
 """Silver: bronze rows normalised into the canonical schema, with quarantine and exact-duplicate tables."""
 
 import datetime as dt
+import json
 import os
+from collections import Counter
 from functools import cache
+from typing import Literal
 
 import dagster as dg
 import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.cleaning import CleaningConfig, clean_corpus
+from posttrain_assets.dedup import MinHashConfig
+from posttrain_assets.defs.metadata import markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
-from posttrain_assets.normalize import build_silver
+from posttrain_assets.normalize import build_silver, duplicate_entry, quarantine_entry
+from posttrain_assets.quality import QualityConfig
 from posttrain_assets.tables import (
     BRONZE_RECORDS,
+    SILVER_CONTAMINATION,
+    SILVER_CROSS_REGIME_LEAKS,
     SILVER_DEDUP_CLUSTERS,
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
@@ -27,6 +35,8 @@ SILVER_RECORDS_KEY = dg.AssetKey(["silver", "records"])
 SILVER_EVAL_KEY = dg.AssetKey(["silver", "eval_records"])
 SILVER_QUARANTINE_KEY = dg.AssetKey(["silver", "quarantine"])
 SILVER_DEDUP_KEY = dg.AssetKey(["silver", "dedup_clusters"])
+SILVER_CONTAMINATION_KEY = dg.AssetKey(["silver", "contamination"])
+SILVER_LEAKS_KEY = dg.AssetKey(["silver", "cross_regime_leaks"])
 
 # Bronze rows of the registry's sources, in the order that decides which exact duplicate is kept.
 BRONZE_IN_PRIORITY_ORDER = f"""
@@ -37,6 +47,10 @@ ORDER BY list_position($sources, source), file_path, row_number
 """
 
 
+# Silver follows bronze: any re-ingested source partition rebuilds the canonical corpus.
+SILVER_AUTOMATION = dg.AutomationCondition.eager()
+
+
 def _spec(key: dg.AssetKey, table: Table) -> dg.AssetSpec:
     return dg.AssetSpec(
         key,
@@ -44,6 +58,7 @@ def _spec(key: dg.AssetKey, table: Table) -> dg.AssetSpec:
         description=table.description,
         group_name="silver",
         kinds={"duckdb"},
+        automation_condition=SILVER_AUTOMATION,
         metadata={
             "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c.name, c.type) for c in table.columns])
         },
@@ -55,22 +70,66 @@ def _file_mtime(path: str) -> dt.datetime:
     return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.UTC)
 
 
+class CleaningPassConfig(dg.Config):
+    """The shared cleaning pass (documented defaults; see posttrain_assets.cleaning)."""
+
+    license_policy: Literal["any", "commercial"] = "any"
+    allowed_languages: list[str] = ["en"]
+    min_language_confidence: float = 0.5
+    refusal_in_sft: bool = True
+    refusal_in_preference_chosen: bool = False
+    shingle_words: int = 5
+    rl_shingle_words: int = 1
+    num_perm: int = 128
+    jaccard_threshold: float = 0.7
+    decontamination_ngram: int = 13
+    leak_policy: Literal["report", "prefer_rl"] = "report"
+
+    def cleaning(self) -> CleaningConfig:
+        def minhash(words: int) -> MinHashConfig:
+            return MinHashConfig(shingle_words=words, num_perm=self.num_perm, threshold=self.jaccard_threshold)
+
+        return CleaningConfig(
+            quality=QualityConfig(
+                allowed_languages=frozenset(self.allowed_languages) if self.allowed_languages else None,
+                min_language_confidence=self.min_language_confidence,
+                license_policy=self.license_policy,
+                refusal_in_sft=self.refusal_in_sft,
+                refusal_in_preference_chosen=self.refusal_in_preference_chosen,
+            ),
+            minhash={
+                "sft": minhash(self.shingle_words),
+                "preference": minhash(self.shingle_words),
+                "rl": minhash(self.rl_shingle_words),
+            },
+            decontamination_ngram=self.decontamination_ngram,
+            leak_policy=self.leak_policy,
+        )
+
+
 @dg.multi_asset(
     specs=[
         _spec(SILVER_RECORDS_KEY, SILVER_RECORDS),
         _spec(SILVER_EVAL_KEY, SILVER_EVAL_RECORDS),
         _spec(SILVER_QUARANTINE_KEY, SILVER_QUARANTINE),
         _spec(SILVER_DEDUP_KEY, SILVER_DEDUP_CLUSTERS),
+        _spec(SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION),
+        _spec(SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS),
     ],
     pool="duckdb",
 )
 def silver_canonical(
     context: dg.AssetExecutionContext,
+    config: CleaningPassConfig,
     duckdb: DuckDBResource,
     registry: SourceRegistryResource,
     tokenizer: TokenizerResource,
 ):
-    """Normalise every bronze row: to silver.records (or eval_records), quarantine, or a duplicate of its kept twin."""
+    """Normalise every bronze row into the canonical schema, then run the one shared cleaning pass.
+
+    Every bronze row ends in exactly one place: silver.records, silver.eval_records, silver.quarantine
+    (with the stage and reason) or silver.dedup_clusters (with its kept twin).
+    """
     sources = registry.load()
     tok = tokenizer.get()
     with duckdb.get_connection() as conn:
@@ -84,31 +143,59 @@ def silver_canonical(
             context.log.warning(f"bronze partitions not in the registry are ignored: {[o[0] for o in orphans]}")
         context.log.info(f"normalising {len(rows)} bronze rows from {len(sources.names)} sources")
         tables = build_silver(rows, sources, created_at=_file_mtime)
-        for records in (tables.records, tables.eval_records):
-            for record, count in zip(records, token_counts(tok, records), strict=True):
+        cleaned = clean_corpus(tables.records, tables.eval_records, sources.priority, config.cleaning())
+        by_id = {r["id"]: r for r in tables.records}
+        quarantine = tables.quarantine + [
+            quarantine_entry(tables.bronze[d.id], d.stage, d.reason, None, _message(by_id[d.id], d.detail), d.id)
+            for d in cleaned.dropped
+        ]
+        duplicates = tables.duplicates + [
+            duplicate_entry(tables.bronze[d["member_id"]], d["member_id"], d["kept_id"], d["method"], d["similarity"])
+            for d in cleaned.duplicates
+        ]
+        records = cleaned.kept
+        for batch in (records, tables.eval_records):
+            for record, count in zip(batch, token_counts(tok, batch), strict=True):
                 record["token_count"] = count
+        contamination = [{k: m[k] for k in SILVER_CONTAMINATION.column_names} for m in cleaned.contamination]
         outputs = (
-            (SILVER_RECORDS_KEY, SILVER_RECORDS, tables.records, ["id", "source", "regime", "prompt"], "regime"),
+            (SILVER_RECORDS_KEY, SILVER_RECORDS, records, ["id", "source", "regime", "prompt"], "regime"),
             (SILVER_EVAL_KEY, SILVER_EVAL_RECORDS, tables.eval_records, ["id", "source", "prompt", "answer"], "source"),
-            (
-                SILVER_QUARANTINE_KEY,
-                SILVER_QUARANTINE,
-                tables.quarantine,
-                ["source", "row_number", "reason", "message"],
-                "reason",
-            ),
+            (SILVER_QUARANTINE_KEY, SILVER_QUARANTINE, quarantine, ["source", "stage", "reason", "message"], "reason"),
             (
                 SILVER_DEDUP_KEY,
                 SILVER_DEDUP_CLUSTERS,
-                tables.duplicates,
+                duplicates,
                 ["kept_id", "source", "row_number", "method"],
                 "method",
             ),
+            (SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION, contamination, ["id", "benchmark", "field"], "benchmark"),
+            (SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS, cleaned.leaks, ["prompt", "regimes"], None),
         )
         for key, table, table_rows, preview, group_by in outputs:
             replace_table(conn, table, table_rows)
             metadata = table_metadata(conn, table, preview_columns=preview, group_by=group_by)
+            if key == SILVER_CONTAMINATION_KEY:
+                metadata["report"] = dg.MetadataValue.md(contamination_markdown(cleaned.contamination_report))
+            if key == SILVER_QUARANTINE_KEY:
+                stages = Counter(q["stage"] for q in quarantine)
+                metadata.update({f"stage/{k}": dg.MetadataValue.int(v) for k, v in sorted(stages.items())})
             yield dg.MaterializeResult(asset_key=key, metadata=metadata)
+
+
+def _message(record: dict, detail: str) -> str:
+    origin = record["origin"]
+    return f"{origin['file']}, row {origin['row']}: {detail}"
+
+
+def contamination_markdown(report: list[dict]) -> str:
+    return markdown_table(
+        ["benchmark", "eval rows", "eval rows hit", "training rows", "by source"],
+        [
+            (r["benchmark"], r["eval_rows"], r["eval_rows_hit"], r["training_rows"], json.dumps(r["by_source"]))
+            for r in report
+        ],
+    )
 
 
 def replace_table(conn, table: Table, rows: list[dict]) -> None:

@@ -7,7 +7,7 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
 from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
 from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
 
@@ -42,6 +42,7 @@ class SftTokenizeConfig(dg.Config):
             description=SILVER_SFT_TOKENIZED.description,
             group_name="silver",
             kinds={"duckdb"},
+            automation_condition=SILVER_AUTOMATION,
         ),
         dg.AssetSpec(
             SFT_QUARANTINE_KEY,
@@ -49,6 +50,7 @@ class SftTokenizeConfig(dg.Config):
             description=SILVER_SFT_QUARANTINE.description,
             group_name="silver",
             kinds={"duckdb"},
+            automation_condition=SILVER_AUTOMATION,
         ),
     ],
     pool="duckdb",

@@ -1,0 +1,63 @@
+"""length_confound_check: chosen must not simply be the longer side; ties must be rare.
+
+Re-audits the stored pairs table per source and fails when a source with enough pairs is outside the
+thresholds (chosen-longer share, |point-biserial r|, tie rate). The message names the source, the
+statistic and its value. Blocking: gold.preference is not written past a failure.
+"""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.audits import audit, confound_violations, markdown_audit_table
+from posttrain_assets.defs.metadata import markdown_table
+from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
+from posttrain_assets.tables import SILVER_PREFERENCE_PAIRS, SILVER_PREFERENCE_PAIRS_BALANCED, Table, fetch_dicts
+
+
+def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthConfoundConfig) -> dg.AssetCheckResult:
+    thresholds = config.thresholds()
+    with duckdb.get_connection() as conn:
+        pairs = fetch_dicts(conn, f"SELECT * FROM {table.qualified} ORDER BY id")
+    if not pairs:
+        return dg.AssetCheckResult(passed=True, description=f"{table.qualified} has no pairs", metadata={"pairs": 0})
+    audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
+    violations = confound_violations(audits, thresholds)
+    judged = sorted(n for (k, n), a in audits.items() if k == "source" and a.pairs >= thresholds.min_pairs)
+    return dg.AssetCheckResult(
+        passed=not violations,
+        description="; ".join(str(v) for v in violations)
+        if violations
+        else f"{len(judged)} source(s) within thresholds: {', '.join(judged)}",
+        metadata={
+            "pairs": dg.MetadataValue.int(len(pairs)),
+            "sources_judged": dg.MetadataValue.int(len(judged)),
+            "violations": dg.MetadataValue.md(
+                markdown_table(
+                    ["source", "statistic", "value", "allowed", "pairs"],
+                    [(v.group, v.statistic, f"{v.value:.3f}", f"{v.bound}", v.pairs) for v in violations],
+                )
+            ),
+            "audit": dg.MetadataValue.md(markdown_audit_table(audits)),
+            "thresholds": dg.MetadataValue.json(config.model_dump()),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=["silver", "preference_pairs"],
+    blocking=True,
+    pool="duckdb",
+    description="Per source: chosen-longer share within bounds, |point-biserial r| small, ties rare.",
+)
+def length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    return confound_check_result(duckdb, SILVER_PREFERENCE_PAIRS, config)
+
+
+@dg.asset_check(
+    asset=["silver", "preference_pairs_balanced"],
+    blocking=True,
+    pool="duckdb",
+    description="The balanced remedy passes the same length-confound thresholds.",
+)
+def balanced_length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    return confound_check_result(duckdb, SILVER_PREFERENCE_PAIRS_BALANCED, config)

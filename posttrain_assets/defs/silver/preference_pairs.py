@@ -1,0 +1,161 @@
+"""silver.preference_pairs: audited pairs; silver.preference_pairs_balanced: the length-balanced remedy.
+
+The balanced pairs are a sibling output, not a downstream asset of silver.preference_pairs, so a failing
+length_confound_check blocks gold.preference while gold.preference_length_balanced can still be built.
+"""
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.audits import (
+    DROP_REASONS,
+    ConfoundThresholds,
+    audit,
+    balance_pairs,
+    length_histogram_png,
+    markdown_audit_table,
+)
+from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.pairs import build_pairs
+from posttrain_assets.tables import (
+    SILVER_PREFERENCE_AUDIT,
+    SILVER_PREFERENCE_BALANCE_DROPS,
+    SILVER_PREFERENCE_PAIRS,
+    SILVER_PREFERENCE_PAIRS_BALANCED,
+    SILVER_RECORDS,
+    Table,
+    fetch_dicts,
+)
+
+PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
+AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
+BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
+DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
+
+PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference' ORDER BY id"
+AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
+# Statistics plotted per source across materialisations.
+PLOTTED = ("chosen_longer_share", "point_biserial_r", "tie_rate", "median_length_ratio", "pairs")
+
+
+class LengthConfoundConfig(dg.Config):
+    """Thresholds of the length-confound gate (documented defaults); also used to balance."""
+
+    share_low: float = 0.35
+    share_high: float = 0.65
+    max_abs_r: float = 0.2
+    max_tie_rate: float = 0.01
+    min_pairs: int = 50
+    tie_similarity: float = 0.95
+    balance_seed: int = 0
+
+    def thresholds(self) -> ConfoundThresholds:
+        return ConfoundThresholds(
+            share_low=self.share_low,
+            share_high=self.share_high,
+            max_abs_r=self.max_abs_r,
+            max_tie_rate=self.max_tie_rate,
+            min_pairs=self.min_pairs,
+            tie_similarity=self.tie_similarity,
+        )
+
+
+def _spec(key: dg.AssetKey, table: Table) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        key,
+        deps=[SILVER_RECORDS_KEY],
+        description=table.description,
+        group_name="silver",
+        kinds={"duckdb"},
+        automation_condition=SILVER_AUTOMATION,
+    )
+
+
+def histogram_metadata(png: bytes, path: Path) -> dict[str, dg.MetadataValue]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    encoded = base64.b64encode(png).decode()
+    return {
+        "length_histogram": dg.MetadataValue.md(f"![chosen vs rejected lengths](data:image/png;base64,{encoded})"),
+        "length_histogram_file": dg.MetadataValue.path(str(path)),
+    }
+
+
+@dg.multi_asset(
+    specs=[
+        _spec(PAIRS_KEY, SILVER_PREFERENCE_PAIRS),
+        _spec(AUDIT_KEY, SILVER_PREFERENCE_AUDIT),
+        _spec(BALANCED_KEY, SILVER_PREFERENCE_PAIRS_BALANCED),
+        _spec(DROPS_KEY, SILVER_PREFERENCE_BALANCE_DROPS),
+    ],
+    pool="duckdb",
+)
+def silver_preference_pairs(
+    context: dg.AssetExecutionContext,
+    config: LengthConfoundConfig,
+    duckdb: DuckDBResource,
+    tokenizer: TokenizerResource,
+):
+    """Count response tokens, flag ties, audit per source / kind / overall, and balance offending sources."""
+    thresholds = config.thresholds()
+    with duckdb.get_connection() as conn:
+        records = fetch_dicts(conn, PREFERENCE_ROWS)
+        pairs = build_pairs(records, tokenizer.get(), thresholds.tie_similarity)
+        audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
+        balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
+        kept = set(balance.kept_ids)
+        by_id = {p["id"]: p for p in pairs}
+        audit_rows = [
+            {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
+            for (kind, name), result in audits.items()
+        ]
+        replace_table(conn, SILVER_PREFERENCE_PAIRS, pairs)
+        replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows)
+        replace_table(conn, SILVER_PREFERENCE_PAIRS_BALANCED, [p for p in pairs if p["id"] in kept])
+        replace_table(
+            conn,
+            SILVER_PREFERENCE_BALANCE_DROPS,
+            [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
+        )
+        preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
+        pairs_meta = table_metadata(conn, SILVER_PREFERENCE_PAIRS, preview_columns=preview, group_by="source")
+        audit_meta = table_metadata(
+            conn, SILVER_PREFERENCE_AUDIT, preview_columns=["group_kind", "group_name", "pairs"]
+        )
+        balanced_meta = table_metadata(
+            conn, SILVER_PREFERENCE_PAIRS_BALANCED, preview_columns=preview, group_by="source"
+        )
+        drops_meta = table_metadata(
+            conn, SILVER_PREFERENCE_BALANCE_DROPS, preview_columns=["id", "source", "reason"], group_by="reason"
+        )
+    stats: dict[str, dg.MetadataValue] = {"audit": dg.MetadataValue.md(markdown_audit_table(audits))}
+    for (kind, name), result in audits.items():
+        for field in PLOTTED:
+            stats[f"{kind}/{name}/{field}"] = dg.MetadataValue.float(float(getattr(result, field)))
+    artifacts = Path(duckdb.database).resolve().parent / "artifacts"
+    png = length_histogram_png(
+        [p["chosen_tokens"] for p in pairs],
+        [p["rejected_tokens"] for p in pairs],
+        "chosen vs rejected tokens (all pairs)",
+    )
+    stats.update(histogram_metadata(png, artifacts / "preference_length_histogram.png"))
+    context.log.info(f"{len(pairs)} pairs audited; balancing kept {len(kept)}, dropped {balance.dropped_counts()}")
+    yield dg.MaterializeResult(asset_key=PAIRS_KEY, metadata={**pairs_meta, **stats})
+    yield dg.MaterializeResult(asset_key=AUDIT_KEY, metadata=audit_meta)
+    yield dg.MaterializeResult(
+        asset_key=BALANCED_KEY,
+        metadata={
+            **balanced_meta,
+            "dropped": dg.MetadataValue.json(balance.dropped_counts()),
+            "strata": dg.MetadataValue.json(balance.strata),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=DROPS_KEY,
+        metadata={**drops_meta, "reasons": dg.MetadataValue.json(DROP_REASONS)},
+    )
