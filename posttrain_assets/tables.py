@@ -168,30 +168,6 @@ def _pick(names: tuple[str, ...]) -> tuple[Column, ...]:
     return tuple(by_name[n] for n in names)
 
 
-GOLD_RL_PROMPTS = Table(
-    "gold",
-    "rl_prompts",
-    "The RLVR prompt bank: prompt, gold answer and verifier per seed; responses are never stored.",
-    _pick(
-        (
-            "id",
-            "source",
-            "source_kind",
-            "messages",
-            "prompt",
-            "answer",
-            "verifier",
-            "domain",
-            "difficulty",
-            "token_count",
-            "lang",
-            "license",
-            "origin",
-            "created_at",
-        )
-    ),
-)
-
 # Per regime, the fields the projection table (shared/docs/data-by-regime.txt) requires, beyond
 # the ones every row must have (id, source, license, origin).
 REQUIRED_FOR_ALL = ("id", "source", "regime", "messages", "prompt", "license", "origin", "created_at", "source_kind")
@@ -361,6 +337,68 @@ GOLD_PREFERENCE_LENGTH_BALANCED = Table(
     PAIR_COLUMNS,
 )
 
+SILVER_RL_CERTIFICATION = Table(
+    "silver",
+    "rl_certification",
+    "Every RL seed's certification: its verifier scored the gold answer 1.0 in each of 3 separate processes and a "
+    "perturbed wrong answer 0.0, or the reason it did not.",
+    (
+        _c("id", "VARCHAR", "silver.records id", False),
+        _c("source", "VARCHAR", "registry source name", False),
+        _c("verifier", "VARCHAR", "verifier name", False),
+        _c("verifier_version", "VARCHAR", "verifier version that certified the seed", False),
+        _c(
+            "certified", "BOOLEAN", "true when every run accepted the gold answer and rejected the perturbed one", False
+        ),
+        _c(
+            "reason", "VARCHAR", "why not: gold_not_accepted / nondeterministic / perturbation_accepted / timeout / ..."
+        ),
+        _c("gold_scores", "DOUBLE[]", "the gold answer's score in each run", False),
+        _c("perturbed_score", "DOUBLE", "the perturbed wrong answer's score", False),
+    ),
+)
+
+SILVER_RL_DIFFICULTY = Table(
+    "silver",
+    "rl_difficulty",
+    "Difficulty estimates from real policy rollouts, one row per (seed, lineage); responses are never stored. "
+    "Incremental: a seed is sampled again only for a new lineage (model, file hash, sampling, K, seed, verifier).",
+    (
+        _c("id", "VARCHAR", "silver.records id", False),
+        _c("lineage", "VARCHAR", "hash of everything the estimate depends on", False),
+        _c("model", "VARCHAR", "policy model name", False),
+        _c("model_sha256", "VARCHAR", "sha256 of the model file", False),
+        _c("sampling", "VARCHAR", "sampling parameters as JSON (temperature, top_p, max_new_tokens, k, seed)", False),
+        _c("verifier", "VARCHAR", "verifier that scored the samples", False),
+        _c("verifier_version", "VARCHAR", "its version", False),
+        _c("k", "INTEGER", "samples drawn", False),
+        _c("passes", "INTEGER", "samples the verifier scored 1.0", False),
+        _c("pass_rate", "DOUBLE", "passes / k", False),
+        _c("difficulty", "DOUBLE", "1 - pass_rate", False),
+        _c("truncated", "INTEGER", "samples that hit max_new_tokens", False),
+        _c("estimated_at", "TIMESTAMP WITH TIME ZONE", "when the estimate was made", False),
+    ),
+)
+
+GOLD_RL_PROMPTS = Table(
+    "gold",
+    "rl_prompts",
+    "The RLVR prompt bank: certified seeds (prompt, gold answer, verifier and its version), curated to the pass-rate "
+    "band where a policy learns; responses are never stored.",
+    (
+        *_pick(("id", "source", "source_kind", "messages", "prompt", "answer", "verifier")),
+        _c("verifier_version", "VARCHAR", "version of the verifier that certified the seed", False),
+        _c("domain", "VARCHAR", "task domain, e.g. math/arithmetic"),
+        _c("difficulty", "DOUBLE", "1 - pass rate of the policy rollouts (null: not estimated yet)"),
+        _c("difficulty_source", "DOUBLE", "difficulty as the source gave it, never overwritten"),
+        _c("pass_rate", "DOUBLE", "policy pass rate at K samples (null: not estimated yet)"),
+        _c("difficulty_k", "INTEGER", "K of the estimate"),
+        _c("difficulty_lineage", "VARCHAR", "lineage of the estimate (silver.rl_difficulty)"),
+        _c("difficulty_estimated", "BOOLEAN", "false when no estimate exists yet for the seed", False),
+        *_pick(("token_count", "lang", "license", "origin", "created_at")),
+    ),
+)
+
 ALL_TABLES = (
     BRONZE_RECORDS,
     SILVER_RECORDS,
@@ -378,6 +416,8 @@ ALL_TABLES = (
     GOLD_SFT,
     GOLD_PREFERENCE,
     GOLD_PREFERENCE_LENGTH_BALANCED,
+    SILVER_RL_CERTIFICATION,
+    SILVER_RL_DIFFICULTY,
     GOLD_RL_PROMPTS,
 )
 

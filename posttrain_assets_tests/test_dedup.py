@@ -392,7 +392,7 @@ def demo_records(out: Path) -> tuple[list[dict[str, Any]], dict[tuple[str, int],
 
 def test_demo_planted_near_duplicates_all_found(tmp_path: Path) -> None:
     rows, where, manifest, registry = demo_records(tmp_path)
-    assert len(rows) == 2821
+    assert len(rows) == 2819
     kept, dropped = dedup.deduplicate(rows, registry.priority)
     final = {r["id"]: r["id"] for r in rows}
     final.update({d["member_id"]: d["kept_id"] for d in dropped})
@@ -400,16 +400,19 @@ def test_demo_planted_near_duplicates_all_found(tmp_path: Path) -> None:
     assert len(planted) == 17
     pairs = [(where[(n["file"], n["row"])], where[(n["file"], n["of_row"])]) for n in planted]
     assert all(final[a] == final[b] for a, b in pairs)  # recall 1.0
-    # one planted GSM8K copy differs only in its worked solution, which is not part of the row: same content id
-    assert sum(a == b for a, b in pairs) == 1
+    # three planted GSM8K copies differ only in their worked solution, which is not part of the row: same content id
+    assert sum(a == b for a, b in pairs) == 3
     planted_ids = {i for pair in pairs for i in pair}
     assert {(d["method"], d["regime"]) for d in dropped} == {("near", "sft"), ("near", "preference"), ("near", "rl")}
-    assert len(dropped) == 18 and len(kept) == 2821 - 18
+    assert len(dropped) == 19 and len(kept) == 2819 - 19
     extra = [d for d in dropped if d["member_id"] not in planted_ids]
-    # the only clusters beyond the 16 planted pairs: two templated GSM8K rows whose copies differ in a name
-    # (and an object noun) only, same numbers and answer
+    # the only clusters beyond the 14 planted pairs: templated GSM8K rows whose copies differ in a name or an
+    # object noun only, with the same numbers and answer (the same problem for an RL prompt bank)
     by_id = {r["id"]: r for r in rows}
     assert sorted((by_id[d["member_id"]]["prompt"][:20], by_id[d["kept_id"]]["prompt"][:20]) for d in extra) == [
-        ("Aisha has $120 saved", "Noah has $120 saved."),
-        ("Leila's workshop pro", "Maria's workshop pro"),
+        ("Noah has $120 saved.", "Aisha has $120 saved"),
+        ("Olga has 56 voluntee", "Elena has 56 books a"),
+        ("There are 10 marbles", "There are 10 sticker"),
+        ("There are 78 student", "There are 78 chairs."),
+        ("Yuki has $1060 saved", "Grace has $1060 save"),
     ]

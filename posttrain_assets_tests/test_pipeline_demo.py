@@ -2,6 +2,7 @@
 and failing blocking checks keep gold tables as they were."""
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,17 +14,22 @@ from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
 from posttrain_assets_tests.graph import Graph, deployed
 
-GOLD_KEYS = {dg.AssetKey(["gold", name]) for name in ("sft", "preference", "rl_prompts")}
+GOLD_KEYS = {dg.AssetKey(["gold", name]) for name in ("sft", "preference", "preference_length_balanced", "rl_prompts")}
+GOLD_TABLES = ("gold.sft", "gold.preference_length_balanced", "gold.rl_prompts")
 SNAPSHOT_TABLES = (
     "silver.records",
     "silver.eval_records",
     "silver.quarantine",
     "silver.dedup_clusters",
+    "silver.contamination",
+    "silver.cross_regime_leaks",
     "silver.sft_tokenized",
     "silver.sft_quarantine",
-    "gold.sft",
-    "gold.preference",
-    "gold.rl_prompts",
+    "silver.preference_pairs",
+    "silver.preference_audit",
+    "silver.preference_pairs_balanced",
+    "silver.preference_balance_drops",
+    *GOLD_TABLES,
 )
 
 
@@ -64,9 +70,17 @@ def test_every_planted_malformed_row_is_quarantined_with_its_reason(demo_graph: 
     planted = {
         (name, bad["row"], bad["reason"]) for name, spec in manifest["sources"].items() for bad in spec["malformed"]
     }
-    quarantined = set(demo_graph.query("SELECT source, row_number, reason FROM silver.quarantine"))
+    quarantined = set(
+        demo_graph.query("SELECT source, row_number, reason FROM silver.quarantine WHERE stage = 'canonical'")
+    )
     assert quarantined == planted
     assert len(quarantined) == manifest["total_malformed"] == 33
+    # The cleaning pass quarantines exactly the five GSM8K rows copied from the eval set, and nothing else.
+    cleaned = set(
+        demo_graph.query("SELECT source, row_number, stage, reason FROM silver.quarantine WHERE stage != 'canonical'")
+    )
+    assert cleaned == {(c["source"], c["row"], "decontamination", "contaminated") for c in manifest["contaminated"]}
+    assert len(cleaned) == 5
     # Every message names the file, the row and (where one is to blame) the field.
     for file_path, row, field, message in demo_graph.query(
         "SELECT file_path, row_number, field, message FROM silver.quarantine"
@@ -81,7 +95,7 @@ def test_exact_duplicates_collapse_onto_the_kept_twin(demo_graph: Graph, manifes
         (source, row): (kept_source, kept_row)
         for source, row, kept_source, kept_row in demo_graph.query(
             "SELECT d.source, d.row_number, r.source, r.origin.row FROM silver.dedup_clusters d "
-            "JOIN silver.records r ON r.id = d.kept_id"
+            "JOIN silver.records r ON r.id = d.kept_id WHERE d.method = 'exact'"
         )
     }
     for group in manifest["exact_duplicates"]:
@@ -90,10 +104,30 @@ def test_exact_duplicates_collapse_onto_the_kept_twin(demo_graph: Graph, manifes
         # All copies point at one kept twin, which is itself not dropped.
         assert len(kept) == 1 and None not in kept, group
         assert kept.pop() not in dropped
-    assert len(dropped) == manifest["exact_duplicate_surplus_rows"] + 1 == 12
-    # The extra one is a templated GSM8K question generated twice by chance: same content, same id.
-    (extra,) = set(dropped) - {(r["source"], r["row"]) for g in manifest["exact_duplicates"] for r in g["rows"]}
-    assert extra[0] == "demo_rl_gsm8k"
+    assert len(dropped) == manifest["exact_duplicate_surplus_rows"] + 3 == 14
+    # The three extra ones are templated GSM8K questions generated twice by chance: same prompt and answer
+    # (silver keeps no worked solution), so the same content id.
+    extra = set(dropped) - {(r["source"], r["row"]) for g in manifest["exact_duplicates"] for r in g["rows"]}
+    assert sorted(extra) == [("demo_rl_gsm8k", 48), ("demo_rl_gsm8k", 302), ("demo_rl_gsm8k", 370)]
+
+
+def test_planted_near_duplicates_are_clustered_with_their_originals(demo_graph: Graph, manifest: dict) -> None:
+    kept_of = dict(demo_graph.query("SELECT d.source || ':' || d.row_number, d.kept_id FROM silver.dedup_clusters d"))
+    id_of = {
+        f"{source}:{row}": record_id
+        for source, row, record_id in demo_graph.query("SELECT source, origin.row, id FROM silver.records")
+    }
+
+    def final(row: str) -> str:
+        return id_of.get(row) or kept_of[row]
+
+    for near in manifest["near_duplicates"]:
+        copy, original = f"{near['source']}:{near['row']}", f"{near['source']}:{near['of_row']}"
+        # Copy and original end in one cluster: one of them kept, the other dropped onto it (recall 1.0).
+        assert final(copy) == final(original), near
+    assert len(manifest["near_duplicates"]) == 17
+    methods = dict(demo_graph.query("SELECT method, count(*) FROM silver.dedup_clusters GROUP BY method"))
+    assert methods == {"exact": 14, "near": 19}
 
 
 def test_nothing_is_lost_per_source(demo_graph: Graph) -> None:
@@ -112,11 +146,10 @@ def test_nothing_is_lost_per_source(demo_graph: Graph) -> None:
 
 
 def test_gold_counts_and_the_eval_set_stays_out(demo_graph: Graph) -> None:
-    assert demo_graph.query("SELECT count(*) FROM gold.sft") == [(960,)]
-    assert demo_graph.query("SELECT count(*) FROM gold.preference") == [(1003,)]
-    assert demo_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(858,)]
+    assert demo_graph.query("SELECT count(*) FROM gold.sft") == [(950,)]
+    assert demo_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(845,)]
     assert demo_graph.query("SELECT count(*) FROM silver.eval_records") == [(60,)]
-    for table in ("gold.sft", "gold.preference", "gold.rl_prompts"):
+    for table in GOLD_TABLES:
         assert demo_graph.query(f"SELECT count(*) FROM {table} WHERE source = 'demo_eval_gsm8k'") == [(0,)]
 
 
@@ -133,11 +166,11 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
 
 @pytest.fixture
 def broken_graph(
-    demo_dir: Path, tmp_path: Path, tokenizer_cache_dir: Path
+    demo_graph: Graph, demo_dir: Path, tmp_path: Path, tokenizer_cache_dir: Path
 ) -> Iterator[tuple[Graph, dict[str, list[tuple]]]]:
-    """A private deployment with a good run behind it, and the snapshot of that run."""
+    """A private deployment on a copy of the demo warehouse (a good run behind it), and its snapshot."""
+    shutil.copy(demo_graph.database, tmp_path / "warehouse.duckdb")
     with deployed(demo_dir / "sources.yaml", tmp_path, tokenizer_cache_dir) as graph:
-        graph.run_all()
         yield graph, snapshot(graph)
 
 
@@ -154,15 +187,15 @@ def test_failing_silver_schema_check_leaves_gold_untouched(
     broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph, good = broken_graph
-    real_build = canonical.build_silver
+    real_clean = canonical.clean_corpus
 
-    def build_with_a_missing_answer(*args, **kwargs):
-        tables = real_build(*args, **kwargs)
-        victim = next(r for r in tables.records if r["regime"] == "rl")
+    def clean_then_lose_an_answer(*args, **kwargs):
+        cleaned = real_clean(*args, **kwargs)
+        victim = next(r for r in cleaned.kept if r["regime"] == "rl")
         victim["answer"] = None
-        return tables
+        return cleaned
 
-    monkeypatch.setattr(canonical, "build_silver", build_with_a_missing_answer)
+    monkeypatch.setattr(canonical, "clean_corpus", clean_then_lose_an_answer)
     result = graph.refresh()
 
     assert not result.success
@@ -171,7 +204,7 @@ def test_failing_silver_schema_check_leaves_gold_untouched(
     assert "rl rows: required field answer is null or empty: 1 row(s)" in evaluation.description
     assert dg.AssetKey(["silver", "records"]) in _materialized(result)
     assert not _materialized(result) & GOLD_KEYS
-    for table in ("gold.sft", "gold.preference", "gold.rl_prompts"):
+    for table in GOLD_TABLES:
         assert graph.query(f"SELECT * FROM {table} ORDER BY ALL") == good[table], table
 
 
@@ -203,4 +236,30 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
     assert dg.AssetKey(["gold", "sft"]) not in _materialized(result)
     # gold.sft is exactly what the last good run wrote; the other regimes were not blocked by an SFT mask.
     assert graph.query("SELECT * FROM gold.sft ORDER BY ALL") == good["gold.sft"]
-    assert {dg.AssetKey(["gold", "preference"]), dg.AssetKey(["gold", "rl_prompts"])} <= _materialized(result)
+    assert {dg.AssetKey(["gold", "preference_length_balanced"]), dg.AssetKey(["gold", "rl_prompts"])} <= _materialized(
+        result
+    )
+
+
+def test_planted_length_bias_fails_the_gate_and_the_balanced_remedy_passes(demo_graph: Graph) -> None:
+    # The demo's ultrafeedback source has chosen longer in 90% of its pairs: the gate holds gold.preference back.
+    tables = {
+        t for (t,) in demo_graph.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'gold'")
+    }
+    assert "preference" not in tables and "preference_length_balanced" in tables
+    audit = dict(
+        demo_graph.query(
+            "SELECT group_name, round(chosen_longer_share, 3) FROM silver.preference_audit WHERE group_kind = 'source'"
+        )
+    )
+    assert audit["demo_pref_ultrafeedback"] == 0.9
+    assert all(0.35 <= share <= 0.65 for name, share in audit.items() if name != "demo_pref_ultrafeedback")
+    # The balanced remedy drops only from the offending source, and exactly the pairs it reports.
+    drops = demo_graph.query("SELECT source, reason, count(*) FROM silver.preference_balance_drops GROUP BY ALL")
+    assert drops == [("demo_pref_ultrafeedback", "length_balance", 240)]
+    assert demo_graph.query("SELECT count(*) FROM gold.preference_length_balanced") == [(1000 - 240,)]
+    balanced = demo_graph.query(
+        "SELECT avg(CASE WHEN length_diff > 0 THEN 1.0 WHEN length_diff = 0 THEN 0.5 ELSE 0 END) "
+        "FROM gold.preference_length_balanced WHERE source = 'demo_pref_ultrafeedback'"
+    )
+    assert balanced == [(0.5,)]

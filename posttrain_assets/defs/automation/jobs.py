@@ -13,8 +13,25 @@ ingest_source_job = dg.define_asset_job(
     description="Re-ingest one registry source (a bronze partition) from its landing files.",
 )
 
+PUBLISH = dg.AssetSelection.groups("publish")
+
 refresh_corpus_job = dg.define_asset_job(
     "refresh_corpus",
-    selection=dg.AssetSelection.all() - BRONZE,
+    selection=dg.AssetSelection.all() - BRONZE - PUBLISH,
     description="Rebuild silver and gold from bronze, running every check; blocking checks stop gold.",
+)
+
+publish_job = dg.define_asset_job(
+    "publish",
+    selection=PUBLISH,
+    description="The provenance view and audit over every gold table, then the trainer-ready exports. A separate run, "
+    "so a gold table held back by its gate does not stop the others from being published.",
+)
+
+estimate_rl_difficulty_job = dg.define_asset_job(
+    "estimate_rl_difficulty",
+    selection=dg.AssetSelection.assets(["silver", "rl_difficulty"], ["gold", "rl_prompts"]),
+    description="Sample a batch of pending RL seeds with the policy (SmolLM2-135M-Instruct, extra `policy`), then "
+    "re-curate the bank. Run it repeatedly (or on a schedule): each run only samples seeds without an estimate.",
+    config={"ops": {"silver_rl_difficulty": {"config": {"max_prompts": 16, "k": 8, "max_new_tokens": 256}}}},
 )

@@ -1,21 +1,78 @@
-"""gold.rl_prompts: the RLVR prompt bank (prompt, gold answer, verifier, domain, difficulty)."""
+"""gold.rl_prompts: the RLVR prompt bank: certified seeds, curated to the pass-rate band where a policy learns.
+
+A prompt the policy always solves (pass rate 1) or never solves (0) gives no gradient, so seeds with an
+estimate outside the band are left out; seeds with no estimate yet are kept, flagged
+``difficulty_estimated = false``, unless ``keep_unestimated`` is off.
+"""
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, write_projection
+from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, column_lineage
+from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
-from posttrain_assets.tables import GOLD_RL_PROMPTS, SILVER_RECORDS
+from posttrain_assets.defs.silver.rl import CERTIFICATION_KEY, DIFFICULTY_KEY
+from posttrain_assets.tables import GOLD_RL_PROMPTS, SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
+
+
+class DifficultyBandConfig(dg.Config):
+    """Keep seeds whose pass rate is strictly inside (min_pass_rate, max_pass_rate)."""
+
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+    keep_unestimated: bool = True
+
+
+# The latest estimate per seed; a seed with none has null difficulty and is flagged.
+RL_BANK = f"""
+WITH latest AS (
+    SELECT * FROM {SILVER_RL_DIFFICULTY.qualified}
+    QUALIFY row_number() OVER (PARTITION BY id ORDER BY estimated_at DESC, lineage) = 1
+)
+SELECT r.id, r.source, r.source_kind, r.messages, r.prompt, r.answer, r.verifier,
+       c.verifier_version, r.domain,
+       l.difficulty, r.difficulty AS difficulty_source, l.pass_rate, l.k AS difficulty_k,
+       l.lineage AS difficulty_lineage, l.id IS NOT NULL AS difficulty_estimated,
+       r.token_count, r.lang, r.license, r.origin, r.created_at
+FROM {SILVER_RECORDS.qualified} r
+JOIN {SILVER_RL_CERTIFICATION.qualified} c ON c.id = r.id AND c.certified
+LEFT JOIN latest l ON l.id = r.id
+WHERE r.regime = 'rl'
+  AND CASE WHEN l.id IS NULL THEN $keep_unestimated
+           ELSE l.pass_rate > $min_pass_rate AND l.pass_rate < $max_pass_rate END
+ORDER BY r.id
+"""
 
 
 @dg.asset(
     key=["gold", "rl_prompts"],
-    deps=[["silver", "records"]],
+    deps=[SILVER_RECORDS_KEY, CERTIFICATION_KEY, DIFFICULTY_KEY],
     group_name="gold",
     kinds={"duckdb"},
     pool="duckdb",
     automation_condition=GOLD_AUTOMATION,
     description=GOLD_RL_PROMPTS.description,
 )
-def gold_rl_prompts(duckdb: DuckDBResource) -> dg.MaterializeResult:
-    return write_projection(duckdb, GOLD_RL_PROMPTS, SILVER_RECORDS, SILVER_RECORDS_KEY, "regime = ?", ["rl"])
+def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    names = ", ".join(f'"{c}"' for c in GOLD_RL_PROMPTS.column_names)
+    with duckdb.get_connection() as conn:
+        conn.execute(SILVER_RL_DIFFICULTY.create_sql())  # no estimates yet is a valid state
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute(GOLD_RL_PROMPTS.create_sql(replace=True))
+        conn.execute(
+            f"INSERT INTO {GOLD_RL_PROMPTS.qualified} ({names}) {RL_BANK}",
+            {
+                "keep_unestimated": config.keep_unestimated,
+                "min_pass_rate": config.min_pass_rate,
+                "max_pass_rate": config.max_pass_rate,
+            },
+        )
+        conn.execute("COMMIT")
+        metadata = table_metadata(conn, GOLD_RL_PROMPTS, preview_columns=["id", "source", "prompt"], group_by="source")
+        estimated = conn.execute(
+            f"SELECT count(*) FILTER (WHERE difficulty_estimated) FROM {GOLD_RL_PROMPTS.qualified}"
+        ).fetchone()[0]
+    metadata["estimated_seeds"] = dg.MetadataValue.int(estimated)
+    metadata["band"] = dg.MetadataValue.json(config.model_dump())
+    metadata["dagster/column_lineage"] = column_lineage(GOLD_RL_PROMPTS, SILVER_RECORDS_KEY)
+    return dg.MaterializeResult(metadata=metadata)

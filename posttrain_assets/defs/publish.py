@@ -1,0 +1,117 @@
+"""Publish: the provenance view over every gold table, and the trainer-ready exports.
+
+Run as their own job after a refresh: a gold table held back by its gate (say gold.preference past a failed
+length_confound_check) must not stop the others from being traced and exported; a held-back table that was
+never written is skipped and its card says so.
+"""
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.defs.metadata import markdown_table
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.exports import export_gold
+from posttrain_assets.trace import GOLD_TABLES, create_trace_view, gold_tables
+
+GOLD_KEYS = [dg.AssetKey(t.split(".")) for t in GOLD_TABLES]
+TRACE_KEY = dg.AssetKey(["gold", "trace"])
+EXPORTS_KEY = dg.AssetKey(["exports", "trainer_files"])
+
+# Publish whenever gold changed; unlike gold itself, not every upstream table has to exist.
+PUBLISH_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+
+
+@dg.asset(
+    key=TRACE_KEY,
+    deps=GOLD_KEYS,
+    group_name="publish",
+    kinds={"duckdb"},
+    pool="duckdb",
+    automation_condition=PUBLISH_AUTOMATION,
+    description="gold.trace: one row per gold row with its silver row, bronze row (file, row number, sha256s), source, "
+    "license, origin and the duplicates that collapsed onto it. `posttrain trace ID` prints the same chain.",
+)
+def gold_trace(duckdb: DuckDBResource) -> dg.MaterializeResult:
+    with duckdb.get_connection() as conn:
+        create_trace_view(conn)
+        tables = gold_tables(conn)
+        counts = conn.execute("SELECT gold_table, count(*) FROM gold.trace GROUP BY ALL ORDER BY ALL").fetchall()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(sum(n for _, n in counts)),
+            "gold_tables": dg.MetadataValue.json(tables),
+            "rows_by_table": dg.MetadataValue.md(markdown_table(["gold table", "rows"], counts)),
+        }
+    )
+
+
+class ExportsConfig(dg.Config):
+    """Where to write (empty: an ``exports`` folder next to the DuckDB file)."""
+
+    out_dir: str = ""
+
+
+def _all_check_keys(context: dg.AssetExecutionContext) -> set[dg.AssetCheckKey]:
+    """Every asset check of the code location (a run started from code has no repository on its context)."""
+    try:
+        return set(context.repository_def.asset_graph.asset_check_keys)
+    except Exception:  # execute_in_process has no repository: load the definitions the run came from
+        from posttrain_assets.pipeline import load_definitions
+
+        return set(load_definitions().resolve_asset_graph().asset_check_keys)
+
+
+def _latest_check_verdicts(context: dg.AssetExecutionContext) -> list[dict]:
+    """The latest verdict of every check, for the dataset cards."""
+    verdicts = []
+    for key in sorted(_all_check_keys(context), key=lambda k: k.to_user_string()):
+        record = context.instance.get_latest_asset_check_evaluation_record(key)
+        evaluation = record.event.asset_check_evaluation if record and record.event else None
+        if evaluation is not None:
+            verdicts.append(
+                {
+                    "name": key.name,
+                    "asset": key.asset_key.to_user_string(),
+                    "passed": evaluation.passed,
+                    "description": evaluation.description or "",
+                }
+            )
+    return verdicts
+
+
+@dg.asset(
+    key=EXPORTS_KEY,
+    deps=[TRACE_KEY],
+    group_name="publish",
+    kinds={"parquet", "json"},
+    pool="duckdb",
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Every gold table as Parquet and JSONL in the layouts trainers read as they are (TRL SFT with "
+    "input_ids/labels, TRL preference, verl RL), each with a dataset card (counts, sources and licenses, checks, "
+    "tokenizer and template hashes).",
+)
+def exports_trainer_files(
+    context: dg.AssetExecutionContext, config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
+) -> dg.MaterializeResult:
+    out_dir = Path(config.out_dir) if config.out_dir else Path(duckdb.database).resolve().parent / "exports"
+    checks = _latest_check_verdicts(context)
+    with duckdb.get_connection() as conn:
+        manifest = export_gold(
+            conn,
+            out_dir,
+            tokenizer_identity=tokenizer.identity(),
+            checks=checks,
+            created_at=dt.datetime.now(dt.UTC),
+        )
+    rows = [(t.name, t.table, t.layout, t.rows) for t in manifest.tables]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out_dir)),
+            "exports": dg.MetadataValue.md(markdown_table(["folder", "gold table", "layout", "rows"], rows)),
+            "skipped": dg.MetadataValue.json(list(manifest.skipped)),
+            **{f"rows/{t.name}": dg.MetadataValue.int(t.rows) for t in manifest.tables},
+        }
+    )

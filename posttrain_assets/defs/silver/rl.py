@@ -1,0 +1,197 @@
+"""The RL prompt bank's silver stages: certify every seed's verifier, and estimate difficulty from real rollouts.
+
+silver.rl_certification: each seed's verifier must score the gold answer 1.0 in 3 separate processes and a
+perturbed wrong answer 0.0; seeds that fail stay out of gold with the reason.
+silver.rl_difficulty: K samples per prompt from a real small policy (SmolLM2-135M-Instruct, optional extra
+``policy``), scored by the seed's verifier; incremental per lineage. The default run config samples nothing
+(``max_prompts=0``), so the routine refresh stays fast and torch-free; the ``estimate_rl_difficulty`` job
+samples a batch of pending prompts each time it runs.
+"""
+
+import datetime as dt
+import json
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from posttrain_assets.defs.metadata import markdown_table, table_metadata
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY, fetch_dicts
+from posttrain_assets.verifiers import VERIFIER_VERSIONS, certify_many
+
+CERTIFICATION_KEY = dg.AssetKey(["silver", "rl_certification"])
+DIFFICULTY_KEY = dg.AssetKey(["silver", "rl_difficulty"])
+
+RL_SEEDS = (
+    f"SELECT id, source, messages, answer, verifier FROM {SILVER_RECORDS.qualified} WHERE regime = 'rl' ORDER BY id"
+)
+CERTIFIED_SEEDS = f"""
+SELECT r.id, r.messages, r.answer, r.verifier
+FROM {SILVER_RECORDS.qualified} r JOIN {SILVER_RL_CERTIFICATION.qualified} c USING (id)
+WHERE c.certified ORDER BY r.id
+"""
+
+
+class CertificationConfig(dg.Config):
+    runs: int = 3
+    workers: int = 2
+    timeout_seconds: float = 10.0
+
+
+@dg.asset(
+    key=CERTIFICATION_KEY,
+    deps=[SILVER_RECORDS_KEY],
+    group_name="silver",
+    kinds={"duckdb"},
+    pool="duckdb",
+    automation_condition=SILVER_AUTOMATION,
+    description=SILVER_RL_CERTIFICATION.description,
+)
+def silver_rl_certification(
+    context: dg.AssetExecutionContext, config: CertificationConfig, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    with duckdb.get_connection() as conn:
+        seeds = fetch_dicts(conn, RL_SEEDS)
+    context.log.info(f"certifying {len(seeds)} RL seeds ({config.runs} runs, separate processes)")
+    verdicts = certify_many(
+        [{"verifier": s["verifier"], "gold": s["answer"]} for s in seeds],
+        runs=config.runs,
+        workers=config.workers,
+        timeout_seconds=config.timeout_seconds,
+    )
+    rows = [
+        {
+            "id": seed["id"],
+            "source": seed["source"],
+            "verifier": seed["verifier"],
+            "verifier_version": verdict.version,
+            "certified": verdict.ok,
+            "reason": verdict.reason,
+            "gold_scores": verdict.gold_scores,
+            "perturbed_score": verdict.perturbed_score,
+        }
+        for seed, verdict in zip(seeds, verdicts, strict=True)
+    ]
+    failures = Counter(r["reason"] for r in rows if not r["certified"])
+    with duckdb.get_connection() as conn:
+        replace_table(conn, SILVER_RL_CERTIFICATION, rows)
+        metadata = table_metadata(
+            conn,
+            SILVER_RL_CERTIFICATION,
+            preview_columns=["id", "verifier", "certified", "reason"],
+            group_by="verifier",
+        )
+    metadata.update(
+        {
+            "certified": dg.MetadataValue.int(sum(r["certified"] for r in rows)),
+            "failed": dg.MetadataValue.int(sum(failures.values())),
+            "failures_by_reason": dg.MetadataValue.json(dict(sorted(failures.items()))),
+            "verifier_versions": dg.MetadataValue.json(VERIFIER_VERSIONS),
+        }
+    )
+    return dg.MaterializeResult(metadata=metadata)
+
+
+class RolloutConfig(dg.Config):
+    """How difficulty is sampled. ``max_prompts`` bounds one run's work (0: sample nothing)."""
+
+    max_prompts: int = 0
+    k: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 4
+
+
+@dg.asset(
+    key=DIFFICULTY_KEY,
+    deps=[CERTIFICATION_KEY],
+    group_name="silver",
+    kinds={"duckdb", "torch"},
+    pool="duckdb",
+    description=SILVER_RL_DIFFICULTY.description,
+)
+def silver_rl_difficulty(
+    context: dg.AssetExecutionContext, config: RolloutConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
+) -> dg.MaterializeResult:
+    """Sample up to ``max_prompts`` certified seeds that have no estimate for this lineage yet."""
+    from posttrain_assets.rollouts import SamplingParams, default_policy, pending, seed_lineage
+
+    policy = default_policy(Path(tokenizer.cache_dir))
+    sampling = SamplingParams(
+        k=config.k,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
+    with duckdb.get_connection() as conn:
+        conn.execute(SILVER_RL_DIFFICULTY.create_sql())
+        seeds = fetch_dicts(conn, CERTIFIED_SEEDS)
+        existing = set(conn.execute(f"SELECT id, lineage FROM {SILVER_RL_DIFFICULTY.qualified}").fetchall())
+    todo = pending(seeds, existing, lambda s: seed_lineage(s, policy, sampling))
+    batch = todo[: config.max_prompts]
+    context.log.info(f"{len(todo)} certified seeds lack an estimate for this lineage; sampling {len(batch)} now")
+    estimates = []
+    if batch:
+        from posttrain_assets.rollouts import estimate_difficulty
+
+        def progress(done: int, total: int) -> None:
+            context.log.info(f"rollouts: {done}/{total} prompts")
+
+        estimates = estimate_difficulty(
+            batch, policy, sampling, tokenizer=tokenizer.get(), batch_size=config.batch_size, progress=progress
+        )
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "id": e.id,
+            "lineage": e.lineage,
+            "model": e.model,
+            "model_sha256": e.model_sha256,
+            "sampling": json.dumps(e.sampling, sort_keys=True),
+            "verifier": e.verifier,
+            "verifier_version": e.verifier_version,
+            "k": e.k,
+            "passes": e.passes,
+            "pass_rate": e.pass_rate,
+            "difficulty": e.difficulty,
+            "truncated": e.truncated,
+            "estimated_at": now,
+        }
+        for e in estimates
+    ]
+    with duckdb.get_connection() as conn:
+        if rows:
+            import pyarrow as pa
+
+            conn.execute("BEGIN TRANSACTION")
+            conn.register("estimates", pa.Table.from_pylist(rows))
+            conn.execute(
+                f"DELETE FROM {SILVER_RL_DIFFICULTY.qualified} t USING estimates e "
+                "WHERE t.id = e.id AND t.lineage = e.lineage"
+            )
+            conn.execute(SILVER_RL_DIFFICULTY.insert_sql("estimates"))
+            conn.unregister("estimates")
+            conn.execute("COMMIT")
+        metadata = table_metadata(conn, SILVER_RL_DIFFICULTY, preview_columns=["id", "k", "passes", "difficulty"])
+    metadata.update(
+        {
+            "sampled_now": dg.MetadataValue.int(len(rows)),
+            "pending_after": dg.MetadataValue.int(len(todo) - len(batch)),
+            "model": dg.MetadataValue.text(policy.name),
+            "model_sha256": dg.MetadataValue.text(policy.model_sha256),
+            "sampling": dg.MetadataValue.json(sampling.as_dict()),
+            "estimates": dg.MetadataValue.md(
+                markdown_table(
+                    ["id", "passes", "k", "difficulty"],
+                    [(r["id"], r["passes"], r["k"], r["difficulty"]) for r in rows[:20]],
+                )
+            ),
+        }
+    )
+    return dg.MaterializeResult(metadata=metadata)
