@@ -263,3 +263,32 @@ def test_planted_length_bias_fails_the_gate_and_the_balanced_remedy_passes(demo_
         "FROM gold.preference_length_balanced WHERE source = 'demo_pref_ultrafeedback'"
     )
     assert balanced == [(0.5,)]
+
+
+def test_rl_bank_is_certified_and_traceable(demo_graph: Graph) -> None:
+    certification = demo_graph.query(
+        "SELECT verifier, count(*), count(*) FILTER (WHERE certified) FROM silver.rl_certification GROUP BY ALL "
+        "ORDER BY ALL"
+    )
+    assert certification == [("exact_match", 50, 50), ("math", 200, 200), ("numeric", 595, 595)]
+    bank = demo_graph.query(
+        "SELECT count(*), count(*) FILTER (WHERE NOT difficulty_estimated), count(DISTINCT verifier_version) "
+        "FROM gold.rl_prompts"
+    )
+    assert bank == [(845, 845, 3)]
+
+
+def test_publish_traces_every_gold_row_and_exports_them(demo_graph: Graph) -> None:
+    traced = dict(demo_graph.query("SELECT gold_table, count(*) FROM gold.trace GROUP BY ALL"))
+    assert traced == {"gold.sft": 950, "gold.preference_length_balanced": 760, "gold.rl_prompts": 845}
+    assert demo_graph.query("SELECT count(*) FROM gold.trace WHERE NOT in_bronze OR NOT in_silver") == [(0,)]
+    exports = demo_graph.database.parent / "exports"
+    manifest = json.loads((exports / "manifest.json").read_text())
+    assert {e["name"]: e["rows"] for e in manifest["exports"]} == {
+        "sft": 950,
+        "preference_length_balanced": 760,
+        "rl": 845,
+    }
+    assert manifest["skipped"] == ["gold.preference"]
+    card = (exports / "sft" / "README.md").read_text()
+    assert "loss_mask_check" in card and "CC-BY-NC-4.0" in card
