@@ -39,8 +39,18 @@ Definitions (each one also in the docstring of the :class:`LengthAudit` field it
 - **quantiles**: numpy's default linear interpolation (Hyndman-Fan type 7), keys ``p10 p25 p75 p90``.
 - **tie**: chosen and rejected are identical or near-identical text after :func:`normalize_for_tie`
   (NFKC, casefold, whitespace runs collapsed to one space, punctuation and whitespace stripped at both ends):
-  the normalised texts are equal, or their character-level ``difflib.SequenceMatcher`` ratio (autojunk off)
-  is >= ``tie_similarity`` (default 0.95, configurable). ``tie_rate`` = ties / pairs.
+  the normalised texts are equal, or their character-level indel similarity
+  ``2 * LCS(a, b) / (len(a) + len(b))`` (:func:`text_similarity`; LCS = longest common subsequence) is
+  >= ``tie_similarity`` (default 0.95, configurable). Equivalently the fewest single-character insertions
+  and deletions turning one normalised text into the other are at most 5% of their combined length. This is
+  the quantity difflib's ``SequenceMatcher.ratio`` (used before) approximates with a quadratic matcher; it
+  is never lower than difflib's ratio and equal to it for few, local differences (it gives the same ties on
+  HH-RLHF and on every test). :func:`is_tie` decides it exactly in linear passes (equality, length bound,
+  common prefix/suffix, character-count bound) before a bit-parallel LCS of the differing middle, so long
+  near-identical replies cost milliseconds. ``tie_rate`` = ties / pairs. A pair that already carries a
+  boolean ``is_tie`` (the silver.preference_pairs column, computed by :func:`posttrain_assets.pairs.build_pairs`
+  with the same threshold) is trusted by :func:`audit`, :func:`audit_group` and :func:`balance_pairs`; the
+  tie test runs only for pairs without one (missing or None).
 - **score statistics**: over pairs where both scores are present and finite (``scored_pairs``); a score tie
   is ``|score_chosen - score_rejected| <= 1e-9``; margins are ``score_chosen - score_rejected``.
 
@@ -54,13 +64,12 @@ would only repeat the source verdicts, except through small unjudged sources.
 
 from __future__ import annotations
 
-import difflib
 import io
 import math
 import random
 import statistics
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -174,28 +183,99 @@ def normalize_for_tie(text: str) -> str:
     return _strip_ends(" ".join(text.split()))
 
 
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high:  # invariant: a[:low] == b[:low] and a[:high + 1] != b[:high + 1]
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _char_masks(text: str) -> dict[str, int]:
+    """Per distinct character of ``text``, the int whose bit i is set where ``text[i]`` is that character."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return {
+        chr(code): int.from_bytes(np.packbits(codes == code, bitorder="little").tobytes(), "little")
+        for code in np.unique(codes).tolist()
+    }
+
+
+def _lcs_length(a: str, b: str, need: int = 0) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (bit-parallel, Hyyrö 2004).
+
+    One bit per character of ``a`` in a Python int; one step of a few big-int operations per character of
+    ``b`` (so ``len(b) * ceil(len(a) / 64)`` machine-word operations, all in C). With ``need`` > 0 it may stop
+    early and return any value below ``need`` once ``need`` is out of reach (the exact length otherwise).
+    """
+    if not a or not b:
+        return 0
+    if len(a) < len(b):  # fewer Python-level steps: iterate over the shorter text
+        a, b = b, a
+    masks = _char_masks(a)
+    full = (1 << len(a)) - 1
+    v = full  # bit i clear <=> a[i] is used by the LCS of a and the prefix of b seen so far
+    n = len(b)
+    for j, ch in enumerate(b, 1):
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+        if need and not j & 63:
+            lcs = len(a) - v.bit_count()
+            if lcs + (n - j) < need:  # even matching every remaining character of b falls short
+                return lcs + (n - j)
+    return len(a) - v.bit_count()
+
+
 def text_similarity(a: str, b: str) -> float:
-    """Character-level ``difflib.SequenceMatcher`` ratio of two strings (autojunk off), in [0, 1]."""
+    """Indel similarity of two strings, in [0, 1]: ``2 * LCS(a, b) / (len(a) + len(b))``, 1.0 when equal.
+
+    LCS is the longest common subsequence of characters, so this is ``1 - indel_distance / (len(a) + len(b))``
+    with the indel distance the fewest single-character insertions and deletions turning one text into the
+    other (the measure of ``rapidfuzz.fuzz.ratio`` / ``Levenshtein.ratio``). It is what difflib's
+    ``SequenceMatcher.ratio`` approximates; difflib's matching blocks are a common subsequence, so difflib's
+    ratio is never higher, and the two agree when the differences are few and local.
+    """
     if a == b:
         return 1.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    return 2.0 * _lcs_length(a, b) / (len(a) + len(b))
 
 
 def is_tie(chosen: str, rejected: str, similarity: float = DEFAULT_TIE_SIMILARITY) -> bool:
-    """Whether chosen and rejected are the same answer: normalised-equal or char similarity >= ``similarity``."""
+    """Whether chosen and rejected are the same answer: normalised-equal or :func:`text_similarity` of the
+    normalised texts >= ``similarity`` (see the module docstring).
+
+    Decided in cheap stages, each exact: equality; the length bound (a common subsequence is at most the
+    shorter text); stripping the common prefix and suffix (always part of an LCS); the character-count bound
+    (the LCS of the rest uses at most ``min(count_a(c), count_b(c))`` of each character c); and only then
+    the bit-parallel LCS of the differing middle, which stops as soon as the threshold is out of reach.
+    """
     a, b = normalize_for_tie(chosen), normalize_for_tie(rejected)
     if a == b:
         return True
     total = len(a) + len(b)
-    # ratio = 2 * matches / total <= 2 * min(len) / total: skip the quadratic matcher when even that cannot reach
-    if total == 0 or 2.0 * min(len(a), len(b)) / total < similarity:
+    if 2.0 * min(len(a), len(b)) / total < similarity:
         return False
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return (
-        matcher.real_quick_ratio() >= similarity
-        and matcher.quick_ratio() >= similarity
-        and (matcher.ratio() >= similarity)
-    )
+    prefix = _common_prefix_length(a, b)
+    a, b = a[prefix:], b[prefix:]
+    suffix = _common_prefix_length(a[::-1], b[::-1])
+    a, b = a[: len(a) - suffix], b[: len(b) - suffix]
+    common = prefix + suffix
+    if not a or not b:
+        return 2.0 * common / total >= similarity
+    counts_b = Counter(b)
+    bag = sum(min(count, counts_b[ch]) for ch, count in Counter(a).items())
+    if 2.0 * (common + bag) / total < similarity:
+        return False
+    need = next(k for k in range(math.floor(similarity * total / 2.0), total + 1) if 2.0 * k / total >= similarity)
+    needed_middle = need - common
+    if needed_middle <= 0:
+        return True
+    return 2.0 * (common + _lcs_length(a, b, needed_middle)) / total >= similarity
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,9 +328,17 @@ def _score(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def pair_is_tie(pair: Pair, tie_similarity: float = DEFAULT_TIE_SIMILARITY) -> bool:
+    """The pair's own ``is_tie`` when it carries one (not None), else :func:`is_tie` of its texts."""
+    flag = pair.get("is_tie")
+    if flag is None:
+        return is_tie(pair["chosen"], pair["rejected"], tie_similarity)
+    return bool(flag)
+
+
 def audit_group(pairs: Sequence[Pair], tie_similarity: float = DEFAULT_TIE_SIMILARITY) -> LengthAudit:
     """The :class:`LengthAudit` of one non-empty group of pairs; ``ValueError`` when it is empty."""
-    return _audit_group(pairs, [is_tie(p["chosen"], p["rejected"], tie_similarity) for p in pairs])
+    return _audit_group(pairs, [pair_is_tie(p, tie_similarity) for p in pairs])
 
 
 def _audit_group(pairs: Sequence[Pair], ties_by_pair: Sequence[bool]) -> LengthAudit:
@@ -327,10 +415,11 @@ def audit(
 ) -> dict[GroupKey, LengthAudit]:
     """A :class:`LengthAudit` per group: ``("source", name)``, ``("source_kind", kind)``, ``("overall", "all")``.
 
-    Groups come in the order of :func:`group_pairs`; no pairs at all give an empty dict.
+    Groups come in the order of :func:`group_pairs`; no pairs at all give an empty dict. The tie verdict is
+    taken once per pair (:func:`pair_is_tie`: its ``is_tie`` when present, else computed).
     """
     groups = group_pairs(pairs, group_keys)
-    tie_of = {id(p): is_tie(p["chosen"], p["rejected"], tie_similarity) for p in groups.get(("overall", "all"), [])}
+    tie_of = {id(p): pair_is_tie(p, tie_similarity) for p in groups.get(("overall", "all"), [])}
     return {key: _audit_group(members, [tie_of[id(p)] for p in members]) for key, members in groups.items()}
 
 
@@ -479,8 +568,9 @@ def _balance_source(members: Sequence[Pair], k: int | None, rng: random.Random) 
 def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None = None, seed: int = 0) -> BalanceResult:
     """Subsample the sources that break the thresholds into a length-balanced set; drop every tie.
 
-    1. Every pair that :func:`is_tie` (with ``thresholds.tie_similarity``) is dropped, reason ``tie``, in every
-       source: a pair with the same answer on both sides teaches nothing but noise.
+    1. Every tie is dropped, reason ``tie``, in every source (:func:`pair_is_tie`: the pair's ``is_tie`` when
+       it carries one, else :func:`is_tie` with ``thresholds.tie_similarity``; tested once per pair): a pair
+       with the same answer on both sides teaches nothing but noise.
     2. A source with fewer than ``min_pairs`` remaining pairs, or whose remaining pairs pass, is kept whole.
     3. Otherwise its pairs with d != 0 are stratified by |d| into quantile strata (10, then 20, 40, ... and
        finally one stratum per distinct |d|), and in each stratum a seeded random subset of the larger side
@@ -500,7 +590,7 @@ def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None =
     strata_used: dict[str, int | str] = {}
     by_source: dict[str, list[Pair]] = defaultdict(list)
     for pair in pairs:
-        if is_tie(pair["chosen"], pair["rejected"], thresholds.tie_similarity):
+        if pair_is_tie(pair, thresholds.tie_similarity):
             reasons[str(pair["id"])] = "tie"
         else:
             by_source[str(pair["source"])].append(pair)
@@ -509,7 +599,7 @@ def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None =
         members = sorted(members, key=lambda p: str(p["id"]))
         if len(members) < thresholds.min_pairs:
             continue
-        current = audit_group(members, thresholds.tie_similarity)
+        current = _audit_group(members, [False] * len(members))  # the ties went in step 1
         if not group_violations("source", source, current, thresholds):
             continue
         distinct = len({abs(int(p["chosen_tokens"]) - int(p["rejected_tokens"])) for p in members})
@@ -519,7 +609,7 @@ def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None =
                 k = None
             kept, dropped = _balance_source(members, k, random.Random(f"{seed}:{source}"))
             ok = len(kept) >= thresholds.min_pairs and not group_violations(
-                "source", source, audit_group(kept, thresholds.tie_similarity), thresholds
+                "source", source, _audit_group(kept, [False] * len(kept)), thresholds
             )
             if ok or k is None:
                 break
@@ -615,6 +705,7 @@ __all__ = [
     "length_histogram_png",
     "markdown_audit_table",
     "normalize_for_tie",
+    "pair_is_tie",
     "text_similarity",
     "wilson_interval",
 ]

@@ -118,9 +118,15 @@ class EvalIndex:
         index.postings = dict(postings)
         return index
 
+    def is_empty(self) -> bool:
+        """Whether nothing can match: no n-gram postings and no short prompts (e.g. no eval rows at all)."""
+        return not self.postings and not self.short_prompts
+
     def matches(self, record: Record) -> list[Match]:
         """Every (training field, eval entry) overlap of one training row, in field then entry order."""
         out: list[Match] = []
+        if self.is_empty():
+            return out
         for fname, text in training_fields(record):
             ws = words(text)
             if len(ws) < self.n:
@@ -143,7 +149,12 @@ class EvalIndex:
 
 
 def contamination_matches(records: Iterable[Record], index: EvalIndex) -> list[dict[str, Any]]:
-    """One dict per match: ``id``, ``source`` of the training row plus the :class:`Match` fields."""
+    """One dict per match: ``id``, ``source`` of the training row plus the :class:`Match` fields.
+
+    ``[]`` without looking at the records when the index is empty.
+    """
+    if index.is_empty():
+        return []
     rows = []
     for rec in records:
         for m in index.matches(rec):
@@ -151,21 +162,29 @@ def contamination_matches(records: Iterable[Record], index: EvalIndex) -> list[d
     return rows
 
 
-def contamination_report(records: Iterable[Record], index: EvalIndex) -> list[dict[str, Any]]:
+def contamination_report(
+    records: Iterable[Record], index: EvalIndex, matches: Iterable[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Per-benchmark report rows, sorted by benchmark.
 
     ``benchmark``; ``eval_rows`` (indexed); ``eval_rows_hit`` (eval rows sharing an n-gram or short
     prompt with some training row); ``training_rows`` (contaminated training rows); ``by_source``
     (training source -> contaminated rows); ``sample_ids`` (up to 10 contaminated training ids, sorted).
+
+    ``matches``: the :func:`contamination_matches` of the same ``records`` and ``index`` when already
+    computed; the report is then built from them and ``records`` is not scanned again (it is also not
+    scanned when the index is empty). :func:`contamination_scan` returns both in one pass.
     """
+    if matches is None:
+        matches = contamination_matches(records, index)
     hit_eval: dict[str, set[str]] = defaultdict(set)
     hit_train: dict[str, set[str]] = defaultdict(set)
     by_source: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for rec in records:
-        for m in index.matches(rec):
-            hit_eval[m.benchmark].add(m.eval_id)
-            hit_train[m.benchmark].add(rec["id"])
-            by_source[m.benchmark][rec["source"]].add(rec["id"])
+    for m in matches:
+        benchmark = m["benchmark"]
+        hit_eval[benchmark].add(m["eval_id"])
+        hit_train[benchmark].add(m["id"])
+        by_source[benchmark][m["source"]].add(m["id"])
     return [
         {
             "benchmark": b,
@@ -177,3 +196,11 @@ def contamination_report(records: Iterable[Record], index: EvalIndex) -> list[di
         }
         for b in sorted(index.eval_rows)
     ]
+
+
+def contamination_scan(
+    records: Iterable[Record], index: EvalIndex
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(contamination_matches(records, index), contamination_report(records, index))`` with one n-gram pass."""
+    matches = contamination_matches(records, index)
+    return matches, contamination_report((), index, matches=matches)

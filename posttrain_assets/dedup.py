@@ -7,10 +7,15 @@ left:
 1. **Exact after normalisation** (method ``exact_normalized``): two rows whose dedup units are equal
    after :func:`normalize_text` (differences of case, whitespace or Unicode form only), keyed by
    :func:`exact_key`.
-2. **Near duplicates** (method ``near``): MinHash signatures of word shingles of the dedup unit,
-   candidate pairs from ``datasketch.MinHashLSH``, every candidate verified by its estimated Jaccard
-   similarity (the fraction of equal signature slots) ``>= MinHashConfig.threshold``, verified pairs
-   joined into clusters with union-find.
+2. **Near duplicates** (method ``near``): MinHash signatures of word shingles of the dedup unit give
+   candidate pairs from ``datasketch.MinHashLSH`` (a wide net); every candidate is then verified on
+   the pair itself by its token-level **edit similarity** ``1 - Levenshtein(words_a, words_b) /
+   max(len_a, len_b)`` ``>= MinHashConfig.threshold`` (the "EditSim" check of Lee et al. 2022,
+   *Deduplicating Training Data Makes Language Models Better*, used there to confirm MinHash
+   matches), and verified pairs are joined into clusters with union-find. A copy with a fraction ``f``
+   of its words replaced has edit similarity ``>= 1 - f`` however the edits are spread, where shingle
+   Jaccard falls fast (15% scattered single-word edits leave 5-word-shingle Jaccard near 0.3).
+   ``similarity="jaccard"`` keeps the older check (estimated Jaccard of the signatures).
 
 Both run per regime: dedup units of different regimes are never compared. In each cluster one row is
 kept by :func:`choose_kept`; every other member is reported with the kept row's id. Prompts that
@@ -128,38 +133,67 @@ def exact_key(record: Record) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+Similarity = Literal["edit", "jaccard"]
+
+
 @dataclass(frozen=True)
 class MinHashConfig:
     """Parameters of near-duplicate detection.
 
-    - ``shingle_words``: shingles are runs of this many consecutive words of the normalised text
-      (joined by one space); a text with fewer words is one shingle (the whole normalised text).
+    - ``shingle_words``: shingles (the MinHash set elements of the candidate stage) are runs of this many
+      consecutive words of the normalised text (joined by one space); a text with fewer words is one
+      shingle (the whole normalised text). Short shingles keep copies with scattered edits findable: a
+      replaced word changes ``shingle_words`` shingles.
     - ``num_perm``: MinHash permutations (signature length); the estimate's standard error is about
       ``sqrt(J (1 - J) / num_perm)``, 0.04 at J = 0.7 with 128.
-    - ``threshold``: two units are near duplicates when their estimated Jaccard similarity of shingle
-      sets is at least this. 0.7 catches copies with 5-15% of their words reworded in one or two runs
-      (a run of k words changes k + shingle_words - 1 shingles) in texts of about 100+ words, while
-      unrelated chat texts stay below it; see the README's dedup section for the measured figures.
-    - ``lsh_threshold``: the threshold MinHashLSH's banding is tuned for, lower than ``threshold`` so
-      that pairs just above the threshold become candidates with high probability (None: threshold - 0.15);
-      it only widens the candidate set, every candidate is verified against ``threshold``.
+    - ``similarity``: how a candidate pair is verified. ``edit`` (default): token-level edit similarity
+      of the two normalised word sequences (:func:`edit_similarity`), computed exactly on the pair;
+      ``jaccard``: the estimated Jaccard similarity of the shingle sets (fraction of equal signature slots).
+    - ``threshold``: two units are near duplicates when their ``similarity`` is at least this. With
+      ``edit``, 0.8 accepts copies with up to 20% of their words replaced, inserted or deleted, wherever
+      they are, so the planted 5-15% edits pass with a margin, while unrelated texts built from the same
+      templates stay far below (about 0.3-0.6 on the benchmark generator and the demo data).
+    - ``lsh_threshold``: the threshold MinHashLSH's banding is tuned for (None: derived, see
+      :meth:`effective_lsh_threshold`); it only sets how wide the candidate net is, every candidate is
+      verified against ``threshold``.
     - ``seed``: datasketch's permutation seed (same seed, same permutations as ``datasketch.MinHash``).
     - ``scheme``: datasketch's permutation scheme, ``affine32`` (its default since 2.0, uint32) or
       ``legacy`` (datasketch < 2.0, uint64).
     - ``batch_shingles``: shingles permuted per numpy batch (memory: batch_shingles * num_perm * 4-8 bytes).
     """
 
-    shingle_words: int = 5
+    shingle_words: int = 2
     num_perm: int = 128
-    threshold: float = 0.7
+    threshold: float = 0.8
+    similarity: Similarity = "edit"
     lsh_threshold: float | None = None
     seed: int = 1
     scheme: Scheme = "affine32"
     batch_shingles: int = 1 << 16
 
+    def jaccard_at_threshold(self) -> float:
+        """The shingle Jaccard similarity of a pair that is just at ``threshold``.
+
+        ``jaccard``: the threshold itself. ``edit``: the expected Jaccard of a copy with ``1 - threshold``
+        of its words replaced one by one, scattered (the worst spread for shingles): each shingle survives
+        with probability ``p = threshold ** shingle_words``, so J = p / (2 - p) (0.47 for 2-word shingles
+        at 0.8).
+        """
+        if self.similarity == "jaccard":
+            return self.threshold
+        p = self.threshold**self.shingle_words
+        return p / (2.0 - p)
+
     def effective_lsh_threshold(self) -> float:
-        """The MinHashLSH threshold actually used."""
-        return self.lsh_threshold if self.lsh_threshold is not None else max(0.05, self.threshold - 0.15)
+        """The MinHashLSH threshold actually used: ``lsh_threshold``, else :meth:`jaccard_at_threshold` - 0.15.
+
+        datasketch's threshold is the crossover of its banding's S-curve; 0.15 below it, pairs at the
+        verification threshold become candidates with probability about 0.98 (2-word shingles, 128
+        permutations: 37 bands of 3 rows).
+        """
+        if self.lsh_threshold is not None:
+            return self.lsh_threshold
+        return max(0.05, self.jaccard_at_threshold() - 0.15)
 
 
 def shingles(text: str, shingle_words: int = 5) -> list[str]:
@@ -263,6 +297,90 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# edit similarity (verification of candidate pairs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tokens(text: str | None) -> list[str]:
+    """The words of ``normalize_text(text)`` (what :func:`edit_similarity` compares); empty text: none."""
+    norm = normalize_text(text)
+    return norm.split(" ") if norm else []
+
+
+class _Pattern:
+    """One token sequence prepared as the pattern of Myers' bit-parallel edit distance.
+
+    ``peq[token]`` has bit ``i`` set where the pattern's ``i``-th token is ``token``. Built once per row
+    and reused against all of its candidates.
+    """
+
+    __slots__ = ("n", "peq")
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.n = len(words)
+        peq: dict[str, int] = {}
+        for i, w in enumerate(words):
+            peq[w] = peq.get(w, 0) | (1 << i)
+        self.peq = peq
+
+    def distance(self, other: Sequence[str]) -> int:
+        """Levenshtein distance (unit insert, delete, substitute) from the pattern to ``other``, in tokens.
+
+        Myers (1999) / Hyyro (2001) bit-vector algorithm with Python integers as bit vectors of pattern
+        length: one pass over ``other`` of a few big-integer operations per token, O(len(other) *
+        len(pattern) / 64) machine work instead of the O(n * m) Python-level dynamic program.
+        """
+        m = self.n
+        if m == 0:
+            return len(other)
+        peq = self.peq
+        mask = (1 << m) - 1
+        high = 1 << (m - 1)
+        vp, vn, score = mask, 0, m
+        for w in other:
+            eq = peq.get(w, 0)
+            xv = eq | vn
+            xh = (((eq & vp) + vp) ^ vp) | eq
+            hp = vn | ~(xh | vp)
+            hn = vp & xh
+            if hp & high:
+                score += 1
+            elif hn & high:
+                score -= 1
+            hp = ((hp << 1) | 1) & mask
+            hn = (hn << 1) & mask
+            vp = (hn | ~(xv | hp)) & mask
+            vn = hp & xv
+        return score
+
+
+def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
+    """Levenshtein distance between two token sequences (unit costs)."""
+    return _Pattern(a).distance(b)
+
+
+def _edit_sim(pattern: _Pattern, a: Sequence[str], b: Sequence[str], threshold: float = 0.0) -> float:
+    longest = max(len(a), len(b))
+    if longest == 0:
+        return 1.0
+    if min(len(a), len(b)) < threshold * longest:  # distance >= the length difference: cannot reach threshold
+        return min(len(a), len(b)) / longest
+    return 1.0 - pattern.distance(b) / longest
+
+
+def edit_similarity(a: str | Sequence[str], b: str | Sequence[str]) -> float:
+    """Token-level edit similarity ``1 - Levenshtein(a, b) / max(len(a), len(b))`` in [0, 1].
+
+    Strings are compared as :func:`tokens` (normalised words); sequences as given. Two empty texts: 1.0.
+    A copy with ``k`` of its ``n`` words replaced scores ``>= 1 - k / n`` whether the edits are scattered
+    or in runs.
+    """
+    ta = tokens(a) if isinstance(a, str) else a
+    tb = tokens(b) if isinstance(b, str) else b
+    return _edit_sim(_Pattern(ta), ta, tb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # clustering
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -291,7 +409,8 @@ class Cluster:
     """A group of near-duplicate units (two or more).
 
     ``members``: ids in input order, the kept one first; ``kept``: the id kept; ``similarity``: for every
-    member, its estimated Jaccard similarity to the kept member (1.0 for the kept one). Members join by
+    member, its similarity to the kept member (the config's ``similarity``: edit similarity by default;
+    1.0 for the kept one). Members join by
     transitivity (A~B, B~C), so a member's similarity to the kept one can be below the threshold.
     """
 
@@ -325,12 +444,13 @@ def near_duplicate_clusters(
     """Clusters of near-duplicate texts (only clusters of two or more; order of their first member).
 
     Signatures are computed in numpy batches, candidates come from ``datasketch.MinHashLSH`` and each
-    candidate pair is verified: estimated Jaccard ``>= cfg.threshold``. ``guard_texts`` (optional, per
-    text): a second text that must also reach the threshold for a pair to count (preference pairs pass
-    their two responses, see :func:`_guard_text`); a ``None`` guard is not checked. ``same_key`` (optional,
-    per text): a pair counts only if both keys are equal (RL rows pass numbers and answer, see
-    :func:`_same_key`); ``None`` keys are not checked. ``choose`` picks the
-    kept id of a cluster from its members (default: the first in input order).
+    candidate pair is verified: its ``cfg.similarity`` (edit similarity of the normalised words, or the
+    estimated Jaccard of the signatures) ``>= cfg.threshold``. ``guard_texts`` (optional, per text): a
+    second text that must also reach the threshold for a pair to count (preference pairs pass their two
+    responses, see :func:`_guard_text`); a ``None`` guard is not checked. ``same_key`` (optional, per
+    text): a pair counts only if both keys are equal (RL rows pass numbers and answer, see
+    :func:`_same_key`); ``None`` keys are not checked. ``choose`` picks the kept id of a cluster from its
+    members (default: the first in input order). A cluster's ``similarity`` is measured the same way.
     """
     cfg = cfg or MinHashConfig()
     if len(ids) != len(texts):
@@ -339,20 +459,54 @@ def near_duplicate_clusters(
     if n < 2:
         return []
     sigs = minhash_signatures(texts, cfg)
-    guard_sigs = guard_mask = None
+    checked = guard_sigs = None
     if guard_texts is not None:
-        guard_mask = np.array([g is not None for g in guard_texts])
-        guard_sigs = minhash_signatures([g or "" for g in guard_texts], cfg)
+        checked = [g is not None for g in guard_texts]
+        if cfg.similarity == "jaccard":
+            guard_sigs = minhash_signatures([g or "" for g in guard_texts], cfg)
+    words: dict[int, list[str]] = {}
+    guard_words: dict[int, list[str]] = {}
+
+    def words_of(i: int) -> list[str]:
+        if i not in words:
+            words[i] = tokens(texts[i])
+        return words[i]
+
+    def guard_words_of(i: int) -> list[str]:
+        if i not in guard_words:
+            guard_words[i] = tokens(guard_texts[i] if guard_texts is not None else None)
+        return guard_words[i]
+
+    def keys_differ(i: int, j: int) -> bool:
+        return same_key is not None and same_key[i] is not None and same_key[i] != same_key[j]
+
     uf = _UnionFind(n)
     for i, js in _candidate_pairs(sigs, cfg):
-        ok = (sigs[js] == sigs[i]).mean(axis=1) >= cfg.threshold
-        if guard_sigs is not None and guard_mask is not None:
-            checked = guard_mask[js] & guard_mask[i]
-            ok &= ~checked | ((guard_sigs[js] == guard_sigs[i]).mean(axis=1) >= cfg.threshold)
-        for j in js[ok]:
-            if same_key is not None and same_key[i] is not None and same_key[i] != same_key[int(j)]:
+        if cfg.similarity == "jaccard":
+            ok = (sigs[js] == sigs[i]).mean(axis=1) >= cfg.threshold
+            if guard_sigs is not None and checked is not None:
+                guarded = np.asarray(checked)[js] & checked[i]
+                ok &= ~guarded | ((guard_sigs[js] == guard_sigs[i]).mean(axis=1) >= cfg.threshold)
+            for j in js[ok]:
+                if not keys_differ(i, int(j)):
+                    uf.union(i, int(j))
+            continue
+        # edit similarity: cheap rejections first (same cluster already, keys, lengths), then Myers
+        pattern = guard_pattern = None
+        wi = words_of(i)
+        for j in map(int, js):
+            if uf.find(i) == uf.find(j) or keys_differ(i, j):
                 continue
-            uf.union(i, int(j))
+            if pattern is None:
+                pattern = _Pattern(wi)
+            if _edit_sim(pattern, wi, words_of(j), cfg.threshold) < cfg.threshold:
+                continue
+            if checked is not None and checked[i] and checked[j]:
+                if guard_pattern is None:
+                    guard_pattern = _Pattern(guard_words_of(i))
+                if _edit_sim(guard_pattern, guard_words_of(i), guard_words_of(j), cfg.threshold) < cfg.threshold:
+                    continue
+            uf.union(i, j)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)
@@ -364,7 +518,11 @@ def near_duplicate_clusters(
         member_ids = [ids[i] for i in idx]
         kept = choose(member_ids) if choose else member_ids[0]
         k = idx[member_ids.index(kept)]
-        sims = {ids[i]: (1.0 if i == k else estimated_jaccard(sigs[i], sigs[k])) for i in idx}
+        if cfg.similarity == "jaccard":
+            sims = {ids[i]: (1.0 if i == k else estimated_jaccard(sigs[i], sigs[k])) for i in idx}
+        else:
+            kp = _Pattern(words_of(k))
+            sims = {ids[i]: (1.0 if i == k else _edit_sim(kp, words_of(k), words_of(i))) for i in idx}
         clusters.append(Cluster([ids[k]] + [ids[i] for i in idx if i != k], kept, sims))
     return clusters
 
@@ -429,17 +587,18 @@ class DedupResult(NamedTuple):
 
     ``kept_ids``: surviving ids in input order. ``dropped``: one dict per dropped row with
     ``member_id``, ``kept_id`` (always a surviving id), ``cluster_id`` (= the kept id), ``method``
-    (``exact_normalized`` | ``near``), ``similarity`` (1.0 for exact; else the estimated Jaccard
-    similarity of the member's unit to the kept row's) and ``regime``.
+    (``exact_normalized`` | ``near``), ``similarity`` (1.0 for exact; else the similarity of the member's
+    unit to the kept row's: token edit similarity at the defaults, see :class:`MinHashConfig`) and ``regime``.
     """
 
     kept_ids: list[str]
     dropped: list[dict[str, Any]]
 
 
-# Per-regime defaults. RL prompts are short (GSM8K questions: about 20-60 words), where one reworded
-# word already changes 5 of ~20 five-word shingles; single words as shingles, with the RL same-key
-# rule (:func:`_same_key`) to keep templated look-alikes apart, find reworded copies there.
+# Per-regime defaults: 2-word shingles for the candidate net, token edit similarity >= 0.8 to confirm. RL
+# prompts are short (GSM8K questions: about 20-60 words) and templated: single words as shingles make the
+# net wide enough there, and the RL same-key rule (:func:`_same_key`) keeps templated look-alikes with other
+# numbers or answers apart.
 DEFAULT_CONFIGS: dict[str, MinHashConfig] = {
     "sft": MinHashConfig(),
     "preference": MinHashConfig(),

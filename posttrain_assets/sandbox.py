@@ -55,9 +55,100 @@ EXIT_MEMORY = 97
 EXIT_SETUP_FAILED = 98
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
 _NPROC_LIMIT = 32
+# The user code runs as this uid (nobody) when the caller is root.
+UNPRIVILEGED_UID = 65534
+_UNSHARE_FLAGS = ("--net", "--pid", "--ipc", "--fork", "--kill-child")
+_PYTHON_FLAGS = ("-s", "-S", "-B", "-P", "-c")
 
 _BOOTSTRAP = r"""
 import sys
+
+# Standard-library modules candidate code commonly needs, imported before privileges are dropped: as the
+# unprivileged user the interpreter's own directory may be unreadable (e.g. under /root, mode 0700).
+_PRELOAD = (
+    "abc", "array", "ast", "base64", "binascii", "bisect", "calendar", "cmath", "codecs", "collections",
+    "collections.abc", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
+    "fractions", "functools", "gc", "hashlib", "heapq", "inspect", "io", "itertools", "json", "keyword",
+    "linecache", "locale", "math", "numbers", "operator", "os", "os.path", "pprint", "queue", "random", "re",
+    "string", "statistics", "struct", "textwrap", "threading", "time", "timeit", "tokenize", "traceback",
+    "types", "typing", "unicodedata", "uuid", "warnings", "weakref", "zlib",
+    "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32", "encodings.cp1252",
+    "encodings.idna", "encodings.raw_unicode_escape", "encodings.unicode_escape",
+)
+
+MS_BIND, MS_REC, MS_NOSUID, MS_NODEV = 4096, 16384, 2, 4
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442
+
+
+def _preload():
+    import importlib
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module this build lacks is simply not preloaded
+            pass
+
+
+def _read_only_mounts(work):
+    # Runs as root in a private mount namespace (``unshare --mount``): every mount becomes read-only and
+    # nosuid except a bind mount of the work directory; a directory that hides the interpreter from other
+    # users (/root) is replaced by an empty tmpfs holding only a bind mount of the interpreter's prefix.
+    import ctypes
+    import os
+    import stat
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(source, target, fstype, flags, data):
+        enc = lambda s: None if s is None else s.encode()  # noqa: E731
+        check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    def setattr_(path, flags, attr_set, attr_clr):
+        attr = MountAttr(attr_set, attr_clr, 0, 0)
+        rc = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
+                          ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        check(rc, f"mount_setattr {path}")
+
+    prefix = os.path.realpath(sys.base_prefix)
+    hidden = None
+    parts = prefix.strip("/").split("/")
+    for i in range(1, len(parts)):
+        candidate = "/" + "/".join(parts[:i])
+        if not os.stat(candidate).st_mode & stat.S_IXOTH:
+            hidden = candidate
+            break
+    if hidden is not None and not os.path.realpath(work).startswith(hidden + "/"):
+        stash = os.path.join(os.path.dirname(work), "prefix")
+        os.mkdir(stash, 0o700)
+        mount(prefix, stash, None, MS_BIND | MS_REC, None)
+        mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        os.makedirs(prefix, 0o755)
+        mount(stash, prefix, None, MS_BIND | MS_REC, None)
+    mount(work, work, None, MS_BIND, None)
+    setattr_("/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0)
+    setattr_(work, 0, 0, MOUNT_ATTR_RDONLY)
+    os.chdir(work)  # onto the writable bind mount (the old cwd is the read-only directory under it)
+    for name in [n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
+
+
+def _drop_privileges(uid):
+    import os
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise OSError("could not drop privileges")
+
 
 def _limits(cpu, mem, fsize, nproc):
     import resource
@@ -72,7 +163,6 @@ def _limits(cpu, mem, fsize, nproc):
         import os
         if os.getuid() != 0:
             limit(resource.RLIMIT_NPROC, nproc)
-
 
 def _block():
     blocked = frozenset({
@@ -103,10 +193,8 @@ def _block():
             if hasattr(module, name):
                 delattr(module, name)
 
-def _run_user(path, memory_exit):
+def _run_user(source, memory_exit):
     import os
-    with open(path, encoding="utf-8") as fh:
-        source = fh.read()
     sys.argv = ["main.py"]
     namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
     try:
@@ -144,12 +232,19 @@ def _run_user(path, memory_exit):
 
 
 def _main():
-    # The supervisor: sets the limits, forks the user code, reports how it ended in the status file and
-    # with its own exit code. Under ``unshare --pid`` it is PID 1, so its exit kills every leftover process.
+    # The supervisor: isolates the filesystem, sets the limits, forks the user code (which drops its
+    # privileges), reports how it ended on the status descriptor and with its own exit code. Under
+    # ``unshare --pid`` it is PID 1, so its exit kills every leftover process.
     import os
-    cpu, mem, fsize, nproc, memory_exit, setup_exit, path, status_path = sys.argv[1:9]
-    memory_exit = int(memory_exit)
+    cpu, mem, fsize, nproc, memory_exit, setup_exit, path, status_fd, uid, mounts = sys.argv[1:11]
+    memory_exit, status_fd, uid = int(memory_exit), int(status_fd), int(uid)
     try:
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+        if mounts == "1":
+            _read_only_mounts(os.getcwd())
+        if uid >= 0:
+            _preload()
         _limits(int(cpu), int(mem), int(fsize), int(nproc))
         pid = os.fork()
     except BaseException as exc:  # noqa: BLE001
@@ -158,19 +253,21 @@ def _main():
         os._exit(int(setup_exit))
     if pid == 0:
         try:
+            os.close(status_fd)
+            if uid >= 0:
+                _drop_privileges(uid)
             _block()
         except BaseException as exc:  # noqa: BLE001
             sys.stderr.write(f"sandbox setup failed: {exc!r}\n")
             sys.stderr.flush()
             os._exit(int(setup_exit))
-        _run_user(path, memory_exit)
+        _run_user(source, memory_exit)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         report, code = f"signal {os.WTERMSIG(status)}", 128 + os.WTERMSIG(status)
     else:
         report, code = f"exit {os.WEXITSTATUS(status)}", os.WEXITSTATUS(status)
-    with open(status_path, "w") as fh:
-        fh.write(report)
+    os.write(status_fd, report.encode())
     os._exit(code)
 
 _main()
@@ -198,28 +295,48 @@ class SandboxResult:
     truncated: bool = False
 
 
-_unshare_lock = threading.Lock()
-_unshare_ok: bool | None = None
+@dataclass(frozen=True)
+class Isolation:
+    """Which isolation layers :func:`run_untrusted` applies on this machine (see the module docstring).
+
+    ``namespaces``: new network, PID and IPC namespaces. ``read_only_fs``: a private mount namespace in
+    which every mount is read-only except the work directory. ``unprivileged_uid``: the uid the user code
+    runs as after dropping privileges (None: it runs as the calling user, because that is not root).
+    """
+
+    namespaces: bool
+    read_only_fs: bool
+    unprivileged_uid: int | None
+
+    @property
+    def filesystem(self) -> bool:
+        """Whether writes outside the work directory are refused by the kernel (read-only mounts, or an
+        unprivileged uid, which leaves world-writable directories such as /tmp writable)."""
+        return self.read_only_fs or self.unprivileged_uid is not None
+
+
+_isolation_lock = threading.Lock()
+_isolation: Isolation | None = None
+
+
+def isolation() -> Isolation:
+    """The isolation layers available here (probed once per process, then cached)."""
+    global _isolation
+    with _isolation_lock:
+        if _isolation is None:
+            _isolation = _probe_isolation()
+        return _isolation
 
 
 def unshare_available() -> bool:
     """Whether the child can be put in new network and PID namespaces here (probed once, then cached)."""
-    global _unshare_ok
-    with _unshare_lock:
-        if _unshare_ok is None:
-            _unshare_ok = _probe_unshare()
-        return _unshare_ok
+    return isolation().namespaces
 
 
-def _probe_unshare() -> bool:
-    if os.environ.get("POSTTRAIN_SANDBOX_UNSHARE", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    exe = shutil.which("unshare")
-    if exe is None:
-        return False
+def _run_quietly(argv: list[str]) -> bool:
     try:
         done = subprocess.run(
-            [exe, "--net", "--pid", "--fork", "--kill-child", "--", "true"],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -229,6 +346,29 @@ def _probe_unshare() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
+
+
+def _probe_isolation() -> Isolation:
+    uid = UNPRIVILEGED_UID if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    if os.environ.get("POSTTRAIN_SANDBOX_UNSHARE", "1") == "0" or not sys.platform.startswith("linux"):
+        return Isolation(False, False, uid)
+    exe = shutil.which("unshare")
+    if exe is None:
+        return Isolation(False, False, uid)
+    if not _run_quietly([exe, *_UNSHARE_FLAGS, "--", "true"]):
+        return Isolation(False, False, uid)
+    # The read-only remount needs mount_setattr(2) (Linux 5.12+): probe it by running the bootstrap itself.
+    with tempfile.TemporaryDirectory(prefix="posttrain-sandbox-probe-") as base:
+        work = os.path.join(base, "work")
+        os.mkdir(work, 0o700)
+        # Defines the bootstrap's helper functions (everything before ``_limits``) and calls the remount.
+        script = (
+            "import sys\n"
+            "exec(sys.argv[1].partition('\\ndef _limits(')[0])\n"
+            "_read_only_mounts(sys.argv[2])\n"
+        )
+        ok = _run_quietly([exe, *_UNSHARE_FLAGS, "--mount", "--", _python(), *_PYTHON_FLAGS, script, _BOOTSTRAP, work])
+    return Isolation(True, ok, uid)
 
 
 def _python() -> str:
@@ -276,21 +416,23 @@ def run_untrusted(
     limit, ``wall_seconds`` the wall-clock limit the parent enforces, ``memory_mb`` the address-space
     limit, ``max_output_bytes`` the cap on each of stdout and stderr (and on any file the code writes).
     """
+    layers = isolation()
     base = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    status_fd = -1
     try:
         work = os.path.join(base, "work")
         os.mkdir(work, 0o700)
+        if layers.unprivileged_uid is not None:
+            os.chown(work, layers.unprivileged_uid, layers.unprivileged_uid)
         code_path = os.path.join(base, "main.py")
         status_path = os.path.join(base, "status")
         with open(code_path, "w", encoding="utf-8") as fh:
             fh.write(code)
+        # The supervisor reports on this descriptor (the user code closes it): the mounts it sees are read-only.
+        status_fd = os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         argv = [
             _python(),
-            "-s",
-            "-S",
-            "-B",
-            "-P",
-            "-c",
+            *_PYTHON_FLAGS,
             _BOOTSTRAP,
             str(max(1, int(cpu_seconds))),
             str(int(memory_mb) * 1024 * 1024),
@@ -299,10 +441,12 @@ def run_untrusted(
             str(EXIT_MEMORY),
             str(EXIT_SETUP_FAILED),
             code_path,
-            status_path,
+            str(status_fd),
+            str(-1 if layers.unprivileged_uid is None else layers.unprivileged_uid),
+            "1" if layers.read_only_fs else "0",
         ]
-        if unshare_available():
-            argv = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--", *argv]
+        if layers.namespaces:
+            argv = ["unshare", *_UNSHARE_FLAGS, *(["--mount"] if layers.read_only_fs else []), "--", *argv]
         out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
         start = time.monotonic()
         killed = False
@@ -323,10 +467,13 @@ def run_untrusted(
                     env=_clean_env(work),
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=(status_fd,),
                 )
             finally:
                 if stdin_file is not None:
                     stdin_file.close()
+                os.close(status_fd)
+                status_fd = -1
             try:
                 returncode: int | None = proc.wait(timeout=wall_seconds)
             except subprocess.TimeoutExpired:
@@ -343,6 +490,8 @@ def run_untrusted(
         status, returncode = _status(returncode, killed, stderr, _read_capped(status_path, 64)[0])
         return SandboxResult(status, returncode, stdout, stderr, elapsed, cut_out or cut_err)
     finally:
+        if status_fd >= 0:
+            os.close(status_fd)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -367,4 +516,14 @@ def _status(returncode: int | None, killed: bool, stderr: str, report: str) -> t
     return "error", returncode
 
 
-__all__ = ["EXIT_MEMORY", "EXIT_SETUP_FAILED", "SandboxResult", "Status", "run_untrusted", "unshare_available"]
+__all__ = [
+    "EXIT_MEMORY",
+    "EXIT_SETUP_FAILED",
+    "UNPRIVILEGED_UID",
+    "Isolation",
+    "SandboxResult",
+    "Status",
+    "isolation",
+    "run_untrusted",
+    "unshare_available",
+]

@@ -64,6 +64,19 @@ def fetch_dicts(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Create or replace ``table`` with exactly ``rows``, in one transaction (idempotent)."""
+    import pyarrow as pa
+
+    conn.execute("BEGIN TRANSACTION")
+    conn.execute(table.create_sql(replace=True))
+    if rows:
+        conn.register("rows_to_insert", pa.Table.from_pylist(rows))
+        conn.execute(table.insert_sql("rows_to_insert"))
+        conn.unregister("rows_to_insert")
+    conn.execute("COMMIT")
+
+
 def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column:
     return Column(name, type_, description, nullable)
 

@@ -68,10 +68,10 @@ class Graph:
     def run_all(self) -> None:
         pipeline.run_all(self.instance, self.definitions)
 
-    def refresh(self) -> dg.ExecuteInProcessResult:
+    def refresh(self, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
         """Run silver + gold once more; a failing blocking check does not raise, it shows in the result."""
         return self.definitions.resolve_job_def("refresh_corpus").execute_in_process(
-            instance=self.instance, raise_on_error=False
+            instance=self.instance, raise_on_error=False, run_config=run_config or {}
         )
 
     def query(self, sql: str, params: Any = None) -> list[tuple]:

@@ -292,3 +292,17 @@ def test_publish_traces_every_gold_row_and_exports_them(demo_graph: Graph) -> No
     assert manifest["skipped"] == ["gold.preference"]
     card = (exports / "sft" / "README.md").read_text()
     assert "loss_mask_check" in card and "CC-BY-NC-4.0" in card
+
+
+def test_commercial_license_policy_keeps_non_commercial_sources_out_of_gold(broken_graph: tuple[Graph, dict]) -> None:
+    graph, good = broken_graph
+    alpaca_before = graph.query("SELECT count(*) FROM gold.sft WHERE source = 'demo_sft_alpaca'")[0][0]
+    assert alpaca_before == 250
+    graph.refresh({"ops": {"silver_canonical": {"config": {"license_policy": "commercial"}}}})
+    assert graph.query("SELECT count(*) FROM gold.sft WHERE source = 'demo_sft_alpaca'") == [(0,)]
+    assert graph.query("SELECT count(*) FROM gold.sft") == [(len(good["gold.sft"]) - 250,)]
+    assert graph.query(
+        "SELECT source, stage, reason, count(*) FROM silver.quarantine WHERE stage = 'quality' GROUP BY ALL"
+    ) == [("demo_sft_alpaca", "quality", "license_not_allowed", 250)]
+    (message,) = graph.query("SELECT message FROM silver.quarantine WHERE reason = 'license_not_allowed' LIMIT 1")[0]
+    assert "CC-BY-NC-4.0" in message

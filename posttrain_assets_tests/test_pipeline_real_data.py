@@ -1,5 +1,6 @@
 """The whole graph on the five real files in ../shared/data: row counts, accounting, checks, gold tables."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +129,39 @@ def test_sft_masks_of_real_data_pass_the_loss_mask_check(real_graph: Graph) -> N
         "WHERE l != -100 AND l != i"
     )
     assert bad == [(0,)]
+
+
+def test_real_gsm8k_seeds_are_all_certified(real_graph: Graph) -> None:
+    assert real_graph.query(
+        "SELECT verifier, count(*), count(*) FILTER (WHERE certified) FROM silver.rl_certification GROUP BY ALL"
+    ) == [("numeric", 7468, 7468)]
+
+
+def test_rollout_difficulty_on_two_dozen_gsm8k_prompts_curates_the_bank(real_graph: Graph) -> None:
+    """Runs last in this module: it changes gold.rl_prompts."""
+    job = real_graph.definitions.resolve_job_def("estimate_rl_difficulty")
+    config = {"max_prompts": 24, "k": 2, "max_new_tokens": 32, "batch_size": 8, "seed": 0}
+    result = job.execute_in_process(
+        instance=real_graph.instance, run_config={"ops": {"silver__rl_difficulty": {"config": config}}}
+    )
+    assert result.success
+    estimates = real_graph.dicts("SELECT * FROM silver.rl_difficulty ORDER BY id")
+    assert len(estimates) == 24
+    assert {e["model"] for e in estimates} == {"HuggingFaceTB/SmolLM2-135M-Instruct@SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert all(len(e["model_sha256"]) == 64 and len(e["lineage"]) == 32 for e in estimates)
+    assert {e["verifier"] for e in estimates} == {"numeric"} and all(e["k"] == 2 for e in estimates)
+    assert all(e["difficulty"] == 1 - e["passes"] / 2 for e in estimates)
+    assert json.loads(estimates[0]["sampling"])["max_new_tokens"] == 32
+    # Seeds the policy always or never solves leave the bank; the rest carry their estimate.
+    outside = sum(e["passes"] in (0, 2) for e in estimates)
+    assert real_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(7468 - outside,)]
+    assert real_graph.query("SELECT count(*) FROM gold.rl_prompts WHERE difficulty_estimated") == [(24 - outside,)]
+    # Incremental: the same lineage is not sampled again; the next pending seeds are.
+    again = job.execute_in_process(
+        instance=real_graph.instance,
+        run_config={"ops": {"silver__rl_difficulty": {"config": {**config, "max_prompts": 0}}}},
+    )
+    (materialization,) = again.asset_materializations_for_node("silver__rl_difficulty")
+    # 24 seeds already have an estimate for this lineage, so only the others are pending.
+    assert materialization.metadata["pending_after"].value == 7468 - 24
+    assert real_graph.query("SELECT count(*) FROM silver.rl_difficulty") == [(24,)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain_assets.sandbox import run_untrusted, unshare_available
+from posttrain_assets.sandbox import Isolation, isolation, run_untrusted, unshare_available
 
 needs_namespaces = pytest.mark.skipif(not unshare_available(), reason="unshare --net --pid is not available here")
 
@@ -140,7 +140,11 @@ def test_no_network_even_when_the_import_block_is_removed(listener: socket.socke
 
 def test_parent_environment_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTTRAIN_TEST_SECRET", "hunter2-secret-value")
-    code = "import os\nprint(sorted(os.environ))\nprint(open('/proc/self/environ', 'rb').read())"
+    # /proc/self/environ is root's after the privileges are dropped: unreadable, which is fine too.
+    code = (
+        "import os\nprint(sorted(os.environ))\n"
+        "try:\n    print(open('/proc/self/environ', 'rb').read())\nexcept PermissionError as exc:\n    print(exc)\n"
+    )
     result = run_untrusted(code)
     assert result.status == "ok"
     assert "hunter2-secret-value" not in result.stdout
@@ -184,3 +188,88 @@ def test_concurrent_calls_from_threads() -> None:
     assert all(r.status == "ok" for r in results[:8])
     assert results[8].status == "timeout"
     assert took < 6
+
+
+# --------------------------------------------------------------------------- filesystem isolation
+
+
+def test_isolation_layers_on_this_machine() -> None:
+    # The tests (and CI) run as root on Linux with util-linux unshare: every layer must be active here.
+    assert os.geteuid() == 0
+    assert isolation() == Isolation(namespaces=True, read_only_fs=True, unprivileged_uid=65534)
+    assert isolation().filesystem is True
+    assert unshare_available() is True
+
+
+def test_code_runs_as_nobody_and_can_import_the_standard_library() -> None:
+    code = (
+        "import os, math, json, re, itertools, functools, collections, heapq, bisect, string, random\n"
+        "import statistics, fractions, decimal, typing, dataclasses, operator, copy, datetime, enum\n"
+        "import xml.etree.ElementTree, sqlite3, unittest, hashlib, textwrap\n"
+        "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups())\n"
+        "print(decimal.Decimal('1.1') + decimal.Decimal('2.2'), 'caf\\u00e9'.encode('latin-1'))\n"
+    )
+    result = run_untrusted(code)
+    assert result.status == "ok", result.stderr
+    assert result.stdout == "65534 65534 65534 []\n3.3 b'caf\\xe9'\n"
+
+
+@pytest.fixture
+def open_dir() -> Path:
+    """A world-writable directory outside the sandbox: only the read-only mounts stop a write to it."""
+    path = Path(tempfile.mkdtemp(prefix="posttrain-escape-"))
+    path.chmod(0o777)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def test_writing_outside_the_work_directory_is_refused(open_dir: Path) -> None:
+    targets = {
+        "world-writable directory": str(open_dir / "escape.txt"),
+        "/tmp itself": f"/tmp/{open_dir.name}-escape.txt",
+        "/dev/shm": f"/dev/shm/{open_dir.name}-escape.txt",
+        "parent of the work directory": "os.path.join(os.path.dirname(os.getcwd()), 'escape.txt')",
+        "relative parent": "'../escape.txt'",
+        "home of root": "'/root/escape.txt'",
+    }
+    for where, target in targets.items():
+        expr = target if target.startswith(("os.", "'")) else repr(target)
+        code = f"import os\nopen('inside.txt', 'w').write('ok')\nopen({expr}, 'w').write('escaped')\n"
+        result = run_untrusted(code)
+        assert result.status == "error", where
+        last = result.stderr.rstrip().rsplit("\n", 1)[-1]
+        assert last.startswith(("PermissionError: [Errno 13]", "OSError: [Errno 30] Read-only file system")), (
+            where,
+            result.stderr,
+        )
+    assert list(open_dir.iterdir()) == []
+    assert not Path(f"/tmp/{open_dir.name}-escape.txt").exists()
+    assert not Path(f"/dev/shm/{open_dir.name}-escape.txt").exists()
+    assert not Path("/root/escape.txt").exists()
+
+
+def test_files_can_be_changed_only_in_the_work_directory(open_dir: Path) -> None:
+    victim = open_dir / "victim.txt"
+    victim.write_text("original")
+    victim.chmod(0o666)
+    code = (
+        "import os\n"
+        f"print(open({str(victim)!r}).read())\n"
+        "for action in (lambda: open(" + repr(str(victim)) + ", 'a').write('x'),\n"
+        "               lambda: os.remove(" + repr(str(victim)) + "),\n"
+        "               lambda: os.mkdir('/tmp/posttrain-escape-dir'),\n"
+        "               lambda: os.chmod(os.getcwd() + '/..', 0o777)):\n"
+        "    try:\n        action()\n        print('allowed')\n"
+        "    except OSError as exc:\n        print(type(exc).__name__, exc.errno)\n"
+        "os.mkdir('sub')\nopen('sub/f.txt', 'w').write('fine')\nprint(open('sub/f.txt').read())\n"
+    )
+    result = run_untrusted(code)
+    assert result.status == "ok", result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "original"
+    assert "allowed" not in lines[1:5]
+    assert lines[5] == "fine"
+    assert victim.read_text() == "original"
+    assert not Path("/tmp/posttrain-escape-dir").exists()

@@ -61,10 +61,18 @@ def test_the_view_has_every_gold_row_once_resolved_to_silver_and_bronze(conn: du
     assert listed == expected > 0
 
 
-@pytest.mark.parametrize("table", GOLD_TABLES)
+# gold.preference is held back on the demo data (its planted length bias fails the gate): the preference
+# regime is traced through gold.preference_length_balanced, and its absence is asserted below.
+DEMO_GOLD_TABLES = tuple(t for t in GOLD_TABLES if t != "gold.preference")
+
+
+def test_the_held_back_preference_table_is_not_traced(conn: duckdb.DuckDBPyConnection) -> None:
+    assert "gold.preference" not in gold_tables(conn)
+    assert gold_tables(conn) == list(DEMO_GOLD_TABLES)
+
+
+@pytest.mark.parametrize("table", DEMO_GOLD_TABLES)
 def test_trace_shows_the_chain_for_a_row_of_each_regime(conn: duckdb.DuckDBPyConnection, table: str) -> None:
-    if table not in gold_tables(conn):
-        pytest.skip(f"{table} was not materialised on the demo data (held back by a failing blocking check)")
     row_id, source, license_, uri, file_path, row, file_sha, record_sha = conn.execute(
         f"SELECT id, source, license, origin.uri, origin.file, origin.row, origin.file_sha256, origin.record_sha256 "
         f"FROM {table} ORDER BY id LIMIT 1"

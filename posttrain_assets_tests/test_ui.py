@@ -10,8 +10,11 @@ the screenshot to docs/asset_graph.png; otherwise the test writes only under tmp
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -22,7 +25,9 @@ from posttrain_assets.registry import load_registry
 from posttrain_assets_tests.webserver import Webserver, rendered_dom, running_webserver, screenshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT_SIZE = (1600, 1000)
+# Portrait: the UI fits the lineage graph to the page's width at most at 100%, so a landscape window would cut
+# the (tall, left-to-right) graph; the DOM check below fails if an asset falls outside the window.
+SCREENSHOT_SIZE = (1600, 2400)
 # One process per run (the in-process executor): a step subprocess per asset would only add start-up time.
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 GATE_ASSET = "silver/preference_pairs"
@@ -61,7 +66,19 @@ def downstream_closure(nodes: dict[str, dict], start: str) -> set[str]:
     return seen
 
 
-def materialise_demo_graph(server: Webserver, sources: list[str]) -> str:
+def drawn_asset_labels(dom: str) -> list[str]:
+    """The asset names the graph drew (long ones shortened in the middle with an ellipsis)."""
+    return re.findall(r'class="AssetNode_assetName__[^"]*">([^<]+)<', dom)
+
+
+def label_matches(label: str, name: str) -> bool:
+    if "…" not in label:
+        return label == name
+    head, tail = label.split("…", 1)
+    return name.startswith(head) and name.endswith(tail) and len(name) >= len(head) + len(tail)
+
+
+def materialise_demo_graph(server: Webserver, sources: list[str], lap: Callable[[str], None]) -> str:
     """Ingest every source (one ``ingest_source`` run per partition), then ``refresh_corpus``; its run id."""
     server.add_dynamic_partitions("source", sources)
     ingest = [
@@ -70,6 +87,7 @@ def materialise_demo_graph(server: Webserver, sources: list[str]) -> str:
     statuses = server.wait_for_runs(ingest)
     failed = {run_id: server.failed_steps(run_id) for run_id, status in statuses.items() if status != "SUCCESS"}
     assert not failed, f"ingest runs failed: {failed}"
+    lap("ingest_source runs")
     refresh = server.launch_run("refresh_corpus", run_config=IN_PROCESS)
     (status,) = server.wait_for_runs([refresh]).values()
     # The run fails for one reason only: the blocking length gate on the planted biased source.
@@ -116,7 +134,9 @@ def assert_verdicts(server: Webserver, refresh: str, sources: list[str]) -> dict
             assert execution["runId"] == refresh and execution["status"] == "FAILED", execution
             assert evaluation["success"] is False
             assert BIASED_SOURCE in evaluation["description"], evaluation["description"]
-        elif not (execution.get("runId") == refresh and execution.get("status") == "SUCCEEDED" and evaluation["success"]):
+        elif not (
+            execution.get("runId") == refresh and execution.get("status") == "SUCCEEDED" and evaluation["success"]
+        ):
             wrong[name] = execution
     assert not wrong, f"checks that did not pass in run {refresh}: {wrong}"
     return nodes
@@ -137,12 +157,21 @@ def test_ui_materialises_the_demo_and_shows_the_asset_graph(tmp_path: Path, toke
         "DAGSTER_HOME": str(home),
     }
     (tmp_path / "warehouse").mkdir()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.monotonic() - started - sum(timings.values()), 1)
+        print(f"{stage}: {timings[stage]} s")
 
     with running_webserver(
         PROJECT_ROOT / "workspace.yaml", env, tmp_path / "webserver.log", cwd=PROJECT_ROOT
     ) as server:
-        refresh = materialise_demo_graph(server, sources)
+        lap("webserver up")
+        refresh = materialise_demo_graph(server, sources, lap)
+        lap("refresh_corpus run")
         nodes = assert_verdicts(server, refresh, sources)
+        lap("verdicts")
 
         # Global lineage with every group expanded (the page's `expanded` query parameter, group ids as the UI
         # builds them), so each asset is drawn with its materialisation and check status.
@@ -150,10 +179,14 @@ def test_ui_materialises_the_demo_and_shows_the_asset_graph(tmp_path: Path, toke
         expanded = ",".join(f"global@global:{g}" for g in groups)
         url = f"{server.url}/asset-groups?{urllib.parse.urlencode({'expanded': expanded})}"
         dom = rendered_dom(url, tmp_path / "chromium_dom", size=SCREENSHOT_SIZE)
-        missing = sorted(k for k in nodes if k.split("/")[-1] not in dom)
-        assert not missing, f"assets not drawn on {url}: {missing}"
+        (tmp_path / "asset_graph.html").write_text(dom)
+        labels = drawn_asset_labels(dom)
+        missing = sorted(k for k in nodes if not any(label_matches(label, k.split("/")[-1]) for label in labels))
+        assert len(labels) == len(nodes), f"{len(labels)} asset nodes drawn, {len(nodes)} assets: {labels}"
+        assert not missing, f"assets not drawn inside the {SCREENSHOT_SIZE} window on {url}: {missing}"
         png = tmp_path / "asset_graph.png"
         screenshot(url, png, tmp_path / "chromium_profile", size=SCREENSHOT_SIZE)
+        lap("browser")
 
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == SCREENSHOT_SIZE

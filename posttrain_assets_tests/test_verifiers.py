@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -208,6 +209,26 @@ def test_python_eval_infinite_loop_times_out(monkeypatch: pytest.MonkeyPatch) ->
     assert time.monotonic() - start < v.PYTHON_EVAL_WALL_SECONDS
 
 
+def test_python_eval_writing_outside_its_directory_scores_zero() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="posttrain-escape-"))
+    folder.chmod(0o777)  # world-writable: only the sandbox's read-only mounts refuse the write
+    try:
+        for target in (repr(str(folder / "escape.txt")), "os.path.join(os.path.dirname(os.getcwd()), 'escape.txt')"):
+            candidate = f"import os\nopen({target}, 'w').write('escaped')\n" + SOLUTION
+            assert score("python_eval", candidate, "", tests=TESTS) == Score(0.0, "tests_failed")
+            result = v.run_untrusted(candidate + TESTS)
+            assert result.status == "error"
+            assert "Read-only file system" in result.stderr or "Permission denied" in result.stderr, result.stderr
+        assert list(folder.iterdir()) == []
+        # Writing inside its own working directory is fine.
+        inside = "open('scratch.txt', 'w').write('ok')\n" + SOLUTION
+        assert score("python_eval", inside, "", tests=TESTS) == Score(1.0)
+    finally:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
+
+
 # --------------------------------------------------------------------------- perturbation
 
 
@@ -260,6 +281,24 @@ def test_certify_first_200_gsm8k_train_rows() -> None:
     }
 
 
+def test_certify_every_gsm8k_train_row() -> None:
+    # The gold answer of every one of the 7,473 train rows is certified with the numeric verifier.
+    adapter = get_adapter("gsm8k")
+    with (SHARED_DATA / "gsm8k" / "train.jsonl").open(encoding="utf-8") as fh:
+        records = [adapter.parse(json.loads(line), "rl") for line in fh if line.strip()]
+    assert len(records) == 7473
+    assert {r.verifier for r in records} == {"numeric"}
+    seeds = [{"verifier": r.verifier, "answer": r.answer, "prompt": r.prompt} for r in records]
+    start = time.monotonic()
+    results = certify_many(seeds, runs=3, workers=2)
+    took = time.monotonic() - start
+    failures = [(r.answer, c.reason) for r, c in zip(records, results, strict=True) if not c.ok]
+    assert failures == []
+    assert sum(c.ok for c in results) == 7473
+    assert {(tuple(c.gold_scores), c.perturbed_score, c.version) for c in results} == {((1.0, 1.0, 1.0), 0.0, "1")}
+    assert took < 60
+
+
 def test_certify_one_seed_of_each_verifier() -> None:
     results = certify_many(
         [
@@ -297,19 +336,30 @@ def test_certify_unknown_verifier() -> None:
     assert [c.reason for c in mixed] == ["unknown_verifier", None]
 
 
-def test_certify_nondeterministic(tmp_path: Path) -> None:
-    # The reference solution passes only in the process that first creates a marker file: the
-    # repetitions (separate processes, run one after another with workers=1) disagree.
-    marker = tmp_path / "first-run"
-    gold = (
-        "import os\n"
-        "try:\n"
-        f"    os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
-        "    FIRST = True\n"
-        "except FileExistsError:\n"
-        "    FIRST = False\n"
-    )
-    result = certify("python_eval", gold, tests="assert FIRST\n")
+def test_certify_nondeterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sandbox cannot write outside its own directory, so the state that differs between the
+    # repetitions (separate processes, run one after another with workers=1) is set from outside: a
+    # world-readable marker rewritten before each score-batch process, which the reference solution reads.
+    folder = Path(tempfile.mkdtemp(prefix="posttrain-marker-"))
+    folder.chmod(0o755)
+    marker = folder / "marker"
+    batches: list[int] = []
+    run_batch = v._run_batch
+
+    def marked_run_batch(jobs: list, timeout_seconds: float | None) -> list[Score]:
+        marker.write_text("first" if not batches else "later")
+        marker.chmod(0o644)
+        batches.append(len(jobs))
+        return run_batch(jobs, timeout_seconds)
+
+    monkeypatch.setattr(v, "_run_batch", marked_run_batch)
+    gold = f"FIRST = open({str(marker)!r}).read() == 'first'\n"
+    try:
+        result = certify("python_eval", gold, tests="assert FIRST\n")
+    finally:
+        marker.unlink(missing_ok=True)
+        folder.rmdir()
+    assert batches == [2, 2, 2]
     assert (result.ok, result.reason, result.gold_scores) == (False, "nondeterministic", [1.0, 0.0, 0.0])
 
 

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,10 @@ class Webserver:
 
     def wait_for_location(self, timeout: float = 120) -> None:
         """Wait until the code location is loaded; fail with its load error if it does not load."""
-        query = """{ workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
-            locationOrLoadError { __typename ... on PythonError { message stack } } } } ... on PythonError { message } } }"""
+        query = """{ workspaceOrError { __typename
+            ... on Workspace { locationEntries { name loadStatus
+                locationOrLoadError { __typename ... on PythonError { message stack } } } }
+            ... on PythonError { message } } }"""
         deadline = time.monotonic() + timeout
         while True:
             workspace = self.graphql(query)["workspaceOrError"]
@@ -184,15 +186,11 @@ def stop_process_group(process: subprocess.Popen, grace: float = 15) -> None:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
+    with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     # Children (code server, run workers) share the group; make sure none outlives the test.
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=5)
 
 

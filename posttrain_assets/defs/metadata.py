@@ -65,3 +65,13 @@ def table_metadata(
         for key, n in groups:
             metadata[f"rows/{key}"] = dg.MetadataValue.int(n)
     return metadata
+
+
+def column_lineage(deps: dict[str, list[tuple[dg.AssetKey, str]]]) -> dg.TableColumnLineage:
+    """``dagster/column_lineage`` from {column: [(upstream asset, upstream column), ...]}."""
+    return dg.TableColumnLineage(
+        deps_by_column={
+            column: [dg.TableColumnDep(asset_key=key, column_name=name) for key, name in upstream]
+            for column, upstream in deps.items()
+        }
+    )

@@ -33,5 +33,5 @@ estimate_rl_difficulty_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(["silver", "rl_difficulty"], ["gold", "rl_prompts"]),
     description="Sample a batch of pending RL seeds with the policy (SmolLM2-135M-Instruct, extra `policy`), then "
     "re-curate the bank. Run it repeatedly (or on a schedule): each run only samples seeds without an estimate.",
-    config={"ops": {"silver_rl_difficulty": {"config": {"max_prompts": 16, "k": 8, "max_new_tokens": 256}}}},
+    config={"ops": {"silver__rl_difficulty": {"config": {"max_prompts": 16, "k": 8, "max_new_tokens": 256}}}},
 )

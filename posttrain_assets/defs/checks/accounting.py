@@ -40,6 +40,12 @@ def bronze_accounting_check(duckdb: DuckDBResource, registry: SourceRegistryReso
         "missing_rows": dg.MetadataValue.int(sum(a.missing for a in accounts)),
         "double_counted_rows": dg.MetadataValue.int(sum(a.double_counted for a in accounts)),
     }
+    # One numeric series per source and outcome, so the UI plots them across materialisations.
+    for a in accounts:
+        for outcome in ("silver", "eval", "quarantined", "duplicates"):
+            count = getattr(a, outcome)
+            metadata[f"{a.source}/{outcome}"] = dg.MetadataValue.int(count)
+            metadata[f"{a.source}/{outcome}_rate"] = dg.MetadataValue.float(count / a.bronze if a.bronze else 0.0)
     problems = [
         f"{a.source}: {a.missing} bronze row(s) missing, {a.double_counted} placed twice" for a in unbalanced
     ] + [f"{name}: no bronze rows (source not ingested)" for name in not_ingested]

@@ -5,7 +5,7 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.tables import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
@@ -13,11 +13,9 @@ from posttrain_assets.tables import Table
 GOLD_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
-def column_lineage(table: Table, upstream: dg.AssetKey) -> dg.TableColumnLineage:
+def same_name_lineage(table: Table, upstream: dg.AssetKey) -> dg.TableColumnLineage:
     """Each gold column comes from the upstream column of the same name."""
-    return dg.TableColumnLineage(
-        deps_by_column={name: [dg.TableColumnDep(asset_key=upstream, column_name=name)] for name in table.column_names}
-    )
+    return column_lineage({name: [(upstream, name)] for name in table.column_names})
 
 
 def write_projection(
@@ -40,5 +38,5 @@ def write_projection(
         )
         conn.execute("COMMIT")
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
-    metadata["dagster/column_lineage"] = column_lineage(table, upstream_key)
+    metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)
     return dg.MaterializeResult(metadata=metadata)

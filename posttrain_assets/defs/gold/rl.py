@@ -8,7 +8,7 @@ estimate outside the band are left out; seeds with no estimate yet are kept, fla
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, column_lineage
+from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, same_name_lineage
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.rl import CERTIFICATION_KEY, DIFFICULTY_KEY
@@ -74,5 +74,5 @@ def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.
         ).fetchone()[0]
     metadata["estimated_seeds"] = dg.MetadataValue.int(estimated)
     metadata["band"] = dg.MetadataValue.json(config.model_dump())
-    metadata["dagster/column_lineage"] = column_lineage(GOLD_RL_PROMPTS, SILVER_RECORDS_KEY)
+    metadata["dagster/column_lineage"] = same_name_lineage(GOLD_RL_PROMPTS, SILVER_RECORDS_KEY)
     return dg.MaterializeResult(metadata=metadata)

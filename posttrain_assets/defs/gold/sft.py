@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
-from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
 from posttrain_assets.tables import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
@@ -38,11 +38,8 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
         )
-    metadata["dagster/column_lineage"] = dg.TableColumnLineage(
-        deps_by_column={
-            c: [dg.TableColumnDep(asset_key=SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, column_name=c)]
-            for c in GOLD_SFT.column_names
-        }
+    metadata["dagster/column_lineage"] = column_lineage(
+        {c: [(SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, c)] for c in GOLD_SFT.column_names}
     )
     metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
     return dg.MaterializeResult(metadata=metadata)

@@ -8,13 +8,13 @@ from functools import cache
 from typing import Literal
 
 import dagster as dg
-import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.cleaning import CleaningConfig, clean_corpus
 from posttrain_assets.dedup import MinHashConfig
-from posttrain_assets.defs.metadata import markdown_table, table_metadata
+from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
+from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.normalize import build_silver, duplicate_entry, quarantine_entry
 from posttrain_assets.quality import QualityConfig
 from posttrain_assets.tables import (
@@ -25,8 +25,8 @@ from posttrain_assets.tables import (
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
     SILVER_RECORDS,
-    Table,
     fetch_dicts,
+    replace_table,
 )
 from posttrain_assets.token_counts import token_counts
 
@@ -47,22 +47,18 @@ ORDER BY list_position($sources, source), file_path, row_number
 """
 
 
-# Silver follows bronze: any re-ingested source partition rebuilds the canonical corpus.
-SILVER_AUTOMATION = dg.AutomationCondition.eager()
-
-
-def _spec(key: dg.AssetKey, table: Table) -> dg.AssetSpec:
-    return dg.AssetSpec(
-        key,
-        deps=[BRONZE_KEY],
-        description=table.description,
-        group_name="silver",
-        kinds={"duckdb"},
-        automation_condition=SILVER_AUTOMATION,
-        metadata={
-            "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c.name, c.type) for c in table.columns])
-        },
-    )
+# Content columns come from the raw payload; provenance columns from the bronze row's own columns.
+_PROVENANCE_FROM_BRONZE = {
+    "source": ["source"],
+    "origin": ["source", "file_path", "row_number", "record_sha256", "file_sha256"],
+    "created_at": ["file_path"],
+}
+RECORDS_LINEAGE = column_lineage(
+    {
+        c.name: [(BRONZE_KEY, name) for name in _PROVENANCE_FROM_BRONZE.get(c.name, ["payload"])]
+        for c in SILVER_RECORDS.columns
+    }
+)
 
 
 @cache
@@ -109,12 +105,12 @@ class CleaningPassConfig(dg.Config):
 
 @dg.multi_asset(
     specs=[
-        _spec(SILVER_RECORDS_KEY, SILVER_RECORDS),
-        _spec(SILVER_EVAL_KEY, SILVER_EVAL_RECORDS),
-        _spec(SILVER_QUARANTINE_KEY, SILVER_QUARANTINE),
-        _spec(SILVER_DEDUP_KEY, SILVER_DEDUP_CLUSTERS),
-        _spec(SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION),
-        _spec(SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS),
+        silver_spec(SILVER_RECORDS_KEY, SILVER_RECORDS, [BRONZE_KEY]),
+        silver_spec(SILVER_EVAL_KEY, SILVER_EVAL_RECORDS, [BRONZE_KEY]),
+        silver_spec(SILVER_QUARANTINE_KEY, SILVER_QUARANTINE, [BRONZE_KEY]),
+        silver_spec(SILVER_DEDUP_KEY, SILVER_DEDUP_CLUSTERS, [BRONZE_KEY]),
+        silver_spec(SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION, [BRONZE_KEY]),
+        silver_spec(SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS, [BRONZE_KEY]),
     ],
     pool="duckdb",
 )
@@ -180,6 +176,9 @@ def silver_canonical(
             if key == SILVER_QUARANTINE_KEY:
                 stages = Counter(q["stage"] for q in quarantine)
                 metadata.update({f"stage/{k}": dg.MetadataValue.int(v) for k, v in sorted(stages.items())})
+            if key == SILVER_RECORDS_KEY:  # token_count was counted with this tokenizer and template
+                metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
+                metadata["dagster/column_lineage"] = RECORDS_LINEAGE
             yield dg.MaterializeResult(asset_key=key, metadata=metadata)
 
 
@@ -196,14 +195,3 @@ def contamination_markdown(report: list[dict]) -> str:
             for r in report
         ],
     )
-
-
-def replace_table(conn, table: Table, rows: list[dict]) -> None:
-    """Create or replace ``table`` with exactly ``rows`` (idempotent)."""
-    conn.execute("BEGIN TRANSACTION")
-    conn.execute(table.create_sql(replace=True))
-    if rows:
-        conn.register("silver_batch", pa.Table.from_pylist(rows))
-        conn.execute(table.insert_sql("silver_batch"))
-        conn.unregister("silver_batch")
-    conn.execute("COMMIT")

@@ -18,9 +18,10 @@ from posttrain_assets.audits import (
     length_histogram_png,
     markdown_audit_table,
 )
-from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
+from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.pairs import build_pairs
 from posttrain_assets.tables import (
     SILVER_PREFERENCE_AUDIT,
@@ -28,8 +29,8 @@ from posttrain_assets.tables import (
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
-    Table,
     fetch_dicts,
+    replace_table,
 )
 
 PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
@@ -65,17 +66,6 @@ class LengthConfoundConfig(dg.Config):
         )
 
 
-def _spec(key: dg.AssetKey, table: Table) -> dg.AssetSpec:
-    return dg.AssetSpec(
-        key,
-        deps=[SILVER_RECORDS_KEY],
-        description=table.description,
-        group_name="silver",
-        kinds={"duckdb"},
-        automation_condition=SILVER_AUTOMATION,
-    )
-
-
 def histogram_metadata(png: bytes, path: Path) -> dict[str, dg.MetadataValue]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
@@ -88,10 +78,10 @@ def histogram_metadata(png: bytes, path: Path) -> dict[str, dg.MetadataValue]:
 
 @dg.multi_asset(
     specs=[
-        _spec(PAIRS_KEY, SILVER_PREFERENCE_PAIRS),
-        _spec(AUDIT_KEY, SILVER_PREFERENCE_AUDIT),
-        _spec(BALANCED_KEY, SILVER_PREFERENCE_PAIRS_BALANCED),
-        _spec(DROPS_KEY, SILVER_PREFERENCE_BALANCE_DROPS),
+        silver_spec(PAIRS_KEY, SILVER_PREFERENCE_PAIRS, [SILVER_RECORDS_KEY]),
+        silver_spec(AUDIT_KEY, SILVER_PREFERENCE_AUDIT, [SILVER_RECORDS_KEY]),
+        silver_spec(BALANCED_KEY, SILVER_PREFERENCE_PAIRS_BALANCED, [SILVER_RECORDS_KEY]),
+        silver_spec(DROPS_KEY, SILVER_PREFERENCE_BALANCE_DROPS, [SILVER_RECORDS_KEY]),
     ],
     pool="duckdb",
 )
@@ -145,6 +135,19 @@ def silver_preference_pairs(
     )
     stats.update(histogram_metadata(png, artifacts / "preference_length_histogram.png"))
     context.log.info(f"{len(pairs)} pairs audited; balancing kept {len(kept)}, dropped {balance.dropped_counts()}")
+    derived = {
+        "chosen_tokens": ["chosen"],
+        "rejected_tokens": ["rejected"],
+        "length_diff": ["chosen", "rejected"],
+        "is_tie": ["chosen", "rejected"],
+        "score_margin": ["score_chosen", "score_rejected"],
+    }
+    stats["dagster/column_lineage"] = column_lineage(
+        {
+            c.name: [(SILVER_RECORDS_KEY, name) for name in derived.get(c.name, [c.name])]
+            for c in SILVER_PREFERENCE_PAIRS.columns
+        }
+    )
     yield dg.MaterializeResult(asset_key=PAIRS_KEY, metadata={**pairs_meta, **stats})
     yield dg.MaterializeResult(asset_key=AUDIT_KEY, metadata=audit_meta)
     yield dg.MaterializeResult(

@@ -18,8 +18,15 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY, fetch_dicts
+from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
+from posttrain_assets.defs.silver.common import SILVER_AUTOMATION
+from posttrain_assets.tables import (
+    SILVER_RECORDS,
+    SILVER_RL_CERTIFICATION,
+    SILVER_RL_DIFFICULTY,
+    fetch_dicts,
+    replace_table,
+)
 from posttrain_assets.verifiers import VERIFIER_VERSIONS, certify_many
 
 CERTIFICATION_KEY = dg.AssetKey(["silver", "rl_certification"])

@@ -5,11 +5,12 @@ from typing import Literal
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.metadata import table_metadata
+from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.defs.silver.canonical import SILVER_AUTOMATION, SILVER_RECORDS_KEY, replace_table
+from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
+from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED, replace_table
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
@@ -36,22 +37,8 @@ class SftTokenizeConfig(dg.Config):
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(
-            SFT_TOKENIZED_KEY,
-            deps=[SILVER_RECORDS_KEY],
-            description=SILVER_SFT_TOKENIZED.description,
-            group_name="silver",
-            kinds={"duckdb"},
-            automation_condition=SILVER_AUTOMATION,
-        ),
-        dg.AssetSpec(
-            SFT_QUARANTINE_KEY,
-            deps=[SILVER_RECORDS_KEY],
-            description=SILVER_SFT_QUARANTINE.description,
-            group_name="silver",
-            kinds={"duckdb"},
-            automation_condition=SILVER_AUTOMATION,
-        ),
+        silver_spec(SFT_TOKENIZED_KEY, SILVER_SFT_TOKENIZED, [SILVER_RECORDS_KEY]),
+        silver_spec(SFT_QUARANTINE_KEY, SILVER_SFT_QUARANTINE, [SILVER_RECORDS_KEY]),
     ],
     pool="duckdb",
 )
@@ -113,6 +100,16 @@ def silver_sft_tokenized(
                 "trainable_tokens": dg.MetadataValue.int(trained),
                 "trainable_share": dg.MetadataValue.float(trained / tokens if tokens else 0.0),
                 "truncated_rows": dg.MetadataValue.int(sum(r["truncated"] for r in tokenized)),
+                "dagster/column_lineage": column_lineage(
+                    {
+                        "id": [(SILVER_RECORDS_KEY, "id")],
+                        "source": [(SILVER_RECORDS_KEY, "source")],
+                        **{
+                            c: [(SILVER_RECORDS_KEY, "messages")]
+                            for c in ("input_ids", "labels", "num_tokens", "num_trainable_tokens", "num_messages")
+                        },
+                    }
+                ),
             },
         )
         yield dg.MaterializeResult(
