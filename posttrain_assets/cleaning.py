@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain_assets.decontamination import EvalIndex, contamination_matches, contamination_report
+from posttrain_assets.decontamination import EvalIndex, contamination_scan
 from posttrain_assets.dedup import DEFAULT_CONFIGS, MinHashConfig, cross_regime_leaks, deduplicate
 from posttrain_assets.quality import QualityConfig, apply_quality_gate
 
@@ -69,8 +69,7 @@ def clean_corpus(
     dropped = [Dropped(d["id"], "quality", d["reason"], d["detail"]) for d in quality_drops]
 
     index = EvalIndex.build(eval_records, n=cfg.decontamination_ngram)
-    matches = contamination_matches(kept, index)
-    report = contamination_report(kept, index)
+    matches, report = contamination_scan(kept, index)
     first_match: dict[str, dict[str, Any]] = {}
     for match in matches:
         first_match.setdefault(match["id"], match)

@@ -112,17 +112,40 @@ class QualityConfig:
     refusal_in_sft: bool = True
     refusal_in_preference_chosen: bool = False
     _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+    _any_refusal: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _commercial_casefold: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """Compile the refusal patterns once."""
-        compiled = tuple(re.compile(p, re.IGNORECASE | re.DOTALL) for p in self.refusal_patterns)
+        """Compile the refusal patterns once (also as one alternation), casefold the commercial ids once."""
+        flags = re.IGNORECASE | re.DOTALL
+        compiled = tuple(re.compile(p, flags) for p in self.refusal_patterns)
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_any_refusal", _alternation(compiled, flags))
+        object.__setattr__(self, "_commercial_casefold", frozenset(x.casefold() for x in self.commercial_licenses))
 
     def refusal_match(self, text: str) -> str | None:
-        """The first refusal pattern matching ``text``, or None."""
+        """The first refusal pattern matching ``text``, or None.
+
+        One scan with the alternation of all patterns says whether any matches (most texts: none); only
+        then are the patterns tried one by one, in order, to name the first.
+        """
+        if self._any_refusal is not None and self._any_refusal.search(text) is None:
+            return None
         for pattern in self._compiled:
             if pattern.search(text):
                 return pattern.pattern
+        return None
+
+
+def _alternation(compiled: Sequence[re.Pattern[str]], flags: int) -> re.Pattern[str] | None:
+    """``(?:p1)|(?:p2)|...``, which matches somewhere exactly when one of the patterns does; None (no shortcut)
+    when that is not guaranteed: no patterns, capture groups (numbered back-references would shift) or a
+    combination that does not compile (e.g. inline global flags)."""
+    if not compiled or any(p.groups for p in compiled):
+        return None
+    try:
+        return re.compile("|".join(f"(?:{p.pattern})" for p in compiled), flags)
+    except re.error:
         return None
 
 
@@ -141,9 +164,12 @@ def license_not_allowed(record: Record, cfg: QualityConfig) -> Drop | None:
         return None
     if _NON_COMMERCIAL.search(lic):
         return Drop("license_not_allowed", f"license {lic!r} is non-commercial")
-    if lic.casefold() not in {x.casefold() for x in cfg.commercial_licenses}:
+    if lic.casefold() not in cfg._commercial_casefold:
         return Drop("license_not_allowed", f"license {lic!r} is not a known commercial-friendly license")
     return None
+
+
+_RESPONSE_KEYS: dict[str, tuple[str, ...]] = {"preference": ("chosen", "rejected"), "rl": ("answer",)}
 
 
 def empty_turn(record: Record, cfg: QualityConfig) -> Drop | None:
@@ -151,7 +177,7 @@ def empty_turn(record: Record, cfg: QualityConfig) -> Drop | None:
     for i, m in enumerate(record.get("messages") or []):
         if not (m.get("content") or "").strip():
             return Drop("empty_turn", f"messages[{i}] ({m.get('role')}) is empty")
-    keys = {"preference": ("chosen", "rejected"), "rl": ("answer",)}.get(record["regime"], ())
+    keys = _RESPONSE_KEYS.get(record["regime"], ())
     for key in keys:
         if not (record.get(key) or "").strip():
             return Drop("empty_turn", f"{key} is empty")
@@ -193,9 +219,10 @@ def sft_not_ending_with_assistant(record: Record, cfg: QualityConfig) -> Drop | 
 
 def tie_pair(record: Record, cfg: QualityConfig) -> Drop | None:
     """A preference pair whose chosen and rejected are equal after ``normalize_text`` (no signal)."""
-    if record["regime"] == "preference" and normalize_text(record.get("chosen")) == normalize_text(
-        record.get("rejected")
-    ):
+    if record["regime"] != "preference":
+        return None
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if chosen == rejected or normalize_text(chosen) == normalize_text(rejected):
         return Drop("tie_pair", "chosen and rejected are equal after normalisation")
     return None
 
@@ -253,22 +280,40 @@ def _letter_weight(text: str) -> int:
     return sum((3 if ord(ch) >= 0x2E80 else 1) for ch in text if ch.isalpha())
 
 
+def _has_min_letters(text: str, minimum: int = MIN_LANGUAGE_LETTERS) -> bool:
+    """``_letter_weight(text) >= minimum``, reading only as far as needed (usually the first few words)."""
+    weight = 0
+    for ch in text:
+        if ch.isalpha():
+            weight += 3 if ord(ch) >= 0x2E80 else 1
+            if weight >= minimum:
+                return True
+    return weight >= minimum
+
+
 def detect_language(texts: Sequence[str], max_chars: int = 2000) -> list[tuple[str, float]]:
     """(ISO code, probability) per text with fastText lid.176; ``("und", 0.0)`` for a text with fewer than
     :data:`MIN_LANGUAGE_LETTERS` letters (formula-heavy math prompts, one-word answers), which is never dropped.
 
     Deterministic (fastText inference has no randomness). Whitespace is collapsed (the model reads one
-    line) and each text is cut to ``max_chars``. The model is loaded once and reused across calls.
+    line) and each text is cut to ``max_chars``. The model is loaded once and reused across calls; a line
+    that occurs more than once in ``texts`` is predicted once (one ``predict`` call per distinct line, since
+    fasttext-predict's batch API is not usable).
     """
     model = _language_model()
     out: list[tuple[str, float]] = []
+    seen: dict[str, tuple[str, float]] = {}
     for text in texts:
         line = " ".join(text[:max_chars].split())
-        if _letter_weight(line) < MIN_LANGUAGE_LETTERS:
-            out.append(("und", 0.0))
-            continue
-        labels, probs = model.predict(line, k=1)
-        out.append((labels[0].removeprefix("__label__"), round(min(float(probs[0]), 1.0), 4)))
+        result = seen.get(line)
+        if result is None:
+            if not _has_min_letters(line):
+                result = ("und", 0.0)
+            else:
+                labels, probs = model.predict(line, k=1)
+                result = (labels[0].removeprefix("__label__"), round(min(float(probs[0]), 1.0), 4))
+            seen[line] = result
+        out.append(result)
     return out
 
 
@@ -305,27 +350,33 @@ def apply_quality_gate(
     batch over the rows that passed, then :func:`language_not_allowed`. ``kept``: copies of the kept
     rows with ``lang`` set to the detected code (``und`` below ``min_language_confidence``) where it
     was empty. ``dropped``: ``{id, source, reason, detail}`` per dropped row, in input order.
+
+    Detection runs only where its result is used: every survivor when ``allowed_languages`` is set, else
+    only the survivors whose ``lang`` is empty (with no allowed set it can drop nothing).
     """
     cfg = cfg or QualityConfig()
-    verdict: dict[int, Drop] = {}
+    verdict: list[Drop | None] = [None] * len(records)
     for i, rec in enumerate(records):
         for check in FILTER_ORDER:
             drop = check(rec, cfg)
             if drop is not None:
                 verdict[i] = drop
                 break
-    survivors = [i for i in range(len(records)) if i not in verdict]
+    survivors = [
+        i
+        for i, drop in enumerate(verdict)
+        if drop is None and (cfg.allowed_languages is not None or not records[i].get("lang"))
+    ]
     detected = detect_language([language_text(records[i]) for i in survivors], cfg.language_max_chars)
     langs: dict[int, str] = {}
     for i, (lang, confidence) in zip(survivors, detected, strict=True):
-        drop = language_not_allowed(lang, confidence, cfg)
-        if drop is not None:
-            verdict[i] = drop
+        verdict[i] = language_not_allowed(lang, confidence, cfg)
         langs[i] = lang if confidence >= cfg.min_language_confidence else "und"
     kept, dropped = [], []
     for i, rec in enumerate(records):
-        if i in verdict:
-            dropped.append({"id": rec["id"], "source": rec.get("source"), **verdict[i].__dict__})
+        drop = verdict[i]
+        if drop is not None:
+            dropped.append({"id": rec["id"], "source": rec.get("source"), **drop.__dict__})
         else:
             kept.append({**rec, "lang": rec.get("lang") or langs[i]})
     return kept, dropped

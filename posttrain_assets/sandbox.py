@@ -25,13 +25,27 @@ What the child gets (all layers are applied on every machine unless marked *if a
   ``os.fork``/``os.system``/``os.exec*``/``os.spawn*``/``os.posix_spawn*``/``os.kill*``/``os.setsid``
   from ``os`` and ``posix``. Determined code can get around in-process blocks; they are a first line.
 - *If available* (checked once per process by running ``unshare --net --pid --fork --kill-child true``):
-  the child runs in **new network and PID namespaces**. The network namespace has no interfaces up (not
+  the child runs in **new network, PID and IPC namespaces**. The network namespace has no interfaces up (not
   even loopback), so no connection of any kind can be made: this is the real network guarantee. In the
   PID namespace the code is PID 1: it cannot see or signal processes outside, and killing it kills every
   process it started, even ones that left its process group. ``POSTTRAIN_SANDBOX_UNSHARE=0`` disables it.
 
-Not guaranteed: filesystem isolation. The code runs as the calling user and can read (and write)
-whatever that user can; run the pipeline as an unprivileged user or in a container for that.
+- **Filesystem isolation**, layered; :func:`isolation` says which layers apply here:
+
+  - *If available* (probed once, with ``mount_setattr(2)``, Linux 5.12+), the child also gets a **private
+    mount namespace** in which every mount is remounted read-only and nosuid except a bind mount of the work
+    directory, and a directory hiding the interpreter from other users (``/root``) is replaced by an empty
+    tmpfs holding only the interpreter's prefix. Writing anywhere but the work directory fails with
+    ``EROFS``/``EACCES`` (including world-writable ``/tmp`` and ``/dev/shm``).
+  - When the caller is root, the user code runs as **nobody** (``setgroups([])``, ``setgid``/``setuid``
+    :data:`UNPRIVILEGED_UID`) in a work directory it owns; the supervisor stays root only to report. The
+    standard-library modules candidate code commonly needs are imported before the drop, in case the
+    interpreter's directory is unreadable to nobody (without the mount namespace). Without the mount
+    namespace, nobody can still write to world-writable directories (``/tmp``, ``/dev/shm``).
+  - When the caller is not root and there are no namespaces: no filesystem isolation (the code can write
+    whatever the calling user can); run the pipeline in a container for that.
+
+  On the project's machines (root, util-linux ``unshare``) all layers apply, and the tests assert it.
 """
 
 from __future__ import annotations
@@ -362,11 +376,7 @@ def _probe_isolation() -> Isolation:
         work = os.path.join(base, "work")
         os.mkdir(work, 0o700)
         # Defines the bootstrap's helper functions (everything before ``_limits``) and calls the remount.
-        script = (
-            "import sys\n"
-            "exec(sys.argv[1].partition('\\ndef _limits(')[0])\n"
-            "_read_only_mounts(sys.argv[2])\n"
-        )
+        script = "import sys\nexec(sys.argv[1].partition('\\ndef _limits(')[0])\n_read_only_mounts(sys.argv[2])\n"
         ok = _run_quietly([exe, *_UNSHARE_FLAGS, "--mount", "--", _python(), *_PYTHON_FLAGS, script, _BOOTSTRAP, work])
     return Isolation(True, ok, uid)
 

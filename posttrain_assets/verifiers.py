@@ -420,6 +420,8 @@ def _score_python_eval(candidate: str, gold: str, tests: str | None, timeout_sec
     normally AND the harness prints a random per-run token after the tests: a candidate that calls
     ``sys.exit(0)``/``os._exit(0)`` before the tests run gets ``early_exit``. (Best effort: the token
     lives in the sandboxed process, so code that inspects the harness's frames could find it.)
+    The sandbox lets the code write only in its own throw-away working directory: a write anywhere else
+    fails (read-only file system / permission denied), so the run errors and scores ``tests_failed``.
     ``gold`` (the reference solution) is not used when scoring. Limits: ``PYTHON_EVAL_*``; a given
     ``timeout_seconds`` replaces them: wall limit ``max(1, timeout_seconds)``, CPU limit its ceiling.
     """
@@ -453,7 +455,7 @@ def _build_registry() -> dict[str, Verifier]:
             _score_math,
             "final \\boxed{} compared symbolically with math-verify, with a wall-clock limit",
         ),
-        Verifier("python_eval", "1", _score_python_eval, "candidate program + assert tests in the sandbox"),
+        Verifier("python_eval", "2", _score_python_eval, "candidate program + assert tests in the sandbox"),
     ]
     return {v.name: v for v in verifiers}
 

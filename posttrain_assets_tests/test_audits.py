@@ -27,8 +27,10 @@ from posttrain_assets.audits import (
     mann_whitney_auc,
     markdown_audit_table,
     normalize_for_tie,
+    pair_is_tie,
     rank_biserial,
     symmetrised_point_biserial,
+    text_similarity,
     wilson_interval,
 )
 from posttrain_assets.formats import get_adapter
@@ -425,3 +427,83 @@ def test_hh_rlhf_harmless_is_not_length_confounded(hh_harmless_pairs: list[dict[
     # nothing to balance: only the 3 ties go
     balanced = balance_pairs(hh_harmless_pairs)
     assert balanced.dropped_counts() == {"tie": 3} and len(balanced.kept_ids) == 2300
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tie detection: exact indel similarity, linear pre-checks, precomputed verdicts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lcs_dp(a: str, b: str) -> int:
+    """Longest common subsequence length by the textbook dynamic programme (the reference)."""
+    previous = [0] * (len(b) + 1)
+    for ca in a:
+        current = [0]
+        for j, cb in enumerate(b):
+            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_text_similarity_is_the_exact_indel_similarity() -> None:
+    rng = random.Random(11)
+    for _ in range(400):
+        a = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
+        b = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
+        expected = 1.0 if a == b else 2 * _lcs_dp(a, b) / (len(a) + len(b))
+        assert text_similarity(a, b) == pytest.approx(expected, abs=1e-12)
+    # "hello, world" vs "hello world": LCS 11 of 12 + 11 characters
+    assert text_similarity("hello, world", "hello world") == pytest.approx(22 / 23)
+
+
+def test_is_tie_agrees_with_the_definition() -> None:
+    rng = random.Random(5)
+    for _ in range(400):
+        base = "".join(rng.choice("abcd ") for _ in range(rng.randint(1, 50)))
+        other = list(base)
+        for _ in range(rng.randint(0, 4)):  # a few random insertions, deletions, substitutions
+            i = rng.randrange(len(other) + 1)
+            op = rng.random()
+            if op < 0.33:
+                other.insert(i, rng.choice("abcd "))
+            elif other:
+                j = min(i, len(other) - 1)
+                if op < 0.66:
+                    other.pop(j)
+                else:
+                    other[j] = rng.choice("abcd")
+        a, b = normalize_for_tie(base), normalize_for_tie("".join(other))
+        for similarity in (0.8, 0.9, 0.95):
+            want = a == b or 2 * _lcs_dp(a, b) / (len(a) + len(b)) >= similarity
+            assert is_tie(base, "".join(other), similarity) == want
+
+
+def test_is_tie_on_long_near_identical_replies() -> None:
+    rng = random.Random(2)
+    vocab = ["the", "plant", "uses", "light", "water", "to", "make", "sugar", "and", "oxygen", "quickly"]
+    reply = " ".join(rng.choice(vocab) for _ in range(4000))  # ~20,000 characters
+    words_ = reply.split()
+    words_[1000] = "zzzz"
+    words_[3000] = "yyyyy"
+    near = " ".join(words_)
+    assert is_tie(reply, near)  # 2 words changed in ~20k characters
+    assert is_tie(reply + " One more sentence at the end.", reply)
+    assert not is_tie(reply, " ".join(rng.choice(vocab) for _ in range(4000)))  # same vocabulary, other text
+    assert not is_tie(reply, reply[: len(reply) // 2])
+
+
+def test_precomputed_is_tie_is_reused_when_present() -> None:
+    # the stored flag wins over the texts: audit, audit_group and balance_pairs trust it, None means "compute"
+    flagged = [{**p, "is_tie": p["id"] == "c"} for p in HAND]
+    assert audit_group(flagged).tie_pairs == 1
+    assert audit(flagged)[("overall", "all")].tie_pairs == 1
+    assert audit([{**p, "is_tie": None} for p in HAND])[("overall", "all")].tie_pairs == 2
+    assert pair_is_tie({"chosen": "a", "rejected": "b", "is_tie": True})
+    assert not pair_is_tie({"chosen": "same", "rejected": "same", "is_tie": False})
+    assert pair_is_tie({"chosen": "same", "rejected": "same"})
+    assert balance_pairs(flagged).dropped == [("c", "tie")]
+    # with the flags build_pairs stores, the results equal those computed from the texts
+    pairs = synthetic_biased()
+    stored = [{**p, "is_tie": is_tie(p["chosen"], p["rejected"])} for p in pairs]
+    assert audit(stored) == audit(pairs)
+    assert balance_pairs(stored) == balance_pairs(pairs)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from posttrain_assets.decontamination import EvalIndex, Match, contamination_report, word_ngrams, words
+from posttrain_assets.decontamination import (
+    EvalIndex,
+    Match,
+    contamination_matches,
+    contamination_report,
+    contamination_scan,
+    word_ngrams,
+    words,
+)
 from posttrain_assets.formats import get_adapter
 from posttrain_assets_tests.shared_data import SHARED_DATA
 
@@ -147,3 +155,27 @@ def test_real_gsm8k_train_test_overlap() -> None:
         ("train-406", "test-581", 3),
         ("train-5162", "test-602", 7),
     ]
+
+
+def test_empty_index_and_one_pass_report() -> None:
+    test = gsm8k_records("test")[:50]
+    training = [
+        {"id": "a", "source": "chats", "regime": "rl", "messages": [{"role": "user", "content": test[0]["prompt"]}]},
+        {"id": "b", "source": "chats", "regime": "rl", "messages": [{"role": "user", "content": "What is 2 + 2?"}]},
+        {"id": "c", "source": "rl", "regime": "rl", "messages": [{"role": "user", "content": test[7]["prompt"]}]},
+    ]
+    index = EvalIndex.build(test)
+    matches = contamination_matches(training, index)
+    assert [(m["id"], m["eval_id"]) for m in matches] == [("a", "test-0"), ("c", "test-7")]
+    report = contamination_report(training, index)
+    # the report from precomputed matches, and both at once, equal the separate calls
+    assert contamination_report(training, index, matches=matches) == report
+    assert contamination_scan(training, index) == (matches, report)
+    assert report[0]["by_source"] == {"chats": 1, "rl": 1} and report[0]["eval_rows_hit"] == 2
+    # an empty index: nothing to match, no row is looked at (a row without messages would otherwise be read)
+    empty = EvalIndex.build([])
+    assert empty.is_empty() and not index.is_empty()
+    unreadable = [{"id": "x", "source": "s", "regime": "sft", "messages": [{"role": "user"}]}]
+    assert contamination_matches(unreadable, empty) == [] and contamination_report(unreadable, empty) == []
+    assert empty.matches(unreadable[0]) == []
+    assert contamination_scan(training, empty) == ([], [])

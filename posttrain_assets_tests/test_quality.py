@@ -275,3 +275,36 @@ def test_license_policy_on_alpaca() -> None:
 def test_commercial_license_list(lic: str, ok: bool) -> None:
     drop = quality.license_not_allowed({"license": lic}, QualityConfig(license_policy="commercial"))
     assert (drop is None) == ok
+
+
+def test_refusal_alternation_shortcut_names_the_first_pattern() -> None:
+    cfg = QualityConfig()
+    assert cfg._any_refusal is not None
+    text = "I'm sorry, but I can't do that. As an AI language model I have no opinions."
+    assert cfg.refusal_match(text) == quality.DEFAULT_REFUSAL_PATTERNS[0]  # first in pattern order, not in text
+    assert cfg.refusal_match(EN_A) is None
+    # capture groups (numbered back-references would shift) or inline global flags: no shortcut, same answers
+    grouped = QualityConfig(refusal_patterns=(r"(\w+) \1 again", r"\bnope\b"))
+    assert grouped._any_refusal is None
+    assert grouped.refusal_match("it is the the again") == r"(\w+) \1 again"
+    assert grouped.refusal_match("Nope.") == r"\bnope\b"
+    flagged = QualityConfig(refusal_patterns=(r"(?x) no \s pe", r"(?s)a.b"))
+    assert flagged._any_refusal is None and flagged.refusal_match("a\nb") == r"(?s)a.b"
+
+
+def test_language_detection_only_where_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = quality.detect_language
+
+    def counting(texts: list[str], max_chars: int = 2000) -> list[tuple[str, float]]:
+        seen.append(len(texts))
+        return real(texts, max_chars)
+
+    monkeypatch.setattr(quality, "detect_language", counting)
+    rows = [GOOD, {**GOOD, "id": "tagged", "lang": "en"}]
+    kept, _ = apply_quality_gate(rows, QualityConfig(allowed_languages=None))
+    assert [r["lang"] for r in kept] == ["en", "en"] and seen == [1]  # "tagged" keeps its lang, not detected
+    apply_quality_gate(rows)
+    assert seen == [1, 2]  # an allowed set: every survivor is checked
+    # repeated texts in one batch give the same answer as alone
+    assert real([EN_A, EN_Q, EN_A]) == [real([EN_A])[0], real([EN_Q])[0], real([EN_A])[0]]

@@ -14,12 +14,14 @@ import re
 import shutil
 import time
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
+import pytest
 import yaml
 from PIL import Image
 
+from posttrain_assets import pipeline
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.registry import load_registry
 from posttrain_assets_tests.webserver import Webserver, rendered_dom, running_webserver, screenshot
@@ -29,6 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # the (tall, left-to-right) graph; the DOM check below fails if an asset falls outside the window.
 SCREENSHOT_SIZE = (1600, 2400)
 # One process per run (the in-process executor): a step subprocess per asset would only add start-up time.
+ENV_NAMES = ("POSTTRAIN_SOURCES", "POSTTRAIN_DUCKDB_PATH", "POSTTRAIN_TOKENIZER", "POSTTRAIN_CACHE_DIR", "DAGSTER_HOME")
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 GATE_ASSET = "silver/preference_pairs"
 GATE_CHECK = "length_confound_check"
@@ -78,16 +81,29 @@ def label_matches(label: str, name: str) -> bool:
     return name.startswith(head) and name.endswith(tail) and len(name) >= len(head) + len(tail)
 
 
-def materialise_demo_graph(server: Webserver, sources: list[str], lap: Callable[[str], None]) -> str:
-    """Ingest every source (one ``ingest_source`` run per partition), then ``refresh_corpus``; its run id."""
-    server.add_dynamic_partitions("source", sources)
-    ingest = [
-        server.launch_run("ingest_source", tags={"dagster/partition": name}, run_config=IN_PROCESS) for name in sources
-    ]
-    statuses = server.wait_for_runs(ingest)
-    failed = {run_id: server.failed_steps(run_id) for run_id, status in statuses.items() if status != "SUCCESS"}
-    assert not failed, f"ingest runs failed: {failed}"
-    lap("ingest_source runs")
+def ingest_in_process(env: dict[str, str], sources: list[str]) -> None:
+    """Bronze for every source, in this process and the same instance the webserver serves (the UI's own part
+    is the refresh below; eleven run processes through the API would only add start-up time)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in (
+            "POSTTRAIN_SOURCES",
+            "POSTTRAIN_DUCKDB_PATH",
+            "POSTTRAIN_TOKENIZER",
+            "POSTTRAIN_CACHE_DIR",
+            "DAGSTER_HOME",
+        ):
+            patch.setenv(name, env[name])
+        with dg.DagsterInstance.get() as instance:
+            pipeline.sync_source_partitions(instance, sources)
+            ingest = pipeline.load_definitions().resolve_job_def("ingest_source")
+            for name in sources:
+                assert ingest.execute_in_process(
+                    instance=instance, partition_key=name, run_config=pipeline.QUIET
+                ).success
+
+
+def materialise_demo_graph(server: Webserver) -> str:
+    """Launch ``refresh_corpus`` through the GraphQL API and wait for it; its run id."""
     refresh = server.launch_run("refresh_corpus", run_config=IN_PROCESS)
     (status,) = server.wait_for_runs([refresh]).values()
     # The run fails for one reason only: the blocking length gate on the planted biased source.
@@ -164,11 +180,13 @@ def test_ui_materialises_the_demo_and_shows_the_asset_graph(tmp_path: Path, toke
         timings[stage] = round(time.monotonic() - started - sum(timings.values()), 1)
         print(f"{stage}: {timings[stage]} s")
 
+    ingest_in_process(env, sources)
+    lap("ingest")
     with running_webserver(
         PROJECT_ROOT / "workspace.yaml", env, tmp_path / "webserver.log", cwd=PROJECT_ROOT
     ) as server:
         lap("webserver up")
-        refresh = materialise_demo_graph(server, sources, lap)
+        refresh = materialise_demo_graph(server)
         lap("refresh_corpus run")
         nodes = assert_verdicts(server, refresh, sources)
         lap("verdicts")
