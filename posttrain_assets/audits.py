@@ -68,13 +68,14 @@ import io
 import math
 import random
 import statistics
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from posttrain_assets.text import fold_bare
 
 Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
 QUANTILES = (("p10", 0.10), ("p25", 0.25), ("p75", 0.75), ("p90", 0.90))
@@ -167,20 +168,9 @@ def rank_biserial(diffs: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _strip_ends(text: str) -> str:
-    """``text`` without punctuation (Unicode category P*) and whitespace at either end."""
-    start, end = 0, len(text)
-    while start < end and (text[start].isspace() or unicodedata.category(text[start]).startswith("P")):
-        start += 1
-    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
-        end -= 1
-    return text[start:end]
-
-
 def normalize_for_tie(text: str) -> str:
     """The text compared for ties: NFKC, casefolded, whitespace runs collapsed, punctuation stripped at the ends."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return _strip_ends(" ".join(text.split()))
+    return fold_bare(text)
 
 
 def _common_prefix_length(a: str, b: str) -> int:

@@ -55,6 +55,7 @@ from typing import Any
 
 from posttrain_assets.formats.adapters import last_boxed
 from posttrain_assets.sandbox import run_untrusted
+from posttrain_assets.text import fold_bare
 
 # Default wall-clock limit for one math comparison (seconds).
 MATH_TIMEOUT_SECONDS = 5.0
@@ -182,14 +183,7 @@ def _format_number(value: Fraction) -> str:
 
 def normalize_text(text: str) -> str:
     """``exact_match`` normalisation: NFKC, casefold, whitespace collapsed, surrounding punctuation stripped."""
-    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    text = " ".join(text.split())
-    start, end = 0, len(text)
-    while start < end and (text[start].isspace() or unicodedata.category(text[start]).startswith("P")):
-        start += 1
-    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
-        end -= 1
-    return text[start:end]
+    return fold_bare(text)
 
 
 # --------------------------------------------------------------------------- exact_match and numeric
