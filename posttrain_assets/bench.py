@@ -1063,7 +1063,8 @@ def peer_dedup(corpus_dir: Path, limit: int, threshold: float = 0.7, shingle_wor
                 for s in shingles(text, shingle_words):
                     m.update(s.encode("utf-8"))
                 mhs.append(m)
-        lsh = MinHashLSH(threshold=cfg.effective_lsh_threshold(), num_perm=cfg.num_perm)
+        # The classic setup: LSH tuned just below the Jaccard threshold (ours widens it for its edit rule).
+        lsh = MinHashLSH(threshold=threshold - 0.15, num_perm=cfg.num_perm)
         for i, m in enumerate(mhs):
             lsh.insert(i, m, check_duplication=False)
         uf = _UnionFind(len(mhs))

@@ -7,15 +7,15 @@ left:
 1. **Exact after normalisation** (method ``exact_normalized``): two rows whose dedup units are equal
    after :func:`normalize_text` (differences of case, whitespace or Unicode form only), keyed by
    :func:`exact_key`.
-2. **Near duplicates** (method ``near``): MinHash signatures of word shingles of the dedup unit give
-   candidate pairs from ``datasketch.MinHashLSH`` (a wide net); every candidate is then verified on
-   the pair itself by its token-level **edit similarity** ``1 - Levenshtein(words_a, words_b) /
-   max(len_a, len_b)`` ``>= MinHashConfig.threshold`` (the "EditSim" check of Lee et al. 2022,
-   *Deduplicating Training Data Makes Language Models Better*, used there to confirm MinHash
-   matches), and verified pairs are joined into clusters with union-find. A copy with a fraction ``f``
-   of its words replaced has edit similarity ``>= 1 - f`` however the edits are spread, where shingle
-   Jaccard falls fast (15% scattered single-word edits leave 5-word-shingle Jaccard near 0.3).
-   ``similarity="jaccard"`` keeps the older check (estimated Jaccard of the signatures).
+2. **Near duplicates** (method ``near``): MinHash signatures of 2-word shingles of the dedup unit give
+   candidate pairs from ``datasketch.MinHashLSH`` (a wide net); every candidate is then verified on the
+   pair itself (:class:`MinHashConfig`): exact Jaccard of 5-word shingle sets ``>= 0.7`` (the original
+   rule, strict on short texts), or, for units of 40+ words, token-level **edit similarity**
+   ``1 - Levenshtein(words_a, words_b) / max(len_a, len_b) >= 0.8`` (the EditSim check that Lee et al.
+   2022, *Deduplicating Training Data Makes Language Models Better*, run on MinHash matches). A copy with
+   a fraction ``f`` of its words replaced has edit similarity ``>= 1 - f`` however the edits are spread,
+   where shingle Jaccard falls fast (15% of words edited in runs: 5-shingle Jaccard about 0.6-0.7;
+   scattered: about 0.3). Verified pairs are joined into clusters with union-find.
 
 Both run per regime: dedup units of different regimes are never compared. In each cluster one row is
 kept by :func:`choose_kept`; every other member is reported with the kept row's id. Prompts that
@@ -35,6 +35,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -133,67 +134,81 @@ def exact_key(record: Record) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-Similarity = Literal["edit", "jaccard"]
-
-
 @dataclass(frozen=True)
 class MinHashConfig:
     """Parameters of near-duplicate detection.
 
-    - ``shingle_words``: shingles (the MinHash set elements of the candidate stage) are runs of this many
-      consecutive words of the normalised text (joined by one space); a text with fewer words is one
-      shingle (the whole normalised text). Short shingles keep copies with scattered edits findable: a
-      replaced word changes ``shingle_words`` shingles.
+    A candidate pair (see ``candidate_shingle_words``) is a near duplicate when either rule holds:
+
+    1. **shingle rule**: the exact Jaccard similarity of the two units' ``shingle_words``-word shingle
+       sets is ``>= threshold`` (computed on the pair). A changed word changes ``shingle_words`` shingles,
+       so this rule is strict on short texts and on scattered edits.
+    2. **edit rule** (off when ``edit_threshold`` is None): the token-level edit similarity
+       (:func:`edit_similarity`) is ``>= edit_threshold``, for pairs whose shorter unit has at least
+       ``min_words`` words (or that share a same key, see :func:`near_duplicate_clusters`). A copy with a
+       fraction ``f`` of its words replaced, inserted or deleted scores ``>= 1 - f`` however the edits are
+       spread; at 0.8 the planted 5-15% edits pass with a margin while unrelated texts built from the
+       same templates stay far below (about 0.3-0.6 on the benchmark generator and the demo data).
+       Short units are left to rule 1: in a 20-word instruction one word or number is 5% of the text,
+       and templated short rows ("Classify the sentiment ... The blender: ..." vs "... The bike: ...",
+       FastChat's identity chats) are edit-similar but distinct.
+
+    Fields:
+
+    - ``shingle_words``: words per shingle of rule 1; a text with fewer words is one shingle (the whole
+      normalised text).
+    - ``threshold``: the Jaccard threshold of rule 1. 0.7 with 5-word shingles: copies with 5-10% of
+      their words reworded in one or two runs in texts of 100+ words.
+    - ``edit_threshold``, ``min_words``: rule 2.
+    - ``candidate_shingle_words``: words per shingle of the MinHash signatures that feed
+      ``datasketch.MinHashLSH`` (the candidate net). Two words: 15% scattered single-word edits still
+      leave a 2-shingle Jaccard of about 0.55 (5-word shingles: about 0.3).
     - ``num_perm``: MinHash permutations (signature length); the estimate's standard error is about
       ``sqrt(J (1 - J) / num_perm)``, 0.04 at J = 0.7 with 128.
-    - ``similarity``: how a candidate pair is verified. ``edit`` (default): token-level edit similarity
-      of the two normalised word sequences (:func:`edit_similarity`), computed exactly on the pair;
-      ``jaccard``: the estimated Jaccard similarity of the shingle sets (fraction of equal signature slots).
-    - ``threshold``: two units are near duplicates when their ``similarity`` is at least this. With
-      ``edit``, 0.8 accepts copies with up to 20% of their words replaced, inserted or deleted, wherever
-      they are, so the planted 5-15% edits pass with a margin, while unrelated texts built from the same
-      templates stay far below (about 0.3-0.6 on the benchmark generator and the demo data).
     - ``lsh_threshold``: the threshold MinHashLSH's banding is tuned for (None: derived, see
       :meth:`effective_lsh_threshold`); it only sets how wide the candidate net is, every candidate is
-      verified against ``threshold``.
+      verified by the rules.
     - ``seed``: datasketch's permutation seed (same seed, same permutations as ``datasketch.MinHash``).
     - ``scheme``: datasketch's permutation scheme, ``affine32`` (its default since 2.0, uint32) or
       ``legacy`` (datasketch < 2.0, uint64).
     - ``batch_shingles``: shingles permuted per numpy batch (memory: batch_shingles * num_perm * 4-8 bytes).
     """
 
-    shingle_words: int = 2
+    shingle_words: int = 5
     num_perm: int = 128
-    threshold: float = 0.8
-    similarity: Similarity = "edit"
+    threshold: float = 0.7
+    edit_threshold: float | None = 0.8
+    min_words: int = 40
+    candidate_shingle_words: int = 2
     lsh_threshold: float | None = None
     seed: int = 1
     scheme: Scheme = "affine32"
     batch_shingles: int = 1 << 16
 
-    def jaccard_at_threshold(self) -> float:
-        """The shingle Jaccard similarity of a pair that is just at ``threshold``.
+    def candidate_jaccard(self) -> float:
+        """The candidate-shingle Jaccard similarity of the weakest pair the rules should accept.
 
-        ``jaccard``: the threshold itself. ``edit``: the expected Jaccard of a copy with ``1 - threshold``
-        of its words replaced one by one, scattered (the worst spread for shingles): each shingle survives
-        with probability ``p = threshold ** shingle_words``, so J = p / (2 - p) (0.47 for 2-word shingles
-        at 0.8).
+        Rule 1: ``threshold`` (a conservative bound when candidate shingles are no longer than
+        ``shingle_words``). Rule 2: the expected Jaccard of a copy with ``1 - edit_threshold`` of its words
+        replaced one by one, scattered (the worst spread for shingles): each candidate shingle survives with
+        probability ``p = edit_threshold ** candidate_shingle_words``, so J = p / (2 - p) (0.47 for
+        2-word shingles at 0.8).
         """
-        if self.similarity == "jaccard":
+        if self.edit_threshold is None:
             return self.threshold
-        p = self.threshold**self.shingle_words
-        return p / (2.0 - p)
+        p = self.edit_threshold**self.candidate_shingle_words
+        return min(self.threshold, p / (2.0 - p))
 
     def effective_lsh_threshold(self) -> float:
-        """The MinHashLSH threshold actually used: ``lsh_threshold``, else :meth:`jaccard_at_threshold` - 0.15.
+        """The MinHashLSH threshold actually used: ``lsh_threshold``, else :meth:`candidate_jaccard` - 0.15.
 
         datasketch's threshold is the crossover of its banding's S-curve; 0.15 below it, pairs at the
-        verification threshold become candidates with probability about 0.98 (2-word shingles, 128
-        permutations: 37 bands of 3 rows).
+        weakest accepted similarity become candidates with probability about 0.98 (2-word shingles, 128
+        permutations, edit threshold 0.8: 37 bands of 3 rows).
         """
         if self.lsh_threshold is not None:
             return self.lsh_threshold
-        return max(0.05, self.jaccard_at_threshold() - 0.15)
+        return max(0.05, self.candidate_jaccard() - 0.15)
 
 
 def shingles(text: str, shingle_words: int = 5) -> list[str]:
@@ -273,7 +288,7 @@ def minhash_signatures(texts: Sequence[str], cfg: MinHashConfig | None = None) -
         batch_offsets.clear()
 
     for i, text in enumerate(texts):
-        doc = shingles(text, cfg.shingle_words)
+        doc = shingles(text, cfg.candidate_shingle_words)
         if not doc:
             continue
         if batch_shingles and len(batch_shingles) + len(doc) > cfg.batch_shingles:
@@ -368,6 +383,22 @@ def _edit_sim(pattern: _Pattern, a: Sequence[str], b: Sequence[str], threshold: 
     return 1.0 - pattern.distance(b) / longest
 
 
+def shingle_jaccard(a: Sequence[str], b: Sequence[str], shingle_words: int) -> float:
+    """Exact Jaccard similarity of the ``shingle_words``-word shingle sets of two token sequences.
+
+    Same shingles as :func:`shingles` (a sequence shorter than a shingle is one shingle); two empty: 1.0.
+    """
+
+    def grams(words: Sequence[str]) -> set[tuple[str, ...]]:
+        if len(words) <= shingle_words:
+            return {tuple(words)} if words else set()
+        return {tuple(words[i : i + shingle_words]) for i in range(len(words) - shingle_words + 1)}
+
+    ga, gb = grams(a), grams(b)
+    union = len(ga | gb)
+    return len(ga & gb) / union if union else 1.0
+
+
 def edit_similarity(a: str | Sequence[str], b: str | Sequence[str]) -> float:
     """Token-level edit similarity ``1 - Levenshtein(a, b) / max(len(a), len(b))`` in [0, 1].
 
@@ -409,9 +440,9 @@ class Cluster:
     """A group of near-duplicate units (two or more).
 
     ``members``: ids in input order, the kept one first; ``kept``: the id kept; ``similarity``: for every
-    member, its similarity to the kept member (the config's ``similarity``: edit similarity by default;
-    1.0 for the kept one). Members join by
-    transitivity (A~B, B~C), so a member's similarity to the kept one can be below the threshold.
+    member, its token edit similarity (:func:`edit_similarity`) to the kept member (1.0 for the kept one).
+    Members join by transitivity (A~B, B~C), so a member's similarity to the kept one can be below the
+    thresholds.
     """
 
     members: list[Hashable]
@@ -443,14 +474,16 @@ def near_duplicate_clusters(
 ) -> list[Cluster]:
     """Clusters of near-duplicate texts (only clusters of two or more; order of their first member).
 
-    Signatures are computed in numpy batches, candidates come from ``datasketch.MinHashLSH`` and each
-    candidate pair is verified: its ``cfg.similarity`` (edit similarity of the normalised words, or the
-    estimated Jaccard of the signatures) ``>= cfg.threshold``. ``guard_texts`` (optional, per text): a
-    second text that must also reach the threshold for a pair to count (preference pairs pass their two
-    responses, see :func:`_guard_text`); a ``None`` guard is not checked. ``same_key`` (optional, per
-    text): a pair counts only if both keys are equal (RL rows pass numbers and answer, see
-    :func:`_same_key`); ``None`` keys are not checked. ``choose`` picks the kept id of a cluster from its
-    members (default: the first in input order). A cluster's ``similarity`` is measured the same way.
+    Signatures (of ``cfg.candidate_shingle_words``-word shingles) are computed in numpy batches,
+    candidates come from ``datasketch.MinHashLSH`` and each candidate pair is verified by the rules of
+    :class:`MinHashConfig` (5-shingle Jaccard, or edit similarity for units of ``min_words`` words or
+    more). ``guard_texts`` (optional, per text): a second text that must also pass for a pair to count
+    (preference pairs pass their two responses, see :func:`_guard_text`); a ``None`` guard is not
+    checked. ``same_key`` (optional, per text): a pair counts only if both keys are equal (RL rows pass
+    numbers and answer, see :func:`_same_key`); ``None`` keys are not checked. Keyed pairs may pass the
+    edit rule at any length: the key already tells templated short prompts apart. ``choose`` picks the
+    kept id of a cluster from its members (default: the first in input order). A cluster's
+    ``similarity`` is the members' edit similarity to the kept one.
     """
     cfg = cfg or MinHashConfig()
     if len(ids) != len(texts):
@@ -459,53 +492,43 @@ def near_duplicate_clusters(
     if n < 2:
         return []
     sigs = minhash_signatures(texts, cfg)
-    checked = guard_sigs = None
-    if guard_texts is not None:
-        checked = [g is not None for g in guard_texts]
-        if cfg.similarity == "jaccard":
-            guard_sigs = minhash_signatures([g or "" for g in guard_texts], cfg)
-    words: dict[int, list[str]] = {}
-    guard_words: dict[int, list[str]] = {}
 
+    # token lists of the rows under verification (bounded: a row's candidates are mostly near it in the index)
+    @lru_cache(maxsize=1 << 14)
     def words_of(i: int) -> list[str]:
-        if i not in words:
-            words[i] = tokens(texts[i])
-        return words[i]
+        return tokens(texts[i])
 
+    @lru_cache(maxsize=1 << 12)
     def guard_words_of(i: int) -> list[str]:
-        if i not in guard_words:
-            guard_words[i] = tokens(guard_texts[i] if guard_texts is not None else None)
-        return guard_words[i]
+        return tokens(guard_texts[i] if guard_texts is not None else None)
 
-    def keys_differ(i: int, j: int) -> bool:
-        return same_key is not None and same_key[i] is not None and same_key[i] != same_key[j]
+    def keyed(i: int) -> bool:
+        return same_key is not None and same_key[i] is not None
+
+    def similar(a: list[str], b: list[str], key: bool, patterns: dict[str, _Pattern], kind: str) -> bool:
+        """Rule 2 where it applies, else (or failing it) rule 1; ``patterns`` caches ``a``'s Myers pattern."""
+        t = cfg.edit_threshold
+        if t is not None and (key or min(len(a), len(b)) >= cfg.min_words):
+            pattern = patterns.get(kind) or patterns.setdefault(kind, _Pattern(a))
+            if _edit_sim(pattern, a, b, t) >= t:
+                return True
+        return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
 
     uf = _UnionFind(n)
+    floor = cfg.effective_lsh_threshold()
     for i, js in _candidate_pairs(sigs, cfg):
-        if cfg.similarity == "jaccard":
-            ok = (sigs[js] == sigs[i]).mean(axis=1) >= cfg.threshold
-            if guard_sigs is not None and checked is not None:
-                guarded = np.asarray(checked)[js] & checked[i]
-                ok &= ~guarded | ((guard_sigs[js] == guard_sigs[i]).mean(axis=1) >= cfg.threshold)
-            for j in js[ok]:
-                if not keys_differ(i, int(j)):
-                    uf.union(i, int(j))
-            continue
-        # edit similarity: cheap rejections first (same cluster already, keys, lengths), then Myers
-        pattern = guard_pattern = None
-        wi = words_of(i)
+        # LSH's false positives (estimated Jaccard below the net's own threshold) are dropped unverified
+        js = js[(sigs[js] == sigs[i]).mean(axis=1) >= floor]
+        wi, key = words_of(i), keyed(i)
+        patterns: dict[str, _Pattern] = {}
         for j in map(int, js):
-            if uf.find(i) == uf.find(j) or keys_differ(i, j):
+            if uf.find(i) == uf.find(j) or (key and same_key is not None and same_key[i] != same_key[j]):
                 continue
-            if pattern is None:
-                pattern = _Pattern(wi)
-            if _edit_sim(pattern, wi, words_of(j), cfg.threshold) < cfg.threshold:
+            if not similar(wi, words_of(j), key, patterns, "unit"):
                 continue
-            if checked is not None and checked[i] and checked[j]:
-                if guard_pattern is None:
-                    guard_pattern = _Pattern(guard_words_of(i))
-                if _edit_sim(guard_pattern, guard_words_of(i), guard_words_of(j), cfg.threshold) < cfg.threshold:
-                    continue
+            guarded = guard_texts is not None and guard_texts[i] is not None and guard_texts[j] is not None
+            if guarded and not similar(guard_words_of(i), guard_words_of(j), key, patterns, "guard"):
+                continue
             uf.union(i, j)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
@@ -518,11 +541,8 @@ def near_duplicate_clusters(
         member_ids = [ids[i] for i in idx]
         kept = choose(member_ids) if choose else member_ids[0]
         k = idx[member_ids.index(kept)]
-        if cfg.similarity == "jaccard":
-            sims = {ids[i]: (1.0 if i == k else estimated_jaccard(sigs[i], sigs[k])) for i in idx}
-        else:
-            kp = _Pattern(words_of(k))
-            sims = {ids[i]: (1.0 if i == k else _edit_sim(kp, words_of(k), words_of(i))) for i in idx}
+        kp = _Pattern(words_of(k))
+        sims = {ids[i]: (1.0 if i == k else _edit_sim(kp, words_of(k), words_of(i))) for i in idx}
         clusters.append(Cluster([ids[k]] + [ids[i] for i in idx if i != k], kept, sims))
     return clusters
 
@@ -588,17 +608,16 @@ class DedupResult(NamedTuple):
     ``kept_ids``: surviving ids in input order. ``dropped``: one dict per dropped row with
     ``member_id``, ``kept_id`` (always a surviving id), ``cluster_id`` (= the kept id), ``method``
     (``exact_normalized`` | ``near``), ``similarity`` (1.0 for exact; else the similarity of the member's
-    unit to the kept row's: token edit similarity at the defaults, see :class:`MinHashConfig`) and ``regime``.
+    unit to the kept row's: token edit similarity, see :func:`edit_similarity`) and ``regime``.
     """
 
     kept_ids: list[str]
     dropped: list[dict[str, Any]]
 
 
-# Per-regime defaults: 2-word shingles for the candidate net, token edit similarity >= 0.8 to confirm. RL
-# prompts are short (GSM8K questions: about 20-60 words) and templated: single words as shingles make the
-# net wide enough there, and the RL same-key rule (:func:`_same_key`) keeps templated look-alikes with other
-# numbers or answers apart.
+# Per-regime defaults. RL prompts are short (GSM8K questions: about 20-60 words) and templated: single words
+# as rule-1 shingles, the edit rule at any length, and the RL same-key rule (:func:`_same_key`) keeps
+# templated look-alikes with other numbers or answers apart.
 DEFAULT_CONFIGS: dict[str, MinHashConfig] = {
     "sft": MinHashConfig(),
     "preference": MinHashConfig(),

@@ -171,7 +171,7 @@ SILVER_DEDUP_CLUSTERS = Table(
             "exact (same content id) / exact_normalized (same after NFKC, case, whitespace folding) / near (MinHash)",
             False,
         ),
-        _c("similarity", "DOUBLE", "estimated Jaccard similarity to the kept twin (1.0 for exact)", False),
+        _c("similarity", "DOUBLE", "word-level edit similarity to the kept twin (1.0 for exact)", False),
     ),
 )
 

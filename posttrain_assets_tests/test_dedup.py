@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -190,17 +191,19 @@ def test_shingles() -> None:
     assert dedup.shingles(" \n ", 5) == []
 
 
+@pytest.mark.parametrize("words", [2, 5])
 @pytest.mark.parametrize("scheme", ["affine32", "legacy"])
-def test_signatures_bit_identical_to_datasketch(scheme: str) -> None:
+def test_signatures_bit_identical_to_datasketch(scheme: str, words: int) -> None:
     rng = random.Random(3)
     texts = [text_of(rng, n) for n in (1, 3, 4, 5, 6, 40, 300)] + ["", "Ünïcödé  TEXT with ＦＵＬＬ width"]
-    cfg = MinHashConfig(scheme=scheme, batch_shingles=64)  # small batches: exercises the batch boundaries
+    # small batches: exercises the batch boundaries
+    cfg = MinHashConfig(scheme=scheme, batch_shingles=64, candidate_shingle_words=words)
     sigs = dedup.minhash_signatures(texts, cfg)
     assert sigs.shape == (len(texts), 128)
     assert sigs.dtype == (np.uint32 if scheme == "affine32" else np.uint64)
     for text, sig in zip(texts, sigs, strict=True):
         ref = MinHash(num_perm=128, seed=1, scheme=scheme)
-        for s in dedup.shingles(text, 5):
+        for s in dedup.shingles(text, words):
             ref.update(s.encode("utf-8"))
         assert np.array_equal(sig, ref.hashvalues)
     # the empty text has datasketch's empty signature
@@ -229,9 +232,9 @@ def test_signatures_index_in_datasketch_lsh() -> None:
 
 @pytest.mark.parametrize(
     ("fraction", "runs", "found"),
-    # 5-10% reworded: every copy found. 15% in one or two runs puts the true 5-shingle Jaccard at about
-    # 0.71-0.74 over 250 words, right at the 0.7 threshold, so MinHash's estimate (sd ~0.04) finds part.
-    [(0.05, 1, 20), (0.05, 2, 20), (0.10, 1, 20), (0.10, 2, 20), (0.15, 1, 12), (0.15, 2, 4)],
+    # 5-15% reworded in one or two runs: every copy found. 15% in runs puts the 5-shingle Jaccard at about
+    # 0.71-0.74 over 250 words (the shingle rule alone found 12 and 4 of 20), the edit similarity at 0.85.
+    [(0.05, 1, 20), (0.05, 2, 20), (0.10, 1, 20), (0.10, 2, 20), (0.15, 1, 20), (0.15, 2, 20)],
 )
 def test_edited_copies_cluster_and_distinct_texts_do_not(fraction: float, runs: int, found: int) -> None:
     rng = random.Random(f"{fraction}:{runs}")
@@ -244,7 +247,39 @@ def test_edited_copies_cluster_and_distinct_texts_do_not(fraction: float, runs: 
     for c in clusters:
         assert c.kept == c.members[0] and c.kept.startswith("o")  # first in input order
         assert c.similarity[c.kept] == 1.0
-        assert 0.7 <= min(c.similarity.values()) < 1.0
+        # edit similarity of a copy with a fraction f of its words replaced: exactly 1 - f here
+        assert min(c.similarity.values()) == pytest.approx(1.0 - round(250 * fraction) / 250)
+
+
+def test_edit_similarity() -> None:
+    assert dedup.edit_similarity("A b c d", "a B x d") == 0.75  # normalised words; one substitution of four
+    assert dedup.edit_similarity("a b c d", "a c d") == 0.75  # one deletion
+    assert dedup.edit_similarity("", "") == 1.0 and dedup.edit_similarity("a", "") == 0.0
+    assert dedup.edit_distance(list("kitten"), list("sitting")) == 3
+    rng = random.Random(12)
+    for _ in range(200):  # Myers' bit-parallel distance equals the textbook dynamic program
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 90))]
+        b = [rng.choice("abcde") for _ in range(rng.randint(0, 90))]
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            prev, row = row, [i]
+            for j, y in enumerate(b, 1):
+                row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (x != y)))
+        assert dedup.edit_distance(a, b) == row[-1]
+    assert dedup.shingle_jaccard(list("abcd"), list("abce"), 2) == 0.5
+    assert dedup.shingle_jaccard(["a"], ["a"], 5) == 1.0
+
+
+def test_short_units_need_the_shingle_rule() -> None:
+    """Under 40 words a one-word change is 5% of the text: templated rows stay apart unless 5-shingle similar."""
+    template = "Classify the sentiment of the following review as Positive or Negative. The {}: arrived late."
+    a, b = sft("a", template.format("blender"), "Negative"), sft("b", template.format("bike"), "Negative")
+    ua, ub = dedup.dedup_unit(a), dedup.dedup_unit(b)
+    assert dedup.edit_similarity(ua, ub) > 0.9 and len(dedup.tokens(ua)) < 40
+    assert dedup.deduplicate([a, b], by_priority) == (["a", "b"], [])
+    long_a = sft("la", template.format("blender") + " " + text_of(random.Random(1), 40), "Negative")
+    long_b = sft("lb", long_a["prompt"].replace("blender", "bike"), "Negative")
+    assert dedup.deduplicate([long_a, long_b], by_priority).kept_ids == ["la"]
 
 
 def test_edit_of_twenty_percent_is_not_a_near_duplicate_at_defaults() -> None:
@@ -416,3 +451,230 @@ def test_demo_planted_near_duplicates_all_found(tmp_path: Path) -> None:
         ("There are 78 student", "There are 78 chairs."),
         ("Yuki has $1060 saved", "Grace has $1060 save"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recall and precision on generated English-like texts (issue 4)
+
+NOUNS = [
+    "system",
+    "garden",
+    "report",
+    "engine",
+    "river",
+    "teacher",
+    "market",
+    "budget",
+    "recipe",
+    "network",
+    "library",
+    "museum",
+    "project",
+    "protein",
+    "city",
+    "window",
+    "planet",
+    "student",
+    "doctor",
+    "harbor",
+    "signal",
+    "bridge",
+    "forest",
+    "database",
+    "function",
+    "kitchen",
+    "village",
+    "committee",
+    "process",
+    "theory",
+    "battery",
+    "circuit",
+    "painting",
+    "orchestra",
+    "festival",
+    "mountain",
+    "island",
+    "journal",
+    "contract",
+    "factory",
+    "vaccine",
+    "molecule",
+]
+VERBS = [
+    "improves",
+    "describes",
+    "supports",
+    "changes",
+    "reduces",
+    "explains",
+    "measures",
+    "protects",
+    "connects",
+    "builds",
+    "requires",
+    "follows",
+    "creates",
+    "shapes",
+    "affects",
+    "predicts",
+    "limits",
+    "balances",
+    "tracks",
+    "organizes",
+    "reveals",
+    "compares",
+    "delivers",
+    "extends",
+]
+ADJS = [
+    "large",
+    "small",
+    "careful",
+    "quiet",
+    "bright",
+    "modern",
+    "ancient",
+    "simple",
+    "complex",
+    "useful",
+    "local",
+    "global",
+    "early",
+    "late",
+    "strong",
+    "gentle",
+    "rapid",
+    "steady",
+    "clear",
+    "hidden",
+    "public",
+    "private",
+    "rural",
+    "urban",
+    "digital",
+    "natural",
+    "formal",
+    "honest",
+    "patient",
+    "curious",
+]
+DETS = ["the", "a", "every", "each", "this", "that", "one", "another"]
+PREPS = ["in", "near", "across", "under", "over", "through", "during", "after", "before", "within"]
+OPENERS = ["In practice,", "For example,", "However,", "As a result,", "First,", "Finally,", "Meanwhile,"]
+EDIT_WORDS = sorted({*NOUNS, *VERBS, *ADJS})
+
+
+def sentence_pool(rng: random.Random, size: int) -> list[str]:
+    """Templated English-like sentences (determiner adjective noun verb ...), like posttrain_assets.bench's."""
+    pool = []
+    for _ in range(size):
+        words = [rng.choice(DETS).capitalize(), rng.choice(ADJS), rng.choice(NOUNS), rng.choice(VERBS)]
+        words += [rng.choice(DETS), rng.choice(NOUNS)]
+        if rng.random() < 0.6:
+            words += [rng.choice(PREPS), rng.choice(DETS), rng.choice(ADJS), rng.choice(NOUNS)]
+        if rng.random() < 0.3:
+            words = [rng.choice(OPENERS), words[0].lower(), *words[1:]]
+        pool.append(" ".join(words) + ".")
+    return pool
+
+
+def passage(rng: random.Random, pool: list[str], words: int) -> str:
+    """About ``words`` words of whole sentences from the pool."""
+    out: list[str] = []
+    while sum(len(s.split()) for s in out) < words:
+        out.append(rng.choice(pool))
+    return " ".join(out)
+
+
+def replace_word(word: str, rng: random.Random) -> str:
+    new = rng.choice(EDIT_WORDS)
+    return new if new != word.rstrip(".,").lower() else replace_word(word, rng)
+
+
+def edit_scattered(text: str, fraction: float, rng: random.Random) -> str:
+    """Replace ``round(fraction * words)`` words at distinct random positions, one by one."""
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), max(1, round(fraction * len(words)))):
+        words[i] = replace_word(words[i], rng)
+    return " ".join(words)
+
+
+def edit_in_runs(text: str, fraction: float, rng: random.Random, runs: int) -> str:
+    """Replace ``round(fraction * words)`` words in ``runs`` contiguous, non-overlapping runs."""
+    words = text.split(" ")
+    k = max(1, round(fraction * len(words)))
+    segment = len(words) // runs
+    for r in range(runs):
+        size = k // runs + (1 if r < k % runs else 0)
+        start = r * segment + rng.randrange(0, segment - size + 1)
+        for i in range(start, start + size):
+            words[i] = replace_word(words[i], rng)
+    return " ".join(words)
+
+
+EDITS = {
+    "scattered": edit_scattered,
+    "one_run": lambda text, f, rng: edit_in_runs(text, f, rng, 1),
+    "two_runs": lambda text, f, rng: edit_in_runs(text, f, rng, 2),
+}
+
+
+def test_recall_and_precision_on_generated_near_duplicates() -> None:
+    """Planted copies with 5%, 10% and 15% of their words replaced (scattered, in one run, in two runs) among
+    unrelated texts and look-alikes from the same templates: recall and precision >= 0.95 at the defaults."""
+    rng = random.Random(2024)
+    pool = sentence_pool(rng, 3000)
+    prompts = ["Summarise the report below.", "Explain this to a new colleague.", "Rewrite the passage plainly."]
+    rows: list[dict[str, Any]] = []
+    group: dict[str, str] = {}
+    planted: list[str] = []
+    per_condition = 25
+    for fraction in (0.05, 0.10, 0.15):
+        for mode, edit in EDITS.items():
+            for k in range(per_condition):
+                name = f"{mode}{fraction:.2f}_{k}"
+                prompt, reply = rng.choice(prompts), passage(rng, pool, rng.randint(100, 400))
+                rows.append(sft(f"o_{name}", prompt, reply))
+                rows.append(sft(f"c_{name}", prompt, edit(reply, fraction, rng)))
+                group[f"o_{name}"] = group[f"c_{name}"] = name
+                planted.append(name)
+    # look-alikes that must stay apart: the same prompt and half of another reply's sentences
+    for k in range(60):
+        prompt, reply = rng.choice(prompts), rng.choice([r for r in rows if r["id"].startswith("o_")])
+        sentences = reply["messages"][1]["content"].split(". ")
+        half = len(sentences) // 2
+        body = ". ".join(sentences[:half]) + ". " + passage(rng, pool, 9 * (len(sentences) - half))
+        rows.append(sft(f"u_{k}", prompt, body))
+        group[f"u_{k}"] = f"u_{k}"
+    # unrelated texts of the same templates, short ones included (left to the 5-shingle rule)
+    for k in range(150):
+        rows.append(sft(f"x_{k}", rng.choice(prompts), passage(rng, pool, rng.randint(10, 400))))
+        group[f"x_{k}"] = f"x_{k}"
+
+    def score(cfg: dict[str, MinHashConfig] | None) -> tuple[int, int, int, dict[str, int]]:
+        """(planted copies found, rows dropped, of them true positives, found by condition)."""
+        _, dropped = dedup.deduplicate(rows, by_priority, cfg)
+        final = {r["id"]: r["id"] for r in rows} | {d["member_id"]: d["kept_id"] for d in dropped}
+        found = [n for n in planted if final[f"c_{n}"] == final[f"o_{n}"]]
+        true_pos = sum(group[d["member_id"]] == group[d["kept_id"]] for d in dropped)
+        return len(found), len(dropped), true_pos, dict(Counter(n.rsplit("_", 1)[0] for n in found))
+
+    assert len(planted) == 225
+    found, detected, true_pos, _ = score(None)  # the defaults
+    recall, precision = found / len(planted), true_pos / detected
+    assert recall >= 0.95 and precision >= 0.95
+    assert (found, detected, true_pos) == (225, 225, 225)  # recall 1.0, precision 1.0
+    # the 5-shingle rule alone (no edit rule: the defaults before issue 4) misses most 10-15% and scattered copies
+    old = {
+        r: MinHashConfig(shingle_words=c.shingle_words, edit_threshold=None) for r, c in dedup.DEFAULT_CONFIGS.items()
+    }
+    found, detected, true_pos, by_condition = score(old)
+    assert (found, detected, true_pos) == (135, 135, 135)  # recall 0.6
+    assert by_condition == {
+        "one_run0.05": 25,
+        "two_runs0.05": 25,
+        "one_run0.10": 25,
+        "two_runs0.10": 25,
+        "one_run0.15": 21,
+        "two_runs0.15": 14,
+    }  # and no scattered copy at all
