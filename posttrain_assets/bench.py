@@ -45,6 +45,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from posttrain_assets.demo_data import PARQUET_SCHEMAS as DEMO_PARQUET_SCHEMAS
+
 SCHEMA_VERSION = 1
 DEFAULT_RECORDS = 1_000_000
 DEFAULT_SEED = 8
@@ -96,7 +98,7 @@ MALFORMED_KINDS: dict[str, tuple[str, ...]] = {
     "math": ("bad_json", "missing_gold_answer", "missing_field"),
 }
 
-_NOUNS = [
+NOUNS = [
     "system",
     "garden",
     "report",
@@ -174,7 +176,7 @@ _NOUNS = [
     "compiler",
     "question",
 ]
-_VERBS = [
+VERBS = [
     "improves",
     "describes",
     "supports",
@@ -209,7 +211,7 @@ _VERBS = [
     "values",
     "warms",
 ]
-_ADJS = [
+ADJS = [
     "large",
     "small",
     "careful",
@@ -251,7 +253,7 @@ _ADJS = [
 ]
 _ADVS = ["often", "rarely", "quickly", "slowly", "carefully", "usually", "clearly", "gradually", "easily", "sometimes"]
 _PREPS = ["in", "near", "across", "under", "over", "through", "during", "after", "before", "beyond", "around", "within"]
-_DETS = ["the", "a", "every", "each", "this", "that", "one", "another"]
+DETS = ["the", "a", "every", "each", "this", "that", "one", "another"]
 _OPENERS = (
     "In practice,",
     "For example,",
@@ -296,7 +298,7 @@ _ITEMS = [
     "tickets",
     "bottles",
 ]
-VOCAB: tuple[str, ...] = tuple(sorted({*_NOUNS, *_VERBS, *_ADJS, *_ADVS}))
+VOCAB: tuple[str, ...] = tuple(sorted({*NOUNS, *VERBS, *ADJS, *_ADVS}))
 
 
 def _sentence_pool(seed: int, size: int = 60_000) -> list[str]:
@@ -304,10 +306,10 @@ def _sentence_pool(seed: int, size: int = 60_000) -> list[str]:
     rng = random.Random(f"{seed}:sentences")
     pool = []
     for _ in range(size):
-        words = [rng.choice(_DETS).capitalize(), rng.choice(_ADJS), rng.choice(_NOUNS), rng.choice(_VERBS)]
-        words += [rng.choice(_DETS), rng.choice(_NOUNS)]
+        words = [rng.choice(DETS).capitalize(), rng.choice(ADJS), rng.choice(NOUNS), rng.choice(VERBS)]
+        words += [rng.choice(DETS), rng.choice(NOUNS)]
         if rng.random() < 0.6:
-            words += [rng.choice(_PREPS), rng.choice(_DETS), rng.choice(_ADJS), rng.choice(_NOUNS)]
+            words += [rng.choice(_PREPS), rng.choice(DETS), rng.choice(ADJS), rng.choice(NOUNS)]
         if rng.random() < 0.3:
             words.insert(0, rng.choice(_OPENERS))
             words[1] = words[1].lower()
@@ -559,19 +561,8 @@ class _Writer:
             self.handle.close()
 
 
-_MSG_LIST = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-PARQUET_SCHEMAS = {
-    "ultrafeedback": pa.schema(
-        [
-            ("prompt", pa.string()),
-            ("prompt_id", pa.string()),
-            ("chosen", _MSG_LIST),
-            ("rejected", _MSG_LIST),
-            ("score_chosen", pa.float64()),
-            ("score_rejected", pa.float64()),
-        ]
-    )
-}
+# Parquet sources are written with the demo's declared schemas, keyed here by format.
+PARQUET_SCHEMAS = {"ultrafeedback": DEMO_PARQUET_SCHEMAS["demo_pref_ultrafeedback"]}
 
 
 def _select(rng: random.Random, n: int, k: int) -> Iterator[bool]:

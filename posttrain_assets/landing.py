@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from posttrain_assets.formats.readers import file_sha256
+from posttrain_assets.files import file_sha256
 from posttrain_assets.registry import Source
 
 # path -> [size, mtime_ns, sha256]

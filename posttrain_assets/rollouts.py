@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain_assets import verifiers
-from posttrain_assets.tokenizer import GGUF_FILENAME, _sha256_file, default_gguf_path, gguf_sha256
+from posttrain_assets.files import file_sha256
+from posttrain_assets.tokenizer import GGUF_FILENAME, default_gguf_path, gguf_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +187,7 @@ def load_policy_model(policy: PolicySpec) -> PreTrainedModel:
         path = Path(policy.model_path)
         if not path.is_file():
             raise RolloutError(f"policy model file {path} does not exist")
-        actual = _sha256_file(path)
+        actual = file_sha256(path)
         if actual != policy.model_sha256:
             raise RolloutError(f"policy model file {path} has sha256 {actual}, expected {policy.model_sha256}")
         verbosity = hf_logging.get_verbosity()

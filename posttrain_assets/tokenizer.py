@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain_assets.files import file_sha256
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -47,14 +49,6 @@ def default_gguf_path() -> Path:
         if path.is_file():
             return path
     raise TokenizerError(f"{GGUF_FILENAME} not found in {list(spec.submodule_search_locations)}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -88,7 +82,7 @@ def gguf_sha256(path: Path, cache_dir: Path) -> str:
         sha = entry.get("sha256")
         if isinstance(sha, str) and len(sha) == 64:
             return sha
-    sha = _sha256_file(path)
+    sha = file_sha256(path)
     index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
     _atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True))
     return sha

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH
 
-from posttrain_assets import dedup
+from posttrain_assets import bench, dedup
 from posttrain_assets.dedup import MinHashConfig, normalize_text
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.formats.readers import read_raw_rows
@@ -456,109 +456,10 @@ def test_demo_planted_near_duplicates_all_found(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # recall and precision on generated English-like texts (issue 4)
 
-NOUNS = [
-    "system",
-    "garden",
-    "report",
-    "engine",
-    "river",
-    "teacher",
-    "market",
-    "budget",
-    "recipe",
-    "network",
-    "library",
-    "museum",
-    "project",
-    "protein",
-    "city",
-    "window",
-    "planet",
-    "student",
-    "doctor",
-    "harbor",
-    "signal",
-    "bridge",
-    "forest",
-    "database",
-    "function",
-    "kitchen",
-    "village",
-    "committee",
-    "process",
-    "theory",
-    "battery",
-    "circuit",
-    "painting",
-    "orchestra",
-    "festival",
-    "mountain",
-    "island",
-    "journal",
-    "contract",
-    "factory",
-    "vaccine",
-    "molecule",
-]
-VERBS = [
-    "improves",
-    "describes",
-    "supports",
-    "changes",
-    "reduces",
-    "explains",
-    "measures",
-    "protects",
-    "connects",
-    "builds",
-    "requires",
-    "follows",
-    "creates",
-    "shapes",
-    "affects",
-    "predicts",
-    "limits",
-    "balances",
-    "tracks",
-    "organizes",
-    "reveals",
-    "compares",
-    "delivers",
-    "extends",
-]
-ADJS = [
-    "large",
-    "small",
-    "careful",
-    "quiet",
-    "bright",
-    "modern",
-    "ancient",
-    "simple",
-    "complex",
-    "useful",
-    "local",
-    "global",
-    "early",
-    "late",
-    "strong",
-    "gentle",
-    "rapid",
-    "steady",
-    "clear",
-    "hidden",
-    "public",
-    "private",
-    "rural",
-    "urban",
-    "digital",
-    "natural",
-    "formal",
-    "honest",
-    "patient",
-    "curious",
-]
-DETS = ["the", "a", "every", "each", "this", "that", "one", "another"]
+NOUNS = bench.NOUNS[:42]
+VERBS = bench.VERBS[:24]
+ADJS = bench.ADJS[:30]
+DETS = bench.DETS[:8]
 PREPS = ["in", "near", "across", "under", "over", "through", "during", "after", "before", "within"]
 OPENERS = ["In practice,", "For example,", "However,", "As a result,", "First,", "Finally,", "Meanwhile,"]
 EDIT_WORDS = sorted({*NOUNS, *VERBS, *ADJS})

@@ -270,7 +270,7 @@ def test_rl_bank_is_certified_and_traceable(demo_graph: Graph) -> None:
         "SELECT verifier, count(*), count(*) FILTER (WHERE certified) FROM silver.rl_certification GROUP BY ALL "
         "ORDER BY ALL"
     )
-    assert certification == [("exact_match", 50, 50), ("math", 200, 200), ("numeric", 595, 595)]
+    assert certification == [("exact_match", 12, 12), ("math", 200, 200), ("numeric", 633, 633)]
     bank = demo_graph.query(
         "SELECT count(*), count(*) FILTER (WHERE NOT difficulty_estimated), count(DISTINCT verifier_version) "
         "FROM gold.rl_prompts"

@@ -8,7 +8,8 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.formats.readers import file_sha256, read_raw_rows
+from posttrain_assets.files import file_sha256
+from posttrain_assets.formats.readers import read_raw_rows
 from posttrain_assets.tables import BRONZE_RECORDS
 
 source_partitions = dg.DynamicPartitionsDefinition(name="source")
