@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("demo", "run"):
         report = pipeline.run_all()
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
-        print(f"\nDuckDB file: {os.environ['POSTTRAIN_DUCKDB_PATH']}  (query it: duckdb -readonly <file>)")
+        print(f"\nDuckDB file: {os.environ['POSTTRAIN_DUCKDB_PATH']}  (open it read-only with any DuckDB client)")
         print(f"Dagster instance: {os.environ['DAGSTER_HOME']}  (browse runs, lineage and checks: make dev)")
         failed = sorted({c.check.split(":")[1] for c in report.failed_checks})
         if args.command == "demo" and failed == ["length_confound_check"]:
