@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,20 @@ class Registry:
     def priority(self, name: str) -> int:
         """0 for the first source in the file, 1 for the next, ..."""
         return self.names.index(name)
+
+
+def render_registry(entries: Iterable[Mapping[str, str | None]], comments: Sequence[str] = ()) -> str:
+    """A registry file's text: ``comments`` as ``#`` lines, then one entry per mapping, fields in the documented
+    order (None values left out). Written by hand rather than by yaml.dump so generated files read like the README.
+    """
+    lines = [f"# {c}" for c in comments] + ["sources:"]
+    for entry in entries:
+        fields = [(k, entry.get(k)) for k in ("name", "path", "format", "regime", "license", "origin", "kind", "role")]
+        present = [(k, v) for k, v in fields if v is not None]
+        for i, (key, value) in enumerate(present):
+            text = f'"{value}"' if key == "origin" else value
+            lines.append(f"  {'- ' if i == 0 else '  '}{key}: {text}")
+    return "\n".join(lines) + "\n"
 
 
 def load_registry(path: str | Path) -> Registry:

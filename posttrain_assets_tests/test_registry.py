@@ -71,3 +71,31 @@ def test_registry_without_sources_list_and_missing_file(tmp_path: Path) -> None:
         load_registry(write(tmp_path, "source: []\n"))
     with pytest.raises(RegistryError, match="source registry file not found"):
         load_registry(tmp_path / "nope.yaml")
+
+
+def test_rendered_registry_loads_back(tmp_path: Path) -> None:
+    from posttrain_assets.registry import render_registry
+
+    text = render_registry(
+        [
+            {"name": "a", "path": "a.jsonl", "format": "alpaca", "license": "MIT", "origin": "x: y", "kind": "ai"},
+            {
+                "name": "b",
+                "path": "b.jsonl",
+                "format": "gsm8k",
+                "regime": "rl",
+                "license": "MIT",
+                "origin": "z",
+                "kind": "human",
+                "role": "eval",
+                "share": 0.5,
+            },
+        ],
+        ["generated"],
+    )
+    assert text.startswith("# generated\nsources:\n  - name: a\n    path: a.jsonl\n")
+    registry = load_registry(write(tmp_path, text))
+    assert [(s.name, s.regime, s.role, s.origin) for s in registry.sources] == [
+        ("a", "sft", "train", "x: y"),
+        ("b", "rl", "eval", "z"),
+    ]

@@ -1,4 +1,5 @@
-"""Silver: bronze rows normalised into the canonical schema, with quarantine and exact-duplicate tables."""
+"""Silver: bronze rows normalised into the canonical schema, then the one shared cleaning pass (quality gate,
+decontamination, dedup, cross-regime leaks); quarantine and duplicate tables keep every row that does not go on."""
 
 import datetime as dt
 import json
