@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table, table_metadata
@@ -174,8 +175,6 @@ def silver_rl_difficulty(
     ]
     with duckdb.get_connection() as conn:
         if rows:
-            import pyarrow as pa
-
             conn.execute("BEGIN TRANSACTION")
             conn.register("estimates", pa.Table.from_pylist(rows))
             conn.execute(
