@@ -64,16 +64,21 @@ def fetch_dicts(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Create or replace ``table`` with exactly ``rows``, in one transaction (idempotent)."""
+def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` (dicts keyed by column name) to ``table`` through one Arrow batch."""
     import pyarrow as pa
 
-    conn.execute("BEGIN TRANSACTION")
-    conn.execute(table.create_sql(replace=True))
     if rows:
         conn.register("rows_to_insert", pa.Table.from_pylist(rows))
         conn.execute(table.insert_sql("rows_to_insert"))
         conn.unregister("rows_to_insert")
+
+
+def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Create or replace ``table`` with exactly ``rows``, in one transaction (idempotent)."""
+    conn.execute("BEGIN TRANSACTION")
+    conn.execute(table.create_sql(replace=True))
+    insert_rows(conn, table, rows)
     conn.execute("COMMIT")
 
 

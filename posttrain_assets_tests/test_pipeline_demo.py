@@ -306,3 +306,17 @@ def test_commercial_license_policy_keeps_non_commercial_sources_out_of_gold(brok
     ) == [("demo_sft_alpaca", "quality", "license_not_allowed", 250)]
     (message,) = graph.query("SELECT message FROM silver.quarantine WHERE reason = 'license_not_allowed' LIMIT 1")[0]
     assert "CC-BY-NC-4.0" in message
+
+
+def test_tokenising_and_proving_in_small_batches_gives_the_same_rows(
+    broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posttrain_assets.defs.checks import loss_mask
+
+    graph, good = broken_graph
+    monkeypatch.setattr(sft_tokenized, "BATCH_ROWS", 97)  # 950 rows: 10 batches, the last one partial
+    monkeypatch.setattr(loss_mask, "BATCH_ROWS", 50)
+    result = graph.refresh()
+    assert graph.query("SELECT * FROM silver.sft_tokenized ORDER BY ALL") == good["silver.sft_tokenized"]
+    evaluation = _evaluation(result, "loss_mask_check")
+    assert evaluation.passed and evaluation.metadata["rows_checked"].value == 950

@@ -15,6 +15,7 @@ from posttrain_assets.masking import MaskConfig, verify_mask
 from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED
 
 MAX_REPORTED = 20
+BATCH_ROWS = 1024
 
 ROWS_TO_VERIFY = f"""
 SELECT t.id, t.source, r.messages, t.input_ids, t.labels, t.num_messages, t.train_on, t.end_of_turn,
@@ -33,29 +34,33 @@ ORDER BY t.id
 )
 def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
     tok, identity = tokenizer.get(), tokenizer.identity()
+    failures: list[tuple[str, str, str]] = []
+    tokens_by_source: dict[str, list[int]] = {}
+    checked = 0
     with duckdb.get_connection() as conn:
-        rows = conn.execute(ROWS_TO_VERIFY).fetchall()
         orphans = conn.execute(
             f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified} WHERE id NOT IN (SELECT id FROM "
             f"{SILVER_RECORDS.qualified})"
         ).fetchone()[0]
-    failures: list[tuple[str, str, str]] = []
-    tokens_by_source: dict[str, list[int]] = {}
-    for record_id, source, messages, input_ids, labels, num_messages, train_on, end_of_turn, tok_sha, tpl_sha in rows:
-        if (tok_sha, tpl_sha) != (identity["tokenizer_sha256"], identity["chat_template_sha256"]):
-            failures.append((record_id, source, "tokenised with another tokenizer or chat template: re-materialise"))
-            continue
-        cfg = MaskConfig(train_on=train_on, end_of_turn=end_of_turn)
-        problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages=num_messages)
-        if problem:
-            failures.append((record_id, source, problem))
-        counts = tokens_by_source.setdefault(source, [0, 0])
-        counts[0] += len(input_ids)
-        counts[1] += sum(1 for label in labels if label != -100)
+        cursor = conn.execute(ROWS_TO_VERIFY)
+        # Streamed in batches: memory holds one batch of token lists, not the table.
+        while rows := cursor.fetchmany(BATCH_ROWS):
+            for record_id, source, messages, input_ids, labels, num_messages, train_on, eot, tok_sha, tpl_sha in rows:
+                checked += 1
+                if (tok_sha, tpl_sha) != (identity["tokenizer_sha256"], identity["chat_template_sha256"]):
+                    failures.append((record_id, source, "tokenised with another tokenizer or template: rematerialise"))
+                    continue
+                cfg = MaskConfig(train_on=train_on, end_of_turn=eot)
+                problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages=num_messages)
+                if problem:
+                    failures.append((record_id, source, problem))
+                counts = tokens_by_source.setdefault(source, [0, 0])
+                counts[0] += len(input_ids)
+                counts[1] += sum(1 for label in labels if label != -100)
     total = sum(c[0] for c in tokens_by_source.values())
     trained = sum(c[1] for c in tokens_by_source.values())
     metadata: dict[str, dg.MetadataValue] = {
-        "rows_checked": dg.MetadataValue.int(len(rows)),
+        "rows_checked": dg.MetadataValue.int(checked),
         "rows_failed": dg.MetadataValue.int(len(failures)),
         "trainable_share": dg.MetadataValue.float(trained / total if total else 0.0),
         "failures": dg.MetadataValue.md(markdown_table(["id", "source", "problem"], failures[:MAX_REPORTED])),
@@ -66,10 +71,10 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
     }
     if orphans:
         failures.append(("-", "-", f"{orphans} tokenised row(s) have no silver.records row"))
-    if not rows:
+    if not checked:
         failures.append(("-", "-", "no tokenised rows to prove"))
     description = (
-        f"{len(rows)} rows proven"
+        f"{checked} rows proven"
         if not failures
         else f"{len(failures)} row(s) fail: " + "; ".join(f"{i}: {p}" for i, _, p in failures[:3])
     )

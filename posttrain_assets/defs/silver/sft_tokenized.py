@@ -10,12 +10,17 @@ from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED, replace_table
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED, insert_rows
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
 
-SFT_ROWS = f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft' ORDER BY id"
+SFT_IDS = f"SELECT id FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft' ORDER BY id"
+SFT_ROWS = (
+    f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} "
+    "WHERE regime = 'sft' AND id BETWEEN ? AND ? ORDER BY id"
+)
+BATCH_ROWS = 2048
 
 
 class SftTokenizeConfig(dg.Config):
@@ -55,37 +60,55 @@ def silver_sft_tokenized(
         "tokenizer_sha256": identity["tokenizer_sha256"],
         "chat_template_sha256": identity["chat_template_sha256"],
     }
+    totals = {"tokens": 0, "trained": 0, "truncated": 0}
     with duckdb.get_connection() as conn:
-        rows = conn.execute(SFT_ROWS).fetchall()
-        context.log.info(f"tokenising {len(rows)} SFT rows with {identity['name']}")
-        results = tokenize_conversations(tok, [messages for _, _, messages in rows], cfg)
-        tokenized, rejected = [], []
-        for (record_id, source, _), result in zip(rows, results, strict=True):
-            if isinstance(result, MaskError):
-                rejected.append(
-                    {"id": record_id, "source": source, "reason": result.reason, "message": result.message, **hashes}
+        ids = [record_id for (record_id,) in conn.execute(SFT_IDS).fetchall()]
+        context.log.info(f"tokenising {len(ids)} SFT rows with {identity['name']}, {BATCH_ROWS} at a time")
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute(SILVER_SFT_TOKENIZED.create_sql(replace=True))
+        conn.execute(SILVER_SFT_QUARANTINE.create_sql(replace=True))
+        # Batches keep memory bounded: only one batch's token lists live in Python at a time.
+        for start in range(0, len(ids), BATCH_ROWS):
+            batch = ids[start : start + BATCH_ROWS]
+            rows = conn.execute(SFT_ROWS, [batch[0], batch[-1]]).fetchall()
+            results = tokenize_conversations(tok, [messages for _, _, messages in rows], cfg)
+            tokenized, rejected = [], []
+            for (record_id, source, _), result in zip(rows, results, strict=True):
+                if isinstance(result, MaskError):
+                    rejected.append(
+                        {
+                            "id": record_id,
+                            "source": source,
+                            "reason": result.reason,
+                            "message": result.message,
+                            **hashes,
+                        }
+                    )
+                    continue
+                tokenized.append(
+                    {
+                        "id": record_id,
+                        "source": source,
+                        "input_ids": result.input_ids,
+                        "labels": result.labels,
+                        "num_tokens": result.num_tokens,
+                        "num_trainable_tokens": result.num_trainable_tokens,
+                        "num_messages": result.num_messages,
+                        "truncated": result.truncated,
+                        "train_on": cfg.train_on,
+                        "end_of_turn": cfg.end_of_turn,
+                        **hashes,
+                    }
                 )
-                continue
-            tokenized.append(
-                {
-                    "id": record_id,
-                    "source": source,
-                    "input_ids": result.input_ids,
-                    "labels": result.labels,
-                    "num_tokens": result.num_tokens,
-                    "num_trainable_tokens": result.num_trainable_tokens,
-                    "num_messages": result.num_messages,
-                    "truncated": result.truncated,
-                    "train_on": cfg.train_on,
-                    "end_of_turn": cfg.end_of_turn,
-                    **hashes,
-                }
-            )
-        replace_table(conn, SILVER_SFT_TOKENIZED, tokenized)
-        replace_table(conn, SILVER_SFT_QUARANTINE, rejected)
+            insert_rows(conn, SILVER_SFT_TOKENIZED, tokenized)
+            insert_rows(conn, SILVER_SFT_QUARANTINE, rejected)
+            totals["tokens"] += sum(r["num_tokens"] for r in tokenized)
+            totals["trained"] += sum(r["num_trainable_tokens"] for r in tokenized)
+            totals["truncated"] += sum(r["truncated"] for r in tokenized)
+            context.log.info(f"tokenised {min(start + BATCH_ROWS, len(ids))}/{len(ids)}")
+        conn.execute("COMMIT")
         identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
-        tokens = sum(r["num_tokens"] for r in tokenized)
-        trained = sum(r["num_trainable_tokens"] for r in tokenized)
+        tokens, trained = totals["tokens"], totals["trained"]
         yield dg.MaterializeResult(
             asset_key=SFT_TOKENIZED_KEY,
             metadata={
@@ -99,7 +122,7 @@ def silver_sft_tokenized(
                 "tokens": dg.MetadataValue.int(tokens),
                 "trainable_tokens": dg.MetadataValue.int(trained),
                 "trainable_share": dg.MetadataValue.float(trained / tokens if tokens else 0.0),
-                "truncated_rows": dg.MetadataValue.int(sum(r["truncated"] for r in tokenized)),
+                "truncated_rows": dg.MetadataValue.int(totals["truncated"]),
                 "dagster/column_lineage": column_lineage(
                     {
                         "id": [(SILVER_RECORDS_KEY, "id")],
