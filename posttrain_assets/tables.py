@@ -45,11 +45,14 @@ class Table:
                 return column
         raise KeyError(f"{self.qualified} has no column {name!r}")
 
+    def columns_sql(self) -> str:
+        """The column list of a CREATE TABLE statement (identifiers are constants of this module)."""
+        return ",\n  ".join(f'"{c.name}" {c.type}' + ("" if c.nullable else " NOT NULL") for c in self.columns)
+
     def create_sql(self, *, replace: bool = False) -> str:
-        """CREATE [OR REPLACE] TABLE statement (identifiers are constants of this module)."""
-        cols = ",\n  ".join(f'"{c.name}" {c.type}' + ("" if c.nullable else " NOT NULL") for c in self.columns)
+        """CREATE [OR REPLACE] TABLE statement, with its schema."""
         verb = "CREATE OR REPLACE TABLE" if replace else "CREATE TABLE IF NOT EXISTS"
-        return f"CREATE SCHEMA IF NOT EXISTS {self.schema};\n{verb} {self.qualified} (\n  {cols}\n)"
+        return f"CREATE SCHEMA IF NOT EXISTS {self.schema};\n{verb} {self.qualified} (\n  {self.columns_sql()}\n)"
 
     def insert_sql(self, relation: str) -> str:
         """INSERT of every column, by name, from a registered relation (an Arrow table)."""

@@ -54,9 +54,7 @@ def schema_violations(
     if not exists:
         return [Violation(f"table {table.qualified} does not exist", 0)]
     # DuckDB spells types its own way; compare with an empty table built from the declaration.
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE expected_{table.name} AS SELECT * FROM {table.qualified} LIMIT 0")
-    declared = table.create_sql(replace=True).split(";\n", 1)[1].replace(table.qualified, f"declared_{table.name}")
-    conn.execute(declared.replace("CREATE OR REPLACE TABLE", "CREATE OR REPLACE TEMP TABLE", 1))
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE declared_{table.name} ({table.columns_sql()})")
     expected, actual = column_types(conn, f"declared_{table.name}"), column_types(conn, table.qualified)
     out: list[Violation] = []
     for name, type_ in expected.items():
