@@ -11,7 +11,6 @@ import hashlib
 from pathlib import Path
 
 from posttrain_assets.files import file_sha256
-from posttrain_assets.registry import Source
 
 # path -> [size, mtime_ns, sha256]
 HashCache = dict[str, list]
@@ -27,9 +26,8 @@ def file_hash(path: Path, cache: HashCache) -> str:
     return sha
 
 
-def source_fingerprint(source: Source, cache: HashCache) -> str | None:
-    """sha256 over (path, content hash) of every file the source matches; None when it matches none."""
-    files = source.files()
+def files_fingerprint(files: list[Path], cache: HashCache) -> str | None:
+    """sha256 over (path, content hash) of every file a source matches; None when it matches none."""
     if not files:
         return None
     digest = hashlib.sha256()

@@ -10,7 +10,7 @@ import dagster as dg
 
 from posttrain_assets.defs.automation.jobs import ingest_source_job
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.landing import source_fingerprint
+from posttrain_assets.landing import files_fingerprint
 
 
 @dg.sensor(
@@ -26,8 +26,11 @@ def landing_files_sensor(context: dg.SensorEvaluationContext, registry: SourceRe
     known = set(context.instance.get_dynamic_partitions("source"))
     fingerprints: dict[str, str] = {}
     run_requests = []
+    live_files: set[str] = set()
     for source in sources.sources:
-        fingerprint = source_fingerprint(source, state["hashes"])
+        files = source.files()  # one glob per source per tick
+        live_files.update(str(p) for p in files)
+        fingerprint = files_fingerprint(files, state["hashes"])
         if fingerprint is None:
             context.log.warning(f"source {source.name}: no file matches {source.pattern}")
             continue
@@ -45,7 +48,6 @@ def landing_files_sensor(context: dg.SensorEvaluationContext, registry: SourceRe
         requests.append(dg.AddDynamicPartitionsRequest("source", new))
     if gone:
         requests.append(dg.DeleteDynamicPartitionsRequest("source", gone))
-    live_files = {str(p) for s in sources.sources for p in s.files()}
     hashes = {path: entry for path, entry in state["hashes"].items() if path in live_files}
     return dg.SensorResult(
         run_requests=run_requests,
