@@ -22,17 +22,24 @@ def conversation_to_count(record: dict[str, Any]) -> tuple[list[dict[str, str]],
     return messages, record["regime"] == "rl"
 
 
+def text_token_counts(tok: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text as it is (no chat template, no special tokens), one tokenizer call per batch."""
+    counts: list[int] = []
+    for start in range(0, len(texts), BATCH):
+        counts.extend(
+            len(ids) for ids in tok(list(texts[start : start + BATCH]), add_special_tokens=False)["input_ids"]
+        )
+    return counts
+
+
 def token_counts(tok: Any, records: Sequence[dict[str, Any]]) -> list[int | None]:
     """Tokens per record; None where the chat template refuses the conversation."""
-    counts: list[int | None] = []
-    for start in range(0, len(records), BATCH):
-        texts: list[str | None] = []
-        for record in records[start : start + BATCH]:
-            messages, generation = conversation_to_count(record)
-            try:
-                texts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
-            except Exception:  # a template may raise for roles it does not support
-                texts.append(None)
-        encoded = tok([t or "" for t in texts], add_special_tokens=False)["input_ids"]
-        counts.extend(len(ids) if text is not None else None for text, ids in zip(texts, encoded, strict=True))
-    return counts
+    texts: list[str | None] = []
+    for record in records:
+        messages, generation = conversation_to_count(record)
+        try:
+            texts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
+        except Exception:  # a template may raise for roles it does not support
+            texts.append(None)
+    counts = text_token_counts(tok, [t or "" for t in texts])
+    return [n if text is not None else None for text, n in zip(texts, counts, strict=True)]
