@@ -84,6 +84,12 @@ def quarantine_entry(
     }
 
 
+def cleaning_entry(row: dict[str, Any], stage: str, reason: str, detail: str, record_id: str) -> dict[str, Any]:
+    """A silver.quarantine row for a record the cleaning pass removed, located by its bronze ``row``."""
+    message = describe(Rejected(reason, None, detail), row["file_path"], row["row_number"])
+    return quarantine_entry(row, stage, reason, None, message, record_id)
+
+
 def duplicate_entry(
     row: dict[str, Any], member_id: str, kept_id: str, method: str, similarity: float
 ) -> dict[str, Any]:

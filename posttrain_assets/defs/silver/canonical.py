@@ -16,7 +16,7 @@ from posttrain_assets.dedup import MinHashConfig
 from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.normalize import build_silver, duplicate_entry, quarantine_entry
+from posttrain_assets.normalize import build_silver, cleaning_entry, duplicate_entry
 from posttrain_assets.quality import QualityConfig
 from posttrain_assets.tables import (
     BRONZE_RECORDS,
@@ -141,10 +141,8 @@ def silver_canonical(
         context.log.info(f"normalising {len(rows)} bronze rows from {len(sources.names)} sources")
         tables = build_silver(rows, sources, created_at=_file_mtime)
         cleaned = clean_corpus(tables.records, tables.eval_records, sources.priority, config.cleaning())
-        by_id = {r["id"]: r for r in tables.records}
         quarantine = tables.quarantine + [
-            quarantine_entry(tables.bronze[d.id], d.stage, d.reason, None, _message(by_id[d.id], d.detail), d.id)
-            for d in cleaned.dropped
+            cleaning_entry(tables.bronze[d.id], d.stage, d.reason, d.detail, d.id) for d in cleaned.dropped
         ]
         duplicates = tables.duplicates + [
             duplicate_entry(tables.bronze[d["member_id"]], d["member_id"], d["kept_id"], d["method"], d["similarity"])
@@ -181,11 +179,6 @@ def silver_canonical(
                 metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
                 metadata["dagster/column_lineage"] = RECORDS_LINEAGE
             yield dg.MaterializeResult(asset_key=key, metadata=metadata)
-
-
-def _message(record: dict, detail: str) -> str:
-    origin = record["origin"]
-    return f"{origin['file']}, row {origin['row']}: {detail}"
 
 
 def contamination_markdown(report: list[dict]) -> str:
