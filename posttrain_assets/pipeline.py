@@ -10,24 +10,10 @@ import dagster as dg
 import duckdb
 
 from posttrain_assets.registry import load_registry
+from posttrain_assets.tables import ALL_TABLES
 
-LAYER_TABLES = (
-    "bronze.records",
-    "silver.records",
-    "silver.eval_records",
-    "silver.quarantine",
-    "silver.dedup_clusters",
-    "silver.contamination",
-    "silver.cross_regime_leaks",
-    "silver.sft_tokenized",
-    "silver.preference_pairs",
-    "silver.rl_certification",
-    "silver.rl_difficulty",
-    "gold.sft",
-    "gold.preference",
-    "gold.preference_length_balanced",
-    "gold.rl_prompts",
-)
+# Every platform table, in data-flow order (the declarations in posttrain_assets.tables).
+LAYER_TABLES = tuple(t.qualified for t in ALL_TABLES)
 
 
 def load_definitions() -> dg.Definitions:
