@@ -1026,7 +1026,7 @@ def peer_dedup(corpus_dir: Path, limit: int, threshold: float = 0.7, shingle_wor
     n_shingles = sum(len(shingles(t, shingle_words)) for t in texts)
     out: dict[str, Any] = {"documents": len(texts), "shingles": n_shingles, "threshold": threshold}
 
-    # ours: vectorised signatures + MinHashLSH candidates + verification + union-find
+    # ours: vectorised signatures + numpy LSH banding + verification of every candidate + union-find
     with timed() as t_sig:
         minhash_signatures(texts, cfg)
     with timed() as t_all:

@@ -1,7 +1,10 @@
-"""The shared cleaning pass over the whole silver corpus, all regimes together, before any gold table.
+"""The silver pass: bronze rows -> canonical records, then the one shared cleaning pass over all regimes.
 
-Stages, in order (each named by its role; a stage returns what it drops and why, nothing is discarded):
+Stages, in order (each named by its role; a stage says what it drops and why, nothing is discarded):
 
+0. ``normalise``: parse each bronze row with its source's adapter (``posttrain_assets.normalize``); rows
+   that cannot be parsed go to quarantine, rows with the same content id as an earlier row to the dedup
+   table (method ``exact``).
 1. ``quality_gate``: license policy, empty turns, role order, SFT ending, tie pairs, refusal
    boilerplate, language (``posttrain_assets.quality``).
 2. ``decontaminate``: rows sharing a long word n-gram with any evaluation row (``role: eval`` sources)
@@ -13,20 +16,64 @@ Stages, in order (each named by its role; a stage returns what it drops and why,
    policy is never trained on the answers of the prompts it is rewarded on.
 
 Quality runs first so a kept duplicate twin is always a row that survives the gate.
+
+Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch and
+write into work tables (schema ``work``), and the later stages keep only ids, keys, ranks and MinHash
+signatures in Python; texts are read back from DuckDB a batch at a time. The silver tables are replaced
+from the work tables in one transaction at the end, so a failed pass leaves the previous silver intact.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain_assets.decontamination import EvalIndex, contamination_scan
-from posttrain_assets.dedup import DEFAULT_CONFIGS, MinHashConfig, cross_regime_leaks, deduplicate
+import numpy as np
+import pyarrow as pa
+
+from posttrain_assets.decontamination import EvalIndex, contamination_matches, contamination_report
+from posttrain_assets.dedup import (
+    DEFAULT_CONFIGS,
+    DroppedTo,
+    MinHashConfig,
+    dedup_unit,
+    deduplicate_regime,
+    exact_key,
+    guard_text,
+    minhash_signatures,
+    normalize_text,
+    prompt_key,
+    quality_score,
+    resolve_chains,
+    rl_same_key,
+    signature_dtype,
+)
+from posttrain_assets.normalize import SilverBuilder, cleaning_entry
 from posttrain_assets.quality import QualityConfig, apply_quality_gate
+from posttrain_assets.registry import Registry
+from posttrain_assets.tables import (
+    BRONZE_RECORDS,
+    RECORD_COLUMNS,
+    SILVER_CONTAMINATION,
+    SILVER_CROSS_REGIME_LEAKS,
+    SILVER_DEDUP_CLUSTERS,
+    SILVER_EVAL_RECORDS,
+    SILVER_QUARANTINE,
+    SILVER_RECORDS,
+    Column,
+    Table,
+    fetch_batches,
+    fetch_dicts,
+    insert_rows,
+)
+from posttrain_assets.token_counts import token_counts
 
 Record = dict[str, Any]
 LEAK_POLICIES = ("report", "prefer_rl")
+REGIMES = ("preference", "rl", "sft")  # the order regimes are deduplicated in
 
 
 @dataclass(frozen=True)
@@ -35,64 +82,326 @@ class CleaningConfig:
     minhash: Mapping[str, MinHashConfig] = field(default_factory=lambda: dict(DEFAULT_CONFIGS))
     decontamination_ngram: int = 13
     leak_policy: Literal["report", "prefer_rl"] = "report"
+    batch_rows: int = 4096  # bronze rows per Arrow batch (and staged rows per read-back batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# work tables (schema ``work``; dropped when the pass ends)
+# ---------------------------------------------------------------------------------------------------------------
+
+WORK_SCHEMA = "work"
+
+
+def _work(table: Table) -> Table:
+    return dataclasses.replace(table, schema=WORK_SCHEMA)
+
+
+STAGED = Table(
+    WORK_SCHEMA,
+    "staged_records",
+    "Training rows that passed the quality gate, in bronze priority order, with what the later stages group on.",
+    (
+        *RECORD_COLUMNS,
+        Column("seq", "BIGINT", "position in bronze priority order", False),
+        Column("exact_key", "VARCHAR", "dedup.exact_key of the row", False),
+        Column("prompt_key", "VARCHAR", "dedup.prompt_key of the prompt; null for an empty prompt"),
+        Column("quality_score", "BIGINT", "dedup.quality_score (tie-break of the kept row)", False),
+    ),
+)
+REMOVED = Table(
+    WORK_SCHEMA,
+    "removed",
+    "Staged rows the cleaning pass removed after the quality gate (decontamination, leak policy, dedup).",
+    (
+        Column("id", "VARCHAR", "staged row id", False),
+        Column("stage", "VARCHAR", "decontamination | leak | dedup", False),
+        Column("reason", "VARCHAR", "reason code", False),
+        Column("detail", "VARCHAR", "human-readable detail"),
+    ),
+)
+WORK_QUARANTINE = _work(SILVER_QUARANTINE)
+WORK_DEDUP = _work(SILVER_DEDUP_CLUSTERS)
+WORK_EVAL = _work(SILVER_EVAL_RECORDS)
+WORK_CONTAMINATION = _work(SILVER_CONTAMINATION)
+WORK_TABLES = (STAGED, REMOVED, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
+
+# Bronze rows of the registry's sources, in the order that decides which exact duplicate is kept.
+BRONZE_IN_PRIORITY_ORDER = f"""
+SELECT source, file_path, row_number, record_sha256, payload, decode_error, file_sha256
+FROM {BRONZE_RECORDS.qualified}
+WHERE list_contains($sources, source)
+ORDER BY list_position($sources, source), file_path, row_number
+"""
+
+# Staged rows still in the corpus (not removed by a later stage), in bronze priority order.
+LIVE = f"""
+SELECT * FROM {STAGED.qualified}
+WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
+"""
+
+# Live rows of one regime with their kept-order rank: source priority, then the fuller copy, the earliest
+# created_at, file and row (dedup.kept_sort_key, evaluated in SQL).
+RANKED_OF_REGIME = f"""
+SELECT seq, id, exact_key, row_number() OVER (
+    ORDER BY list_position($sources, source), quality_score DESC, created_at ASC NULLS LAST,
+             origin.file, origin."row", id
+) AS kept_rank
+FROM ({LIVE}) WHERE regime = $regime
+ORDER BY seq
+"""
+
+# What dedup units are built from, for the rows whose seq is listed.
+UNIT_COLUMNS = "seq, regime, messages, prompt, chosen, rejected, answer"
+UNITS_OF_SEQS = f"""
+SELECT {UNIT_COLUMNS} FROM {STAGED.qualified}
+WHERE seq IN (SELECT unnest($seqs))
+"""
+UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime ORDER BY seq"
+
+# Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
+LEAKS = f"""
+SELECT prompt_key, arg_min(prompt, seq) AS prompt, list(DISTINCT regime ORDER BY regime) AS regimes,
+       list(id ORDER BY id) AS ids
+FROM ({LIVE}) WHERE prompt_key IS NOT NULL
+GROUP BY prompt_key HAVING count(DISTINCT regime) > 1
+ORDER BY prompt_key
+"""
+
+# Rows removed by decontamination or the leak policy, with the bronze row they came from (for quarantine).
+REMOVED_WITH_BRONZE = f"""
+SELECT r.id, r.stage, r.reason, r.detail, b.source, b.file_path, b.row_number, b.record_sha256, b.payload
+FROM {REMOVED.qualified} r
+JOIN {STAGED.qualified} s USING (id)
+JOIN {BRONZE_RECORDS.qualified} b
+  ON b.source = s.source AND b.file_path = s.origin.file AND b.row_number = s.origin."row"
+WHERE r.stage <> 'dedup'
+ORDER BY s.seq
+"""
+
+# A dropped duplicate, located by its staged row's provenance.
+DEDUP_FROM_STAGED = f"""
+INSERT INTO {WORK_DEDUP.qualified}
+SELECT d.kept_id, d.kept_id, d.member_id, s.source, s.origin.file, s.origin."row", s.origin.record_sha256,
+       d.method, d.similarity
+FROM dropped_duplicates d JOIN {STAGED.qualified} s ON s.id = d.member_id
+ORDER BY s.seq
+"""
 
 
 @dataclass
-class Dropped:
-    """A silver row the pass removed: which stage, the reason code and a human-readable detail."""
+class PassResult:
+    """What the pass reports beyond its tables."""
 
-    id: str
-    stage: str
-    reason: str
-    detail: str
+    contamination_report: list[dict[str, Any]]  # per benchmark (decontamination.contamination_report)
 
 
-@dataclass
-class CleaningResult:
-    kept: list[Record]
-    dropped: list[Dropped]
-    duplicates: list[dict[str, Any]]  # from posttrain_assets.dedup.deduplicate: member_id -> kept_id
-    contamination: list[dict[str, Any]]  # one row per (training row, eval row, field) overlap
-    contamination_report: list[dict[str, Any]]  # per benchmark
-    leaks: list[dict[str, Any]]  # prompts found in more than one regime
+# ---------------------------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def clean_corpus(
-    records: Sequence[Record],
-    eval_records: Sequence[Record],
-    priority: Callable[[str], int],
+def run_silver_pass(
+    conn: Any,
+    registry: Registry,
+    tokenizer: Any,
+    created_at: Callable[[str], dt.datetime],
     cfg: CleaningConfig | None = None,
-) -> CleaningResult:
-    """Run the four stages; every input row ends in ``kept``, ``dropped`` or ``duplicates`` exactly once."""
-    cfg = cfg or CleaningConfig()
-    kept, quality_drops = apply_quality_gate(records, cfg.quality)
-    dropped = [Dropped(d["id"], "quality", d["reason"], d["detail"]) for d in quality_drops]
+) -> PassResult:
+    """Build silver.records, eval_records, quarantine, dedup_clusters, contamination and cross_regime_leaks.
 
-    index = EvalIndex.build(eval_records, n=cfg.decontamination_ngram)
-    matches, report = contamination_scan(kept, index)
+    Every bronze row of the registry's sources ends in exactly one place: silver.records,
+    silver.eval_records, silver.quarantine (with the stage and reason) or silver.dedup_clusters (with its
+    kept twin). ``token_count`` is counted with ``tokenizer``.
+    """
+    cfg = cfg or CleaningConfig()
+    if cfg.leak_policy not in LEAK_POLICIES:
+        raise ValueError(f"leak_policy must be one of {LEAK_POLICIES}, got {cfg.leak_policy!r}")
+    conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
+    for table in WORK_TABLES:
+        conn.execute(table.create_sql(replace=True))
+    try:
+        normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
+        report = decontaminate(conn, cfg)
+        deduplicate_staged(conn, registry, cfg)
+        leaks = cross_regime_leaks(conn, cfg)
+        quarantine_removed(conn)
+        publish(conn, leaks)
+    finally:
+        conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
+    return PassResult(report)
+
+
+def normalise_and_gate(
+    conn: Any, registry: Registry, tokenizer: Any, created_at: Callable[[str], dt.datetime], cfg: CleaningConfig
+) -> None:
+    """Stages 0 and 1, one Arrow batch of bronze at a time, into the work tables."""
+    builder = SilverBuilder(registry, created_at)
+    seq = 0
+    for rows in fetch_batches(conn, BRONZE_IN_PRIORITY_ORDER, cfg.batch_rows, {"sources": registry.names}):
+        tables = builder.add(rows)
+        kept, dropped = apply_quality_gate(tables.records, cfg.quality)
+        quarantine = tables.quarantine + [
+            cleaning_entry(tables.bronze[d["id"]], "quality", d["reason"], d["detail"], d["id"]) for d in dropped
+        ]
+        for record, count in zip(kept, token_counts(tokenizer, kept), strict=True):
+            key = prompt_key(record["prompt"]) if normalize_text(record["prompt"]) else None
+            record.update(
+                token_count=count,
+                seq=seq,
+                exact_key=exact_key(record),
+                prompt_key=key,
+                quality_score=quality_score(record),
+            )
+            seq += 1
+        for record, count in zip(tables.eval_records, token_counts(tokenizer, tables.eval_records), strict=True):
+            record["token_count"] = count
+        insert_rows(conn, STAGED, kept)
+        insert_rows(conn, WORK_EVAL, tables.eval_records)
+        insert_rows(conn, WORK_QUARANTINE, quarantine)
+        insert_rows(conn, WORK_DEDUP, tables.duplicates)
+
+
+def decontaminate(conn: Any, cfg: CleaningConfig) -> list[dict[str, Any]]:
+    """Stage 2: match every staged row against the eval index; contaminated rows are removed."""
+    index = EvalIndex.build(fetch_dicts(conn, f"SELECT * FROM {WORK_EVAL.qualified}"), n=cfg.decontamination_ngram)
+    matches: list[dict[str, Any]] = []
+    if not index.is_empty():
+        for rows in fetch_batches(conn, f"SELECT * FROM {STAGED.qualified} ORDER BY seq", cfg.batch_rows, {}):
+            matches += contamination_matches(rows, index)
     first_match: dict[str, dict[str, Any]] = {}
     for match in matches:
         first_match.setdefault(match["id"], match)
-    for record_id, match in first_match.items():
-        detail = (
-            f"{match['field']} overlaps {match['benchmark']} row {match['eval_id']} ({match['eval_field']}): "
-            f"'{match['ngram_text']}'"
-        )
-        dropped.append(Dropped(record_id, "decontamination", "contaminated", detail))
-    kept = [r for r in kept if r["id"] not in first_match]
+    removed = [
+        {
+            "id": record_id,
+            "stage": "decontamination",
+            "reason": "contaminated",
+            "detail": f"{m['field']} overlaps {m['benchmark']} row {m['eval_id']} ({m['eval_field']}): "
+            f"'{m['ngram_text']}'",
+        }
+        for record_id, m in first_match.items()
+    ]
+    insert_rows(conn, REMOVED, removed)
+    insert_rows(conn, WORK_CONTAMINATION, [{k: m[k] for k in SILVER_CONTAMINATION.column_names} for m in matches])
+    return contamination_report((), index, matches=matches)
 
-    kept_ids, duplicates = deduplicate(kept, priority, cfg.minhash)
-    survivors = set(kept_ids)
-    kept = [r for r in kept if r["id"] in survivors]
 
-    leaks = cross_regime_leaks(kept)
+def _units(rows: Sequence[Record]) -> dict[int, tuple[str, str | None]]:
+    return {r["seq"]: (dedup_unit(r), guard_text(r)) for r in rows}
+
+
+def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> None:
+    """Stage 3, per regime: exact-normalised then near duplicates of the live rows (see dedup.deduplicate_regime).
+
+    In memory per regime: ids, exact keys, ranks and signatures (num_perm 32-bit values per row). Signatures
+    are computed from units streamed in seq order; candidate pairs read their units back by seq.
+    """
+    dropped_to: DroppedTo = {}
+    for regime in REGIMES:
+        config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
+        dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg.batch_rows)
+    resolved = resolve_chains(dropped_to)
+    dropped = pa.Table.from_pylist(
+        [
+            {"member_id": m, "kept_id": kept, "method": method, "similarity": sim}
+            for m, (kept, method, sim) in resolved.items()
+        ],
+        schema=pa.schema(
+            [
+                ("member_id", pa.string()),
+                ("kept_id", pa.string()),
+                ("method", pa.string()),
+                ("similarity", pa.float64()),
+            ]
+        ),
+    )
+    conn.register("dropped_duplicates", dropped)
+    conn.execute(DEDUP_FROM_STAGED)
+    conn.execute(f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM dropped_duplicates")
+    conn.unregister("dropped_duplicates")
+
+
+def _deduplicate_regime(
+    conn: Any, registry: Registry, regime: str, config: MinHashConfig, batch_rows: int
+) -> DroppedTo:
+    ranked = conn.execute(RANKED_OF_REGIME, {"sources": registry.names, "regime": regime}).fetchall()
+    params = {"regime": regime}
+    if not ranked:
+        return {}
+    seqs = [r[0] for r in ranked]
+    same_key = None
+    if regime == "rl":  # short rows: one extra read for the numbers and answers
+        position = {s: i for i, s in enumerate(seqs)}
+        same_key = [None] * len(seqs)
+        for rows in fetch_batches(conn, UNITS_OF_REGIME, batch_rows, params):
+            for r in rows:
+                same_key[position[r["seq"]]] = rl_same_key(r)
+
+    def signatures(indices: list[int]) -> np.ndarray:
+        row_of = {seqs[i]: k for k, i in enumerate(indices)}
+        out = np.empty((len(indices), config.num_perm), dtype=signature_dtype(config))
+        for rows in fetch_batches(conn, UNITS_OF_REGIME, batch_rows, params):
+            rows = [r for r in rows if r["seq"] in row_of]
+            if rows:
+                out[[row_of[r["seq"]] for r in rows]] = minhash_signatures([dedup_unit(r) for r in rows], config)
+        return out
+
+    def texts_of(indices: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        units = _units(fetch_dicts(conn, UNITS_OF_SEQS, {"seqs": [seqs[i] for i in indices]}))
+        return {i: units[seqs[i]] for i in indices}
+
+    ids, keys, ranks = ([r[k] for r in ranked] for k in (1, 2, 3))
+    return deduplicate_regime(ids, keys, ranks, signatures, texts_of, config, same_key=same_key)
+
+
+def cross_regime_leaks(conn: Any, cfg: CleaningConfig) -> list[dict[str, Any]]:
+    """Stage 4: prompts in more than one regime; with ``prefer_rl`` their SFT/preference rows are removed."""
+    leaks = fetch_dicts(conn, LEAKS)
     if cfg.leak_policy == "prefer_rl":
-        by_id = {r["id"]: r for r in kept}
-        leaked = {i for leak in leaks if "rl" in leak["regimes"] for i in leak["ids"] if by_id[i]["regime"] != "rl"}
-        dropped += [
-            Dropped(i, "leak", "cross_regime_leak", "the prompt is also in the RL prompt bank") for i in sorted(leaked)
-        ]
-        kept = [r for r in kept if r["id"] not in leaked]
-    elif cfg.leak_policy not in LEAK_POLICIES:
-        raise ValueError(f"leak_policy must be one of {LEAK_POLICIES}, got {cfg.leak_policy!r}")
-    return CleaningResult(kept, dropped, duplicates, matches, report, leaks)
+        leaked = sorted(
+            {i for leak in leaks if "rl" in leak["regimes"] for i in leak["ids"]}
+            - {r[0] for r in conn.execute(f"SELECT id FROM ({LIVE}) WHERE regime = 'rl'").fetchall()}
+        )
+        insert_rows(
+            conn,
+            REMOVED,
+            [
+                {
+                    "id": i,
+                    "stage": "leak",
+                    "reason": "cross_regime_leak",
+                    "detail": "the prompt is also in the RL prompt bank",
+                }
+                for i in leaked
+            ],
+        )
+    return leaks
+
+
+def quarantine_removed(conn: Any) -> None:
+    """Quarantine rows for what decontamination and the leak policy removed, each with its bronze row."""
+    for rows in fetch_batches(conn, REMOVED_WITH_BRONZE, 4096, {}):
+        insert_rows(
+            conn, WORK_QUARANTINE, [cleaning_entry(r, r["stage"], r["reason"], r["detail"], r["id"]) for r in rows]
+        )
+
+
+def publish(conn: Any, leaks: list[dict[str, Any]]) -> None:
+    """Replace the six silver tables from the work tables, in one transaction."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for table, relation in (
+            (SILVER_RECORDS, f"({LIVE} ORDER BY seq)"),
+            (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
+            (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),
+            (SILVER_DEDUP_CLUSTERS, WORK_DEDUP.qualified),
+            (SILVER_CONTAMINATION, WORK_CONTAMINATION.qualified),
+        ):
+            conn.execute(table.create_sql(replace=True))
+            conn.execute(table.insert_sql(relation))
+        conn.execute(SILVER_CROSS_REGIME_LEAKS.create_sql(replace=True))
+        insert_rows(conn, SILVER_CROSS_REGIME_LEAKS, leaks)
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise

@@ -19,12 +19,15 @@ left:
 
 Both run per regime: dedup units of different regimes are never compared. In each cluster one row is
 kept by :func:`choose_kept`; every other member is reported with the kept row's id. Prompts that
-appear in more than one regime are not dropped here but reported by :func:`cross_regime_leaks`.
+appear in more than one regime are not dropped here but reported by the cleaning pass (keyed by :func:`prompt_key`).
 
-Signatures are bit-identical to ``datasketch.MinHash(num_perm, seed, scheme=cfg.scheme)`` updated with
-the UTF-8 bytes of the same shingles (SHA-1 32-bit input hash, then the scheme's permutations), so they
-can be wrapped as ``datasketch.LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme=cfg.scheme)`` and put
-into any ``MinHashLSH`` index; only the permutation step is computed here, vectorised with numpy.
+Signatures are bit-identical to ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32,
+scheme=cfg.scheme)`` updated with the same shingles (:func:`shingle_hash32` combines per-word SHA-1
+hashes, so each distinct word is hashed once and whole batches are hashed in numpy), so they can be
+wrapped as ``datasketch.LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme=cfg.scheme)`` and put into any
+``MinHashLSH`` index. Candidate pairs come from the same banding as ``MinHashLSH`` (its ``b`` bands of
+``r`` rows for the configured threshold), computed with numpy sorts over all signatures at once
+(:func:`candidate_pairs`), so a million rows never become a million Python objects in an index.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
+from rapidfuzz.distance import Levenshtein
 
 Record = dict[str, Any]
 Priority = Callable[[str], int]
@@ -97,7 +101,7 @@ def dedup_unit(record: Record) -> str:
     raise ValueError(f"unknown regime {regime!r}")
 
 
-def _guard_text(record: Record) -> str | None:
+def guard_text(record: Record) -> str | None:
     """For preference pairs, the two responses: a near-duplicate pair must also match on these.
 
     Without it a pair with a long shared prompt and short, different responses would reach the
@@ -112,7 +116,7 @@ def _guard_text(record: Record) -> str | None:
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
-def _same_key(record: Record) -> Hashable | None:
+def rl_same_key(record: Record) -> Hashable | None:
     """For RL prompts, what two near duplicates must share exactly: the numbers of the prompt, in order,
     and the normalised gold answer. Templated problems differ in a number or ask for another quantity
     ("area" vs "hypotenuse" of the same triangle) while their texts stay within a word or two of each
@@ -225,11 +229,60 @@ def shingles(text: str, shingle_words: int = 5) -> list[str]:
     return [" ".join(words[i : i + shingle_words]) for i in range(len(words) - shingle_words + 1)]
 
 
-def _sha1_32(items: Sequence[str]) -> np.ndarray:
-    """datasketch's ``sha1_hash32`` of each item's UTF-8 bytes: first 4 bytes of SHA-1, little-endian."""
-    sha1 = hashlib.sha1
-    digest = b"".join(sha1(s.encode("utf-8")).digest()[:4] for s in items)
-    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
+_GOLDEN32 = np.uint32(0x9E3779B1)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer over a uint32 array (wrap-around arithmetic)."""
+    s1, m1, s2, m2, s3 = _FMIX32
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    return h ^ (h >> s3)
+
+
+def _combine(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The hash of a shingle extended by one word: ``fmix32(h * golden ^ w)``."""
+    return _fmix32((h * _GOLDEN32) ^ w)
+
+
+class _WordHashes(dict):
+    """word -> first 4 bytes of its UTF-8 SHA-1, little-endian (datasketch's ``sha1_hash32`` of the word).
+
+    A dict with ``__missing__``: ``map(cache.__getitem__, words)`` hashes each distinct word once and
+    otherwise stays in C. Cleared when it outgrows ``limit`` entries, so memory stays bounded on corpora
+    with open vocabularies.
+    """
+
+    limit = 1 << 21
+
+    def __missing__(self, word: str) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        value = int.from_bytes(hashlib.sha1(word.encode("utf-8")).digest()[:4], "little")
+        self[word] = value
+        return value
+
+
+_WORD_HASHES = _WordHashes()
+
+
+def shingle_hash32(shingle: bytes | str) -> int:
+    """The 32-bit hash of one shingle (its words joined by single spaces): the SHA-1 hash of the first word,
+    then, for every next word, ``fmix32(h * 0x9E3779B1 ^ sha1_32(word))``.
+
+    This is the ``hashfunc`` under which our signatures are datasketch's own:
+    ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32, scheme=...)`` updated with every shingle of
+    :func:`shingles` has exactly the signature :func:`minhash_signatures` computes. Hashing words once and
+    combining them is what lets the signatures be computed for whole batches in numpy.
+    """
+    text = shingle.decode("utf-8") if isinstance(shingle, bytes) else shingle
+    hashes = [np.uint32(_WORD_HASHES[w]) for w in text.split(" ")]
+    h = np.asarray([hashes[0]], dtype=np.uint32)
+    for w in hashes[1:]:
+        h = _combine(h, np.asarray([w], dtype=np.uint32))
+    return int(h[0])
 
 
 def _permutations(cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -247,56 +300,88 @@ def signature_dtype(cfg: MinHashConfig) -> type[np.unsignedinteger]:
 
 
 def _permute(hv: np.ndarray, a: np.ndarray, b: np.ndarray, scheme: str) -> np.ndarray:
-    """(m,) 32-bit input hashes -> (m, num_perm) permuted values, as datasketch's ``update`` computes them."""
+    """(m,) 32-bit input hashes -> (num_perm, m) permuted values, as datasketch's ``update`` computes them.
+
+    Permutation-major, so the per-document minimum (``reduceat`` along axis 1) runs over contiguous memory:
+    about four times faster than reducing the (m, num_perm) layout along axis 0.
+    """
     if scheme == "affine32":
-        s1, m1, s2, m2, s3 = _FMIX32
-        h = hv.astype(np.uint32)
-        h = h ^ (h >> s1)
-        h = h * m1
-        h = h ^ (h >> s2)
-        h = h * m2
-        h = h ^ (h >> s3)
-        return h[:, None] * a[None, :] + b[None, :]  # uint32 wrap-around = mod 2^32
+        return a[:, None] * _fmix32(hv.astype(np.uint32))[None, :] + b[:, None]  # uint32 wrap-around = mod 2^32
     h = hv.astype(np.uint64)
-    return np.bitwise_and((h[:, None] * a[None, :] + b[None, :]) % _MERSENNE_PRIME, _MAX_HASH_32)
+    return np.bitwise_and((a[:, None] * h[None, :] + b[:, None]) % _MERSENNE_PRIME, _MAX_HASH_32)
+
+
+def _shingle_hashes(word_hashes: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """Hashes of every ``k``-word shingle of a batch of documents, document after document.
+
+    ``word_hashes``: the documents' word hashes concatenated; ``lengths``: words per document (all > 0). A
+    document of ``m >= k`` words has ``m - k + 1`` shingles, a shorter one a single shingle of all its words
+    (as :func:`shingles`). Computed for every start position at once: position ``p`` takes up to ``k`` words,
+    stopping at its document's end, and positions that are not a shingle start are masked out.
+    """
+    total = len(word_hashes)
+    starts = np.cumsum(lengths) - lengths
+    ends = np.repeat(starts + lengths, lengths)
+    pos = np.arange(total)
+    padded = np.concatenate([word_hashes, np.zeros(k, dtype=np.uint32)])
+    h = padded[:total].copy()
+    for t in range(1, k):
+        inside = pos + t < ends
+        h = np.where(inside, _combine(h, padded[t : total + t]), h)
+    short = np.repeat(lengths < k, lengths)
+    keep = (pos + k <= ends) | (short & (pos == np.repeat(starts, lengths)))
+    return h[keep]
 
 
 def minhash_signatures(texts: Sequence[str], cfg: MinHashConfig | None = None) -> np.ndarray:
     """MinHash signatures of the word-shingle sets of ``texts``: shape ``(len(texts), num_perm)``.
 
-    dtype is :func:`signature_dtype` (uint32 for ``affine32``). Each shingle is hashed once (SHA-1, 32
-    bits, like datasketch); the permutations are one numpy broadcast over all shingles of a batch and
-    ``np.minimum.reduceat`` takes the per-text minimum. Row ``i`` equals ``datasketch.MinHash(num_perm,
-    seed, scheme=...)`` updated with ``s.encode()`` for every ``s`` in ``shingles(texts[i])``. A text
-    with no shingle (empty after normalisation) gets datasketch's empty signature (every slot the
-    maximum hash value), so two empty texts estimate 1.0 and an empty and a non-empty text 0.0.
+    dtype is :func:`signature_dtype` (uint32 for ``affine32``). Each distinct word is hashed once (SHA-1,
+    32 bits); shingle hashes (:func:`shingle_hash32`), the permutations and the per-text minimum
+    (``np.minimum.reduceat``) are numpy operations over a whole batch of texts, with no per-shingle Python
+    step. Row ``i`` equals ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32, scheme=...)``
+    updated with every shingle of ``shingles(texts[i], cfg.candidate_shingle_words)``. A text with no
+    shingle (empty after normalisation) gets datasketch's empty signature (every slot the maximum hash
+    value), so two empty texts estimate 1.0 and an empty and a non-empty text 0.0.
     """
     cfg = cfg or MinHashConfig()
     a, b = _permutations(cfg)
+    k = cfg.candidate_shingle_words
     out = np.full((len(texts), cfg.num_perm), _empty_value(cfg), dtype=signature_dtype(cfg))
-    batch_docs: list[int] = []
-    batch_shingles: list[str] = []
-    batch_offsets: list[int] = []
+    lookup = _WORD_HASHES.__getitem__
+    docs: list[int] = []
+    parts: list[np.ndarray] = []
+    words_in_batch = 0
 
-    def flush() -> None:
-        if not batch_docs:
-            return
-        values = _permute(_sha1_32(batch_shingles), a, b, cfg.scheme)
-        out[batch_docs] = np.minimum.reduceat(values, np.asarray(batch_offsets), axis=0)
-        batch_docs.clear()
-        batch_shingles.clear()
-        batch_offsets.clear()
+    def permute_batch(rows: list[int], words: list[np.ndarray]) -> None:
+        lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+        hashes = _shingle_hashes(np.concatenate(words), lengths, k)
+        counts = np.maximum(lengths - k + 1, 1)
+        offsets = np.cumsum(counts) - counts
+        out[rows] = np.minimum.reduceat(_permute(hashes, a, b, cfg.scheme), offsets, axis=1).T
 
-    for i, text in enumerate(texts):
-        doc = shingles(text, cfg.candidate_shingle_words)
-        if not doc:
-            continue
-        if batch_shingles and len(batch_shingles) + len(doc) > cfg.batch_shingles:
-            flush()
-        batch_docs.append(i)
-        batch_offsets.append(len(batch_shingles))
-        batch_shingles.extend(doc)
-    flush()
+    # numpy releases the GIL in the permutation and the minimum, so two worker threads reduce batches while
+    # this thread splits and hashes the words of the next ones: both cores work. At most two batches are in
+    # flight, so memory stays at about two batches of (num_perm x batch_shingles) values.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[None]] = deque()
+        for i, text in enumerate(texts):
+            norm = normalize_text(text)
+            if not norm:
+                continue
+            words = norm.split(" ")
+            if docs and words_in_batch + len(words) > cfg.batch_shingles:
+                if len(pending) == 2:
+                    pending.popleft().result()
+                pending.append(pool.submit(permute_batch, docs, parts))
+                docs, parts, words_in_batch = [], [], 0
+            docs.append(i)
+            parts.append(np.fromiter(map(lookup, words), dtype=np.uint32, count=len(words)))
+            words_in_batch += len(words)
+        if docs:
+            pending.append(pool.submit(permute_batch, docs, parts))
+        for future in pending:
+            future.result()
     return out
 
 
@@ -322,65 +407,26 @@ def tokens(text: str | None) -> list[str]:
     return norm.split(" ") if norm else []
 
 
-class _Pattern:
-    """One token sequence prepared as the pattern of Myers' bit-parallel edit distance.
+def edit_distance(a: Sequence[str], b: Sequence[str], cutoff: int | None = None) -> int:
+    """Levenshtein distance between two token sequences (unit insert, delete, substitute).
 
-    ``peq[token]`` has bit ``i`` set where the pattern's ``i``-th token is ``token``. Built once per row
-    and reused against all of its candidates.
+    RapidFuzz's bit-parallel implementation over sequences of hashables (each word one symbol). With
+    ``cutoff``, any distance above it is reported as ``cutoff + 1``, and the computation stops early.
     """
-
-    __slots__ = ("n", "peq")
-
-    def __init__(self, words: Sequence[str]) -> None:
-        self.n = len(words)
-        peq: dict[str, int] = {}
-        for i, w in enumerate(words):
-            peq[w] = peq.get(w, 0) | (1 << i)
-        self.peq = peq
-
-    def distance(self, other: Sequence[str]) -> int:
-        """Levenshtein distance (unit insert, delete, substitute) from the pattern to ``other``, in tokens.
-
-        Myers (1999) / Hyyro (2001) bit-vector algorithm with Python integers as bit vectors of pattern
-        length: one pass over ``other`` of a few big-integer operations per token, O(len(other) *
-        len(pattern) / 64) machine work instead of the O(n * m) Python-level dynamic program.
-        """
-        m = self.n
-        if m == 0:
-            return len(other)
-        peq = self.peq
-        mask = (1 << m) - 1
-        high = 1 << (m - 1)
-        vp, vn, score = mask, 0, m
-        for w in other:
-            eq = peq.get(w, 0)
-            xv = eq | vn
-            xh = (((eq & vp) + vp) ^ vp) | eq
-            hp = vn | ~(xh | vp)
-            hn = vp & xh
-            if hp & high:
-                score += 1
-            elif hn & high:
-                score -= 1
-            hp = ((hp << 1) | 1) & mask
-            hn = (hn << 1) & mask
-            vp = (hn | ~(xv | hp)) & mask
-            vn = hp & xv
-        return score
+    return Levenshtein.distance(a, b, score_cutoff=cutoff)
 
 
-def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
-    """Levenshtein distance between two token sequences (unit costs)."""
-    return _Pattern(a).distance(b)
-
-
-def _edit_sim(pattern: _Pattern, a: Sequence[str], b: Sequence[str], threshold: float = 0.0) -> float:
+def _edit_sim(a: Sequence[str], b: Sequence[str], threshold: float = 0.0) -> float:
+    """Edit similarity of two token sequences; below ``threshold`` only "below" is exact (the value may be higher)."""
     longest = max(len(a), len(b))
     if longest == 0:
         return 1.0
     if min(len(a), len(b)) < threshold * longest:  # distance >= the length difference: cannot reach threshold
         return min(len(a), len(b)) / longest
-    return 1.0 - pattern.distance(b) / longest
+    # the largest distance that still reaches the threshold (the epsilon absorbs 1 - 0.8 = 0.19999...); a
+    # distance above it comes back as cutoff + 1, whose similarity is then strictly below the threshold
+    cutoff = None if threshold <= 0 else int((1.0 - threshold) * longest + 1e-9)
+    return 1.0 - edit_distance(a, b, cutoff) / longest
 
 
 def shingle_jaccard(a: Sequence[str], b: Sequence[str], shingle_words: int) -> float:
@@ -408,7 +454,7 @@ def edit_similarity(a: str | Sequence[str], b: str | Sequence[str]) -> float:
     """
     ta = tokens(a) if isinstance(a, str) else a
     tb = tokens(b) if isinstance(b, str) else b
-    return _edit_sim(_Pattern(ta), ta, tb)
+    return _edit_sim(ta, tb)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,17 +496,143 @@ class Cluster:
     similarity: dict[Hashable, float] = field(default_factory=dict)
 
 
-def _candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig) -> Iterator[tuple[int, np.ndarray]]:
-    """(i, candidate indices j > i) from a MinHashLSH index over all signatures."""
+def lsh_bands(cfg: MinHashConfig) -> tuple[int, int]:
+    """(bands, rows per band) that ``datasketch.MinHashLSH`` chooses for the net's threshold and ``num_perm``."""
     lsh = MinHashLSH(threshold=cfg.effective_lsh_threshold(), num_perm=cfg.num_perm)
-    minhashes = [to_minhash(sig, cfg) for sig in sigs]
-    with lsh.insertion_session() as session:
-        for i, m in enumerate(minhashes):
-            session.insert(i, m, check_duplication=False)
-    for i, m in enumerate(minhashes):
-        js = np.fromiter((j for j in lsh.query(m) if j > i), dtype=np.int64)
-        if js.size:
-            yield i, np.sort(js)
+    return lsh.b, lsh.r
+
+
+def _estimated_at_least(sigs: np.ndarray, pairs: np.ndarray, floor: float, chunk: int = 1 << 16) -> np.ndarray:
+    """The rows of ``pairs`` whose signatures agree on at least ``floor`` of their slots (chunked: bounded memory)."""
+    keep = [
+        part[(sigs[part[:, 0]] == sigs[part[:, 1]]).mean(axis=1) >= floor]
+        for part in (pairs[s : s + chunk] for s in range(0, len(pairs), chunk))
+    ]
+    return np.concatenate(keep) if keep else np.empty((0, 2), dtype=np.int64)
+
+
+def _bucket_pairs(members: np.ndarray) -> Iterator[np.ndarray]:
+    """Every pair (i < j) of one LSH bucket, as (k, 2) arrays of at most about a million pairs each."""
+    members = np.sort(members)
+    size = len(members)
+    step = max(1, (1 << 20) // size)
+    for start in range(0, size - 1, step):
+        left = np.arange(start, min(start + step, size - 1))
+        counts = size - 1 - left
+        i = np.repeat(left, counts)
+        j = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts) + i + 1
+        yield np.stack([members[i], members[j]], axis=1)
+
+
+def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.ndarray:
+    """Candidate near-duplicate pairs: (k, 2) int64 indices ``i < j``, sorted and unique.
+
+    A pair is a candidate when the two signatures are equal on all ``r`` rows of at least one of the ``b``
+    bands :func:`lsh_bands` gives (exactly the pairs ``MinHashLSH.query`` returns for the same signatures)
+    and their estimated Jaccard similarity reaches the net's threshold (LSH false positives below it are
+    dropped before any text is compared). Each band is one ``np.lexsort`` over all rows; buckets of two,
+    the common case, become pairs without a Python loop.
+    """
+    cfg = cfg or MinHashConfig()
+    n = len(sigs)
+    if n < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    bands, rows = lsh_bands(cfg)
+    floor = cfg.effective_lsh_threshold()
+    found: list[np.ndarray] = []
+    for band in range(bands):
+        block = sigs[:, band * rows : (band + 1) * rows]
+        order = np.lexsort(block.T[::-1])
+        ordered = block[order]
+        new_bucket = np.ones(n, dtype=bool)
+        new_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+        starts = np.flatnonzero(new_bucket)
+        sizes = np.diff(np.append(starts, n))
+        twos = starts[sizes == 2]
+        if twos.size:
+            pair = np.stack([order[twos], order[twos + 1]], axis=1)
+            found.append(_estimated_at_least(sigs, np.sort(pair, axis=1), floor))
+        for start, size in zip(starts[sizes > 2], sizes[sizes > 2], strict=True):
+            for part in _bucket_pairs(order[start : start + size]):
+                found.append(_estimated_at_least(sigs, part, floor))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate([p[:, 0].astype(np.int64) * n + p[:, 1] for p in found]))
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+# Texts of rows by index, for verification: index -> (dedup unit, guard text or None).
+TextsOf = Callable[[Sequence[int]], Mapping[int, tuple[str, str | None]]]
+
+
+def verified_clusters(
+    ids: Sequence[Hashable],
+    sigs: np.ndarray,
+    texts_of: TextsOf,
+    cfg: MinHashConfig | None = None,
+    *,
+    same_key: Sequence[Hashable | None] | None = None,
+    choose: Callable[[list[Hashable]], Hashable] | None = None,
+    chunk_pairs: int = 1 << 15,
+) -> list[Cluster]:
+    """Clusters of near duplicates among rows whose signatures are ``sigs`` (row ``i`` has id ``ids[i]``).
+
+    Candidates come from :func:`candidate_pairs`; each is verified by the rules of :class:`MinHashConfig` on
+    the texts ``texts_of`` returns (a guard text, when both rows have one, must pass as well) and verified
+    pairs are joined with union-find. Texts are asked for one chunk of candidate pairs at a time, so a caller
+    can keep them out of memory (e.g. in DuckDB) and fetch only the rows under verification. ``same_key`` and
+    ``choose`` as in :func:`near_duplicate_clusters`.
+    """
+    cfg = cfg or MinHashConfig()
+    n = len(ids)
+    if n < 2:
+        return []
+    pairs = candidate_pairs(sigs, cfg)
+
+    def keyed(i: int) -> bool:
+        return same_key is not None and same_key[i] is not None
+
+    def similar(a: list[str], b: list[str], key: bool) -> bool:
+        """Rule 2 where it applies, else (or failing it) rule 1."""
+        t = cfg.edit_threshold
+        if t is not None and (key or min(len(a), len(b)) >= cfg.min_words) and _edit_sim(a, b, t) >= t:
+            return True
+        return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
+
+    def words(indices: np.ndarray) -> dict[int, tuple[list[str], list[str] | None]]:
+        texts = texts_of(sorted(set(map(int, indices))))
+        return {i: (tokens(unit), None if guard is None else tokens(guard)) for i, (unit, guard) in texts.items()}
+
+    uf = _UnionFind(n)
+    for start in range(0, len(pairs), chunk_pairs):
+        part = pairs[start : start + chunk_pairs]
+        cache = words(part.ravel())
+        for i, j in part.tolist():
+            if uf.find(i) == uf.find(j) or (keyed(i) and same_key is not None and same_key[i] != same_key[j]):
+                continue
+            (wi, gi), (wj, gj) = cache[i], cache[j]
+            if not similar(wi, wj, keyed(i)):
+                continue
+            if gi is not None and gj is not None and not similar(gi, gj, keyed(i)):
+                continue
+            uf.union(i, j)
+
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in np.unique(pairs).tolist():
+        groups[uf.find(i)].append(i)
+    multi = [sorted(groups[root]) for root in sorted(groups) if len(groups[root]) > 1]
+    clusters: list[Cluster] = []
+    for start in range(0, len(multi), 4096):
+        block = multi[start : start + 4096]
+        cache = words(np.asarray([i for idx in block for i in idx]))
+        for idx in block:
+            member_ids = [ids[i] for i in idx]
+            kept = choose(member_ids) if choose else member_ids[0]
+            k = idx[member_ids.index(kept)]
+            kw = cache[k][0]
+            sims = {ids[i]: (1.0 if i == k else _edit_sim(kw, cache[i][0])) for i in idx}
+            clusters.append(Cluster([ids[k]] + [ids[i] for i in idx if i != k], kept, sims))
+    return clusters
 
 
 def near_duplicate_clusters(
@@ -472,79 +644,30 @@ def near_duplicate_clusters(
     same_key: Sequence[Hashable | None] | None = None,
     choose: Callable[[list[Hashable]], Hashable] | None = None,
 ) -> list[Cluster]:
-    """Clusters of near-duplicate texts (only clusters of two or more; order of their first member).
+    """Clusters of near-duplicate texts held in memory (only clusters of two or more; order of their first member).
 
     Signatures (of ``cfg.candidate_shingle_words``-word shingles) are computed in numpy batches,
-    candidates come from ``datasketch.MinHashLSH`` and each candidate pair is verified by the rules of
-    :class:`MinHashConfig` (5-shingle Jaccard, or edit similarity for units of ``min_words`` words or
-    more). ``guard_texts`` (optional, per text): a second text that must also pass for a pair to count
-    (preference pairs pass their two responses, see :func:`_guard_text`); a ``None`` guard is not
-    checked. ``same_key`` (optional, per text): a pair counts only if both keys are equal (RL rows pass
-    numbers and answer, see :func:`_same_key`); ``None`` keys are not checked. Keyed pairs may pass the
-    edit rule at any length: the key already tells templated short prompts apart. ``choose`` picks the
-    kept id of a cluster from its members (default: the first in input order). A cluster's
-    ``similarity`` is the members' edit similarity to the kept one.
+    candidates come from the LSH banding of :func:`candidate_pairs` and each candidate pair is verified by
+    the rules of :class:`MinHashConfig` (5-shingle Jaccard, or edit similarity for units of ``min_words``
+    words or more); see :func:`verified_clusters`. ``guard_texts`` (optional, per text): a second text that
+    must also pass for a pair to count (preference pairs pass their two responses, see
+    :func:`guard_text`); a ``None`` guard is not checked. ``same_key`` (optional, per text): a pair counts
+    only if both keys are equal (RL rows pass numbers and answer, see :func:`rl_same_key`); ``None`` keys are
+    not checked. Keyed pairs may pass the edit rule at any length: the key already tells templated short
+    prompts apart. ``choose`` picks the kept id of a cluster from its members (default: the first in input
+    order). A cluster's ``similarity`` is the members' edit similarity to the kept one.
     """
     cfg = cfg or MinHashConfig()
     if len(ids) != len(texts):
         raise ValueError("ids and texts differ in length")
-    n = len(ids)
-    if n < 2:
+
+    def texts_of(indices: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        return {i: (texts[i], guard_texts[i] if guard_texts is not None else None) for i in indices}
+
+    if len(ids) < 2:
         return []
     sigs = minhash_signatures(texts, cfg)
-
-    # token lists of the rows under verification (bounded: a row's candidates are mostly near it in the index)
-    @lru_cache(maxsize=1 << 14)
-    def words_of(i: int) -> list[str]:
-        return tokens(texts[i])
-
-    @lru_cache(maxsize=1 << 12)
-    def guard_words_of(i: int) -> list[str]:
-        return tokens(guard_texts[i] if guard_texts is not None else None)
-
-    def keyed(i: int) -> bool:
-        return same_key is not None and same_key[i] is not None
-
-    def similar(a: list[str], b: list[str], key: bool, patterns: dict[str, _Pattern], kind: str) -> bool:
-        """Rule 2 where it applies, else (or failing it) rule 1; ``patterns`` caches ``a``'s Myers pattern."""
-        t = cfg.edit_threshold
-        if t is not None and (key or min(len(a), len(b)) >= cfg.min_words):
-            pattern = patterns.get(kind) or patterns.setdefault(kind, _Pattern(a))
-            if _edit_sim(pattern, a, b, t) >= t:
-                return True
-        return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
-
-    uf = _UnionFind(n)
-    floor = cfg.effective_lsh_threshold()
-    for i, js in _candidate_pairs(sigs, cfg):
-        # LSH's false positives (estimated Jaccard below the net's own threshold) are dropped unverified
-        js = js[(sigs[js] == sigs[i]).mean(axis=1) >= floor]
-        wi, key = words_of(i), keyed(i)
-        patterns: dict[str, _Pattern] = {}
-        for j in map(int, js):
-            if uf.find(i) == uf.find(j) or (key and same_key is not None and same_key[i] != same_key[j]):
-                continue
-            if not similar(wi, words_of(j), key, patterns, "unit"):
-                continue
-            guarded = guard_texts is not None and guard_texts[i] is not None and guard_texts[j] is not None
-            if guarded and not similar(guard_words_of(i), guard_words_of(j), key, patterns, "guard"):
-                continue
-            uf.union(i, j)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(n):
-        groups[uf.find(i)].append(i)
-    clusters = []
-    for root in sorted(groups):
-        idx = groups[root]
-        if len(idx) < 2:
-            continue
-        member_ids = [ids[i] for i in idx]
-        kept = choose(member_ids) if choose else member_ids[0]
-        k = idx[member_ids.index(kept)]
-        kp = _Pattern(words_of(k))
-        sims = {ids[i]: (1.0 if i == k else _edit_sim(kp, words_of(k), words_of(i))) for i in idx}
-        clusters.append(Cluster([ids[k]] + [ids[i] for i in idx if i != k], kept, sims))
-    return clusters
+    return verified_clusters(ids, sigs, texts_of, cfg, same_key=same_key, choose=choose)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -616,7 +739,7 @@ class DedupResult(NamedTuple):
 
 
 # Per-regime defaults. RL prompts are short (GSM8K questions: about 20-60 words) and templated: single words
-# as rule-1 shingles, the edit rule at any length, and the RL same-key rule (:func:`_same_key`) keeps
+# as rule-1 shingles, the edit rule at any length, and the RL same-key rule (:func:`rl_same_key`) keeps
 # templated look-alikes with other numbers or answers apart.
 DEFAULT_CONFIGS: dict[str, MinHashConfig] = {
     "sft": MinHashConfig(),
@@ -625,107 +748,137 @@ DEFAULT_CONFIGS: dict[str, MinHashConfig] = {
 }
 
 
+# member id -> (kept id, method, similarity) of every row a dedup stage dropped.
+DroppedTo = dict[str, tuple[str, str, float]]
+
+
+def exact_survivors(keys: Sequence[Hashable], ranks: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+    """Stage 1 over one regime: ``(indices kept, dropped index -> kept index)``.
+
+    Rows with equal ``keys`` (:func:`exact_key`) are one group; the row of lowest ``ranks`` (the
+    :func:`kept_sort_key` order) is kept.
+    """
+    best: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        j = best.get(key)
+        if j is None or ranks[i] < ranks[j]:
+            best[key] = i
+    dropped = {i: best[key] for i, key in enumerate(keys) if best[key] != i}
+    return [i for i in range(len(keys)) if i not in dropped], dropped
+
+
+def deduplicate_regime(
+    ids: Sequence[str],
+    exact_keys: Sequence[Hashable],
+    ranks: Sequence[int],
+    signatures: Callable[[list[int]], np.ndarray],
+    texts_of: TextsOf,
+    cfg: MinHashConfig,
+    same_key: Sequence[Hashable | None] | None = None,
+) -> DroppedTo:
+    """Both stages over the rows of one regime, given compactly: what is dropped, and onto what.
+
+    Row ``i`` has id ``ids[i]``, exact key ``exact_keys[i]`` and kept-order rank ``ranks[i]`` (lowest is
+    kept). ``signatures(indices)`` returns the MinHash signatures of those rows (in that order) and
+    ``texts_of(indices)`` their dedup units and guard texts, so the texts can stay outside memory (the
+    silver pass streams them from DuckDB). Stage 1 keeps one row per exact key (:func:`exact_survivors`);
+    stage 2 clusters the survivors (:func:`verified_clusters`) and keeps the lowest rank of each cluster.
+    """
+    survivors, exact = exact_survivors(exact_keys, ranks)
+    dropped_to: DroppedTo = {ids[i]: (ids[k], METHOD_EXACT, 1.0) for i, k in exact.items()}
+
+    def survivor_texts(local: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        found = texts_of([survivors[i] for i in local])
+        return {i: found[survivors[i]] for i in local}
+
+    clusters = verified_clusters(
+        survivors,
+        signatures(survivors),
+        survivor_texts,
+        cfg,
+        same_key=[same_key[i] for i in survivors] if same_key is not None else None,
+        choose=lambda members: min(members, key=lambda m: ranks[int(m)]),
+    )
+    for cluster in clusters:
+        for member in cluster.members:
+            if member != cluster.kept:
+                dropped_to[ids[int(member)]] = (ids[int(cluster.kept)], METHOD_NEAR, cluster.similarity[member])
+    return dropped_to
+
+
+def resolve_chains(dropped_to: DroppedTo) -> DroppedTo:
+    """Point every dropped row at a surviving one: an exact twin whose kept row was itself dropped as a near
+    duplicate follows it to the final kept row (keeping its own method, with its kept row's similarity)."""
+    resolved: DroppedTo = {}
+    for member, (kept_id, method, similarity) in dropped_to.items():
+        while kept_id in dropped_to:
+            kept_id, _, similarity = dropped_to[kept_id]
+        resolved[member] = (kept_id, method, similarity)
+    return resolved
+
+
 def deduplicate(
     records: Sequence[Record],
     priority: Priority,
     cfg: MinHashConfig | Mapping[str, MinHashConfig] | None = None,
 ) -> DedupResult:
-    """Exact-normalised then near-duplicate deduplication, separately per regime.
+    """Exact-normalised then near-duplicate deduplication of rows held in memory, separately per regime.
 
     ``cfg``: one config for every regime, or a mapping regime -> config overriding
     :data:`DEFAULT_CONFIGS` (None: the defaults).
 
     Stage 1 groups rows by :func:`exact_key` and keeps one per group (:func:`choose_kept`); stage 2
-    clusters the stage-1 survivors with :func:`near_duplicate_clusters` (preference pairs guarded on
-    their responses) and keeps one per cluster. A row dropped in stage 1 whose kept twin is dropped in
-    stage 2 points at the final kept row (method ``exact_normalized``, similarity of its twin).
+    clusters the stage-1 survivors with the rules of :class:`MinHashConfig` (preference pairs guarded on
+    their responses) and keeps one per cluster (:func:`deduplicate_regime`). A row dropped in stage 1 whose
+    kept twin is dropped in stage 2 points at the final kept row (:func:`resolve_chains`).
     """
-    configs = dict(DEFAULT_CONFIGS)
-    if isinstance(cfg, MinHashConfig):
-        configs = dict.fromkeys(configs, cfg)
-    elif cfg is not None:
-        configs.update(cfg)
-    by_id = {r["id"]: r for r in records}
-    if len(by_id) != len(records):
+    configs = regime_configs(cfg)
+    if len({r["id"] for r in records}) != len(records):
         raise ValueError("record ids are not unique")
-    dropped_to: dict[str, tuple[str, str, float]] = {}  # member -> (kept, method, similarity)
     by_regime: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_regime[r["regime"]].append(r)
-
-    def choose_ids(member_ids: list[Hashable]) -> Hashable:
-        return choose_kept([by_id[str(i)] for i in member_ids], priority)["id"]
-
+    dropped_to: DroppedTo = {}
     for regime in sorted(by_regime):
         rows = by_regime[regime]
-        groups: dict[str, list[Record]] = defaultdict(list)
-        for r in rows:
-            groups[exact_key(r)].append(r)
-        for group in groups.values():
-            kept = choose_kept(group, priority)
-            for r in group:
-                if r is not kept:
-                    dropped_to[r["id"]] = (kept["id"], METHOD_EXACT, 1.0)
-        survivors = [r for r in rows if r["id"] not in dropped_to]
-        units = [dedup_unit(r) for r in survivors]
-        guards = [_guard_text(r) for r in survivors] if regime == "preference" else None
-        keys = [_same_key(r) for r in survivors] if regime == "rl" else None
-        clusters = near_duplicate_clusters(
-            [r["id"] for r in survivors], units, configs[regime], guard_texts=guards, same_key=keys, choose=choose_ids
+        order = sorted(range(len(rows)), key=lambda i: kept_sort_key(rows[i], priority))
+        ranks = [0] * len(rows)
+        for position, i in enumerate(order):
+            ranks[i] = position
+        units = [dedup_unit(r) for r in rows]
+        guards = [guard_text(r) for r in rows]
+        dropped_to |= deduplicate_regime(
+            [r["id"] for r in rows],
+            [exact_key(r) for r in rows],
+            ranks,
+            lambda idx, units=units, regime=regime: minhash_signatures([units[i] for i in idx], configs[regime]),
+            lambda idx, units=units, guards=guards: {i: (units[i], guards[i]) for i in idx},
+            configs[regime],
+            same_key=[rl_same_key(r) for r in rows] if regime == "rl" else None,
         )
-        for cluster in clusters:
-            for member in cluster.members:
-                if member != cluster.kept:
-                    dropped_to[str(member)] = (str(cluster.kept), METHOD_NEAR, cluster.similarity[member])
+    resolved = resolve_chains(dropped_to)
+    dropped = [
+        {
+            "member_id": r["id"],
+            "kept_id": resolved[r["id"]][0],
+            "cluster_id": resolved[r["id"]][0],
+            "method": resolved[r["id"]][1],
+            "similarity": resolved[r["id"]][2],
+            "regime": r["regime"],
+        }
+        for r in records
+        if r["id"] in resolved
+    ]
+    return DedupResult([r["id"] for r in records if r["id"] not in resolved], dropped)
 
-    dropped = []
-    for r in records:
-        if r["id"] not in dropped_to:
-            continue
-        kept_id, method, similarity = dropped_to[r["id"]]
-        while kept_id in dropped_to:  # an exact twin whose kept row was itself a near duplicate
-            kept_id, _, similarity = dropped_to[kept_id]
-        dropped.append(
-            {
-                "member_id": r["id"],
-                "kept_id": kept_id,
-                "cluster_id": kept_id,
-                "method": method,
-                "similarity": similarity,
-                "regime": r["regime"],
-            }
-        )
-    kept_ids = [r["id"] for r in records if r["id"] not in dropped_to]
-    return DedupResult(kept_ids, dropped)
+
+def regime_configs(cfg: MinHashConfig | Mapping[str, MinHashConfig] | None) -> dict[str, MinHashConfig]:
+    """Per-regime configs: :data:`DEFAULT_CONFIGS`, all replaced by one config, or updated by a mapping."""
+    if isinstance(cfg, MinHashConfig):
+        return dict.fromkeys(DEFAULT_CONFIGS, cfg)
+    return {**DEFAULT_CONFIGS, **(cfg or {})}
 
 
 def prompt_key(prompt: str | None) -> str:
-    """sha256 (32 hex) of the normalised prompt: the key :func:`cross_regime_leaks` groups on."""
+    """sha256 (32 hex) of the normalised prompt: the key the cleaning pass groups cross-regime leaks on."""
     return hashlib.sha256(normalize_text(prompt).encode("utf-8")).hexdigest()[:32]
-
-
-def cross_regime_leaks(records: Iterable[Record]) -> list[dict[str, Any]]:
-    """Prompts (the last user turn, normalised) that occur in more than one regime.
-
-    One dict per such prompt: ``prompt_key``, ``prompt`` (as written in the first row seen),
-    ``regimes`` (sorted), ``ids`` (sorted). Sorted by prompt_key. Reporting only; what to do about
-    them is a policy decision of the caller.
-    """
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for r in records:
-        if normalize_text(r.get("prompt")):
-            groups[prompt_key(r.get("prompt"))].append(r)
-    leaks = []
-    for key in sorted(groups):
-        rows = groups[key]
-        regimes = sorted({r["regime"] for r in rows})
-        if len(regimes) > 1:
-            leaks.append(
-                {
-                    "prompt_key": key,
-                    "prompt": rows[0]["prompt"],
-                    "regimes": regimes,
-                    "ids": sorted(r["id"] for r in rows),
-                }
-            )
-    return leaks

@@ -104,35 +104,41 @@ def duplicate_entry(
     }
 
 
-def build_silver(bronze_rows: Iterable[dict[str, Any]], registry: Registry, created_at: CreatedAt) -> SilverTables:
-    """Normalise bronze rows (in source-priority order) into the silver tables.
+class SilverBuilder:
+    """Normalises bronze rows batch by batch (in source-priority order) into the silver tables.
 
-    Exact duplicates (same content id) collapse onto the first row seen, so the
-    rows must arrive ordered by registry priority, file and row number: the kept
-    twin is the one from the highest-priority source, then the earliest row.
-    Training and evaluation sources are deduplicated separately, so an eval
-    question copied into training data stays visible to decontamination.
+    Exact duplicates (same content id) collapse onto the first row seen, so the rows must arrive ordered
+    by registry priority, file and row number: the kept twin is the one from the highest-priority source,
+    then the earliest row. Training and evaluation sources are deduplicated separately, so an eval
+    question copied into training data stays visible to decontamination. Only the content ids seen so far
+    are kept between batches; each :meth:`add` returns the tables of its own batch.
     """
-    out = SilverTables([], [], [], [], {})
-    kept: set[tuple[str, str]] = set()
-    for row in bronze_rows:
-        source = registry.get(row["source"])
-        result = parse_payload(row["payload"], row["decode_error"], source.format, source.regime)
-        if isinstance(result, Rejected):
-            message = describe(result, row["file_path"], row["row_number"])
-            out.quarantine.append(quarantine_entry(row, "canonical", result.reason, result.field, message))
-            continue
-        record_id = result.content_id()
-        key = (source.role, record_id)
-        if key in kept:
-            out.duplicates.append(duplicate_entry(row, record_id, record_id, "exact", 1.0))
-            continue
-        kept.add(key)
-        if source.role != "eval":  # an eval row may share its id with a contaminated training copy
-            out.bronze[record_id] = row
-        record = canonical_row(result, record_id, source, row, created_at(row["file_path"]))
-        (out.eval_records if source.role == "eval" else out.records).append(record)
-    return out
+
+    def __init__(self, registry: Registry, created_at: CreatedAt) -> None:
+        self.registry = registry
+        self.created_at = created_at
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, bronze_rows: Iterable[dict[str, Any]]) -> SilverTables:
+        out = SilverTables([], [], [], [], {})
+        for row in bronze_rows:
+            source = self.registry.get(row["source"])
+            result = parse_payload(row["payload"], row["decode_error"], source.format, source.regime)
+            if isinstance(result, Rejected):
+                message = describe(result, row["file_path"], row["row_number"])
+                out.quarantine.append(quarantine_entry(row, "canonical", result.reason, result.field, message))
+                continue
+            record_id = result.content_id()
+            key = (source.role, record_id)
+            if key in self._seen:
+                out.duplicates.append(duplicate_entry(row, record_id, record_id, "exact", 1.0))
+                continue
+            self._seen.add(key)
+            if source.role != "eval":  # an eval row may share its id with a contaminated training copy
+                out.bronze[record_id] = row
+            record = canonical_row(result, record_id, source, row, self.created_at(row["file_path"]))
+            (out.eval_records if source.role == "eval" else out.records).append(record)
+        return out
 
 
 def canonical_row(

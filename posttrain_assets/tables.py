@@ -7,6 +7,7 @@ database cannot drift apart. No Dagster imports here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,18 @@ def fetch_dicts(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def fetch_batches(
+    conn: Any, sql: str, rows: int, params: dict[str, Any] | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a query as dicts, ``rows`` at a time, streamed as Arrow batches.
+
+    The query runs on a cursor of its own, so ``conn`` can write (e.g. the next table) while it is read.
+    """
+    reader = conn.cursor().sql(sql, params=params or {}).to_arrow_reader(rows)
+    for batch in reader:
+        yield batch.to_pylist()
+
+
 def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` (dicts keyed by column name) to ``table`` through one Arrow batch."""
     import pyarrow as pa
@@ -77,12 +90,15 @@ def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
         conn.unregister("rows_to_insert")
 
 
-def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Create or replace ``table`` with exactly ``rows``, in one transaction (idempotent)."""
-    conn.execute("BEGIN TRANSACTION")
+def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]], *, transaction: bool = True) -> None:
+    """Create or replace ``table`` with exactly ``rows`` (idempotent); in a transaction of its own unless
+    ``transaction`` is False (the caller's transaction then covers it)."""
+    if transaction:
+        conn.execute("BEGIN TRANSACTION")
     conn.execute(table.create_sql(replace=True))
     insert_rows(conn, table, rows)
-    conn.execute("COMMIT")
+    if transaction:
+        conn.execute("COMMIT")
 
 
 def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column:
@@ -453,3 +469,21 @@ def markdown_reference() -> str:
             lines.append(f"| `{c.name}` | `{c.type}` | {meaning} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+# What the length audit and the balancing read of a pairs table (never the texts: a pairs table can be large).
+AUDITED_COLUMNS = (
+    "id",
+    "source",
+    "source_kind",
+    "chosen_tokens",
+    "rejected_tokens",
+    "is_tie",
+    "score_chosen",
+    "score_rejected",
+)
+
+
+def audited_columns_sql(table: Table) -> str:
+    """SELECT of :data:`AUDITED_COLUMNS` of a pairs table, ordered by id."""
+    return f"SELECT {', '.join(AUDITED_COLUMNS)} FROM {table.qualified} ORDER BY id"

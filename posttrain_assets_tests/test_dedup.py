@@ -1,8 +1,9 @@
-"""Tests for the pure dedup logic (``posttrain_assets.dedup``): normalisation, MinHash, clusters, kept rule, leaks."""
+"""Tests for the pure dedup logic (``posttrain_assets.dedup``): normalisation, MinHash, clusters, kept rule."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import random
 from collections import Counter
@@ -202,13 +203,42 @@ def test_signatures_bit_identical_to_datasketch(scheme: str, words: int) -> None
     assert sigs.shape == (len(texts), 128)
     assert sigs.dtype == (np.uint32 if scheme == "affine32" else np.uint64)
     for text, sig in zip(texts, sigs, strict=True):
-        ref = MinHash(num_perm=128, seed=1, scheme=scheme)
+        ref = MinHash(num_perm=128, seed=1, scheme=scheme, hashfunc=dedup.shingle_hash32)
         for s in dedup.shingles(text, words):
             ref.update(s.encode("utf-8"))
         assert np.array_equal(sig, ref.hashvalues)
     # the empty text has datasketch's empty signature
     assert MinHash(num_perm=128, seed=1, scheme=scheme).is_empty()
     assert dedup.to_minhash(sigs[7], cfg).is_empty()
+
+
+def test_shingle_hash_combines_word_hashes() -> None:
+    first = int.from_bytes(hashlib.sha1(b"alpha").digest()[:4], "little")
+    assert dedup.shingle_hash32(b"alpha") == first
+    assert dedup.shingle_hash32("alpha beta") == dedup.shingle_hash32(b"alpha beta")
+    assert dedup.shingle_hash32("alpha beta") != dedup.shingle_hash32("beta alpha")  # word order matters
+
+
+def test_candidate_pairs_are_the_pairs_minhash_lsh_returns() -> None:
+    rng = random.Random(5)
+    bases = [text_of(rng, 120) for _ in range(30)]
+    texts = bases + [edit_runs(b, 0.1, 2, rng) for b in bases[:10]] + [bases[0], bases[0]]  # a bucket of four
+    cfg = MinHashConfig()
+    sigs = dedup.minhash_signatures(texts, cfg)
+    bands, rows = dedup.lsh_bands(cfg)
+    lsh = MinHashLSH(threshold=cfg.effective_lsh_threshold(), num_perm=cfg.num_perm)
+    assert (lsh.b, lsh.r) == (bands, rows)
+    for i, sig in enumerate(sigs):
+        lsh.insert(i, dedup.to_minhash(sig, cfg))
+    floor = cfg.effective_lsh_threshold()
+    expected = sorted(
+        (i, j)
+        for i, sig in enumerate(sigs)
+        for j in lsh.query(dedup.to_minhash(sig, cfg))
+        if j > i and dedup.estimated_jaccard(sig, sigs[j]) >= floor
+    )
+    assert [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()] == expected
+    assert (0, 40) in expected and (40, 41) in expected and (0, 30) in expected
 
 
 def test_signatures_index_in_datasketch_lsh() -> None:
@@ -357,28 +387,6 @@ def test_exact_twin_of_a_near_dropped_row_points_to_final_kept() -> None:
     assert kept == ["a"]
     got = {d["member_id"]: (d["kept_id"], d["method"]) for d in dropped}
     assert got == {"b": ("a", "near"), "b2": ("a", "exact_normalized")}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# cross-regime leaks
-
-
-def test_cross_regime_leaks() -> None:
-    rows = [
-        rl("r1", "What is 17 * 3?", "51"),
-        sft("s1", "what is 17 *  3?", "17 * 3 = 51."),
-        pref("p1", "Write a haiku.", "Leaves fall.", "No."),
-        sft("s2", "Write a haiku.", "Quiet pond."),
-        sft("s3", "Write a haiku.", "Frog jumps."),
-        rl("r2", "Only in RL: 2 + 2?", "4"),
-    ]
-    leaks = dedup.cross_regime_leaks(rows)
-    got = sorted((leak["regimes"], leak["ids"], leak["prompt"]) for leak in leaks)
-    assert got == [
-        (["preference", "sft"], ["p1", "s2", "s3"], "Write a haiku."),
-        (["rl", "sft"], ["r1", "s1"], "What is 17 * 3?"),
-    ]
-    assert all(leak["prompt_key"] == dedup.prompt_key(leak["prompt"]) for leak in leaks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -570,12 +578,12 @@ def test_recall_and_precision_on_generated_near_duplicates() -> None:
         r: MinHashConfig(shingle_words=c.shingle_words, edit_threshold=None) for r, c in dedup.DEFAULT_CONFIGS.items()
     }
     found, detected, true_pos, by_condition = score(old)
-    assert (found, detected, true_pos) == (135, 135, 135)  # recall 0.6
+    assert (found, detected, true_pos) == (136, 136, 136)  # recall 0.6
     assert by_condition == {
         "one_run0.05": 25,
         "two_runs0.05": 25,
         "one_run0.10": 25,
         "two_runs0.10": 25,
-        "one_run0.15": 21,
-        "two_runs0.15": 14,
+        "one_run0.15": 23,
+        "two_runs0.15": 13,
     }  # and no scattered copy at all

@@ -9,7 +9,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from posttrain_assets.defs.silver import canonical, sft_tokenized
+from posttrain_assets import cleaning
+from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
 from posttrain_assets.tables import ALL_TABLES
@@ -175,15 +176,18 @@ def test_failing_silver_schema_check_leaves_gold_untouched(
     broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph, good = broken_graph
-    real_clean = canonical.clean_corpus
+    real_gate = cleaning.apply_quality_gate
+    lost: list[str] = []
 
-    def clean_then_lose_an_answer(*args, **kwargs):
-        cleaned = real_clean(*args, **kwargs)
-        victim = next(r for r in cleaned.kept if r["regime"] == "rl")
-        victim["answer"] = None
-        return cleaned
+    def gate_then_lose_an_answer(*args, **kwargs):
+        kept, dropped = real_gate(*args, **kwargs)
+        victim = next((r for r in kept if r["regime"] == "rl"), None)
+        if victim is not None and not lost:
+            victim["answer"] = None
+            lost.append(victim["id"])
+        return kept, dropped
 
-    monkeypatch.setattr(canonical, "clean_corpus", clean_then_lose_an_answer)
+    monkeypatch.setattr(cleaning, "apply_quality_gate", gate_then_lose_an_answer)
     result = graph.refresh()
 
     assert not result.success

@@ -1,6 +1,7 @@
 """Resources, built from environment variables at launch (never chosen at import time).
 
-- ``duckdb``: the warehouse file, ``POSTTRAIN_DUCKDB_PATH``.
+- ``duckdb``: the warehouse file, ``POSTTRAIN_DUCKDB_PATH``, with DuckDB's memory capped at
+  :data:`DUCKDB_MEMORY_LIMIT`.
 - ``registry``: the source registry YAML, ``POSTTRAIN_SOURCES``.
 - ``tokenizer``: the project tokenizer, ``POSTTRAIN_TOKENIZER`` (``smollm2`` = the bundled default,
   a local tokenizer directory, or a model id already in the local Hugging Face cache), cached under
@@ -16,6 +17,11 @@ from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
 from posttrain_assets.registry import Registry, load_registry
+
+# DuckDB's default cap is 80% of the machine's memory, so sorting or joining a large bronze table would grow
+# the process towards it; under this cap those operators spill to a temporary directory beside the database
+# instead, and memory stays bounded as the corpus grows (the launchpad's resource config can change it).
+DUCKDB_MEMORY_LIMIT = "2GB"
 
 
 class SourceRegistryResource(dg.ConfigurableResource):
@@ -57,7 +63,9 @@ class TokenizerResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
-            "duckdb": DuckDBResource(database=dg.EnvVar("POSTTRAIN_DUCKDB_PATH")),
+            "duckdb": DuckDBResource(
+                database=dg.EnvVar("POSTTRAIN_DUCKDB_PATH"), connection_config={"memory_limit": DUCKDB_MEMORY_LIMIT}
+            ),
             "registry": SourceRegistryResource(path=dg.EnvVar("POSTTRAIN_SOURCES")),
             "tokenizer": TokenizerResource(
                 spec=dg.EnvVar("POSTTRAIN_TOKENIZER"), cache_dir=dg.EnvVar("POSTTRAIN_CACHE_DIR")

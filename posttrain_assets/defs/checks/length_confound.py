@@ -11,13 +11,19 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.audits import audit, confound_violations, markdown_audit_table
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
-from posttrain_assets.tables import SILVER_PREFERENCE_PAIRS, SILVER_PREFERENCE_PAIRS_BALANCED, Table, fetch_dicts
+from posttrain_assets.tables import (
+    SILVER_PREFERENCE_PAIRS,
+    SILVER_PREFERENCE_PAIRS_BALANCED,
+    Table,
+    audited_columns_sql,
+    fetch_dicts,
+)
 
 
 def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthConfoundConfig) -> dg.AssetCheckResult:
     thresholds = config.thresholds()
     with duckdb.get_connection() as conn:
-        pairs = fetch_dicts(conn, f"SELECT * FROM {table.qualified} ORDER BY id")
+        pairs = fetch_dicts(conn, audited_columns_sql(table))
     if not pairs:
         return dg.AssetCheckResult(passed=True, description=f"{table.qualified} has no pairs", metadata={"pairs": 0})
     audits = audit(pairs, tie_similarity=thresholds.tie_similarity)

@@ -4,19 +4,17 @@ decontamination, dedup, cross-regime leaks); quarantine and duplicate tables kee
 import datetime as dt
 import json
 import os
-from collections import Counter
 from functools import cache
 from typing import Literal
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.cleaning import CleaningConfig, clean_corpus
+from posttrain_assets.cleaning import CleaningConfig, run_silver_pass
 from posttrain_assets.dedup import MinHashConfig
 from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.normalize import build_silver, cleaning_entry, duplicate_entry
 from posttrain_assets.quality import QualityConfig
 from posttrain_assets.tables import (
     BRONZE_RECORDS,
@@ -26,10 +24,7 @@ from posttrain_assets.tables import (
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
     SILVER_RECORDS,
-    fetch_dicts,
-    replace_table,
 )
-from posttrain_assets.token_counts import token_counts
 
 BRONZE_KEY = dg.AssetKey(["bronze", "records"])
 SILVER_RECORDS_KEY = dg.AssetKey(["silver", "records"])
@@ -39,13 +34,7 @@ SILVER_DEDUP_KEY = dg.AssetKey(["silver", "dedup_clusters"])
 SILVER_CONTAMINATION_KEY = dg.AssetKey(["silver", "contamination"])
 SILVER_LEAKS_KEY = dg.AssetKey(["silver", "cross_regime_leaks"])
 
-# Bronze rows of the registry's sources, in the order that decides which exact duplicate is kept.
-BRONZE_IN_PRIORITY_ORDER = f"""
-SELECT source, file_path, row_number, record_sha256, payload, decode_error, file_sha256
-FROM {BRONZE_RECORDS.qualified}
-WHERE list_contains($sources, source)
-ORDER BY list_position($sources, source), file_path, row_number
-"""
+QUARANTINE_BY_STAGE = f"SELECT stage, count(*) FROM {SILVER_QUARANTINE.qualified} GROUP BY ALL ORDER BY ALL"
 
 
 # Content columns come from the raw payload; provenance columns from the bronze row's own columns.
@@ -128,53 +117,31 @@ def silver_canonical(
     (with the stage and reason) or silver.dedup_clusters (with its kept twin).
     """
     sources = registry.load()
-    tok = tokenizer.get()
     with duckdb.get_connection() as conn:
         conn.execute(BRONZE_RECORDS.create_sql())
-        rows = fetch_dicts(conn, BRONZE_IN_PRIORITY_ORDER, {"sources": sources.names})
         orphans = conn.execute(
             f"SELECT DISTINCT source FROM {BRONZE_RECORDS.qualified} WHERE NOT list_contains($sources, source)",
             {"sources": sources.names},
         ).fetchall()
         if orphans:
             context.log.warning(f"bronze partitions not in the registry are ignored: {[o[0] for o in orphans]}")
-        context.log.info(f"normalising {len(rows)} bronze rows from {len(sources.names)} sources")
-        tables = build_silver(rows, sources, created_at=_file_mtime)
-        cleaned = clean_corpus(tables.records, tables.eval_records, sources.priority, config.cleaning())
-        quarantine = tables.quarantine + [
-            cleaning_entry(tables.bronze[d.id], d.stage, d.reason, d.detail, d.id) for d in cleaned.dropped
-        ]
-        duplicates = tables.duplicates + [
-            duplicate_entry(tables.bronze[d["member_id"]], d["member_id"], d["kept_id"], d["method"], d["similarity"])
-            for d in cleaned.duplicates
-        ]
-        records = cleaned.kept
-        for batch in (records, tables.eval_records):
-            for record, count in zip(batch, token_counts(tok, batch), strict=True):
-                record["token_count"] = count
-        contamination = [{k: m[k] for k in SILVER_CONTAMINATION.column_names} for m in cleaned.contamination]
+        context.log.info(f"normalising and cleaning the bronze rows of {len(sources.names)} sources")
+        result = run_silver_pass(conn, sources, tokenizer.get(), _file_mtime, config.cleaning())
         outputs = (
-            (SILVER_RECORDS_KEY, SILVER_RECORDS, records, ["id", "source", "regime", "prompt"], "regime"),
-            (SILVER_EVAL_KEY, SILVER_EVAL_RECORDS, tables.eval_records, ["id", "source", "prompt", "answer"], "source"),
-            (SILVER_QUARANTINE_KEY, SILVER_QUARANTINE, quarantine, ["source", "stage", "reason", "message"], "reason"),
-            (
-                SILVER_DEDUP_KEY,
-                SILVER_DEDUP_CLUSTERS,
-                duplicates,
-                ["kept_id", "source", "row_number", "method"],
-                "method",
-            ),
-            (SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION, contamination, ["id", "benchmark", "field"], "benchmark"),
-            (SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS, cleaned.leaks, ["prompt", "regimes"], None),
+            (SILVER_RECORDS_KEY, SILVER_RECORDS, ["id", "source", "regime", "prompt"], "regime"),
+            (SILVER_EVAL_KEY, SILVER_EVAL_RECORDS, ["id", "source", "prompt", "answer"], "source"),
+            (SILVER_QUARANTINE_KEY, SILVER_QUARANTINE, ["source", "stage", "reason", "message"], "reason"),
+            (SILVER_DEDUP_KEY, SILVER_DEDUP_CLUSTERS, ["kept_id", "source", "row_number", "method"], "method"),
+            (SILVER_CONTAMINATION_KEY, SILVER_CONTAMINATION, ["id", "benchmark", "field"], "benchmark"),
+            (SILVER_LEAKS_KEY, SILVER_CROSS_REGIME_LEAKS, ["prompt", "regimes"], None),
         )
-        for key, table, table_rows, preview, group_by in outputs:
-            replace_table(conn, table, table_rows)
+        for key, table, preview, group_by in outputs:
             metadata = table_metadata(conn, table, preview_columns=preview, group_by=group_by)
             if key == SILVER_CONTAMINATION_KEY:
-                metadata["report"] = dg.MetadataValue.md(contamination_markdown(cleaned.contamination_report))
+                metadata["report"] = dg.MetadataValue.md(contamination_markdown(result.contamination_report))
             if key == SILVER_QUARANTINE_KEY:
-                stages = Counter(q["stage"] for q in quarantine)
-                metadata.update({f"stage/{k}": dg.MetadataValue.int(v) for k, v in sorted(stages.items())})
+                stages = conn.execute(QUARANTINE_BY_STAGE).fetchall()
+                metadata.update({f"stage/{k}": dg.MetadataValue.int(v) for k, v in stages})
             if key == SILVER_RECORDS_KEY:  # token_count was counted with this tokenizer and template
                 metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
                 metadata["dagster/column_lineage"] = RECORDS_LINEAGE

@@ -29,7 +29,10 @@ from posttrain_assets.tables import (
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
+    audited_columns_sql,
+    fetch_batches,
     fetch_dicts,
+    insert_rows,
     replace_table,
 )
 
@@ -39,6 +42,7 @@ BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
 DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 
 PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference' ORDER BY id"
+BATCH_ROWS = 4096
 AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
 # Statistics plotted per source across materialisations.
 PLOTTED = ("chosen_longer_share", "point_biserial_r", "tie_rate", "median_length_ratio", "pairs")
@@ -93,25 +97,37 @@ def silver_preference_pairs(
 ):
     """Count response tokens, flag ties, audit per source / kind / overall, and balance offending sources."""
     thresholds = config.thresholds()
+    tok = tokenizer.get()
     with duckdb.get_connection() as conn:
-        records = fetch_dicts(conn, PREFERENCE_ROWS)
-        pairs = build_pairs(records, tokenizer.get(), thresholds.tie_similarity)
+        # pairs are built a batch of records at a time; audit and balance need only the numeric columns
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute(SILVER_PREFERENCE_PAIRS.create_sql(replace=True))
+        for records in fetch_batches(conn, PREFERENCE_ROWS, BATCH_ROWS):
+            insert_rows(conn, SILVER_PREFERENCE_PAIRS, build_pairs(records, tok, thresholds.tie_similarity))
+        pairs = fetch_dicts(conn, audited_columns_sql(SILVER_PREFERENCE_PAIRS))
         audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
         balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
-        kept = set(balance.kept_ids)
         by_id = {p["id"]: p for p in pairs}
         audit_rows = [
             {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
             for (kind, name), result in audits.items()
         ]
-        replace_table(conn, SILVER_PREFERENCE_PAIRS, pairs)
-        replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows)
-        replace_table(conn, SILVER_PREFERENCE_PAIRS_BALANCED, [p for p in pairs if p["id"] in kept])
+        replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
+        conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
+        conn.execute(
+            SILVER_PREFERENCE_PAIRS_BALANCED.insert_sql(
+                f"{SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept)) ORDER BY id"
+            ),
+            {"kept": balance.kept_ids},
+        )
         replace_table(
             conn,
             SILVER_PREFERENCE_BALANCE_DROPS,
             [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
+            transaction=False,
         )
+        conn.execute("COMMIT")
+        kept = len(balance.kept_ids)
         preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
         pairs_meta = table_metadata(conn, SILVER_PREFERENCE_PAIRS, preview_columns=preview, group_by="source")
         audit_meta = table_metadata(
@@ -134,7 +150,7 @@ def silver_preference_pairs(
         "chosen vs rejected tokens (all pairs)",
     )
     stats.update(histogram_metadata(png, artifacts / "preference_length_histogram.png"))
-    context.log.info(f"{len(pairs)} pairs audited; balancing kept {len(kept)}, dropped {balance.dropped_counts()}")
+    context.log.info(f"{len(pairs)} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts()}")
     derived = {
         "chosen_tokens": ["chosen"],
         "rejected_tokens": ["rejected"],
