@@ -573,14 +573,15 @@ def verified_clusters(
     *,
     same_key: Sequence[Hashable | None] | None = None,
     choose: Callable[[list[Hashable]], Hashable] | None = None,
-    chunk_pairs: int = 1 << 15,
+    chunk_pairs: int = 4096,
 ) -> list[Cluster]:
     """Clusters of near duplicates among rows whose signatures are ``sigs`` (row ``i`` has id ``ids[i]``).
 
     Candidates come from :func:`candidate_pairs`; each is verified by the rules of :class:`MinHashConfig` on
     the texts ``texts_of`` returns (a guard text, when both rows have one, must pass as well) and verified
-    pairs are joined with union-find. Texts are asked for one chunk of candidate pairs at a time, so a caller
-    can keep them out of memory (e.g. in DuckDB) and fetch only the rows under verification. ``same_key`` and
+    pairs are joined with union-find. Texts are asked for one chunk of ``chunk_pairs`` candidate pairs at a
+    time (at most twice as many rows, as word lists), so a caller can keep them out of memory (e.g. in
+    DuckDB) and only the rows under verification are ever held. ``same_key`` and
     ``choose`` as in :func:`near_duplicate_clusters`.
     """
     cfg = cfg or MinHashConfig()
@@ -622,8 +623,8 @@ def verified_clusters(
         groups[uf.find(i)].append(i)
     multi = [sorted(groups[root]) for root in sorted(groups) if len(groups[root]) > 1]
     clusters: list[Cluster] = []
-    for start in range(0, len(multi), 4096):
-        block = multi[start : start + 4096]
+    for start in range(0, len(multi), chunk_pairs // 2):
+        block = multi[start : start + chunk_pairs // 2]
         cache = words(np.asarray([i for idx in block for i in idx]))
         for idx in block:
             member_ids = [ids[i] for i in idx]

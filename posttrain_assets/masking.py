@@ -15,12 +15,12 @@ How spans are found without assuming the template is prefix-stable:
 4. The end-of-turn marker is the chunk after the last assistant content (trailing whitespace stripped) of a
    conversation ending with that assistant turn; ``MaskConfig.end_of_turn`` overrides it. It must directly follow
    every trained assistant content.
-5. Tokenise every ``R`` once, in one batched call, with character offsets, and label each token by whether it lies
-   inside a trained span. A token that straddles a trained/untrained boundary makes the row an error
-   (``mask_boundary_straddle``), with one exception: a token whose only outside part is whitespace just before
-   an assistant content (``[/INST] answer`` -> ``Ġanswer``) is trained, because the model emits that whitespace
-   itself after the generation prompt; this is the same token-level mask transformers' ``{% generation %}``
-   tracking produces.
+5. Tokenise every ``R`` once, in batched calls, with character offsets, and label each token by whether it lies
+   inside a trained span (decided from the tokens at the span edges when those are clean). A token that straddles
+   a trained/untrained boundary makes the row an error (``mask_boundary_straddle``), with one exception: a token
+   whose only outside part is whitespace just before an assistant content (``[/INST] answer`` -> ``Ġanswer``) is
+   trained, because the model emits that whitespace itself after the generation prompt; this is the same
+   token-level mask transformers' ``{% generation %}`` tracking produces.
 
 :func:`verify_mask` is an independent proof used by a blocking asset check: it re-tokenises with
 ``apply_chat_template(tokenize=True)`` and checks decoded trained runs against the message contents, without
@@ -32,10 +32,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from tokenizers import Encoding, Tokenizer
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -175,6 +177,56 @@ def _skeleton(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> t
     return chunks, order
 
 
+_SkeletonKey = tuple[tuple[tuple[str, str | None], ...], ...]
+
+
+class _Skeletons:
+    """Memoised :func:`_skeleton` for one tokenisation call.
+
+    A skeleton replaces every content with a sentinel, so it is a function of the other message fields (role, name,
+    ...) and their order only; conversations of the same shape share it. The key keeps each message's keys in order
+    (a template may iterate over them) with the content left out. Messages whose other fields are not all strings
+    (or None) are rendered uncached, as are templates that may call ``strftime_now`` or jinja's ``random`` filter:
+    their text depends on more than the messages.
+    """
+
+    def __init__(self, tok: PreTrainedTokenizerBase) -> None:
+        self.tok = tok
+        template = str(tok.chat_template)
+        self.enabled = "strftime_now" not in template and "random" not in template
+        self._cache: dict[_SkeletonKey, tuple[list[str], list[int]] | MaskError] = {}
+
+    def get(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
+        """``_skeleton(tok, messages)``; the returned lists are shared between calls and must not be mutated."""
+        key = self._key(messages) if self.enabled else None
+        if key is None:
+            return _skeleton(self.tok, messages)
+        found = self._cache.get(key)
+        if found is None:
+            try:
+                found = _skeleton(self.tok, messages)
+            except MaskError as err:
+                found = err
+            self._cache[key] = found
+        if isinstance(found, MaskError):
+            raise MaskError(found.reason, found.message)
+        return found
+
+    @staticmethod
+    def _key(messages: list[dict[str, Any]]) -> _SkeletonKey | None:
+        key = []
+        for message in messages:
+            fields = []
+            for name, value in message.items():
+                if name == "content":
+                    value = None
+                elif value is not None and type(value) is not str:  # e.g. 1 == True would share a key
+                    return None
+                fields.append((name, value))
+            key.append(tuple(fields))
+        return tuple(key)
+
+
 def _candidate_ends(text: str, start: int, chunk: str, content: str, is_last: bool, assistant: bool) -> list[int]:
     """Possible end positions of the content that starts at ``start`` and is followed by ``chunk``, best first."""
     if is_last:
@@ -245,14 +297,12 @@ def _trained_indices(messages: list[dict[str, Any]], cfg: MaskConfig) -> list[in
     raise ValueError(f"unknown train_on {cfg.train_on!r}")
 
 
-def _detect_marker(
-    tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], chunks: list[str], order: list[int]
-) -> str:
+def _detect_marker(skeletons: _Skeletons, messages: list[dict[str, Any]], chunks: list[str], order: list[int]) -> str:
     """The end-of-turn marker: the skeleton chunk after the last assistant content, trailing whitespace stripped,
     rendered for a conversation that ends with that assistant turn."""
     last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
     if last != len(messages) - 1:
-        chunks, order = _skeleton(tok, messages[: last + 1])
+        chunks, order = skeletons.get(messages[: last + 1])
     if last not in order:
         raise MaskError("template_error", f"the template does not render assistant message {last}")
     marker = chunks[order.index(last) + 1].rstrip()
@@ -264,18 +314,19 @@ def _detect_marker(
 
 
 def _render_with_spans(
-    tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
+    skeletons: _Skeletons, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
 ) -> _Rendered:
+    """Render ``messages`` and find the character spans to train; raises :class:`MaskError`."""
     _check_messages(messages, special_re)
     trained = _trained_indices(messages, cfg)
     if not trained:
         raise MaskError("no_trainable_tokens", "the conversation has no assistant turn")
-    text = _render(tok, messages)
-    chunks, order = _skeleton(tok, messages)
+    text = _render(skeletons.tok, messages)
+    chunks, order = skeletons.get(messages)
     missing = [i for i in trained if i not in order]
     if missing:
         raise MaskError("template_error", f"the template does not render assistant message(s) {missing}")
-    marker = cfg.end_of_turn if cfg.end_of_turn is not None else _detect_marker(tok, messages, chunks, order)
+    marker = cfg.end_of_turn if cfg.end_of_turn is not None else _detect_marker(skeletons, messages, chunks, order)
     spans = _locate_contents(text, chunks, order, messages)
     trained_spans: list[tuple[int, int]] = []
     starts: set[int] = set()
@@ -297,10 +348,13 @@ def _render_with_spans(
 # tokenisation
 # ----------------------------------------------------------------------------------------------------------------
 
-_BACKENDS: dict[int, tuple[Any, int, Any]] = {}
+_BACKENDS: dict[int, tuple[Tokenizer, int, Tokenizer]] = {}
+# Rows per encode_batch call: small enough that rendering overlaps most of the encoding, large enough that each
+# call keeps every core busy.
+_CHUNK_ROWS = 256
 
 
-def _offset_backend(tok: PreTrainedTokenizerBase) -> Any:
+def _offset_backend(tok: PreTrainedTokenizerBase) -> Tokenizer:
     """A copy of ``tok``'s backend without post-processor, padding or truncation: its offsets are never trimmed
     (a ByteLevel post-processor with ``trim_offsets=True`` would hide whitespace at span boundaries)."""
     from tokenizers import Tokenizer
@@ -321,7 +375,10 @@ def _offset_backend(tok: PreTrainedTokenizerBase) -> Any:
 def _labels_from_offsets(
     text: str, ids: list[int], offsets: list[tuple[int, int]], rendered: _Rendered
 ) -> list[int] | MaskError:
-    """Label each token by its character offsets; both lists are in text order, so one pass suffices."""
+    """Label each token by its character offsets; both lists are in text order, so one pass suffices.
+
+    This is the labelling rule itself; :func:`_trained_token_runs` reaches the same labels from span edges only.
+    """
     labels = [IGNORE_INDEX] * len(ids)
     spans = rendered.trained_spans
     k = 0
@@ -351,6 +408,57 @@ def _labels_from_offsets(
     return labels
 
 
+def _trained_token_runs(rendered: _Rendered, enc: Encoding) -> list[tuple[int, int]] | None:
+    """The token ranges ``[first, stop)`` that :func:`_labels_from_offsets` trains, one per trained span, found by
+    asking the encoding only about the tokens at each span's edges; None when an edge is not clean (empty or
+    overlapping spans, a token across a boundary, a zero-width token at one), so the caller runs the per-token pass.
+
+    Why: pulling every token's offsets into Python costs more than the rest of the labelling. Why it is the same
+    labelling: token start offsets never decrease (the per-token pass relies on it too). For a span ``[s, e)`` let
+    ``first`` be the first token containing character ``s`` and ``stop`` the first containing ``e`` (or the end).
+    Every token before ``first`` ends at or before ``s``, since it does not contain ``s`` and starts no later than
+    ``first``; likewise every token before ``stop`` ends at or before ``e``. If ``first`` starts at ``s`` (or is
+    whitespace-then-content, the one allowed straddle) and ``stop`` starts at ``e``, the tokens in between lie
+    inside the span, those from ``stop`` on lie after it, and the per-token pass trains exactly ``[first, stop)``;
+    the remaining zero-width tokens at ``s`` or ``e`` that it would leave untrained are sent to the per-token pass.
+    """
+    text = rendered.text
+    count = len(enc)
+    runs: list[tuple[int, int]] = []
+    previous_end = 0
+    for span_start, span_end in rendered.trained_spans:
+        if not previous_end <= span_start < span_end:
+            return None
+        first = enc.char_to_token(span_start)
+        if first is None:
+            return None
+        start, end = enc.token_to_chars(first)
+        if start != span_start and not (
+            span_start in rendered.content_starts and text[start:span_start].isspace() and end <= span_end
+        ):
+            return None
+        # tokens after `first` that still start at or before `s`: a zero-width one at `s` is untrained there
+        following = first + 1
+        while following < count:
+            start, end = enc.token_to_chars(following)
+            if start > span_start:
+                break
+            if start < span_start or start == end:
+                return None
+            following += 1
+        if span_end < len(text):
+            stop = enc.char_to_token(span_end)
+            if stop is None or enc.token_to_chars(stop)[0] != span_end:
+                return None
+        else:
+            stop = count
+        if stop <= first or enc.token_to_chars(stop - 1)[0] >= span_end:  # a zero-width token at `e`
+            return None
+        runs.append((first, stop))
+        previous_end = span_end
+    return runs
+
+
 def tokenize_conversations(
     tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]], cfg: MaskConfig
 ) -> list[TokenizedConversation | MaskError]:
@@ -364,40 +472,52 @@ def tokenize_conversations(
         raise ValueError("max_seq_len must be positive")
     special_re = _special_token_pattern(tok)
     backend = _offset_backend(tok)
+    skeletons = _Skeletons(tok)
     results: list[TokenizedConversation | MaskError | None] = [None] * len(conversations)
-    pending: list[tuple[int, _Rendered]] = []
-    for row, messages in enumerate(conversations):
-        try:
-            pending.append((row, _render_with_spans(tok, list(messages), cfg, special_re)))
-        except MaskError as err:
-            results[row] = err
-
-    def encode(items: list[tuple[int, _Rendered]]) -> list[tuple[int, _Rendered, Any]]:
-        if not items:
-            return []
-        encodings = backend.encode_batch([r.text for _, r in items], add_special_tokens=False)
-        return [(row, r, enc) for (row, r), enc in zip(items, encodings, strict=True)]
-
     too_long: list[int] = []
-    for row, rendered, enc in encode(pending):
-        if len(enc.ids) > cfg.max_seq_len:
-            too_long.append(row)
-            results[row] = MaskError("too_long", f"{len(enc.ids)} tokens > max_seq_len {cfg.max_seq_len}")
-            continue
-        results[row] = _finish(rendered, enc, truncated=False)
+    # Rendering is Python and encoding is Rust, which releases the GIL and spreads a batch over all cores (unless
+    # TOKENIZERS_PARALLELISM=false), so the rows go in chunks: one worker encodes a chunk while this thread renders
+    # the next, then labels the encoded ones while the last chunks encode.
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        chunks: list[tuple[list[tuple[int, _Rendered]], Future[list[Encoding]]]] = []
+        for begin in range(0, len(conversations), _CHUNK_ROWS):
+            pending: list[tuple[int, _Rendered]] = []
+            for row in range(begin, min(begin + _CHUNK_ROWS, len(conversations))):
+                try:
+                    pending.append((row, _render_with_spans(skeletons, list(conversations[row]), cfg, special_re)))
+                except MaskError as err:
+                    results[row] = err
+            if pending:
+                texts = [rendered.text for _, rendered in pending]
+                chunks.append((pending, encoder.submit(backend.encode_batch, texts, add_special_tokens=False)))
+        for pending, encoded in chunks:
+            for (row, rendered), enc in zip(pending, encoded.result(), strict=True):
+                if len(enc) > cfg.max_seq_len:
+                    too_long.append(row)
+                    results[row] = MaskError("too_long", f"{len(enc)} tokens > max_seq_len {cfg.max_seq_len}")
+                    continue
+                results[row] = _finish(rendered, enc, truncated=False)
 
     if cfg.overflow == "truncate":
         for row in too_long:
-            results[row] = _truncate(tok, list(conversations[row]), cfg, special_re, backend, results[row])
+            results[row] = _truncate(skeletons, list(conversations[row]), cfg, special_re, backend, results[row])
     return [r for r in results if r is not None]
 
 
-def _finish(rendered: _Rendered, enc: Any, truncated: bool) -> TokenizedConversation | MaskError:
-    ids = list(enc.ids)
-    labels = _labels_from_offsets(rendered.text, ids, list(enc.offsets), rendered)
-    if isinstance(labels, MaskError):
-        return labels
-    trainable = sum(1 for label in labels if label != IGNORE_INDEX)
+def _finish(rendered: _Rendered, enc: Encoding, truncated: bool) -> TokenizedConversation | MaskError:
+    """The row for an encoded rendering, or the error that keeps its mask from being exact."""
+    ids: list[int] = enc.ids
+    runs = _trained_token_runs(rendered, enc)
+    if runs is None:
+        labels = _labels_from_offsets(rendered.text, ids, enc.offsets, rendered)
+        if isinstance(labels, MaskError):
+            return labels
+        trainable = sum(1 for label in labels if label != IGNORE_INDEX)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for first, stop in runs:
+            labels[first:stop] = ids[first:stop]
+        trainable = sum(stop - first for first, stop in runs)
     if trainable == 0:
         return MaskError("no_trainable_tokens", "no token falls inside an assistant span")
     return TokenizedConversation(
@@ -411,24 +531,24 @@ def _finish(rendered: _Rendered, enc: Any, truncated: bool) -> TokenizedConversa
 
 
 def _truncate(
-    tok: PreTrainedTokenizerBase,
+    skeletons: _Skeletons,
     messages: list[dict[str, Any]],
     cfg: MaskConfig,
     special_re: re.Pattern[str] | None,
-    backend: Any,
+    backend: Tokenizer,
     original: Any,
 ) -> TokenizedConversation | MaskError:
     """Longest prefix of whole messages ending with an assistant turn that fits ``max_seq_len``."""
     ends = [i + 1 for i, m in enumerate(messages) if m.get("role") == "assistant" and i + 1 < len(messages)]
     for count in sorted(ends, reverse=True):
         try:
-            rendered = _render_with_spans(tok, messages[:count], cfg, special_re)
+            rendered = _render_with_spans(skeletons, messages[:count], cfg, special_re)
         except MaskError as err:
             if err.reason == "template_error":  # e.g. a template that needs a final user turn: try shorter
                 continue
             return err
         enc = backend.encode(rendered.text, add_special_tokens=False)
-        if len(enc.ids) <= cfg.max_seq_len:
+        if len(enc) <= cfg.max_seq_len:
             return _finish(rendered, enc, truncated=True)
     if isinstance(original, MaskError):
         return MaskError("too_long", f"{original.message}, and no prefix of whole turns ending with an assistant fits")
@@ -441,6 +561,9 @@ def _truncate(
 
 
 def _decode(tok: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # what tok.decode calls, without its per-element type check of the id list
+        return backend.decode(ids, skip_special_tokens=False)
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -526,6 +649,29 @@ def _untrained_occurrence(
     return lo
 
 
+def fresh_template_ids(
+    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+) -> list[list[int] | str]:
+    """``apply_chat_template(conversation, tokenize=True)`` of each conversation, or the error it raised.
+
+    One batched call (rendering, then one parallel tokenizer call for all texts); when the template raises
+    for any conversation of the batch, each is rendered on its own so only that one carries the error.
+    """
+    if not conversations:
+        return []
+    try:
+        batch = tok.apply_chat_template(list(conversations), tokenize=True, return_dict=False)
+        return [list(ids) for ids in batch]
+    except Exception:
+        out: list[list[int] | str] = []
+        for conversation in conversations:
+            try:
+                out.append(list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False)))
+            except Exception as exc:
+                out.append(f"chat template raised {type(exc).__name__}: {exc}")
+        return out
+
+
 def verify_mask(
     tok: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
@@ -533,11 +679,13 @@ def verify_mask(
     labels: list[int],
     cfg: MaskConfig,
     num_messages: int | None = None,
+    expected: list[int] | str | None = None,
 ) -> str | None:
     """Independently prove a mask; return None if correct, else a message naming the first wrong position.
 
     ``num_messages`` is the number of leading messages that were kept (``TokenizedConversation.num_messages``;
-    None means all). Checks, without reusing the span search of :func:`tokenize_conversations`:
+    None means all); ``expected`` is :func:`fresh_template_ids` of those messages when the caller computed it for a
+    whole batch (None: computed here). Checks, without reusing the span search of :func:`tokenize_conversations`:
 
     * ``input_ids`` equal a fresh ``apply_chat_template(messages[:num_messages], tokenize=True)``;
     * every label is -100 or its input id, and at least one is trained;
@@ -550,11 +698,11 @@ def verify_mask(
     kept = list(messages if num_messages is None else messages[:num_messages])
     if not kept:
         return "no messages to verify"
-    try:
-        expected_ids = tok.apply_chat_template(kept, tokenize=True, return_dict=False, add_generation_prompt=False)
-    except Exception as exc:
-        return f"chat template raised {type(exc).__name__}: {exc}"
-    expected_ids = list(expected_ids)
+    if expected is None:
+        (expected,) = fresh_template_ids(tok, [kept])
+    if isinstance(expected, str):
+        return expected
+    expected_ids = expected
     if list(input_ids) != expected_ids:
         pos = next(
             (i for i, (a, b) in enumerate(zip(input_ids, expected_ids, strict=False)) if a != b),

@@ -23,12 +23,19 @@ def conversation_to_count(record: dict[str, Any]) -> tuple[list[dict[str, str]],
 
 
 def text_token_counts(tok: Any, texts: Sequence[str]) -> list[int]:
-    """Tokens of each text as it is (no chat template, no special tokens), one tokenizer call per batch."""
+    """Tokens of each text as it is (no chat template, no special tokens), one tokenizer call per batch.
+
+    A fast tokenizer is asked through its Rust backend (``encode_batch_fast``: no offsets, and the ids stay
+    in Rust), so counting a batch never builds a Python int per token; other tokenizers are called directly.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
     counts: list[int] = []
     for start in range(0, len(texts), BATCH):
-        counts.extend(
-            len(ids) for ids in tok(list(texts[start : start + BATCH]), add_special_tokens=False)["input_ids"]
-        )
+        batch = list(texts[start : start + BATCH])
+        if backend is not None:
+            counts.extend(len(e) for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+        else:
+            counts.extend(len(ids) for ids in tok(batch, add_special_tokens=False)["input_ids"])
     return counts
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from posttrain_assets import masking
 from posttrain_assets.masking import (
     IGNORE_INDEX,
     MASK_REASONS,
@@ -412,6 +413,59 @@ def test_family_matches_generation_oracle(
         assert verify_mask(tok, messages, row.input_ids, row.labels, cfg) is None
     assert trained_runs(tok, ok(results[0])) == EXPECTED_RUNS_SYSTEM[family.name]
     assert trained_runs(tok, ok(results[2])) == EXPECTED_RUNS_MIXED[family.name]
+
+
+# multi-byte characters split across byte-level tokens, and whitespace, right at the span edges
+CONV_EDGES: Messages = [
+    {"role": "user", "content": "Emoji at the edges?"},
+    {"role": "assistant", "content": "😀 ok 😀"},
+    {"role": "user", "content": "Wide space\u3000"},
+    {"role": "assistant", "content": "\u3000日本語\u3000"},
+    {"role": "user", "content": "Numbers"},
+    {"role": "assistant", "content": "2024"},
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_multibyte_span_edges_match_generation_oracle(
+    family: Family, smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any]
+) -> None:
+    tok = family_tokenizer(family, smollm2_tokenizer, make_tokenizer)
+    [result] = tokenize_conversations(tok, [CONV_EDGES], MaskConfig())
+    row = ok(result)
+    oracle = tok.apply_chat_template(
+        CONV_EDGES, chat_template=family.tagged, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert row.input_ids == list(oracle["input_ids"])
+    assert [int(label != IGNORE_INDEX) for label in row.labels] == list(oracle["assistant_masks"])
+    assert verify_mask(tok, CONV_EDGES, row.input_ids, row.labels, MaskConfig()) is None
+
+
+def test_skeleton_rendered_once_per_conversation_shape(
+    smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered_lengths: list[int] = []  # message count of every skeleton actually rendered
+    real_skeleton = masking._skeleton
+
+    def counting_skeleton(tok: Any, messages: Messages) -> tuple[list[str], list[int]]:
+        rendered_lengths.append(len(messages))
+        return real_skeleton(tok, messages)
+
+    monkeypatch.setattr(masking, "_skeleton", counting_skeleton)
+    other_short = [{"role": "user", "content": "Other"}, {"role": "assistant", "content": "Words."}]
+    batch = [CONV_SHORT, other_short, SYSTEM_MULTI, CONV_SHORT]
+    rows = [ok(r) for r in tokenize_conversations(smollm2_tokenizer, batch, MaskConfig())]
+    assert [r.input_ids for r in rows] == [fresh_ids(smollm2_tokenizer, m) for m in batch]
+    assert [trained_runs(smollm2_tokenizer, r) for r in rows[:2]] == [["Hi!<|im_end|>"], ["Words.<|im_end|>"]]
+    assert rendered_lengths == [2, 5]  # the two-message shape is rendered once and shared
+
+    # a template that reads the clock may render differently from one row to the next: never shared
+    plain_chatml = CHATML_TAGGED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    clock = make_tokenizer("{{ strftime_now('%Y') }}" + plain_chatml)
+    rendered_lengths.clear()
+    for row in tokenize_conversations(clock, [CONV_SHORT, other_short], MaskConfig()):
+        ok(row)
+    assert rendered_lengths == [2, 2]
 
 
 def test_family_headers_and_injected_text_untrained(make_tokenizer: Callable[..., Any]) -> None:

@@ -11,7 +11,7 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.masking import MaskConfig, verify_mask
+from posttrain_assets.masking import MaskConfig, fresh_template_ids, verify_mask
 from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED
 
 MAX_REPORTED = 20
@@ -45,18 +45,23 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
         cursor = conn.execute(ROWS_TO_VERIFY)
         # Streamed in batches: memory holds one batch of token lists, not the table.
         while rows := cursor.fetchmany(BATCH_ROWS):
-            for record_id, source, messages, input_ids, labels, num_messages, train_on, eot, tok_sha, tpl_sha in rows:
-                checked += 1
-                if (tok_sha, tpl_sha) != (identity["tokenizer_sha256"], identity["chat_template_sha256"]):
-                    failures.append((record_id, source, "tokenised with another tokenizer or template: rematerialise"))
-                    continue
+            current = [
+                r for r in rows if (r[8], r[9]) == (identity["tokenizer_sha256"], identity["chat_template_sha256"])
+            ]
+            stale = [r for r in rows if r not in current]
+            failures += [(r[0], r[1], "tokenised with another tokenizer or template: rematerialise") for r in stale]
+            # one batched re-render and re-tokenisation (both cores) for the rows of this batch
+            fresh = fresh_template_ids(tok, [messages[:n] for _, _, messages, _, _, n, *_ in current])
+            for row, expected in zip(current, fresh, strict=True):
+                record_id, source, messages, input_ids, labels, num_messages, train_on, eot, _, _ = row
                 cfg = MaskConfig(train_on=train_on, end_of_turn=eot)
-                problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages=num_messages)
+                problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages, expected)
                 if problem:
                     failures.append((record_id, source, problem))
                 counts = tokens_by_source.setdefault(source, [0, 0])
                 counts[0] += len(input_ids)
                 counts[1] += sum(1 for label in labels if label != -100)
+            checked += len(rows)
     total = sum(c[0] for c in tokens_by_source.values())
     trained = sum(c[1] for c in tokens_by_source.values())
     metadata: dict[str, dg.MetadataValue] = {

@@ -20,7 +20,7 @@ SFT_ROWS = (
     f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} "
     "WHERE regime = 'sft' AND id BETWEEN ? AND ? ORDER BY id"
 )
-BATCH_ROWS = 2048
+BATCH_ROWS = 1024
 
 
 class SftTokenizeConfig(dg.Config):
