@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from posttrain_assets.formats import readers
 from posttrain_assets.formats.readers import read_raw_rows
 from posttrain_assets.normalize import Rejected, parse_payload
 
@@ -63,3 +64,45 @@ def test_parse_payload_reasons() -> None:
     ok = parse_payload('{"instruction": "Say hi", "input": "", "output": "Hi!"}', None, "alpaca", "sft")
     assert not isinstance(ok, Rejected)
     assert ok.messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}]
+
+
+ELEMENTS = [
+    {"instruction": "Résumé 😀 " * 5, "n": 12345678901234567890123, "x": 1.5e-7, "ok": True, "none": None},
+    [1, 2, {"nested": ']}, "quoted"'}],
+    "a string with \\u escapes \u2028 and \\\\ backslashes",
+    0,
+    -987654321,
+    {"empty": [], "obj": {}},
+]
+
+
+def test_json_arrays_stream_in_chunks_with_elements_across_chunk_edges(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", 7)  # every element, string and number crosses a chunk edge
+    path = tmp_path / "sharegpt.json.gz"
+    path.write_bytes(
+        gzip.compress(("\n [ " + " ,\n".join(json.dumps(e, ensure_ascii=False) for e in ELEMENTS) + " ]\n").encode())
+    )
+    rows = list(read_raw_rows(path))
+    # the same payloads as parsing the whole file at once and re-serialising each element
+    assert [r.payload for r in rows] == [json.dumps(e, ensure_ascii=False) for e in ELEMENTS]
+    assert [r.row_number for r in rows] == list(range(len(ELEMENTS)))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[ ]")
+    assert list(read_raw_rows(empty)) == []
+
+
+def test_a_json_array_broken_after_many_chunks_is_one_broken_row(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", 16)
+    for name, text in (
+        ("truncated.json", json.dumps(ELEMENTS)[:-1]),
+        ("missing_comma.json", json.dumps(ELEMENTS[:3]).replace("}, [", "} [")),
+        ("trailing.json", json.dumps(ELEMENTS) + " [1]"),
+    ):
+        path = tmp_path / name
+        path.write_text(text)
+        (only,) = list(read_raw_rows(path))
+        assert (only.row_number, only.payload) == (0, text), name
+    bad_utf8 = tmp_path / "bad.json"
+    bad_utf8.write_bytes(b'[{"a": "x"}, {"a": "\xff"}]')
+    (only,) = list(read_raw_rows(bad_utf8))
+    assert only.decode_error == "byte 20: b'\\xff'"

@@ -15,7 +15,7 @@ from posttrain_assets.tables import BRONZE_RECORDS
 source_partitions = dg.DynamicPartitionsDefinition(name="source")
 
 # Rows are handed to DuckDB in Arrow batches of this size, so memory stays bounded.
-BATCH_ROWS = 20_000
+BATCH_ROWS = 5_000
 
 
 @dg.asset(

@@ -12,12 +12,15 @@ but still counted), the element index in a JSON array, the row index in Parquet.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
@@ -37,9 +40,13 @@ class RawRow:
     decode_error: str | None = None
 
 
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
 def _open_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    return gzip.decompress(data) if path.name.endswith(".gz") else data
+    with _open_binary(path) as f:
+        return f.read()
 
 
 def container_of(path: Path) -> str:
@@ -55,18 +62,14 @@ def container_of(path: Path) -> str:
 
 
 def read_raw_rows(path: Path) -> Iterator[RawRow]:
-    """Yield every row of ``path`` in file order."""
+    """Yield every row of ``path`` in file order, reading it in chunks (memory does not grow with the file)."""
     kind = container_of(path)
     if kind == "parquet":
         yield from _parquet_rows(path)
-        return
-    data = _open_bytes(path)
-    if kind == "json":
-        rows = _json_array_rows(data)
-        if rows is not None:
-            yield from rows
-            return
-    yield from _jsonl_rows(data)
+    elif kind == "json" and _starts_an_array(path):
+        yield from _json_array_rows(path)
+    else:
+        yield from _jsonl_rows(path)
 
 
 def _raw_row(row_number: int, raw: bytes) -> RawRow:
@@ -78,28 +81,100 @@ def _raw_row(row_number: int, raw: bytes) -> RawRow:
         return RawRow(row_number, raw.decode("utf-8", errors="replace"), sha, decode_error=where)
 
 
-def _jsonl_rows(data: bytes) -> Iterator[RawRow]:
-    for index, line in enumerate(data.split(b"\n")):
-        line = line.rstrip(b"\r")
-        if line.strip():
-            yield _raw_row(index, line)
+def _jsonl_rows(path: Path) -> Iterator[RawRow]:
+    with _open_binary(path) as f:
+        for index, line in enumerate(f):  # binary files split on b"\n" only, as the JSONL spec does
+            line = (line[:-1] if line.endswith(b"\n") else line).rstrip(b"\r")
+            if line.strip():
+                yield _raw_row(index, line)
 
 
-def _json_array_rows(data: bytes) -> list[RawRow] | None:
-    """Rows of a JSON array, re-serialised one element each; None if not an array."""
-    stripped = data.lstrip()
-    if not stripped.startswith(b"["):
-        return None
+_CHUNK_BYTES = 1 << 20
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _starts_an_array(path: Path) -> bool:
+    """Whether the first non-whitespace byte of the file is ``[`` (else a ``.json`` file is read as JSONL)."""
+    with _open_binary(path) as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
+def _array_elements(path: Path) -> Iterator[Any]:
+    """The elements of the JSON array in ``path``, decoded one at a time from 1 MiB chunks.
+
+    Each element is parsed by the standard library's decoder (so numbers, escapes and big integers come out as
+    ``json.loads`` gives them); only the text from the current element on is held. Raises ``ValueError``
+    (``json.JSONDecodeError`` or ``UnicodeDecodeError``) where the file stops being a well-formed array.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with _open_binary(path) as f:
+        buf, pos, eof = "", 0, False
+
+        def more() -> bool:
+            nonlocal buf, pos, eof
+            if eof:
+                return False
+            chunk = f.read(_CHUNK_BYTES)
+            eof = not chunk
+            buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
+            return True
+
+        def skip_whitespace() -> str:
+            """Advance past whitespace; the next character ('' at the end of the file)."""
+            nonlocal pos
+            while True:
+                pos = _JSON_WHITESPACE.match(buf, pos).end()  # type: ignore[union-attr]
+                if pos < len(buf) or not more():
+                    return buf[pos : pos + 1]
+
+        if skip_whitespace() != "[":
+            raise json.JSONDecodeError("expected '['", buf, pos)
+        pos += 1
+        if skip_whitespace() == "]":
+            pos += 1
+        else:
+            while True:
+                while True:
+                    try:
+                        value, end = _DECODER.raw_decode(buf, pos)
+                    except json.JSONDecodeError:
+                        if more():
+                            continue  # the element runs past this chunk
+                        raise
+                    if end < len(buf) or not more():  # a number at the chunk's end may go on in the next one
+                        break
+                pos = end
+                yield value
+                separator = skip_whitespace()
+                pos += 1
+                if separator == "]":
+                    break
+                if separator != ",":
+                    raise json.JSONDecodeError("expected ',' or ']'", buf, pos - 1)
+                skip_whitespace()
+        if skip_whitespace():
+            raise json.JSONDecodeError("extra data after the array", buf, pos)
+
+
+def _json_array_rows(path: Path) -> Iterator[RawRow]:
+    """Rows of a JSON array, re-serialised one element each.
+
+    The file is checked in a first streaming pass: a file that is not a well-formed array is one broken row
+    (silver quarantines it with the parse error), and nothing of it is yielded before that is known.
+    """
     try:
-        elements = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        # The whole file is one broken row: silver quarantines it with the parse error.
-        return [_raw_row(0, data)]
-    rows = []
-    for index, element in enumerate(elements):
-        raw = json.dumps(element, ensure_ascii=False).encode("utf-8")
-        rows.append(_raw_row(index, raw))
-    return rows
+        for _ in _array_elements(path):
+            pass
+    except ValueError:
+        yield _raw_row(0, _open_bytes(path))
+        return
+    for index, element in enumerate(_array_elements(path)):
+        yield _raw_row(index, json.dumps(element, ensure_ascii=False).encode("utf-8"))
 
 
 def _parquet_rows(path: Path) -> Iterator[RawRow]:
