@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 
 from posttrain_assets.decontamination import EvalIndex, contamination_matches, contamination_report
 from posttrain_assets.dedup import (
@@ -44,7 +43,6 @@ from posttrain_assets.dedup import (
     exact_key,
     guard_text,
     minhash_signatures,
-    normalize_text,
     prompt_key,
     quality_score,
     resolve_chains,
@@ -119,11 +117,22 @@ REMOVED = Table(
         Column("detail", "VARCHAR", "human-readable detail"),
     ),
 )
+DROPPED_DUPLICATES = Table(
+    WORK_SCHEMA,
+    "dropped_duplicates",
+    "Staged rows dedup dropped, each pointing at its final kept row (dedup.resolve_chains).",
+    (
+        Column("member_id", "VARCHAR", "dropped row id", False),
+        Column("kept_id", "VARCHAR", "the kept row it collapsed onto", False),
+        Column("method", "VARCHAR", "exact_normalized | near", False),
+        Column("similarity", "DOUBLE", "similarity to the kept row", False),
+    ),
+)
 WORK_QUARANTINE = _work(SILVER_QUARANTINE)
 WORK_DEDUP = _work(SILVER_DEDUP_CLUSTERS)
 WORK_EVAL = _work(SILVER_EVAL_RECORDS)
 WORK_CONTAMINATION = _work(SILVER_CONTAMINATION)
-WORK_TABLES = (STAGED, REMOVED, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
+WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
 
 # Bronze rows of the registry's sources, in the order that decides which exact duplicate is kept.
 BRONZE_IN_PRIORITY_ORDER = f"""
@@ -167,6 +176,14 @@ GROUP BY prompt_key HAVING count(DISTINCT regime) > 1
 ORDER BY prompt_key
 """
 
+# prefer_rl: the SFT/preference rows whose prompt is also carried by an RL row are removed.
+REMOVE_LEAKED_INTO_RL = f"""
+INSERT INTO {REMOVED.qualified}
+SELECT id, 'leak', 'cross_regime_leak', 'the prompt is also in the RL prompt bank'
+FROM ({LIVE}) WHERE regime <> 'rl' AND prompt_key IN (SELECT prompt_key FROM ({LIVE}) WHERE regime = 'rl')
+ORDER BY id
+"""
+
 # Rows removed by decontamination or the leak policy, with the bronze row they came from (for quarantine).
 REMOVED_WITH_BRONZE = f"""
 SELECT r.id, r.stage, r.reason, r.detail, b.source, b.file_path, b.row_number, b.record_sha256, b.payload
@@ -183,7 +200,7 @@ DEDUP_FROM_STAGED = f"""
 INSERT INTO {WORK_DEDUP.qualified}
 SELECT d.kept_id, d.kept_id, d.member_id, s.source, s.origin.file, s.origin."row", s.origin.record_sha256,
        d.method, d.similarity
-FROM dropped_duplicates d JOIN {STAGED.qualified} s ON s.id = d.member_id
+FROM {DROPPED_DUPLICATES.qualified} d JOIN {STAGED.qualified} s ON s.id = d.member_id
 ORDER BY s.seq
 """
 
@@ -244,12 +261,11 @@ def normalise_and_gate(
             cleaning_entry(tables.bronze[d["id"]], "quality", d["reason"], d["detail"], d["id"]) for d in dropped
         ]
         for record, count in zip(kept, token_counts(tokenizer, kept), strict=True):
-            key = prompt_key(record["prompt"]) if normalize_text(record["prompt"]) else None
             record.update(
                 token_count=count,
                 seq=seq,
                 exact_key=exact_key(record),
-                prompt_key=key,
+                prompt_key=prompt_key(record["prompt"]),
                 quality_score=quality_score(record),
             )
             seq += 1
@@ -300,25 +316,15 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> No
     for regime in REGIMES:
         config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
         dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg.batch_rows)
-    resolved = resolve_chains(dropped_to)
-    dropped = pa.Table.from_pylist(
-        [
-            {"member_id": m, "kept_id": kept, "method": method, "similarity": sim}
-            for m, (kept, method, sim) in resolved.items()
-        ],
-        schema=pa.schema(
-            [
-                ("member_id", pa.string()),
-                ("kept_id", pa.string()),
-                ("method", pa.string()),
-                ("similarity", pa.float64()),
-            ]
-        ),
-    )
-    conn.register("dropped_duplicates", dropped)
+    dropped = [
+        {"member_id": m, "kept_id": kept, "method": method, "similarity": sim}
+        for m, (kept, method, sim) in resolve_chains(dropped_to).items()
+    ]
+    insert_rows(conn, DROPPED_DUPLICATES, dropped)
     conn.execute(DEDUP_FROM_STAGED)
-    conn.execute(f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM dropped_duplicates")
-    conn.unregister("dropped_duplicates")
+    conn.execute(
+        f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM {DROPPED_DUPLICATES.qualified}"
+    )
 
 
 def _deduplicate_regime(
@@ -358,23 +364,7 @@ def cross_regime_leaks(conn: Any, cfg: CleaningConfig) -> list[dict[str, Any]]:
     """Stage 4: prompts in more than one regime; with ``prefer_rl`` their SFT/preference rows are removed."""
     leaks = fetch_dicts(conn, LEAKS)
     if cfg.leak_policy == "prefer_rl":
-        leaked = sorted(
-            {i for leak in leaks if "rl" in leak["regimes"] for i in leak["ids"]}
-            - {r[0] for r in conn.execute(f"SELECT id FROM ({LIVE}) WHERE regime = 'rl'").fetchall()}
-        )
-        insert_rows(
-            conn,
-            REMOVED,
-            [
-                {
-                    "id": i,
-                    "stage": "leak",
-                    "reason": "cross_regime_leak",
-                    "detail": "the prompt is also in the RL prompt bank",
-                }
-                for i in leaked
-            ],
-        )
+        conn.execute(REMOVE_LEAKED_INTO_RL)
     return leaks
 
 

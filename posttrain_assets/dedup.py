@@ -18,7 +18,7 @@ left:
    scattered: about 0.3). Verified pairs are joined into clusters with union-find.
 
 Both run per regime: dedup units of different regimes are never compared. In each cluster one row is
-kept by :func:`choose_kept`; every other member is reported with the kept row's id. Prompts that
+kept by :func:`kept_sort_key`; every other member is reported with the kept row's id. Prompts that
 appear in more than one regime are not dropped here but reported by the cleaning pass (keyed by :func:`prompt_key`).
 
 Signatures are bit-identical to ``datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash32,
@@ -694,7 +694,15 @@ def quality_score(record: Record) -> int:
 
 
 def kept_sort_key(record: Record, priority: Priority) -> tuple[Any, ...]:
-    """The sort key of :func:`choose_kept` (smallest is kept)."""
+    """The order in which duplicates are kept (smallest first). Deterministic; in order:
+
+    1. source priority: ``priority(source)``, lower first (the registry order, ``Registry.priority``);
+    2. quality: higher :func:`quality_score` first;
+    3. earliest ``created_at`` (missing last);
+    4. origin file then origin row (then id, which is unique).
+
+    The silver pass ranks staged rows by the same order in SQL (``cleaning.RANKED_OF_REGIME``).
+    """
     origin = record.get("origin") or {}
     created = record.get("created_at")
     return (
@@ -706,19 +714,6 @@ def kept_sort_key(record: Record, priority: Priority) -> tuple[Any, ...]:
         origin.get("row") if origin.get("row") is not None else -1,
         record["id"],
     )
-
-
-def choose_kept(members: Sequence[Record], priority: Priority) -> Record:
-    """The member of a duplicate cluster that is kept. Deterministic; in order:
-
-    1. source priority: ``priority(source)``, lower first (the registry order, ``Registry.priority``);
-    2. quality: higher :func:`quality_score` first;
-    3. earliest ``created_at`` (missing last);
-    4. origin file then origin row (then id, which is unique).
-    """
-    if not members:
-        raise ValueError("empty cluster")
-    return min(members, key=lambda r: kept_sort_key(r, priority))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -828,7 +823,7 @@ def deduplicate(
     ``cfg``: one config for every regime, or a mapping regime -> config overriding
     :data:`DEFAULT_CONFIGS` (None: the defaults).
 
-    Stage 1 groups rows by :func:`exact_key` and keeps one per group (:func:`choose_kept`); stage 2
+    Stage 1 groups rows by :func:`exact_key` and keeps one per group (the first by :func:`kept_sort_key`); stage 2
     clusters the stage-1 survivors with the rules of :class:`MinHashConfig` (preference pairs guarded on
     their responses) and keeps one per cluster (:func:`deduplicate_regime`). A row dropped in stage 1 whose
     kept twin is dropped in stage 2 points at the final kept row (:func:`resolve_chains`).
@@ -880,6 +875,9 @@ def regime_configs(cfg: MinHashConfig | Mapping[str, MinHashConfig] | None) -> d
     return {**DEFAULT_CONFIGS, **(cfg or {})}
 
 
-def prompt_key(prompt: str | None) -> str:
-    """sha256 (32 hex) of the normalised prompt: the key the cleaning pass groups cross-regime leaks on."""
-    return hashlib.sha256(normalize_text(prompt).encode("utf-8")).hexdigest()[:32]
+def prompt_key(prompt: str | None) -> str | None:
+    """sha256 (32 hex) of the normalised prompt: the key the cleaning pass groups cross-regime leaks on.
+
+    None for a prompt that is empty after normalisation (it carries nothing that could leak)."""
+    norm = normalize_text(prompt)
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:32] if norm else None

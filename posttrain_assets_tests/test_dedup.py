@@ -356,22 +356,26 @@ def test_regimes_never_compared() -> None:
 # kept member
 
 
-def test_choose_kept_rule() -> None:
+def kept(members: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(members, key=lambda r: dedup.kept_sort_key(r, by_priority))
+
+
+def test_kept_rule() -> None:
     t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
     low = sft("low", "q", "a long answer with many words", source="src_b")
     high = sft("high", "q", "short", source="src_a")
-    assert dedup.choose_kept([low, high], by_priority)["id"] == "high"  # priority beats quality
+    assert kept([low, high])["id"] == "high"  # priority beats quality
     longer = sft("longer", "q", "a longer answer here", created_at=t0 + dt.timedelta(days=1))
     shorter = sft("shorter", "q", "short answer", created_at=t0)
-    assert dedup.choose_kept([shorter, longer], by_priority)["id"] == "longer"  # quality beats age
+    assert kept([shorter, longer])["id"] == "longer"  # quality beats age
     older = sft("older", "q", "same size", created_at=t0)
     newer = sft("newer", "q", "same size", created_at=t0 + dt.timedelta(days=1))
-    assert dedup.choose_kept([newer, older], by_priority)["id"] == "older"  # then earliest created_at
+    assert kept([newer, older])["id"] == "older"  # then earliest created_at
     r1 = sft("r1", "q", "same size", origin={"file": "a.jsonl", "row": 9})
     r2 = sft("r2", "q", "same size", origin={"file": "a.jsonl", "row": 2})
     r3 = sft("r3", "q", "same size", origin={"file": "0.jsonl", "row": 50})
-    assert dedup.choose_kept([r1, r2, r3], by_priority)["id"] == "r3"  # then file, then row
-    assert dedup.choose_kept([r1, r2], by_priority)["id"] == "r2"
+    assert kept([r1, r2, r3])["id"] == "r3"  # then file, then row
+    assert kept([r1, r2])["id"] == "r2"
     assert dedup.quality_score(pref("p", "q", "one two", "three")) == 3
     assert dedup.quality_score(rl("x", "what is one", "1")) == 4
 

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pytest
 
 from posttrain_assets import cleaning
+from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
@@ -231,6 +233,21 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
     assert {dg.AssetKey(["gold", "preference_length_balanced"]), dg.AssetKey(["gold", "rl_prompts"])} <= _materialized(
         result
     )
+
+
+def test_rows_tokenised_with_another_tokenizer_fail_loss_mask_check(broken_graph: tuple[Graph, dict]) -> None:
+    graph, _good = broken_graph
+    (stale_id,) = graph.query("SELECT max(id) FROM silver.sft_tokenized")[0]
+    with duckdb.connect(str(graph.database)) as conn:
+        conn.execute("UPDATE silver.sft_tokenized SET tokenizer_sha256 = 'an older tokenizer' WHERE id = ?", [stale_id])
+    result = loss_mask_check(duckdb=graph.duckdb_resource(), tokenizer=graph.tokenizer_resource())
+    assert not result.passed
+    assert result.description == (
+        f"1 row(s) fail: {stale_id}: tokenised with another tokenizer or template: rematerialise"
+    )
+    (rows,) = graph.query("SELECT count(*) FROM silver.sft_tokenized")[0]
+    assert result.metadata["rows_checked"].value == rows
+    assert result.metadata["rows_failed"].value == 1
 
 
 def test_planted_length_bias_fails_the_gate_and_the_balanced_remedy_passes(demo_graph: Graph) -> None:

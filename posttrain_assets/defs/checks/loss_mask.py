@@ -34,6 +34,7 @@ ORDER BY t.id
 )
 def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
     tok, identity = tokenizer.get(), tokenizer.identity()
+    hashes = (identity["tokenizer_sha256"], identity["chat_template_sha256"])
     failures: list[tuple[str, str, str]] = []
     tokens_by_source: dict[str, list[int]] = {}
     checked = 0
@@ -45,11 +46,12 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
         cursor = conn.execute(ROWS_TO_VERIFY)
         # Streamed in batches: memory holds one batch of token lists, not the table.
         while rows := cursor.fetchmany(BATCH_ROWS):
-            current = [
-                r for r in rows if (r[8], r[9]) == (identity["tokenizer_sha256"], identity["chat_template_sha256"])
-            ]
-            stale = [r for r in rows if r not in current]
-            failures += [(r[0], r[1], "tokenised with another tokenizer or template: rematerialise") for r in stale]
+            current = []
+            for row in rows:
+                if (row[8], row[9]) == hashes:
+                    current.append(row)
+                else:
+                    failures.append((row[0], row[1], "tokenised with another tokenizer or template: rematerialise"))
             # one batched re-render and re-tokenisation (both cores) for the rows of this batch
             fresh = fresh_template_ids(tok, [messages[:n] for _, _, messages, _, _, n, *_ in current])
             for row, expected in zip(current, fresh, strict=True):
