@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,7 +65,9 @@ from posttrain_assets.tables import (
     Table,
     fetch_batches,
     fetch_dicts,
+    insert_ordered,
     insert_rows,
+    ordered_batches,
 )
 from posttrain_assets.token_counts import token_counts
 
@@ -134,12 +136,13 @@ WORK_EVAL = _work(SILVER_EVAL_RECORDS)
 WORK_CONTAMINATION = _work(SILVER_CONTAMINATION)
 WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
 
-# Bronze rows of the registry's sources, in the order that decides which exact duplicate is kept.
-BRONZE_IN_PRIORITY_ORDER = f"""
+# Bronze is read in the order that decides which exact duplicate is kept: source priority, file, row. Each
+# file's rows are read in row_number ranges (tables.ordered_batches), never sorted whole.
+BRONZE_FILES = f"SELECT DISTINCT file_path FROM {BRONZE_RECORDS.qualified} WHERE source = $source ORDER BY file_path"
+BRONZE_ROWS_OF_FILE = f"""
 SELECT source, file_path, row_number, record_sha256, payload, decode_error, file_sha256
 FROM {BRONZE_RECORDS.qualified}
-WHERE list_contains($sources, source)
-ORDER BY list_position($sources, source), file_path, row_number
+WHERE source = $source AND file_path = $file
 """
 
 # Staged rows still in the corpus (not removed by a later stage), in bronze priority order.
@@ -159,20 +162,28 @@ FROM ({LIVE}) WHERE regime = $regime
 ORDER BY seq
 """
 
+# The order of these reads does not matter (rows are placed by seq), so the wide rows are not sorted.
+
 # What dedup units are built from, for the rows whose seq is listed.
 UNIT_COLUMNS = "seq, regime, messages, prompt, chosen, rejected, answer"
 UNITS_OF_SEQS = f"""
 SELECT {UNIT_COLUMNS} FROM {STAGED.qualified}
 WHERE seq IN (SELECT unnest($seqs))
 """
-UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime ORDER BY seq"
+UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime"
 
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
+# The leaking keys are found on the narrow columns first, so only their rows are aggregated with prompts.
 LEAKS = f"""
+WITH live AS ({LIVE}),
+leaking AS (
+    SELECT prompt_key FROM live WHERE prompt_key IS NOT NULL
+    GROUP BY prompt_key HAVING min(regime) <> max(regime)
+)
 SELECT prompt_key, arg_min(prompt, seq) AS prompt, list(DISTINCT regime ORDER BY regime) AS regimes,
        list(id ORDER BY id) AS ids
-FROM ({LIVE}) WHERE prompt_key IS NOT NULL
-GROUP BY prompt_key HAVING count(DISTINCT regime) > 1
+FROM live WHERE prompt_key IN (SELECT prompt_key FROM leaking)
+GROUP BY prompt_key
 ORDER BY prompt_key
 """
 
@@ -184,15 +195,15 @@ FROM ({LIVE}) WHERE regime <> 'rl' AND prompt_key IN (SELECT prompt_key FROM ({L
 ORDER BY id
 """
 
-# Rows removed by decontamination or the leak policy, with the bronze row they came from (for quarantine).
+# Rows removed by decontamination or the leak policy, with the bronze row they came from (for quarantine);
+# read in seq ranges.
 REMOVED_WITH_BRONZE = f"""
-SELECT r.id, r.stage, r.reason, r.detail, b.source, b.file_path, b.row_number, b.record_sha256, b.payload
+SELECT s.seq, r.id, r.stage, r.reason, r.detail, b.source, b.file_path, b.row_number, b.record_sha256, b.payload
 FROM {REMOVED.qualified} r
 JOIN {STAGED.qualified} s USING (id)
 JOIN {BRONZE_RECORDS.qualified} b
   ON b.source = s.source AND b.file_path = s.origin.file AND b.row_number = s.origin."row"
 WHERE r.stage <> 'dedup'
-ORDER BY s.seq
 """
 
 # A dropped duplicate, located by its staged row's provenance.
@@ -203,6 +214,11 @@ SELECT d.kept_id, d.kept_id, d.member_id, s.source, s.origin.file, s.origin."row
 FROM {DROPPED_DUPLICATES.qualified} d JOIN {STAGED.qualified} s ON s.id = d.member_id
 ORDER BY s.seq
 """
+
+
+# Rows per sorted range when silver.records is written in id order: one range of the widest rows (multi-turn
+# chats) is sorted well inside DuckDB's memory cap, and a million rows take a few dozen scans of the work table.
+PUBLISH_RANGE_ROWS = 32_768
 
 
 @dataclass
@@ -254,7 +270,7 @@ def normalise_and_gate(
     """Stages 0 and 1, one Arrow batch of bronze at a time, into the work tables."""
     builder = SilverBuilder(registry, created_at)
     seq = 0
-    for rows in fetch_batches(conn, BRONZE_IN_PRIORITY_ORDER, cfg.batch_rows, {"sources": registry.names}):
+    for rows in _bronze_in_priority_order(conn, registry, cfg.batch_rows):
         tables = builder.add(rows)
         kept, dropped = apply_quality_gate(tables.records, cfg.quality)
         quarantine = tables.quarantine + [
@@ -277,12 +293,20 @@ def normalise_and_gate(
         insert_rows(conn, WORK_DEDUP, tables.duplicates)
 
 
+def _bronze_in_priority_order(conn: Any, registry: Registry, batch_rows: int) -> Iterator[list[Record]]:
+    for source in registry.names:
+        for (file,) in conn.execute(BRONZE_FILES, {"source": source}).fetchall():
+            yield from ordered_batches(
+                conn, BRONZE_ROWS_OF_FILE, "row_number", batch_rows, {"source": source, "file": file}
+            )
+
+
 def decontaminate(conn: Any, cfg: CleaningConfig) -> list[dict[str, Any]]:
     """Stage 2: match every staged row against the eval index; contaminated rows are removed."""
     index = EvalIndex.build(fetch_dicts(conn, f"SELECT * FROM {WORK_EVAL.qualified}"), n=cfg.decontamination_ngram)
     matches: list[dict[str, Any]] = []
     if not index.is_empty():
-        for rows in fetch_batches(conn, f"SELECT * FROM {STAGED.qualified} ORDER BY seq", cfg.batch_rows, {}):
+        for rows in fetch_batches(conn, f"SELECT * FROM {STAGED.qualified}", cfg.batch_rows, {}):
             matches += contamination_matches(rows, index)
     first_match: dict[str, dict[str, Any]] = {}
     for match in matches:
@@ -370,18 +394,20 @@ def cross_regime_leaks(conn: Any, cfg: CleaningConfig) -> list[dict[str, Any]]:
 
 def quarantine_removed(conn: Any) -> None:
     """Quarantine rows for what decontamination and the leak policy removed, each with its bronze row."""
-    for rows in fetch_batches(conn, REMOVED_WITH_BRONZE, 4096, {}):
+    for rows in ordered_batches(conn, REMOVED_WITH_BRONZE, "seq", 4096):
         insert_rows(
             conn, WORK_QUARANTINE, [cleaning_entry(r, r["stage"], r["reason"], r["detail"], r["id"]) for r in rows]
         )
 
 
 def publish(conn: Any, leaks: list[dict[str, Any]]) -> None:
-    """Replace the six silver tables from the work tables, in one transaction."""
+    """Replace the six silver tables from the work tables, in one transaction; silver.records is stored in id
+    order (the order every later stage reads it in)."""
     conn.execute("BEGIN TRANSACTION")
     try:
+        conn.execute(SILVER_RECORDS.create_sql(replace=True))
+        insert_ordered(conn, SILVER_RECORDS, LIVE, "id", PUBLISH_RANGE_ROWS)
         for table, relation in (
-            (SILVER_RECORDS, f"({LIVE} ORDER BY seq)"),
             (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
             (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),
             (SILVER_DEDUP_CLUSTERS, WORK_DEDUP.qualified),

@@ -32,6 +32,7 @@ wrapped as ``datasketch.LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme=cfg.sc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -600,9 +601,17 @@ def verified_clusters(
             return True
         return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
 
-    def words(indices: np.ndarray) -> dict[int, tuple[list[str], list[str] | None]]:
+    def words(indices: np.ndarray) -> Callable[[int], tuple[list[str], list[str] | None]]:
+        """Word lists of a chunk's rows, split on demand: a chunk holds its texts, and only the few most
+        recently used rows as word lists (several times the size of the text)."""
         texts = texts_of(sorted(set(map(int, indices))))
-        return {i: (tokens(unit), None if guard is None else tokens(guard)) for i, (unit, guard) in texts.items()}
+
+        @functools.lru_cache(maxsize=256)
+        def of(i: int) -> tuple[list[str], list[str] | None]:
+            unit, guard = texts[i]
+            return tokens(unit), None if guard is None else tokens(guard)
+
+        return of
 
     uf = _UnionFind(n)
     for start in range(0, len(pairs), chunk_pairs):
@@ -611,7 +620,7 @@ def verified_clusters(
         for i, j in part.tolist():
             if uf.find(i) == uf.find(j) or (keyed(i) and same_key is not None and same_key[i] != same_key[j]):
                 continue
-            (wi, gi), (wj, gj) = cache[i], cache[j]
+            (wi, gi), (wj, gj) = cache(i), cache(j)
             if not similar(wi, wj, keyed(i)):
                 continue
             if gi is not None and gj is not None and not similar(gi, gj, keyed(i)):
@@ -630,8 +639,8 @@ def verified_clusters(
             member_ids = [ids[i] for i in idx]
             kept = choose(member_ids) if choose else member_ids[0]
             k = idx[member_ids.index(kept)]
-            kw = cache[k][0]
-            sims = {ids[i]: (1.0 if i == k else _edit_sim(kw, cache[i][0])) for i in idx}
+            kw = cache(k)[0]
+            sims = {ids[i]: (1.0 if i == k else _edit_sim(kw, cache(i)[0])) for i in idx}
             clusters.append(Cluster([ids[k]] + [ids[i] for i in idx if i != k], kept, sims))
     return clusters
 

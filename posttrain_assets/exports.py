@@ -17,6 +17,10 @@ The card's YAML header declares the Parquet file as the ``train`` split, so ``da
 loads it; ``load_dataset("parquet" | "json", data_files=...)`` reads either file. Output is deterministic: rows
 sorted by id, a declared Arrow schema, fixed Parquet options, JSON keys in schema order; only ``created_at`` (an
 input) changes the card. Pure: a DuckDB connection and a directory, no Dagster.
+
+Memory is bounded whatever the size of a gold table: rows are read in id order one range of ``EXPORT_BATCH_ROWS``
+ids at a time (``tables.ordered_arrow``: a gold table is never sorted whole) and both files are written from the
+same ranges in one pass, so at most one range and one Parquet row group are held.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from posttrain_assets.tables import ordered_arrow
 
 PARQUET_FILE = "train.parquet"
 JSONL_FILE = "train.jsonl"
@@ -49,6 +55,12 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "row_group_size": 10_000,
     "store_schema": True,
 }
+
+# Ids per ordered read (tables.ordered_arrow): each range is sorted by its own small ORDER BY and held as one Arrow
+# table, so memory is bounded by this many rows instead of the whole gold table (DuckDB cannot spill a sort of
+# wide rows, and gold.sft rows carry input_ids and labels lists). A divisor of PARQUET_OPTIONS["row_group_size"],
+# so a row group is assembled from whole ranges; any value gives the same files.
+EXPORT_BATCH_ROWS = 5_000
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _MESSAGES = pa.list_(_MESSAGE)
@@ -97,7 +109,13 @@ RL_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """One export folder: which gold table, the projection into the trainer layout, and its documented schema."""
+    """One export folder: which gold table, the projection into the trainer layout, and its documented schema.
+
+    ``query`` returns the schema's columns and a top-level ``id`` (the gold row's id), unsorted: it is read in id
+    order, range by range, and only the schema's columns are written. ``row_index``, if set, is a struct field
+    (``"column.field"``) filled with the row's 0-based position in the export (a window over the whole table would
+    sort it whole).
+    """
 
     name: str
     table: str
@@ -105,6 +123,7 @@ class ExportSpec:
     schema: pa.Schema
     query: str
     columns: dict[str, str]
+    row_index: str | None = None
 
 
 def _preference_spec(name: str, table: str) -> ExportSpec:
@@ -121,7 +140,7 @@ def _preference_spec(name: str, table: str) -> ExportSpec:
                [struct_pack(role := 'assistant', content := rejected)] AS rejected,
                score_chosen,
                score_rejected
-        FROM {table} ORDER BY id
+        FROM {table}
         """,
         {
             "id": "stable content id (sha256, 32 hex) of the gold row",
@@ -134,7 +153,7 @@ def _preference_spec(name: str, table: str) -> ExportSpec:
     )
 
 
-# Each query returns exactly the schema's columns, in order, sorted by id.
+# Each query returns the schema's columns (and id, when the schema has none at top level), in any order.
 EXPORTS: tuple[ExportSpec, ...] = (
     ExportSpec(
         "sft",
@@ -147,7 +166,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
                input_ids,
                labels,
                list_transform(labels, lambda l: CASE WHEN l = -100 THEN 0 ELSE 1 END)::TINYINT[] AS assistant_masks
-        FROM gold.sft ORDER BY id
+        FROM gold.sft
         """,
         {
             "id": "stable content id (sha256, 32 hex) of the gold row",
@@ -165,19 +184,20 @@ EXPORTS: tuple[ExportSpec, ...] = (
         "verl RL dataset (RLHFDataset parquet: data_source, prompt, ability, reward_model, extra_info)",
         RL_SCHEMA,
         """
-        SELECT source AS data_source,
+        SELECT id,
+               source AS data_source,
                messages AS prompt,
                coalesce(domain, 'unknown') AS ability,
                struct_pack(style := 'rule', ground_truth := answer) AS reward_model,
                struct_pack(
                    id := id,
-                   "index" := (row_number() OVER (ORDER BY id) - 1)::BIGINT,
+                   "index" := NULL::BIGINT,
                    split := 'train',
                    verifier := verifier,
                    difficulty := difficulty,
                    question := prompt
                ) AS extra_info
-        FROM gold.rl_prompts ORDER BY id
+        FROM gold.rl_prompts
         """,
         {
             "data_source": "registry source name (a verl reward function may dispatch on it)",
@@ -186,6 +206,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
             "reward_model": "{style: 'rule', ground_truth: the gold answer the verifier checks against}",
             "extra_info": "{id, index (0-based row in this export), split, verifier, difficulty, question}",
         },
+        row_index="extra_info.index",
     ),
 )
 
@@ -300,16 +321,12 @@ def export_gold(
     for spec in present:
         folder = out_dir / spec.name
         folder.mkdir(parents=True, exist_ok=True)
-        data = conn.sql(spec.query).to_arrow_table().cast(spec.schema)
-        files = [
-            _write_file(out_dir, folder / PARQUET_FILE, lambda path, data=data: _write_parquet(data, path)),
-            _write_file(out_dir, folder / JSONL_FILE, lambda path, data=data: _write_jsonl(data, path)),
-        ]
+        rows, files = _write_data(conn, spec, out_dir, folder)
         sources = _sources(conn, spec.table)
         card_checks = [c for c in checks if _check_applies(c, spec.table)]
-        card = _card(spec, data.num_rows, sources, card_checks, tokenizer_identity, stamp, files)
+        card = _card(spec, rows, sources, card_checks, tokenizer_identity, stamp, files)
         files.append(_write_file(out_dir, folder / CARD_FILE, lambda path, card=card: path.write_text(card, "utf-8")))
-        tables.append(ExportedTable(spec.name, spec.table, spec.layout, data.num_rows, tuple(sources), tuple(files)))
+        tables.append(ExportedTable(spec.name, spec.table, spec.layout, rows, tuple(sources), tuple(files)))
 
     manifest = ExportManifest(out_dir, stamp, dict(tokenizer_identity), tuple(checks), tuple(tables), skipped)
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -322,27 +339,86 @@ def export_gold(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _write_file(root: Path, path: Path, write: Callable[[Path], Any]) -> ExportedFile:
-    """Write ``path`` through a temporary sibling and an atomic rename; return its sha256 and size."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _written(root: Path, path: Path) -> ExportedFile:
     with path.open("rb") as written:
         digest = hashlib.file_digest(written, "sha256").hexdigest()
     return ExportedFile(path.relative_to(root).as_posix(), digest, path.stat().st_size)
 
 
-def _write_parquet(data: pa.Table, path: Path) -> None:
-    pq.write_table(data.replace_schema_metadata(None), path, **PARQUET_OPTIONS)
+def _write_file(root: Path, path: Path, write: Callable[[Path], Any]) -> ExportedFile:
+    """Write ``path`` through a temporary sibling and an atomic rename; return its sha256 and size."""
+    tmp = _tmp(path)
+    write(tmp)
+    os.replace(tmp, path)
+    return _written(root, path)
 
 
-def _write_jsonl(data: pa.Table, path: Path, batch_rows: int = 5_000) -> None:
+def _write_data(conn: Any, spec: ExportSpec, root: Path, folder: Path) -> tuple[int, list[ExportedFile]]:
+    """Write ``spec``'s Parquet and JSONL files in one pass over its rows in id order, each through a temporary
+    sibling renamed into place once both are complete; return the row count and the two files.
+
+    The Parquet file is byte-identical to ``pq.write_table`` of the whole table: rows are handed to the writer in
+    row groups of exactly ``row_group_size`` rows, each one contiguous array, as ``write_table`` slices them.
+    """
+    parquet, jsonl = folder / PARQUET_FILE, folder / JSONL_FILE
+    options = dict(PARQUET_OPTIONS)
+    group_rows = options.pop("row_group_size")
+    schema = spec.schema.remove_metadata()
+    rows = 0
+    try:
+        with (
+            pq.ParquetWriter(_tmp(parquet), schema, **options) as writer,
+            _tmp(jsonl).open("w", encoding="utf-8", newline="\n") as lines,
+        ):
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            for batch in ordered_arrow(conn, spec.query, "id", EXPORT_BATCH_ROWS):
+                data = _trainer_rows(spec, batch, schema, rows)
+                rows += data.num_rows
+                _write_jsonl(data, lines)
+                pending.append(data)
+                pending_rows += data.num_rows
+                while pending_rows >= group_rows:
+                    group = pa.concat_tables(pending)
+                    writer.write_table(group.slice(0, group_rows).combine_chunks(), row_group_size=group_rows)
+                    pending, pending_rows = [group.slice(group_rows)], pending_rows - group_rows
+            if pending_rows or not rows:
+                # The last, short row group; or, with no rows at all, the one empty row group write_table writes.
+                group = pa.concat_tables(pending) if pending else schema.empty_table()
+                writer.write_table(group.combine_chunks(), row_group_size=group_rows)
+        for path in (parquet, jsonl):
+            os.replace(_tmp(path), path)
+    finally:
+        for path in (parquet, jsonl):
+            _tmp(path).unlink(missing_ok=True)
+    return rows, [_written(root, parquet), _written(root, jsonl)]
+
+
+def _trainer_rows(spec: ExportSpec, batch: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
+    """One range of ``spec.query``'s rows as the written table: the schema's columns, cast to its types, with
+    ``spec.row_index`` numbered from ``offset``."""
+    data = batch.select(schema.names).cast(schema)
+    if spec.row_index is None:
+        return data
+    name, field = spec.row_index.split(".")
+    column = data.column(name).combine_chunks()
+    children = column.flatten()
+    position = column.type.get_field_index(field)
+    children[position] = pa.array(range(offset, offset + data.num_rows), column.type.field(position).type)
+    mask = column.is_null() if column.null_count else None
+    numbered = pa.StructArray.from_arrays(children, fields=list(column.type), mask=mask)
+    return data.set_column(data.schema.get_field_index(name), data.schema.field(name), numbered)
+
+
+def _write_jsonl(data: pa.Table, out: Any) -> None:
     """One JSON object per line, keys in schema order, UTF-8 as is; nested values keep their layout."""
-    with path.open("w", encoding="utf-8", newline="\n") as out:
-        for batch in data.to_batches(max_chunksize=batch_rows):
-            for row in batch.to_pylist():
-                out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
-                out.write("\n")
+    for row in data.to_pylist():
+        out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+        out.write("\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

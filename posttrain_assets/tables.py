@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 MESSAGES_TYPE = "STRUCT(role VARCHAR, content VARCHAR)[]"
 ORIGIN_TYPE = (
     'STRUCT(source VARCHAR, uri VARCHAR, file VARCHAR, "row" BIGINT, record_sha256 VARCHAR, file_sha256 VARCHAR)'
@@ -78,6 +80,67 @@ def fetch_batches(
     reader = conn.cursor().sql(sql, params=params or {}).to_arrow_reader(rows)
     for batch in reader:
         yield batch.to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading and writing wide rows in key order
+#
+# DuckDB's sort does not spill rows with wide VARCHAR or LIST payloads: an ORDER BY over a whole corpus of
+# messages or input_ids fails with "failed to pin block" as soon as the payload outgrows the memory limit
+# (measured with duckdb 2.0.1: 400 MB of bronze payloads need more than a 400 MB limit). So wide rows are
+# never sorted whole. The narrow keys are sorted, cut into ranges of ``rows`` keys, and each range is read
+# or written with its own small ORDER BY. A table written this way is stored in key order, so the range
+# queries of the next stage are pruned by DuckDB's zone maps instead of scanning the table per range.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def key_ranges(conn: Any, relation: str, key: str, rows: int, params: dict[str, Any] | None = None) -> list[tuple]:
+    """Inclusive ``(first, last)`` bounds cutting the distinct values of column ``key`` of the query
+    ``relation`` (named parameters ``params``) into runs of at most ``rows`` values, in order.
+
+    Runs on ``conn`` itself, so it sees what the caller's open transaction wrote."""
+    sql = f"SELECT DISTINCT {key} FROM ({relation}) ORDER BY 1"
+    keys = next(iter(conn.execute(sql, params or {}).fetchnumpy().values()))
+
+    def value(i: int) -> Any:
+        v = keys[i]
+        return v.item() if isinstance(v, np.generic) else v
+
+    return [(value(start), value(min(start + rows, len(keys)) - 1)) for start in range(0, len(keys), rows)]
+
+
+def _key_range(relation: str, key: str) -> str:
+    return f"SELECT * FROM ({relation}) WHERE {key} BETWEEN $range_first AND $range_last ORDER BY {key}"
+
+
+def ordered_arrow(conn: Any, relation: str, key: str, rows: int, params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """The rows of the query ``relation`` as Arrow tables in ``key`` order, one range of ``rows`` keys each.
+
+    The ranges are read on a cursor of their own (committed data), so the caller may write on ``conn`` between
+    them."""
+    params = dict(params or {})
+    sql = _key_range(relation, key)
+    for first, last in key_ranges(conn, relation, key, rows, params):
+        yield conn.cursor().sql(sql, params={**params, "range_first": first, "range_last": last}).to_arrow_table()
+
+
+def ordered_batches(
+    conn: Any, relation: str, key: str, rows: int, params: dict[str, Any] | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """As :func:`ordered_arrow`, each range as a list of dicts."""
+    for batch in ordered_arrow(conn, relation, key, rows, params):
+        yield batch.to_pylist()
+
+
+def insert_ordered(
+    conn: Any, table: Table, relation: str, key: str, rows: int, params: dict[str, Any] | None = None
+) -> None:
+    """Append the rows of the query ``relation`` to ``table`` (columns by name) in ``key`` order, one range of
+    ``rows`` keys per INSERT, so ``table`` is stored in key order."""
+    params = dict(params or {})
+    sql = table.insert_sql(f"({_key_range(relation, key)})")
+    for first, last in key_ranges(conn, relation, key, rows, params):
+        conn.execute(sql, {**params, "range_first": first, "range_last": last})
 
 
 def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:

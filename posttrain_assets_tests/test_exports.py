@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from posttrain_assets import exports
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.exports import (
     CARD_FILE,
@@ -27,6 +30,7 @@ from posttrain_assets.exports import (
     JSONL_FILE,
     MANIFEST_FILE,
     PARQUET_FILE,
+    PARQUET_OPTIONS,
     ExportError,
     ExportManifest,
     export_gold,
@@ -218,6 +222,80 @@ def test_a_missing_gold_table_is_skipped_and_its_old_files_removed(
     assert "gold.rl_prompts" in manifest.skipped and "rl" not in {t.name for t in manifest.tables}
     assert not any((out / "rl").iterdir())
     assert json.loads((out / MANIFEST_FILE).read_text())["skipped"] == list(manifest.skipped)
+
+
+def _reference(database: Path, spec: Any) -> pa.Table:
+    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data),
+    the row index numbered in that order."""
+    with duckdb.connect(str(database), read_only=True) as conn:
+        data = conn.sql(f"SELECT * FROM ({spec.query}) ORDER BY id").to_arrow_table()
+    rows = data.select(spec.schema.names).to_pylist()
+    if spec.row_index:
+        name, field = spec.row_index.split(".")
+        for index, row in enumerate(rows):
+            row[name][field] = index
+    return pa.Table.from_pylist(rows, schema=spec.schema)
+
+
+def _jsonl(data: pa.Table) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in data.to_pylist())
+
+
+def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ranges of 7 ids and row groups of 10 rows: many of each, the row groups cutting across ranges.
+    monkeypatch.setattr(exports, "EXPORT_BATCH_ROWS", 7)
+    monkeypatch.setitem(PARQUET_OPTIONS, "row_group_size", 10)
+    ranges: dict[str, list[int]] = {}
+    ordered_arrow = exports.ordered_arrow
+
+    def counted(conn: Any, relation: str, key: str, rows: int, params: Any = None) -> Iterator[pa.Table]:
+        sizes = ranges.setdefault(next(s.table for s in EXPORTS if s.query == relation), [])
+        for batch in ordered_arrow(conn, relation, key, rows, params):
+            sizes.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(exports, "ordered_arrow", counted)
+    manifest = _export(warehouse, tmp_path, smollm2_tokenizer)
+    for table in manifest.tables:
+        spec = next(s for s in EXPORTS if s.name == table.name)
+        assert len(ranges[spec.table]) > 2 and max(ranges[spec.table]) <= 7 and sum(ranges[spec.table]) == table.rows
+        expected = _reference(warehouse, spec)
+        folder = tmp_path / table.name
+        written = pq.read_table(folder / PARQUET_FILE)
+        assert written.equals(expected), table.name
+        assert pq.ParquetFile(folder / PARQUET_FILE).metadata.num_row_groups == -(-table.rows // 10)
+        # Byte for byte what writing the sorted table whole gives, and the same JSON lines.
+        pq.write_table(expected, tmp_path / "whole.parquet", **PARQUET_OPTIONS)
+        assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "whole.parquet").read_bytes(), table.name
+        assert (folder / JSONL_FILE).read_text(encoding="utf-8") == _jsonl(expected), table.name
+        assert table.rows == expected.num_rows
+        ids = expected.column("extra_info" if table.name == "rl" else "id").to_pylist()
+        ids = [i["id"] for i in ids] if table.name == "rl" else ids
+        assert ids == [r[0] for r in _gold(warehouse, f"SELECT id FROM {spec.table} ORDER BY id")]
+    # The range size never shows in the JSON lines (nor, at the same row group size, in the Parquet file).
+    for table in exported.tables:
+        jsonl = next(f for f in table.files if f.path.endswith(JSONL_FILE))
+        assert jsonl == next(f for f in manifest.table(table.name).files if f.path == jsonl.path)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
+    warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    database = tmp_path / "copy.duckdb"
+    shutil.copy(warehouse, database)
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("DELETE FROM gold.rl_prompts")
+    manifest = _export(database, tmp_path / "out", smollm2_tokenizer)
+    spec = next(s for s in EXPORTS if s.name == "rl")
+    folder = tmp_path / "out" / "rl"
+    assert manifest.table("rl").rows == 0 and "- rows: 0\n" in (folder / CARD_FILE).read_text(encoding="utf-8")
+    assert pq.read_table(folder / PARQUET_FILE).equals(spec.schema.empty_table())
+    pq.write_table(spec.schema.empty_table(), tmp_path / "empty.parquet", **PARQUET_OPTIONS)
+    assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "empty.parquet").read_bytes()
+    assert (folder / JSONL_FILE).read_bytes() == b""
 
 
 # ---------------------------------------------------------------------------------------------------------------

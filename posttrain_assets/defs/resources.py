@@ -18,10 +18,11 @@ from pydantic import PrivateAttr
 
 from posttrain_assets.registry import Registry, load_registry
 
-# DuckDB's default cap is 80% of the machine's memory, so sorting or joining a large bronze table would grow
+# DuckDB's default cap is 80% of the machine's memory, so joining or aggregating a large bronze table would grow
 # the process towards it; under this cap those operators spill to a temporary directory beside the database
-# instead, and memory stays bounded as the corpus grows (the launchpad's resource config can change it).
-DUCKDB_MEMORY_LIMIT = "2GB"
+# instead, and memory stays bounded as the corpus grows (the launchpad's resource config can change it). Sorts
+# of wide rows do not spill, which is why no stage sorts them whole (see tables.insert_ordered).
+DUCKDB_MEMORY_LIMIT = "1GB"
 
 
 class SourceRegistryResource(dg.ConfigurableResource):

@@ -12,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.masking import MaskConfig, fresh_template_ids, verify_mask
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED, ordered_batches
 
 MAX_REPORTED = 20
 BATCH_ROWS = 1024
@@ -21,7 +21,6 @@ ROWS_TO_VERIFY = f"""
 SELECT t.id, t.source, r.messages, t.input_ids, t.labels, t.num_messages, t.train_on, t.end_of_turn,
        t.tokenizer_sha256, t.chat_template_sha256
 FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id)
-ORDER BY t.id
 """
 
 
@@ -43,9 +42,9 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
             f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified} WHERE id NOT IN (SELECT id FROM "
             f"{SILVER_RECORDS.qualified})"
         ).fetchone()[0]
-        cursor = conn.execute(ROWS_TO_VERIFY)
-        # Streamed in batches: memory holds one batch of token lists, not the table.
-        while rows := cursor.fetchmany(BATCH_ROWS):
+        # Streamed in id ranges: memory holds one batch of token lists, not the table.
+        for batch in ordered_batches(conn, ROWS_TO_VERIFY, "id", BATCH_ROWS):
+            rows = [tuple(row.values()) for row in batch]
             current = []
             for row in rows:
                 if (row[8], row[9]) == hashes:

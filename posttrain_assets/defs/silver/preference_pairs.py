@@ -30,9 +30,9 @@ from posttrain_assets.tables import (
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
     audited_columns_sql,
-    fetch_batches,
     fetch_dicts,
     insert_rows,
+    ordered_batches,
     replace_table,
 )
 
@@ -41,7 +41,7 @@ AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
 BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
 DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 
-PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference' ORDER BY id"
+PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
 AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
 # Statistics plotted per source across materialisations.
@@ -102,7 +102,8 @@ def silver_preference_pairs(
         # pairs are built a batch of records at a time; audit and balance need only the numeric columns
         conn.execute("BEGIN TRANSACTION")
         conn.execute(SILVER_PREFERENCE_PAIRS.create_sql(replace=True))
-        for records in fetch_batches(conn, PREFERENCE_ROWS, BATCH_ROWS):
+        # in id ranges, so the pairs (one per record, same id) are stored in id order
+        for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
             insert_rows(conn, SILVER_PREFERENCE_PAIRS, build_pairs(records, tok, thresholds.tie_similarity))
         pairs = fetch_dicts(conn, audited_columns_sql(SILVER_PREFERENCE_PAIRS))
         audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
@@ -114,9 +115,10 @@ def silver_preference_pairs(
         ]
         replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
         conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
+        # A filter over one table keeps its stored (id) order, so the wide rows are not sorted again.
         conn.execute(
             SILVER_PREFERENCE_PAIRS_BALANCED.insert_sql(
-                f"{SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept)) ORDER BY id"
+                f"{SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))"
             ),
             {"kept": balance.kept_ids},
         )

@@ -10,16 +10,18 @@ from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED, insert_rows
+from posttrain_assets.tables import (
+    SILVER_RECORDS,
+    SILVER_SFT_QUARANTINE,
+    SILVER_SFT_TOKENIZED,
+    insert_rows,
+    ordered_batches,
+)
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
 
-SFT_IDS = f"SELECT id FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft' ORDER BY id"
-SFT_ROWS = (
-    f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} "
-    "WHERE regime = 'sft' AND id BETWEEN ? AND ? ORDER BY id"
-)
+SFT_ROWS = f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 BATCH_ROWS = 1024
 
 
@@ -62,18 +64,18 @@ def silver_sft_tokenized(
     }
     totals = {"tokens": 0, "trained": 0, "truncated": 0}
     with duckdb.get_connection() as conn:
-        ids = [record_id for (record_id,) in conn.execute(SFT_IDS).fetchall()]
-        context.log.info(f"tokenising {len(ids)} SFT rows with {identity['name']}, {BATCH_ROWS} at a time")
+        context.log.info(f"tokenising SFT rows with {identity['name']}, {BATCH_ROWS} at a time, in id order")
         conn.execute("BEGIN TRANSACTION")
         conn.execute(SILVER_SFT_TOKENIZED.create_sql(replace=True))
         conn.execute(SILVER_SFT_QUARANTINE.create_sql(replace=True))
-        # Batches keep memory bounded: only one batch's token lists live in Python at a time.
-        for start in range(0, len(ids), BATCH_ROWS):
-            batch = ids[start : start + BATCH_ROWS]
-            rows = conn.execute(SFT_ROWS, [batch[0], batch[-1]]).fetchall()
-            results = tokenize_conversations(tok, [messages for _, _, messages in rows], cfg)
+        # Batches keep memory bounded: only one batch's token lists live in Python at a time. They come in id
+        # order, so silver.sft_tokenized is stored in id order (tables.insert_ordered explains why that matters).
+        done = 0
+        for rows in ordered_batches(conn, SFT_ROWS, "id", BATCH_ROWS):
+            results = tokenize_conversations(tok, [r["messages"] for r in rows], cfg)
             tokenized, rejected = [], []
-            for (record_id, source, _), result in zip(rows, results, strict=True):
+            for row, result in zip(rows, results, strict=True):
+                record_id, source = row["id"], row["source"]
                 if isinstance(result, MaskError):
                     rejected.append(
                         {
@@ -105,7 +107,8 @@ def silver_sft_tokenized(
             totals["tokens"] += sum(r["num_tokens"] for r in tokenized)
             totals["trained"] += sum(r["num_trainable_tokens"] for r in tokenized)
             totals["truncated"] += sum(r["truncated"] for r in tokenized)
-            context.log.info(f"tokenised {min(start + BATCH_ROWS, len(ids))}/{len(ids)}")
+            done += len(rows)
+            context.log.info(f"tokenised {done} SFT rows")
         conn.execute("COMMIT")
         identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
         tokens, trained = totals["tokens"], totals["trained"]
