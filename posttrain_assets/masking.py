@@ -660,8 +660,14 @@ def fresh_template_ids(
     if not conversations:
         return []
     try:
-        batch = tok.apply_chat_template(list(conversations), tokenize=True, return_dict=False)
-        return [list(ids) for ids in batch]
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            batch = tok.apply_chat_template(list(conversations), tokenize=True, return_dict=False)
+            return [list(ids) for ids in batch]
+        # What apply_chat_template(tokenize=True) does (render, then encode without special tokens), with the
+        # Rust tokenizer's batch call that skips offsets: only the ids are compared here.
+        texts = tok.apply_chat_template(list(conversations), tokenize=False)
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     except Exception:
         out: list[list[int] | str] = []
         for conversation in conversations:

@@ -20,6 +20,7 @@ from posttrain_assets.masking import (
     MaskConfig,
     MaskError,
     TokenizedConversation,
+    fresh_template_ids,
     render_mask,
     tokenize_conversations,
     verify_mask,
@@ -600,6 +601,27 @@ def test_no_trainable_tokens(smollm2_tokenizer: Any) -> None:
         MaskError("no_trainable_tokens", "no token falls inside an assistant span"),
     ]
     assert set(MASK_REASONS) >= {"too_long", "no_trainable_tokens", "template_error", "mask_boundary_straddle"}
+
+
+def test_fresh_template_ids_equal_apply_chat_template_and_keep_errors_per_row(
+    smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any]
+) -> None:
+    conversations = [
+        CONV_SHORT,
+        [{"role": "system", "content": "Be brief."}, *CONV_SHORT, {"role": "user", "content": "Encore ? Ça va ✓"}],
+        [{"role": "user", "content": "  spaces\n\n and <|im_start|> text  "}],
+    ]
+    assert fresh_template_ids(smollm2_tokenizer, conversations) == [
+        fresh_ids(smollm2_tokenizer, c) for c in conversations
+    ]
+    mistral = make_tokenizer(MISTRAL, FAMILIES[2].special_tokens)
+    assistant_first = [{"role": "assistant", "content": "Hello."}]  # the template insists on user first
+    good, bad = fresh_template_ids(mistral, [CONV_SHORT, assistant_first])
+    assert good == fresh_ids(mistral, CONV_SHORT)
+    assert bad == (
+        "chat template raised TemplateError: Conversation roles must alternate user/assistant/user/assistant/..."
+    )
+    assert fresh_template_ids(smollm2_tokenizer, []) == []
 
 
 def test_template_errors(smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any]) -> None:
