@@ -166,10 +166,14 @@ ORDER BY seq
 
 # What dedup units are built from, for the rows whose seq is listed.
 UNIT_COLUMNS = "seq, regime, messages, prompt, chosen, rejected, answer"
+# A filter on a constant list is answered from the index on seq (see deduplicate_staged), not by a scan.
 UNITS_OF_SEQS = f"""
 SELECT {UNIT_COLUMNS} FROM {STAGED.qualified}
-WHERE seq IN (SELECT unnest($seqs))
+WHERE list_contains($seqs, seq)
 """
+# Near-dup verification reads the texts of up to 2 x 4096 rows at a time; DuckDB answers such a look-up from an
+# ART index only when it matches fewer rows than index_scan_max_count.
+TEXT_LOOKUP_ROWS = 16_384
 UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime"
 
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
@@ -337,9 +341,16 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> No
     are computed from units streamed in seq order; candidate pairs read their units back by seq.
     """
     dropped_to: DroppedTo = {}
-    for regime in REGIMES:
-        config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
-        dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg.batch_rows)
+    # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
+    # other connections keep DuckDB's default).
+    conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
+    conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
+    try:
+        for regime in REGIMES:
+            config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
+            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg.batch_rows)
+    finally:
+        conn.execute("RESET SESSION index_scan_max_count")
     dropped = [
         {"member_id": m, "kept_id": kept, "method": method, "similarity": sim}
         for m, (kept, method, sim) in resolve_chains(dropped_to).items()

@@ -525,14 +525,39 @@ def _bucket_pairs(members: np.ndarray) -> Iterator[np.ndarray]:
         yield np.stack([members[i], members[j]], axis=1)
 
 
+# An LSH bucket larger than this is split by the rows of the following bands before its pairs are listed.
+MAX_BUCKET = 64
+# How many following bands a large bucket may be split by; a bucket still larger is listed whole.
+MAX_SPLIT_BANDS = 3
+
+
+def _buckets(sigs: np.ndarray, members: np.ndarray, columns: slice) -> list[np.ndarray]:
+    """``members`` grouped by their signature values in ``columns``: groups of two or more, as index arrays."""
+    block = sigs[members, columns]
+    order = np.lexsort(block.T[::-1])
+    ordered = block[order]
+    new_bucket = np.ones(len(members), dtype=bool)
+    new_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    starts = np.flatnonzero(new_bucket)
+    sizes = np.diff(np.append(starts, len(members)))
+    return [members[order[s : s + z]] for s, z in zip(starts[sizes > 1], sizes[sizes > 1], strict=True)]
+
+
 def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.ndarray:
     """Candidate near-duplicate pairs: (k, 2) int64 indices ``i < j``, sorted and unique.
 
     A pair is a candidate when the two signatures are equal on all ``r`` rows of at least one of the ``b``
-    bands :func:`lsh_bands` gives (exactly the pairs ``MinHashLSH.query`` returns for the same signatures)
-    and their estimated Jaccard similarity reaches the net's threshold (LSH false positives below it are
-    dropped before any text is compared). Each band is one ``np.lexsort`` over all rows; buckets of two,
-    the common case, become pairs without a Python loop.
+    bands :func:`lsh_bands` gives (the pairs ``MinHashLSH.query`` returns for the same signatures) and their
+    estimated Jaccard similarity reaches the net's threshold (LSH false positives below it are dropped
+    before any text is compared). Each band is one ``np.lexsort`` over all rows; buckets of two, the common
+    case, become pairs without a Python loop.
+
+    A bucket of more than :data:`MAX_BUCKET` rows is split by the rows of the next band (up to
+    :data:`MAX_SPLIT_BANDS` of them) before its pairs are listed. Listing it whole costs the square of its
+    size: at a million chats, text sharing common word pairs makes buckets of thousands of rows, and a
+    billion pairs to estimate. True near duplicates agree on most bands, so they meet again inside the
+    split buckets or in a band of their own (measured on the 1M benchmark: every planted copy still ends
+    in its original's component of the candidate graph).
     """
     cfg = cfg or MinHashConfig()
     n = len(sigs)
@@ -540,21 +565,25 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
         return np.empty((0, 2), dtype=np.int64)
     bands, rows = lsh_bands(cfg)
     floor = cfg.effective_lsh_threshold()
+
+    def columns(band: int) -> slice:
+        band %= bands
+        return slice(band * rows, (band + 1) * rows)
+
     found: list[np.ndarray] = []
+    everyone = np.arange(n)
     for band in range(bands):
-        block = sigs[:, band * rows : (band + 1) * rows]
-        order = np.lexsort(block.T[::-1])
-        ordered = block[order]
-        new_bucket = np.ones(n, dtype=bool)
-        new_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
-        starts = np.flatnonzero(new_bucket)
-        sizes = np.diff(np.append(starts, n))
-        twos = starts[sizes == 2]
-        if twos.size:
-            pair = np.stack([order[twos], order[twos + 1]], axis=1)
-            found.append(_estimated_at_least(sigs, np.sort(pair, axis=1), floor))
-        for start, size in zip(starts[sizes > 2], sizes[sizes > 2], strict=True):
-            for part in _bucket_pairs(order[start : start + size]):
+        buckets = _buckets(sigs, everyone, columns(band))
+        twos = [b for b in buckets if len(b) == 2]
+        if twos:
+            found.append(_estimated_at_least(sigs, np.sort(np.stack(twos), axis=1), floor))
+        pending = [(b, 1) for b in buckets if len(b) > 2]
+        while pending:
+            members, depth = pending.pop()
+            if len(members) > MAX_BUCKET and depth <= MAX_SPLIT_BANDS:
+                pending += [(b, depth + 1) for b in _buckets(sigs, members, columns(band + depth))]
+                continue
+            for part in _bucket_pairs(members):
                 found.append(_estimated_at_least(sigs, part, floor))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
@@ -615,9 +644,13 @@ def verified_clusters(
 
     uf = _UnionFind(n)
     for start in range(0, len(pairs), chunk_pairs):
-        part = pairs[start : start + chunk_pairs]
-        cache = words(part.ravel())
-        for i, j in part.tolist():
+        # Pairs already joined through earlier ones need no text: in a cluster of k copies only about k of its
+        # k^2 / 2 candidate pairs are ever compared.
+        part = [(i, j) for i, j in pairs[start : start + chunk_pairs].tolist() if uf.find(i) != uf.find(j)]
+        if not part:
+            continue
+        cache = words(np.asarray(part).ravel())
+        for i, j in part:
             if uf.find(i) == uf.find(j) or (keyed(i) and same_key is not None and same_key[i] != same_key[j]):
                 continue
             (wi, gi), (wj, gj) = cache(i), cache(j)

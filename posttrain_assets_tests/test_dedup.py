@@ -241,6 +241,26 @@ def test_candidate_pairs_are_the_pairs_minhash_lsh_returns() -> None:
     assert (0, 40) in expected and (40, 41) in expected and (0, 30) in expected
 
 
+def test_a_large_bucket_is_split_by_the_next_bands_and_keeps_its_true_pairs(monkeypatch) -> None:
+    """300 rows share band 0 (as long chats built from common word pairs do at scale); among them 10 groups of
+    three agree on every slot. Splitting by band 1 lists about 10 x 3 pairs instead of 300 x 299 / 2."""
+    cfg = MinHashConfig()
+    bands, rows = dedup.lsh_bands(cfg)
+    rng = np.random.default_rng(3)
+    sigs = rng.integers(0, 2**32, size=(300, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
+    sigs[:, :rows] = 7  # one bucket of 300 in band 0
+    for group in range(10):
+        sigs[group * 3 + 1 : group * 3 + 3] = sigs[group * 3]  # rows 3g, 3g+1, 3g+2 are identical
+    listed: list[int] = []
+    real = dedup._bucket_pairs
+    monkeypatch.setattr(dedup, "_bucket_pairs", lambda members: (listed.append(len(members)), real(members))[1])
+    pairs = [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()]
+    assert pairs == sorted((3 * g + a, 3 * g + b) for g in range(10) for a, b in ((0, 1), (0, 2), (1, 2)))
+    assert max(listed) == 3  # no bucket larger than a group was ever listed whole
+    monkeypatch.setattr(dedup, "MAX_BUCKET", 1000)
+    assert [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()] == pairs  # same result, listed whole
+
+
 def test_signatures_index_in_datasketch_lsh() -> None:
     rng = random.Random(4)
     base = text_of(rng, 200)
