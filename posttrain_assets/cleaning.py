@@ -338,7 +338,7 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> No
     """Stage 3, per regime: exact-normalised then near duplicates of the live rows (see dedup.deduplicate_regime).
 
     In memory per regime: ids, exact keys, ranks and signatures (num_perm 32-bit values per row). Signatures
-    are computed from units streamed in seq order; candidate pairs read their units back by seq.
+    are computed from units streamed from the work table; candidate pairs look their units up by seq.
     """
     dropped_to: DroppedTo = {}
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:

@@ -7,7 +7,9 @@ database cannot drift apart. No Dagster imports here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +79,11 @@ def fetch_batches(
 
     The query runs on a cursor of its own, so ``conn`` can write (e.g. the next table) while it is read.
     """
-    reader = conn.cursor().sql(sql, params=params or {}).to_arrow_reader(rows)
-    for batch in reader:
-        yield batch.to_pylist()
+    # A connection keeps every cursor it hands out until the cursor is closed (each holds a client context of
+    # its own), so the cursor is closed when the rows are read or the caller stops early.
+    with conn.cursor() as cursor:
+        for batch in cursor.sql(sql, params=params or {}).to_arrow_reader(rows):
+            yield batch.to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,8 +124,10 @@ def ordered_arrow(conn: Any, relation: str, key: str, rows: int, params: dict[st
     them."""
     params = dict(params or {})
     sql = _key_range(relation, key)
-    for first, last in key_ranges(conn, relation, key, rows, params):
-        yield conn.cursor().sql(sql, params={**params, "range_first": first, "range_last": last}).to_arrow_table()
+    ranges = key_ranges(conn, relation, key, rows, params)
+    with conn.cursor() as cursor:  # one cursor for every range, closed at the end (see fetch_batches)
+        for first, last in ranges:
+            yield cursor.sql(sql, params={**params, "range_first": first, "range_last": last}).to_arrow_table()
 
 
 def ordered_batches(
@@ -141,6 +147,30 @@ def insert_ordered(
     sql = table.insert_sql(f"({_key_range(relation, key)})")
     for first, last in key_ranges(conn, relation, key, rows, params):
         conn.execute(sql, {**params, "range_first": first, "range_last": last})
+
+
+@contextmanager
+def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Table]:
+    """A fresh, empty twin of ``table`` (``<name>__building<suffix>``) to append batches to, one commit each.
+
+    DuckDB keeps what an open transaction appends from Arrow in process memory until it commits (a table of
+    600k tokenised chats built in one transaction grew the process past 9 GB), so a table built from many
+    Python batches is appended to this twin outside any transaction, and the caller then publishes it in one
+    short transaction (:func:`swap_in`, or its own INSERT ... SELECT). The twin is dropped on the way out.
+    """
+    twin = dataclasses.replace(table, name=f"{table.name}__building{suffix}")
+    conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
+    conn.execute(twin.create_sql())
+    try:
+        yield twin
+    finally:
+        conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
+
+
+def swap_in(conn: Any, twin: Table, table: Table) -> None:
+    """Replace ``table`` by its :func:`building` twin (inside the caller's transaction, so readers see either)."""
+    conn.execute(f"DROP TABLE IF EXISTS {table.qualified}")
+    conn.execute(f"ALTER TABLE {twin.qualified} RENAME TO {table.name}")
 
 
 def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:

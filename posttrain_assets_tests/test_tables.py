@@ -3,7 +3,17 @@
 import duckdb
 import pytest
 
-from posttrain_assets.tables import Column, Table, insert_ordered, key_ranges, ordered_arrow, ordered_batches
+from posttrain_assets.tables import (
+    Column,
+    Table,
+    building,
+    insert_ordered,
+    insert_rows,
+    key_ranges,
+    ordered_arrow,
+    ordered_batches,
+    swap_in,
+)
 
 WIDE = Table("main", "wide", "test rows", (Column("id", "VARCHAR", "key"), Column("payload", "VARCHAR", "text")))
 
@@ -86,3 +96,24 @@ def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path)
         ids = [r[0] for r in conn.execute("SELECT id FROM wide ORDER BY rowid").fetchall()]
         assert len(ids) == 16000 and ids == sorted(ids)
         assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 16000 * 32 * 250
+
+
+def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(conn):
+    conn.execute(WIDE.create_sql(replace=True))
+    conn.execute("INSERT INTO wide VALUES ('old', 'x')")
+    with building(conn, WIDE) as twin:
+        assert twin.qualified == "main.wide__building"
+        insert_rows(conn, twin, [{"id": "k1", "payload": "a"}])
+        insert_rows(conn, twin, [{"id": "k2", "payload": "b"}])
+        assert conn.execute("SELECT id FROM wide").fetchall() == [("old",)]  # readers still see the old table
+        conn.execute("BEGIN TRANSACTION")
+        swap_in(conn, twin, WIDE)
+        conn.execute("COMMIT")
+    assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
+
+    with pytest.raises(RuntimeError, match="tokenizer broke"), building(conn, WIDE, "_x") as twin:
+        insert_rows(conn, twin, [{"id": "k3", "payload": "c"}])
+        raise RuntimeError("tokenizer broke")
+    tables = {name for (name,) in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "wide__building_x" not in tables
+    assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]

@@ -14,8 +14,10 @@ from posttrain_assets.tables import (
     SILVER_RECORDS,
     SILVER_SFT_QUARANTINE,
     SILVER_SFT_TOKENIZED,
+    building,
     insert_rows,
     ordered_batches,
+    swap_in,
 )
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
@@ -65,51 +67,57 @@ def silver_sft_tokenized(
     totals = {"tokens": 0, "trained": 0, "truncated": 0}
     with duckdb.get_connection() as conn:
         context.log.info(f"tokenising SFT rows with {identity['name']}, {BATCH_ROWS} at a time, in id order")
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(SILVER_SFT_TOKENIZED.create_sql(replace=True))
-        conn.execute(SILVER_SFT_QUARANTINE.create_sql(replace=True))
-        # Batches keep memory bounded: only one batch's token lists live in Python at a time. They come in id
-        # order, so silver.sft_tokenized is stored in id order (tables.insert_ordered explains why that matters).
-        done = 0
-        for rows in ordered_batches(conn, SFT_ROWS, "id", BATCH_ROWS):
-            results = tokenize_conversations(tok, [r["messages"] for r in rows], cfg)
-            tokenized, rejected = [], []
-            for row, result in zip(rows, results, strict=True):
-                record_id, source = row["id"], row["source"]
-                if isinstance(result, MaskError):
-                    rejected.append(
+        # Both tables are built as twins with a commit per batch and swapped in together at the end
+        # (tables.building: one transaction over every batch would hold the whole table in memory).
+        with (
+            building(conn, SILVER_SFT_TOKENIZED) as tokenized_twin,
+            building(conn, SILVER_SFT_QUARANTINE) as quarantine_twin,
+        ):
+            # Batches keep memory bounded: only one batch's token lists live in Python at a time. They come in id
+            # order, so silver.sft_tokenized is stored in id order (tables.insert_ordered explains why that matters).
+            done = 0
+            for rows in ordered_batches(conn, SFT_ROWS, "id", BATCH_ROWS):
+                results = tokenize_conversations(tok, [r["messages"] for r in rows], cfg)
+                tokenized, rejected = [], []
+                for row, result in zip(rows, results, strict=True):
+                    record_id, source = row["id"], row["source"]
+                    if isinstance(result, MaskError):
+                        rejected.append(
+                            {
+                                "id": record_id,
+                                "source": source,
+                                "reason": result.reason,
+                                "message": result.message,
+                                **hashes,
+                            }
+                        )
+                        continue
+                    tokenized.append(
                         {
                             "id": record_id,
                             "source": source,
-                            "reason": result.reason,
-                            "message": result.message,
+                            "input_ids": result.input_ids,
+                            "labels": result.labels,
+                            "num_tokens": result.num_tokens,
+                            "num_trainable_tokens": result.num_trainable_tokens,
+                            "num_messages": result.num_messages,
+                            "truncated": result.truncated,
+                            "train_on": cfg.train_on,
+                            "end_of_turn": cfg.end_of_turn,
                             **hashes,
                         }
                     )
-                    continue
-                tokenized.append(
-                    {
-                        "id": record_id,
-                        "source": source,
-                        "input_ids": result.input_ids,
-                        "labels": result.labels,
-                        "num_tokens": result.num_tokens,
-                        "num_trainable_tokens": result.num_trainable_tokens,
-                        "num_messages": result.num_messages,
-                        "truncated": result.truncated,
-                        "train_on": cfg.train_on,
-                        "end_of_turn": cfg.end_of_turn,
-                        **hashes,
-                    }
-                )
-            insert_rows(conn, SILVER_SFT_TOKENIZED, tokenized)
-            insert_rows(conn, SILVER_SFT_QUARANTINE, rejected)
-            totals["tokens"] += sum(r["num_tokens"] for r in tokenized)
-            totals["trained"] += sum(r["num_trainable_tokens"] for r in tokenized)
-            totals["truncated"] += sum(r["truncated"] for r in tokenized)
-            done += len(rows)
-            context.log.info(f"tokenised {done} SFT rows")
-        conn.execute("COMMIT")
+                insert_rows(conn, tokenized_twin, tokenized)
+                insert_rows(conn, quarantine_twin, rejected)
+                totals["tokens"] += sum(r["num_tokens"] for r in tokenized)
+                totals["trained"] += sum(r["num_trainable_tokens"] for r in tokenized)
+                totals["truncated"] += sum(r["truncated"] for r in tokenized)
+                done += len(rows)
+                context.log.info(f"tokenised {done} SFT rows")
+            conn.execute("BEGIN TRANSACTION")
+            swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)
+            swap_in(conn, quarantine_twin, SILVER_SFT_QUARANTINE)
+            conn.execute("COMMIT")
         identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
         tokens, trained = totals["tokens"], totals["trained"]
         yield dg.MaterializeResult(
