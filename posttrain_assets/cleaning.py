@@ -162,19 +162,18 @@ FROM ({LIVE}) WHERE regime = $regime
 ORDER BY seq
 """
 
-# The order of these reads does not matter (rows are placed by seq), so the wide rows are not sorted.
-
-# What dedup units are built from, for the rows whose seq is listed.
+# What dedup units are built from: for the rows whose seq is listed, and for every live row of a regime. The
+# order of these reads does not matter (rows are placed by seq), so the wide rows are not sorted.
 UNIT_COLUMNS = "seq, regime, messages, prompt, chosen, rejected, answer"
 # A filter on a constant list is answered from the index on seq (see deduplicate_staged), not by a scan.
 UNITS_OF_SEQS = f"""
 SELECT {UNIT_COLUMNS} FROM {STAGED.qualified}
 WHERE list_contains($seqs, seq)
 """
+UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime"
 # Near-dup verification reads the texts of up to 2 x 4096 rows at a time; DuckDB answers such a look-up from an
 # ART index only when it matches fewer rows than index_scan_max_count.
 TEXT_LOOKUP_ROWS = 16_384
-UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime"
 
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
 # The leaking keys are found on the narrow columns first, so only their rows are aggregated with prompts.

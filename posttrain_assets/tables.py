@@ -154,7 +154,7 @@ def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Table]:
     """A fresh, empty twin of ``table`` (``<name>__building<suffix>``) to append batches to, one commit each.
 
     DuckDB keeps what an open transaction appends from Arrow in process memory until it commits (a table of
-    600k tokenised chats built in one transaction grew the process past 9 GB), so a table built from many
+    594k tokenised chats built in one transaction grew the process to 11.8 GB), so a table built from many
     Python batches is appended to this twin outside any transaction, and the caller then publishes it in one
     short transaction (:func:`swap_in`, or its own INSERT ... SELECT). The twin is dropped on the way out.
     """

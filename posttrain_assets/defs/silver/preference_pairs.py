@@ -31,6 +31,7 @@ from posttrain_assets.tables import (
     SILVER_RECORDS,
     audited_columns_sql,
     fetch_dicts,
+    insert_ordered,
     insert_rows,
     ordered_batches,
     replace_table,
@@ -43,6 +44,7 @@ DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 
 PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
+BALANCED_RANGE_ROWS = 32_768  # rows per sorted id range when the balanced pairs are written
 AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
 # Statistics plotted per source across materialisations.
 PLOTTED = ("chosen_longer_share", "point_biserial_r", "tie_rate", "median_length_ratio", "pairs")
@@ -115,11 +117,13 @@ def silver_preference_pairs(
         ]
         replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
         conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
-        # A filter over one table keeps its stored (id) order, so the wide rows are not sorted again.
-        conn.execute(
-            SILVER_PREFERENCE_PAIRS_BALANCED.insert_sql(
-                f"{SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))"
-            ),
+        # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
+        insert_ordered(
+            conn,
+            SILVER_PREFERENCE_PAIRS_BALANCED,
+            f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
+            "id",
+            BALANCED_RANGE_ROWS,
             {"kept": balance.kept_ids},
         )
         replace_table(
