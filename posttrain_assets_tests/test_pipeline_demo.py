@@ -16,11 +16,15 @@ from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
 from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
 from posttrain_assets.tables import ALL_TABLES
+from posttrain_assets.trace import TRACE_VIEW
 from posttrain_assets_tests.graph import Graph, deployed
 
 GOLD_KEYS = {dg.AssetKey(["gold", name]) for name in ("sft", "preference", "preference_length_balanced", "rl_prompts")}
 GOLD_TABLES = ("gold.sft", "gold.preference_length_balanced", "gold.rl_prompts")
 # Every table a run writes, but bronze (compared without its run columns below) and the held-back gold.preference.
+STORED_TABLES = (
+    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database()"
+)
 SNAPSHOT_TABLES = tuple(t.qualified for t in ALL_TABLES if t.qualified not in ("bronze.records", "gold.preference"))
 
 
@@ -153,6 +157,9 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
         assert after[name] == before[name], name
     # Re-ingesting replaced each bronze partition instead of appending to it.
     assert demo_graph.query("SELECT count(*) FROM bronze.records") == [(2926,)]
+    # No twin under construction (tables.building) or work table of the silver pass is left behind.
+    stored = {f"{schema}.{name}" for schema, name in demo_graph.query(STORED_TABLES)}
+    assert stored == {t.qualified for t in ALL_TABLES} - {"gold.preference"} | {TRACE_VIEW}
 
 
 @pytest.fixture

@@ -30,11 +30,13 @@ from posttrain_assets.tables import (
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
     audited_columns_sql,
+    building,
     fetch_dicts,
     insert_ordered,
     insert_rows,
     ordered_batches,
     replace_table,
+    swap_in,
 )
 
 PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
@@ -101,38 +103,41 @@ def silver_preference_pairs(
     thresholds = config.thresholds()
     tok = tokenizer.get()
     with duckdb.get_connection() as conn:
-        # pairs are built a batch of records at a time; audit and balance need only the numeric columns
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(SILVER_PREFERENCE_PAIRS.create_sql(replace=True))
-        # in id ranges, so the pairs (one per record, same id) are stored in id order
-        for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
-            insert_rows(conn, SILVER_PREFERENCE_PAIRS, build_pairs(records, tok, thresholds.tie_similarity))
-        pairs = fetch_dicts(conn, audited_columns_sql(SILVER_PREFERENCE_PAIRS))
-        audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
-        balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
-        by_id = {p["id"]: p for p in pairs}
-        audit_rows = [
-            {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
-            for (kind, name), result in audits.items()
-        ]
-        replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
-        conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
-        # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
-        insert_ordered(
-            conn,
-            SILVER_PREFERENCE_PAIRS_BALANCED,
-            f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
-            "id",
-            BALANCED_RANGE_ROWS,
-            {"kept": balance.kept_ids},
-        )
-        replace_table(
-            conn,
-            SILVER_PREFERENCE_BALANCE_DROPS,
-            [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
-            transaction=False,
-        )
-        conn.execute("COMMIT")
+        # Pairs are built a batch of records at a time into a twin with a commit per batch (tables.building: one
+        # transaction over every batch would hold the whole table in memory); audit and balance read only the
+        # numeric columns; every table is replaced in one transaction at the end.
+        with building(conn, SILVER_PREFERENCE_PAIRS) as pairs_twin:
+            # in id ranges, so the pairs (one per record, same id) are stored in id order
+            for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
+                insert_rows(conn, pairs_twin, build_pairs(records, tok, thresholds.tie_similarity))
+            pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin))
+            audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
+            balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
+            by_id = {p["id"]: p for p in pairs}
+            audit_rows = [
+                {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
+                for (kind, name), result in audits.items()
+            ]
+            conn.execute("BEGIN TRANSACTION")
+            swap_in(conn, pairs_twin, SILVER_PREFERENCE_PAIRS)
+            replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
+            conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
+            # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
+            insert_ordered(
+                conn,
+                SILVER_PREFERENCE_PAIRS_BALANCED,
+                f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
+                "id",
+                BALANCED_RANGE_ROWS,
+                {"kept": balance.kept_ids},
+            )
+            replace_table(
+                conn,
+                SILVER_PREFERENCE_BALANCE_DROPS,
+                [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
+                transaction=False,
+            )
+            conn.execute("COMMIT")
         kept = len(balance.kept_ids)
         preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
         pairs_meta = table_metadata(conn, SILVER_PREFERENCE_PAIRS, preview_columns=preview, group_by="source")
