@@ -12,8 +12,8 @@
    to the data.
 2. :func:`run_pipeline` deploys the real graph in a temporary Dagster instance (like the tests) and runs
    ``pipeline.run_all``; per-stage wall time comes from the run's event log (step start/success events),
-   per-stage peak RSS from a sampling thread (psutil), and near-duplicate recall/precision from
-   ``silver.dedup_clusters`` against the plan.
+   per-stage peak RSS from a sampling thread (psutil; this process plus its worker processes), and
+   near-duplicate recall/precision from ``silver.dedup_clusters`` against the plan.
 3. Peers on the same data (skipped with ``--skip-peers``): near-dedup (ours vs a plain datasketch loop vs
    datatrove's MinHash pipeline), tokenisation with assistant masks (ours vs transformers'
    ``return_assistant_tokens_mask`` on a ``{% generation %}``-tagged ChatML template, masks asserted
@@ -723,16 +723,23 @@ def score_dedup(
 
 
 def _rss() -> int:
+    """RSS of this process plus its worker processes (posttrain_assets.parallel): the machine the run needs."""
     try:
         import psutil
 
-        return psutil.Process().memory_info().rss
+        process = psutil.Process()
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a worker that exited between listing and reading
+                total += child.memory_info().rss
+        return total
     except ImportError:  # pragma: no cover - psutil ships with dagster
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class RssSampler:
-    """Samples this process's RSS every ``interval`` seconds in a thread; peak over any time window."""
+    """Samples the RSS of this process and its workers every ``interval`` seconds in a thread; peak over any
+    time window."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -1203,27 +1210,38 @@ CHATML_TAGGED = (
 
 
 def peer_masking(corpus_dir: Path, cache_dir: Path, limit: int) -> dict[str, Any]:
-    """Ours (batched) vs transformers' per-record ``apply_chat_template(return_assistant_tokens_mask=True)``."""
-    from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
+    """Ours (the silver_sft_tokenized path: batches of 1024 in worker processes) vs transformers' per-record
+    ``apply_chat_template(return_assistant_tokens_mask=True)``."""
+    import pyarrow as pa
+
+    from posttrain_assets.defs.silver.sft_tokenized import BATCH_ROWS
+    from posttrain_assets.masking import MaskConfig
+    from posttrain_assets.parallel import default_processes, map_batches, processes_for
+    from posttrain_assets.sft import TokenizeJob, TokenizerIdentity, tokenize_batch
     from posttrain_assets.tokenizer import load_tokenizer
 
     tok = load_tokenizer("smollm2", cache_dir)
     convs = [m for _, m in sft_sample(corpus_dir, limit)]
-    cfg = MaskConfig(max_seq_len=1 << 20)
+    job = TokenizeJob(TokenizerIdentity(tok, "", ""), MaskConfig(max_seq_len=1 << 20))
+    batches = [
+        pa.Table.from_pylist([{"id": str(i), "source": "sft", "messages": m} for i, m in enumerate(chunk, start)])
+        for start in range(0, len(convs), BATCH_ROWS)
+        for chunk in [convs[start : start + BATCH_ROWS]]
+    ]
+    processes = processes_for(len(convs), BATCH_ROWS, default_processes())
     with timed() as ours_t:
-        ours = tokenize_conversations(tok, convs, cfg)
+        ours = list(map_batches(tokenize_batch, job, batches, processes))
     with timed() as hf_t:
         theirs = [
             tok.apply_chat_template(m, chat_template=CHATML_TAGGED, return_dict=True, return_assistant_tokens_mask=True)
             for m in convs
         ]
+    rows = {r["id"]: r for batch in ours if batch.tokenized is not None for r in batch.tokenized.to_pylist()}
     mismatches = []
-    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        if isinstance(a, MaskError):
-            mismatches.append(i)
-            continue
-        mask = [int(label != -100) for label in a.labels]
-        if a.input_ids != list(b["input_ids"]) or mask != list(b["assistant_masks"]):
+    for i, b in enumerate(theirs):
+        a = rows.get(str(i))  # a row our masking refused is a mismatch too
+        mask = a and [int(label != -100) for label in a["labels"]]
+        if a is None or a["input_ids"] != list(b["input_ids"]) or mask != list(b["assistant_masks"]):
             mismatches.append(i)
     tokens = sum(len(b["input_ids"]) for b in theirs)
     if mismatches:
@@ -1235,6 +1253,7 @@ def peer_masking(corpus_dir: Path, cache_dir: Path, limit: int) -> dict[str, Any
         "ours": {"seconds": ours_t["seconds"], "tokens_per_s": round(tokens / ours_t["seconds"])},
         "transformers": {"seconds": hf_t["seconds"], "tokens_per_s": round(tokens / hf_t["seconds"])},
         "ours_speedup": round(hf_t["seconds"] / ours_t["seconds"], 2),
+        "ours_processes": processes,
     }
 
 
@@ -1445,7 +1464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--skip-peers", action="store_true", help="only the pipeline, no peer comparisons")
     parser.add_argument("--peer-docs", type=int, default=20_000, help="SFT rows given to the near-dedup peers")
-    parser.add_argument("--peer-conversations", type=int, default=2_000, help="SFT rows given to the masking peers")
+    parser.add_argument("--peer-conversations", type=int, default=8_000, help="SFT rows given to the masking peers")
     args = parser.parse_args(argv)
     path = args.json or args.out / f"bench-{args.records}.json"
     result = run_benchmark(

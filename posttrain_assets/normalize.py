@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,21 +51,6 @@ def describe(rejected: Rejected, file_path: str, row_number: int) -> str:
     return f"{file_path}, row {row_number}{field}: {rejected.message}"
 
 
-@dataclass
-class SilverTables:
-    """Where each bronze row went: one of records, eval_records, quarantine or duplicates.
-
-    ``bronze`` maps the id of every training row in records to the bronze row it came from, so a later
-    stage that removes a record can still quarantine it with its file, row and raw payload.
-    """
-
-    records: list[dict[str, Any]]
-    eval_records: list[dict[str, Any]]
-    quarantine: list[dict[str, Any]]
-    duplicates: list[dict[str, Any]]
-    bronze: dict[str, dict[str, Any]]
-
-
 PROVENANCE = ("source", "file_path", "row_number", "record_sha256")
 
 
@@ -104,41 +89,47 @@ def duplicate_entry(
     }
 
 
-class SilverBuilder:
-    """Normalises bronze rows batch by batch (in source-priority order) into the silver tables.
+@dataclass
+class Normalised:
+    """One bronze row after parsing, before exact duplicates are collapsed (which needs the rows seen before).
 
-    Exact duplicates (same content id) collapse onto the first row seen, so the rows must arrive ordered
-    by registry priority, file and row number: the kept twin is the one from the highest-priority source,
-    then the earliest row. Training and evaluation sources are deduplicated separately, so an eval
-    question copied into training data stays visible to decontamination. Only the content ids seen so far
-    are kept between batches; each :meth:`add` returns the tables of its own batch.
+    ``key`` is ``(role, content id)``: training and evaluation sources are deduplicated separately, so an eval
+    question copied into training data stays visible to decontamination. ``key`` is None for a row that did not
+    parse; ``row`` is then its quarantine entry, else its canonical record (:func:`canonical_row`).
     """
 
-    def __init__(self, registry: Registry, created_at: CreatedAt) -> None:
-        self.registry = registry
-        self.created_at = created_at
+    key: tuple[str, str] | None
+    row: dict[str, Any]
+    bronze: dict[str, Any]
+
+
+def normalise_row(registry: Registry, created_at: CreatedAt, bronze: dict[str, Any]) -> Normalised:
+    """Parse one bronze row with its source's adapter into a canonical record, or a canonical-stage quarantine
+    entry saying why it cannot be."""
+    source = registry.get(bronze["source"])
+    result = parse_payload(bronze["payload"], bronze["decode_error"], source.format, source.regime)
+    if isinstance(result, Rejected):
+        message = describe(result, bronze["file_path"], bronze["row_number"])
+        return Normalised(None, quarantine_entry(bronze, "canonical", result.reason, result.field, message), bronze)
+    record_id = result.content_id()
+    record = canonical_row(result, record_id, source, bronze, created_at(bronze["file_path"]))
+    return Normalised((source.role, record_id), record, bronze)
+
+
+class FirstSeen:
+    """Exact duplicates (same content key) collapse onto the first row seen, so rows must be offered in
+    registry priority, file and row order: the kept twin is the one from the highest-priority source, then the
+    earliest row. Only the keys seen so far are kept."""
+
+    def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
 
-    def add(self, bronze_rows: Iterable[dict[str, Any]]) -> SilverTables:
-        out = SilverTables([], [], [], [], {})
-        for row in bronze_rows:
-            source = self.registry.get(row["source"])
-            result = parse_payload(row["payload"], row["decode_error"], source.format, source.regime)
-            if isinstance(result, Rejected):
-                message = describe(result, row["file_path"], row["row_number"])
-                out.quarantine.append(quarantine_entry(row, "canonical", result.reason, result.field, message))
-                continue
-            record_id = result.content_id()
-            key = (source.role, record_id)
-            if key in self._seen:
-                out.duplicates.append(duplicate_entry(row, record_id, record_id, "exact", 1.0))
-                continue
-            self._seen.add(key)
-            if source.role != "eval":  # an eval row may share its id with a contaminated training copy
-                out.bronze[record_id] = row
-            record = canonical_row(result, record_id, source, row, self.created_at(row["file_path"]))
-            (out.eval_records if source.role == "eval" else out.records).append(record)
-        return out
+    def first(self, key: tuple[str, str]) -> bool:
+        """True the first time ``key`` is offered."""
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 def canonical_row(

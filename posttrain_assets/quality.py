@@ -341,22 +341,19 @@ def language_not_allowed(lang: str, confidence: float, cfg: QualityConfig) -> Dr
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def apply_quality_gate(
-    records: Sequence[Record], cfg: QualityConfig | None = None
-) -> tuple[list[Record], list[dict[str, Any]]]:
-    """Run the gate: ``(kept, dropped)``.
+def quality_verdicts(records: Sequence[Record], cfg: QualityConfig | None = None) -> list[Drop | str]:
+    """The gate's verdict per record, in input order: the :class:`Drop` that removes it, or the ``lang`` a kept
+    row carries (its own, else the detected code; ``und`` below ``min_language_confidence``).
 
     Order: :data:`FILTER_ORDER` per row (the first failing filter wins), then language detection in one
-    batch over the rows that passed, then :func:`language_not_allowed`. ``kept``: copies of the kept
-    rows with ``lang`` set to the detected code (``und`` below ``min_language_confidence``) where it
-    was empty. ``dropped``: ``{id, source, reason, detail}`` per dropped row, in input order.
-
-    Detection runs only where its result is used: every survivor when ``allowed_languages`` is set, else
-    only the survivors whose ``lang`` is empty (with no allowed set it can drop nothing).
+    batch over the rows that passed, then :func:`language_not_allowed`. Detection runs only where its result
+    is used: every survivor when ``allowed_languages`` is set, else only the survivors whose ``lang`` is empty
+    (with no allowed set it can drop nothing).
     """
     cfg = cfg or QualityConfig()
-    verdict: list[Drop | None] = [None] * len(records)
+    verdict: list[Drop | str] = [""] * len(records)
     for i, rec in enumerate(records):
+        verdict[i] = rec.get("lang") or ""
         for check in FILTER_ORDER:
             drop = check(rec, cfg)
             if drop is not None:
@@ -364,19 +361,31 @@ def apply_quality_gate(
                 break
     survivors = [
         i
-        for i, drop in enumerate(verdict)
-        if drop is None and (cfg.allowed_languages is not None or not records[i].get("lang"))
+        for i, v in enumerate(verdict)
+        if not isinstance(v, Drop) and (cfg.allowed_languages is not None or not records[i].get("lang"))
     ]
     detected = detect_language([language_text(records[i]) for i in survivors], cfg.language_max_chars)
-    langs: dict[int, str] = {}
     for i, (lang, confidence) in zip(survivors, detected, strict=True):
-        verdict[i] = language_not_allowed(lang, confidence, cfg)
-        langs[i] = lang if confidence >= cfg.min_language_confidence else "und"
-    kept, dropped = [], []
-    for i, rec in enumerate(records):
-        drop = verdict[i]
+        drop = language_not_allowed(lang, confidence, cfg)
         if drop is not None:
-            dropped.append({"id": rec["id"], "source": rec.get("source"), **drop.__dict__})
+            verdict[i] = drop
+        elif not records[i].get("lang"):
+            verdict[i] = lang if confidence >= cfg.min_language_confidence else "und"
+    return verdict
+
+
+def apply_quality_gate(
+    records: Sequence[Record], cfg: QualityConfig | None = None
+) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Run the gate (:func:`quality_verdicts`): ``(kept, dropped)``.
+
+    ``kept``: copies of the kept rows with ``lang`` set to the detected code where it was empty.
+    ``dropped``: ``{id, source, reason, detail}`` per dropped row, in input order.
+    """
+    kept, dropped = [], []
+    for rec, verdict in zip(records, quality_verdicts(records, cfg), strict=True):
+        if isinstance(verdict, Drop):
+            dropped.append({"id": rec["id"], "source": rec.get("source"), **verdict.__dict__})
         else:
-            kept.append({**rec, "lang": rec.get("lang") or langs[i]})
+            kept.append({**rec, "lang": verdict})
     return kept, dropped

@@ -178,7 +178,13 @@ def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
     if rows:
-        conn.register("rows_to_insert", pa.Table.from_pylist(rows))
+        insert_arrow(conn, table, pa.Table.from_pylist(rows))
+
+
+def insert_arrow(conn: Any, table: Table, rows: Any) -> None:
+    """Append the rows of an Arrow table (columns by name; None or empty: nothing) to ``table``."""
+    if rows is not None and rows.num_rows:
+        conn.register("rows_to_insert", rows)
         conn.execute(table.insert_sql("rows_to_insert"))
         conn.unregister("rows_to_insert")
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posttrain_assets import bench
+from posttrain_assets.parallel import default_processes
 
 N = 300
 
@@ -120,3 +121,15 @@ def test_tiny_benchmark_end_to_end(
     tables = run["tables"]
     assert tables["silver.records"] + tables["silver.quarantine"] + tables["silver.dedup_clusters"] == N
     assert sum(run["silver_by_regime"].values()) == tables["silver.records"]
+
+
+def test_masking_peer_finds_our_worker_masks_identical_to_transformers(
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path
+) -> None:
+    bench.generate_corpus(tmp_path, n=5000)
+    # a bit over two batches of 1024, so ours runs in worker processes as in the stage
+    result = bench.peer_masking(tmp_path, tokenizer_cache_dir, limit=2200)
+    assert result["identical_masks"] is True
+    assert result["ours_processes"] == min(2, default_processes())
+    assert 2000 < result["conversations"] <= 2200
+    assert result["tokens"] > 100 * result["conversations"]

@@ -87,9 +87,11 @@ def where(conn: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], str]:
     return placed
 
 
-def test_every_bronze_row_ends_in_exactly_one_place(warehouse, smollm2_tokenizer) -> None:
+# Stages 0-1 run in worker processes (two here: one-row batches) or in this one; the rows must not differ.
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_bronze_row_ends_in_exactly_one_place(warehouse, smollm2_tokenizer, processes: int) -> None:
     conn, registry = warehouse
-    run(conn, registry, smollm2_tokenizer)
+    run(conn, registry, smollm2_tokenizer, processes=processes)
     assert where(conn) == {
         ("eval_gsm8k", 0): "eval",
         ("rl_bank", 0): "records",

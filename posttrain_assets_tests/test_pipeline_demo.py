@@ -10,7 +10,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from posttrain_assets import cleaning
+from posttrain_assets import cleaning, sft
 from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
@@ -185,18 +185,18 @@ def test_failing_silver_schema_check_leaves_gold_untouched(
     broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph, good = broken_graph
-    real_gate = cleaning.apply_quality_gate
+    real_batch = cleaning.normalise_and_gate_batch  # 2,926 bronze rows: gated in this process (processes_for)
     lost: list[str] = []
 
-    def gate_then_lose_an_answer(*args, **kwargs):
-        kept, dropped = real_gate(*args, **kwargs)
-        victim = next((r for r in kept if r["regime"] == "rl"), None)
+    def gate_then_lose_an_answer(context, bronze):
+        gated = real_batch(context, bronze)
+        victim = next((g.row for g in gated if g.table == "staged" and g.row["regime"] == "rl"), None)
         if victim is not None and not lost:
             victim["answer"] = None
             lost.append(victim["id"])
-        return kept, dropped
+        return gated
 
-    monkeypatch.setattr(cleaning, "apply_quality_gate", gate_then_lose_an_answer)
+    monkeypatch.setattr(cleaning, "normalise_and_gate_batch", gate_then_lose_an_answer)
     result = graph.refresh()
 
     assert not result.success
@@ -213,7 +213,7 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
     broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph, good = broken_graph
-    real_tokenize = sft_tokenized.tokenize_conversations
+    real_tokenize = sft.tokenize_conversations  # one batch of 950 rows: tokenised in this process
     corrupted: dict[str, int] = {}
 
     def tokenize_with_a_trained_header(tok, conversations, cfg):
@@ -224,7 +224,7 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
         corrupted["position"] = position
         return results
 
-    monkeypatch.setattr(sft_tokenized, "tokenize_conversations", tokenize_with_a_trained_header)
+    monkeypatch.setattr(sft, "tokenize_conversations", tokenize_with_a_trained_header)
     result = graph.refresh()
 
     assert not result.success
@@ -330,7 +330,8 @@ def test_tokenising_and_proving_in_small_batches_gives_the_same_rows(
     from posttrain_assets.defs.checks import loss_mask
 
     graph, good = broken_graph
-    monkeypatch.setattr(sft_tokenized, "BATCH_ROWS", 97)  # 950 rows: 10 batches, the last one partial
+    # 950 rows: 10 batches, the last one partial; that many batches go to worker processes
+    monkeypatch.setattr(sft_tokenized, "BATCH_ROWS", 97)
     monkeypatch.setattr(loss_mask, "BATCH_ROWS", 50)
     result = graph.refresh()
     assert graph.query("SELECT * FROM silver.sft_tokenized ORDER BY ALL") == good["silver.sft_tokenized"]

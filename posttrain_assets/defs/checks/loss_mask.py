@@ -11,8 +11,9 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.masking import MaskConfig, fresh_template_ids, verify_mask
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED, ordered_batches
+from posttrain_assets.parallel import default_processes, map_batches, processes_for
+from posttrain_assets.sft import MaskProof, TokenizerIdentity, prove_batch
+from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED, ordered_arrow
 
 MAX_REPORTED = 20
 BATCH_ROWS = 1024
@@ -32,37 +33,23 @@ FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING 
     description="Every row: only assistant contents + end markers trained, input_ids = fresh chat-template tokens.",
 )
 def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
-    tok, identity = tokenizer.get(), tokenizer.identity()
-    hashes = (identity["tokenizer_sha256"], identity["chat_template_sha256"])
-    failures: list[tuple[str, str, str]] = []
-    tokens_by_source: dict[str, list[int]] = {}
-    checked = 0
+    identity = tokenizer.identity()
+    prover = TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"])
+    proof = MaskProof()
     with duckdb.get_connection() as conn:
         orphans = conn.execute(
             f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified} WHERE id NOT IN (SELECT id FROM "
             f"{SILVER_RECORDS.qualified})"
         ).fetchone()[0]
-        # Streamed in id ranges: memory holds one batch of token lists, not the table.
-        for batch in ordered_batches(conn, ROWS_TO_VERIFY, "id", BATCH_ROWS):
-            rows = [tuple(row.values()) for row in batch]
-            current = []
-            for row in rows:
-                if (row[8], row[9]) == hashes:
-                    current.append(row)
-                else:
-                    failures.append((row[0], row[1], "tokenised with another tokenizer or template: rematerialise"))
-            # one batched re-render and re-tokenisation (both cores) for the rows of this batch
-            fresh = fresh_template_ids(tok, [messages[:n] for _, _, messages, _, _, n, *_ in current])
-            for row, expected in zip(current, fresh, strict=True):
-                record_id, source, messages, input_ids, labels, num_messages, train_on, eot, _, _ = row
-                cfg = MaskConfig(train_on=train_on, end_of_turn=eot)
-                problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages, expected)
-                if problem:
-                    failures.append((record_id, source, problem))
-                counts = tokens_by_source.setdefault(source, [0, 0])
-                counts[0] += len(input_ids)
-                counts[1] += sum(1 for label in labels if label != -100)
-            checked += len(rows)
+        (rows,) = conn.execute(f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified}").fetchone()
+        # Streamed in id ranges (memory holds a few batches of token lists, not the table), proven in worker
+        # processes, each batch with one batched re-render and re-tokenisation.
+        batches = ordered_arrow(conn, ROWS_TO_VERIFY, "id", BATCH_ROWS)
+        for batch_proof in map_batches(
+            prove_batch, prover, batches, processes_for(rows, BATCH_ROWS, default_processes())
+        ):
+            proof.add(batch_proof)
+    failures, tokens_by_source, checked = proof.failures, proof.tokens_by_source, proof.checked
     total = sum(c[0] for c in tokens_by_source.values())
     trained = sum(c[1] for c in tokens_by_source.values())
     metadata: dict[str, dg.MetadataValue] = {

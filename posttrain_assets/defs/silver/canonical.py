@@ -15,6 +15,7 @@ from posttrain_assets.dedup import MinHashConfig
 from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.defs.silver.common import silver_spec
+from posttrain_assets.parallel import default_processes
 from posttrain_assets.quality import QualityConfig
 from posttrain_assets.tables import (
     BRONZE_RECORDS,
@@ -70,6 +71,7 @@ class CleaningPassConfig(dg.Config):
     jaccard_threshold: float = 0.7
     decontamination_ngram: int = 13
     leak_policy: Literal["report", "prefer_rl"] = "report"
+    processes: int = 0  # worker processes for parsing, the quality gate and token counts; 0: one per core
 
     def cleaning(self) -> CleaningConfig:
         def minhash(words: int) -> MinHashConfig:
@@ -90,6 +92,7 @@ class CleaningPassConfig(dg.Config):
             },
             decontamination_ngram=self.decontamination_ngram,
             leak_policy=self.leak_policy,
+            processes=self.processes or default_processes(),
         )
 
 

@@ -9,14 +9,16 @@ from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.masking import MaskConfig, MaskError, tokenize_conversations
+from posttrain_assets.masking import MaskConfig
+from posttrain_assets.parallel import default_processes, map_batches, processes_for
+from posttrain_assets.sft import TokenizeJob, TokenizerIdentity, tokenize_batch
 from posttrain_assets.tables import (
     SILVER_RECORDS,
     SILVER_SFT_QUARANTINE,
     SILVER_SFT_TOKENIZED,
     building,
-    insert_rows,
-    ordered_batches,
+    insert_arrow,
+    ordered_arrow,
     swap_in,
 )
 
@@ -24,6 +26,7 @@ SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
 
 SFT_ROWS = f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
+SFT_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 BATCH_ROWS = 1024
 
 
@@ -34,6 +37,7 @@ class SftTokenizeConfig(dg.Config):
     max_seq_len: int = 4096
     overflow: Literal["quarantine", "truncate"] = "quarantine"
     end_of_turn: str | None = None
+    processes: int = 0  # worker processes that tokenise batches; 0: one per core this process may use
 
     def mask_config(self) -> MaskConfig:
         return MaskConfig(
@@ -58,61 +62,36 @@ def silver_sft_tokenized(
     tokenizer: TokenizerResource,
 ):
     """Tokenise every SFT row in batches; rows without an exact mask go to silver.sft_quarantine."""
-    tok, identity = tokenizer.get(), tokenizer.identity()
-    cfg = config.mask_config()
-    hashes = {
-        "tokenizer_sha256": identity["tokenizer_sha256"],
-        "chat_template_sha256": identity["chat_template_sha256"],
-    }
+    identity = tokenizer.identity()
+    job = TokenizeJob(
+        TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"]),
+        config.mask_config(),
+    )
     totals = {"tokens": 0, "trained": 0, "truncated": 0}
     with duckdb.get_connection() as conn:
-        context.log.info(f"tokenising SFT rows with {identity['name']}, {BATCH_ROWS} at a time, in id order")
+        (rows,) = conn.execute(SFT_ROW_COUNT).fetchone()
+        processes = processes_for(rows, BATCH_ROWS, config.processes or default_processes())
+        context.log.info(
+            f"tokenising {rows} SFT rows with {identity['name']}, {BATCH_ROWS} at a time in id order, "
+            f"in {processes} process(es)"
+        )
         # Both tables are built as twins with a commit per batch and swapped in together at the end
         # (tables.building: one transaction over every batch would hold the whole table in memory).
         with (
             building(conn, SILVER_SFT_TOKENIZED) as tokenized_twin,
             building(conn, SILVER_SFT_QUARANTINE) as quarantine_twin,
         ):
-            # Batches keep memory bounded: only one batch's token lists live in Python at a time. They come in id
+            # Batches keep memory bounded: only a few batches' token lists exist at a time. They come back in id
             # order, so silver.sft_tokenized is stored in id order (tables.insert_ordered explains why that matters).
             done = 0
-            for rows in ordered_batches(conn, SFT_ROWS, "id", BATCH_ROWS):
-                results = tokenize_conversations(tok, [r["messages"] for r in rows], cfg)
-                tokenized, rejected = [], []
-                for row, result in zip(rows, results, strict=True):
-                    record_id, source = row["id"], row["source"]
-                    if isinstance(result, MaskError):
-                        rejected.append(
-                            {
-                                "id": record_id,
-                                "source": source,
-                                "reason": result.reason,
-                                "message": result.message,
-                                **hashes,
-                            }
-                        )
-                        continue
-                    tokenized.append(
-                        {
-                            "id": record_id,
-                            "source": source,
-                            "input_ids": result.input_ids,
-                            "labels": result.labels,
-                            "num_tokens": result.num_tokens,
-                            "num_trainable_tokens": result.num_trainable_tokens,
-                            "num_messages": result.num_messages,
-                            "truncated": result.truncated,
-                            "train_on": cfg.train_on,
-                            "end_of_turn": cfg.end_of_turn,
-                            **hashes,
-                        }
-                    )
-                insert_rows(conn, tokenized_twin, tokenized)
-                insert_rows(conn, quarantine_twin, rejected)
-                totals["tokens"] += sum(r["num_tokens"] for r in tokenized)
-                totals["trained"] += sum(r["num_trainable_tokens"] for r in tokenized)
-                totals["truncated"] += sum(r["truncated"] for r in tokenized)
-                done += len(rows)
+            batches = ordered_arrow(conn, SFT_ROWS, "id", BATCH_ROWS)
+            for batch in map_batches(tokenize_batch, job, batches, processes):
+                insert_arrow(conn, tokenized_twin, batch.tokenized)
+                insert_arrow(conn, quarantine_twin, batch.rejected)
+                totals["tokens"] += batch.tokens
+                totals["trained"] += batch.trained
+                totals["truncated"] += batch.truncated
+                done += batch.rows
                 context.log.info(f"tokenised {done} SFT rows")
             conn.execute("BEGIN TRANSACTION")
             swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)

@@ -1,0 +1,81 @@
+"""Batch-parallel stages: a pure function applied to a stream of batches in worker processes, results in order.
+
+The per-row work of the silver pass and of the SFT stages is Python (parsing, Jinja rendering, labels), so one
+process uses one core however the tokenizer parallelises its own part. :func:`map_batches` spreads the batches
+over a pool of processes and hands the results back in input order, so a stage that is deterministic in one
+process gives the same tables with any number of processes.
+
+Workers are spawned (not forked: the parent holds DuckDB and Dagster threads, which a fork would copy
+mid-flight). What every batch needs (tokenizer, registry, configuration) is sent once per worker; only the
+batches and their results travel per task, and at most ``2 x processes`` batches are in flight, so memory stays
+bounded by the batch size, not the corpus.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+Shared = TypeVar("Shared")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+# What the pool's initializer installs in each worker: the stage function and what it shares across batches.
+_worker_state: tuple[Callable[[Any, Any], Any], Any] | None = None
+
+
+def default_processes() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def processes_for(rows: int, batch_rows: int, processes: int) -> int:
+    """Processes worth starting for ``rows`` rows in batches of ``batch_rows``: none beyond this one for a
+    couple of batches (spawning a worker and loading its tokenizer costs seconds), never more than batches."""
+    batches = -(-rows // batch_rows)
+    return 1 if batches <= 2 else max(1, min(processes, batches))
+
+
+def _install(fn: Callable[[Any, Any], Any], shared: Any) -> None:
+    global _worker_state
+    _worker_state = (fn, shared)
+
+
+def _call(item: Any) -> Any:
+    assert _worker_state is not None, "worker was not initialised"
+    fn, shared = _worker_state
+    return fn(shared, item)
+
+
+def map_batches(
+    fn: Callable[[Shared, Item], Result], shared: Shared, items: Iterable[Item], processes: int
+) -> Iterator[Result]:
+    """``fn(shared, item)`` for each item, yielded in the order of ``items``.
+
+    ``processes <= 1`` runs in this process (no pickling, nothing spawned). Otherwise ``fn`` must be a module-level
+    function and ``shared`` and the items picklable; a worker's exception is raised here, with its traceback.
+    """
+    if processes <= 1:
+        for item in items:
+            yield fn(shared, item)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_install, initargs=(fn, shared)) as pool:
+        in_flight: deque[Future[Result]] = deque()
+        try:
+            for item in items:
+                in_flight.append(pool.submit(_call, item))
+                if len(in_flight) >= 2 * processes:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:  # the caller stopped early or a batch failed: drop what is queued
+                future.cancel()
