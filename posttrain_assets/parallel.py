@@ -13,8 +13,10 @@ bounded by the batch size, not the corpus.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,6 +25,8 @@ from typing import Any, TypeVar
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
 
 # What the pool's initializer installs in each worker: the stage function and what it shares across batches.
 _worker_state: tuple[Callable[[Any, Any], Any], Any] | None = None
@@ -43,8 +47,21 @@ def processes_for(rows: int, batch_rows: int, processes: int) -> int:
     return 1 if batches <= 2 else max(1, min(processes, batches))
 
 
-def _install(fn: Callable[[Any, Any], Any], shared: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to stop this worker when the process that spawned it dies: a parent killed outright (a cancelled
+    run, OOM) would otherwise leave its workers blocked forever on a result pipe they also hold open."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: workers end when their call queue closes, as usual
+        pass
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
+
+
+def _install(fn: Callable[[Any, Any], Any], shared: Any, parent: int) -> None:
     global _worker_state
+    _die_with_parent(parent)
     _worker_state = (fn, shared)
 
 
@@ -67,7 +84,9 @@ def map_batches(
             yield fn(shared, item)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_install, initargs=(fn, shared)) as pool:
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_install, initargs=(fn, shared, os.getpid())
+    ) as pool:
         in_flight: deque[Future[Result]] = deque()
         try:
             for item in items:

@@ -9,9 +9,12 @@ landing file's and the record's sha256, the source's license and origin. Pure: a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
+
+from posttrain_assets.tables import fetch_batches
 
 GOLD_TABLES = ("gold.sft", "gold.preference", "gold.preference_length_balanced", "gold.rl_prompts")
 
@@ -176,6 +179,34 @@ def _format(conn: Any, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What the audit reads of each trace row (not the list of dropped duplicates).
+AUDITED_COLUMNS = (
+    "gold_table",
+    "id",
+    "source",
+    "license",
+    "origin_uri",
+    "origin_source",
+    "in_silver",
+    "file_path",
+    "row_number",
+    "file_sha256",
+    "record_sha256",
+    "in_bronze",
+    "bronze_file_sha256",
+    "bronze_record_sha256",
+)
+AUDIT_BATCH_ROWS = 65_536
+
+
+def _audited_rows(conn: Any) -> Iterator[dict[str, Any]]:
+    """Every trace row's audited columns, streamed in Arrow batches and unsorted: a million gold rows sorted with
+    their lists of dropped duplicates outgrow DuckDB's memory cap (the messages are sorted at the end instead)."""
+    sql = f"SELECT {', '.join(AUDITED_COLUMNS)} FROM ({trace_select(conn)})"
+    for rows in fetch_batches(conn, sql, AUDIT_BATCH_ROWS):
+        yield from rows
+
+
 def provenance_violations(conn: Any) -> list[str]:
     """Every way a gold row fails to resolve to its sources; empty when provenance is sound.
 
@@ -185,7 +216,7 @@ def provenance_violations(conn: Any) -> list[str]:
     row in the same way. Messages name the table, the id and the problem, sorted.
     """
     problems: list[str] = []
-    for r in _trace_rows(conn, "TRUE", []):
+    for r in _audited_rows(conn):
         where = f"{r['gold_table']} {r['id']}"
         if not r["in_silver"]:
             problems.append(f"{where}: not in silver.records")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +53,53 @@ def test_processes_for_small_inputs_is_one() -> None:
     assert processes_for(10**6, 4096, 2) == 2
     assert processes_for(10**6, 4096, 1) == 1
     assert processes_for(5 * 4096, 4096, 8) == 5
+
+
+def report_and_wait(directory: str, item: int) -> None:
+    """Say which process took the item, then wait as a long batch would."""
+    (Path(directory) / f"{item}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+PARENT = """
+import sys
+from posttrain_assets.parallel import map_batches
+from posttrain_assets_tests.test_parallel import report_and_wait
+
+if __name__ == "__main__":
+    for _ in map_batches(report_and_wait, sys.argv[1], range(2), processes=2):
+        pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited, it only waits to be reaped
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+    )
+    try:
+        pid_files = [tmp_path / "0.pid", tmp_path / "1.pid"]
+        deadline = time.monotonic() + 60
+        while not all(p.exists() and p.read_text() for p in pid_files):
+            assert time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.1)
+        workers = [int(p.read_text()) for p in pid_files]
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        parent.kill()  # SIGKILL: no clean-up code of the parent runs
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
