@@ -131,5 +131,6 @@ def test_masking_peer_finds_our_worker_masks_identical_to_transformers(
     result = bench.peer_masking(tmp_path, tokenizer_cache_dir, limit=2200)
     assert result["identical_masks"] is True
     assert result["ours_processes"] == min(2, default_processes())
+    assert result["ours_one_process"]["seconds"] > 0 and result["ours_one_process_speedup"] > 0
     assert 2000 < result["conversations"] <= 2200
     assert result["tokens"] > 100 * result["conversations"]
