@@ -789,6 +789,7 @@ STAGES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("silver sft_tokenized", lambda job, step: step == "silver_sft_tokenized"),
     ("loss_mask_check", lambda job, step: "loss_mask_check" in step),
     ("silver preference pairs", lambda job, step: step == "silver_preference_pairs"),
+    ("silver RL certification", lambda job, step: step.startswith("silver__rl_") and "check" not in step),
     ("gold", lambda job, step: step.startswith("gold_") and "check" not in step),
     ("other checks", lambda job, step: "check" in step and "loss_mask_check" not in step),
 )
@@ -910,6 +911,7 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
         "silver sft_tokenized": regime_rows.get("sft", 0),
         "loss_mask_check": tables.get("silver.sft_tokenized", 0),
         "silver preference pairs": regime_rows.get("preference", 0),
+        "silver RL certification": regime_rows.get("rl", 0),
         "gold": sum(v for k, v in tables.items() if k.startswith("gold.")),
         "other checks": silver_in,
     }

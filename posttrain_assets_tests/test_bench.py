@@ -95,6 +95,7 @@ def test_tiny_benchmark_end_to_end(
     result = json.loads(result_path.read_text(encoding="utf-8"))
     assert {"schema_version", "machine", "corpus", "pipeline"} <= set(result)
     assert "peers" not in result
+    assert result["pipeline"]["failure"] is None
     corpus, run = result["corpus"], result["pipeline"]
     assert corpus["records"] == N and corpus["by_regime"] == {"sft": 180, "preference": 75, "rl": 45}
     assert set(run["stages"]) >= {
@@ -103,8 +104,10 @@ def test_tiny_benchmark_end_to_end(
         "silver sft_tokenized",
         "loss_mask_check",
         "silver preference pairs",
+        "silver RL certification",
         "gold",
     }
+    assert run["stages"]["silver RL certification"]["records"] == run["silver_by_regime"]["rl"]
     for stage in run["stages"].values():
         assert stage["seconds"] >= 0 and stage["peak_rss_mib"] > 0
     assert run["end_to_end"]["peak_rss_mib"] > 0
