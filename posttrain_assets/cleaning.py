@@ -17,10 +17,11 @@ Stages, in order (each named by its role; a stage says what it drops and why, no
 
 Quality runs first so a kept duplicate twin is always a row that survives the gate.
 
-Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch and
-write into work tables (schema ``work``), and the later stages keep only ids, keys, ranks and MinHash
-signatures in Python; texts are read back from DuckDB a batch at a time. The silver tables are replaced
-from the work tables in one transaction at the end, so a failed pass leaves the previous silver intact.
+Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch (in
+worker processes, ``posttrain_assets.parallel``) and write into work tables (schema ``work``), and the later
+stages keep only ids, keys, ranks and MinHash signatures in Python; texts are read back from DuckDB a batch at
+a time. The silver tables are replaced from the work tables in one transaction at the end, so a failed pass
+leaves the previous silver intact.
 """
 
 from __future__ import annotations
