@@ -137,3 +137,22 @@ def test_masking_peer_finds_our_worker_masks_identical_to_transformers(
     assert result["ours_one_process"]["seconds"] > 0 and result["ours_one_process_speedup"] > 0
     assert 2000 < result["conversations"] <= 2200
     assert result["tokens"] > 100 * result["conversations"]
+
+
+def test_a_failed_job_still_reports_the_stages_that_ran(
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posttrain_assets.defs.checks import provenance
+
+    def out_of_memory(_conn):
+        raise RuntimeError("planted: out of memory in the audit")
+
+    monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tokenizer_cache_dir))
+    monkeypatch.setattr(provenance, "provenance_violations", out_of_memory)
+    result_path = tmp_path / "result.json"
+    assert bench.main(["--records", str(N), "--out", str(tmp_path), "--json", str(result_path), "--skip-peers"]) == 1
+    run = json.loads(result_path.read_text(encoding="utf-8"))["pipeline"]
+    assert "planted: out of memory in the audit" in run["failure"]
+    assert run["stages"]["silver canonical + cleaning"]["records"] == N
+    assert run["stages"]["loss_mask_check"]["seconds"] > 0
+    assert run["tables"]["gold.sft"] == run["silver_by_regime"]["sft"]
