@@ -141,11 +141,11 @@ WORK_CONTAMINATION = _work(SILVER_CONTAMINATION)
 WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
 
 # Bronze is read in the order that decides which exact duplicate is kept: source priority, file, row. Each
-# file's rows are read in row_number ranges (tables.ordered_batches), never sorted whole.
-BRONZE_FILES_AND_ROWS = f"""
-SELECT file_path, count(*) FROM {BRONZE_RECORDS.qualified} WHERE list_contains($sources, source) GROUP BY file_path
+# file's rows are read in row_number ranges (tables.ordered_arrow), never sorted whole.
+BRONZE_FILES = f"""
+SELECT source, file_path, count(*) FROM {BRONZE_RECORDS.qualified} WHERE list_contains($sources, source)
+GROUP BY source, file_path ORDER BY file_path
 """
-BRONZE_FILES = f"SELECT DISTINCT file_path FROM {BRONZE_RECORDS.qualified} WHERE source = $source ORDER BY file_path"
 BRONZE_ROWS_OF_FILE = f"""
 SELECT source, file_path, row_number, record_sha256, payload, decode_error, file_sha256
 FROM {BRONZE_RECORDS.qualified}
@@ -347,11 +347,10 @@ def normalise_and_gate(
     Batches run in ``cfg.processes`` worker processes (posttrain_assets.parallel) and come back in bronze
     priority order; exact duplicates are collapsed here, in that order, so the result does not depend on the
     number of processes."""
-    files = conn.execute(BRONZE_FILES_AND_ROWS, {"sources": registry.names}).fetchall()
-    context = GateContext(registry, tokenizer, {file: created_at(file) for file, _ in files}, cfg.quality)
-    bronze_rows = sum(rows for _, rows in files)
-    processes = processes_for(bronze_rows, cfg.batch_rows, cfg.processes)
-    batches = _bronze_in_priority_order(conn, registry, cfg.batch_rows)
+    files = conn.execute(BRONZE_FILES, {"sources": registry.names}).fetchall()
+    context = GateContext(registry, tokenizer, {file: created_at(file) for _, file, _ in files}, cfg.quality)
+    processes = processes_for(sum(rows for _, _, rows in files), cfg.batch_rows, cfg.processes)
+    batches = _bronze_in_priority_order(conn, registry, files, cfg.batch_rows)
     first_seen = FirstSeen()
     seq = 0
     for gated in map_batches(normalise_and_gate_batch, context, batches, processes):
@@ -370,9 +369,12 @@ def normalise_and_gate(
         insert_rows(conn, WORK_DEDUP, rows["duplicates"])
 
 
-def _bronze_in_priority_order(conn: Any, registry: Registry, batch_rows: int) -> Iterator[Any]:
+def _bronze_in_priority_order(
+    conn: Any, registry: Registry, files: list[tuple[str, str, int]], batch_rows: int
+) -> Iterator[Any]:
+    """Arrow batches of the bronze rows of ``files`` (source, file, rows): by source priority, file, row."""
     for source in registry.names:
-        for (file,) in conn.execute(BRONZE_FILES, {"source": source}).fetchall():
+        for file in (f for s, f, _ in files if s == source):
             yield from ordered_arrow(
                 conn, BRONZE_ROWS_OF_FILE, "row_number", batch_rows, {"source": source, "file": file}
             )

@@ -351,9 +351,8 @@ def quality_verdicts(records: Sequence[Record], cfg: QualityConfig | None = None
     (with no allowed set it can drop nothing).
     """
     cfg = cfg or QualityConfig()
-    verdict: list[Drop | str] = [""] * len(records)
+    verdict: list[Drop | str] = [rec.get("lang") or "" for rec in records]
     for i, rec in enumerate(records):
-        verdict[i] = rec.get("lang") or ""
         for check in FILTER_ORDER:
             drop = check(rec, cfg)
             if drop is not None:
