@@ -512,17 +512,17 @@ def _estimated_at_least(sigs: np.ndarray, pairs: np.ndarray, floor: float, chunk
     return np.concatenate(keep) if keep else np.empty((0, 2), dtype=np.int64)
 
 
-def _bucket_pairs(members: np.ndarray) -> Iterator[np.ndarray]:
-    """Every pair (i < j) of one LSH bucket, as (k, 2) arrays of at most about a million pairs each."""
-    members = np.sort(members)
-    size = len(members)
-    step = max(1, (1 << 20) // size)
-    for start in range(0, size - 1, step):
-        left = np.arange(start, min(start + step, size - 1))
-        counts = size - 1 - left
-        i = np.repeat(left, counts)
-        j = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts) + i + 1
-        yield np.stack([members[i], members[j]], axis=1)
+def _pairs_in_buckets(ordered: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
+    """Every pair (i < j) inside each bucket ``ordered[start : start + size]``, as (k, 2) arrays of about a
+    million pairs at most. Buckets of one size are listed together (one index per pair position of a
+    triangle), so a million small buckets cost a few numpy calls, not a Python step each."""
+    for size in np.unique(sizes).tolist():
+        first = starts[sizes == size]
+        iu, ju = np.triu_indices(size, 1)
+        per_chunk = max(1, (1 << 20) // len(iu))
+        for begin in range(0, len(first), per_chunk):
+            rows = np.sort(ordered[first[begin : begin + per_chunk, None] + np.arange(size)], axis=1)
+            yield np.stack([rows[:, iu].ravel(), rows[:, ju].ravel()], axis=1)
 
 
 # An LSH bucket larger than this is split by the rows of the following bands before its pairs are listed.
@@ -531,8 +531,9 @@ MAX_BUCKET = 64
 MAX_SPLIT_BANDS = 3
 
 
-def _buckets(sigs: np.ndarray, members: np.ndarray, columns: slice) -> list[np.ndarray]:
-    """``members`` grouped by their signature values in ``columns``: groups of two or more, as index arrays."""
+def _buckets(sigs: np.ndarray, members: np.ndarray, columns: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``members`` grouped by their signature values in ``columns``: the members in group order, and the start
+    and size of each group of two or more in it."""
     block = sigs[members, columns]
     order = np.lexsort(block.T[::-1])
     ordered = block[order]
@@ -540,7 +541,7 @@ def _buckets(sigs: np.ndarray, members: np.ndarray, columns: slice) -> list[np.n
     new_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
     starts = np.flatnonzero(new_bucket)
     sizes = np.diff(np.append(starts, len(members)))
-    return [members[order[s : s + z]] for s, z in zip(starts[sizes > 1], sizes[sizes > 1], strict=True)]
+    return members[order], starts[sizes > 1], sizes[sizes > 1]
 
 
 def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.ndarray:
@@ -549,8 +550,8 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
     A pair is a candidate when the two signatures are equal on all ``r`` rows of at least one of the ``b``
     bands :func:`lsh_bands` gives (the pairs ``MinHashLSH.query`` returns for the same signatures) and their
     estimated Jaccard similarity reaches the net's threshold (LSH false positives below it are dropped
-    before any text is compared). Each band is one ``np.lexsort`` over all rows; buckets of two, the common
-    case, become pairs without a Python loop.
+    before any text is compared). Each band is one ``np.lexsort`` over all rows; the pairs of its buckets
+    are listed a bucket size at a time (:func:`_pairs_in_buckets`), without a Python step per bucket.
 
     A bucket of more than :data:`MAX_BUCKET` rows is split by the rows of the next band (up to
     :data:`MAX_SPLIT_BANDS` of them) before its pairs are listed. Listing it whole costs the square of its
@@ -571,20 +572,20 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
         return slice(band * rows, (band + 1) * rows)
 
     found: list[np.ndarray] = []
+
+    def listed(ordered: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> None:
+        found.extend(_estimated_at_least(sigs, part, floor) for part in _pairs_in_buckets(ordered, starts, sizes))
+
     everyone = np.arange(n)
     for band in range(bands):
-        buckets = _buckets(sigs, everyone, columns(band))
-        twos = [b for b in buckets if len(b) == 2]
-        if twos:
-            found.append(_estimated_at_least(sigs, np.sort(np.stack(twos), axis=1), floor))
-        pending = [(b, 1) for b in buckets if len(b) > 2]
+        pending = [(everyone, 0)]
         while pending:
             members, depth = pending.pop()
-            if len(members) > MAX_BUCKET and depth <= MAX_SPLIT_BANDS:
-                pending += [(b, depth + 1) for b in _buckets(sigs, members, columns(band + depth))]
-                continue
-            for part in _bucket_pairs(members):
-                found.append(_estimated_at_least(sigs, part, floor))
+            ordered, starts, sizes = _buckets(sigs, members, columns(band + depth))
+            # a bucket too large is split by the next band's rows, unless it has been split enough times
+            split = (sizes > MAX_BUCKET) & (depth < MAX_SPLIT_BANDS)
+            listed(ordered, starts[~split], sizes[~split])
+            pending += [(ordered[s : s + z], depth + 1) for s, z in zip(starts[split], sizes[split], strict=True)]
     if not found:
         return np.empty((0, 2), dtype=np.int64)
     codes = np.unique(np.concatenate([p[:, 0].astype(np.int64) * n + p[:, 1] for p in found]))

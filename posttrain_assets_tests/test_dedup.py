@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import random
 from collections import Counter
@@ -241,6 +242,18 @@ def test_candidate_pairs_are_the_pairs_minhash_lsh_returns() -> None:
     assert (0, 40) in expected and (40, 41) in expected and (0, 30) in expected
 
 
+def test_pairs_in_buckets_lists_every_pair_of_each_bucket_once() -> None:
+    ordered = np.array([9, 4, 7, 1, 8, 0, 3, 6, 2, 5])
+    starts, sizes = np.array([0, 2, 5, 8]), np.array([2, 3, 3, 2])  # buckets {9,4} {7,1,8} {0,3,6} {2,5}
+    pairs = sorted(map(tuple, np.concatenate(list(dedup._pairs_in_buckets(ordered, starts, sizes))).tolist()))
+    expected = sorted(
+        pair
+        for s, z in zip(starts, sizes, strict=True)
+        for pair in itertools.combinations(sorted(ordered[s : s + z].tolist()), 2)
+    )
+    assert pairs == expected == [(0, 3), (0, 6), (1, 7), (1, 8), (2, 5), (3, 6), (4, 9), (7, 8)]
+
+
 def test_a_large_bucket_is_split_by_the_next_bands_and_keeps_its_true_pairs(monkeypatch) -> None:
     """300 rows share band 0 (as long chats built from common word pairs do at scale); among them 10 groups of
     three agree on every slot. Splitting by band 1 lists about 10 x 3 pairs instead of 300 x 299 / 2."""
@@ -252,8 +265,13 @@ def test_a_large_bucket_is_split_by_the_next_bands_and_keeps_its_true_pairs(monk
     for group in range(10):
         sigs[group * 3 + 1 : group * 3 + 3] = sigs[group * 3]  # rows 3g, 3g+1, 3g+2 are identical
     listed: list[int] = []
-    real = dedup._bucket_pairs
-    monkeypatch.setattr(dedup, "_bucket_pairs", lambda members: (listed.append(len(members)), real(members))[1])
+    real = dedup._pairs_in_buckets
+
+    def listing(ordered, starts, sizes):
+        listed.extend(sizes.tolist())
+        return real(ordered, starts, sizes)
+
+    monkeypatch.setattr(dedup, "_pairs_in_buckets", listing)
     pairs = [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()]
     assert pairs == sorted((3 * g + a, 3 * g + b) for g in range(10) for a, b in ((0, 1), (0, 2), (1, 2)))
     assert max(listed) == 3  # no bucket larger than a group was ever listed whole
