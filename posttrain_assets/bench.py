@@ -821,6 +821,17 @@ def step_intervals(instance: Any) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s["start"])
 
 
+def silver_pass_seconds(instance: Any) -> dict[str, float]:
+    """The silver pass's seconds per stage (``seconds/...`` metadata of silver.records), when it ran."""
+    import dagster as dg
+
+    event = instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
+    if event is None or event.asset_materialization is None:
+        return {}
+    metadata = event.asset_materialization.metadata
+    return {k.removeprefix("seconds/"): v.value for k, v in metadata.items() if k.startswith("seconds/")}
+
+
 def _count(conn: Any, sql: str) -> int:
     return int(conn.execute(sql).fetchone()[0])
 
@@ -859,6 +870,7 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
                 except RuntimeError as exc:  # a failed job: the stages that ran are still measured and reported
                     report, failure = None, str(exc)
             steps = step_intervals(instance)
+            silver_pass = silver_pass_seconds(instance)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -945,6 +957,7 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
             "orchestration_overhead_seconds": round(total["seconds"] - step_seconds, 2),
         },
         "stages": stages,
+        "silver_pass_seconds": silver_pass,
         "tables": tables,
         "silver_by_regime": regime_rows,
         "quarantine": {
@@ -1351,6 +1364,8 @@ def report_text(result: dict[str, Any]) -> str:
                 ]
             ],
         ),
+        "silver pass by stage (s): "
+        + (", ".join(f"{k} {v:.1f}" for k, v in p.get("silver_pass_seconds", {}).items()) or "did not run"),
         "",
         f"near-dedup vs plan: recall {p['dedup']['recall']} ({p['dedup']['recalled']}/{p['dedup']['planted']}), "
         f"precision {p['dedup']['precision']} ({p['dedup']['true_positives']}/{p['dedup']['detected']}); "

@@ -19,16 +19,18 @@ Quality runs first so a kept duplicate twin is always a row that survives the ga
 
 Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch (in
 worker processes, ``posttrain_assets.parallel``) and write into work tables (schema ``work``), and the later
-stages keep only ids, keys, ranks and MinHash signatures in Python; texts are read back from DuckDB a batch at
-a time. The silver tables are replaced from the work tables in one transaction at the end, so a failed pass
-leaves the previous silver intact.
+stages keep only ids, keys, ranks and MinHash signatures in Python (the signatures are computed in worker
+processes too); texts are read back from DuckDB a batch at a time. The silver tables are replaced from the
+work tables in one transaction at the end, so a failed pass leaves the previous silver intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,6 +67,7 @@ from posttrain_assets.tables import (
     SILVER_RECORDS,
     Column,
     Table,
+    fetch_arrow,
     fetch_batches,
     fetch_dicts,
     insert_ordered,
@@ -86,7 +89,8 @@ class CleaningConfig:
     decontamination_ngram: int = 13
     leak_policy: Literal["report", "prefer_rl"] = "report"
     batch_rows: int = 4096  # bronze rows per Arrow batch (and staged rows per read-back batch)
-    processes: int = field(default_factory=default_processes)  # worker processes for stages 0-1 (1: none)
+    # worker processes for stages 0-1 and the MinHash signatures (1: none)
+    processes: int = field(default_factory=default_processes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +243,27 @@ class PassResult:
     """What the pass reports beyond its tables."""
 
     contamination_report: list[dict[str, Any]]  # per benchmark (decontamination.contamination_report)
+    # Wall seconds per stage, in pass order (STAGE_NAMES), plus ``deduplicate/signatures`` (the part of
+    # ``deduplicate`` spent reading units and computing MinHash signatures): where a slow pass spends its time.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+STAGE_NAMES = ("normalise_and_gate", "decontaminate", "deduplicate", "cross_regime_leaks", "quarantine", "publish")
+
+
+class StageClock:
+    """Accumulates wall seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,17 +295,24 @@ def run_silver_pass(
     # setting is the database's, so it is restored on the way out.
     (autocheckpoint,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
     conn.execute(f"SET wal_autocheckpoint = '{WORK_AUTOCHECKPOINT}'")
+    clock = StageClock()
     try:
-        normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
-        report = decontaminate(conn, cfg)
-        deduplicate_staged(conn, registry, cfg)
-        leaks = cross_regime_leaks(conn, cfg)
-        quarantine_removed(conn)
-        publish(conn, leaks)
+        with clock.stage("normalise_and_gate"):
+            normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
+        with clock.stage("decontaminate"):
+            report = decontaminate(conn, cfg)
+        with clock.stage("deduplicate"):
+            deduplicate_staged(conn, registry, cfg, clock)
+        with clock.stage("cross_regime_leaks"):
+            leaks = cross_regime_leaks(conn, cfg)
+        with clock.stage("quarantine"):
+            quarantine_removed(conn)
+        with clock.stage("publish"):
+            publish(conn, leaks)
     finally:
         conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
         conn.execute("SET wal_autocheckpoint = $size", {"size": autocheckpoint})
-    return PassResult(report)
+    return PassResult(report, clock.seconds)
 
 
 @dataclass(frozen=True)
@@ -409,7 +441,7 @@ def _units(rows: Sequence[Record]) -> dict[int, tuple[str, str | None]]:
     return {r["seq"]: (dedup_unit(r), guard_text(r)) for r in rows}
 
 
-def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> None:
+def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig, clock: StageClock | None = None) -> None:
     """Stage 3, per regime: exact-normalised then near duplicates of the live rows (see dedup.deduplicate_regime).
 
     In memory per regime: ids, exact keys, ranks and signatures (num_perm 32-bit values per row). Signatures
@@ -423,7 +455,7 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> No
     try:
         for regime in REGIMES:
             config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
-            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg.batch_rows)
+            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg, clock or StageClock())
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
     dropped = [
@@ -437,8 +469,15 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig) -> No
     )
 
 
+def unit_signatures(config: MinHashConfig, batch: Any) -> tuple[list[int], np.ndarray]:
+    """The seqs of a batch of staged rows (``UNIT_COLUMNS``) and the MinHash signatures of their dedup units.
+    Pure, so batches run in worker processes."""
+    rows = batch.to_pylist()
+    return [r["seq"] for r in rows], minhash_signatures([dedup_unit(r) for r in rows], config)
+
+
 def _deduplicate_regime(
-    conn: Any, registry: Registry, regime: str, config: MinHashConfig, batch_rows: int
+    conn: Any, registry: Registry, regime: str, config: MinHashConfig, cfg: CleaningConfig, clock: StageClock
 ) -> DroppedTo:
     ranked = conn.execute(RANKED_OF_REGIME, {"sources": registry.names, "regime": regime}).fetchall()
     params = {"regime": regime}
@@ -449,17 +488,22 @@ def _deduplicate_regime(
     if regime == "rl":  # short rows: one extra read for the numbers and answers
         position = {s: i for i, s in enumerate(seqs)}
         same_key = [None] * len(seqs)
-        for rows in fetch_batches(conn, UNITS_OF_REGIME, batch_rows, params):
+        for rows in fetch_batches(conn, UNITS_OF_REGIME, cfg.batch_rows, params):
             for r in rows:
                 same_key[position[r["seq"]]] = rl_same_key(r)
 
     def signatures(indices: list[int]) -> np.ndarray:
+        """Signatures of the rows ``indices``, computed over every live row of the regime (exact twins, the
+        only others, are few) in worker processes."""
         row_of = {seqs[i]: k for k, i in enumerate(indices)}
         out = np.empty((len(indices), config.num_perm), dtype=signature_dtype(config))
-        for rows in fetch_batches(conn, UNITS_OF_REGIME, batch_rows, params):
-            rows = [r for r in rows if r["seq"] in row_of]
-            if rows:
-                out[[row_of[r["seq"]] for r in rows]] = minhash_signatures([dedup_unit(r) for r in rows], config)
+        processes = processes_for(len(seqs), cfg.batch_rows, cfg.processes)
+        with clock.stage("deduplicate/signatures"):
+            batches = fetch_arrow(conn, UNITS_OF_REGIME, cfg.batch_rows, params)
+            for batch_seqs, sigs in map_batches(unit_signatures, config, batches, processes):
+                wanted = [(row_of[s], k) for k, s in enumerate(batch_seqs) if s in row_of]
+                if wanted:
+                    out[[r for r, _ in wanted]] = sigs[[k for _, k in wanted]]
         return out
 
     def texts_of(indices: Sequence[int]) -> dict[int, tuple[str, str | None]]:

@@ -79,11 +79,16 @@ def fetch_batches(
 
     The query runs on a cursor of its own, so ``conn`` can write (e.g. the next table) while it is read.
     """
+    for batch in fetch_arrow(conn, sql, rows, params):
+        yield batch.to_pylist()
+
+
+def fetch_arrow(conn: Any, sql: str, rows: int, params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """As :func:`fetch_batches`, each batch as an Arrow record batch (e.g. to send to a worker process)."""
     # A connection keeps every cursor it hands out until the cursor is closed (each holds a client context of
     # its own), so the cursor is closed when the rows are read or the caller stops early.
     with conn.cursor() as cursor:
-        for batch in cursor.sql(sql, params=params or {}).to_arrow_reader(rows):
-            yield batch.to_pylist()
+        yield from cursor.sql(sql, params=params or {}).to_arrow_reader(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

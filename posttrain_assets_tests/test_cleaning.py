@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
 
-from posttrain_assets.cleaning import CleaningConfig, run_silver_pass
+from posttrain_assets.cleaning import STAGE_NAMES, CleaningConfig, PassResult, run_silver_pass
 from posttrain_assets.registry import Registry, Source
 from posttrain_assets.tables import BRONZE_RECORDS
 
@@ -67,8 +68,8 @@ def warehouse(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, Registry]:
     return conn, registry
 
 
-def run(conn: duckdb.DuckDBPyConnection, registry: Registry, tok: Any, **cfg: Any) -> None:
-    run_silver_pass(conn, registry, tok, lambda _path: CREATED, CleaningConfig(batch_rows=1, **cfg))
+def run(conn: duckdb.DuckDBPyConnection, registry: Registry, tok: Any, **cfg: Any) -> PassResult:
+    return run_silver_pass(conn, registry, tok, lambda _path: CREATED, CleaningConfig(batch_rows=1, **cfg))
 
 
 def where(conn: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], str]:
@@ -118,6 +119,18 @@ def test_every_bronze_row_ends_in_exactly_one_place(warehouse, smollm2_tokenizer
     # token counts are filled, the work tables are gone
     assert conn.execute("SELECT count(*) FROM silver.records WHERE token_count IS NULL").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'work'").fetchone()[0] == 0
+
+
+def test_the_pass_reports_the_seconds_of_each_stage(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    start = time.perf_counter()
+    seconds = run(conn, registry, smollm2_tokenizer).stage_seconds
+    wall = time.perf_counter() - start
+    assert set(seconds) == {*STAGE_NAMES, "deduplicate/signatures"}
+    assert all(s > 0 for s in seconds.values())
+    # the stages run one after another inside the pass; signatures are part of deduplicate
+    assert sum(seconds[name] for name in STAGE_NAMES) <= wall
+    assert seconds["deduplicate/signatures"] <= seconds["deduplicate"]
 
 
 def test_cross_regime_leaks_reported_then_removed_under_prefer_rl(warehouse, smollm2_tokenizer) -> None:

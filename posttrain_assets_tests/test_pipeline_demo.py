@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from posttrain_assets import cleaning, sft
+from posttrain_assets.cleaning import STAGE_NAMES
 from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
@@ -160,6 +161,11 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
     # No twin under construction (tables.building) or work table of the silver pass is left behind.
     stored = {f"{schema}.{name}" for schema, name in demo_graph.query(STORED_TABLES)}
     assert stored == {t.qualified for t in ALL_TABLES} - {"gold.preference"} | {TRACE_VIEW}
+    # silver.records says where its pass spent its time, as numbers the UI plots per run
+    event = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
+    seconds = {k: v.value for k, v in event.asset_materialization.metadata.items() if k.startswith("seconds/")}
+    assert set(seconds) == {f"seconds/{name}" for name in (*STAGE_NAMES, "deduplicate/signatures")}
+    assert all(isinstance(v, float) and v >= 0 for v in seconds.values())
 
 
 @pytest.fixture

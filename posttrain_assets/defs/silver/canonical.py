@@ -71,7 +71,8 @@ class CleaningPassConfig(dg.Config):
     jaccard_threshold: float = 0.7
     decontamination_ngram: int = 13
     leak_policy: Literal["report", "prefer_rl"] = "report"
-    processes: int = 0  # worker processes for parsing, the quality gate and token counts; 0: one per core
+    # worker processes for parsing, the quality gate, token counts and MinHash signatures; 0: one per core
+    processes: int = 0
 
     def cleaning(self) -> CleaningConfig:
         def minhash(words: int) -> MinHashConfig:
@@ -148,6 +149,10 @@ def silver_canonical(
             if key == SILVER_RECORDS_KEY:  # token_count was counted with this tokenizer and template
                 metadata.update({f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in tokenizer.identity().items()})
                 metadata["dagster/column_lineage"] = RECORDS_LINEAGE
+                # Plottable per run: which stage of the pass a slow materialisation spent its time in.
+                metadata.update(
+                    {f"seconds/{name}": dg.MetadataValue.float(round(s, 3)) for name, s in result.stage_seconds.items()}
+                )
             yield dg.MaterializeResult(asset_key=key, metadata=metadata)
 
 
