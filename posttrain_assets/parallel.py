@@ -6,9 +6,12 @@ over a pool of processes and hands the results back in input order, so a stage t
 process gives the same tables with any number of processes.
 
 Workers are spawned (not forked: the parent holds DuckDB and Dagster threads, which a fork would copy
-mid-flight). What every batch needs (tokenizer, registry, configuration) is sent once per worker; only the
-batches and their results travel per task, and at most ``2 x processes`` batches are in flight, so memory stays
-bounded by the batch size, not the corpus.
+mid-flight), and never re-run the caller's script: a spawned worker normally imports the parent's ``__main__``,
+so a script that runs the pipeline without an ``if __name__ == "__main__":`` guard would start the pipeline again
+in every worker. The stage functions live in this package, so workers are started as if from an interactive
+session (:func:`_workers_skip_main`). What every batch needs (tokenizer, registry, configuration) is sent once
+per worker; only the batches and their results travel per task, and at most ``2 x processes`` batches are in
+flight, so memory stays bounded by the batch size, not the corpus.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 Shared = TypeVar("Shared")
@@ -59,6 +64,33 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_MISSING = object()
+
+
+@contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """Processes spawned inside this block do not import the parent's ``__main__`` script or module.
+
+    multiprocessing's spawn re-imports ``__main__`` in each child from its ``__spec__`` name or its ``__file__``
+    and skips it when it has neither (an interactive session); both are hidden while workers start. Workers only
+    run functions of importable modules (``map_batches`` sends them by module and name), so they lose nothing.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: getattr(main, name, _MISSING) for name in ("__spec__", "__file__")}
+    main.__spec__ = None
+    if saved["__file__"] is not _MISSING:
+        del main.__file__
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is not _MISSING:
+                setattr(main, name, value)
+
+
 def _install(fn: Callable[[Any, Any], Any], shared: Any, parent: int) -> None:
     global _worker_state
     _die_with_parent(parent)
@@ -76,8 +108,9 @@ def map_batches(
 ) -> Iterator[Result]:
     """``fn(shared, item)`` for each item, yielded in the order of ``items``.
 
-    ``processes <= 1`` runs in this process (no pickling, nothing spawned). Otherwise ``fn`` must be a module-level
-    function and ``shared`` and the items picklable; a worker's exception is raised here, with its traceback.
+    ``processes <= 1`` runs in this process (no pickling, nothing spawned). Otherwise ``fn`` must be a function of
+    an importable module (not of the caller's script, which workers do not import) and ``shared`` and the items
+    picklable; a worker's exception is raised here, with its traceback.
     """
     if processes <= 1:
         for item in items:
@@ -90,7 +123,8 @@ def map_batches(
         in_flight: deque[Future[Result]] = deque()
         try:
             for item in items:
-                in_flight.append(pool.submit(_call, item))
+                with _workers_skip_main():  # the pool starts its workers on a submit
+                    in_flight.append(pool.submit(_call, item))
                 if len(in_flight) >= 2 * processes:
                     yield in_flight.popleft().result()
             while in_flight:

@@ -103,3 +103,35 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+
+
+UNGUARDED = """
+import operator
+import sys
+from pathlib import Path
+
+from posttrain_assets.parallel import map_batches
+
+with open(Path(sys.argv[1]) / "runs.log", "a") as log:  # each time this script's body runs, in any process
+    log.write("ran\\n")
+print(list(map_batches(operator.add, 10, range(6), processes=2)))
+"""
+
+
+def test_a_script_without_a_main_guard_is_not_rerun_by_the_workers(tmp_path: Path) -> None:
+    """A script that calls the pipeline at top level: spawned workers would re-run it (and the pipeline) if they
+    imported it as their __main__; they do not, and its batches still run in the workers."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[10, 11, 12, 13, 14, 15]"
+    assert (tmp_path / "runs.log").read_text() == "ran\n"
