@@ -36,6 +36,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
     from transformers import PreTrainedTokenizerBase
@@ -576,18 +578,11 @@ def _rendered_content_forms(content: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def _runs(labels: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    start: int | None = None
-    for pos, label in enumerate(labels):
-        if label != IGNORE_INDEX and start is None:
-            start = pos
-        elif label == IGNORE_INDEX and start is not None:
-            runs.append((start, pos))
-            start = None
-    if start is not None:
-        runs.append((start, len(labels)))
-    return runs
+def _runs(labels: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each maximal run of trained (not -100) labels."""
+    trained = np.asarray(labels) != IGNORE_INDEX
+    edges = np.diff(trained.astype(np.int8), prepend=0, append=0)
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
 def _matches_piece(run_text: str, forms: list[str], marker: str) -> bool:
@@ -681,8 +676,8 @@ def fresh_template_ids(
 def verify_mask(
     tok: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
-    input_ids: list[int],
-    labels: list[int],
+    input_ids: Sequence[int] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
     cfg: MaskConfig,
     num_messages: int | None = None,
     expected: list[int] | str | None = None,
@@ -708,23 +703,23 @@ def verify_mask(
         (expected,) = fresh_template_ids(tok, [kept])
     if isinstance(expected, str):
         return expected
-    expected_ids = expected
-    if list(input_ids) != expected_ids:
-        pos = next(
-            (i for i, (a, b) in enumerate(zip(input_ids, expected_ids, strict=False)) if a != b),
-            min(len(input_ids), len(expected_ids)),
-        )
-        return (
-            f"position {pos}: input_ids differ from apply_chat_template ({len(input_ids)} vs {len(expected_ids)} ids)"
-        )
-    if len(labels) != len(input_ids):
-        return f"position {min(len(labels), len(input_ids))}: {len(labels)} labels for {len(input_ids)} input ids"
-    for pos, (label, token) in enumerate(zip(labels, input_ids, strict=True)):
-        if label != IGNORE_INDEX and label != token:
-            return f"position {pos}: label {label} is neither -100 nor the input id {token}"
-    runs = _runs(labels)
+    # The position-wise checks run over numpy arrays (a row has thousands of tokens); decoding takes lists.
+    ids, labs, expected_ids = np.asarray(input_ids), np.asarray(labels), np.asarray(expected)
+    if len(ids) != len(expected_ids) or not np.array_equal(ids, expected_ids):
+        common = min(len(ids), len(expected_ids))
+        differ = np.flatnonzero(ids[:common] != expected_ids[:common])
+        pos = int(differ[0]) if len(differ) else common
+        return f"position {pos}: input_ids differ from apply_chat_template ({len(ids)} vs {len(expected_ids)} ids)"
+    if len(labs) != len(ids):
+        return f"position {min(len(labs), len(ids))}: {len(labs)} labels for {len(ids)} input ids"
+    wrong = np.flatnonzero((labs != IGNORE_INDEX) & (labs != ids))
+    if len(wrong):
+        pos = int(wrong[0])
+        return f"position {pos}: label {int(labs[pos])} is neither -100 nor the input id {int(ids[pos])}"
+    runs = _runs(labs)
     if not runs:
         return "no trained position"
+    tokens = ids.tolist()  # for decoding
 
     trained = _trained_indices(kept, cfg)
     if not trained:
@@ -738,25 +733,25 @@ def verify_mask(
         if marker is None:
             return "cannot determine the end-of-turn marker independently; set MaskConfig.end_of_turn"
 
+    trained_texts = [_decode(tok, tokens[s:e]) for s, e in runs]
     for number, index in enumerate(trained):
         forms = _rendered_content_forms(kept[index]["content"])
         if number >= len(runs):
             after = runs[-1][1]
-            missing = _untrained_occurrence(tok, input_ids, (after, len(input_ids)), [f + marker for f in forms])
+            missing = _untrained_occurrence(tok, tokens, (after, len(tokens)), [f + marker for f in forms])
             after = after if missing is None else missing
             return (
                 f"position {after}: assistant message {index} has no trained run "
                 f"(expected {forms[0][:60]!r} + {marker!r} to be trained)"
             )
-        run = runs[number]
-        text = _decode(tok, input_ids[run[0] : run[1]])
+        run, text = runs[number], trained_texts[number]
         if not _matches_piece(text, forms, marker):
             previous_end = runs[number - 1][1] if number else 0
-            missing = _untrained_occurrence(tok, input_ids, (previous_end, run[0]), [f + marker for f in forms])
+            missing = _untrained_occurrence(tok, tokens, (previous_end, run[0]), [f + marker for f in forms])
             best = (
                 missing
                 if missing is not None
-                else max(_first_wrong_position(tok, input_ids, run, form + marker) for form in forms)
+                else max(_first_wrong_position(tok, tokens, run, form + marker) for form in forms)
             )
             return (
                 f"position {best}: trained run {run[0]}:{run[1]} decodes to {text[:80]!r}, expected assistant "
@@ -766,12 +761,11 @@ def verify_mask(
         extra = runs[len(trained)]
         return (
             f"position {extra[0]}: trained run {extra[0]}:{extra[1]} "
-            f"({_decode(tok, input_ids[extra[0] : extra[1]])[:60]!r}) is not an assistant turn"
+            f"({trained_texts[len(trained)][:60]!r}) is not an assistant turn"
         )
 
-    trained_texts = [_decode(tok, input_ids[s:e]) for s, e in runs]
-    untrained_texts = [_decode(tok, input_ids[s:e]) for s, e in _untrained_runs(runs, len(input_ids))]
-    full_text = _decode(tok, input_ids)
+    untrained_texts = [_decode(tok, tokens[s:e]) for s, e in _untrained_runs(runs, len(tokens))]
+    full_text = _decode(tok, tokens)
     trained_set = set(trained)
     for index, message in enumerate(kept):
         if index in trained_set:

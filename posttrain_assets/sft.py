@@ -8,10 +8,10 @@ only Arrow buffers cross back to the process that writes DuckDB.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from posttrain_assets.masking import (
@@ -141,27 +141,36 @@ PROVED_COLUMNS = (
 )
 
 
+def _list_views(column: pa.ChunkedArray) -> list[Any]:
+    """Each row of a list column as a numpy view of the column's values (no Python int per element)."""
+    lists = column.combine_chunks()
+    values, offsets = lists.values.to_numpy(zero_copy_only=False), lists.offsets.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(lists))]
+
+
 def prove_batch(identity: TokenizerIdentity, batch: pa.Table) -> MaskProof:
     """Prove each row's labels (``masking.verify_mask``) against one batched re-render and re-tokenisation of
     its conversation; a row tokenised with another tokenizer or template fails without being re-tokenised."""
     tok, hashes = identity.tokenizer, (identity.tokenizer_sha256, identity.chat_template_sha256)
     proof = MaskProof()
-    current: list[Sequence[Any]] = []
-    for row in batch.select(list(PROVED_COLUMNS)).to_pylist():
-        values = tuple(row.values())
-        if (values[8], values[9]) == hashes:
-            current.append(values)
+    batch = batch.select(list(PROVED_COLUMNS))
+    rows = batch.drop_columns(["input_ids", "labels"]).to_pylist()
+    token_lists = (_list_views(batch.column("input_ids")), _list_views(batch.column("labels")))
+    current: list[tuple[dict[str, Any], Any, Any]] = []
+    for row, input_ids, labels in zip(rows, *token_lists, strict=True):
+        if (row["tokenizer_sha256"], row["chat_template_sha256"]) == hashes:
+            current.append((row, input_ids, labels))
         else:
-            proof.failures.append((values[0], values[1], "tokenised with another tokenizer or template: rematerialise"))
-    fresh = fresh_template_ids(tok, [messages[:n] for _, _, messages, _, _, n, *_ in current])
-    for row, expected in zip(current, fresh, strict=True):
-        record_id, source, messages, input_ids, labels, num_messages, train_on, eot, _, _ = row
-        cfg = MaskConfig(train_on=train_on, end_of_turn=eot)
-        problem = verify_mask(tok, messages, input_ids, labels, cfg, num_messages, expected)
+            problem = "tokenised with another tokenizer or template: rematerialise"
+            proof.failures.append((row["id"], row["source"], problem))
+    fresh = fresh_template_ids(tok, [row["messages"][: row["num_messages"]] for row, _, _ in current])
+    for (row, input_ids, labels), expected in zip(current, fresh, strict=True):
+        cfg = MaskConfig(train_on=row["train_on"], end_of_turn=row["end_of_turn"])
+        problem = verify_mask(tok, row["messages"], input_ids, labels, cfg, row["num_messages"], expected)
         if problem:
-            proof.failures.append((record_id, source, problem))
-        counts = proof.tokens_by_source.setdefault(source, [0, 0])
+            proof.failures.append((row["id"], row["source"], problem))
+        counts = proof.tokens_by_source.setdefault(row["source"], [0, 0])
         counts[0] += len(input_ids)
-        counts[1] += sum(1 for label in labels if label != IGNORE_INDEX)
+        counts[1] += int(np.count_nonzero(labels != IGNORE_INDEX))
     proof.checked = batch.num_rows
     return proof
