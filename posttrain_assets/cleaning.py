@@ -70,8 +70,8 @@ from posttrain_assets.tables import (
     fetch_arrow,
     fetch_batches,
     fetch_dicts,
+    insert_ordered,
     insert_rows,
-    key_range_parts,
     ordered_arrow,
     ordered_batches,
 )
@@ -234,7 +234,7 @@ ORDER BY s.seq
 WORK_AUTOCHECKPOINT = "64GB"
 
 # Rows per sorted range when silver.records is written in id order: one range of the widest rows (multi-turn
-# chats) is sorted well inside DuckDB's memory cap.
+# chats) is sorted well inside DuckDB's memory cap, and a million rows take a few dozen scans of the work table.
 PUBLISH_RANGE_ROWS = 32_768
 
 
@@ -532,20 +532,11 @@ def quarantine_removed(conn: Any) -> None:
 
 def publish(conn: Any, leaks: list[dict[str, Any]]) -> None:
     """Replace the six silver tables from the work tables, in one transaction; silver.records is stored in id
-    order (the order every later stage reads it in).
-
-    The live rows are in bronze order, so they are first split into id ranges in one read
-    (tables.key_range_parts), and each range is sorted on its own."""
-    with key_range_parts(conn, STAGED, LIVE, "id", PUBLISH_RANGE_ROWS) as parts:
-        _publish(conn, parts, leaks)
-
-
-def _publish(conn: Any, parts: list[Table], leaks: list[dict[str, Any]]) -> None:
+    order (the order every later stage reads it in)."""
     conn.execute("BEGIN TRANSACTION")
     try:
         conn.execute(SILVER_RECORDS.create_sql(replace=True))
-        for part in parts:
-            conn.execute(SILVER_RECORDS.insert_sql(f"(SELECT * FROM {part.qualified} ORDER BY id)"))
+        insert_ordered(conn, SILVER_RECORDS, LIVE, "id", PUBLISH_RANGE_ROWS)
         for table, relation in (
             (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
             (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,35 +152,6 @@ def insert_ordered(
     sql = table.insert_sql(f"({_key_range(relation, key)})")
     for first, last in key_ranges(conn, relation, key, rows, params):
         conn.execute(sql, {**params, "range_first": first, "range_last": last})
-
-
-@contextmanager
-def key_range_parts(
-    conn: Any, table: Table, relation: str, key: str, rows: int, read_rows: int = 32_768
-) -> Iterator[list[Table]]:
-    """The rows of the query ``relation``, split by ``key`` into twins of ``table`` of at most ``rows`` keys each,
-    in key order (:func:`key_ranges`); the twins are dropped on the way out.
-
-    For a relation *not* stored in key order, where :func:`insert_ordered`'s range queries would each scan all of
-    it (a few dozen scans of the silver pass's work table at a million rows, growing with the square of the
-    corpus): here it is read once, ``read_rows`` at a time, and each batch is split among the ranges. Each part
-    is then small enough to sort whole (``INSERT ... SELECT * FROM part ORDER BY key``). The parts are appended to
-    with a commit per batch (see :func:`building`), so call this outside a transaction.
-    """
-    ranges = key_ranges(conn, relation, key, rows)
-    firsts = np.array([first for first, _ in ranges], dtype=object)
-    with ExitStack() as stack:
-        parts = [stack.enter_context(building(conn, table, f"_part{i}")) for i in range(len(ranges))]
-        for batch in fetch_arrow(conn, relation, read_rows):
-            keys = batch.column(key).to_numpy(zero_copy_only=False)
-            part_of = np.searchsorted(firsts, keys, side="right") - 1
-            order = np.argsort(part_of, kind="stable")
-            bounds = np.searchsorted(part_of[order], np.arange(len(parts) + 1))
-            grouped = batch.take(order)
-            for part, start, end in zip(parts, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                if end > start:
-                    insert_arrow(conn, part, grouped.slice(start, end - start))
-        yield parts
 
 
 @contextmanager

@@ -9,7 +9,6 @@ from posttrain_assets.tables import (
     building,
     insert_ordered,
     insert_rows,
-    key_range_parts,
     key_ranges,
     ordered_arrow,
     ordered_batches,
@@ -97,26 +96,6 @@ def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path)
         ids = [r[0] for r in conn.execute("SELECT id FROM wide ORDER BY rowid").fetchall()]
         assert len(ids) == 16000 and ids == sorted(ids)
         assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 16000 * 32 * 250
-
-
-def test_key_range_parts_split_an_unordered_relation_in_one_read(conn):
-    """src is stored in reverse id order: 1000 rows, read 96 at a time, land in ranges of 128 ids, and the
-    parts sorted one by one give the whole relation in id order."""
-    conn.execute(WIDE.create_sql(replace=True))
-    with key_range_parts(conn, WIDE, "SELECT * FROM src WHERE payload <> repeat('a', 50)", "id", 128, 96) as parts:
-        assert len(parts) == 8  # 961 ids in ranges of 128
-        sizes = [conn.execute(f"SELECT count(*) FROM {p.qualified}").fetchone()[0] for p in parts]
-        assert sizes == [128] * 7 + [65]
-        bounds = [conn.execute(f"SELECT min(id), max(id) FROM {p.qualified}").fetchone() for p in parts]
-        assert all(b[1] < nxt[0] for b, nxt in zip(bounds, bounds[1:], strict=False))  # disjoint, in order
-        for part in parts:
-            conn.execute(WIDE.insert_sql(f"(SELECT * FROM {part.qualified} ORDER BY id)"))
-        names = {p.name for p in parts}
-    stored = conn.execute("SELECT id, payload FROM wide ORDER BY rowid").fetchall()
-    expected = conn.execute("SELECT id, payload FROM src WHERE payload[1] <> 'a' ORDER BY id").fetchall()
-    assert stored == expected and len(stored) == 961
-    tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    assert not names & tables  # the parts are dropped on the way out
 
 
 def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(conn):
