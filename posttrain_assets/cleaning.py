@@ -448,6 +448,7 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig, clock
     are computed from units streamed from the work table; candidate pairs look their units up by seq.
     """
     dropped_to: DroppedTo = {}
+    clock = clock or StageClock()
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
@@ -455,7 +456,7 @@ def deduplicate_staged(conn: Any, registry: Registry, cfg: CleaningConfig, clock
     try:
         for regime in REGIMES:
             config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
-            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg, clock or StageClock())
+            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg, clock)
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
     dropped = [
