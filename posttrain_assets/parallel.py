@@ -54,10 +54,14 @@ def processes_for(rows: int, batch_rows: int, processes: int) -> int:
 
 def _die_with_parent(parent: int) -> None:
     """Ask Linux to stop this worker when the process that spawned it dies: a parent killed outright (a cancelled
-    run, OOM) would otherwise leave its workers blocked forever on a result pipe they also hold open."""
+    run, OOM) would otherwise leave its workers blocked forever on a result pipe they also hold open.
+
+    The signal is SIGKILL: a worker holds nothing to clean up (no DuckDB, no files of its own), and SIGTERM can be
+    ignored by inheritance (a process started with SIGTERM ignored passes that on through exec to every worker,
+    which then outlived its killed parent)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: workers end when their call queue closes, as usual
         pass
     if os.getppid() != parent:  # the parent died before the request was made

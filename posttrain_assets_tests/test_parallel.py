@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,13 +85,23 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in ("", "Z", "X")  # a zombie has exited, it only waits to be reaped
 
 
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
-def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigterm", ["default", "ignored"])
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, sigterm: str) -> None:
+    """Also when the parent was started with SIGTERM ignored, a disposition that exec passes on to the workers
+    (in the full suite under CI the workers of this test outlived their killed parent, sleeping: that case)."""
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     root = Path(__file__).resolve().parents[1]
     parent = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        preexec_fn=_ignore_sigterm if sigterm == "ignored" else None,
     )
     try:
         pid_files = [tmp_path / "0.pid", tmp_path / "1.pid"]
