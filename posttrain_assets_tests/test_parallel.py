@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,19 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in ("", "Z", "X")  # a zombie has exited, it only waits to be reaped
 
 
+def _script_run(tmp_path: Path, name: str, source: str) -> dict[str, Any]:
+    """Arguments for subprocess to run ``source`` as the script ``tmp_path/name`` (its argument: ``tmp_path``),
+    with this project importable."""
+    script = tmp_path / name
+    script.write_text(source)
+    root = Path(__file__).resolve().parents[1]
+    return {
+        "args": [sys.executable, str(script), str(tmp_path)],
+        "cwd": root,
+        "env": {**os.environ, "PYTHONPATH": str(root)},
+    }
+
+
 def _ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -94,14 +108,8 @@ def _ignore_sigterm() -> None:
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, sigterm: str) -> None:
     """Also when the parent was started with SIGTERM ignored, a disposition that exec passes on to the workers
     (in the full suite under CI the workers of this test outlived their killed parent, sleeping: that case)."""
-    script = tmp_path / "parent.py"
-    script.write_text(PARENT)
-    root = Path(__file__).resolve().parents[1]
     parent = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        preexec_fn=_ignore_sigterm if sigterm == "ignored" else None,
+        **_script_run(tmp_path, "parent.py", PARENT), preexec_fn=_ignore_sigterm if sigterm == "ignored" else None
     )
     try:
         pid_files = [tmp_path / "0.pid", tmp_path / "1.pid"]
@@ -136,16 +144,8 @@ print(list(map_batches(operator.add, 10, range(6), processes=2)))
 def test_a_script_without_a_main_guard_is_not_rerun_by_the_workers(tmp_path: Path) -> None:
     """A script that calls the pipeline at top level: spawned workers would re-run it (and the pipeline) if they
     imported it as their __main__; they do not, and its batches still run in the workers."""
-    script = tmp_path / "unguarded.py"
-    script.write_text(UNGUARDED)
-    root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+        **_script_run(tmp_path, "unguarded.py", UNGUARDED), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[10, 11, 12, 13, 14, 15]"
