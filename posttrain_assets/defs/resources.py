@@ -1,7 +1,7 @@
 """Resources, built from environment variables at launch (never chosen at import time).
 
 - ``duckdb``: the warehouse file, ``POSTTRAIN_DUCKDB_PATH``, with DuckDB's memory capped at
-  :data:`DUCKDB_MEMORY_LIMIT`.
+  :data:`DUCKDB_MEMORY_LIMIT` (a :class:`WarehouseResource`, which closes its connection when a step fails).
 - ``registry``: the source registry YAML, ``POSTTRAIN_SOURCES``.
 - ``tokenizer``: the project tokenizer, ``POSTTRAIN_TOKENIZER`` (``smollm2`` = the bundled default,
   a local tokenizer directory, or a model id already in the local Hugging Face cache), cached under
@@ -10,9 +10,12 @@
 ``posttrain`` (the CLI) and the Makefile set documented defaults for all of them.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
@@ -23,6 +26,24 @@ from posttrain_assets.registry import Registry, load_registry
 # instead, and memory stays bounded as the corpus grows (the launchpad's resource config can change it). Sorts
 # of wide rows do not spill, which is why no stage sorts them whole (see tables.insert_ordered).
 DUCKDB_MEMORY_LIMIT = "1GB"
+
+
+class WarehouseResource(DuckDBResource):
+    """``DuckDBResource`` whose connection is closed when the step using it raises, not only when it returns.
+
+    dagster-duckdb's ``get_connection`` closes after its ``yield`` only, so a failing asset left its read-write
+    connection open for as long as the exception's traceback lived (until a garbage collection): in the same
+    process (the in-process executor, ``posttrain run``, the benchmark) the database could then not be opened
+    read-only ("different configuration than existing connections"), nor by another process.
+    """
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with super().get_connection() as conn:
+            try:
+                yield conn
+            finally:
+                conn.close()
 
 
 class SourceRegistryResource(dg.ConfigurableResource):
@@ -64,7 +85,7 @@ class TokenizerResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
-            "duckdb": DuckDBResource(
+            "duckdb": WarehouseResource(
                 database=dg.EnvVar("POSTTRAIN_DUCKDB_PATH"), connection_config={"memory_limit": DUCKDB_MEMORY_LIMIT}
             ),
             "registry": SourceRegistryResource(path=dg.EnvVar("POSTTRAIN_SOURCES")),
