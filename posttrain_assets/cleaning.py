@@ -243,12 +243,14 @@ class PassResult:
     """What the pass reports beyond its tables."""
 
     contamination_report: list[dict[str, Any]]  # per benchmark (decontamination.contamination_report)
-    # Wall seconds per stage, in pass order (STAGE_NAMES), plus ``deduplicate/signatures`` (the part of
-    # ``deduplicate`` spent reading units and computing MinHash signatures): where a slow pass spends its time.
+    # Wall seconds per stage, in pass order (STAGE_NAMES), plus the parts in SUBSTAGE_NAMES (the checkpoint of
+    # the staged rows; reading units and computing MinHash signatures): where a slow pass spends its time.
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 STAGE_NAMES = ("normalise_and_gate", "decontaminate", "deduplicate", "cross_regime_leaks", "quarantine", "publish")
+# Parts of a stage timed on their own (each also counted in its stage).
+SUBSTAGE_NAMES = ("normalise_and_gate/checkpoint", "deduplicate/signatures")
 
 
 class StageClock:
@@ -299,6 +301,13 @@ def run_silver_pass(
     try:
         with clock.stage("normalise_and_gate"):
             normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
+            # Every later stage scans the staged rows. Without automatic checkpoints they sit in DuckDB's buffer
+            # pool uncompressed, and once they outgrow the memory cap each scan reads them back from its temp
+            # files: publishing a million rows took 319 s, growing with the square of the corpus. Written to the
+            # database file once, compressed, they are scanned from there (at 300k rows: the checkpoint 13 s,
+            # dedup 79 -> 61 s, publish 47 -> 26 s).
+            with clock.stage("normalise_and_gate/checkpoint"):
+                conn.execute("CHECKPOINT")
         with clock.stage("decontaminate"):
             report = decontaminate(conn, cfg)
         with clock.stage("deduplicate"):

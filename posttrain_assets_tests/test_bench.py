@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posttrain_assets import bench
-from posttrain_assets.cleaning import STAGE_NAMES
+from posttrain_assets.cleaning import STAGE_NAMES, SUBSTAGE_NAMES
 from posttrain_assets.parallel import default_processes
 
 N = 300
@@ -114,7 +114,7 @@ def test_tiny_benchmark_end_to_end(
     assert run["end_to_end"]["peak_rss_mib"] > 0
     # the silver pass's own stage clock, inside its step
     passed = run["silver_pass_seconds"]
-    assert set(passed) == {*STAGE_NAMES, "deduplicate/signatures"}
+    assert set(passed) == {*STAGE_NAMES, *SUBSTAGE_NAMES}
     assert sum(passed[name] for name in STAGE_NAMES) <= run["stages"]["silver canonical + cleaning"]["seconds"]
     assert run["tables"]["bronze.records"] == N
     assert run["stages"]["bronze ingest"]["records"] == N

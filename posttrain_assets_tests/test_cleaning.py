@@ -16,7 +16,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from posttrain_assets.cleaning import STAGE_NAMES, CleaningConfig, PassResult, run_silver_pass
+from posttrain_assets import cleaning
+from posttrain_assets.cleaning import STAGE_NAMES, SUBSTAGE_NAMES, CleaningConfig, PassResult, run_silver_pass
 from posttrain_assets.registry import Registry, Source
 from posttrain_assets.tables import BRONZE_RECORDS
 
@@ -126,11 +127,35 @@ def test_the_pass_reports_the_seconds_of_each_stage(warehouse, smollm2_tokenizer
     start = time.perf_counter()
     seconds = run(conn, registry, smollm2_tokenizer).stage_seconds
     wall = time.perf_counter() - start
-    assert set(seconds) == {*STAGE_NAMES, "deduplicate/signatures"}
+    assert set(seconds) == {*STAGE_NAMES, *SUBSTAGE_NAMES}
     assert all(s > 0 for s in seconds.values())
-    # the stages run one after another inside the pass; signatures are part of deduplicate
+    # the stages run one after another inside the pass; each part is counted in its stage
     assert sum(seconds[name] for name in STAGE_NAMES) <= wall
     assert seconds["deduplicate/signatures"] <= seconds["deduplicate"]
+    assert seconds["normalise_and_gate/checkpoint"] <= seconds["normalise_and_gate"]
+
+
+def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_them(
+    warehouse, smollm2_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn, registry = warehouse
+    seen: list[tuple[int, int]] = []
+    decontaminate = cleaning.decontaminate
+
+    def storage_then_decontaminate(conn, cfg):
+        # column segments of the staged rows: how many there are, and how many live in the database file
+        seen.append(
+            conn.execute(
+                "SELECT count(*), count(*) FILTER (persistent) FROM pragma_storage_info($table)",
+                {"table": cleaning.STAGED.qualified},
+            ).fetchone()
+        )
+        return decontaminate(conn, cfg)
+
+    monkeypatch.setattr(cleaning, "decontaminate", storage_then_decontaminate)
+    run(conn, registry, smollm2_tokenizer)
+    [(segments, persistent)] = seen
+    assert segments > 0 and persistent == segments
 
 
 def test_cross_regime_leaks_reported_then_removed_under_prefer_rl(warehouse, smollm2_tokenizer) -> None:

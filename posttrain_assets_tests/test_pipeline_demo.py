@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from posttrain_assets import cleaning, sft
-from posttrain_assets.cleaning import STAGE_NAMES
+from posttrain_assets.cleaning import STAGE_NAMES, SUBSTAGE_NAMES
 from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.demo_data import generate_demo_data
@@ -164,7 +164,7 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
     # silver.records says where its pass spent its time, as numbers the UI plots per run
     event = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
     seconds = {k: v.value for k, v in event.asset_materialization.metadata.items() if k.startswith("seconds/")}
-    assert set(seconds) == {f"seconds/{name}" for name in (*STAGE_NAMES, "deduplicate/signatures")}
+    assert set(seconds) == {f"seconds/{name}" for name in (*STAGE_NAMES, *SUBSTAGE_NAMES)}
     assert all(isinstance(v, float) and v >= 0 for v in seconds.values())
 
 
