@@ -163,11 +163,35 @@ def test_math(candidate: str, gold: str, expected: Score) -> None:
     assert score("math", candidate, gold) == expected
 
 
+INTEGER_PAIRS = [
+    (r"The final answer is $\boxed{144763}$.", "144763"),
+    (r"\boxed{ -12 }", "-12"),
+    (r"\boxed{007}", "7"),
+    (r"\boxed{-0}", "0"),
+    (r"\boxed{12}", "13"),
+    (r"\boxed{-5}", "5"),
+    (r"first \boxed{4}, then \boxed{40}", "4"),
+]
+
+
+@pytest.mark.parametrize(("candidate", "gold"), INTEGER_PAIRS)
+def test_integer_answers_are_scored_without_the_worker_as_math_verify_would(
+    candidate: str, gold: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok, reason = v._math_compare(candidate, gold)  # math-verify itself, in this process
+
+    def no_worker(*_args):
+        raise AssertionError("an integer pair went to the math worker")
+
+    monkeypatch.setattr(v._MATH_POOL, "compare", no_worker)
+    assert score("math", candidate, gold) == (Score(1.0) if ok else Score(0.0, reason))
+
+
 def test_math_timeout_is_bounded_and_the_pool_recovers() -> None:
     start = time.monotonic()
     assert score("math", rf"\boxed{{{HANGING_LATEX}}}", "3", timeout_seconds=1) == Score(0.0, "timeout")
     assert time.monotonic() - start < 4
-    assert score("math", r"\boxed{4}", "4") == Score(1.0)
+    assert score("math", r"\boxed{\frac{1}{2}}", "0.5") == Score(1.0)
 
 
 def test_math_from_threads() -> None:
