@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from posttrain_assets import pipeline
-from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
+from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource, WarehouseResource
 from posttrain_assets.tables import fetch_dicts
 from posttrain_assets_tests.shared_data import SHARED_DATA
 
@@ -82,10 +82,8 @@ class Graph:
         with duckdb.connect(str(self.database), read_only=True) as conn:
             return fetch_dicts(conn, sql, params)
 
-    def duckdb_resource(self):
-        from dagster_duckdb import DuckDBResource
-
-        return DuckDBResource(database=str(self.database))
+    def duckdb_resource(self) -> WarehouseResource:
+        return WarehouseResource(database=str(self.database))
 
     def registry_resource(self) -> SourceRegistryResource:
         return SourceRegistryResource(path=str(self.registry))

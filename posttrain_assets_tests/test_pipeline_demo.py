@@ -149,6 +149,25 @@ def test_gold_counts_and_the_eval_set_stays_out(demo_graph: Graph) -> None:
         assert demo_graph.query(f"SELECT count(*) FROM {table} WHERE source = 'demo_eval_gsm8k'") == [(0,)]
 
 
+# Tables the next stage reads in id ranges: stored in id order, so DuckDB's zone maps prune those reads.
+ID_ORDERED_TABLES = (
+    "silver.records",
+    "silver.sft_tokenized",
+    "silver.preference_pairs",
+    "silver.preference_pairs_balanced",
+    *GOLD_TABLES,
+)
+
+
+@pytest.mark.parametrize("table", ID_ORDERED_TABLES)
+def test_tables_read_in_id_ranges_are_stored_in_id_order(demo_graph: Graph, table: str) -> None:
+    ((rows, out_of_order),) = demo_graph.query(
+        f"SELECT count(*), count(*) FILTER (WHERE id <= previous) "
+        f"FROM (SELECT id, lag(id) OVER (ORDER BY rowid) AS previous FROM {table})"
+    )
+    assert rows > 0 and out_of_order == 0
+
+
 def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> None:
     before = snapshot(demo_graph)
     demo_graph.run_all()

@@ -6,13 +6,11 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.tables import Table, insert_ordered
+from posttrain_assets.tables import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
 # `blocking=True` alone only holds inside one run.
 GOLD_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-# Rows per sorted id range when a projection is written (tables.insert_ordered).
-PROJECTION_RANGE_ROWS = 32_768
 
 
 def same_name_lineage(table: Table, upstream: dg.AssetKey) -> dg.TableColumnLineage:
@@ -29,13 +27,15 @@ def write_projection(
     params: dict[str, Any] | None = None,
 ) -> dg.MaterializeResult:
     """Create or replace ``table`` with the rows of ``upstream`` matching ``where`` (named ``params``), stored
-    in id order."""
+    in id order.
+
+    ``upstream`` is a silver table stored in id order, and DuckDB keeps a scan's order through a filter into
+    an INSERT (preserve_insertion_order), so the rows are copied in one statement and nothing is sorted."""
     columns = ", ".join(f'"{c}"' for c in table.column_names)
     with duckdb.get_connection() as conn:
         conn.execute("BEGIN TRANSACTION")
         conn.execute(table.create_sql(replace=True))
-        relation = f"SELECT {columns} FROM {upstream.qualified} WHERE {where}"
-        insert_ordered(conn, table, relation, "id", PROJECTION_RANGE_ROWS, params)
+        conn.execute(table.insert_sql(f"(SELECT {columns} FROM {upstream.qualified} WHERE {where})"), params or {})
         conn.execute("COMMIT")
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)
