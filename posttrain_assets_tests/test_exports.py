@@ -202,6 +202,50 @@ def test_reexporting_gives_identical_files_except_the_creation_time(
     assert later.created_at == "2030-01-01T00:00:00+00:00" != exported.created_at
 
 
+def test_json_lines_carry_every_value_as_written(tmp_path: Path) -> None:
+    texts = ['quote" back\\slash /slash', "ctrl \x00\x01\x1f\x7f", "lines\n\r\t", "utf-8 é 中文 😀 \u2028", ""]
+    data = pa.table(
+        {
+            "id": pa.array([f"id{i}" for i in range(len(texts))]),
+            "messages": pa.array([[{"role": "user", "content": t}] for t in texts], exports._MESSAGES),
+            "score": pa.array([0.1, 1e-07, 1e22, None, -0.0], pa.float64()),
+            "ids": pa.array([[0, -100, 2147483647]] * len(texts), pa.list_(pa.int32())),
+        }
+    )
+    spec = EXPORTS[0]
+    out = tmp_path / "rows.jsonl"
+    with out.open("w", encoding="utf-8", newline="\n") as lines, duckdb.connect() as writer:
+        exports._write_jsonl(spec, data, lines, writer)
+    text = out.read_text(encoding="utf-8")
+    assert _jsonl_rows(text, data.schema) == data.to_pylist()
+    # compact, and UTF-8 as is rather than \u escapes
+    assert text.split("\n")[0].startswith('{"id":"id0","messages":[{"role":"user","content":"quote\\"')
+    assert "中文 😀" in text
+
+
+@pytest.mark.parametrize(
+    ("score", "difficulty", "column"),
+    [(float("nan"), 0.5, "score"), (1.0, float("-inf"), "extra_info.difficulty")],
+)
+def test_a_non_finite_float_fails_the_export_naming_its_column(
+    tmp_path: Path, score: float, difficulty: float, column: str
+) -> None:
+    table = pa.table(
+        {
+            "id": ["a", "b"],
+            "score": [1.0, score],
+            "extra_info": [{"difficulty": 0.5}, {"difficulty": difficulty}],
+        }
+    )
+    rl = next(s for s in EXPORTS if s.name == "rl")
+    with (
+        (tmp_path / "x.jsonl").open("w") as out,
+        duckdb.connect() as writer,
+        pytest.raises(ExportError, match=f"^gold.rl_prompts: {column} holds NaN or an infinity"),
+    ):
+        exports._write_jsonl(rl, table, out, writer)
+
+
 def test_a_different_tokenizer_is_refused(warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any) -> None:
     identity = dict(tokenizer_identity(smollm2_tokenizer), chat_template_sha256="0" * 64)
     rows = _count(warehouse, "gold.sft")
@@ -237,8 +281,12 @@ def _reference(database: Path, spec: Any) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=spec.schema)
 
 
-def _jsonl(data: pa.Table) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in data.to_pylist())
+def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines text; each line one compact object with the schema's keys in order."""
+    assert text == "" or text.endswith("\n")
+    rows = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON Lines split on \n only (not U+2028)
+    assert all(list(row) == schema.names for row in rows)
+    return rows
 
 
 def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
@@ -266,10 +314,10 @@ def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
         written = pq.read_table(folder / PARQUET_FILE)
         assert written.equals(expected), table.name
         assert pq.ParquetFile(folder / PARQUET_FILE).metadata.num_row_groups == -(-table.rows // 10)
-        # Byte for byte what writing the sorted table whole gives, and the same JSON lines.
+        # Byte for byte what writing the sorted table whole gives, and the same rows as JSON lines.
         pq.write_table(expected, tmp_path / "whole.parquet", **PARQUET_OPTIONS)
         assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "whole.parquet").read_bytes(), table.name
-        assert (folder / JSONL_FILE).read_text(encoding="utf-8") == _jsonl(expected), table.name
+        assert _jsonl_rows((folder / JSONL_FILE).read_text(encoding="utf-8"), spec.schema) == expected.to_pylist()
         assert table.rows == expected.num_rows
         ids = expected.column("extra_info" if table.name == "rl" else "id").to_pylist()
         ids = [i["id"] for i in ids] if table.name == "rl" else ids
