@@ -791,6 +791,7 @@ STAGES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("silver preference pairs", lambda job, step: step == "silver_preference_pairs"),
     ("silver RL certification", lambda job, step: step.startswith("silver__rl_") and "check" not in step),
     ("gold", lambda job, step: step.startswith("gold_") and "check" not in step),
+    ("exports (Parquet + JSONL)", lambda job, step: step.startswith("exports_")),
     ("other checks", lambda job, step: "check" in step and "loss_mask_check" not in step),
 )
 
@@ -925,6 +926,7 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
         "silver preference pairs": regime_rows.get("preference", 0),
         "silver RL certification": regime_rows.get("rl", 0),
         "gold": sum(v for k, v in tables.items() if k.startswith("gold.")),
+        "exports (Parquet + JSONL)": sum(v for k, v in tables.items() if k.startswith("gold.") and k != "gold.trace"),
         "other checks": silver_in,
     }
     stages: dict[str, dict[str, Any]] = {}

@@ -107,8 +107,11 @@ def test_tiny_benchmark_end_to_end(
         "silver preference pairs",
         "silver RL certification",
         "gold",
+        "exports (Parquet + JSONL)",
     }
     assert run["stages"]["silver RL certification"]["records"] == run["silver_by_regime"]["rl"]
+    exported = sum(n for table, n in run["tables"].items() if table.startswith("gold.") and table != "gold.trace")
+    assert run["stages"]["exports (Parquet + JSONL)"]["records"] == exported > 0
     for stage in run["stages"].values():
         assert stage["seconds"] >= 0 and stage["peak_rss_mib"] > 0
     assert run["end_to_end"]["peak_rss_mib"] > 0
