@@ -918,6 +918,7 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
 
     n = plan["records"]
     silver_in = tables.get("bronze.records", 0)
+    gold_rows = {table: n for table, n in tables.items() if table.startswith("gold.")}
     stage_inputs = {
         "bronze ingest": n,
         "silver canonical + cleaning": silver_in,
@@ -925,8 +926,8 @@ def run_pipeline(registry: Path, workdir: Path, cache_dir: Path, plan: dict[str,
         "loss_mask_check": tables.get("silver.sft_tokenized", 0),
         "silver preference pairs": regime_rows.get("preference", 0),
         "silver RL certification": regime_rows.get("rl", 0),
-        "gold": sum(v for k, v in tables.items() if k.startswith("gold.")),
-        "exports (Parquet + JSONL)": sum(v for k, v in tables.items() if k.startswith("gold.") and k != "gold.trace"),
+        "gold": sum(gold_rows.values()),
+        "exports (Parquet + JSONL)": sum(n for table, n in gold_rows.items() if table != "gold.trace"),
         "other checks": silver_in,
     }
     stages: dict[str, dict[str, Any]] = {}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import functools
 import json
 import math
 import os
@@ -227,23 +226,12 @@ def _score_numeric(candidate: str, gold: str, tests: str | None, timeout_seconds
 # --------------------------------------------------------------------------- math (worker processes)
 
 
-@functools.lru_cache(maxsize=256)
-def _parsed_gold(gold: str) -> tuple[Any, ...]:
-    """math-verify's parse of a gold answer; cached because a seed's gold and perturbed answers come one after
-    the other and share it (the parse is not modified by ``verify``)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    return tuple(
-        parse(f"${gold}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-    )
-
-
 def _math_compare(candidate: str, gold: str) -> tuple[bool, str | None]:
     """Symbolic comparison with math-verify, in the worker process (no timeout here: the parent has it)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed = list(_parsed_gold(gold))
+    gold_parsed = parse(f"${gold}$", extraction_config=config, parsing_timeout=None)
     if not gold_parsed:
         return False, "gold_unparseable"
     boxed = last_boxed(candidate)
