@@ -19,8 +19,10 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import queue
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -136,3 +138,47 @@ def map_batches(
         finally:
             for future in in_flight:  # the caller stopped early or a batch failed: drop what is queued
                 future.cancel()
+
+
+def prefetched(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
+    """The items of ``items``, in order, produced by a background thread at most ``depth`` items ahead.
+
+    For a Python producer (reading, hashing, building Arrow batches) feeding a consumer that releases the GIL
+    (a DuckDB insert): the two then run at once on two cores. An exception of the producer is raised here, after
+    the items it produced before it; when the caller stops early the producer stops at its next item.
+    """
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(("item", item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(("error", exc))
+            return
+        offer(("end", None))
+
+    producer = threading.Thread(target=produce, name="prefetched", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        producer.join()

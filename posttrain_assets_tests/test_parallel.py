@@ -1,4 +1,5 @@
-"""posttrain_assets.parallel: batches mapped in worker processes come back in input order, errors surface."""
+"""posttrain_assets.parallel: batches mapped in worker processes come back in input order, errors surface; a
+prefetched stream keeps order, raises its producer's error and stops its producer with the caller."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from posttrain_assets.parallel import map_batches, processes_for
+from posttrain_assets.parallel import map_batches, prefetched, processes_for
 
 
 def slow_then_fast(offset: int, batch: list[int]) -> tuple[int, list[int]]:
@@ -150,3 +153,50 @@ def test_a_script_without_a_main_guard_is_not_rerun_by_the_workers(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[10, 11, 12, 13, 14, 15]"
     assert (tmp_path / "runs.log").read_text() == "ran\n"
+
+
+def test_prefetched_yields_every_item_in_order_at_most_depth_ahead() -> None:
+    produced: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    consumed = []
+    for item in prefetched(items(), depth=2):
+        time.sleep(0.001)  # let the producer run ahead as far as it may
+        # taken from the queue: at most `depth` queued behind it, and one more held by a blocked producer
+        assert len(produced) <= item + 1 + 2 + 1
+        consumed.append(item)
+    assert consumed == list(range(50))
+
+
+def test_prefetched_raises_the_producers_error_after_its_items() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("row 3 of landing.jsonl: bad bytes")
+
+    seen = []
+    with pytest.raises(ValueError, match="row 3 of landing.jsonl"):
+        for item in prefetched(items()):
+            seen.append(item)
+    assert seen == [1, 2]
+
+
+def test_prefetched_stops_its_producer_when_the_caller_stops_early() -> None:
+    produced: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(1_000):
+            produced.append(i)
+            yield i
+
+    stream = prefetched(items(), depth=2)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # joins the producer
+    count = len(produced)
+    time.sleep(0.2)
+    assert len(produced) == count < 10
+    assert not any(t.name == "prefetched" for t in threading.enumerate())

@@ -1,17 +1,24 @@
-"""Reading and writing wide rows in key order without sorting them whole (tables.key_ranges and friends)."""
+"""Reading and writing wide rows in key order without sorting them whole (tables.key_ranges and friends); bronze
+as a view over one table per source."""
+
+import datetime as dt
 
 import duckdb
 import pytest
 
 from posttrain_assets.tables import (
+    BRONZE_RECORDS,
     Column,
     Table,
+    bronze_source_table,
     building,
+    ensure_bronze,
     insert_ordered,
     insert_rows,
     key_ranges,
     ordered_arrow,
     ordered_batches,
+    replace_bronze_source,
     swap_in,
 )
 
@@ -117,3 +124,97 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     tables = {name for (name,) in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "wide__building_x" not in tables
     assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
+
+
+def _bronze_row(source: str, row: int, payload: str) -> dict:
+    return {
+        "source": source,
+        "file_path": f"/landing/{source}.jsonl",
+        "row_number": row,
+        "record_sha256": f"sha-{source}-{row}",
+        "payload": payload,
+        "decode_error": None,
+        "file_sha256": f"file-{source}",
+        "ingested_at": dt.datetime(2026, 11, 26, tzinfo=dt.UTC),
+        "run_id": "run",
+    }
+
+
+def _ingest(conn: duckdb.DuckDBPyConnection, source: str, payloads: list[str]) -> None:
+    with building(conn, bronze_source_table(source)) as twin:
+        insert_rows(conn, twin, [_bronze_row(source, i, p) for i, p in enumerate(payloads)])
+        replace_bronze_source(conn, source, twin)
+
+
+def _bronze(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return conn.execute("SELECT source, row_number, payload FROM bronze.records ORDER BY ALL").fetchall()
+
+
+def _bronze_relations(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return conn.execute(
+        "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = 'bronze' ORDER BY ALL"
+    ).fetchall()
+
+
+def test_bronze_records_is_a_view_over_one_table_per_source(tmp_path):
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        ensure_bronze(conn)
+        assert _bronze(conn) == []
+        described = conn.execute("DESCRIBE bronze.records").fetchall()
+        assert [(name, type_) for name, type_, *_ in described] == [(c.name, c.type) for c in BRONZE_RECORDS.columns]
+
+        _ingest(conn, "alpaca", ['{"a": 1}', '{"a": 2}'])
+        _ingest(conn, "hh", ['{"h": 1}'])
+        assert _bronze(conn) == [("alpaca", 0, '{"a": 1}'), ("alpaca", 1, '{"a": 2}'), ("hh", 0, '{"h": 1}')]
+        # re-ingesting a source replaces its rows and leaves the others alone
+        _ingest(conn, "alpaca", ['{"a": 3}'])
+        assert _bronze(conn) == [("alpaca", 0, '{"a": 3}'), ("hh", 0, '{"h": 1}')]
+        assert _bronze_relations(conn) == sorted(
+            [
+                ("records", "VIEW"),
+                (bronze_source_table("alpaca").name, "BASE TABLE"),
+                (bronze_source_table("hh").name, "BASE TABLE"),
+            ]
+        )
+        ensure_bronze(conn)  # an existing view is left as it is
+        assert len(_bronze(conn)) == 2
+
+
+def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        ensure_bronze(conn)
+        _ingest(conn, "alpaca", ['{"a": 1}'])
+        with pytest.raises(ValueError, match="row 7"), building(conn, bronze_source_table("alpaca")) as twin:
+            insert_rows(conn, twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
+            raise ValueError("row 7: unreadable")
+        assert _bronze(conn) == [("alpaca", 0, '{"a": 1}')]
+        assert _bronze_relations(conn) == sorted(
+            [("records", "VIEW"), (bronze_source_table("alpaca").name, "BASE TABLE")]
+        )
+        # a failure inside the swap rolls back: the old table and the view stay, the connection stays usable
+        with building(conn, bronze_source_table("alpaca")) as twin:
+            insert_rows(conn, twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
+            conn.execute(f"DROP TABLE {twin.qualified}")  # the rename inside the swap now fails
+            with pytest.raises(duckdb.CatalogException):
+                replace_bronze_source(conn, "alpaca", twin)
+        assert _bronze(conn) == [("alpaca", 0, '{"a": 1}')]
+
+
+def test_a_bronze_table_of_an_older_warehouse_is_split_per_source_once(tmp_path):
+    with duckdb.connect(str(tmp_path / "old.duckdb")) as conn:
+        conn.execute(BRONZE_RECORDS.create_sql())
+        rows = [_bronze_row("hh", 1, "h1"), _bronze_row("alpaca", 0, "a0"), _bronze_row("hh", 0, "h0")]
+        insert_rows(conn, BRONZE_RECORDS, rows)
+        before = conn.execute("SELECT * FROM bronze.records ORDER BY ALL").fetchall()
+        ensure_bronze(conn)
+        assert conn.execute("SELECT * FROM bronze.records ORDER BY ALL").fetchall() == before
+        assert _bronze_relations(conn) == sorted(
+            [
+                ("records", "VIEW"),
+                (bronze_source_table("alpaca").name, "BASE TABLE"),
+                (bronze_source_table("hh").name, "BASE TABLE"),
+            ]
+        )
+        # each source's rows are stored in (file, row) order
+        stored = conn.execute(f"SELECT row_number FROM {bronze_source_table('hh').qualified}").fetchall()
+        assert stored == [(0,), (1,)]

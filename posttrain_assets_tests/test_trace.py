@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from posttrain_assets.tables import ALL_TABLES
+from posttrain_assets.tables import ALL_TABLES, bronze_source_table
 from posttrain_assets.trace import GOLD_TABLES, TraceError, create_trace_view, gold_tables, provenance_violations, trace
 from posttrain_assets_tests.test_exports import demo_warehouse
 
@@ -130,13 +130,22 @@ def test_no_violations_on_a_good_run(conn: duckdb.DuckDBPyConnection) -> None:
     assert provenance_violations(conn) == []
 
 
+def _delete_bronze_row(conn: duckdb.DuckDBPyConnection, source: str, file_path: str, row: int) -> None:
+    """bronze.records is a view: the row is deleted from its source's table."""
+    conn.execute(
+        f"DELETE FROM {bronze_source_table(source).qualified} WHERE file_path = ? AND row_number = ?", [file_path, row]
+    )
+    assert conn.execute(
+        "SELECT count(*) FROM bronze.records WHERE source = ? AND file_path = ? AND row_number = ?",
+        [source, file_path, row],
+    ).fetchone() == (0,)
+
+
 def test_a_deleted_bronze_row_is_reported(broken: duckdb.DuckDBPyConnection) -> None:
     row_id, source, file_path, row = broken.execute(
         "SELECT id, source, origin.file, origin.row FROM gold.rl_prompts ORDER BY id LIMIT 1"
     ).fetchone()
-    broken.execute(
-        "DELETE FROM bronze.records WHERE source = ? AND file_path = ? AND row_number = ?", [source, file_path, row]
-    )
+    _delete_bronze_row(broken, source, file_path, row)
     assert provenance_violations(broken) == [
         f"gold.rl_prompts {row_id}: no bronze row at source {source}, {file_path} row {row}"
     ]
@@ -149,8 +158,9 @@ def test_a_changed_record_a_missing_license_and_a_lost_twin_are_reported(broken:
         "SELECT id, source, origin.file, origin.row FROM gold.sft ORDER BY id LIMIT 1"
     ).fetchone()
     broken.execute(
-        "UPDATE bronze.records SET record_sha256 = 'f00d' WHERE source = ? AND file_path = ? AND row_number = ?",
-        [source, file_path, row],
+        f"UPDATE {bronze_source_table(source).qualified} SET record_sha256 = 'f00d' "
+        "WHERE file_path = ? AND row_number = ?",
+        [file_path, row],
     )
     (rl_id,) = broken.execute("SELECT id FROM gold.rl_prompts ORDER BY id LIMIT 1").fetchone()
     broken.execute("UPDATE gold.rl_prompts SET license = '' WHERE id = ?", [rl_id])
@@ -158,10 +168,7 @@ def test_a_changed_record_a_missing_license_and_a_lost_twin_are_reported(broken:
         "SELECT kept_id, source, file_path, row_number FROM silver.dedup_clusters "
         "WHERE kept_id IN (SELECT id FROM gold.sft) ORDER BY ALL LIMIT 1"
     ).fetchone()
-    broken.execute(
-        "DELETE FROM bronze.records WHERE source = ? AND file_path = ? AND row_number = ?",
-        [twin_source, twin_file, twin_row],
-    )
+    _delete_bronze_row(broken, twin_source, twin_file, twin_row)
     problems = provenance_violations(broken)
     assert len(problems) == 3, problems
     assert f"gold.rl_prompts {rl_id}: source " in "\n".join(problems)

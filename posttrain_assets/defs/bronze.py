@@ -1,21 +1,24 @@
 """Bronze: every landing-file row, raw and unchanged, one partition per registry source."""
 
 import datetime as dt
-import hashlib
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.files import file_sha256
-from posttrain_assets.formats.readers import read_raw_rows
-from posttrain_assets.tables import BRONZE_RECORDS, building, insert_rows
+from posttrain_assets.ingest import IngestRun, bronze_batches
+from posttrain_assets.parallel import prefetched
+from posttrain_assets.tables import (
+    BRONZE_RECORDS,
+    bronze_source_table,
+    building,
+    ensure_bronze,
+    insert_arrow,
+    replace_bronze_source,
+)
 
 source_partitions = dg.DynamicPartitionsDefinition(name="source")
-
-# Rows are handed to DuckDB in Arrow batches of this size, so memory stays bounded.
-BATCH_ROWS = 5_000
 
 
 @dg.asset(
@@ -29,49 +32,27 @@ BATCH_ROWS = 5_000
 def bronze_records(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, registry: SourceRegistryResource
 ) -> dg.MaterializeResult:
-    """Re-ingest one source: delete its partition, insert every row of its files, in one transaction."""
+    """Re-ingest one source: every row of its files into a fresh table that replaces the source's old one."""
     source = registry.load().get(context.partition_key)
     files = source.files()
     if not files:
         raise dg.Failure(f"source {source.name!r}: no file matches {source.pattern}")
-    ingested_at = dt.datetime.now(dt.UTC)
+    run = IngestRun(source.name, dt.datetime.now(dt.UTC), context.run_id)
     per_file: dict[str, int] = {}
+    hashes: dict[str, str] = {}
     with duckdb.get_connection() as conn:
-        conn.execute(BRONZE_RECORDS.create_sql())
-        # Rows go to a twin with a commit per batch, then replace the partition in one transaction
-        # (tables.building: appending every batch inside that transaction would hold the source in memory).
-        suffix = "_" + hashlib.sha256(source.name.encode("utf-8")).hexdigest()[:12]
-        with building(conn, BRONZE_RECORDS, suffix) as twin:
-            for path in files:
-                file_hash = file_sha256(path)
-                batch: list[dict] = []
-                count = 0
-                for row in read_raw_rows(path):
-                    batch.append(
-                        {
-                            "source": source.name,
-                            "file_path": str(path),
-                            "row_number": row.row_number,
-                            "record_sha256": row.record_sha256,
-                            "payload": row.payload,
-                            "decode_error": row.decode_error,
-                            "file_sha256": file_hash,
-                            "ingested_at": ingested_at,
-                            "run_id": context.run_id,
-                        }
-                    )
-                    count += 1
-                    if len(batch) >= BATCH_ROWS:
-                        insert_rows(conn, twin, batch)
-                        batch = []
-                if batch:
-                    insert_rows(conn, twin, batch)
-                per_file[str(path)] = count
-                context.log.info(f"{source.name}: {path} ({file_hash[:12]}): {count} rows")
-            conn.execute("BEGIN TRANSACTION")
-            conn.execute(f"DELETE FROM {BRONZE_RECORDS.qualified} WHERE source = ?", [source.name])
-            conn.execute(BRONZE_RECORDS.insert_sql(twin.qualified))
-            conn.execute("COMMIT")
+        ensure_bronze(conn)
+        # Batches are committed one by one into a twin (appending them inside one transaction would hold the
+        # source in memory), read and built in a background thread while DuckDB inserts the previous one; the
+        # twin then replaces the source's table in one short transaction.
+        with building(conn, bronze_source_table(source.name)) as twin:
+            for batch in prefetched(bronze_batches(run, files)):
+                insert_arrow(conn, twin, batch.rows)
+                per_file[str(batch.path)] = per_file.get(str(batch.path), 0) + batch.rows.num_rows
+                hashes[str(batch.path)] = batch.file_sha256
+            replace_bronze_source(conn, source.name, twin)
+        for path, count in per_file.items():
+            context.log.info(f"{source.name}: {path} ({hashes[path][:12]}): {count} rows")
         metadata = table_metadata(
             conn,
             BRONZE_RECORDS,

@@ -29,15 +29,21 @@ import pyarrow.parquet as pq
 class RawRow:
     """One row as it was found in the file.
 
-    ``payload`` is the row's text (for invalid UTF-8, decoded with replacement
-    characters, and ``decode_error`` says where the bad bytes were).
+    ``data`` is the row's text as UTF-8: the row's own bytes, or for invalid UTF-8 the bytes decoded with
+    replacement characters and re-encoded (``decode_error`` then says where the bad bytes were). Bronze hands
+    ``data`` to Arrow as it is (building Arrow strings from Python ``str`` would encode every row again).
     ``record_sha256`` hashes the row's original bytes.
     """
 
     row_number: int
-    payload: str
+    data: bytes
     record_sha256: str
     decode_error: str | None = None
+
+    @property
+    def payload(self) -> str:
+        """The row's text."""
+        return self.data.decode("utf-8")
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -74,11 +80,14 @@ def read_raw_rows(path: Path) -> Iterator[RawRow]:
 
 def _raw_row(row_number: int, raw: bytes) -> RawRow:
     sha = hashlib.sha256(raw).hexdigest()
+    if raw.isascii():  # most rows: ASCII is valid UTF-8, and the check is much cheaper than a decode
+        return RawRow(row_number, raw, sha)
     try:
-        return RawRow(row_number, raw.decode("utf-8"), sha)
+        raw.decode("utf-8")
+        return RawRow(row_number, raw, sha)
     except UnicodeDecodeError as exc:
         where = f"byte {exc.start}: {raw[exc.start : exc.end]!r}"
-        return RawRow(row_number, raw.decode("utf-8", errors="replace"), sha, decode_error=where)
+        return RawRow(row_number, raw.decode("utf-8", errors="replace").encode("utf-8"), sha, decode_error=where)
 
 
 def _jsonl_rows(path: Path) -> Iterator[RawRow]:

@@ -25,6 +25,7 @@ from posttrain_assets.tables import (
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
     SILVER_RECORDS,
+    ensure_bronze,
 )
 
 BRONZE_KEY = dg.AssetKey(["bronze", "records"])
@@ -122,7 +123,7 @@ def silver_canonical(
     """
     sources = registry.load()
     with duckdb.get_connection() as conn:
-        conn.execute(BRONZE_RECORDS.create_sql())
+        ensure_bronze(conn)
         orphans = conn.execute(
             f"SELECT DISTINCT source FROM {BRONZE_RECORDS.qualified} WHERE NOT list_contains($sources, source)",
             {"sources": sources.names},
