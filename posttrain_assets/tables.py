@@ -155,28 +155,71 @@ def insert_ordered(
         conn.execute(sql, {**params, "range_first": first, "range_last": last})
 
 
+# Rows per DuckDB row group (its default ROW_GROUP_SIZE). A checkpoint compresses every row group that changed
+# since the last one, so a row group filled by many small commits, each followed by an automatic checkpoint, is
+# compressed again and again.
+ROW_GROUP_ROWS = 122_880
+
+# WAL size that triggers an automatic checkpoint while a twin is built (DuckDB's default is 16MB).
+BUILDING_AUTOCHECKPOINT = "64GB"
+
+
+@dataclass
+class Twin:
+    """A table under construction (:func:`building`), appended to in batches with one commit each."""
+
+    conn: Any
+    table: Table
+    rows: int = 0
+
+    def append(self, rows: Any) -> None:
+        """Append an Arrow table (None or empty: nothing); checkpoint each time a row group is full."""
+        if rows is None or not rows.num_rows:
+            return
+        insert_arrow(self.conn, self.table, rows)
+        filled = self.rows // ROW_GROUP_ROWS
+        self.rows += rows.num_rows
+        if self.rows // ROW_GROUP_ROWS > filled:
+            self.conn.execute("CHECKPOINT")
+
+    def append_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Append dicts keyed by column name."""
+        import pyarrow as pa
+
+        if rows:
+            self.append(pa.Table.from_pylist(rows))
+
+
 @contextmanager
-def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Table]:
+def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Twin]:
     """A fresh, empty twin of ``table`` (``<name>__building<suffix>``) to append batches to, one commit each.
 
     DuckDB keeps what an open transaction appends from Arrow in process memory until it commits (a table of
     594k tokenised chats built in one transaction grew the process to 11.8 GB), so a table built from many
     Python batches is appended to this twin outside any transaction, and the caller then publishes it in one
     short transaction (:func:`swap_in`, or its own INSERT ... SELECT). The twin is dropped on the way out.
+
+    Automatic checkpoints are held off while the twin is built and it is checkpointed once per full row group
+    instead (:meth:`Twin.append`): after every 16 MB of WAL they re-compressed the row group being filled, which
+    doubled the cost of appending 122,880 tokenised chats (28 -> 13 s) and of bronze ingestion. The setting is
+    the database's, so it is restored on the way out.
     """
     twin = dataclasses.replace(table, name=f"{table.name}__building{suffix}")
+    (autocheckpoint,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
     conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
     conn.execute(twin.create_sql())
+    conn.execute(f"SET wal_autocheckpoint = '{BUILDING_AUTOCHECKPOINT}'")
     try:
-        yield twin
+        yield Twin(conn, twin)
     finally:
+        conn.execute("SET wal_autocheckpoint = $size", {"size": autocheckpoint})
         conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
 
 
-def swap_in(conn: Any, twin: Table, table: Table) -> None:
+def swap_in(conn: Any, twin: Twin, table: Table) -> None:
     """Replace ``table`` by its :func:`building` twin (inside the caller's transaction, so readers see either)."""
     conn.execute(f"DROP TABLE IF EXISTS {table.qualified}")
-    conn.execute(f"ALTER TABLE {twin.qualified} RENAME TO {table.name}")
+    conn.execute(f"ALTER TABLE {twin.table.qualified} RENAME TO {table.name}")
 
 
 def insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
@@ -290,7 +333,7 @@ def ensure_bronze(conn: Any) -> None:
         conn.execute(_bronze_view_sql(conn))
 
 
-def replace_bronze_source(conn: Any, source: str, rows: Table) -> None:
+def replace_bronze_source(conn: Any, source: str, rows: Twin) -> None:
     """Make ``rows`` (a :func:`building` twin holding the source's new rows) the source's bronze table, in one
     transaction: readers of ``bronze.records`` see the old rows or the new ones, never both."""
     with _transaction(conn):

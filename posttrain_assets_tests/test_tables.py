@@ -2,14 +2,18 @@
 as a view over one table per source."""
 
 import datetime as dt
+import hashlib
 
 import duckdb
+import pyarrow as pa
 import pytest
 
 from posttrain_assets.tables import (
     BRONZE_RECORDS,
+    ROW_GROUP_ROWS,
     Column,
     Table,
+    Twin,
     bronze_source_table,
     building,
     ensure_bronze,
@@ -109,9 +113,9 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     conn.execute(WIDE.create_sql(replace=True))
     conn.execute("INSERT INTO wide VALUES ('old', 'x')")
     with building(conn, WIDE) as twin:
-        assert twin.qualified == "main.wide__building"
-        insert_rows(conn, twin, [{"id": "k1", "payload": "a"}])
-        insert_rows(conn, twin, [{"id": "k2", "payload": "b"}])
+        assert twin.table.qualified == "main.wide__building"
+        twin.append_rows([{"id": "k1", "payload": "a"}])
+        twin.append_rows([{"id": "k2", "payload": "b"}])
         assert conn.execute("SELECT id FROM wide").fetchall() == [("old",)]  # readers still see the old table
         conn.execute("BEGIN TRANSACTION")
         swap_in(conn, twin, WIDE)
@@ -119,11 +123,44 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
 
     with pytest.raises(RuntimeError, match="tokenizer broke"), building(conn, WIDE, "_x") as twin:
-        insert_rows(conn, twin, [{"id": "k3", "payload": "c"}])
+        twin.append_rows([{"id": "k3", "payload": "c"}])
         raise RuntimeError("tokenizer broke")
     tables = {name for (name,) in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "wide__building_x" not in tables
     assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
+
+
+def test_a_twin_is_checkpointed_once_per_full_row_group_not_every_16_mb(tmp_path):
+    """Batches of 15,360 rows of ~10 MB each: with DuckDB's automatic checkpoints a commit past 16 MB of WAL would
+    write the row group being filled, and a later one write it again."""
+    batch_rows = ROW_GROUP_ROWS // 8
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        conn.execute(WIDE.create_sql())
+        (default,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
+
+        def segments(twin: Twin) -> tuple[int, int]:
+            [counts] = conn.execute(
+                "SELECT count(*), count(*) FILTER (persistent) FROM pragma_storage_info($table)",
+                {"table": twin.table.qualified},
+            ).fetchall()
+            return counts
+
+        seen = []
+        with building(conn, WIDE) as twin:
+            for b in range(8):
+                numbers = range(b * batch_rows, (b + 1) * batch_rows)
+                batch = pa.table(
+                    {
+                        "id": [f"k{n:07d}" for n in numbers],
+                        "payload": [hashlib.md5(str(n).encode()).hexdigest() * 20 for n in numbers],
+                    }
+                )
+                twin.append(batch)
+                seen.append(segments(twin))
+            assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()[0] != default
+        assert [persistent for _, persistent in seen] == [0] * 7 + [seen[7][0]] and seen[7][0] > 0
+        assert twin.rows == ROW_GROUP_ROWS
+        assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() == (default,)
 
 
 def _bronze_row(source: str, row: int, payload: str) -> dict:
@@ -142,7 +179,7 @@ def _bronze_row(source: str, row: int, payload: str) -> dict:
 
 def _ingest(conn: duckdb.DuckDBPyConnection, source: str, payloads: list[str]) -> None:
     with building(conn, bronze_source_table(source)) as twin:
-        insert_rows(conn, twin, [_bronze_row(source, i, p) for i, p in enumerate(payloads)])
+        twin.append_rows([_bronze_row(source, i, p) for i, p in enumerate(payloads)])
         replace_bronze_source(conn, source, twin)
 
 
@@ -185,7 +222,7 @@ def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
         ensure_bronze(conn)
         _ingest(conn, "alpaca", ['{"a": 1}'])
         with pytest.raises(ValueError, match="row 7"), building(conn, bronze_source_table("alpaca")) as twin:
-            insert_rows(conn, twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
+            twin.append_rows([_bronze_row("alpaca", 0, '{"new": 1}')])
             raise ValueError("row 7: unreadable")
         assert _bronze(conn) == [("alpaca", 0, '{"a": 1}')]
         assert _bronze_relations(conn) == sorted(
@@ -193,8 +230,8 @@ def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
         )
         # a failure inside the swap rolls back: the old table and the view stay, the connection stays usable
         with building(conn, bronze_source_table("alpaca")) as twin:
-            insert_rows(conn, twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
-            conn.execute(f"DROP TABLE {twin.qualified}")  # the rename inside the swap now fails
+            twin.append_rows([_bronze_row("alpaca", 0, '{"new": 1}')])
+            conn.execute(f"DROP TABLE {twin.table.qualified}")  # the rename inside the swap now fails
             with pytest.raises(duckdb.CatalogException):
                 replace_bronze_source(conn, "alpaca", twin)
         assert _bronze(conn) == [("alpaca", 0, '{"a": 1}')]

@@ -14,7 +14,6 @@ from posttrain_assets.tables import (
     bronze_source_table,
     building,
     ensure_bronze,
-    insert_arrow,
     replace_bronze_source,
 )
 
@@ -47,7 +46,7 @@ def bronze_records(
         # twin then replaces the source's table in one short transaction.
         with building(conn, bronze_source_table(source.name)) as twin:
             for batch in prefetched(bronze_batches(run, files)):
-                insert_arrow(conn, twin, batch.rows)
+                twin.append(batch.rows)
                 per_file[str(batch.path)] = per_file.get(str(batch.path), 0) + batch.rows.num_rows
                 hashes[str(batch.path)] = batch.file_sha256
             replace_bronze_source(conn, source.name, twin)

@@ -33,7 +33,6 @@ from posttrain_assets.tables import (
     building,
     fetch_dicts,
     insert_ordered,
-    insert_rows,
     ordered_batches,
     replace_table,
     swap_in,
@@ -109,8 +108,8 @@ def silver_preference_pairs(
         with building(conn, SILVER_PREFERENCE_PAIRS) as pairs_twin:
             # in id ranges, so the pairs (one per record, same id) are stored in id order
             for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
-                insert_rows(conn, pairs_twin, build_pairs(records, tok, thresholds.tie_similarity))
-            pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin))
+                pairs_twin.append_rows(build_pairs(records, tok, thresholds.tie_similarity))
+            pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
             audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
             balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
             by_id = {p["id"]: p for p in pairs}

@@ -17,7 +17,6 @@ from posttrain_assets.tables import (
     SILVER_SFT_QUARANTINE,
     SILVER_SFT_TOKENIZED,
     building,
-    insert_arrow,
     ordered_arrow,
     swap_in,
 )
@@ -86,8 +85,8 @@ def silver_sft_tokenized(
             done = 0
             batches = ordered_arrow(conn, SFT_ROWS, "id", BATCH_ROWS)
             for batch in map_batches(tokenize_batch, job, batches, processes):
-                insert_arrow(conn, tokenized_twin, batch.tokenized)
-                insert_arrow(conn, quarantine_twin, batch.rejected)
+                tokenized_twin.append(batch.tokenized)
+                quarantine_twin.append(batch.rejected)
                 totals["tokens"] += batch.tokens
                 totals["trained"] += batch.trained
                 totals["truncated"] += batch.truncated
