@@ -182,6 +182,12 @@ class Twin:
         if self.rows // ROW_GROUP_ROWS > filled:
             self.conn.execute("CHECKPOINT")
 
+    def finish(self) -> None:
+        """Checkpoint the rows appended since the last full row group, before the twin is read back or published:
+        otherwise they stay uncompressed in DuckDB's memory, under its cap, until the next automatic checkpoint."""
+        if self.rows % ROW_GROUP_ROWS:
+            self.conn.execute("CHECKPOINT")
+
     def append_rows(self, rows: list[dict[str, Any]]) -> None:
         """Append dicts keyed by column name."""
         import pyarrow as pa
@@ -336,6 +342,7 @@ def ensure_bronze(conn: Any) -> None:
 def replace_bronze_source(conn: Any, source: str, rows: Twin) -> None:
     """Make ``rows`` (a :func:`building` twin holding the source's new rows) the source's bronze table, in one
     transaction: readers of ``bronze.records`` see the old rows or the new ones, never both."""
+    rows.finish()
     with _transaction(conn):
         swap_in(conn, rows, bronze_source_table(source))
         conn.execute(_bronze_view_sql(conn))

@@ -109,6 +109,7 @@ def silver_preference_pairs(
             # in id ranges, so the pairs (one per record, same id) are stored in id order
             for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
                 pairs_twin.append_rows(build_pairs(records, tok, thresholds.tie_similarity))
+            pairs_twin.finish()
             pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
             audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
             balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)

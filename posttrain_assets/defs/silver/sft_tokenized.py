@@ -92,6 +92,8 @@ def silver_sft_tokenized(
                 totals["truncated"] += batch.truncated
                 done += batch.rows
                 context.log.info(f"tokenised {done} SFT rows")
+            tokenized_twin.finish()
+            quarantine_twin.finish()
             conn.execute("BEGIN TRANSACTION")
             swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)
             swap_in(conn, quarantine_twin, SILVER_SFT_QUARANTINE)
