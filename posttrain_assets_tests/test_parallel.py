@@ -155,16 +155,17 @@ def test_a_script_without_a_main_guard_is_not_rerun_by_the_workers(tmp_path: Pat
     assert (tmp_path / "runs.log").read_text() == "ran\n"
 
 
+def _counted(count: int, produced: list[int]) -> Iterator[int]:
+    """0 .. count - 1, each noted in ``produced`` as the producer makes it."""
+    for i in range(count):
+        produced.append(i)
+        yield i
+
+
 def test_prefetched_yields_every_item_in_order_at_most_depth_ahead() -> None:
     produced: list[int] = []
-
-    def items() -> Iterator[int]:
-        for i in range(50):
-            produced.append(i)
-            yield i
-
     consumed = []
-    for item in prefetched(items(), depth=2):
+    for item in prefetched(_counted(50, produced), depth=2):
         time.sleep(0.001)  # let the producer run ahead as far as it may
         # taken from the queue: at most `depth` queued behind it, and one more held by a blocked producer
         assert len(produced) <= item + 1 + 2 + 1
@@ -187,13 +188,7 @@ def test_prefetched_raises_the_producers_error_after_its_items() -> None:
 
 def test_prefetched_stops_its_producer_when_the_caller_stops_early() -> None:
     produced: list[int] = []
-
-    def items() -> Iterator[int]:
-        for i in range(1_000):
-            produced.append(i)
-            yield i
-
-    stream = prefetched(items(), depth=2)
+    stream = prefetched(_counted(1_000, produced), depth=2)
     assert [next(stream), next(stream)] == [0, 1]
     stream.close()  # joins the producer
     count = len(produced)
