@@ -331,10 +331,9 @@ def ensure_bronze(conn: Any) -> None:
             for (source,) in sources:
                 table = bronze_source_table(source)
                 conn.execute(table.create_sql(replace=True))
-                conn.execute(
-                    f"{table.insert_sql(legacy.qualified)} WHERE source = $source ORDER BY file_path, row_number",
-                    {"source": source},
-                )
+                # in scan order (the old table holds each source in file and row order); never sorted: DuckDB
+                # cannot sort a source's wide payloads under its memory cap (see "reading and writing wide rows")
+                conn.execute(f"{table.insert_sql(legacy.qualified)} WHERE source = $source", {"source": source})
             conn.execute(f"DROP TABLE {legacy.qualified}")
         conn.execute(_bronze_view_sql(conn))
 

@@ -245,7 +245,7 @@ def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
 def test_a_bronze_table_of_an_older_warehouse_is_split_per_source_once(tmp_path):
     with duckdb.connect(str(tmp_path / "old.duckdb")) as conn:
         conn.execute(BRONZE_RECORDS.create_sql())
-        rows = [_bronze_row("hh", 1, "h1"), _bronze_row("alpaca", 0, "a0"), _bronze_row("hh", 0, "h0")]
+        rows = [_bronze_row("hh", 0, "h0"), _bronze_row("alpaca", 0, "a0"), _bronze_row("hh", 1, "h1")]
         insert_rows(conn, BRONZE_RECORDS, rows)
         before = conn.execute("SELECT * FROM bronze.records ORDER BY ALL").fetchall()
         ensure_bronze(conn)
@@ -257,6 +257,6 @@ def test_a_bronze_table_of_an_older_warehouse_is_split_per_source_once(tmp_path)
                 (bronze_source_table("hh").name, "BASE TABLE"),
             ]
         )
-        # each source's rows are stored in (file, row) order
+        # each source's rows keep the old table's order
         stored = conn.execute(f"SELECT row_number FROM {bronze_source_table('hh').qualified}").fetchall()
         assert stored == [(0,), (1,)]
