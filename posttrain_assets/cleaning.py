@@ -67,6 +67,7 @@ from posttrain_assets.tables import (
     SILVER_RECORDS,
     Column,
     Table,
+    checkpoints_held_off,
     fetch_arrow,
     fetch_batches,
     fetch_dicts,
@@ -74,6 +75,7 @@ from posttrain_assets.tables import (
     insert_rows,
     ordered_arrow,
     ordered_batches,
+    transaction,
 )
 from posttrain_assets.token_counts import token_counts
 
@@ -230,9 +232,6 @@ ORDER BY s.seq
 """
 
 
-# WAL size that triggers a checkpoint during the pass (DuckDB's default is 16MB).
-WORK_AUTOCHECKPOINT = "64GB"
-
 # Rows per sorted range when silver.records is written in id order: one range of the widest rows (multi-turn
 # chats) is sorted well inside DuckDB's memory cap, and a million rows take a few dozen scans of the work table.
 PUBLISH_RANGE_ROWS = 32_768
@@ -293,34 +292,31 @@ def run_silver_pass(
     for table in WORK_TABLES:
         conn.execute(table.create_sql(replace=True))
     # The work tables are dropped when the pass ends, so they are kept out of automatic checkpoints (which
-    # rewrite them into the database file every 16 MB of WAL: 30 of 76 s of stages 0-1 at 100k rows). The
-    # setting is the database's, so it is restored on the way out.
-    (autocheckpoint,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
-    conn.execute(f"SET wal_autocheckpoint = '{WORK_AUTOCHECKPOINT}'")
+    # rewrite them into the database file every 16 MB of WAL: 30 of 76 s of stages 0-1 at 100k rows).
     clock = StageClock()
-    try:
-        with clock.stage("normalise_and_gate"):
-            normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
-            # Every later stage scans the staged rows. Without automatic checkpoints they sit in DuckDB's buffer
-            # pool uncompressed, and once they outgrow the memory cap each scan reads them back from its temp
-            # files: publishing a million rows took 319 s, growing with the square of the corpus. Written to the
-            # database file once, compressed, they are scanned from there (at 300k rows: the checkpoint 13 s,
-            # dedup 79 -> 61 s, publish 47 -> 26 s).
-            with clock.stage("normalise_and_gate/checkpoint"):
-                conn.execute("CHECKPOINT")
-        with clock.stage("decontaminate"):
-            report = decontaminate(conn, cfg)
-        with clock.stage("deduplicate"):
-            deduplicate_staged(conn, registry, cfg, clock)
-        with clock.stage("cross_regime_leaks"):
-            leaks = cross_regime_leaks(conn, cfg)
-        with clock.stage("quarantine"):
-            quarantine_removed(conn)
-        with clock.stage("publish"):
-            publish(conn, leaks)
-    finally:
-        conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
-        conn.execute("SET wal_autocheckpoint = $size", {"size": autocheckpoint})
+    with checkpoints_held_off(conn):
+        try:
+            with clock.stage("normalise_and_gate"):
+                normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
+                # Every later stage scans the staged rows. Without automatic checkpoints they sit in DuckDB's
+                # buffer pool uncompressed, and once they outgrow the memory cap each scan reads them back from
+                # its temp files: publishing a million rows took 319 s, growing with the square of the corpus.
+                # Written to the database file once, compressed, they are scanned from there (at 300k rows: the
+                # checkpoint 13 s, dedup 79 -> 61 s, publish 47 -> 26 s).
+                with clock.stage("normalise_and_gate/checkpoint"):
+                    conn.execute("CHECKPOINT")
+            with clock.stage("decontaminate"):
+                report = decontaminate(conn, cfg)
+            with clock.stage("deduplicate"):
+                deduplicate_staged(conn, registry, cfg, clock)
+            with clock.stage("cross_regime_leaks"):
+                leaks = cross_regime_leaks(conn, cfg)
+            with clock.stage("quarantine"):
+                quarantine_removed(conn)
+            with clock.stage("publish"):
+                publish(conn, leaks)
+        finally:
+            conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
     return PassResult(report, clock.seconds)
 
 
@@ -543,8 +539,7 @@ def quarantine_removed(conn: Any) -> None:
 def publish(conn: Any, leaks: list[dict[str, Any]]) -> None:
     """Replace the six silver tables from the work tables, in one transaction; silver.records is stored in id
     order (the order every later stage reads it in)."""
-    conn.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(conn):
         conn.execute(SILVER_RECORDS.create_sql(replace=True))
         insert_ordered(conn, SILVER_RECORDS, LIVE, "id", PUBLISH_RANGE_ROWS)
         for table, relation in (
@@ -557,7 +552,3 @@ def publish(conn: Any, leaks: list[dict[str, Any]]) -> None:
             conn.execute(table.insert_sql(relation))
         conn.execute(SILVER_CROSS_REGIME_LEAKS.create_sql(replace=True))
         insert_rows(conn, SILVER_CROSS_REGIME_LEAKS, leaks)
-        conn.execute("COMMIT")
-    except Exception:
-        conn.execute("ROLLBACK")
-        raise

@@ -40,7 +40,7 @@ class FileBatch:
 
 
 def _constant(value: object, count: int, type_: pa.DataType) -> pa.Array:
-    return pa.array([value], type_).take(pa.array([0] * count, pa.int32())) if count else pa.array([], type_)
+    return pa.repeat(pa.scalar(value, type_), count)
 
 
 def bronze_table(run: IngestRun, path: Path, file_hash: str, rows: Sequence[RawRow]) -> pa.Table:

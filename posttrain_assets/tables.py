@@ -160,8 +160,20 @@ def insert_ordered(
 # compressed again and again.
 ROW_GROUP_ROWS = 122_880
 
-# WAL size that triggers an automatic checkpoint while a twin is built (DuckDB's default is 16MB).
-BUILDING_AUTOCHECKPOINT = "64GB"
+# WAL size that triggers an automatic checkpoint while checkpoints are held off (DuckDB's default is 16MB).
+HELD_OFF_AUTOCHECKPOINT = "64GB"
+
+
+@contextmanager
+def checkpoints_held_off(conn: Any) -> Iterator[None]:
+    """No automatic checkpoint inside the block (the caller checkpoints when it chooses); the setting is the
+    database's, so it is restored on the way out, also when the block raises."""
+    (autocheckpoint,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
+    conn.execute(f"SET wal_autocheckpoint = '{HELD_OFF_AUTOCHECKPOINT}'")
+    try:
+        yield
+    finally:
+        conn.execute("SET wal_autocheckpoint = $size", {"size": autocheckpoint})
 
 
 @dataclass
@@ -207,18 +219,15 @@ def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Twin]:
 
     Automatic checkpoints are held off while the twin is built and it is checkpointed once per full row group
     instead (:meth:`Twin.append`): after every 16 MB of WAL they re-compressed the row group being filled, which
-    doubled the cost of appending 122,880 tokenised chats (28 -> 13 s) and of bronze ingestion. The setting is
-    the database's, so it is restored on the way out.
+    doubled the cost of appending 122,880 tokenised chats (28 -> 13 s) and of bronze ingestion.
     """
     twin = dataclasses.replace(table, name=f"{table.name}__building{suffix}")
-    (autocheckpoint,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
     conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
     conn.execute(twin.create_sql())
-    conn.execute(f"SET wal_autocheckpoint = '{BUILDING_AUTOCHECKPOINT}'")
     try:
-        yield Twin(conn, twin)
+        with checkpoints_held_off(conn):
+            yield Twin(conn, twin)
     finally:
-        conn.execute("SET wal_autocheckpoint = $size", {"size": autocheckpoint})
         conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
 
 
@@ -323,7 +332,7 @@ def ensure_bronze(conn: Any) -> None:
     kind = conn.execute(_BRONZE_RELATION_TYPE).fetchone()
     if kind is not None and kind[0] == "VIEW":
         return
-    with _transaction(conn):
+    with transaction(conn):
         if kind is not None:
             legacy = dataclasses.replace(BRONZE_RECORDS, name=f"{BRONZE_RECORDS.name}__legacy")
             conn.execute(f"ALTER TABLE {BRONZE_RECORDS.qualified} RENAME TO {legacy.name}")
@@ -342,13 +351,13 @@ def replace_bronze_source(conn: Any, source: str, rows: Twin) -> None:
     """Make ``rows`` (a :func:`building` twin holding the source's new rows) the source's bronze table, in one
     transaction: readers of ``bronze.records`` see the old rows or the new ones, never both."""
     rows.finish()
-    with _transaction(conn):
+    with transaction(conn):
         swap_in(conn, rows, bronze_source_table(source))
         conn.execute(_bronze_view_sql(conn))
 
 
 @contextmanager
-def _transaction(conn: Any) -> Iterator[None]:
+def transaction(conn: Any) -> Iterator[None]:
     """BEGIN ... COMMIT, rolled back when the block raises (the connection stays usable)."""
     conn.execute("BEGIN TRANSACTION")
     try:
