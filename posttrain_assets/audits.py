@@ -48,7 +48,7 @@ Definitions (each one also in the docstring of the :class:`LengthAudit` field it
   HH-RLHF and on every test). :func:`is_tie` decides it exactly in linear passes (equality, length bound,
   common prefix/suffix, character-count bound) before a bit-parallel LCS of the differing middle, so long
   near-identical replies cost milliseconds. ``tie_rate`` = ties / pairs. A pair that already carries a
-  boolean ``is_tie`` (the silver.preference_pairs column, computed by :func:`posttrain_assets.pairs.build_pairs`
+  boolean ``is_tie`` (the silver.preference_pairs column, computed by :func:`posttrain_assets.pairs.pair_batch`
   with the same threshold) is trusted by :func:`audit`, :func:`audit_group` and :func:`balance_pairs`; the
   tie test runs only for pairs without one (missing or None).
 - **score statistics**: over pairs where both scores are present and finite (``scored_pairs``); a score tie

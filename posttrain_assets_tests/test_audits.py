@@ -502,7 +502,7 @@ def test_precomputed_is_tie_is_reused_when_present() -> None:
     assert not pair_is_tie({"chosen": "same", "rejected": "same", "is_tie": False})
     assert pair_is_tie({"chosen": "same", "rejected": "same"})
     assert balance_pairs(flagged).dropped == [("c", "tie")]
-    # with the flags build_pairs stores, the results equal those computed from the texts
+    # with the flags pair_batch stores, the results equal those computed from the texts
     pairs = synthetic_biased()
     stored = [{**p, "is_tie": is_tie(p["chosen"], p["rejected"])} for p in pairs]
     assert audit(stored) == audit(pairs)

@@ -22,8 +22,10 @@ from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.pairs import build_pairs
+from posttrain_assets.pairs import PairJob, pair_batch
+from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.tables import (
+    PAIR_COLUMNS,
     SILVER_PREFERENCE_AUDIT,
     SILVER_PREFERENCE_BALANCE_DROPS,
     SILVER_PREFERENCE_PAIRS,
@@ -33,7 +35,7 @@ from posttrain_assets.tables import (
     building,
     fetch_dicts,
     insert_ordered,
-    ordered_batches,
+    ordered_arrow,
     replace_table,
     swap_in,
 )
@@ -43,7 +45,10 @@ AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
 BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
 DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 
-PREFERENCE_ROWS = f"SELECT * FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
+# The silver.records columns a pair carries over (the rest of its columns are computed by pairs.pair_batch).
+_CARRIED = [c.name for c in PAIR_COLUMNS if c.name in {r.name for r in SILVER_RECORDS.columns}]
+PREFERENCE_ROWS = f"SELECT {', '.join(_CARRIED)} FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
+PREFERENCE_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
 BALANCED_RANGE_ROWS = 32_768  # rows per sorted id range when the balanced pairs are written
 AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
@@ -61,6 +66,7 @@ class LengthConfoundConfig(dg.Config):
     min_pairs: int = 50
     tie_similarity: float = 0.95
     balance_seed: int = 0
+    processes: int = 0  # worker processes that count tokens and flag ties; 0: one per core this process may use
 
     def thresholds(self) -> ConfoundThresholds:
         return ConfoundThresholds(
@@ -100,15 +106,20 @@ def silver_preference_pairs(
 ):
     """Count response tokens, flag ties, audit per source / kind / overall, and balance offending sources."""
     thresholds = config.thresholds()
-    tok = tokenizer.get()
+    job = PairJob(tokenizer.get(), thresholds.tie_similarity)
     with duckdb.get_connection() as conn:
+        (rows,) = conn.execute(PREFERENCE_ROW_COUNT).fetchone()
+        processes = processes_for(rows, BATCH_ROWS, config.processes or default_processes())
+        context.log.info(f"pairing {rows} preference rows, {BATCH_ROWS} at a time, in {processes} process(es)")
         # Pairs are built a batch of records at a time into a twin with a commit per batch (tables.building: one
         # transaction over every batch would hold the whole table in memory); audit and balance read only the
         # numeric columns; every table is replaced in one transaction at the end.
         with building(conn, SILVER_PREFERENCE_PAIRS) as pairs_twin:
-            # in id ranges, so the pairs (one per record, same id) are stored in id order
-            for records in ordered_batches(conn, PREFERENCE_ROWS, "id", BATCH_ROWS):
-                pairs_twin.append_rows(build_pairs(records, tok, thresholds.tie_similarity))
+            # in id ranges, so the pairs (one per record, same id) are stored in id order; token counting and
+            # tie flags (most of the stage's work) run in worker processes, results back in input order
+            batches = ordered_arrow(conn, PREFERENCE_ROWS, "id", BATCH_ROWS)
+            for pairs_batch in map_batches(pair_batch, job, batches, processes):
+                pairs_twin.append(pairs_batch)
             pairs_twin.finish()
             pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
             audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
