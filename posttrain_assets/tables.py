@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,12 +256,9 @@ def insert_arrow(conn: Any, table: Table, rows: Any) -> None:
 def replace_table(conn: Any, table: Table, rows: list[dict[str, Any]], *, transaction: bool = True) -> None:
     """Create or replace ``table`` with exactly ``rows`` (idempotent); in a transaction of its own unless
     ``transaction`` is False (the caller's transaction then covers it)."""
-    if transaction:
-        conn.execute("BEGIN TRANSACTION")
-    conn.execute(table.create_sql(replace=True))
-    insert_rows(conn, table, rows)
-    if transaction:
-        conn.execute("COMMIT")
+    with _transaction(conn) if transaction else nullcontext():
+        conn.execute(table.create_sql(replace=True))
+        insert_rows(conn, table, rows)
 
 
 def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column:
@@ -366,6 +363,9 @@ def transaction(conn: Any) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+_transaction = transaction  # for functions whose ``transaction`` argument hides it
 
 
 RECORD_COLUMNS = (

@@ -23,7 +23,9 @@ from posttrain_assets.tables import (
     ordered_arrow,
     ordered_batches,
     replace_bronze_source,
+    replace_table,
     swap_in,
+    transaction,
 )
 
 WIDE = Table("main", "wide", "test rows", (Column("id", "VARCHAR", "key"), Column("payload", "VARCHAR", "text")))
@@ -107,6 +109,32 @@ def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path)
         ids = [r[0] for r in conn.execute("SELECT id FROM wide ORDER BY rowid").fetchall()]
         assert len(ids) == 16000 and ids == sorted(ids)
         assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 16000 * 32 * 250
+
+
+def test_a_transaction_commits_or_is_rolled_back_whole_and_the_connection_stays_usable(conn):
+    with transaction(conn):
+        conn.execute("DELETE FROM src WHERE id < 'k0500'")
+    assert conn.execute("SELECT count(*) FROM src").fetchall() == [(500,)]
+    with pytest.raises(duckdb.ConstraintException), transaction(conn):
+        conn.execute("DELETE FROM src")
+        conn.execute("CREATE TABLE strict (id INTEGER NOT NULL)")
+        conn.execute("INSERT INTO strict VALUES (NULL)")
+    # neither the delete nor the new table happened, and the next statement runs
+    assert conn.execute("SELECT count(*) FROM src").fetchall() == [(500,)]
+    assert conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'strict'").fetchall() == [(0,)]
+
+
+def test_replace_table_leaves_the_old_rows_when_the_new_ones_fail(conn):
+    strict = Table("main", "strict", "test rows", (Column("id", "VARCHAR", "key", False),))
+    replace_table(conn, strict, [{"id": "a"}, {"id": "b"}])
+    with pytest.raises(duckdb.ConstraintException):
+        replace_table(conn, strict, [{"id": "c"}, {"id": None}])
+    assert conn.execute("SELECT id FROM main.strict ORDER BY id").fetchall() == [("a",), ("b",)]
+    # inside the caller's transaction it is part of that transaction
+    with pytest.raises(RuntimeError), transaction(conn):
+        replace_table(conn, strict, [{"id": "c"}], transaction=False)
+        raise RuntimeError("a later step of the same publish failed")
+    assert conn.execute("SELECT id FROM main.strict ORDER BY id").fetchall() == [("a",), ("b",)]
 
 
 def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(conn):

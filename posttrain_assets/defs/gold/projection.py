@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.tables import Table
+from posttrain_assets.tables import Table, transaction
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
 # `blocking=True` alone only holds inside one run.
@@ -33,10 +33,9 @@ def write_projection(
     an INSERT (preserve_insertion_order), so the rows are copied in one statement and nothing is sorted."""
     columns = ", ".join(f'"{c}"' for c in table.column_names)
     with duckdb.get_connection() as conn:
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(table.create_sql(replace=True))
-        conn.execute(table.insert_sql(f"(SELECT {columns} FROM {upstream.qualified} WHERE {where})"), params or {})
-        conn.execute("COMMIT")
+        with transaction(conn):
+            conn.execute(table.create_sql(replace=True))
+            conn.execute(table.insert_sql(f"(SELECT {columns} FROM {upstream.qualified} WHERE {where})"), params or {})
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)
     return dg.MaterializeResult(metadata=metadata)

@@ -12,7 +12,13 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, same_name_lin
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.rl import CERTIFICATION_KEY, DIFFICULTY_KEY
-from posttrain_assets.tables import GOLD_RL_PROMPTS, SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
+from posttrain_assets.tables import (
+    GOLD_RL_PROMPTS,
+    SILVER_RECORDS,
+    SILVER_RL_CERTIFICATION,
+    SILVER_RL_DIFFICULTY,
+    transaction,
+)
 
 
 class DifficultyBandConfig(dg.Config):
@@ -57,17 +63,16 @@ def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.
     names = ", ".join(f'"{c}"' for c in GOLD_RL_PROMPTS.column_names)
     with duckdb.get_connection() as conn:
         conn.execute(SILVER_RL_DIFFICULTY.create_sql())  # no estimates yet is a valid state
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(GOLD_RL_PROMPTS.create_sql(replace=True))
-        conn.execute(
-            f"INSERT INTO {GOLD_RL_PROMPTS.qualified} ({names}) {RL_BANK}",
-            {
-                "keep_unestimated": config.keep_unestimated,
-                "min_pass_rate": config.min_pass_rate,
-                "max_pass_rate": config.max_pass_rate,
-            },
-        )
-        conn.execute("COMMIT")
+        with transaction(conn):
+            conn.execute(GOLD_RL_PROMPTS.create_sql(replace=True))
+            conn.execute(
+                f"INSERT INTO {GOLD_RL_PROMPTS.qualified} ({names}) {RL_BANK}",
+                {
+                    "keep_unestimated": config.keep_unestimated,
+                    "min_pass_rate": config.min_pass_rate,
+                    "max_pass_rate": config.max_pass_rate,
+                },
+            )
         metadata = table_metadata(conn, GOLD_RL_PROMPTS, preview_columns=["id", "source", "prompt"], group_by="source")
         estimated = conn.execute(
             f"SELECT count(*) FILTER (WHERE difficulty_estimated) FROM {GOLD_RL_PROMPTS.qualified}"

@@ -7,7 +7,7 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
-from posttrain_assets.tables import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED, insert_ordered
+from posttrain_assets.tables import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED, insert_ordered, transaction
 
 SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
@@ -28,14 +28,13 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
     """Join each proven tokenised row with its silver record; rows with no trained token never reach gold."""
     select = ", ".join(f't."{c}"' if c in FROM_TOKENIZED else f'r."{c}"' for c in GOLD_SFT.column_names)
     with duckdb.get_connection() as conn:
-        conn.execute("BEGIN TRANSACTION")
-        conn.execute(GOLD_SFT.create_sql(replace=True))
-        proven = (
-            f"SELECT {select} FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
-            "WHERE t.num_trainable_tokens > 0"
-        )
-        insert_ordered(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
-        conn.execute("COMMIT")
+        with transaction(conn):
+            conn.execute(GOLD_SFT.create_sql(replace=True))
+            proven = (
+                f"SELECT {select} FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
+                "WHERE t.num_trainable_tokens > 0"
+            )
+            insert_ordered(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
         )

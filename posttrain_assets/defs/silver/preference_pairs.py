@@ -38,6 +38,7 @@ from posttrain_assets.tables import (
     ordered_arrow,
     replace_table,
     swap_in,
+    transaction,
 )
 
 PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
@@ -129,26 +130,25 @@ def silver_preference_pairs(
                 {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
                 for (kind, name), result in audits.items()
             ]
-            conn.execute("BEGIN TRANSACTION")
-            swap_in(conn, pairs_twin, SILVER_PREFERENCE_PAIRS)
-            replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
-            conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
-            # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
-            insert_ordered(
-                conn,
-                SILVER_PREFERENCE_PAIRS_BALANCED,
-                f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
-                "id",
-                BALANCED_RANGE_ROWS,
-                {"kept": balance.kept_ids},
-            )
-            replace_table(
-                conn,
-                SILVER_PREFERENCE_BALANCE_DROPS,
-                [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
-                transaction=False,
-            )
-            conn.execute("COMMIT")
+            with transaction(conn):
+                swap_in(conn, pairs_twin, SILVER_PREFERENCE_PAIRS)
+                replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
+                conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
+                # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
+                insert_ordered(
+                    conn,
+                    SILVER_PREFERENCE_PAIRS_BALANCED,
+                    f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
+                    "id",
+                    BALANCED_RANGE_ROWS,
+                    {"kept": balance.kept_ids},
+                )
+                replace_table(
+                    conn,
+                    SILVER_PREFERENCE_BALANCE_DROPS,
+                    [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
+                    transaction=False,
+                )
         kept = len(balance.kept_ids)
         preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
         pairs_meta = table_metadata(conn, SILVER_PREFERENCE_PAIRS, preview_columns=preview, group_by="source")

@@ -27,6 +27,7 @@ from posttrain_assets.tables import (
     SILVER_RL_DIFFICULTY,
     fetch_dicts,
     replace_table,
+    transaction,
 )
 from posttrain_assets.verifiers import VERIFIER_VERSIONS, certify_many
 
@@ -175,15 +176,14 @@ def silver_rl_difficulty(
     ]
     with duckdb.get_connection() as conn:
         if rows:
-            conn.execute("BEGIN TRANSACTION")
-            conn.register("estimates", pa.Table.from_pylist(rows))
-            conn.execute(
-                f"DELETE FROM {SILVER_RL_DIFFICULTY.qualified} t USING estimates e "
-                "WHERE t.id = e.id AND t.lineage = e.lineage"
-            )
-            conn.execute(SILVER_RL_DIFFICULTY.insert_sql("estimates"))
-            conn.unregister("estimates")
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.register("estimates", pa.Table.from_pylist(rows))
+                conn.execute(
+                    f"DELETE FROM {SILVER_RL_DIFFICULTY.qualified} t USING estimates e "
+                    "WHERE t.id = e.id AND t.lineage = e.lineage"
+                )
+                conn.execute(SILVER_RL_DIFFICULTY.insert_sql("estimates"))
+                conn.unregister("estimates")
         metadata = table_metadata(conn, SILVER_RL_DIFFICULTY, preview_columns=["id", "k", "passes", "difficulty"])
     metadata.update(
         {

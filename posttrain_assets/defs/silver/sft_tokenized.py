@@ -19,6 +19,7 @@ from posttrain_assets.tables import (
     building,
     ordered_arrow,
     swap_in,
+    transaction,
 )
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
@@ -94,10 +95,9 @@ def silver_sft_tokenized(
                 context.log.info(f"tokenised {done} SFT rows")
             tokenized_twin.finish()
             quarantine_twin.finish()
-            conn.execute("BEGIN TRANSACTION")
-            swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)
-            swap_in(conn, quarantine_twin, SILVER_SFT_QUARANTINE)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)
+                swap_in(conn, quarantine_twin, SILVER_SFT_QUARANTINE)
         identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
         tokens, trained = totals["tokens"], totals["trained"]
         yield dg.MaterializeResult(
