@@ -5,22 +5,25 @@ process uses one core however the tokenizer parallelises its own part. :func:`ma
 over a pool of processes and hands the results back in input order, so a stage that is deterministic in one
 process gives the same tables with any number of processes.
 
-Workers are spawned (not forked: the parent holds DuckDB and Dagster threads, which a fork would copy
-mid-flight), and never re-run the caller's script: a spawned worker normally imports the parent's ``__main__``,
-so a script that runs the pipeline without an ``if __name__ == "__main__":`` guard would start the pipeline again
-in every worker. The stage functions live in this package, so workers are started as if from an interactive
-session (:func:`_workers_skip_main`). What every batch needs (tokenizer, registry, configuration) is sent once
-per worker; only the batches and their results travel per task, and at most ``2 x processes`` batches are in
-flight, so memory stays bounded by the batch size, not the corpus.
+Workers are never forked from the parent, which holds DuckDB and Dagster threads a fork would copy mid-flight.
+They are forked from multiprocessing's fork server, a fresh single-threaded process that imports transformers
+and the stage modules once (:data:`PRELOAD`), so a worker starts in milliseconds instead of the seconds a new
+interpreter takes to import them (where there is no fork server, they are spawned). Workers never re-run the
+caller's script: a worker normally imports the parent's ``__main__``, so a script that runs the pipeline without
+an ``if __name__ == "__main__":`` guard would start the pipeline again in every worker. The stage functions live
+in this package, so workers are started as if from an interactive session (:func:`_workers_skip_main`).
+
+What every batch needs (tokenizer, registry, configuration) is sent once per worker; only the batches and their
+results travel per task, and at most ``2 x processes`` batches are in flight, so memory stays bounded by the batch
+size, not the corpus.
 """
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
-import signal
 import sys
 import threading
 from collections import deque
@@ -32,8 +35,6 @@ from typing import Any, TypeVar
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
 
 # What the pool's initializer installs in each worker: the stage function and what it shares across batches.
 _worker_state: tuple[Callable[[Any, Any], Any], Any] | None = None
@@ -49,25 +50,45 @@ def default_processes() -> int:
 
 def processes_for(rows: int, batch_rows: int, processes: int) -> int:
     """Processes worth starting for ``rows`` rows in batches of ``batch_rows``: none beyond this one for a
-    couple of batches (spawning a worker and loading its tokenizer costs seconds), never more than batches."""
+    couple of batches (the first pool of a process starts the fork server, which imports transformers: seconds),
+    never more than batches."""
     batches = -(-rows // batch_rows)
     return 1 if batches <= 2 else max(1, min(processes, batches))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to stop this worker when the process that spawned it dies: a parent killed outright (a cancelled
-    run, OOM) would otherwise leave its workers blocked forever on a result pipe they also hold open.
+def _exit_with_caller() -> None:
+    """Stop this worker as soon as the process that started the pool dies: a caller killed outright (a cancelled
+    run, OOM) would otherwise leave its workers blocked forever on a call queue they also hold open.
 
-    The signal is SIGKILL: a worker holds nothing to clean up (no DuckDB, no files of its own), and SIGTERM can be
-    ignored by inheritance (a process started with SIGTERM ignored passes that on through exec to every worker,
-    which then outlived its killed parent)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: workers end when their call queue closes, as usual
-        pass
-    if os.getppid() != parent:  # the parent died before the request was made
+    multiprocessing gives every worker a sentinel of its parent (the write end of a pipe only that process holds),
+    also when the worker is forked from the fork server; a daemon thread waits on it and exits the process when it
+    closes. os._exit, not a signal: a worker holds nothing to clean up (no DuckDB, no files of its own), and a
+    process started with SIGTERM ignored would pass that on to every worker."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not started by multiprocessing (a test calling the initializer directly)
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
         os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-caller", daemon=True).start()
+
+
+# What the fork server imports once, so every worker forked from it starts with them loaded: the modules of the
+# stage functions and transformers (the tokenizer each worker unpickles needs it; about 2 s to import).
+PRELOAD = ("posttrain_assets.cleaning", "posttrain_assets.sft", "posttrain_assets.pairs", "transformers")
+
+
+def _start_context() -> Any:
+    """How workers start: forked from the fork server where there is one (Linux, macOS), else spawned."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when this process's fork server starts (at its first pool); a server already started by
+    # another library keeps its own list, and workers then import what they need themselves.
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
 
 
 _MISSING = object()
@@ -97,9 +118,9 @@ def _workers_skip_main() -> Iterator[None]:
                 setattr(main, name, value)
 
 
-def _install(fn: Callable[[Any, Any], Any], shared: Any, parent: int) -> None:
+def _install(fn: Callable[[Any, Any], Any], shared: Any) -> None:
     global _worker_state
-    _die_with_parent(parent)
+    _exit_with_caller()
     _worker_state = (fn, shared)
 
 
@@ -122,9 +143,8 @@ def map_batches(
         for item in items:
             yield fn(shared, item)
         return
-    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        processes, mp_context=context, initializer=_install, initargs=(fn, shared, os.getpid())
+        processes, mp_context=_start_context(), initializer=_install, initargs=(fn, shared)
     ) as pool:
         in_flight: deque[Future[Result]] = deque()
         try:

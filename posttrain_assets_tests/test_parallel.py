@@ -3,6 +3,7 @@ prefetched stream keeps order, raises its producer's error and stops its produce
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from posttrain_assets.parallel import map_batches, prefetched, processes_for
+from posttrain_assets.parallel import PRELOAD, map_batches, prefetched, processes_for
 
 
 def slow_then_fast(offset: int, batch: list[int]) -> tuple[int, list[int]]:
@@ -49,6 +50,22 @@ def test_a_failing_batch_raises_its_own_error(processes: int) -> None:
         for value in map_batches(fails_on_three, None, range(8), processes=processes):
             seen.append(value)
     assert seen == [0, 1, 2]
+
+
+def worker_facts(_shared: None, _item: int) -> tuple[int, int, list[str]]:
+    """The worker's parent process, the process multiprocessing says started it, and the preloaded modules it has."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    return os.getppid(), parent.pid, [m for m in PRELOAD if m in sys.modules]
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
+def test_workers_are_forked_from_a_server_with_the_stage_modules_loaded() -> None:
+    """Not from this process (its DuckDB and Dagster threads), and without importing transformers each."""
+    facts = list(map_batches(worker_facts, None, range(4), processes=2))
+    assert all(started_by == os.getpid() for _, started_by, _ in facts)
+    assert all(parent != os.getpid() for parent, _, _ in facts)  # the fork server
+    assert all(loaded == list(PRELOAD) for _, _, loaded in facts)
 
 
 def test_processes_for_small_inputs_is_one() -> None:
