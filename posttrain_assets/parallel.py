@@ -5,14 +5,14 @@ process uses one core however the tokenizer parallelises its own part. :func:`ma
 over a pool of processes and hands the results back in input order, so a stage that is deterministic in one
 process gives the same tables with any number of processes.
 
-Workers are never forked from the parent, which holds DuckDB and Dagster threads a fork would copy mid-flight.
-They are forked from multiprocessing's fork server, a fresh single-threaded process that imports transformers
-and the stage modules once (:data:`PRELOAD`), so after the first pool of a process a pool of two workers starts
-in about 0.2 s instead of the 1.5 s fresh interpreters take to import them (where there is no fork server, they
-are spawned). Workers never re-run the
-caller's script: a worker normally imports the parent's ``__main__``, so a script that runs the pipeline without
-an ``if __name__ == "__main__":`` guard would start the pipeline again in every worker. The stage functions live
-in this package, so workers are started as if from an interactive session (:func:`_workers_skip_main`).
+Workers are never forked from the parent, which holds DuckDB and Dagster threads a fork would copy mid-flight. They
+are forked from multiprocessing's fork server, a fresh single-threaded process that imports transformers and the
+stage modules once (:data:`PRELOAD`), so after the first pool of a process a pool of two workers starts in about
+0.2 s instead of the 1.5 s fresh interpreters take to import them (where there is no fork server, they are
+spawned). Workers never re-run the caller's script: a worker normally imports the parent's ``__main__``, so a
+script that runs the pipeline without an ``if __name__ == "__main__":`` guard would start the pipeline again in
+every worker. The stage functions live in this package, so workers are started as if from an interactive session
+(:func:`_workers_skip_main`).
 
 What every batch needs (tokenizer, registry, configuration) is sent once per worker; only the batches and their
 results travel per task, and at most ``2 x processes`` batches are in flight, so memory stays bounded by the batch

@@ -200,13 +200,6 @@ class Twin:
         if self.rows % ROW_GROUP_ROWS:
             self.conn.execute("CHECKPOINT")
 
-    def append_rows(self, rows: list[dict[str, Any]]) -> None:
-        """Append dicts keyed by column name."""
-        import pyarrow as pa
-
-        if rows:
-            self.append(pa.Table.from_pylist(rows))
-
 
 @contextmanager
 def building(conn: Any, table: Table, suffix: str = "") -> Iterator[Twin]:

@@ -28,6 +28,11 @@ from posttrain_assets.tables import (
     transaction,
 )
 
+
+def append_dicts(twin: Twin, rows: list[dict]) -> None:
+    twin.append(pa.Table.from_pylist(rows))
+
+
 WIDE = Table("main", "wide", "test rows", (Column("id", "VARCHAR", "key"), Column("payload", "VARCHAR", "text")))
 
 
@@ -142,8 +147,8 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     conn.execute("INSERT INTO wide VALUES ('old', 'x')")
     with building(conn, WIDE) as twin:
         assert twin.table.qualified == "main.wide__building"
-        twin.append_rows([{"id": "k1", "payload": "a"}])
-        twin.append_rows([{"id": "k2", "payload": "b"}])
+        append_dicts(twin, [{"id": "k1", "payload": "a"}])
+        append_dicts(twin, [{"id": "k2", "payload": "b"}])
         assert conn.execute("SELECT id FROM wide").fetchall() == [("old",)]  # readers still see the old table
         conn.execute("BEGIN TRANSACTION")
         swap_in(conn, twin, WIDE)
@@ -151,7 +156,7 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
 
     with pytest.raises(RuntimeError, match="tokenizer broke"), building(conn, WIDE, "_x") as twin:
-        twin.append_rows([{"id": "k3", "payload": "c"}])
+        append_dicts(twin, [{"id": "k3", "payload": "c"}])
         raise RuntimeError("tokenizer broke")
     tables = {name for (name,) in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "wide__building_x" not in tables
@@ -189,7 +194,7 @@ def test_a_twin_is_checkpointed_once_per_full_row_group_not_every_16_mb(tmp_path
             assert [persistent for _, persistent in seen] == [0] * 7 + [seen[7][0]] and seen[7][0] > 0
             assert twin.rows == ROW_GROUP_ROWS
             # rows past the last full row group are checkpointed by finish(), before the twin is published
-            twin.append_rows([{"id": "z0000001", "payload": "tail"}])
+            append_dicts(twin, [{"id": "z0000001", "payload": "tail"}])
             assert segments(twin)[1] < segments(twin)[0]
             twin.finish()
             assert segments(twin)[1] == segments(twin)[0]
@@ -212,7 +217,7 @@ def _bronze_row(source: str, row: int, payload: str) -> dict:
 
 def _ingest(conn: duckdb.DuckDBPyConnection, source: str, payloads: list[str]) -> None:
     with building(conn, bronze_source_table(source)) as twin:
-        twin.append_rows([_bronze_row(source, i, p) for i, p in enumerate(payloads)])
+        append_dicts(twin, [_bronze_row(source, i, p) for i, p in enumerate(payloads)])
         replace_bronze_source(conn, source, twin)
 
 
@@ -255,7 +260,7 @@ def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
         ensure_bronze(conn)
         _ingest(conn, "alpaca", ['{"a": 1}'])
         with pytest.raises(ValueError, match="row 7"), building(conn, bronze_source_table("alpaca")) as twin:
-            twin.append_rows([_bronze_row("alpaca", 0, '{"new": 1}')])
+            append_dicts(twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
             raise ValueError("row 7: unreadable")
         assert _bronze(conn) == [("alpaca", 0, '{"a": 1}')]
         assert _bronze_relations(conn) == sorted(
@@ -263,7 +268,7 @@ def test_a_failed_ingest_keeps_the_sources_previous_rows(tmp_path):
         )
         # a failure inside the swap rolls back: the old table and the view stay, the connection stays usable
         with building(conn, bronze_source_table("alpaca")) as twin:
-            twin.append_rows([_bronze_row("alpaca", 0, '{"new": 1}')])
+            append_dicts(twin, [_bronze_row("alpaca", 0, '{"new": 1}')])
             conn.execute(f"DROP TABLE {twin.table.qualified}")  # the rename inside the swap now fails
             with pytest.raises(duckdb.CatalogException):
                 replace_bronze_source(conn, "alpaca", twin)

@@ -25,7 +25,6 @@ from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.pairs import PairJob, pair_batch
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.tables import (
-    PAIR_COLUMNS,
     SILVER_PREFERENCE_AUDIT,
     SILVER_PREFERENCE_BALANCE_DROPS,
     SILVER_PREFERENCE_PAIRS,
@@ -47,7 +46,7 @@ BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
 DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 
 # The silver.records columns a pair carries over (the rest of its columns are computed by pairs.pair_batch).
-_CARRIED = [c.name for c in PAIR_COLUMNS if c.name in {r.name for r in SILVER_RECORDS.columns}]
+_CARRIED = [name for name in SILVER_PREFERENCE_PAIRS.column_names if name in SILVER_RECORDS.column_names]
 PREFERENCE_ROWS = f"SELECT {', '.join(_CARRIED)} FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 PREFERENCE_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
