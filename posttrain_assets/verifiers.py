@@ -69,6 +69,12 @@ MATH_WORKER_MEMORY_MB = 4096
 MATH_WORKER_STARTUP_SECONDS = 120.0
 # Most idle math workers kept per process.
 MATH_WORKER_MAX_IDLE = 4
+# Most seeds one score-batch process scores in certification: larger banks are split into more batches, so a
+# process's memory and its wall-clock limit stay bounded as the bank grows.
+SEEDS_PER_BATCH = 25_000
+# Longest one score-batch process may run before it is treated as hung. subprocess waits with poll(), which
+# takes at most 2**31 - 1 ms (24.8 days); a limit summed over 400,000 jobs overflowed it at 3M records.
+BATCH_WALL_LIMIT_SECONDS = 24 * 3600.0
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -615,19 +621,35 @@ def judge(
     return Certification(reason is None, reason, gold_scores, first_perturbed, version)
 
 
+def batch_wall_limit(jobs: int, timeout_seconds: float | None) -> float:
+    """Seconds a score-batch process of ``jobs`` jobs may run: its math workers' start plus each job's own
+    limit (and 5 s) in turn, capped at :data:`BATCH_WALL_LIMIT_SECONDS`."""
+    per_job = max(timeout_seconds or MATH_TIMEOUT_SECONDS, PYTHON_EVAL_WALL_SECONDS) + 5
+    return min(MATH_WORKER_STARTUP_SECONDS + per_job * jobs, BATCH_WALL_LIMIT_SECONDS)
+
+
+def certification_batches(seeds: int, workers: int) -> list[tuple[int, int]]:
+    """``(first, end)`` seed ranges of the score-batch processes of one run: at least one per worker (when
+    there are as many seeds), each of at most :data:`SEEDS_PER_BATCH` seeds, sizes within one of each other."""
+    if seeds <= 0:
+        return []
+    n = max(min(workers, seeds), math.ceil(seeds / SEEDS_PER_BATCH), 1)
+    bounds = [seeds * c // n for c in range(n + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
 def _run_batch(jobs: list[list[Any]], timeout_seconds: float | None) -> list[Score]:
     """Score ``jobs`` in ONE fresh ``score-batch`` process."""
     if not jobs:
         return []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
-    per_job = max(timeout_seconds or MATH_TIMEOUT_SECONDS, PYTHON_EVAL_WALL_SECONDS) + 5
     done = subprocess.run(
         [sys.executable, "-m", "posttrain_assets.verifiers", "score-batch"],
         input=json.dumps({"jobs": jobs, "timeout": timeout_seconds}).encode("utf-8"),
         capture_output=True,
         env=env,
-        timeout=MATH_WORKER_STARTUP_SECONDS + per_job * len(jobs),
+        timeout=batch_wall_limit(len(jobs), timeout_seconds),
         check=False,
     )
     if done.returncode != 0:
@@ -646,7 +668,8 @@ def certify_many(
     """Certify many seeds (``Seed`` objects or mappings with ``verifier``, ``gold``/``answer``, ``tests``).
 
     How "separate processes" is honoured: the seeds' jobs (gold and perturbed answer of each) are split
-    into ``workers`` chunks; each of the ``runs`` repetitions of each chunk is ONE fresh
+    into batches (:func:`certification_batches`: one per worker, more for banks over
+    :data:`SEEDS_PER_BATCH` seeds); each of the ``runs`` repetitions of each batch is ONE fresh
     ``python -m posttrain_assets.verifiers score-batch`` process (so every repetition of a seed is
     scored in a different process from its other repetitions, with its own math workers and sandboxes),
     and ``workers`` such processes run at a time. The runs' scores are then compared per seed
@@ -661,9 +684,9 @@ def certify_many(
         seed = items[i]
         jobs.append([seed.verifier, render_answer(seed.verifier, seed.gold), seed.gold, seed.tests])
         jobs.append([seed.verifier, perturb_answer(seed.verifier, seed.gold), seed.gold, seed.tests])
-    n_chunks = max(1, min(workers, len(known)))
-    bounds = [2 * (len(known) * c // n_chunks) for c in range(n_chunks + 1)]
-    chunks = [jobs[bounds[c] : bounds[c + 1]] for c in range(n_chunks)]
+    # Two jobs per seed (gold, perturbed), so a seed's jobs never straddle two batches.
+    chunks = [jobs[2 * first : 2 * end] for first, end in certification_batches(len(known), workers)]
+    n_chunks = len(chunks)
     tasks = [(run, c) for run in range(runs) for c in range(n_chunks)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {task: pool.submit(_run_batch, chunks[task[1]], timeout_seconds) for task in tasks}

@@ -337,6 +337,49 @@ def test_certify_one_seed_of_each_verifier() -> None:
     ] * 4
 
 
+def test_batch_wall_limit_stays_within_what_subprocess_can_wait() -> None:
+    # 400,000 jobs in one process (the RL bank of a 3M-record corpus split over two workers) overflowed
+    # poll()'s millisecond timeout ("OverflowError: timeout is too large").
+    assert v.batch_wall_limit(2, None) == v.MATH_WORKER_STARTUP_SECONDS + 2 * (v.PYTHON_EVAL_WALL_SECONDS + 5)
+    assert v.batch_wall_limit(4, 10.0) == v.MATH_WORKER_STARTUP_SECONDS + 4 * 15
+    assert v.batch_wall_limit(400_000, 10.0) == v.BATCH_WALL_LIMIT_SECONDS
+    assert v.BATCH_WALL_LIMIT_SECONDS * 1000 < 2**31 - 1
+
+
+def test_certification_batches_cover_every_seed_once_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert v.certification_batches(0, 2) == []
+    assert v.certification_batches(1, 2) == [(0, 1)]
+    assert v.certification_batches(5, 2) == [(0, 2), (2, 5)]
+    batches = v.certification_batches(450_000, 2)
+    assert len(batches) == 18
+    assert batches[0][0] == 0 and batches[-1][1] == 450_000
+    assert all(end == nxt for (_, end), (nxt, _) in zip(batches, batches[1:], strict=False))
+    assert {end - first for first, end in batches} == {25_000}
+    monkeypatch.setattr(v, "SEEDS_PER_BATCH", 3)
+    assert v.certification_batches(7, 2) == [(0, 2), (2, 4), (4, 7)]
+
+
+def test_certify_many_scores_each_batch_in_its_own_process_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(v, "SEEDS_PER_BATCH", 3)
+    batches: list[list[str]] = []
+    run_batch = v._run_batch
+
+    def recording(jobs: list[list[object]], timeout_seconds: float | None) -> list[Score]:
+        batches.append([str(job[2]) for job in jobs[::2]])  # the gold answer of each seed in the batch
+        return run_batch(jobs, timeout_seconds)
+
+    monkeypatch.setattr(v, "_run_batch", recording)
+    seeds = [Seed("numeric", str(n)) for n in range(1, 8)]
+    results = certify_many([*seeds[:3], Seed("no_such_verifier", "1"), *seeds[3:]], runs=3, workers=2)
+    assert [(c.ok, c.reason, c.gold_scores, c.perturbed_score) for c in results] == [
+        *[(True, None, [1.0, 1.0, 1.0], 0.0)] * 3,
+        (False, "unknown_verifier", [], 0.0),
+        *[(True, None, [1.0, 1.0, 1.0], 0.0)] * 4,
+    ]
+    # 7 known seeds in batches of at most 3, each batch scored once per run (9 processes).
+    assert sorted(batches) == sorted([["1", "2"], ["3", "4"], ["5", "6", "7"]] * 3)
+
+
 def test_certify_gold_not_accepted() -> None:
     assert certify("numeric", "seventy-two").reason == "gold_not_accepted"
     wrong_tests = certify("python_eval", SOLUTION, tests="assert double(2) == 5\n")
