@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import metadata
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -633,9 +634,8 @@ def certification_batches(seeds: int, workers: int) -> list[tuple[int, int]]:
     there are as many seeds), each of at most :data:`SEEDS_PER_BATCH` seeds, sizes within one of each other."""
     if seeds <= 0:
         return []
-    n = max(min(workers, seeds), math.ceil(seeds / SEEDS_PER_BATCH), 1)
-    bounds = [seeds * c // n for c in range(n + 1)]
-    return list(zip(bounds, bounds[1:], strict=False))
+    n = max(min(workers, seeds), math.ceil(seeds / SEEDS_PER_BATCH))
+    return list(pairwise(seeds * c // n for c in range(n + 1)))
 
 
 def _run_batch(jobs: list[list[Any]], timeout_seconds: float | None) -> list[Score]:
