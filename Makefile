@@ -42,7 +42,7 @@ $(VENV)/.bench: $(VENV)/.core
 # Benchmark: `make bench BENCH_ARGS="--records 100000"`; default 1,000,000 records, with the peers
 # (datatrove from the `bench` extra, a plain datasketch loop, transformers' masks, DuckDB's JSON reader).
 bench: $(VENV)/.bench
-	$(BIN)/python -m posttrain_assets.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from posttrain_assets.demo_data import generate_demo_data
+        from posttrain_assets.demo.generator import generate_demo_data
 
         registry = generate_demo_data(args.out, seed=args.seed)
         os.environ["POSTTRAIN_SOURCES"] = str(Path(registry).resolve())

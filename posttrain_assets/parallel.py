@@ -78,7 +78,12 @@ def _exit_with_caller() -> None:
 
 # What the fork server imports once, so every worker forked from it starts with them loaded: the modules of the
 # stage functions and transformers (the tokenizer each worker unpickles needs it; about 2 s to import).
-PRELOAD = ("posttrain_assets.cleaning", "posttrain_assets.sft", "posttrain_assets.pairs", "transformers")
+PRELOAD = (
+    "posttrain_assets.cleaning.silver_pass",
+    "posttrain_assets.sft.batches",
+    "posttrain_assets.preference.pairs",
+    "transformers",
+)
 
 
 def _start_context() -> Any:

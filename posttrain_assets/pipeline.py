@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import dagster as dg
 import duckdb
 
-from posttrain_assets.registry import load_registry
-from posttrain_assets.tables import ALL_TABLES
+from posttrain_assets.ingest.registry import load_registry
+from posttrain_assets.warehouse.catalogue import ALL_TABLES
 
-# Every platform table, in data-flow order (the declarations in posttrain_assets.tables).
+# Every platform table, in data-flow order (the declarations in posttrain_assets.warehouse.catalogue).
 LAYER_TABLES = tuple(t.qualified for t in ALL_TABLES)
 
 
@@ -138,8 +138,8 @@ def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
     """One tokenised SFT row with its trained spans marked, for debugging a template."""
     from pathlib import Path
 
-    from posttrain_assets.masking import render_mask
-    from posttrain_assets.tokenizer import load_tokenizer
+    from posttrain_assets.sft.masking import render_mask
+    from posttrain_assets.sft.tokenizer import load_tokenizer
 
     with duckdb.connect(database, read_only=True) as conn:
         rows = conn.execute(
@@ -160,7 +160,7 @@ def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
 
 def trace_row(database: str, record_id: str) -> str:
     """The provenance chain of one gold row (``posttrain trace``)."""
-    from posttrain_assets.trace import TraceError, trace
+    from posttrain_assets.publish.trace import TraceError, trace
 
     with duckdb.connect(database, read_only=True) as conn:
         try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from posttrain_assets.tokenizer import build_smollm2_tokenizer, load_tokenizer
+from posttrain_assets.sft.tokenizer import build_smollm2_tokenizer, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizers

@@ -16,37 +16,37 @@ import yaml
 
 from posttrain_assets import pipeline
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource, WarehouseResource
-from posttrain_assets.tables import fetch_dicts
-from posttrain_assets_tests.shared_data import SHARED_DATA
+from posttrain_assets.warehouse.io import fetch_dicts
+from posttrain_assets_tests.real_data import REAL_DATA
 
 REAL_REGISTRY = f"""
 sources:
   - name: fastchat_dummy
-    path: {SHARED_DATA}/fastchat/dummy_conversation.json
+    path: {REAL_DATA}/fastchat/dummy_conversation.json
     format: sharegpt
     license: Apache-2.0
     origin: "lm-sys/FastChat@0e6d3e4b:data/dummy_conversation.json"
     kind: human
   - name: alpaca_cleaned
-    path: {SHARED_DATA}/alpaca/alpaca_data_cleaned_1000.json
+    path: {REAL_DATA}/alpaca/alpaca_data_cleaned_1000.json
     format: alpaca
     license: CC-BY-NC-4.0
     origin: "lm-sys/FastChat@04a1074d:data/alpaca_data_cleaned_1000.json"
     kind: ai
   - name: hh_rlhf_harmless
-    path: {SHARED_DATA}/hh-rlhf/harmless-base-test.jsonl.gz
+    path: {REAL_DATA}/hh-rlhf/harmless-base-test.jsonl.gz
     format: hh_rlhf
     license: MIT
     origin: "anthropics/hh-rlhf@354e5c3c:harmless-base/test.jsonl.gz"
     kind: human
   - name: gsm8k_train
-    path: {SHARED_DATA}/gsm8k/train.jsonl
+    path: {REAL_DATA}/gsm8k/train.jsonl
     format: gsm8k
     license: MIT
     origin: "openai/grade-school-math@3101c7d5:grade_school_math/data/train.jsonl"
     kind: human
   - name: gsm8k_test
-    path: {SHARED_DATA}/gsm8k/test.jsonl
+    path: {REAL_DATA}/gsm8k/test.jsonl
     format: gsm8k
     license: MIT
     origin: "openai/grade-school-math@3101c7d5:grade_school_math/data/test.jsonl"

@@ -10,14 +10,16 @@ import dagster as dg
 import duckdb
 import pytest
 
-from posttrain_assets import cleaning, sft
-from posttrain_assets.cleaning import STAGE_NAMES, SUBSTAGE_NAMES
+from posttrain_assets.cleaning import silver_pass as cleaning
+from posttrain_assets.cleaning.silver_pass import STAGE_NAMES, SUBSTAGE_NAMES
 from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.silver import sft_tokenized
-from posttrain_assets.demo_data import generate_demo_data
-from posttrain_assets.masking import IGNORE_INDEX, TokenizedConversation
-from posttrain_assets.tables import ALL_TABLES, bronze_source_table
-from posttrain_assets.trace import TRACE_VIEW
+from posttrain_assets.demo.generator import generate_demo_data
+from posttrain_assets.publish.trace import TRACE_VIEW
+from posttrain_assets.sft import batches as sft
+from posttrain_assets.sft.masking import IGNORE_INDEX, TokenizedConversation
+from posttrain_assets.warehouse.bronze import bronze_source_table
+from posttrain_assets.warehouse.catalogue import ALL_TABLES
 from posttrain_assets_tests.graph import Graph, deployed
 
 GOLD_KEYS = {dg.AssetKey(["gold", name]) for name in ("sft", "preference", "preference_length_balanced", "rl_prompts")}
@@ -177,7 +179,7 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
         assert after[name] == before[name], name
     # Re-ingesting replaced each bronze partition instead of appending to it.
     assert demo_graph.query("SELECT count(*) FROM bronze.records") == [(2926,)]
-    # No twin under construction (tables.building) or work table of the silver pass is left behind.
+    # No twin under construction (io.building) or work table of the silver pass is left behind.
     # bronze.records is a view over exactly one table per source.
     stored = {f"{schema}.{name}" for schema, name in demo_graph.query(STORED_TABLES)}
     per_source = {

@@ -1,4 +1,5 @@
-"""The whole graph on the five real files in ../shared/data: row counts, accounting, checks, gold tables."""
+"""The whole graph on the five vendored real files (posttrain_assets_tests/data): row counts, accounting, checks,
+gold tables."""
 
 import json
 from collections.abc import Iterator
@@ -9,9 +10,9 @@ import pytest
 from posttrain_assets.defs.checks.accounting import bronze_accounting_check
 from posttrain_assets.defs.checks.loss_mask import loss_mask_check
 from posttrain_assets.defs.checks.schema import silver_records_schema_check
-from posttrain_assets_tests.graph import REAL_REGISTRY, SHARED_DATA, Graph, deployed
+from posttrain_assets_tests.graph import REAL_DATA, REAL_REGISTRY, Graph, deployed
 
-# Row counts from ../shared/data/README.md.
+# Row counts from posttrain_assets_tests/data/README.md.
 README_ROWS = {
     "fastchat_dummy": 500,
     "alpaca_cleaned": 1000,
@@ -80,7 +81,7 @@ def test_every_bronze_row_lands_in_silver_eval_quarantine_or_a_dedup_cluster(rea
         (1, 4)
     ]
     (message,) = real_graph.query("SELECT message FROM silver.quarantine WHERE row_number = 86")[0]
-    assert message.startswith(f"{SHARED_DATA}/hh-rlhf/harmless-base-test.jsonl.gz, row 86, field chosen: ")
+    assert message.startswith(f"{REAL_DATA}/hh-rlhf/harmless-base-test.jsonl.gz, row 86, field chosen: ")
 
 
 def test_accounting_and_schema_checks_pass_when_called_directly(real_graph: Graph) -> None:

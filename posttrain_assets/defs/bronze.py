@@ -7,15 +7,11 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.ingest import IngestRun, bronze_batches
+from posttrain_assets.ingest.bronze import IngestRun, bronze_batches
 from posttrain_assets.parallel import prefetched
-from posttrain_assets.tables import (
-    BRONZE_RECORDS,
-    bronze_source_table,
-    building,
-    ensure_bronze,
-    replace_bronze_source,
-)
+from posttrain_assets.warehouse.bronze import bronze_source_table, ensure_bronze, replace_bronze_source
+from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
+from posttrain_assets.warehouse.io import building
 
 source_partitions = dg.DynamicPartitionsDefinition(name="source")
 

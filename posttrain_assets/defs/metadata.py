@@ -5,7 +5,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 
-from posttrain_assets.tables import Table
+from posttrain_assets.warehouse.model import Table
 
 PREVIEW_ROWS = 5
 PREVIEW_CELL_CHARS = 80

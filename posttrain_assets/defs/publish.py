@@ -13,8 +13,8 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.exports import export_gold
-from posttrain_assets.trace import GOLD_TABLES, create_trace_view, gold_tables
+from posttrain_assets.publish.exports import export_gold
+from posttrain_assets.publish.trace import GOLD_TABLES, create_trace_view, gold_tables
 
 GOLD_KEYS = [dg.AssetKey(t.split(".")) for t in GOLD_TABLES]
 TRACE_KEY = dg.AssetKey(["gold", "trace"])

@@ -19,12 +19,12 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
-from posttrain_assets.registry import Registry, load_registry
+from posttrain_assets.ingest.registry import Registry, load_registry
 
 # DuckDB's default cap is 80% of the machine's memory, so joining or aggregating a large bronze table would grow
 # the process towards it; under this cap those operators spill to a temporary directory beside the database
 # instead, and memory stays bounded as the corpus grows (the launchpad's resource config can change it). Sorts
-# of wide rows do not spill, which is why no stage sorts them whole (see tables.insert_ordered).
+# of wide rows do not spill, which is why no stage sorts them whole (see io.insert_ordered).
 DUCKDB_MEMORY_LIMIT = "1GB"
 
 
@@ -47,7 +47,7 @@ class WarehouseResource(DuckDBResource):
 
 
 class SourceRegistryResource(dg.ConfigurableResource):
-    """The source registry file (see ``posttrain_assets.registry``)."""
+    """The source registry file (see ``posttrain_assets.ingest.registry``)."""
 
     path: str
 
@@ -67,7 +67,7 @@ class TokenizerResource(dg.ConfigurableResource):
     def get(self):  # -> transformers.PreTrainedTokenizerFast
         """Load once per process; no network (local files or the local HF cache only)."""
         if self._tokenizer is None:
-            from posttrain_assets.tokenizer import load_tokenizer
+            from posttrain_assets.sft.tokenizer import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.spec, Path(self.cache_dir))
         return self._tokenizer
@@ -75,7 +75,7 @@ class TokenizerResource(dg.ConfigurableResource):
     def identity(self) -> dict[str, str]:
         """Name and hashes of the tokenizer files and chat template, recorded with every row set."""
         if self._identity is None:
-            from posttrain_assets.tokenizer import tokenizer_identity
+            from posttrain_assets.sft.tokenizer import tokenizer_identity
 
             self._identity = tokenizer_identity(self.get())
         return self._identity

@@ -10,7 +10,7 @@ import dagster as dg
 
 from posttrain_assets.defs.automation.jobs import ingest_source_job
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.landing import files_fingerprint
+from posttrain_assets.ingest.landing import files_fingerprint
 
 
 @dg.sensor(

@@ -5,7 +5,7 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import SourceRegistryResource
-from posttrain_assets.validation import account_sources
+from posttrain_assets.warehouse.validation import account_sources
 
 
 @dg.asset_check(

@@ -8,16 +8,16 @@ statistic and its value. Blocking: gold.preference is not written past a failure
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.audits import audit, confound_violations, markdown_audit_table
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
-from posttrain_assets.tables import (
+from posttrain_assets.preference.audit import audit, confound_violations, markdown_audit_table
+from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
-    Table,
     audited_columns_sql,
-    fetch_dicts,
 )
+from posttrain_assets.warehouse.io import fetch_dicts
+from posttrain_assets.warehouse.model import Table
 
 
 def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthConfoundConfig) -> dg.AssetCheckResult:

@@ -2,7 +2,7 @@
 
 For each row it re-renders and re-tokenises the conversation and checks, independently of the
 code that built the mask, that exactly the assistant contents and their end-of-turn markers are
-trained (``posttrain_assets.masking.verify_mask``). A failure names the row ids and the first
+trained (``posttrain_assets.sft.masking.verify_mask``). A failure names the row ids and the first
 wrong position; gold.sft then does not materialise.
 """
 
@@ -12,8 +12,9 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.sft import MaskProof, TokenizerIdentity, prove_batch
-from posttrain_assets.tables import SILVER_RECORDS, SILVER_SFT_TOKENIZED, ordered_arrow
+from posttrain_assets.sft.batches import MaskProof, TokenizerIdentity, prove_batch
+from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
+from posttrain_assets.warehouse.io import ordered_arrow
 
 MAX_REPORTED = 20
 BATCH_ROWS = 1024

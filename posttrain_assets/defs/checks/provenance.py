@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.trace import provenance_violations
+from posttrain_assets.publish.trace import provenance_violations
 
 MAX_LISTED = 20
 

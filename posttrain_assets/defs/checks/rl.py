@@ -4,8 +4,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
-from posttrain_assets.tables import GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
-from posttrain_assets.verifiers import VERIFIER_VERSIONS
+from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS
+from posttrain_assets.warehouse.catalogue import GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
 
 GOLD_CERTIFICATES = f"""
 SELECT g.id, g.verifier, g.verifier_version, c.certified, c.reason

@@ -10,7 +10,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
-from posttrain_assets.tables import (
+from posttrain_assets.warehouse.catalogue import (
     GOLD_PREFERENCE,
     GOLD_PREFERENCE_LENGTH_BALANCED,
     GOLD_RL_PROMPTS,
@@ -18,9 +18,9 @@ from posttrain_assets.tables import (
     REQUIRED_BY_REGIME,
     REQUIRED_FOR_ALL,
     SILVER_RECORDS,
-    Table,
 )
-from posttrain_assets.validation import schema_violations
+from posttrain_assets.warehouse.model import Table
+from posttrain_assets.warehouse.validation import schema_violations
 
 
 def schema_check_result(

@@ -6,7 +6,7 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, write_projection
 from posttrain_assets.defs.silver.preference_pairs import BALANCED_KEY, PAIRS_KEY
-from posttrain_assets.tables import (
+from posttrain_assets.warehouse.catalogue import (
     GOLD_PREFERENCE,
     GOLD_PREFERENCE_LENGTH_BALANCED,
     SILVER_PREFERENCE_PAIRS,

@@ -6,7 +6,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.tables import Table, transaction
+from posttrain_assets.warehouse.io import transaction
+from posttrain_assets.warehouse.model import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
 # `blocking=True` alone only holds inside one run.

@@ -12,13 +12,13 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, same_name_lin
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.rl import CERTIFICATION_KEY, DIFFICULTY_KEY
-from posttrain_assets.tables import (
+from posttrain_assets.warehouse.catalogue import (
     GOLD_RL_PROMPTS,
     SILVER_RECORDS,
     SILVER_RL_CERTIFICATION,
     SILVER_RL_DIFFICULTY,
-    transaction,
 )
+from posttrain_assets.warehouse.io import transaction
 
 
 class DifficultyBandConfig(dg.Config):

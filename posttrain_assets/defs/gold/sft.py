@@ -7,7 +7,8 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
-from posttrain_assets.tables import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED, insert_ordered, transaction
+from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
+from posttrain_assets.warehouse.io import insert_ordered, transaction
 
 SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}

@@ -10,14 +10,15 @@ from typing import Literal
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.cleaning import CleaningConfig, run_silver_pass
-from posttrain_assets.dedup import MinHashConfig
+from posttrain_assets.cleaning.dedup import MinHashConfig
+from posttrain_assets.cleaning.quality import QualityConfig
+from posttrain_assets.cleaning.silver_pass import CleaningConfig, run_silver_pass
 from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes
-from posttrain_assets.quality import QualityConfig
-from posttrain_assets.tables import (
+from posttrain_assets.warehouse.bronze import ensure_bronze
+from posttrain_assets.warehouse.catalogue import (
     BRONZE_RECORDS,
     SILVER_CONTAMINATION,
     SILVER_CROSS_REGIME_LEAKS,
@@ -25,7 +26,6 @@ from posttrain_assets.tables import (
     SILVER_EVAL_RECORDS,
     SILVER_QUARANTINE,
     SILVER_RECORDS,
-    ensure_bronze,
 )
 
 BRONZE_KEY = dg.AssetKey(["bronze", "records"])
@@ -59,7 +59,7 @@ def _file_mtime(path: str) -> dt.datetime:
 
 
 class CleaningPassConfig(dg.Config):
-    """The shared cleaning pass (documented defaults; see posttrain_assets.cleaning)."""
+    """The shared cleaning pass (documented defaults; see posttrain_assets.cleaning.silver_pass)."""
 
     license_policy: Literal["any", "commercial"] = "any"
     allowed_languages: list[str] = ["en"]

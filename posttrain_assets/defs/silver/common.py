@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from posttrain_assets.tables import Table
+from posttrain_assets.warehouse.model import Table
 
 # Silver follows its upstream: a re-ingested source partition rebuilds the corpus, and so on downstream.
 SILVER_AUTOMATION = dg.AutomationCondition.eager()

@@ -10,7 +10,12 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.audits import (
+from posttrain_assets.defs.metadata import column_lineage, table_metadata
+from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
+from posttrain_assets.defs.silver.common import silver_spec
+from posttrain_assets.parallel import default_processes, map_batches, processes_for
+from posttrain_assets.preference.audit import (
     DROP_REASONS,
     ConfoundThresholds,
     audit,
@@ -18,19 +23,16 @@ from posttrain_assets.audits import (
     length_histogram_png,
     markdown_audit_table,
 )
-from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
-from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.pairs import PairJob, pair_batch
-from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.tables import (
+from posttrain_assets.preference.pairs import PairJob, pair_batch
+from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_AUDIT,
     SILVER_PREFERENCE_BALANCE_DROPS,
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
     audited_columns_sql,
+)
+from posttrain_assets.warehouse.io import (
     building,
     fetch_dicts,
     insert_ordered,
@@ -111,7 +113,7 @@ def silver_preference_pairs(
         (rows,) = conn.execute(PREFERENCE_ROW_COUNT).fetchone()
         processes = processes_for(rows, BATCH_ROWS, config.processes or default_processes())
         context.log.info(f"pairing {rows} preference rows, {BATCH_ROWS} at a time, in {processes} process(es)")
-        # Pairs are built a batch of records at a time into a twin with a commit per batch (tables.building: one
+        # Pairs are built a batch of records at a time into a twin with a commit per batch (io.building: one
         # transaction over every batch would hold the whole table in memory); audit and balance read only the
         # numeric columns; every table is replaced in one transaction at the end.
         with building(conn, SILVER_PREFERENCE_PAIRS) as pairs_twin:

@@ -21,15 +21,9 @@ from posttrain_assets.defs.metadata import markdown_table, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import SILVER_AUTOMATION
-from posttrain_assets.tables import (
-    SILVER_RECORDS,
-    SILVER_RL_CERTIFICATION,
-    SILVER_RL_DIFFICULTY,
-    fetch_dicts,
-    replace_table,
-    transaction,
-)
-from posttrain_assets.verifiers import VERIFIER_VERSIONS, certify_many
+from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS, certify_many
+from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
+from posttrain_assets.warehouse.io import fetch_dicts, replace_table, transaction
 
 CERTIFICATION_KEY = dg.AssetKey(["silver", "rl_certification"])
 DIFFICULTY_KEY = dg.AssetKey(["silver", "rl_difficulty"])
@@ -128,7 +122,7 @@ def silver_rl_difficulty(
     context: dg.AssetExecutionContext, config: RolloutConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
 ) -> dg.MaterializeResult:
     """Sample up to ``max_prompts`` certified seeds that have no estimate for this lineage yet."""
-    from posttrain_assets.rollouts import SamplingParams, default_policy, pending, seed_lineage
+    from posttrain_assets.rl.rollouts import SamplingParams, default_policy, pending, seed_lineage
 
     policy = default_policy(Path(tokenizer.cache_dir))
     sampling = SamplingParams(
@@ -147,7 +141,7 @@ def silver_rl_difficulty(
     context.log.info(f"{len(todo)} certified seeds lack an estimate for this lineage; sampling {len(batch)} now")
     estimates = []
     if batch:
-        from posttrain_assets.rollouts import estimate_difficulty
+        from posttrain_assets.rl.rollouts import estimate_difficulty
 
         def progress(done: int, total: int) -> None:
             context.log.info(f"rollouts: {done}/{total} prompts")

@@ -9,18 +9,11 @@ from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.masking import MaskConfig
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.sft import TokenizeJob, TokenizerIdentity, tokenize_batch
-from posttrain_assets.tables import (
-    SILVER_RECORDS,
-    SILVER_SFT_QUARANTINE,
-    SILVER_SFT_TOKENIZED,
-    building,
-    ordered_arrow,
-    swap_in,
-    transaction,
-)
+from posttrain_assets.sft.batches import TokenizeJob, TokenizerIdentity, tokenize_batch
+from posttrain_assets.sft.masking import MaskConfig
+from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
+from posttrain_assets.warehouse.io import building, ordered_arrow, swap_in, transaction
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
@@ -76,13 +69,13 @@ def silver_sft_tokenized(
             f"in {processes} process(es)"
         )
         # Both tables are built as twins with a commit per batch and swapped in together at the end
-        # (tables.building: one transaction over every batch would hold the whole table in memory).
+        # (io.building: one transaction over every batch would hold the whole table in memory).
         with (
             building(conn, SILVER_SFT_TOKENIZED) as tokenized_twin,
             building(conn, SILVER_SFT_QUARANTINE) as quarantine_twin,
         ):
             # Batches keep memory bounded: only a few batches' token lists exist at a time. They come back in id
-            # order, so silver.sft_tokenized is stored in id order (tables.insert_ordered explains why that matters).
+            # order, so silver.sft_tokenized is stored in id order (io.insert_ordered explains why that matters).
             done = 0
             batches = ordered_arrow(conn, SFT_ROWS, "id", BATCH_ROWS)
             for batch in map_batches(tokenize_batch, job, batches, processes):

@@ -1,0 +1,167 @@
+"""Bronze row -> canonical record, or a quarantine verdict with a reason.
+
+This is the silver stage's per-row logic, without Dagster or DuckDB: decode,
+parse JSON, run the source's format adapter, and attach provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain_assets.ingest.registry import Registry, Source
+from posttrain_assets.records.formats import get_adapter
+from posttrain_assets.records.schema import CanonicalRecord, RecordError
+
+# Maps a landing file path to the creation time recorded on its rows.
+CreatedAt = Callable[[str], dt.datetime]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why a row goes to quarantine: reason code, offending field, human message."""
+
+    reason: str
+    field: str | None
+    message: str
+
+
+def parse_payload(payload: str, decode_error: str | None, format_name: str, regime: str) -> CanonicalRecord | Rejected:
+    """Map one raw row to a canonical record, or say why it cannot be."""
+    if decode_error is not None:
+        return Rejected("invalid_utf8", None, f"row is not valid UTF-8 ({decode_error})")
+    try:
+        row: Any = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        return Rejected("bad_json", None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    if not isinstance(row, dict):
+        return Rejected("not_an_object", None, f"expected a JSON object, got {type(row).__name__}")
+    try:
+        return get_adapter(format_name).parse(row, regime)
+    except RecordError as exc:
+        return Rejected(exc.reason, exc.field, exc.message)
+
+
+def describe(rejected: Rejected, file_path: str, row_number: int) -> str:
+    """The full error line users see: file, row and field."""
+    field = f", field {rejected.field}" if rejected.field else ""
+    return f"{file_path}, row {row_number}{field}: {rejected.message}"
+
+
+PROVENANCE = ("source", "file_path", "row_number", "record_sha256")
+
+
+def quarantine_entry(
+    row: dict[str, Any], stage: str, reason: str, field: str | None, message: str, record_id: str | None = None
+) -> dict[str, Any]:
+    """A silver.quarantine row for bronze ``row``."""
+    return {
+        **{k: row[k] for k in PROVENANCE},
+        "id": record_id,
+        "stage": stage,
+        "reason": reason,
+        "field": field,
+        "message": message,
+        "payload": row["payload"],
+    }
+
+
+def cleaning_entry(row: dict[str, Any], stage: str, reason: str, detail: str, record_id: str) -> dict[str, Any]:
+    """A silver.quarantine row for a record the cleaning pass removed, located by its bronze ``row``."""
+    message = describe(Rejected(reason, None, detail), row["file_path"], row["row_number"])
+    return quarantine_entry(row, stage, reason, None, message, record_id)
+
+
+def duplicate_entry(
+    row: dict[str, Any], member_id: str, kept_id: str, method: str, similarity: float
+) -> dict[str, Any]:
+    """A silver.dedup_clusters row: bronze ``row`` (content ``member_id``) collapsed onto ``kept_id``."""
+    return {
+        "cluster_id": kept_id,
+        "kept_id": kept_id,
+        "member_id": member_id,
+        **{k: row[k] for k in PROVENANCE},
+        "method": method,
+        "similarity": similarity,
+    }
+
+
+@dataclass
+class Normalised:
+    """One bronze row after parsing, before exact duplicates are collapsed (which needs the rows seen before).
+
+    ``key`` is ``(role, content id)``: training and evaluation sources are deduplicated separately, so an eval
+    question copied into training data stays visible to decontamination. ``key`` is None for a row that did not
+    parse; ``row`` is then its quarantine entry, else its canonical record (:func:`canonical_row`).
+    """
+
+    key: tuple[str, str] | None
+    row: dict[str, Any]
+    bronze: dict[str, Any]
+
+
+def normalise_row(registry: Registry, created_at: CreatedAt, bronze: dict[str, Any]) -> Normalised:
+    """Parse one bronze row with its source's adapter into a canonical record, or a canonical-stage quarantine
+    entry saying why it cannot be."""
+    source = registry.get(bronze["source"])
+    result = parse_payload(bronze["payload"], bronze["decode_error"], source.format, source.regime)
+    if isinstance(result, Rejected):
+        message = describe(result, bronze["file_path"], bronze["row_number"])
+        return Normalised(None, quarantine_entry(bronze, "canonical", result.reason, result.field, message), bronze)
+    record_id = result.content_id()
+    record = canonical_row(result, record_id, source, bronze, created_at(bronze["file_path"]))
+    return Normalised((source.role, record_id), record, bronze)
+
+
+class FirstSeen:
+    """Exact duplicates (same content key) collapse onto the first row seen, so rows must be offered in
+    registry priority, file and row order: the kept twin is the one from the highest-priority source, then the
+    earliest row. Only the keys seen so far are kept."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def first(self, key: tuple[str, str]) -> bool:
+        """True the first time ``key`` is offered."""
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+def canonical_row(
+    record: CanonicalRecord, record_id: str, source: Source, row: dict[str, Any], created_at: dt.datetime
+) -> dict[str, Any]:
+    """A silver.records row: the adapter's content plus registry provenance."""
+    return {
+        "id": record_id,
+        "source": source.name,
+        "regime": record.regime,
+        "messages": record.messages,
+        "prompt": record.prompt,
+        "response": record.response,
+        "chosen": record.chosen,
+        "rejected": record.rejected,
+        "answer": record.answer,
+        "verifier": record.verifier,
+        "lang": record.lang,
+        "difficulty": record.difficulty,
+        "token_count": None,
+        "license": source.license,
+        "origin": {
+            "source": source.name,
+            "uri": source.origin,
+            "file": row["file_path"],
+            "row": row["row_number"],
+            "record_sha256": row["record_sha256"],
+            "file_sha256": row["file_sha256"],
+        },
+        "created_at": created_at,
+        "domain": record.domain,
+        "source_kind": source.kind,
+        "score_chosen": record.score_chosen,
+        "score_rejected": record.score_rejected,
+    }

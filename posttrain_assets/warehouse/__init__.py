@@ -1,0 +1,1 @@
+"""Warehouse: the table model, the catalogue of every table, DuckDB I/O, the bronze view, table-level validations."""

@@ -1,0 +1,166 @@
+"""The benchmark script: a deterministic corpus generator with the planned mix, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks import bench
+from posttrain_assets.cleaning.silver_pass import STAGE_NAMES, SUBSTAGE_NAMES
+from posttrain_assets.parallel import default_processes
+
+N = 300
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "plan.json"
+    }
+
+
+def _rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    if path.suffix == ".json":
+        return len(json.loads(path.read_text(encoding="utf-8")))
+    return sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+
+
+def test_counts_follow_the_planned_mix() -> None:
+    counts = bench.source_counts(N)
+    by_regime: dict[str, int] = {}
+    for s in bench.SOURCES:
+        by_regime[s.regime] = by_regime.get(s.regime, 0) + counts[s.name]["rows"]
+    assert by_regime == {"sft": 180, "preference": 75, "rl": 45}
+    assert sum(c["near_duplicates"] for c in counts.values()) == pytest.approx(N * 0.10, abs=3)
+    assert sum(c["malformed"] for c in counts.values()) == pytest.approx(N * 0.01, abs=1)
+    assert counts["bench_pref_ultrafeedback"]["malformed"] == 0  # Parquet holds no malformed rows
+
+
+def test_generator_is_deterministic_and_writes_the_plan(tmp_path: Path) -> None:
+    plan = bench.generate_corpus(tmp_path / "a", N, seed=3)
+    again = bench.generate_corpus(tmp_path / "b", N, seed=3)
+    bench.generate_corpus(tmp_path / "c", N, seed=4)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert {k: v for k, v in plan.items() if k not in ("generate_seconds", "registry")} == {
+        k: v for k, v in again.items() if k not in ("generate_seconds", "registry")
+    }
+
+    assert plan["by_regime"] == {"sft": 180, "preference": 75, "rl": 45}
+    for s in bench.SOURCES:
+        assert _rows(tmp_path / "a" / s.path) == plan["sources"][s.name]["rows"], s.name
+    planted = bench.planted_pairs(tmp_path / "a")
+    assert len(planted) == plan["near_duplicates"] == sum(c["near_duplicates"] for c in plan["sources"].values())
+    assert plan["malformed"] == sum(plan["malformed_by_reason"].values()) == 3
+    for p in planted:
+        assert p["of_row"] < p["row"] < plan["sources"][p["source"]]["rows"]
+        assert bench.EDIT_RANGE[0] <= p["fraction"] <= bench.EDIT_RANGE[1]
+    # a planted copy keeps the word count of its original and differs from it
+    lines = (tmp_path / "a" / "sft/messages.jsonl").read_text(encoding="utf-8").splitlines()
+    p = next(p for p in planted if p["source"] == "bench_sft_messages")
+    copy, original = json.loads(lines[p["row"]]), json.loads(lines[p["of_row"]])
+    assert copy != original
+    assert [len(m["content"].split()) for m in copy["messages"]] == [
+        len(m["content"].split()) for m in original["messages"]
+    ]
+
+
+def test_score_dedup() -> None:
+    planted = [
+        {"source": "s", "row": 5, "of_row": 1, "fraction": 0.06},
+        {"source": "s", "row": 6, "of_row": 1, "fraction": 0.14},
+        {"source": "s", "row": 7, "of_row": 2, "fraction": 0.10},
+    ]
+    # 5 -> 1 found, 6 missed, 7 found the other way round, and one false pair 9 -> 3
+    found = [(("s", 5), ("s", 1)), (("s", 2), ("s", 7)), (("s", 9), ("s", 3))]
+    score = bench.score_dedup(planted, found)
+    assert (score["recalled"], score["planted"], score["true_positives"], score["detected"]) == (2, 3, 2, 3)
+    assert score["recall"] == score["precision"] == round(2 / 3, 4)
+    assert score["recall_by_edit_fraction"] == {"0.05-0.08": 1.0, "0.08-0.12": 1.0, "0.12-0.15": 0.0}
+
+
+def test_tiny_benchmark_end_to_end(
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tokenizer_cache_dir))
+    out = tmp_path / "bench"
+    result_path = out / "result.json"
+    assert bench.main(["--records", str(N), "--out", str(out), "--json", str(result_path), "--skip-peers"]) == 0
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    assert {"schema_version", "machine", "corpus", "pipeline"} <= set(result)
+    assert "peers" not in result
+    assert result["pipeline"]["failure"] is None
+    corpus, run = result["corpus"], result["pipeline"]
+    assert corpus["records"] == N and corpus["by_regime"] == {"sft": 180, "preference": 75, "rl": 45}
+    assert set(run["stages"]) >= {
+        "bronze ingest",
+        "silver canonical + cleaning",
+        "silver sft_tokenized",
+        "loss_mask_check",
+        "silver preference pairs",
+        "silver RL certification",
+        "gold",
+        "exports (Parquet + JSONL)",
+    }
+    assert run["stages"]["silver RL certification"]["records"] == run["silver_by_regime"]["rl"]
+    exported = sum(n for table, n in run["tables"].items() if table.startswith("gold.") and table != "gold.trace")
+    assert run["stages"]["exports (Parquet + JSONL)"]["records"] == exported > 0
+    for stage in run["stages"].values():
+        assert stage["seconds"] >= 0 and stage["peak_rss_mib"] > 0
+    assert run["end_to_end"]["peak_rss_mib"] > 0
+    # the silver pass's own stage clock, inside its step
+    passed = run["silver_pass_seconds"]
+    assert set(passed) == {*STAGE_NAMES, *SUBSTAGE_NAMES}
+    assert sum(passed[name] for name in STAGE_NAMES) <= run["stages"]["silver canonical + cleaning"]["seconds"]
+    assert run["tables"]["bronze.records"] == N
+    assert run["stages"]["bronze ingest"]["records"] == N
+    # every planted malformed row is quarantined by the canonical stage, with its planned reason
+    assert run["quarantine"]["canonical"] == corpus["malformed_by_reason"]
+    assert set(run["bronze_seconds_by_source"]) == {s.name for s in bench.SOURCES}
+    dedup = run["dedup"]
+    assert dedup["planted"] == corpus["near_duplicates"]
+    assert 0.0 <= dedup["recall"] <= 1.0 and 0.0 <= dedup["precision"] <= 1.0
+    assert dedup["recalled"] > 0
+    # accounting: bronze = silver + quarantine + duplicates (no eval sources in the benchmark corpus)
+    tables = run["tables"]
+    assert tables["silver.records"] + tables["silver.quarantine"] + tables["silver.dedup_clusters"] == N
+    assert sum(run["silver_by_regime"].values()) == tables["silver.records"]
+
+
+def test_masking_peer_finds_our_worker_masks_identical_to_transformers(
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path
+) -> None:
+    bench.generate_corpus(tmp_path, n=5000)
+    # a bit over two batches of 1024, so ours runs in worker processes as in the stage
+    result = bench.peer_masking(tmp_path, tokenizer_cache_dir, limit=2200)
+    assert result["identical_masks"] is True
+    assert result["ours_processes"] == min(2, default_processes())
+    assert result["ours_one_process"]["seconds"] > 0 and result["ours_one_process_speedup"] > 0
+    assert 2000 < result["conversations"] <= 2200
+    assert result["tokens"] > 100 * result["conversations"]
+
+
+def test_a_failed_job_still_reports_the_stages_that_ran(
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from posttrain_assets.defs.checks import provenance
+
+    def out_of_memory(_conn):
+        raise RuntimeError("planted: out of memory in the audit")
+
+    monkeypatch.setenv("POSTTRAIN_CACHE_DIR", str(tokenizer_cache_dir))
+    monkeypatch.setattr(provenance, "provenance_violations", out_of_memory)
+    result_path = tmp_path / "result.json"
+    assert bench.main(["--records", str(N), "--out", str(tmp_path), "--json", str(result_path), "--skip-peers"]) == 1
+    run = json.loads(result_path.read_text(encoding="utf-8"))["pipeline"]
+    assert "planted: out of memory in the audit" in run["failure"]
+    assert run["stages"]["silver canonical + cleaning"]["records"] == N
+    assert run["stages"]["loss_mask_check"]["seconds"] > 0
+    assert run["tables"]["gold.sft"] == run["silver_by_regime"]["sft"]

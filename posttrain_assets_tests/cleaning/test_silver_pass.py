@@ -1,0 +1,193 @@
+"""The silver pass over DuckDB (``posttrain_assets.cleaning.silver_pass``): where every bronze row ends, and why.
+
+A small registry and hand-written bronze rows go through ``run_silver_pass`` on a DuckDB file under
+tmp_path, with one-row batches so every stage crosses batch boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from posttrain_assets.cleaning import silver_pass as cleaning
+from posttrain_assets.cleaning.silver_pass import (
+    STAGE_NAMES,
+    SUBSTAGE_NAMES,
+    CleaningConfig,
+    PassResult,
+    run_silver_pass,
+)
+from posttrain_assets.ingest.registry import Registry, Source
+from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
+
+CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+LONG_ANSWER = " ".join(f"step {i}: the clips are counted once more and the total stays the same." for i in range(12))
+
+
+def chat(user: str, assistant: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+SFT_ROWS: list[Any] = [
+    chat("What is 17 * 3?", "17 * 3 = 51."),  # 0: kept; its prompt is also in the RL bank
+    chat("What is 17 * 3?", "17 * 3 = 51."),  # 1: same content id as row 0
+    chat("WHAT is 17 *  3?", "17 * 3 = 51."),  # 2: row 0 up to case and whitespace
+    chat("Explain how to count the clips.", LONG_ANSWER),  # 3: kept
+    chat("Explain how to count the clips!", LONG_ANSWER.replace("step 5:", "stage 5:")),  # 4: near copy of 3
+    chat(f"Solve: {QUESTION} How many clips?", "72"),  # 5: carries the eval question
+    "{not json",  # 6: malformed
+]
+RL_ROWS = [{"question": "What is 17 * 3?", "answer": "17 * 3 = 51\n#### 51"}]
+EVAL_ROWS = [{"question": f"{QUESTION} How many clips did Natalia sell altogether?", "answer": "#### 72"}]
+
+
+def source(name: str, fmt: str, regime: str, role: str, base: Path) -> Source:
+    return Source(name, f"{name}.jsonl", fmt, regime, "MIT", "https://example.org", "human", role, base)
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, Registry]:
+    registry = Registry(
+        tmp_path / "sources.yaml",
+        (
+            source("eval_gsm8k", "gsm8k", "rl", "eval", tmp_path),
+            source("rl_bank", "gsm8k", "rl", "train", tmp_path),
+            source("sft_chats", "messages", "sft", "train", tmp_path),
+        ),
+    )
+    conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    conn.execute(BRONZE_RECORDS.create_sql())
+    for name, rows in (("eval_gsm8k", EVAL_ROWS), ("rl_bank", RL_ROWS), ("sft_chats", SFT_ROWS)):
+        for n, row in enumerate(rows):
+            payload = row if isinstance(row, str) else json.dumps(row)
+            conn.execute(
+                f"INSERT INTO {BRONZE_RECORDS.qualified} VALUES (?, ?, ?, ?, ?, NULL, 'f', now(), 'run')",
+                [name, str(tmp_path / f"{name}.jsonl"), n, hashlib.sha256(payload.encode()).hexdigest(), payload],
+            )
+    return conn, registry
+
+
+def run(conn: duckdb.DuckDBPyConnection, registry: Registry, tok: Any, **cfg: Any) -> PassResult:
+    return run_silver_pass(conn, registry, tok, lambda _path: CREATED, CleaningConfig(batch_rows=1, **cfg))
+
+
+def where(conn: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], str]:
+    """Every bronze row -> the table (and stage/reason or method) it ended in."""
+    placed: dict[tuple[str, int], str] = {}
+    for src, row in conn.execute('SELECT origin.source, origin."row" FROM silver.records').fetchall():
+        placed[(src, row)] = "records"
+    for src, row in conn.execute('SELECT origin.source, origin."row" FROM silver.eval_records').fetchall():
+        placed[(src, row)] = "eval"
+    for src, row, stage, reason in conn.execute(
+        "SELECT source, row_number, stage, reason FROM silver.quarantine"
+    ).fetchall():
+        placed[(src, row)] = f"quarantine:{stage}:{reason}"
+    for src, row, method in conn.execute("SELECT source, row_number, method FROM silver.dedup_clusters").fetchall():
+        placed[(src, row)] = f"dedup:{method}"
+    return placed
+
+
+# Stages 0-1 run in worker processes (two here: one-row batches) or in this one; the rows must not differ.
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_bronze_row_ends_in_exactly_one_place(warehouse, smollm2_tokenizer, processes: int) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer, processes=processes)
+    assert where(conn) == {
+        ("eval_gsm8k", 0): "eval",
+        ("rl_bank", 0): "records",
+        ("sft_chats", 0): "records",
+        ("sft_chats", 1): "dedup:exact",
+        ("sft_chats", 2): "dedup:exact_normalized",
+        ("sft_chats", 3): "records",
+        ("sft_chats", 4): "dedup:near",
+        ("sft_chats", 5): "quarantine:decontamination:contaminated",
+        ("sft_chats", 6): "quarantine:canonical:bad_json",
+    }
+    bronze = conn.execute("SELECT count(*) FROM bronze.records").fetchone()[0]
+    placed = sum(
+        conn.execute(f"SELECT count(*) FROM silver.{t}").fetchone()[0]
+        for t in ("records", "eval_records", "quarantine", "dedup_clusters")
+    )
+    assert placed == bronze == 9
+    # duplicates point at their kept twin, which is in silver.records
+    kept = dict(conn.execute("SELECT row_number, kept_id FROM silver.dedup_clusters").fetchall())
+    ids = dict(conn.execute("SELECT origin.\"row\", id FROM silver.records WHERE source = 'sft_chats'").fetchall())
+    assert kept[2] == ids[0] and kept[4] == ids[3]
+    (message,) = conn.execute("SELECT message FROM silver.quarantine WHERE stage = 'decontamination'").fetchone()
+    assert message.startswith(f"{registry.get('sft_chats').pattern}, row 5: messages[0] overlaps eval_gsm8k row ")
+    # token counts are filled, the work tables are gone
+    assert conn.execute("SELECT count(*) FROM silver.records WHERE token_count IS NULL").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'work'").fetchone()[0] == 0
+
+
+def test_the_pass_reports_the_seconds_of_each_stage(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    start = time.perf_counter()
+    seconds = run(conn, registry, smollm2_tokenizer).stage_seconds
+    wall = time.perf_counter() - start
+    assert set(seconds) == {*STAGE_NAMES, *SUBSTAGE_NAMES}
+    assert all(s > 0 for s in seconds.values())
+    # the stages run one after another inside the pass; each part is counted in its stage
+    assert sum(seconds[name] for name in STAGE_NAMES) <= wall
+    assert seconds["deduplicate/signatures"] <= seconds["deduplicate"]
+    assert seconds["normalise_and_gate/checkpoint"] <= seconds["normalise_and_gate"]
+
+
+def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_them(
+    warehouse, smollm2_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn, registry = warehouse
+    seen: list[tuple[int, int]] = []
+    decontaminate = cleaning.decontaminate
+
+    def storage_then_decontaminate(conn, cfg):
+        # column segments of the staged rows: how many there are, and how many live in the database file
+        seen.append(
+            conn.execute(
+                "SELECT count(*), count(*) FILTER (persistent) FROM pragma_storage_info($table)",
+                {"table": cleaning.STAGED.qualified},
+            ).fetchone()
+        )
+        return decontaminate(conn, cfg)
+
+    monkeypatch.setattr(cleaning, "decontaminate", storage_then_decontaminate)
+    run(conn, registry, smollm2_tokenizer)
+    [(segments, persistent)] = seen
+    assert segments > 0 and persistent == segments
+
+
+def test_cross_regime_leaks_reported_then_removed_under_prefer_rl(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    ((prompt, regimes, n_ids),) = conn.execute(
+        "SELECT prompt, regimes, len(ids) FROM silver.cross_regime_leaks"
+    ).fetchall()
+    assert (prompt, regimes, n_ids) == ("What is 17 * 3?", ["rl", "sft"], 2)
+    run(conn, registry, smollm2_tokenizer, leak_policy="prefer_rl")
+    assert where(conn)[("sft_chats", 0)] == "quarantine:leak:cross_regime_leak"
+    assert where(conn)[("rl_bank", 0)] == "records"
+    # the exact twins of the removed row still point at it: its content is known, only withheld from training
+    assert where(conn)[("sft_chats", 2)] == "dedup:exact_normalized"
+
+
+def test_a_failed_pass_leaves_the_previous_silver_in_place(warehouse, smollm2_tokenizer, monkeypatch) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    before = conn.execute("SELECT id FROM silver.records ORDER BY id").fetchall()
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("posttrain_assets.cleaning.silver_pass.cross_regime_leaks", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(conn, registry, smollm2_tokenizer)
+    assert conn.execute("SELECT id FROM silver.records ORDER BY id").fetchall() == before
+    assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'work'").fetchone()[0] == 0

@@ -1,0 +1,50 @@
+"""The code location loads the way `make dev` loads it: every job's default config is valid."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from posttrain_assets.pipeline import load_definitions
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dagster_validates_the_workspace(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "POSTTRAIN_SOURCES": str(tmp_path / "sources.yaml"),
+        "POSTTRAIN_DUCKDB_PATH": str(tmp_path / "warehouse.duckdb"),
+        "POSTTRAIN_TOKENIZER": "smollm2",
+        "POSTTRAIN_CACHE_DIR": str(tokenizer_cache_dir),
+        "DAGSTER_HOME": str(tmp_path),
+    }
+    (tmp_path / "dagster.yaml").write_text((PROJECT_ROOT / "dagster.yaml").read_text())
+    dagster = Path(sys.executable).with_name("dagster")
+    result = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", str(PROJECT_ROOT / "workspace.yaml")],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All code locations passed validation" in result.stdout + result.stderr
+
+
+def test_jobs_sensors_and_schedules_are_registered() -> None:
+    defs = load_definitions()
+    jobs = {
+        name: defs.resolve_job_def(name)
+        for name in ("ingest_source", "refresh_corpus", "publish", "estimate_rl_difficulty")
+    }
+    assert {k.to_user_string() for k in jobs["publish"].asset_layer.executable_asset_keys} == {
+        "gold/trace",
+        "exports/trainer_files",
+    }
+    assert "bronze/records" not in {
+        k.to_user_string() for k in jobs["refresh_corpus"].asset_layer.executable_asset_keys
+    }
+    assert defs.resolve_sensor_def("landing_files_sensor").default_status.value == "RUNNING"
+    assert defs.resolve_schedule_def("daily_refresh_schedule").cron_schedule == "0 3 * * *"

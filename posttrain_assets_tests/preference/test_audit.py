@@ -1,0 +1,509 @@
+"""The preference length-confound and tie audit (posttrain_assets.preference.audit): hand-computed statistics, judging,
+balancing, the PNG histogram, and a worked example on the real HH-RLHF harmless test set."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from posttrain_assets.preference.audit import (
+    BalanceResult,
+    ConfoundThresholds,
+    Violation,
+    audit,
+    audit_group,
+    balance_pairs,
+    confound_violations,
+    is_tie,
+    length_histogram_png,
+    length_ratio,
+    mann_whitney_auc,
+    markdown_audit_table,
+    normalize_for_tie,
+    pair_is_tie,
+    rank_biserial,
+    symmetrised_point_biserial,
+    text_similarity,
+    wilson_interval,
+)
+from posttrain_assets.records.formats import get_adapter
+from posttrain_assets.records.schema import RecordError
+from posttrain_assets_tests.real_data import REAL_DATA
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def pair(
+    id_: str,
+    chosen_tokens: int,
+    rejected_tokens: int,
+    *,
+    source: str = "src",
+    kind: str = "human",
+    chosen: str | None = None,
+    rejected: str | None = None,
+    score_chosen: float | None = None,
+    score_rejected: float | None = None,
+) -> dict[str, Any]:
+    """A preference pair dict as the audit takes it; texts default to clearly different strings."""
+    return {
+        "id": id_,
+        "source": source,
+        "source_kind": kind,
+        "chosen": chosen if chosen is not None else f"the chosen answer, number {id_}",
+        "rejected": rejected if rejected is not None else f"a rejected reply #{id_} that says something else",
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
+
+
+# Four pairs, (chosen_tokens, rejected_tokens) = (10, 5), (6, 6), (4, 8), (20, 10): d = 5, 0, -4, 10.
+HAND = [
+    pair("a", 10, 5, chosen="Hello, World!", rejected="  hello world ", score_chosen=8.0, score_rejected=6.5),
+    pair("b", 6, 6, chosen="ＳＴＲＡＳＳＥ", rejected="Straße.", score_chosen=7.0, score_rejected=7.0),
+    pair("c", 4, 8, chosen="Yes, absolutely.", rejected="No.", score_chosen=None, score_rejected=3.0),
+    pair("d", 20, 10, chosen="A long and careful answer", rejected="short", score_chosen=9.0, score_rejected=4.0),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hand-computed statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_share_counts_equal_lengths_as_half_and_equals_the_paired_auc() -> None:
+    a = audit_group(HAND)
+    # d = 5, 0, -4, 10: 2 chosen longer, 1 equal -> (2 + 0.5) / 4 = 0.625
+    assert (a.pairs, a.chosen_longer_pairs, a.equal_length_pairs) == (4, 2, 1)
+    assert a.chosen_longer_share == 0.625
+    assert a.length_auc == a.chosen_longer_share
+    # token means: chosen (10+6+4+20)/4 = 10, rejected (5+6+8+10)/4 = 7.25
+    assert (a.mean_chosen_tokens, a.mean_rejected_tokens) == (10.0, 7.25)
+
+
+def test_wilson_interval_values() -> None:
+    # z = 1.959964, z^2 = 3.841459. p = 0.625, n = 4: z^2/n = 0.960365, denominator 1 + 0.960365 = 1.960365;
+    # centre = (0.625 + z^2/8 = 0.480182) / 1.960365 = 1.105182 / 1.960365 = 0.563764;
+    # half = z / 1.960365 * sqrt(0.625 * 0.375 / 4 + z^2 / 64 = 0.058594 + 0.060023 = 0.118617)
+    #      = 0.999790 * 0.344410 = 0.344337 -> [0.219427, 0.908101]
+    a = audit_group(HAND)
+    assert a.share_ci_low == pytest.approx(0.219427, abs=1e-6)
+    assert a.share_ci_high == pytest.approx(0.908101, abs=1e-6)
+    # p = 0.5, n = 100: centre 0.5; half = z / 1.038415 * sqrt(0.0025 + 3.841459 / 40000) = 1.887458 * 0.050951
+    #                                   = 0.096168 -> [0.403832, 0.596168] (the textbook 0.404-0.596)
+    assert wilson_interval(0.5, 100) == pytest.approx((0.403832, 0.596168), abs=1e-6)
+    # p = 0.9, n = 300: centre (0.9 + 0.006402) / 1.012805 = 0.894943; half 1.935185 * sqrt(0.0003 + 0.0000107)
+    #                 = 1.935185 * 0.017626 = 0.034109 -> [0.860834, 0.929052]
+    assert wilson_interval(0.9, 300) == pytest.approx((0.860834, 0.929052), abs=1e-6)
+    assert wilson_interval(0.3, 0) == (0.0, 1.0)
+    # p = 1, n = 10: centre (1 + 0.192073) / 1.384146 = 0.861234, half 1.416010 * sqrt(0 + 0.0096037) = 0.138766
+    #              -> [0.722467, 1.0] (the upper end is exactly 1 for p = 1)
+    assert wilson_interval(1.0, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
+
+
+def test_length_ratios_and_differences() -> None:
+    a = audit_group(HAND)
+    # ratios 10/5 = 2, 6/6 = 1, 4/8 = 0.5, 20/10 = 2: mean 5.5 / 4 = 1.375, median of (0.5, 1, 2, 2) = 1.5
+    assert a.mean_length_ratio == 1.375
+    assert a.median_length_ratio == 1.5
+    # d sorted (-4, 0, 5, 10): mean 11 / 4 = 2.75, median (0 + 5) / 2 = 2.5
+    assert (a.length_diff_mean, a.length_diff_median) == (2.75, 2.5)
+    # linear interpolation at position h = (n - 1) q = 3q over (-4, 0, 5, 10):
+    # p10 h=0.3 -> -4 + 0.3*4 = -2.8; p25 h=0.75 -> -4 + 0.75*4 = -1; p75 h=2.25 -> 5 + 0.25*5 = 6.25;
+    # p90 h=2.7 -> 5 + 0.7*5 = 8.5
+    assert a.length_diff_quantiles == pytest.approx({"p10": -2.8, "p25": -1.0, "p75": 6.25, "p90": 8.5})
+    # zero guard: x/0 counts the denominator as 1 token, 0/0 is 1
+    assert (length_ratio(7, 0), length_ratio(0, 0), length_ratio(0, 4)) == (7.0, 1.0, 0.0)
+
+
+def test_unpaired_mann_whitney_auc() -> None:
+    a = audit_group(HAND)
+    # chosen {10, 6, 4, 20} vs rejected {5, 6, 8, 10}, counting rejected below (+ half of equal) each chosen:
+    # 10 -> 5,6,8 + half of 10 = 3.5; 6 -> 5 + half of 6 = 1.5; 4 -> 0; 20 -> 4. (3.5+1.5+0+4) / 16 = 0.5625
+    assert a.length_auc_unpaired == 0.5625
+    assert mann_whitney_auc([1, 2], [1, 2]) == 0.5  # same distribution
+    assert mann_whitney_auc([5, 6], [1, 2]) == 1.0
+    assert mann_whitney_auc([], [1]) == 0.5
+    # paired vs unpaired: every chosen is longer than its own rejected by 1, but prompts differ a lot, so across
+    # the group chosen lengths are barely above rejected ones: paired 1.0, unpaired
+    # chosen {11, 101, 1001} vs rejected {10, 100, 1000}: 11 > 10; 101 > 10, 100; 1001 > all -> 6 / 9
+    spread = [pair("x", 11, 10), pair("y", 101, 100), pair("z", 1001, 1000)]
+    s = audit_group(spread)
+    assert s.length_auc == 1.0
+    assert s.length_auc_unpaired == pytest.approx(6 / 9)
+
+
+def test_point_biserial_r_is_the_symmetrised_correlation() -> None:
+    a = audit_group(HAND)
+    # mean(d) = 2.75, mean(d^2) = (25 + 0 + 16 + 100) / 4 = 35.25 -> r = 2.75 / sqrt(35.25) = 2.75 / 5.937171 = 0.463184
+    assert a.point_biserial_r == pytest.approx(0.463184, abs=1e-6)
+    # the same as Pearson's r over the sample of both orientations (d, 1) and (-d, 0)
+    d = np.array([5, 0, -4, 10], dtype=float)
+    x = np.concatenate([d, -d])
+    y = np.concatenate([np.ones(4), np.zeros(4)])
+    assert a.point_biserial_r == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
+    # no signal: differences symmetric around 0 -> 0; always longer by the same amount -> 1; by variable amounts
+    # d = 1..100: mean 50.5, mean(d^2) = 101 * 201 / 6 = 3383.5 -> 50.5 / 58.1679 = 0.868177; mirrored -> -1
+    assert symmetrised_point_biserial([3, -3, 7, -7, 0]) == 0.0
+    assert symmetrised_point_biserial([4, 4, 4]) == 1.0
+    assert symmetrised_point_biserial(list(range(1, 101))) == pytest.approx(0.868177, abs=1e-6)
+    assert symmetrised_point_biserial([-4, -4]) == -1.0
+    assert symmetrised_point_biserial([0, 0]) == 0.0
+
+
+def test_rank_biserial_r() -> None:
+    # HAND: nonzero d = 5, -4, 10; |d| ranks 4 -> 1, 5 -> 2, 10 -> 3; T+ = 2 + 3 = 5, T- = 1 -> (5 - 1) / 6
+    assert audit_group(HAND).rank_biserial_r == pytest.approx(4 / 6)
+    # ties in |d| share the mid-rank: d = 2, -2, 5: ranks 1.5, 1.5, 3 -> (4.5 - 1.5) / 6 = 0.5
+    assert rank_biserial([2, -2, 5]) == 0.5
+    assert rank_biserial([1, 50, 3000]) == 1.0  # always longer, whatever the amounts
+    assert rank_biserial([0, 0]) == 0.0
+
+
+def test_tie_normalisation_and_rate() -> None:
+    # NFKC maps fullwidth to ASCII, casefold maps ß to ss, end punctuation is stripped: both are "strasse"
+    assert normalize_for_tie("ＳＴＲＡＳＳＥ") == normalize_for_tie("Straße.") == "strasse"
+    assert normalize_for_tie("  «Hello,\n\t  world!» ") == "hello, world"
+    # "hello, world" (12 chars) vs "hello world" (11): 11 matching chars -> 2 * 11 / 23 = 0.9565 >= 0.95
+    assert is_tie("Hello, World!", "  hello world ")
+    assert not is_tie("Hello, World!", "  hello world ", similarity=0.96)
+    assert not is_tie("Yes, absolutely.", "No.")
+    a = audit_group(HAND)
+    # pairs a (similar) and b (normalised equal) are ties: 2 / 4
+    assert (a.tie_pairs, a.tie_rate) == (2, 0.5)
+    # configurable: at 0.96 only pair b stays a tie
+    assert audit_group(HAND, tie_similarity=0.96).tie_rate == 0.25
+
+
+def test_score_statistics() -> None:
+    a = audit_group(HAND)
+    # scored pairs: a (8 - 6.5 = 1.5), b (7 - 7 = 0, a tie), d (9 - 4 = 5); c lacks score_chosen
+    assert a.scored_pairs == 3
+    assert a.score_tie_rate == pytest.approx(1 / 3)
+    # margins (0, 1.5, 5): mean 6.5 / 3 = 2.1667, median 1.5; positions h = 2q:
+    # p10 h=0.2 -> 0.3; p25 h=0.5 -> 0.75; p75 h=1.5 -> 1.5 + 0.5*3.5 = 3.25; p90 h=1.8 -> 1.5 + 0.8*3.5 = 4.3
+    assert a.score_margin_mean == pytest.approx(6.5 / 3)
+    assert a.score_margin_median == 1.5
+    assert a.score_margin_quantiles == pytest.approx({"p10": 0.3, "p25": 0.75, "p75": 3.25, "p90": 4.3})
+    unscored = audit_group([pair("u", 3, 2, score_chosen=float("nan"), score_rejected=1.0), pair("v", 1, 2)])
+    assert unscored.scored_pairs == 0
+    assert unscored.score_tie_rate is None and unscored.score_margin_mean is None
+    assert unscored.score_margin_quantiles == {}
+
+
+def test_audit_groups_by_source_kind_and_overall() -> None:
+    pairs = [
+        pair("1", 5, 3, source="s_b", kind="ai"),
+        pair("2", 3, 5, source="s_a", kind="human"),
+        pair("3", 4, 4, source="s_b", kind="ai"),
+    ]
+    result = audit(pairs)
+    assert list(result) == [
+        ("source", "s_a"),
+        ("source", "s_b"),
+        ("source_kind", "ai"),
+        ("source_kind", "human"),
+        ("overall", "all"),
+    ]
+    assert result[("source", "s_b")].chosen_longer_share == 0.75  # (1 + 0.5) / 2
+    assert result[("overall", "all")].pairs == 3
+    assert audit([]) == {}
+    assert list(audit(pairs, group_keys=("source",))) == [("source", "s_a"), ("source", "s_b"), ("overall", "all")]
+    assert result[("source", "s_a")].as_dict()["pairs"] == 1
+    with pytest.raises(ValueError, match="empty"):
+        audit_group([])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# judging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def biased_source(name: str = "demo_pref_ultrafeedback", kind: str = "ai") -> list[dict[str, Any]]:
+    """300 pairs: 270 chosen longer by 10 tokens, 30 shorter by 10; the last 6 longer ones are identical texts."""
+    pairs = [pair(f"{name}-{i}", 30, 20, source=name, kind=kind) for i in range(270)]
+    pairs += [pair(f"{name}-s{i}", 20, 30, source=name, kind=kind) for i in range(30)]
+    for p in pairs[264:270]:
+        p["rejected"] = p["chosen"]
+    return pairs
+
+
+def test_violations_with_exact_messages() -> None:
+    pairs = biased_source() + [pair(f"tiny-{i}", 50, 10, source="tiny", kind="ai") for i in range(10)]
+    result = audit(pairs)
+    violations = confound_violations(result, ConfoundThresholds())
+    # share (270 + 0) / 300 = 0.9; r = mean(d) / rms(d) = (2700 - 300) / 300 / 10 = 0.8; ties 6 / 300 = 0.02.
+    # "tiny" (n=10 < 50) and the source_kind / overall groups are not judged.
+    assert [str(v) for v in violations] == [
+        "source demo_pref_ultrafeedback: chosen_longer_share = 0.900 outside [0.35, 0.65] (n=300)",
+        "source demo_pref_ultrafeedback: point_biserial_r = 0.800 outside [-0.20, 0.20] (n=300)",
+        "source demo_pref_ultrafeedback: tie_rate = 0.020 outside [0.00, 0.01] (n=300)",
+    ]
+    assert violations[0] == Violation(
+        "source", "demo_pref_ultrafeedback", "chosen_longer_share", 0.9, (0.35, 0.65), 300
+    )
+    # judging kinds and overall too, when asked
+    everything = ConfoundThresholds(judge_group_kinds=("source", "source_kind", "overall"))
+    kinds = {(v.group_kind, v.group) for v in confound_violations(result, everything)}
+    assert kinds == {("source", "demo_pref_ultrafeedback"), ("source_kind", "ai"), ("overall", "all")}
+    # a lower min_pairs judges "tiny" as well; bounds that are not 2-decimal numbers print exactly
+    strict = ConfoundThresholds(min_pairs=5, max_tie_rate=0.005)
+    messages = [str(v) for v in confound_violations(result, strict)]
+    assert "source tiny: chosen_longer_share = 1.000 outside [0.35, 0.65] (n=10)" in messages
+    assert "source demo_pref_ultrafeedback: tie_rate = 0.020 outside [0.00, 0.005] (n=300)" in messages
+
+
+def test_no_violations_when_lengths_carry_no_signal() -> None:
+    pairs = [pair(str(i), 20 + i, 20, source="fair") for i in range(1, 51)]
+    pairs += [pair(f"n{i}", 20, 20 + i, source="fair") for i in range(1, 51)]
+    result = audit(pairs)
+    assert result[("source", "fair")].chosen_longer_share == 0.5
+    assert result[("source", "fair")].point_biserial_r == 0.0
+    assert confound_violations(result) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# balancing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_biased(n: int = 400, seed: int = 7) -> list[dict[str, Any]]:
+    """``n`` pairs, 90% chosen longer, length differences of variable size; plus 5 ties by text."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        base = rng.randint(20, 400)
+        diff = rng.randint(1, 150)
+        longer = rng.random() < 0.9
+        chosen, rejected = (base + diff, base) if longer else (base, base + diff)
+        pairs.append(pair(f"b{i:03d}", chosen, rejected, source="biased", kind="ai"))
+    for i in range(5):
+        pairs.append(pair(f"t{i}", 12, 11, source="biased", kind="ai", chosen="Sure!", rejected="sure."))
+    return pairs
+
+
+def test_balancing_a_biased_source_passes_and_reports_every_drop() -> None:
+    pairs = synthetic_biased()
+    before = audit(pairs)[("source", "biased")]
+    assert before.chosen_longer_share > 0.85 and before.point_biserial_r > 0.6
+    result = balance_pairs(pairs, ConfoundThresholds(), seed=0)
+    assert isinstance(result, BalanceResult)
+    all_ids = [p["id"] for p in pairs]
+    dropped_ids = [i for i, _ in result.dropped]
+    assert sorted(result.kept_ids + dropped_ids) == sorted(all_ids)
+    assert not set(result.kept_ids) & set(dropped_ids)
+    assert {r for _, r in result.dropped} == {"tie", "length_balance"}
+    assert sorted(i for i, r in result.dropped if r == "tie") == [f"t{i}" for i in range(5)]
+    kept = [p for p in pairs if p["id"] in set(result.kept_ids)]
+    after = audit(kept)
+    assert confound_violations(after) == []
+    assert after[("source", "biased")].chosen_longer_share == 0.5  # equal sides in every stratum
+    assert after[("source", "biased")].pairs >= 50
+    assert result.strata["biased"] in (10, 20, 40, 80, 160, "exact")
+    # deterministic: same seed, shuffled input -> same sets; another seed -> another sample, still passing
+    shuffled = pairs[:]
+    random.Random(1).shuffle(shuffled)
+    again = balance_pairs(shuffled, ConfoundThresholds(), seed=0)
+    assert set(again.kept_ids) == set(result.kept_ids)
+    other = balance_pairs(pairs, ConfoundThresholds(), seed=1)
+    assert set(other.kept_ids) != set(result.kept_ids)
+    assert confound_violations(audit([p for p in pairs if p["id"] in set(other.kept_ids)])) == []
+
+
+def test_balancing_fixes_a_magnitude_confound_with_a_fair_share() -> None:
+    # half the pairs chosen longer by 1..200 tokens, half chosen shorter by 1..40: share 0.5 but r ~ 0.5
+    rng = random.Random(3)
+    pairs = [pair(f"p{i}", 100 + rng.randint(1, 200), 100, source="skew") for i in range(200)]
+    pairs += [pair(f"q{i}", 100, 100 + rng.randint(1, 40), source="skew") for i in range(200)]
+    before = audit(pairs)[("source", "skew")]
+    assert before.chosen_longer_share == 0.5 and before.point_biserial_r > 0.2
+    result = balance_pairs(pairs)
+    kept = [p for p in pairs if p["id"] in set(result.kept_ids)]
+    assert confound_violations(audit(kept)) == []
+    assert {r for _, r in result.dropped} == {"length_balance"}
+
+
+def test_balanced_set_is_left_whole() -> None:
+    pairs = [pair(f"f{i}", 20 + (i % 7) + 1, 20, source="fair") for i in range(60)]
+    pairs += [pair(f"g{i}", 20, 20 + (i % 7) + 1, source="fair") for i in range(60)]
+    result = balance_pairs(pairs)
+    assert result.kept_ids == [p["id"] for p in pairs]
+    assert result.dropped == [] and result.strata == {}
+
+
+def test_unbalanceable_and_small_sources() -> None:
+    always = [pair(f"a{i}", 30 + i, 10, source="always_longer") for i in range(80)]
+    small = [pair(f"s{i}", 30, 10, source="small") for i in range(20)]  # offending but under min_pairs
+    result = balance_pairs(always + small)
+    assert result.kept_ids == [p["id"] for p in small]
+    assert result.dropped == [(p["id"], "cannot_balance") for p in always]
+    assert result.dropped_counts() == {"cannot_balance": 80}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presentation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_length_histogram_png() -> None:
+    from PIL import Image
+
+    png = length_histogram_png([10, 20, 30, 500], [5, 15, 25, 35], "demo source")
+    assert png.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (640, 360)
+    small = length_histogram_png([], [], "empty", width=320, height=200)
+    assert small.startswith(PNG_SIGNATURE)
+    with Image.open(io.BytesIO(small)) as image:
+        assert image.size == (320, 200)
+
+
+def test_markdown_audit_table() -> None:
+    table = markdown_audit_table(audit(HAND))
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + 3  # header, rule, source src, source_kind human, overall all
+    assert lines[0].startswith("| group | pairs | chosen longer (95% CI) |")
+    assert lines[2].startswith("| source `src` | 4 | 0.625 (0.219–0.908) | 0.562 | 0.463 | 0.667 | 1.38 / 1.50 |")
+    assert "| 0.5000 | 3 | 0.333 | 1.500 |" in lines[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real data: Anthropic HH-RLHF harmless-base test split
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hh_harmless_pairs(smollm2_tokenizer: Any) -> list[dict[str, Any]]:
+    """The parseable pairs of the HH-RLHF harmless test set, token counts from the default tokenizer."""
+    adapter = get_adapter("hh_rlhf")
+    pairs = []
+    with gzip.open(REAL_DATA / "hh-rlhf/harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as handle:
+        for row_number, line in enumerate(handle):
+            try:
+                record = adapter.parse(json.loads(line), "preference")
+            except RecordError:
+                continue
+            pairs.append(
+                {
+                    "id": str(row_number),
+                    "source": "hh_rlhf_harmless",
+                    "source_kind": "human",
+                    "chosen": record.chosen,
+                    "rejected": record.rejected,
+                    "chosen_tokens": len(smollm2_tokenizer(record.chosen, add_special_tokens=False).input_ids),
+                    "rejected_tokens": len(smollm2_tokenizer(record.rejected, add_special_tokens=False).input_ids),
+                }
+            )
+    return pairs
+
+
+def test_hh_rlhf_harmless_is_not_length_confounded(hh_harmless_pairs: list[dict[str, Any]]) -> None:
+    result = audit(hh_harmless_pairs)
+    a = result[("source", "hh_rlhf_harmless")]
+    assert a.pairs == 2303
+    # 1013 chosen longer, 36 equal length: (1013 + 18) / 2303 = 0.447677 -- harmless answers (refusals) run short
+    assert (a.chosen_longer_pairs, a.equal_length_pairs) == (1013, 36)
+    assert a.chosen_longer_share == pytest.approx(1031 / 2303)
+    assert (a.share_ci_low, a.share_ci_high) == pytest.approx((0.427472, 0.468056), abs=1e-6)
+    assert a.length_auc_unpaired == pytest.approx(0.434235, abs=1e-6)
+    assert a.point_biserial_r == pytest.approx(-0.184238, abs=1e-6)
+    assert a.rank_biserial_r == pytest.approx(-0.204986, abs=1e-6)
+    assert (a.length_diff_mean, a.length_diff_median) == pytest.approx((-10.206253, -4.0), abs=1e-6)
+    assert (a.mean_length_ratio, a.median_length_ratio) == pytest.approx((1.515140, 0.846154), abs=1e-6)
+    # 3 ties, all "You're welcome." vs "You're welcome!" (with either apostrophe): 3 / 2303 = 0.0013
+    assert a.tie_pairs == 3 and a.tie_rate == pytest.approx(3 / 2303)
+    assert a.scored_pairs == 0 and a.score_tie_rate is None
+    assert not math.isnan(a.length_auc)
+    assert confound_violations(result, ConfoundThresholds()) == []
+    # nothing to balance: only the 3 ties go
+    balanced = balance_pairs(hh_harmless_pairs)
+    assert balanced.dropped_counts() == {"tie": 3} and len(balanced.kept_ids) == 2300
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tie detection: exact indel similarity, linear pre-checks, precomputed verdicts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lcs_dp(a: str, b: str) -> int:
+    """Longest common subsequence length by the textbook dynamic programme (the reference)."""
+    previous = [0] * (len(b) + 1)
+    for ca in a:
+        current = [0]
+        for j, cb in enumerate(b):
+            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_text_similarity_is_the_exact_indel_similarity() -> None:
+    rng = random.Random(11)
+    for _ in range(400):
+        a = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
+        b = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
+        expected = 1.0 if a == b else 2 * _lcs_dp(a, b) / (len(a) + len(b))
+        assert text_similarity(a, b) == pytest.approx(expected, abs=1e-12)
+    # "hello, world" vs "hello world": LCS 11 of 12 + 11 characters
+    assert text_similarity("hello, world", "hello world") == pytest.approx(22 / 23)
+
+
+def test_is_tie_agrees_with_the_definition() -> None:
+    rng = random.Random(5)
+    for _ in range(400):
+        base = "".join(rng.choice("abcd ") for _ in range(rng.randint(1, 50)))
+        other = list(base)
+        for _ in range(rng.randint(0, 4)):  # a few random insertions, deletions, substitutions
+            i = rng.randrange(len(other) + 1)
+            op = rng.random()
+            if op < 0.33:
+                other.insert(i, rng.choice("abcd "))
+            elif other:
+                j = min(i, len(other) - 1)
+                if op < 0.66:
+                    other.pop(j)
+                else:
+                    other[j] = rng.choice("abcd")
+        a, b = normalize_for_tie(base), normalize_for_tie("".join(other))
+        for similarity in (0.8, 0.9, 0.95):
+            want = a == b or 2 * _lcs_dp(a, b) / (len(a) + len(b)) >= similarity
+            assert is_tie(base, "".join(other), similarity) == want
+
+
+def test_is_tie_on_long_near_identical_replies() -> None:
+    rng = random.Random(2)
+    vocab = ["the", "plant", "uses", "light", "water", "to", "make", "sugar", "and", "oxygen", "quickly"]
+    reply = " ".join(rng.choice(vocab) for _ in range(4000))  # ~20,000 characters
+    words_ = reply.split()
+    words_[1000] = "zzzz"
+    words_[3000] = "yyyyy"
+    near = " ".join(words_)
+    assert is_tie(reply, near)  # 2 words changed in ~20k characters
+    assert is_tie(reply + " One more sentence at the end.", reply)
+    assert not is_tie(reply, " ".join(rng.choice(vocab) for _ in range(4000)))  # same vocabulary, other text
+    assert not is_tie(reply, reply[: len(reply) // 2])
+
+
+def test_precomputed_is_tie_is_reused_when_present() -> None:
+    # the stored flag wins over the texts: audit, audit_group and balance_pairs trust it, None means "compute"
+    flagged = [{**p, "is_tie": p["id"] == "c"} for p in HAND]
+    assert audit_group(flagged).tie_pairs == 1
+    assert audit(flagged)[("overall", "all")].tie_pairs == 1
+    assert audit([{**p, "is_tie": None} for p in HAND])[("overall", "all")].tie_pairs == 2
+    assert pair_is_tie({"chosen": "a", "rejected": "b", "is_tie": True})
+    assert not pair_is_tie({"chosen": "same", "rejected": "same", "is_tie": False})
+    assert pair_is_tie({"chosen": "same", "rejected": "same"})
+    assert balance_pairs(flagged).dropped == [("c", "tie")]
+    # with the flags pair_batch stores, the results equal those computed from the texts
+    pairs = synthetic_biased()
+    stored = [{**p, "is_tie": is_tie(p["chosen"], p["rejected"])} for p in pairs]
+    assert audit(stored) == audit(pairs)
+    assert balance_pairs(stored) == balance_pairs(pairs)

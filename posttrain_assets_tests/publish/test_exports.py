@@ -1,0 +1,490 @@
+"""Trainer-ready exports (``posttrain_assets.publish.exports``) read by real clients.
+
+The whole graph runs once on the demo data; its gold tables are exported, loaded offline with Hugging Face
+``datasets`` from the files, and prepared by TRL's own ``SFTTrainer`` and ``DPOTrainer`` (dataset preparation only,
+on a tiny random model: nothing is trained). On the SFT export TRL's assistant mask, computed from a
+``{% generation %}``-tagged copy of SmolLM2's ChatML template, must equal our labels position by position.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from posttrain_assets.demo.generator import generate_demo_data
+from posttrain_assets.publish import exports
+from posttrain_assets.publish.exports import (
+    CARD_FILE,
+    EXPORTS,
+    JSONL_FILE,
+    MANIFEST_FILE,
+    PARQUET_FILE,
+    PARQUET_OPTIONS,
+    ExportError,
+    ExportManifest,
+    export_gold,
+)
+from posttrain_assets.sft.tokenizer import tokenizer_identity
+from posttrain_assets_tests.graph import deployed
+from posttrain_assets_tests.sft.test_masking import CHATML_TAGGED
+
+# TRL's own config still sets the deprecated transformers argument.
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+CREATED_AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+CHECKS = [
+    {"name": "bronze_accounting_check", "asset": "silver/records", "passed": True, "description": "accounted"},
+    {"name": "loss_mask_check", "asset": "silver/sft_tokenized", "passed": True, "description": "masks exact"},
+    {"name": "gold_sft_schema_check", "asset": "gold/sft", "passed": True},
+    {"name": "gold_preference_schema_check", "asset": "gold/preference", "passed": True},
+    {
+        "name": "gold_preference_length_balanced_schema_check",
+        "asset": "gold/preference_length_balanced",
+        "passed": True,
+    },
+    {"name": "gold_rl_prompts_schema_check", "asset": "gold/rl_prompts", "passed": True},
+]
+
+_WAREHOUSE: dict[str, Path] = {}
+
+
+def demo_warehouse(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Path) -> Path:
+    """The DuckDB file of one whole-graph run on the demo data, built once per session (test_trace uses it too).
+
+    Tests that change it must work on a copy.
+    """
+    if "db" not in _WAREHOUSE:
+        landing = tmp_path_factory.mktemp("exports_demo_landing")
+        generate_demo_data(landing, seed=7)
+        with deployed(
+            landing / "sources.yaml", tmp_path_factory.mktemp("exports_demo_graph"), tokenizer_cache_dir
+        ) as g:
+            g.run_all()
+            _WAREHOUSE["db"] = g.database
+    return _WAREHOUSE["db"]
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Path) -> Path:
+    return demo_warehouse(tmp_path_factory, tokenizer_cache_dir)
+
+
+def _export(database: Path, out: Path, tok: Any, created_at: datetime = CREATED_AT) -> ExportManifest:
+    with duckdb.connect(str(database), read_only=True) as conn:
+        return export_gold(conn, out, tokenizer_identity=tokenizer_identity(tok), checks=CHECKS, created_at=created_at)
+
+
+@pytest.fixture(scope="module")
+def exported(warehouse: Path, tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> ExportManifest:
+    return _export(warehouse, tmp_path_factory.mktemp("exports"), smollm2_tokenizer)
+
+
+@dataclass(frozen=True)
+class Offline:
+    """The ``datasets`` module, switched offline, and a cache directory under tmp."""
+
+    datasets: Any
+    cache: Path
+
+    def load(self, path: Path, builder: str | None = None) -> Any:
+        """``load_dataset`` of one exported file (``parquet`` or ``json`` builder) or of an export folder."""
+        if builder is None and path.is_dir():
+            return self.datasets.load_dataset(str(path), split="train", cache_dir=str(self.cache))
+        builder = builder or ("parquet" if path.suffix == ".parquet" else "json")
+        files = {"train": str(path)}
+        return self.datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(self.cache))
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Offline]:
+    """``datasets``, offline (HF_DATASETS_OFFLINE=1, HF_HUB_OFFLINE=1), with its cache under tmp."""
+    cache = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("HF_HOME", str(cache))
+        env.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+        import datasets
+        import huggingface_hub.constants
+
+        # Both libraries read these variables at import time; another test may have imported them first.
+        env.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        env.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+        env.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        datasets.disable_progress_bars()
+        yield Offline(datasets, cache / "datasets")
+
+
+def _gold(database: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(database), read_only=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _count(database: Path, table: str, where: str = "TRUE") -> int:
+    return _gold(database, f"SELECT count(*) FROM {table} WHERE {where}")[0][0]
+
+
+def _preference_exports(exported: ExportManifest) -> list[str]:
+    names = [t.name for t in exported.tables if t.name.startswith("preference")]
+    assert names, "no gold preference table was materialised"
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files, cards, determinism
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_folder_has_parquet_jsonl_and_a_card(exported: ExportManifest, warehouse: Path) -> None:
+    root = exported.out_dir
+    # Every gold table that exists is exported (gold.preference is not while the length gate fails on it).
+    names = {t.name for t in exported.tables}
+    assert {"sft", "rl"} <= names and names & {"preference", "preference_length_balanced"}
+    assert {spec.table for spec in EXPORTS} == {t.table for t in exported.tables} | set(exported.skipped)
+    for table in exported.tables:
+        assert table.rows == _count(warehouse, table.table) > 0
+        assert [f.path for f in table.files] == [f"{table.name}/{n}" for n in (PARQUET_FILE, JSONL_FILE, CARD_FILE)]
+        jsonl = (root / table.name / JSONL_FILE).read_text(encoding="utf-8").splitlines()
+        assert len(jsonl) == table.rows
+    assert json.loads((root / MANIFEST_FILE).read_text())["exports"][0]["files"][0]["sha256"] == (
+        exported.tables[0].files[0].sha256
+    )
+
+
+def test_cards_name_rows_sources_licenses_checks_tokenizer_and_schema(
+    exported: ExportManifest, smollm2_tokenizer: Any
+) -> None:
+    identity = tokenizer_identity(smollm2_tokenizer)
+    for table in exported.tables:
+        card = (exported.out_dir / table.name / CARD_FILE).read_text(encoding="utf-8")
+        assert card.startswith("---\nconfigs:\n")
+        assert f"- rows: {table.rows}\n" in card
+        assert "- created: 2025-06-01T12:00:00+00:00\n" in card
+        for key in ("name", "tokenizer_sha256", "chat_template_sha256"):
+            assert identity[key] in card
+        assert sum(s["rows"] for s in table.sources) == table.rows
+        for source in table.sources:
+            assert f"| `{source['source']}` | {source['rows']} | {source['kind']} | {source['license']} |" in card
+        assert "| `loss_mask_check` | silver/sft_tokenized | passed | masks exact |" in card
+        spec = next(s for s in EXPORTS if s.name == table.name)
+        own = f"gold_{spec.table.split('.')[1]}_schema_check"
+        assert f"`{own}`" in card
+        assert card.count("_schema_check`") == 1  # another gold table's check is not on this card
+        for field in spec.schema:
+            assert f"| `{field.name}` |" in card
+    licenses = {s["source"]: s["license"] for s in exported.table("sft").sources}
+    assert licenses["demo_sft_alpaca"] == "CC-BY-NC-4.0"
+
+
+def test_reexporting_gives_identical_files_except_the_creation_time(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    again = _export(warehouse, tmp_path / "same", smollm2_tokenizer)
+    later = _export(warehouse, tmp_path / "later", smollm2_tokenizer, datetime(2030, 1, 1, tzinfo=UTC))
+    files = [f.path for t in exported.tables for f in t.files] + [MANIFEST_FILE]
+    for name in files:
+        original = (exported.out_dir / name).read_bytes()
+        assert (tmp_path / "same" / name).read_bytes() == original, name
+        changed = (tmp_path / "later" / name).read_bytes() != original
+        assert changed == name.endswith((CARD_FILE, MANIFEST_FILE)), name
+    assert again.to_dict() == exported.to_dict()
+    assert later.created_at == "2030-01-01T00:00:00+00:00" != exported.created_at
+
+
+def test_json_lines_carry_every_value_as_written(tmp_path: Path) -> None:
+    texts = ['quote" back\\slash /slash', "ctrl \x00\x01\x1f\x7f", "lines\n\r\t", "utf-8 é 中文 😀 \u2028", ""]
+    data = pa.table(
+        {
+            "id": pa.array([f"id{i}" for i in range(len(texts))]),
+            "messages": pa.array([[{"role": "user", "content": t}] for t in texts], exports._MESSAGES),
+            "score": pa.array([0.1, 1e-07, 1e22, None, -0.0], pa.float64()),
+            "ids": pa.array([[0, -100, 2147483647]] * len(texts), pa.list_(pa.int32())),
+        }
+    )
+    spec = EXPORTS[0]
+    out = tmp_path / "rows.jsonl"
+    with out.open("w", encoding="utf-8", newline="\n") as lines, duckdb.connect() as writer:
+        exports._write_jsonl(spec, data, lines, writer)
+    text = out.read_text(encoding="utf-8")
+    assert _jsonl_rows(text, data.schema) == data.to_pylist()
+    # compact, and UTF-8 as is rather than \u escapes
+    assert text.split("\n")[0].startswith('{"id":"id0","messages":[{"role":"user","content":"quote\\"')
+    assert "中文 😀" in text
+
+
+@pytest.mark.parametrize(
+    ("score", "difficulty", "column"),
+    [(float("nan"), 0.5, "score"), (1.0, float("-inf"), "extra_info.difficulty")],
+)
+def test_a_non_finite_float_fails_the_export_naming_its_column(
+    tmp_path: Path, score: float, difficulty: float, column: str
+) -> None:
+    table = pa.table(
+        {
+            "id": ["a", "b"],
+            "score": [1.0, score],
+            "extra_info": [{"difficulty": 0.5}, {"difficulty": difficulty}],
+        }
+    )
+    rl = next(s for s in EXPORTS if s.name == "rl")
+    with (
+        (tmp_path / "x.jsonl").open("w") as out,
+        duckdb.connect() as writer,
+        pytest.raises(ExportError, match=f"^gold.rl_prompts: {column} holds NaN or an infinity"),
+    ):
+        exports._write_jsonl(rl, table, out, writer)
+
+
+def test_a_different_tokenizer_is_refused(warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any) -> None:
+    identity = dict(tokenizer_identity(smollm2_tokenizer), chat_template_sha256="0" * 64)
+    rows = _count(warehouse, "gold.sft")
+    with duckdb.connect(str(warehouse), read_only=True) as conn, pytest.raises(ExportError, match=f": {rows} row"):
+        export_gold(conn, tmp_path, tokenizer_identity=identity, created_at=CREATED_AT)
+
+
+def test_a_missing_gold_table_is_skipped_and_its_old_files_removed(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    database = tmp_path / "copy.duckdb"
+    shutil.copy(warehouse, database)
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("DROP TABLE gold.rl_prompts")
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)  # an earlier export with an rl/ folder
+    manifest = _export(database, out, smollm2_tokenizer)
+    assert "gold.rl_prompts" in manifest.skipped and "rl" not in {t.name for t in manifest.tables}
+    assert not any((out / "rl").iterdir())
+    assert json.loads((out / MANIFEST_FILE).read_text())["skipped"] == list(manifest.skipped)
+
+
+def _reference(database: Path, spec: Any) -> pa.Table:
+    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data),
+    the row index numbered in that order."""
+    with duckdb.connect(str(database), read_only=True) as conn:
+        data = conn.sql(f"SELECT * FROM ({spec.query}) ORDER BY id").to_arrow_table()
+    rows = data.select(spec.schema.names).to_pylist()
+    if spec.row_index:
+        name, field = spec.row_index.split(".")
+        for index, row in enumerate(rows):
+            row[name][field] = index
+    return pa.Table.from_pylist(rows, schema=spec.schema)
+
+
+def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines text; each line one compact object with the schema's keys in order."""
+    assert text == "" or text.endswith("\n")
+    rows = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON Lines split on \n only (not U+2028)
+    assert all(list(row) == schema.names for row in rows)
+    return rows
+
+
+def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ranges of 7 ids and row groups of 10 rows: many of each, the row groups cutting across ranges.
+    monkeypatch.setattr(exports, "EXPORT_BATCH_ROWS", 7)
+    monkeypatch.setitem(PARQUET_OPTIONS, "row_group_size", 10)
+    ranges: dict[str, list[int]] = {}
+    ordered_arrow = exports.ordered_arrow
+
+    def counted(conn: Any, relation: str, key: str, rows: int, params: Any = None) -> Iterator[pa.Table]:
+        sizes = ranges.setdefault(next(s.table for s in EXPORTS if s.query == relation), [])
+        for batch in ordered_arrow(conn, relation, key, rows, params):
+            sizes.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(exports, "ordered_arrow", counted)
+    manifest = _export(warehouse, tmp_path, smollm2_tokenizer)
+    for table in manifest.tables:
+        spec = next(s for s in EXPORTS if s.name == table.name)
+        assert len(ranges[spec.table]) > 2 and max(ranges[spec.table]) <= 7 and sum(ranges[spec.table]) == table.rows
+        expected = _reference(warehouse, spec)
+        folder = tmp_path / table.name
+        written = pq.read_table(folder / PARQUET_FILE)
+        assert written.equals(expected), table.name
+        assert pq.ParquetFile(folder / PARQUET_FILE).metadata.num_row_groups == -(-table.rows // 10)
+        # Byte for byte what writing the sorted table whole gives, and the same rows as JSON lines.
+        pq.write_table(expected, tmp_path / "whole.parquet", **PARQUET_OPTIONS)
+        assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "whole.parquet").read_bytes(), table.name
+        assert _jsonl_rows((folder / JSONL_FILE).read_text(encoding="utf-8"), spec.schema) == expected.to_pylist()
+        assert table.rows == expected.num_rows
+        ids = expected.column("extra_info" if table.name == "rl" else "id").to_pylist()
+        ids = [i["id"] for i in ids] if table.name == "rl" else ids
+        assert ids == [r[0] for r in _gold(warehouse, f"SELECT id FROM {spec.table} ORDER BY id")]
+    # The range size never shows in the JSON lines (nor, at the same row group size, in the Parquet file).
+    for table in exported.tables:
+        jsonl = next(f for f in table.files if f.path.endswith(JSONL_FILE))
+        assert jsonl == next(f for f in manifest.table(table.name).files if f.path == jsonl.path)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
+    warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    database = tmp_path / "copy.duckdb"
+    shutil.copy(warehouse, database)
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("DELETE FROM gold.rl_prompts")
+    manifest = _export(database, tmp_path / "out", smollm2_tokenizer)
+    spec = next(s for s in EXPORTS if s.name == "rl")
+    folder = tmp_path / "out" / "rl"
+    assert manifest.table("rl").rows == 0 and "- rows: 0\n" in (folder / CARD_FILE).read_text(encoding="utf-8")
+    assert pq.read_table(folder / PARQUET_FILE).equals(spec.schema.empty_table())
+    pq.write_table(spec.schema.empty_table(), tmp_path / "empty.parquet", **PARQUET_OPTIONS)
+    assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "empty.parquet").read_bytes()
+    assert (folder / JSONL_FILE).read_bytes() == b""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets, offline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_datasets_loads_parquet_jsonl_and_the_folder_alike(hf: Offline, exported: ExportManifest) -> None:
+    for table in exported.tables:
+        folder = exported.out_dir / table.name
+        from_parquet = hf.load(folder / PARQUET_FILE)
+        from_jsonl = hf.load(folder / JSONL_FILE)
+        from_folder = hf.load(folder)  # the card's YAML header names train.parquet as the train split
+        assert from_parquet.num_rows == from_jsonl.num_rows == from_folder.num_rows == table.rows
+        assert from_parquet.column_names == from_jsonl.column_names == from_folder.column_names
+        assert from_parquet.to_list() == from_jsonl.to_list() == from_folder.to_list()
+        ids = [r["id"] for r in from_parquet] if table.name != "rl" else [r["extra_info"]["id"] for r in from_parquet]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRL: SFT and DPO dataset preparation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(smollm2_tokenizer: Any) -> Any:
+    """A one-layer random Llama over SmolLM2's vocabulary: the trainers need a model, nothing is trained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=8192,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _sft_trainer(dataset: Any, tok: Any, model: Any, out: Path) -> Any:
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(out), report_to="none", use_cpu=True, max_length=None, assistant_only_loss=True)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+
+
+def test_trl_sft_takes_our_tokens_and_its_own_assistant_mask_agrees_with_our_labels(
+    hf: Offline, exported: ExportManifest, smollm2_tokenizer: Any, tiny_model: Any, tmp_path: Path
+) -> None:
+    from trl.data_utils import is_conversational
+
+    ours = hf.load(exported.out_dir / "sft" / PARQUET_FILE)
+    assert is_conversational(ours[0])
+    assert all(
+        m == [1 if label != -100 else 0 for label in r["labels"]]
+        for r, m in zip(ours, ours["assistant_masks"], strict=True)
+    )
+    # TRL's assistant-only loss needs {% generation %} markers: the tagged copy renders exactly like SmolLM2's.
+    tagged = copy.deepcopy(smollm2_tokenizer)
+    tagged.chat_template = CHATML_TAGGED
+
+    # 1. As exported (pre-tokenised): TRL keeps our input_ids and labels as they are.
+    prepared = _sft_trainer(ours, tagged, tiny_model, tmp_path / "pretokenised").train_dataset
+    assert prepared["input_ids"] == ours["input_ids"]
+    assert prepared["labels"] == ours["labels"]
+
+    # 2. Conversations only: TRL renders and tokenises them itself and builds labels from its assistant masks.
+    conversations = ours.remove_columns(["input_ids", "labels", "assistant_masks"])
+    trainer = _sft_trainer(conversations, tagged, tiny_model, tmp_path / "conversational")
+    theirs = trainer.train_dataset
+    assert theirs.num_rows == ours.num_rows
+    for mine, trl_row in zip(ours, theirs, strict=True):
+        assert trl_row["id"] == mine["id"]
+        assert trl_row["input_ids"] == mine["input_ids"], mine["id"]
+        assert trl_row["labels"] == mine["labels"], mine["id"]  # position by position
+
+    batch = trainer.data_collator([theirs[i] for i in range(4)])
+    width = batch["input_ids"].shape[1]
+    for row, labels in enumerate(batch["labels"].tolist()):
+        expected = ours[row]["labels"]
+        assert labels == expected + [-100] * (width - len(expected))
+
+
+def test_trl_dpo_prepares_the_preference_exports(
+    hf: Offline, exported: ExportManifest, warehouse: Path, smollm2_tokenizer: Any, tiny_model: Any, tmp_path: Path
+) -> None:
+    from transformers import LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    from trl.data_utils import is_conversational
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    reference = LlamaForCausalLM(tiny_model.config)
+    for name in _preference_exports(exported):
+        pairs = hf.load(exported.out_dir / name / PARQUET_FILE)
+        assert is_conversational(pairs[0])
+        args = DPOConfig(output_dir=str(tmp_path / name), report_to="none", use_cpu=True, max_length=None)
+        trainer = DPOTrainer(
+            model=tiny_model, ref_model=reference, args=args, train_dataset=pairs, processing_class=tok
+        )
+        prepared = trainer.train_dataset
+        assert prepared.num_rows == pairs.num_rows
+        for pair, row in zip(pairs, prepared, strict=True):
+            prompt = tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=True)
+            assert row["prompt_ids"] == list(prompt["input_ids"]), pair["id"]
+            # The completion TRL trains on is exactly the response and its end-of-turn marker.
+            assert tok.decode(row["chosen_ids"]) == pair["chosen"][0]["content"] + "<|im_end|>\n", pair["id"]
+            assert tok.decode(row["rejected_ids"]) == pair["rejected"][0]["content"] + "<|im_end|>\n", pair["id"]
+        batch = trainer.data_collator([prepared[i] for i in range(4)])
+        assert batch["input_ids"].shape[0] == 8  # chosen and rejected of each pair
+        scored = [p for p in pairs if p["score_chosen"] is not None]
+        assert len(scored) == _count(warehouse, f"gold.{name}", "score_chosen IS NOT NULL") > 0
+        assert all(p["score_rejected"] is not None for p in scored)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl RL layout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_rl_export_has_verls_layout_and_the_gold_answers(
+    hf: Offline, exported: ExportManifest, warehouse: Path, smollm2_tokenizer: Any
+) -> None:
+    rows = hf.load(exported.out_dir / "rl" / PARQUET_FILE)
+    assert rows.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    gold = {
+        r[0]: r[1:]
+        for r in _gold(warehouse, "SELECT id, source, answer, verifier, domain, messages FROM gold.rl_prompts")
+    }
+    for index, row in enumerate(rows):
+        info = row["extra_info"]
+        source, answer, verifier, domain, messages = gold[info["id"]]
+        assert info["index"] == index and info["split"] == "train" and info["verifier"] == verifier
+        assert row["data_source"] == source
+        assert row["ability"] == domain
+        assert row["reward_model"] == {"style": "rule", "ground_truth": answer}
+        assert row["prompt"] == [dict(m) for m in messages] and row["prompt"][-1]["role"] == "user"
+    # What verl's RLHFDataset does with a row: render the prompt with the generation prompt.
+    rendered = smollm2_tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n")
