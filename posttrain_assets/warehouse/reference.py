@@ -1,24 +1,31 @@
-"""Reference sections of the README, generated from the code so they cannot drift.
+"""Generated reference sections of the docs (input formats, quarantine reasons, tables), from the code so they
+cannot drift.
 
-    python -m posttrain_assets.warehouse.reference README.md     # rewrite the generated sections in place
+    python -m posttrain_assets.warehouse.reference [ROOT]   # rewrite every generated section under ROOT/docs in place
 
-A test fails when the README's generated sections differ from what this prints.
+Each section lives between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in the docs file that
+:data:`SECTION_FILES` names (ROOT defaults to this checkout). A test fails when a file's generated sections differ
+from what this writes, or when a marker is missing.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from posttrain_assets.cleaning.quality import QUALITY_REASONS
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
 from posttrain_assets.sft.masking import MASK_REASONS
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 def markdown_reference() -> str:
-    """The table reference in the README, generated from the declarations above."""
+    """The table reference in docs/tables.md, generated from the table declarations."""
     parts = []
     for table in ALL_TABLES:
         lines = [f"### `{table.qualified}`", "", table.description, "", "| column | type | meaning |", "|---|---|---|"]
@@ -38,26 +45,58 @@ def formats_section() -> str:
 def reasons_section() -> str:
     lines = ["| reason | table | meaning |", "|---|---|---|"]
     lines += [f"| `{code}` | silver.quarantine | {meaning} |" for code, meaning in REASONS.items()]
+    lines += [
+        f"| `{code}` | silver.quarantine (quality gate) | {meaning} |" for code, meaning in QUALITY_REASONS.items()
+    ]
     lines += [f"| `{code}` | silver.sft_quarantine | {meaning} |" for code, meaning in MASK_REASONS.items()]
     return "\n".join(lines)
 
 
-SECTIONS = {"formats": formats_section, "reasons": reasons_section, "tables": markdown_reference}
+SECTIONS: dict[str, Callable[[], str]] = {
+    "formats": formats_section,
+    "reasons": reasons_section,
+    "tables": markdown_reference,
+}
+
+# Which docs file (relative to the project root) holds each generated section.
+SECTION_FILES: dict[str, str] = {
+    "formats": "docs/sources.md",
+    "reasons": "docs/tables.md",
+    "tables": "docs/tables.md",
+}
 
 
-def render(readme: str) -> str:
-    """``readme`` with every ``<!-- NAME:begin -->...<!-- NAME:end -->`` block regenerated."""
-    for name, make in SECTIONS.items():
+def files_with_sections() -> dict[str, list[str]]:
+    """Each docs file that holds generated sections -> the names of its sections."""
+    files: dict[str, list[str]] = {}
+    for name, path in SECTION_FILES.items():
+        files.setdefault(path, []).append(name)
+    return files
+
+
+def render(text: str, names: list[str] | None = None, *, where: str = "document") -> str:
+    """``text`` with every ``<!-- NAME:begin -->...<!-- NAME:end -->`` block of ``names`` (default: all sections)
+    regenerated; raises ValueError when one of them has no markers."""
+    for name in SECTIONS if names is None else names:
+        make = SECTIONS[name]
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(readme):
-            raise ValueError(f"README has no generated section {name!r}")
-        readme = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), readme)
-    return readme
+        if not pattern.search(text):
+            raise ValueError(
+                f"{where} has no generated section {name!r} (<!-- {name}:begin --> ... <!-- {name}:end -->)"
+            )
+        text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0] if argv else "README.md")
-    path.write_text(render(path.read_text(encoding="utf-8")), encoding="utf-8")
+    root = Path(argv[0]) if argv else PROJECT_ROOT
+    for relative, names in files_with_sections().items():
+        path = root / relative
+        text = path.read_text(encoding="utf-8")
+        updated = render(text, names, where=relative)
+        if updated != text:
+            path.write_text(updated, encoding="utf-8")
+            print(f"rewrote {relative}")
     return 0
 
 
