@@ -186,7 +186,9 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
         bronze_source_table(s).qualified for (s,) in demo_graph.query("SELECT DISTINCT source FROM bronze.records")
     }
     assert len(per_source) == 11
-    assert stored == {t.qualified for t in ALL_TABLES} - {"gold.preference"} | {TRACE_VIEW} | per_source
+    assert (
+        stored == {t.qualified for t in ALL_TABLES} - {"gold.preference"} | {TRACE_VIEW, "checks.verdicts"} | per_source
+    )
     # silver.records says where its pass spent its time, as numbers the UI plots per run
     event = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
     seconds = {k: v.value for k, v in event.asset_materialization.metadata.items() if k.startswith("seconds/")}
@@ -340,6 +342,32 @@ def test_publish_traces_every_gold_row_and_exports_them(demo_graph: Graph) -> No
     assert manifest["skipped"] == ["gold.preference"]
     card = (exports / "sft" / "README.md").read_text()
     assert "loss_mask_check" in card and "CC-BY-NC-4.0" in card
+
+
+def test_every_check_that_ran_left_its_verdict_in_the_warehouse(demo_graph: Graph) -> None:
+    verdicts = {
+        (asset, name): (passed, severity)
+        for asset, name, passed, severity in demo_graph.query(
+            "SELECT asset, check_name, passed, severity FROM checks.verdicts"
+        )
+    }
+    # gold.preference is held back by the failed length gate, so its schema check never ran
+    assert verdicts == {
+        ("silver/records", "bronze_accounting_check"): (True, "ERROR"),
+        ("silver/records", "silver_records_schema_check"): (True, "ERROR"),
+        ("silver/sft_tokenized", "loss_mask_check"): (True, "ERROR"),
+        ("silver/preference_pairs", "length_confound_check"): (False, "ERROR"),
+        ("silver/preference_pairs_balanced", "balanced_length_confound_check"): (True, "ERROR"),
+        ("gold/sft", "gold_sft_schema_check"): (True, "ERROR"),
+        ("gold/preference_length_balanced", "gold_preference_length_balanced_schema_check"): (True, "ERROR"),
+        ("gold/rl_prompts", "gold_rl_prompts_schema_check"): (True, "ERROR"),
+        ("gold/rl_prompts", "rl_certification_check"): (True, "ERROR"),
+        ("gold/rl_prompts", "rl_difficulty_band_check"): (True, "WARN"),
+        ("gold/trace", "provenance_audit_check"): (True, "ERROR"),
+    }
+    # the dataset cards show them as recorded: the preference gate's failure is on the balanced table's card
+    card = (demo_graph.database.parent / "exports" / "preference_length_balanced" / "README.md").read_text()
+    assert "| `length_confound_check` | silver/preference_pairs | FAILED | source demo_pref_ultrafeedback: " in card
 
 
 def test_commercial_license_policy_keeps_non_commercial_sources_out_of_gold(broken_graph: tuple[Graph, dict]) -> None:

@@ -15,6 +15,7 @@ from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.publish.exports import export_gold
 from posttrain_assets.publish.trace import GOLD_TABLES, create_trace_view, gold_tables
+from posttrain_assets.warehouse.verdicts import latest_verdicts
 
 GOLD_KEYS = [dg.AssetKey(t.split(".")) for t in GOLD_TABLES]
 TRACE_KEY = dg.AssetKey(["gold", "trace"])
@@ -54,34 +55,6 @@ class ExportsConfig(dg.Config):
     out_dir: str = ""
 
 
-def _all_check_keys(context: dg.AssetExecutionContext) -> set[dg.AssetCheckKey]:
-    """Every asset check of the code location (a run started from code has no repository on its context)."""
-    try:
-        return set(context.repository_def.asset_graph.asset_check_keys)
-    except Exception:  # execute_in_process has no repository: load the definitions the run came from
-        from posttrain_assets.pipeline import load_definitions
-
-        return set(load_definitions().resolve_asset_graph().asset_check_keys)
-
-
-def _latest_check_verdicts(context: dg.AssetExecutionContext) -> list[dict]:
-    """The latest verdict of every check, for the dataset cards."""
-    verdicts = []
-    for key in sorted(_all_check_keys(context), key=lambda k: k.to_user_string()):
-        record = context.instance.get_latest_asset_check_evaluation_record(key)
-        evaluation = record.event.asset_check_evaluation if record and record.event else None
-        if evaluation is not None:
-            verdicts.append(
-                {
-                    "name": key.name,
-                    "asset": key.asset_key.to_user_string(),
-                    "passed": evaluation.passed,
-                    "description": evaluation.description or "",
-                }
-            )
-    return verdicts
-
-
 @dg.asset(
     key=EXPORTS_KEY,
     deps=[TRACE_KEY],
@@ -94,16 +67,15 @@ def _latest_check_verdicts(context: dg.AssetExecutionContext) -> list[dict]:
     "tokenizer and template hashes).",
 )
 def exports_trainer_files(
-    context: dg.AssetExecutionContext, config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
+    config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
 ) -> dg.MaterializeResult:
     out_dir = Path(config.out_dir) if config.out_dir else Path(duckdb.database).resolve().parent / "exports"
-    checks = _latest_check_verdicts(context)
     with duckdb.get_connection() as conn:
         manifest = export_gold(
             conn,
             out_dir,
             tokenizer_identity=tokenizer.identity(),
-            checks=checks,
+            checks=latest_verdicts(conn),
             created_at=dt.datetime.now(dt.UTC),
         )
     rows = [(t.name, t.table, t.layout, t.rows) for t in manifest.tables]

@@ -18,7 +18,7 @@ ROLES = ("system", "user", "assistant", "tool")
 SOURCE_KINDS = ("human", "ai", "synthetic")
 
 # Reason codes a row can be quarantined with. Every code has a one-line meaning,
-# listed in the README; adapters and the silver stage use only these.
+# listed in docs/tables.md; adapters and the silver stage use only these.
 REASONS: dict[str, str] = {
     "bad_json": "the row is not valid JSON",
     "invalid_utf8": "the row's bytes are not valid UTF-8",

@@ -82,7 +82,7 @@ SILVER_QUARANTINE = Table(
         *PROVENANCE_COLUMNS,
         _c("id", "VARCHAR", "content id, for rows that parsed (null for parse failures)"),
         _c("stage", "VARCHAR", "canonical | quality | decontamination | leak", False),
-        _c("reason", "VARCHAR", "reason code (see README)", False),
+        _c("reason", "VARCHAR", "reason code (see docs/tables.md)", False),
         _c("field", "VARCHAR", "offending field as a dotted path, when one is to blame"),
         _c("message", "VARCHAR", "human-readable error naming the file, row and field", False),
         _c("payload", "VARCHAR", "the raw row text", False),
@@ -342,6 +342,21 @@ GOLD_RL_PROMPTS = Table(
         _c("difficulty_lineage", "VARCHAR", "lineage of the estimate (silver.rl_difficulty)"),
         _c("difficulty_estimated", "BOOLEAN", "false when no estimate exists yet for the seed", False),
         *_pick(("token_count", "lang", "license", "origin", "created_at")),
+    ),
+)
+
+CHECK_VERDICTS = Table(
+    "checks",
+    "verdicts",
+    "The latest verdict of every asset check, one row per check, written by the check itself (the dataset cards "
+    "read them from here).",
+    (
+        _c("asset", "VARCHAR", "the checked asset's key, e.g. silver/records", False),
+        _c("check_name", "VARCHAR", "the check's name", False),
+        _c("passed", "BOOLEAN", "the verdict", False),
+        _c("severity", "VARCHAR", "ERROR (blocks what is downstream when it fails) or WARN", False),
+        _c("description", "VARCHAR", "the check's one-line summary"),
+        _c("evaluated_at", "TIMESTAMP WITH TIME ZONE", "when the check ran", False),
     ),
 )
 

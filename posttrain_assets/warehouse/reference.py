@@ -19,7 +19,7 @@ from posttrain_assets.cleaning.quality import QUALITY_REASONS
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
 from posttrain_assets.sft.masking import MASK_REASONS
-from posttrain_assets.warehouse.catalogue import ALL_TABLES
+from posttrain_assets.warehouse.catalogue import ALL_TABLES, CHECK_VERDICTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def markdown_reference() -> str:
     """The table reference in docs/tables.md, generated from the table declarations."""
     parts = []
-    for table in ALL_TABLES:
+    for table in (*ALL_TABLES, CHECK_VERDICTS):
         lines = [f"### `{table.qualified}`", "", table.description, "", "| column | type | meaning |", "|---|---|---|"]
         for c in table.columns:
             meaning = ("" if c.nullable else "not null; ") + c.description.replace("|", "/")

@@ -3,15 +3,15 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import SourceRegistryResource
 from posttrain_assets.warehouse.validation import account_sources
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["silver", "records"],
     blocking=True,
-    pool="duckdb",
     additional_deps=[
         ["bronze", "records"],
         ["silver", "quarantine"],

@@ -8,6 +8,7 @@ statistic and its value. Blocking: gold.preference is not written past a failure
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
 from posttrain_assets.preference.audit import audit, confound_violations, markdown_audit_table
@@ -49,20 +50,18 @@ def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthCo
     )
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["silver", "preference_pairs"],
     blocking=True,
-    pool="duckdb",
     description="Per source: chosen-longer share within bounds, |point-biserial r| small, ties rare.",
 )
 def length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return confound_check_result(duckdb, SILVER_PREFERENCE_PAIRS, config)
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["silver", "preference_pairs_balanced"],
     blocking=True,
-    pool="duckdb",
     description="The balanced remedy passes the same length-confound thresholds.",
 )
 def balanced_length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:

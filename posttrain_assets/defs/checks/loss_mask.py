@@ -9,6 +9,7 @@ wrong position; gold.sft then does not materialise.
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
@@ -26,10 +27,9 @@ FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING 
 """
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["silver", "sft_tokenized"],
     blocking=True,
-    pool="duckdb",
     additional_deps=[["silver", "records"]],
     description="Every row: only assistant contents + end markers trained, input_ids = fresh chat-template tokens.",
 )

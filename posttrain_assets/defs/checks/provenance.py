@@ -3,15 +3,15 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.publish.trace import provenance_violations
 
 MAX_LISTED = 20
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["gold", "trace"],
     blocking=True,
-    pool="duckdb",
     description="Every gold row is in silver.records, names a license and an origin, and resolves to the bronze row "
     "at its origin with the same record and file sha256; so do the duplicates that collapsed onto it. Blocks exports.",
 )

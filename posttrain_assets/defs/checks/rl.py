@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS
 from posttrain_assets.warehouse.catalogue import GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
@@ -14,10 +15,9 @@ ORDER BY g.id
 """
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["gold", "rl_prompts"],
     blocking=True,
-    pool="duckdb",
     additional_deps=[["silver", "rl_certification"]],
     description="Every seed in the bank was certified (gold accepted in 3 processes, perturbed answer rejected) "
     "by the verifier version in use now.",
@@ -45,9 +45,8 @@ def rl_certification_check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["gold", "rl_prompts"],
-    pool="duckdb",
     additional_deps=[["silver", "rl_difficulty"]],
     description="Difficulty histogram of the estimated seeds and, per domain, how many fall outside the pass-rate "
     "band (0, 1); warns if a seed the policy always or never solves is in gold.",

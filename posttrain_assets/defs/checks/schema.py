@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.warehouse.catalogue import (
     GOLD_PREFERENCE,
@@ -50,10 +51,9 @@ def schema_check_result(
     )
 
 
-@dg.asset_check(
+@warehouse_check(
     asset=["silver", "records"],
     blocking=True,
-    pool="duckdb",
     description="Column types, per-regime required fields, unique ids.",
 )
 def silver_records_schema_check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -64,11 +64,10 @@ def gold_schema_check(table: Table, regime: str) -> dg.AssetChecksDefinition:
     """The schema check of a gold table: its declared columns and the regime's required fields."""
     required = [c for c in (*REQUIRED_FOR_ALL, *REQUIRED_BY_REGIME[regime]) if c in table.column_names]
 
-    @dg.asset_check(
+    @warehouse_check(
         asset=[table.schema, table.name],
         name=f"{table.schema}_{table.name}_schema_check",
         blocking=True,
-        pool="duckdb",
         description=f"{table.qualified}: declared column types, required {regime} fields non-null, unique ids.",
     )
     def _check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
