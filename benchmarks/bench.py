@@ -39,6 +39,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -100,206 +101,25 @@ MALFORMED_KINDS: dict[str, tuple[str, ...]] = {
     "math": ("bad_json", "missing_gold_answer", "missing_field"),
 }
 
-NOUNS = [
-    "system",
-    "garden",
-    "report",
-    "engine",
-    "river",
-    "teacher",
-    "market",
-    "budget",
-    "recipe",
-    "network",
-    "library",
-    "museum",
-    "project",
-    "protein",
-    "city",
-    "window",
-    "planet",
-    "student",
-    "doctor",
-    "harbor",
-    "signal",
-    "bridge",
-    "forest",
-    "database",
-    "function",
-    "kitchen",
-    "village",
-    "committee",
-    "process",
-    "theory",
-    "battery",
-    "circuit",
-    "painting",
-    "orchestra",
-    "festival",
-    "mountain",
-    "island",
-    "journal",
-    "contract",
-    "factory",
-    "vaccine",
-    "molecule",
-    "neighbor",
-    "language",
-    "computer",
-    "algorithm",
-    "equation",
-    "estimate",
-    "strategy",
-    "camera",
-    "election",
-    "harvest",
-    "memory",
-    "pattern",
-    "engineer",
-    "customer",
-    "schedule",
-    "airport",
-    "vehicle",
-    "company",
-    "museum",
-    "climate",
-    "soil",
-    "ocean",
-    "desert",
-    "novel",
-    "chapter",
-    "lesson",
-    "garden",
-    "bicycle",
-    "storm",
-    "valley",
-    "council",
-    "server",
-    "compiler",
-    "question",
-]
-VERBS = [
-    "improves",
-    "describes",
-    "supports",
-    "changes",
-    "reduces",
-    "explains",
-    "measures",
-    "protects",
-    "connects",
-    "builds",
-    "requires",
-    "follows",
-    "creates",
-    "shapes",
-    "affects",
-    "predicts",
-    "limits",
-    "balances",
-    "tracks",
-    "organizes",
-    "reveals",
-    "compares",
-    "delivers",
-    "extends",
-    "handles",
-    "prepares",
-    "records",
-    "selects",
-    "shares",
-    "tests",
-    "updates",
-    "values",
-    "warms",
-]
-ADJS = [
-    "large",
-    "small",
-    "careful",
-    "quiet",
-    "bright",
-    "modern",
-    "ancient",
-    "simple",
-    "complex",
-    "useful",
-    "local",
-    "global",
-    "early",
-    "late",
-    "strong",
-    "gentle",
-    "rapid",
-    "steady",
-    "clear",
-    "hidden",
-    "public",
-    "private",
-    "rural",
-    "urban",
-    "digital",
-    "natural",
-    "formal",
-    "honest",
-    "patient",
-    "curious",
-    "reliable",
-    "narrow",
-    "broad",
-    "fresh",
-    "common",
-    "rare",
-    "detailed",
-    "practical",
-]
-_ADVS = ["often", "rarely", "quickly", "slowly", "carefully", "usually", "clearly", "gradually", "easily", "sometimes"]
-_PREPS = ["in", "near", "across", "under", "over", "through", "during", "after", "before", "beyond", "around", "within"]
-DETS = ["the", "a", "every", "each", "this", "that", "one", "another"]
-_OPENERS = (
-    "In practice,",
-    "For example,",
-    "However,",
-    "As a result,",
-    "In most cases,",
-    "To be precise,",
-    "On the other hand,",
-    "First,",
-    "Finally,",
-    "Meanwhile,",
-)
-_NAMES = [
-    "Alice",
-    "Bruno",
-    "Chen",
-    "Dana",
-    "Emeka",
-    "Farah",
-    "Gita",
-    "Hugo",
-    "Ines",
-    "Jonas",
-    "Keiko",
-    "Liam",
-    "Maya",
-    "Nora",
-    "Omar",
-    "Priya",
-]
-_ITEMS = [
-    "apples",
-    "marbles",
-    "stickers",
-    "books",
-    "pencils",
-    "coins",
-    "cards",
-    "shells",
-    "stamps",
-    "cookies",
-    "tickets",
-    "bottles",
-]
+
+def load_pool(name: str) -> dict[str, Any]:
+    """The parsed ``benchmarks/pools/<name>.json``: the word lists the corpus text is built from."""
+    return json.loads(resources.files("benchmarks").joinpath("pools").joinpath(f"{name}.json").read_text("utf-8"))
+
+
+# words.json: parts of speech for the sentence pool (duplicates in a list weight those words);
+# word_problems.json: names and item words of the RL word problems.
+_WORDS = load_pool("words")
+NOUNS: list[str] = _WORDS["nouns"]
+VERBS: list[str] = _WORDS["verbs"]
+ADJS: list[str] = _WORDS["adjectives"]
+_ADVS: list[str] = _WORDS["adverbs"]
+_PREPS: list[str] = _WORDS["prepositions"]
+DETS: list[str] = _WORDS["determiners"]
+_OPENERS: tuple[str, ...] = tuple(_WORDS["openers"])
+_WORD_PROBLEMS = load_pool("word_problems")
+_NAMES: list[str] = _WORD_PROBLEMS["names"]
+_ITEMS: list[str] = _WORD_PROBLEMS["items"]
 VOCAB: tuple[str, ...] = tuple(sorted({*NOUNS, *VERBS, *ADJS, *_ADVS}))
 
 
@@ -1129,7 +949,7 @@ def _datatrove(
     """datatrove's 4-stage MinHash dedup (signatures, buckets, cluster, filter) run in-process on one rank.
 
     datatrove has no verification step: its banding is the datasketch optimum for ``threshold`` itself. Its
-    English word tokenizer needs spaCy, so words are split on whitespace after :func:`normalize_text`
+    English word tokenizer needs spaCy, so words are split on whitespace after :func:`posttrain_assets.text.fold`
     (the same words our shingles use); datatrove's own text simplification is limited to lower-casing and
     whitespace.
     """
@@ -1142,7 +962,7 @@ def _datatrove(
         return {"skipped": f"datatrove not installed ({exc})"}
     import logging
 
-    from posttrain_assets.cleaning.dedup import normalize_text
+    from posttrain_assets.text import fold
 
     with contextlib.suppress(Exception):
         from loguru import logger
@@ -1184,7 +1004,7 @@ def _datatrove(
 
             def docs() -> Iterator[Any]:
                 for row, text in zip(rows, texts, strict=True):
-                    yield Document(text=normalize_text(text), id=str(row))
+                    yield Document(text=fold(text), id=str(row))
 
             collect = _Collect()
             with timed() as t_all:

@@ -6,6 +6,10 @@ manifest ``out_dir/manifest.json`` describing everything that was planted. It
 returns the registry path. Pure Python (pyarrow + stdlib); nothing here imports
 Dagster. CLI: ``python -m posttrain_assets.demo.generator OUT_DIR [--seed N]``.
 
+The wording it draws from (topics, prompt and reply templates, names, review snippets,
+GSM8K question phrasings, near-duplicate substitutions) is data: ``pools/*.json`` beside
+this module (package data), read by :func:`load_pool`. This file holds the logic.
+
 Determinism: the same seed gives byte-identical files (every source draws from its
 own ``random.Random(f"{seed}:{name}")``, no timestamps, gzip ``mtime=0``, fixed
 Parquet writer options). Row counts and planted counts below do not depend on the
@@ -81,6 +85,7 @@ Planted (all recorded in ``manifest.json`` with file and 0-based row number):
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -91,6 +96,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -156,457 +162,59 @@ FORMATS: tuple[str, ...] = (
 LENGTH_BIASED_SOURCE = "demo_pref_ultrafeedback"
 
 # --------------------------------------------------------------------------------------
-# Text pools
+# Text pools: the wording lives in ``pools/*.json`` beside this module (package data); the code
+# below only draws from it. Each file is one concern:
+#   topics.json           TOPICS: what conversations are about (name, area, terms, examples)
+#   prompts.json          user-side templates: openers, prefixes, suffixes, follow-ups, audiences,
+#                         system prompts
+#   replies.json          assistant-side templates: openers, core sentences, metaphors, closers,
+#                         dispreferred ("bad") replies
+#   near_duplicates.json  word substitutions, filler phrases and words for planted near duplicates
+#   alpaca.json           review snippets and title openers for the instruction-following tasks
+#   gsm8k.json            names and, per GSM8K problem family, item words and question phrasings
+# Templates use ``str.format`` slots: {topic}, {Topic}, {term}, {term2}, {example}, {metaphor},
+# {audience}, {audience_bare}, {area} (see ChatWriter.slots) and per-family slots in gsm8k.json.
 
-TOPICS: tuple[dict[str, Any], ...] = (
-    {
-        "name": "binary search",
-        "area": "programming",
-        "terms": ["sorted input", "the midpoint", "logarithmic time", "off-by-one errors"],
-        "examples": ["looking up a word in a dictionary", "finding the first failing commit with git bisect"],
-    },
-    {
-        "name": "hash tables",
-        "area": "programming",
-        "terms": ["hash functions", "collisions", "the load factor", "constant-time lookups"],
-        "examples": ["counting word frequencies", "caching results of an expensive call"],
-    },
-    {
-        "name": "recursion",
-        "area": "programming",
-        "terms": ["the base case", "the call stack", "smaller subproblems", "memoization"],
-        "examples": ["walking a directory tree", "computing factorials"],
-    },
-    {
-        "name": "unit testing",
-        "area": "programming",
-        "terms": ["test isolation", "fixtures", "edge cases", "regression tests"],
-        "examples": ["checking a date parser", "guarding a refactor of billing code"],
-    },
-    {
-        "name": "SQL joins",
-        "area": "databases",
-        "terms": ["inner joins", "left outer joins", "join keys", "NULL handling"],
-        "examples": ["matching orders to customers", "finding products that never sold"],
-    },
-    {
-        "name": "database indexes",
-        "area": "databases",
-        "terms": ["B-trees", "selectivity", "write amplification", "covering indexes"],
-        "examples": ["speeding up a slow report", "looking up users by email"],
-    },
-    {
-        "name": "photosynthesis",
-        "area": "biology",
-        "terms": ["chlorophyll", "light-dependent reactions", "the Calvin cycle", "glucose"],
-        "examples": ["a houseplant near a window", "algae blooms in a warm lake"],
-    },
-    {
-        "name": "the water cycle",
-        "area": "earth science",
-        "terms": ["evaporation", "condensation", "precipitation", "groundwater"],
-        "examples": ["fog forming over a valley", "puddles drying after rain"],
-    },
-    {
-        "name": "plate tectonics",
-        "area": "earth science",
-        "terms": ["subduction zones", "mid-ocean ridges", "the mantle", "fault lines"],
-        "examples": ["the Himalayas rising", "earthquakes along the Pacific coast"],
-    },
-    {
-        "name": "vaccines",
-        "area": "health",
-        "terms": ["antigens", "memory cells", "herd immunity", "booster doses"],
-        "examples": ["seasonal flu shots", "childhood immunization schedules"],
-    },
-    {
-        "name": "sleep hygiene",
-        "area": "health",
-        "terms": ["a consistent schedule", "screen time", "caffeine timing", "the circadian rhythm"],
-        "examples": ["adjusting after a long flight", "studying late before exams"],
-    },
-    {
-        "name": "strength training",
-        "area": "fitness",
-        "terms": ["progressive overload", "recovery days", "proper form", "compound lifts"],
-        "examples": ["a beginner squat routine", "training twice a week at home"],
-    },
-    {
-        "name": "sourdough baking",
-        "area": "cooking",
-        "terms": ["the starter", "hydration", "bulk fermentation", "oven spring"],
-        "examples": ["a dense first loaf", "baking in a cast-iron pot"],
-    },
-    {
-        "name": "knife skills",
-        "area": "cooking",
-        "terms": ["the claw grip", "a sharp edge", "uniform cuts", "a stable cutting board"],
-        "examples": ["dicing an onion", "julienning carrots for a stir-fry"],
-    },
-    {
-        "name": "compound interest",
-        "area": "personal finance",
-        "terms": ["the interest rate", "compounding frequency", "the time horizon", "the principal"],
-        "examples": ["a savings account over ten years", "credit card debt that keeps growing"],
-    },
-    {
-        "name": "budgeting",
-        "area": "personal finance",
-        "terms": ["fixed costs", "an emergency fund", "discretionary spending", "tracking expenses"],
-        "examples": ["planning a first apartment", "saving for a holiday"],
-    },
-    {
-        "name": "index funds",
-        "area": "personal finance",
-        "terms": ["diversification", "expense ratios", "market risk", "rebalancing"],
-        "examples": ["a retirement account", "investing a small monthly amount"],
-    },
-    {
-        "name": "the French Revolution",
-        "area": "history",
-        "terms": ["the Estates-General", "the storming of the Bastille", "the Reign of Terror", "the rise of Napoleon"],
-        "examples": ["debates about taxation", "the fall of the monarchy"],
-    },
-    {
-        "name": "the printing press",
-        "area": "history",
-        "terms": ["movable type", "literacy rates", "the spread of pamphlets", "standardized spelling"],
-        "examples": ["the Gutenberg Bible", "early newspapers"],
-    },
-    {
-        "name": "the Silk Road",
-        "area": "history",
-        "terms": ["caravan routes", "cultural exchange", "trade in silk and spices", "oasis cities"],
-        "examples": ["merchants crossing Central Asia", "the spread of paper-making"],
-    },
-    {
-        "name": "persuasive essays",
-        "area": "writing",
-        "terms": ["a clear thesis", "supporting evidence", "counterarguments", "a strong conclusion"],
-        "examples": ["a letter to a city council", "an op-ed about school start times"],
-    },
-    {
-        "name": "writing cover letters",
-        "area": "writing",
-        "terms": ["a specific opening", "relevant achievements", "the company's needs", "a concise close"],
-        "examples": ["applying for a first internship", "switching careers into design"],
-    },
-    {
-        "name": "active listening",
-        "area": "communication",
-        "terms": ["paraphrasing", "open questions", "nonverbal cues", "withholding judgment"],
-        "examples": ["a difficult conversation with a coworker", "a parent-teacher meeting"],
-    },
-    {
-        "name": "time management",
-        "area": "productivity",
-        "terms": ["prioritization", "time blocking", "realistic estimates", "saying no"],
-        "examples": ["a week with three deadlines", "balancing study and a part-time job"],
-    },
-    {
-        "name": "learning a new language",
-        "area": "education",
-        "terms": ["spaced repetition", "comprehensible input", "speaking practice", "core vocabulary"],
-        "examples": ["preparing for a trip to Spain", "reading children's books in German"],
-    },
-    {
-        "name": "probability",
-        "area": "mathematics",
-        "terms": ["sample spaces", "independent events", "conditional probability", "expected value"],
-        "examples": ["rolling two dice", "drawing cards without replacement"],
-    },
-    {
-        "name": "linear regression",
-        "area": "statistics",
-        "terms": ["the least-squares fit", "residuals", "overfitting", "the coefficient of determination"],
-        "examples": ["predicting house prices from size", "relating study hours to grades"],
-    },
-    {
-        "name": "climate change",
-        "area": "environment",
-        "terms": ["greenhouse gases", "feedback loops", "carbon budgets", "adaptation"],
-        "examples": ["melting mountain glaciers", "more frequent heat waves"],
-    },
-    {
-        "name": "composting",
-        "area": "gardening",
-        "terms": ["the carbon-to-nitrogen ratio", "aeration", "moisture", "finished compost"],
-        "examples": ["a small backyard bin", "using kitchen scraps in an apartment"],
-    },
-    {
-        "name": "home networking",
-        "area": "technology",
-        "terms": ["the router", "Wi-Fi channels", "IP addresses", "mesh systems"],
-        "examples": ["a slow connection upstairs", "setting up a guest network"],
-    },
-    {
-        "name": "public speaking",
-        "area": "communication",
-        "terms": ["a strong opening", "pacing", "eye contact", "rehearsal"],
-        "examples": ["a five-minute team update", "a wedding toast"],
-    },
-    {
-        "name": "version control",
-        "area": "programming",
-        "terms": ["commits", "branches", "merge conflicts", "code review"],
-        "examples": ["two people editing the same file", "rolling back a bad release"],
-    },
-)
 
-METAPHORS = (
-    "a map rather than the territory",
-    "a budget you spend carefully",
-    "a recipe with adjustable steps",
-    "a conversation between parts of a system",
-    "a ladder where each rung depends on the last",
-    "a filter that keeps only what matters",
-    "a habit that compounds over time",
-    "a toolbox, not a single tool",
-)
+@functools.cache
+def load_pool(name: str) -> dict[str, Any]:
+    """The parsed ``pools/<name>.json`` of this package (read once per name; do not mutate)."""
+    path = resources.files("posttrain_assets.demo").joinpath("pools").joinpath(f"{name}.json")
+    return json.loads(path.read_text(encoding="utf-8"))
 
-AUDIENCES = ("a beginner", "a ten-year-old", "a busy manager", "a first-year student", "a retiree", "a new colleague")
 
-USER_OPENERS = (
-    "Can you explain {topic} in simple terms?",
-    "What is {topic}, and why does it matter?",
-    "I'm studying {topic}. What are the key ideas I should know?",
-    "How would you describe {topic} to {audience}?",
-    "Give me a short overview of {topic}, especially {term}.",
-    "What are common mistakes people make with {topic}?",
-    "Write a short paragraph about {topic} for a newsletter.",
-    "Compare {term} and {term2} in the context of {topic}.",
-    "I keep getting confused about {term}. How does it relate to {topic}?",
-    "List a few practical tips for {topic}.",
-    "Why do people say {term} is the hardest part of {topic}?",
-    "How does {topic} show up in everyday life, for example in {example}?",
-    "What should I learn first about {topic}?",
-    "My friend says {term} doesn't matter much for {topic}. Is that right?",
-)
+TOPICS: tuple[dict[str, Any], ...] = tuple(load_pool("topics")["topics"])
 
-USER_PREFIXES = (
-    "",
-    "",
-    "",
-    "",
-    "Quick question: ",
-    "Hi! ",
-    "I'm {audience_bare} and ",
-    "For a class project, ",
-    "Sorry if this is basic. ",
-    "Hello, ",
-)
+_PROMPTS = load_pool("prompts")
+USER_OPENERS: tuple[str, ...] = tuple(_PROMPTS["user_openers"])
+USER_PREFIXES: tuple[str, ...] = tuple(_PROMPTS["user_prefixes"])
+USER_SUFFIXES: tuple[str, ...] = tuple(_PROMPTS["user_suffixes"])
+FOLLOW_UPS: tuple[str, ...] = tuple(_PROMPTS["follow_ups"])
+AUDIENCES: tuple[str, ...] = tuple(_PROMPTS["audiences"])
+SYSTEM_PROMPTS: tuple[str, ...] = tuple(_PROMPTS["system_prompts"])
 
-USER_SUFFIXES = (
-    "",
-    "",
-    "",
-    "",
-    " Keep it brief.",
-    " Please use bullet points.",
-    " An example would help.",
-    " Thanks in advance!",
-    " Assume I know nothing.",
-    " Please be specific.",
-)
+_REPLIES = load_pool("replies")
+OPENERS: tuple[str, ...] = tuple(_REPLIES["openers"])
+SENTENCES: tuple[str, ...] = tuple(_REPLIES["sentences"])
+METAPHORS: tuple[str, ...] = tuple(_REPLIES["metaphors"])
+CLOSERS: tuple[str, ...] = tuple(_REPLIES["closers"])
+BAD_REPLIES: tuple[str, ...] = tuple(_REPLIES["bad_replies"])
 
-FOLLOW_UPS = (
-    "Can you give a concrete example?",
-    "How does {term2} fit into this?",
-    "Thanks. What should I read or practice next?",
-    "Could you summarize that in one sentence?",
-    "What is a common pitfall here?",
-    "How would this apply to {example}?",
-    "Is {term} really that important?",
-    "Can you make that shorter?",
-    "What would an expert do differently?",
-    "Got it. And how do I know if I'm doing it right?",
-)
+_NEAR = load_pool("near_duplicates")
+NEAR_DUP_SUBS: dict[str, str] = dict(_NEAR["substitutions"])
+PHRASE_BANK: tuple[str, ...] = tuple(_NEAR["phrase_bank"])
+FILLERS: tuple[str, ...] = tuple(_NEAR["fillers"])
 
-SENTENCES = (
-    "{Topic} is mostly about {term}, and once that clicks the rest follows.",
-    "A good starting point is to look at how {term} interacts with {term2}.",
-    "Many beginners overlook {term}, which leads to subtle problems later.",
-    "In practice, you will notice {term} whenever you deal with {example}.",
-    "It helps to think of {term} as {metaphor}.",
-    "The main trade-off is between {term} and {term2}.",
-    "A quick sanity check is to ask whether {term} still holds after each step.",
-    "People with experience usually judge their progress by how well they handle {term2}.",
-    "Take {example}: there, {term} decides most of the outcome.",
-    "You do not need to master {term2} on day one, but you should know it exists.",
-    "Most confusion about {topic} comes from mixing up {term} and {term2}.",
-    "If something goes wrong, {term} is the first place to look.",
-    "A common misconception is that {term} can be ignored once {term2} is in place.",
-    "Writing down what you expect before you start makes {term} much easier to reason about.",
-    "The details vary, yet the core idea of {topic} stays the same.",
-    "Good resources on {topic} usually introduce {term} early and return to it often.",
-    "For {example}, start small and adjust as you learn.",
-    "Think about {term2} as a constraint rather than a goal.",
-    "There is no single right answer here; it depends on your situation and on {term}.",
-    "Practising with real cases such as {example} builds intuition faster than reading.",
-    "When in doubt, simplify: fewer moving parts make {term} easier to see.",
-    "Over time, {term2} becomes second nature and you stop thinking about it.",
-    "Keep notes on what worked, because {topic} rewards steady iteration.",
-    "The history of {topic} shows how ideas about {term} changed over the years.",
-    "One useful habit is to explain {term} out loud, as if teaching someone else.",
-    "Measuring {term2} directly, rather than guessing, avoids a lot of wasted effort.",
-    "Experts disagree on the details of {term2}, but they agree {term} matters.",
-    "Short, regular sessions beat occasional marathons when it comes to {topic}.",
-    "Ask yourself what would change if {term} were removed entirely.",
-    "It is worth revisiting {term} after you have some hands-on experience.",
-    "Small mistakes with {term2} tend to add up, so check them early.",
-    "Compared with related subjects, {topic} puts unusual weight on {term}.",
-)
+_ALPACA = load_pool("alpaca")
+REVIEW_ITEMS: tuple[str, ...] = tuple(_ALPACA["review_items"])
+REVIEW_POS: tuple[str, ...] = tuple(_ALPACA["review_positive"])
+REVIEW_NEG: tuple[str, ...] = tuple(_ALPACA["review_negative"])
+TITLE_OPENERS: tuple[str, ...] = tuple(_ALPACA["title_openers"])
 
-OPENERS = (
-    "Sure!",
-    "Great question.",
-    "Happy to help.",
-    "Here is a short explanation.",
-    "Of course.",
-    "Good question, and a common one.",
-    "Let me break it down.",
-    "",
-    "",
-    "",
-)
-
-CLOSERS = (
-    "Let me know if you want more detail on any part.",
-    "I hope this helps!",
-    "Feel free to ask a follow-up question.",
-    "",
-    "",
-    "",
-    "Good luck!",
-)
-
-SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You are a concise technical tutor. Answer clearly and avoid jargon.",
-    "You are a friendly assistant who specializes in {area}.",
-    "You are an expert in {area}. Give accurate, practical answers.",
-    "Answer as a patient teacher would. Use short paragraphs.",
-    "You are a careful assistant. If you are unsure, say so.",
-)
-
-BAD_REPLIES = (
-    "I'm not able to help with that.",
-    "It depends.",
-    "You can look that up online.",
-    "That's a complicated topic and there are many opinions about it.",
-    "Honestly, {term} is not important, so you can skip it.",
-    "I think {topic} was invented recently, but I'm not sure.",
-    "Sorry, I don't know much about {topic}.",
-    "Just try things until something works.",
-)
-
-NAMES = (
-    "Maria",
-    "James",
-    "Aisha",
-    "Chen",
-    "Lucas",
-    "Priya",
-    "Tomas",
-    "Fatima",
-    "Noah",
-    "Yuki",
-    "Olga",
-    "Mateo",
-    "Grace",
-    "Ahmed",
-    "Sofia",
-    "Kwame",
-    "Elena",
-    "Ravi",
-    "Hannah",
-    "Diego",
-    "Mei",
-    "Samuel",
-    "Leila",
-    "Oscar",
-)
-
-NEAR_DUP_SUBS = {
-    "good": "great",
-    "great": "good",
-    "important": "essential",
-    "usually": "often",
-    "often": "usually",
-    "start": "begin",
-    "small": "little",
-    "big": "large",
-    "large": "big",
-    "help": "assist",
-    "helps": "assists",
-    "easier": "simpler",
-    "useful": "handy",
-    "first": "initial",
-    "problems": "issues",
-    "mistakes": "errors",
-    "think": "believe",
-    "each": "every",
-    "every": "each",
-    "look": "check",
-    "check": "verify",
-    "people": "folks",
-    "the": "a",
-    "a": "the",
-    "total": "overall",
-    "more": "additional",
-    "same": "identical",
-    "then": "next",
-    "also": "too",
-    "after": "following",
-    "steady": "constant",
-    "new": "fresh",
-    "when": "whenever",
-    "key": "main",
-    "main": "key",
-    "short": "brief",
-    "simple": "plain",
-    "quick": "fast",
-    "clear": "plain",
-    "real": "actual",
-    "hardest": "toughest",
-    "practical": "useful",
-    "common": "frequent",
-    "explain": "describe",
-    "describe": "explain",
-    "know": "understand",
-    "give": "provide",
-    "example": "instance",
-    "later": "afterwards",
-    "subtle": "hidden",
-    "buys": "purchases",
-    "gives": "hands",
-    "makes": "produces",
-    "equal": "even",
-    "extra": "spare",
-    "wants": "plans",
-    "still": "yet",
-    "so": "thus",
-    "but": "yet",
-    "rather": "instead",
-    "place": "spot",
-    "habit": "practice",
-    "part": "piece",
-    "this": "that",
-    "that": "this",
-    "these": "those",
-    "idea": "notion",
-    "ideas": "notions",
-    "sure": "certain",
-    "tips": "hints",
-}
-PHRASE_BANK = (
-    "in most cases this is what people notice when they try it for the first time",
-    "as many readers have pointed out the simplest version tends to work best in practice",
-    "according to several guides the usual approach is to go slowly and check often",
-    "which is roughly what you would expect after thinking about it for a while",
-    "so it makes sense to keep things simple and revisit them once you know more",
-)
-FILLERS = ("really", "also", "quite", "simply", "actually", "basically", "certainly", "truly")
+_GSM8K = load_pool("gsm8k")
+NAMES: tuple[str, ...] = tuple(_GSM8K["names"])
+# One entry per problem family, in family-number order: {"family": label, "items"?: [...], "questions": [...]}.
+GSM8K_FAMILIES: tuple[dict[str, Any], ...] = tuple(_GSM8K["families"])
 
 # --------------------------------------------------------------------------------------
 # Row bookkeeping
@@ -849,22 +457,25 @@ TRAIN_FAMILIES = tuple(f for f in range(10) if f not in EVAL_FAMILIES)
 
 
 def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES) -> tuple[str, list[str], int]:
-    """One GSM8K-style word problem: (question, solution lines without the final line, integer answer)."""
+    """One GSM8K-style word problem: (question, solution lines without the final line, integer answer).
+
+    The numbers and the worked solution are computed here; the question's wording (and the item words of
+    families that have them) come from :data:`GSM8K_FAMILIES`.
+    """
     name = rng.choice(NAMES)
     other = rng.choice([n for n in NAMES if n != name])
     family = rng.choice(families)
+    spec = GSM8K_FAMILIES[family]
+
+    def ask(**values: Any) -> str:
+        """One of the family's question phrasings, filled in."""
+        return rng.choice(spec["questions"]).format(name=name, other=other, **values)
+
     if family == 0:
-        item = rng.choice(["pencils", "stickers", "marbles", "cookies", "seashells", "trading cards"])
+        item = rng.choice(spec["items"])
         a, b, c = rng.randint(3, 15), rng.randint(4, 24), rng.randint(2, 20)
         c = min(c, a * b - 1)
-        q = rng.choice(
-            [
-                f"{name} buys {a} packs of {item}. Each pack has {b} {item}. {name} gives {c} {item} to {other}. "
-                f"How many {item} does {name} have left?",
-                f"There are {b} {item} in every pack, and {name} bought {a} packs. After giving {other} {c} of them, "
-                f"how many {item} remain?",
-            ]
-        )
+        q = ask(item=item, a=a, b=b, c=c)
         sol = [
             f"{name} bought {a} * {b} = <<{a}*{b}={a * b}>>{a * b} {item}.",
             f"After giving away {c}, {name} has {a * b} - {c} = <<{a * b}-{c}={a * b - c}>>{a * b - c} {item}.",
@@ -872,15 +483,8 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, a * b - c
     if family == 1:
         a, h, d = rng.randint(12, 95), rng.randint(6, 12), rng.randint(5, 30)
-        thing = rng.choice(["widgets", "bottles", "bolts", "toy cars", "loaves of bread", "T-shirts"])
-        q = rng.choice(
-            [
-                f"A factory makes {a} {thing} per hour. It runs {h} hours a day. "
-                f"How many {thing} does it make in {d} days?",
-                f"{name}'s workshop produces {a} {thing} every hour and operates {h} hours each day. "
-                f"How many {thing} are produced over {d} days?",
-            ]
-        )
+        thing = rng.choice(spec["items"])
+        q = ask(item=thing, a=a, h=h, d=d)
         per_day = a * h
         sol = [
             f"Each day it makes {a} * {h} = <<{a}*{h}={per_day}>>{per_day} {thing}.",
@@ -889,16 +493,8 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, per_day * d
     if family == 2:
         p, n, cost = rng.randint(3, 25), rng.randint(20, 200), rng.randint(50, 900)
-        thing = rng.choice(["lemonade cups", "handmade candles", "bracelets", "cupcakes", "notebooks"])
-        q = rng.choice(
-            [
-                f"{name} sells {thing} for ${p} each. "
-                f"This month {name} sold {n} of them and spent ${cost} on supplies. "
-                f"What was {name}'s profit?",
-                f"At a market, {name} sold {n} {thing} at ${p} apiece. Supplies cost ${cost}. How much profit did "
-                f"{name} make?",
-            ]
-        )
+        thing = rng.choice(spec["items"])
+        q = ask(item=thing, p=p, n=n, cost=cost)
         rev = p * n
         sol = [
             f"Revenue was {n} * {p} = <<{n}*{p}={rev}>>{rev} dollars.",
@@ -907,14 +503,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, rev - cost
     if family == 3:
         speed, t1, t2 = rng.randint(30, 75), rng.randint(2, 6), rng.randint(1, 5)
-        q = rng.choice(
-            [
-                f"{name} drives at {speed} miles per hour for {t1} hours, stops for lunch, then drives {t2} more hours "
-                f"at the same speed. How many miles does {name} drive in total?",
-                f"A train travels at a steady {speed} miles per hour. It runs for {t1} hours, waits at a station, and "
-                f"runs for another {t2} hours. What total distance does it cover?",
-            ]
-        )
+        q = ask(speed=speed, t1=t1, t2=t2)
         d1, d2 = speed * t1, speed * t2
         sol = [
             f"First leg: {speed} * {t1} = <<{speed}*{t1}={d1}>>{d1} miles.",
@@ -925,13 +514,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
     if family == 4:
         total, pct = rng.randint(4, 60) * 20, rng.choice([10, 15, 20, 25, 30, 40, 50, 75])
         spent = total * pct // 100
-        q = rng.choice(
-            [
-                f"{name} has ${total} saved. {name} spends {pct}% of it on a new bike. How much money is left?",
-                f"Out of a ${total} budget, {pct}% goes to rent for the club room. How many dollars remain for "
-                f"everything else?",
-            ]
-        )
+        q = ask(total=total, pct=pct)
         sol = [
             f"{pct}% of {total} is {total} * {pct} / 100 = <<{total}*{pct}/100={spent}>>{spent} dollars.",
             f"Left over: {total} - {spent} = <<{total}-{spent}={total - spent}>>{total - spent} dollars.",
@@ -939,15 +522,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, total - spent
     if family == 5:
         rows, per_row, broken = rng.randint(6, 40), rng.randint(8, 45), rng.randint(1, 30)
-        q = rng.choice(
-            [
-                f"A theater has {rows} rows with {per_row} seats in each row. {broken} seats are broken. "
-                f"How many seats can be used?",
-                f"An orchard has {rows} rows of trees with {per_row} trees per row. "
-                f"A storm knocked down {broken} trees. "
-                f"How many trees are still standing?",
-            ]
-        )
+        q = ask(rows=rows, per_row=per_row, broken=broken)
         t = rows * per_row
         sol = [
             f"There are {rows} * {per_row} = <<{rows}*{per_row}={t}>>{t} in total.",
@@ -956,14 +531,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, t - broken
     if family == 6:
         weekly, weeks, bonus = rng.randint(15, 400), rng.randint(4, 52), rng.randint(10, 500)
-        q = rng.choice(
-            [
-                f"{name} earns ${weekly} a week walking dogs. After {weeks} weeks, {name} also gets a ${bonus} bonus. "
-                f"How much did {name} earn altogether?",
-                f"{name} saves ${weekly} every week for {weeks} weeks, and {other} adds a gift of ${bonus}. "
-                f"How much money does {name} have now?",
-            ]
-        )
+        q = ask(weekly=weekly, weeks=weeks, bonus=bonus)
         w = weekly * weeks
         sol = [
             f"Weekly amounts: {weekly} * {weeks} = <<{weekly}*{weeks}={w}>>{w} dollars.",
@@ -974,15 +542,8 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         groups, each = rng.randint(3, 12), rng.randint(3, 15)
         left = rng.randint(1, groups - 1)
         total = groups * each + left
-        thing = rng.choice(["students", "apples", "books", "chairs", "volunteers"])
-        q = rng.choice(
-            [
-                f"{name} has {total} {thing} and wants to split them into {groups} equal groups. How many {thing} "
-                f"go in each group if the {left} extra are set aside?",
-                f"There are {total} {thing}. After setting aside {left}, the rest are shared equally among {groups} "
-                f"teams. How many does each team get?",
-            ]
-        )
+        thing = rng.choice(spec["items"])
+        q = ask(item=thing, total=total, groups=groups, left=left)
         rest = total - left
         sol = [
             f"After setting aside {left}, there are {total} - {left} = <<{total}-{left}={rest}>>{rest}.",
@@ -991,15 +552,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         return q, sol, each
     if family == 8:
         length, width, price = rng.randint(8, 40), rng.randint(6, 30), rng.randint(2, 12)
-        q = rng.choice(
-            [
-                f"A rectangular garden is {length} feet long and {width} feet wide. "
-                f"Sod costs ${price} per square foot. "
-                f"How much does it cost to cover the garden?",
-                f"{name} is tiling a floor that measures {length} feet by {width} feet. Tiles cost ${price} per square "
-                f"foot. What is the total cost of the tiles?",
-            ]
-        )
+        q = ask(length=length, width=width, price=price)
         area = length * width
         sol = [
             f"The area is {length} * {width} = <<{length}*{width}={area}>>{area} square feet.",
@@ -1007,14 +560,7 @@ def _gsm8k_problem(rng: random.Random, families: Sequence[int] = TRAIN_FAMILIES)
         ]
         return q, sol, area * price
     age, diff, years = rng.randint(5, 30), rng.randint(2, 30), rng.randint(2, 20)
-    q = rng.choice(
-        [
-            f"{name} is {age} years old. {other} is {diff} years older than {name}. How old will {other} be in "
-            f"{years} years?",
-            f"{other} is {diff} years older than {name}, who is {age}. What will {other}'s age be {years} years "
-            f"from now?",
-        ]
-    )
+    q = ask(age=age, diff=diff, years=years)
     o = age + diff
     sol = [
         f"{other} is now {age} + {diff} = <<{age}+{diff}={o}>>{o} years old.",
@@ -1297,23 +843,6 @@ def _build_sft(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild]:
     return msg_b, sg_b, al_b
 
 
-REVIEW_POS = (
-    "absolutely loved it",
-    "works perfectly and arrived early",
-    "best purchase I made this year",
-    "friendly staff and great food",
-    "easy to set up and very reliable",
-)
-REVIEW_NEG = (
-    "broke after two days",
-    "the worst service I have had",
-    "arrived late and damaged",
-    "way too expensive for what it is",
-    "confusing instructions and poor support",
-)
-REVIEW_ITEMS = ("blender", "hotel", "headphones", "restaurant", "backpack", "laptop stand", "coffee maker", "bike")
-
-
 def _alpaca_row(rng: random.Random, cw: ChatWriter) -> dict[str, str]:
     """One instruction-following row; some tasks have computed outputs."""
     task = rng.randrange(7)
@@ -1370,8 +899,7 @@ def _alpaca_row(rng: random.Random, cw: ChatWriter) -> dict[str, str]:
     return {
         "instruction": f"Write a short title for an article about {s['term']} in {s['topic']}.",
         "input": "",
-        "output": rng.choice(["Understanding", "A Guide to", "Getting Started with", "Rethinking", "Why We Need"])
-        + f" {s['term'][0].upper() + s['term'][1:]}",
+        "output": rng.choice(TITLE_OPENERS) + f" {s['term'][0].upper() + s['term'][1:]}",
     }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from posttrain_assets.demo.generator import FORMATS, LENGTH_BIASED_SOURCE, SOURCES, generate_demo_data, main
+from posttrain_assets.demo.generator import (
+    EVAL_FAMILIES,
+    FORMATS,
+    GSM8K_FAMILIES,
+    LENGTH_BIASED_SOURCE,
+    SOURCES,
+    TRAIN_FAMILIES,
+    generate_demo_data,
+    load_pool,
+    main,
+)
 
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -226,6 +238,31 @@ def test_deterministic_bytes(tmp_path: Path) -> None:
     ma, mc = (json.loads((d / "manifest.json").read_text()) for d in (a, c))
     assert {k: v["rows"] for k, v in ma["sources"].items()} == {k: v["rows"] for k, v in mc["sources"].items()}
     assert "seed 8" in (c / "sources.yaml").read_text()
+
+
+# The text pools (posttrain_assets/demo/pools/*.json) and what seed 7 makes of them. Editing a pool (or the
+# generator's draws) changes these hashes on purpose: update them in the same change. Only text files are
+# pinned (Parquet and gzip bytes also depend on the pyarrow / zlib version).
+POOL_FILES = ("alpaca", "gsm8k", "near_duplicates", "prompts", "replies", "topics")
+PINNED_SHA256 = {
+    "sft/messages.jsonl": "10670541ab8c65969dde4598f5d29d488f46e5ba53d4b13ead3268b048b17bff",
+    "sft/alpaca.json": "66f256a781a56f4fc8df0c8dc9a12bb7373efda0796da6dbd5f3deba41ad21f2",
+    "rl/gsm8k_train.jsonl": "4c7c4a9e850f5d2d38aff459fa2993b35ada3e3b994c1999193f01f5a7f36187",
+}
+
+
+def test_pools_load_and_seed_7_output_is_pinned(demo: tuple[Path, dict[str, Any]]) -> None:
+    """Every pool file loads as an object of non-empty pools, and seed 7 still writes the pinned bytes."""
+    pool_dir = resources.files("posttrain_assets.demo").joinpath("pools")
+    assert sorted(f.name for f in pool_dir.iterdir() if f.name.endswith(".json")) == [f"{n}.json" for n in POOL_FILES]
+    for name in POOL_FILES:
+        pool = load_pool(name)
+        assert isinstance(pool, dict) and pool and all(pool.values()), name
+    assert len(GSM8K_FAMILIES) == len(TRAIN_FAMILIES) + len(EVAL_FAMILIES)
+    assert all(f["questions"] for f in GSM8K_FAMILIES)
+    out, _ = demo
+    for rel, digest in PINNED_SHA256.items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, f"{rel} changed: update PINNED_SHA256?"
 
 
 def test_registry_shape(demo: tuple[Path, dict[str, Any]]) -> None:
