@@ -1,4 +1,17 @@
-"""Text folding shared by dedup, tie detection and answer matching."""
+"""Text folding: the one comparison form of text used across the pipeline.
+
+Two variants, which differ on purpose:
+
+- :func:`fold` keeps all punctuation. Dedup units and their shingles (``cleaning.dedup``), eval n-grams
+  (``cleaning.decontamination``) and the quality gate's identical-pair test compare whole documents, where
+  a trailing "!" is part of the text.
+- :func:`fold_bare` also strips punctuation at both ends. Final answers (``rl.verifiers`` exact_match) and
+  preference tie detection (``preference.audit.is_tie``) compare short replies, where ``"Paris."`` and
+  ``"paris"`` are the same answer.
+
+Dedup keys, content hashes, tie flags and verifier verdicts are computed from these forms, so any change
+here changes stored tables.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Decontamination: find training rows that share word n-grams with evaluation rows (pure logic).
 
-Texts are compared as word n-grams of their normalised form: :func:`posttrain_assets.cleaning.dedup.normalize_text`
+Texts are compared as word n-grams of their normalised form: :func:`posttrain_assets.text.fold`
 (NFKC, casefold, whitespace collapsed), then words are the runs of Unicode word characters (``\\w+``), so
 punctuation and spacing never hide a copy (``"$18."`` and ``"18"`` are the same word). Each n-gram is
 hashed to a 64-bit int (blake2b), and an :class:`EvalIndex` maps every n-gram of every evaluation
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain_assets.cleaning.dedup import normalize_text
+from posttrain_assets.text import fold
 
 Record = dict[str, Any]
 _WORD = re.compile(r"\w+")
@@ -30,8 +30,8 @@ DEFAULT_N = 13
 
 
 def words(text: str | None) -> list[str]:
-    """The normalised words of a text (``\\w+`` runs of ``normalize_text(text)``)."""
-    return _WORD.findall(normalize_text(text))
+    """The normalised words of a text (``\\w+`` runs of ``fold(text)``)."""
+    return _WORD.findall(fold(text))
 
 
 def _hash(gram: str) -> int:

@@ -5,7 +5,7 @@ duplicates (identical content) are already collapsed upstream by content id; thi
 left:
 
 1. **Exact after normalisation** (method ``exact_normalized``): two rows whose dedup units are equal
-   after :func:`normalize_text` (differences of case, whitespace or Unicode form only), keyed by
+   after :func:`posttrain_assets.text.fold` (differences of case, whitespace or Unicode form only), keyed by
    :func:`exact_key`.
 2. **Near duplicates** (method ``near``): MinHash signatures of 2-word shingles of the dedup unit give
    candidate pairs from ``datasketch.MinHashLSH`` (a wide net); every candidate is then verified on the
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import unicodedata
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +44,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from rapidfuzz.distance import Levenshtein
+
+from posttrain_assets.text import fold
 
 Record = dict[str, Any]
 Priority = Callable[[str], int]
@@ -64,19 +65,6 @@ _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2
 # ---------------------------------------------------------------------------------------------------------------
 # normalisation and dedup units
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def normalize_text(text: str | None) -> str:
-    """The comparison form of a text: Unicode NFKC, then ``str.casefold``, then whitespace collapsed.
-
-    NFKC folds compatibility forms (full-width letters, ligatures, non-breaking spaces, superscripts)
-    onto their plain equivalents; casefold is Unicode-aware lower-casing (``"Straße"`` -> ``"strasse"``);
-    every run of Unicode whitespace (``str.split()``) becomes one space and the ends are stripped.
-    Punctuation is kept. ``None`` is treated as the empty string.
-    """
-    if not text:
-        return ""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def _conversation_text(messages: Iterable[dict[str, Any]] | None) -> str:
@@ -125,12 +113,12 @@ def rl_same_key(record: Record) -> Hashable | None:
     """
     if record["regime"] != "rl":
         return None
-    return (tuple(_NUMBER.findall(record.get("prompt") or "")), normalize_text(record.get("answer")))
+    return (tuple(_NUMBER.findall(record.get("prompt") or "")), fold(record.get("answer")))
 
 
 def exact_key(record: Record) -> str:
     """sha256 (hex) of the normalised dedup unit; equal keys = duplicates up to case, whitespace and Unicode form."""
-    unit = f"{record['regime']}\x00{normalize_text(dedup_unit(record))}"
+    unit = f"{record['regime']}\x00{fold(dedup_unit(record))}"
     return hashlib.sha256(unit.encode("utf-8")).hexdigest()
 
 
@@ -217,12 +205,12 @@ class MinHashConfig:
 
 
 def shingles(text: str, shingle_words: int = 5) -> list[str]:
-    """Word shingles of ``normalize_text(text)``: every run of ``shingle_words`` words, joined by a space.
+    """Word shingles of ``fold(text)``: every run of ``shingle_words`` words, joined by a space.
 
     Fewer words than ``shingle_words``: the whole normalised text is the only shingle; an empty text has
     none. Duplicates are kept (the signature treats them as one set element).
     """
-    words = normalize_text(text).split(" ")
+    words = fold(text).split(" ")
     if words == [""]:
         return []
     if len(words) < shingle_words:
@@ -367,7 +355,7 @@ def minhash_signatures(texts: Sequence[str], cfg: MinHashConfig | None = None) -
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending: deque[Future[None]] = deque()
         for i, text in enumerate(texts):
-            norm = normalize_text(text)
+            norm = fold(text)
             if not norm:
                 continue
             words = norm.split(" ")
@@ -403,8 +391,8 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
 
 
 def tokens(text: str | None) -> list[str]:
-    """The words of ``normalize_text(text)`` (what :func:`edit_similarity` compares); empty text: none."""
-    norm = normalize_text(text)
+    """The words of ``fold(text)`` (what :func:`edit_similarity` compares); empty text: none."""
+    norm = fold(text)
     return norm.split(" ") if norm else []
 
 
@@ -922,5 +910,5 @@ def prompt_key(prompt: str | None) -> str | None:
     """sha256 (32 hex) of the normalised prompt: the key the cleaning pass groups cross-regime leaks on.
 
     None for a prompt that is empty after normalisation (it carries nothing that could leak)."""
-    norm = normalize_text(prompt)
+    norm = fold(prompt)
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:32] if norm else None

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain_assets.cleaning.dedup import normalize_text
+from posttrain_assets.preference.audit import is_tie
+from posttrain_assets.text import fold
 
 Record = dict[str, Any]
 
@@ -218,11 +219,15 @@ def sft_not_ending_with_assistant(record: Record, cfg: QualityConfig) -> Drop | 
 
 
 def tie_pair(record: Record, cfg: QualityConfig) -> Drop | None:
-    """A preference pair whose chosen and rejected are equal after ``normalize_text`` (no signal)."""
+    """A preference pair whose chosen and rejected are equal after :func:`posttrain_assets.text.fold` (no signal).
+
+    The project's tie rule (:func:`posttrain_assets.preference.audit.is_tie`) at similarity 1.0 and with end
+    punctuation kept: only identical pairs carry no signal at all. Near-identical pairs stay; the preference
+    stage flags them ``is_tie`` and the length gate bounds their rate.
+    """
     if record["regime"] != "preference":
         return None
-    chosen, rejected = record.get("chosen"), record.get("rejected")
-    if chosen == rejected or normalize_text(chosen) == normalize_text(rejected):
+    if is_tie(record.get("chosen"), record.get("rejected"), similarity=1.0, folding=fold):
         return Drop("tie_pair", "chosen and rejected are equal after normalisation")
     return None
 

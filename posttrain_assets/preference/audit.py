@@ -37,17 +37,16 @@ Definitions (each one also in the docstring of the :class:`LengthAudit` field it
 - **length ratios**: ``chosen_tokens / rejected_tokens`` per pair; a zero denominator is taken as 1 token
   and 0/0 as 1.0 (silver has no empty responses, so this only guards hand-made input).
 - **quantiles**: numpy's default linear interpolation (Hyndman-Fan type 7), keys ``p10 p25 p75 p90``.
-- **tie**: chosen and rejected are identical or near-identical text after :func:`normalize_for_tie`
-  (NFKC, casefold, whitespace runs collapsed to one space, punctuation and whitespace stripped at both ends):
-  the normalised texts are equal, or their character-level indel similarity
+- **tie**: chosen and rejected are identical or near-identical text after
+  :func:`posttrain_assets.text.fold_bare` (NFKC, casefold, whitespace runs collapsed to one space, punctuation
+  and whitespace stripped at both ends): the folded texts are equal, or their character-level indel similarity
   ``2 * LCS(a, b) / (len(a) + len(b))`` (:func:`text_similarity`; LCS = longest common subsequence) is
   >= ``tie_similarity`` (default 0.95, configurable). Equivalently the fewest single-character insertions
-  and deletions turning one normalised text into the other are at most 5% of their combined length. This is
+  and deletions turning one folded text into the other are at most 5% of their combined length. This is
   the quantity difflib's ``SequenceMatcher.ratio`` (used before) approximates with a quadratic matcher; it
   is never lower than difflib's ratio and equal to it for few, local differences (it gives the same ties on
-  HH-RLHF and on every test). :func:`is_tie` decides it exactly in linear passes (equality, length bound,
-  common prefix/suffix, character-count bound) before a bit-parallel LCS of the differing middle, so long
-  near-identical replies cost milliseconds. ``tie_rate`` = ties / pairs. A pair that already carries a
+  HH-RLHF and on every test). :func:`is_tie` decides it exactly with rapidfuzz's indel distance and a
+  distance cutoff. ``tie_rate`` = ties / pairs. A pair that already carries a
   boolean ``is_tie`` (the silver.preference_pairs column, computed by
   :func:`posttrain_assets.preference.pairs.pair_batch`
   with the same threshold) is trusted by :func:`audit`, :func:`audit_group` and :func:`balance_pairs`; the
@@ -69,12 +68,13 @@ import io
 import math
 import random
 import statistics
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from rapidfuzz.distance import Indel
 
 from posttrain_assets.text import fold_bare
 
@@ -169,104 +169,65 @@ def rank_biserial(diffs: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def normalize_for_tie(text: str) -> str:
-    """The text compared for ties: NFKC, casefolded, whitespace runs collapsed, punctuation stripped at the ends."""
-    return fold_bare(text)
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
-    low, high = 0, min(len(a), len(b))
-    if a[:high] == b[:high]:
-        return high
-    while low < high:  # invariant: a[:low] == b[:low] and a[:high + 1] != b[:high + 1]
-        mid = (low + high + 1) // 2
-        if a[low:mid] == b[low:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def _char_masks(text: str) -> dict[str, int]:
-    """Per distinct character of ``text``, the int whose bit i is set where ``text[i]`` is that character."""
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    return {
-        chr(code): int.from_bytes(np.packbits(codes == code, bitorder="little").tobytes(), "little")
-        for code in np.unique(codes).tolist()
-    }
-
-
-def _lcs_length(a: str, b: str, need: int = 0) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (bit-parallel, Hyyrö 2004).
-
-    One bit per character of ``a`` in a Python int; one step of a few big-int operations per character of
-    ``b`` (so ``len(b) * ceil(len(a) / 64)`` machine-word operations, all in C). With ``need`` > 0 it may stop
-    early and return any value below ``need`` once ``need`` is out of reach (the exact length otherwise).
-    """
-    if not a or not b:
-        return 0
-    if len(a) < len(b):  # fewer Python-level steps: iterate over the shorter text
-        a, b = b, a
-    masks = _char_masks(a)
-    full = (1 << len(a)) - 1
-    v = full  # bit i clear <=> a[i] is used by the LCS of a and the prefix of b seen so far
-    n = len(b)
-    for j, ch in enumerate(b, 1):
-        u = v & masks.get(ch, 0)
-        v = ((v + u) | (v - u)) & full
-        if need and not j & 63:
-            lcs = len(a) - v.bit_count()
-            if lcs + (n - j) < need:  # even matching every remaining character of b falls short
-                return lcs + (n - j)
-    return len(a) - v.bit_count()
-
-
 def text_similarity(a: str, b: str) -> float:
     """Indel similarity of two strings, in [0, 1]: ``2 * LCS(a, b) / (len(a) + len(b))``, 1.0 when equal.
 
     LCS is the longest common subsequence of characters, so this is ``1 - indel_distance / (len(a) + len(b))``
     with the indel distance the fewest single-character insertions and deletions turning one text into the
-    other (the measure of ``rapidfuzz.fuzz.ratio`` / ``Levenshtein.ratio``). It is what difflib's
+    other (``rapidfuzz.distance.Indel``, the measure of ``rapidfuzz.fuzz.ratio``). It is what difflib's
     ``SequenceMatcher.ratio`` approximates; difflib's matching blocks are a common subsequence, so difflib's
     ratio is never higher, and the two agree when the differences are few and local.
     """
     if a == b:
         return 1.0
-    return 2.0 * _lcs_length(a, b) / (len(a) + len(b))
+    total = len(a) + len(b)
+    # The integer distance, divided here: Indel.normalized_similarity computes 1 - distance / total, which is
+    # often one ulp away from 2 * LCS / total.
+    return (total - Indel.distance(a, b)) / total
 
 
-def is_tie(chosen: str, rejected: str, similarity: float = DEFAULT_TIE_SIMILARITY) -> bool:
-    """Whether chosen and rejected are the same answer: normalised-equal or :func:`text_similarity` of the
-    normalised texts >= ``similarity`` (see the module docstring).
+def _max_tie_distance(total: int, similarity: float) -> int:
+    """The largest indel distance ``d`` in ``0..total`` whose :func:`text_similarity`, ``(total - d) / total``,
+    is still ``>= similarity``; -1 when no ``d`` is (``similarity`` above 1).
 
-    Decided in cheap stages, each exact: equality; the length bound (a common subsequence is at most the
-    shorter text); stripping the common prefix and suffix (always part of an LCS); the character-count bound
-    (the LCS of the rest uses at most ``min(count_a(c), count_b(c))`` of each character c); and only then
-    the bit-parallel LCS of the differing middle, which stops as soon as the threshold is out of reach.
+    Stepped from the estimate ``(1 - similarity) * total`` with that same float comparison, so a pair exactly at
+    the threshold is decided like its similarity value, whatever the rounding of the estimate.
     """
-    a, b = normalize_for_tie(chosen), normalize_for_tie(rejected)
+    distance = min(max(math.floor((1.0 - similarity) * total), 0), total)
+    while distance < total and (total - distance - 1) / total >= similarity:
+        distance += 1
+    while distance >= 0 and (total - distance) / total < similarity:
+        distance -= 1
+    return distance
+
+
+def is_tie(
+    chosen: str | None,
+    rejected: str | None,
+    similarity: float = DEFAULT_TIE_SIMILARITY,
+    *,
+    folding: Callable[[str | None], str] = fold_bare,
+) -> bool:
+    """Whether chosen and rejected are the same answer: their ``folding`` forms are equal or have
+    :func:`text_similarity` >= ``similarity`` (see the module docstring). The one tie rule of the project.
+
+    The defaults are the preference tie flag (``is_tie`` of silver.preference_pairs, the length gate's tie
+    rate): :func:`posttrain_assets.text.fold_bare`, similarity 0.95. The quality gate drops only identical
+    pairs: ``similarity=1.0`` with :func:`posttrain_assets.text.fold`, which keeps end punctuation.
+
+    Decided on the integer indel distance with ``score_cutoff``, so rapidfuzz stops as soon as the threshold is
+    out of reach and strips the common prefix and suffix itself, so long near-identical replies are cheap.
+    ``Indel.normalized_similarity(score_cutoff=...)`` is not used: rapidfuzz 3.14.6 answers 0.0 for some pairs
+    exactly at the threshold (``"aaaaa"`` vs ``"aaaab"`` has similarity 0.8 but 0.0 with cutoff 0.8).
+    """
+    if chosen == rejected:  # skips folding; also None vs None
+        return True
+    a, b = folding(chosen), folding(rejected)
     if a == b:
         return True
     total = len(a) + len(b)
-    if 2.0 * min(len(a), len(b)) / total < similarity:
-        return False
-    prefix = _common_prefix_length(a, b)
-    a, b = a[prefix:], b[prefix:]
-    suffix = _common_prefix_length(a[::-1], b[::-1])
-    a, b = a[: len(a) - suffix], b[: len(b) - suffix]
-    common = prefix + suffix
-    if not a or not b:
-        return 2.0 * common / total >= similarity
-    counts_b = Counter(b)
-    bag = sum(min(count, counts_b[ch]) for ch, count in Counter(a).items())
-    if 2.0 * (common + bag) / total < similarity:
-        return False
-    need = next(k for k in range(math.floor(similarity * total / 2.0), total + 1) if 2.0 * k / total >= similarity)
-    needed_middle = need - common
-    if needed_middle <= 0:
-        return True
-    return 2.0 * (common + _lcs_length(a, b, needed_middle)) / total >= similarity
+    max_distance = _max_tie_distance(total, similarity)
+    return max_distance >= 0 and Indel.distance(a, b, score_cutoff=max_distance) <= max_distance
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -695,7 +656,6 @@ __all__ = [
     "is_tie",
     "length_histogram_png",
     "markdown_audit_table",
-    "normalize_for_tie",
     "pair_is_tie",
     "text_similarity",
     "wilson_interval",

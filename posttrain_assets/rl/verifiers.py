@@ -188,11 +188,6 @@ def _format_number(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
-def normalize_text(text: str) -> str:
-    """``exact_match`` normalisation: NFKC, casefold, whitespace collapsed, surrounding punctuation stripped."""
-    return fold_bare(text)
-
-
 # --------------------------------------------------------------------------- exact_match and numeric
 
 
@@ -200,13 +195,14 @@ def _score_exact_match(candidate: str, gold: str, tests: str | None, timeout_sec
     """Normalised equality of the candidate's final answer and the gold answer.
 
     The candidate's final answer is the text after its last ``####``, else the content of its last
-    ``\\boxed{}``, else the whole candidate. Both sides go through :func:`normalize_text`.
+    ``\\boxed{}``, else the whole candidate. Both sides go through :func:`posttrain_assets.text.fold_bare`
+    (NFKC, casefold, whitespace collapsed, punctuation stripped at both ends).
     """
     segment = _final_segment(candidate)
-    answer = normalize_text(segment if segment is not None else candidate)
+    answer = fold_bare(segment if segment is not None else candidate)
     if not answer:
         return Score(0.0, "no_answer")
-    return Score(1.0) if answer == normalize_text(gold) else Score(0.0, "wrong_answer")
+    return Score(1.0) if answer == fold_bare(gold) else Score(0.0, "wrong_answer")
 
 
 def _score_numeric(candidate: str, gold: str, tests: str | None, timeout_seconds: float | None) -> Score:
@@ -763,7 +759,6 @@ __all__ = [
     "certify_many",
     "get_verifier",
     "judge",
-    "normalize_text",
     "parse_number",
     "perturb_answer",
     "render_answer",

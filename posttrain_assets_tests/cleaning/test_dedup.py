@@ -17,7 +17,7 @@ from datasketch import MinHash, MinHashLSH
 
 from benchmarks import bench
 from posttrain_assets.cleaning import dedup
-from posttrain_assets.cleaning.dedup import MinHashConfig, normalize_text
+from posttrain_assets.cleaning.dedup import MinHashConfig
 from posttrain_assets.demo.generator import generate_demo_data
 from posttrain_assets.ingest.readers import read_raw_rows
 from posttrain_assets.ingest.registry import load_registry
@@ -137,15 +137,6 @@ def by_priority(name: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # normalisation, units, exact keys
-
-
-def test_normalize_text() -> None:
-    assert normalize_text("  Hello\u00a0 WORLD\n\tagain ") == "hello world again"
-    assert normalize_text("ＦＵＬＬ width ﬁne") == "full width fine"  # NFKC: full-width letters, ligature
-    assert normalize_text("Straße") == "strasse"  # casefold, not lower
-    assert normalize_text("Cafe\u0301") == normalize_text("Café")  # combining accent composed
-    assert normalize_text("") == "" and normalize_text(None) == ""
-    assert normalize_text("a, b!") == "a, b!"  # punctuation kept
 
 
 def test_dedup_unit_per_regime() -> None:

@@ -135,6 +135,17 @@ def test_roles_allow_tools_after_assistant() -> None:
     )
 
 
+def test_tie_pair_drops_only_identical_pairs() -> None:
+    # equal up to case, whitespace and Unicode form: no signal, dropped
+    drop = Drop("tie_pair", "chosen and rejected are equal after normalisation")
+    assert quality.tie_pair(pref("t", "Ｇlucose, mostly.", "glucose,\u00a0 MOSTLY."), QualityConfig()) == drop
+    # end punctuation counts here (real HH-RLHF row 74); the preference stage flags this pair is_tie instead
+    assert quality.tie_pair(pref("t", "You\u2019re welcome.", "You\u2019re welcome!"), QualityConfig()) is None
+    # near-identical is not identical: kept
+    reply = "Plants turn light, water and carbon dioxide into sugar and oxygen. " * 5
+    assert quality.tie_pair(pref("t", reply, reply + "Mostly."), QualityConfig()) is None
+
+
 @pytest.mark.parametrize(
     "text",
     [

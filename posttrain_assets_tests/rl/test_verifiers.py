@@ -23,7 +23,6 @@ from posttrain_assets.rl.verifiers import (
     certify,
     certify_many,
     judge,
-    normalize_text,
     parse_number,
     perturb_answer,
     render_answer,
@@ -134,10 +133,6 @@ def test_numeric_on_real_gsm8k_solutions() -> None:
 )
 def test_exact_match(candidate: str, gold: str, expected: Score) -> None:
     assert score("exact_match", candidate, gold) == expected
-
-
-def test_normalize_text() -> None:
-    assert normalize_text("  \u00abHello,\t  World!\u00bb ") == "hello, world"
 
 
 # --------------------------------------------------------------------------- math

@@ -16,6 +16,7 @@ from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.preference.audit import (
+    DEFAULT_TIE_SIMILARITY,
     DROP_REASONS,
     ConfoundThresholds,
     audit,
@@ -66,7 +67,7 @@ class LengthConfoundConfig(dg.Config):
     max_abs_r: float = 0.2
     max_tie_rate: float = 0.01
     min_pairs: int = 50
-    tie_similarity: float = 0.95
+    tie_similarity: float = DEFAULT_TIE_SIMILARITY
     balance_seed: int = 0
     processes: int = 0  # worker processes that count tokens and flag ties; 0: one per core this process may use
 
