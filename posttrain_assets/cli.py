@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_environment_defaults()
 
     if args.command == "dev":
+        # dagster finds the code location in the project's pyproject.toml ([tool.dg]); every path above is absolute
+        os.chdir(PROJECT_ROOT)
         dagster = Path(sys.executable).with_name("dagster")
-        workspace = PROJECT_ROOT / "workspace.yaml"
-        os.execv(dagster, [str(dagster), "dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(workspace)])
+        os.execv(dagster, [str(dagster), "dev", "-h", "127.0.0.1", "-p", "3000"])
 
     from posttrain_assets import pipeline
 

@@ -148,16 +148,17 @@ class Webserver:
 
 @contextmanager
 def running_webserver(
-    workspace: Path, env: Mapping[str, str], log: Path, *, cwd: Path, startup_timeout: float = 120
+    env: Mapping[str, str], log: Path, *, cwd: Path, startup_timeout: float = 120
 ) -> Iterator[Webserver]:
-    """``dagster-webserver -h 127.0.0.1 -p <free port> -w workspace`` in its own process group.
+    """``dagster-webserver -h 127.0.0.1 -p <free port>`` in its own process group, started in ``cwd`` (the
+    project's root, whose pyproject.toml names the code location in ``[tool.dg]``).
 
     Yields once the code location has loaded; on exit (also on failure) the whole process group, the code
     server and any run worker included, is stopped: SIGTERM, then SIGKILL after 15 s.
     """
     port = free_port()
     binary = Path(sys.executable).with_name("dagster-webserver")
-    command = [str(binary), "-h", "127.0.0.1", "-p", str(port), "-w", str(workspace)]
+    command = [str(binary), "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -1,4 +1,5 @@
-"""The code location loads the way `make dev` loads it: every job's default config is valid."""
+"""The code location loads the way `make dev` loads it (the `dagster` CLI in the project root, reading
+`[tool.dg]` from pyproject.toml): every job's default config is valid."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ from posttrain_assets.pipeline import load_definitions
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dagster_validates_the_workspace(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
+def test_dagster_validates_the_code_location(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
     env = {
         **os.environ,
         "POSTTRAIN_SOURCES": str(tmp_path / "sources.yaml"),
@@ -22,7 +23,7 @@ def test_dagster_validates_the_workspace(tmp_path: Path, tokenizer_cache_dir: Pa
     (tmp_path / "dagster.yaml").write_text((PROJECT_ROOT / "dagster.yaml").read_text())
     dagster = Path(sys.executable).with_name("dagster")
     result = subprocess.run(
-        [str(dagster), "definitions", "validate", "-w", str(PROJECT_ROOT / "workspace.yaml")],
+        [str(dagster), "definitions", "validate"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

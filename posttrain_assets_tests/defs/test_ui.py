@@ -183,7 +183,7 @@ def test_ui_materialises_the_demo_and_shows_the_asset_graph(tmp_path: Path, toke
     ingest_in_process(env, sources)
     lap("ingest")
     with running_webserver(
-        PROJECT_ROOT / "workspace.yaml", env, tmp_path / "webserver.log", cwd=PROJECT_ROOT
+        env, tmp_path / "webserver.log", cwd=PROJECT_ROOT
     ) as server:
         lap("webserver up")
         refresh = materialise_demo_graph(server)
