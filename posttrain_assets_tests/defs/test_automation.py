@@ -168,6 +168,9 @@ def _refresh_job() -> dg.JobDefinition:
 def test_multiprocess_refresh_never_fails_on_the_duckdb_lock(small_graph: Graph) -> None:
     before = small_graph.query("SELECT * FROM gold.rl_prompts ORDER BY ALL")
     # Forkserver with the project preloaded: the same parallelism, without re-importing per step.
+    # The step processes get the graph's resources from the run config, not from the environment: a fork server
+    # that an earlier test in this process started (our stage pools share multiprocessing's one fork server) keeps
+    # the environment of that moment, so the step processes forked from it would not see this graph's variables.
     run_config = {
         "execution": {
             "config": {
@@ -176,7 +179,12 @@ def test_multiprocess_refresh_never_fails_on_the_duckdb_lock(small_graph: Graph)
                     "start_method": {"forkserver": {"preload_modules": ["posttrain_assets.definitions"]}},
                 }
             }
-        }
+        },
+        "resources": {
+            "duckdb": {"config": {"database": str(small_graph.database)}},
+            "registry": {"config": {"path": str(small_graph.registry)}},
+            "tokenizer": {"config": {"spec": "smollm2", "cache_dir": str(small_graph.cache_dir)}},
+        },
     }
     with dg.execute_job(
         dg.reconstructable(_refresh_job), instance=small_graph.instance, run_config=run_config
