@@ -19,8 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain_assets.preference.audit import is_tie
-from posttrain_assets.text import fold
+from posttrain_assets.text import fold, is_tie
 
 Record = dict[str, Any]
 

@@ -37,16 +37,17 @@ Definitions (each one also in the docstring of the :class:`LengthAudit` field it
 - **length ratios**: ``chosen_tokens / rejected_tokens`` per pair; a zero denominator is taken as 1 token
   and 0/0 as 1.0 (silver has no empty responses, so this only guards hand-made input).
 - **quantiles**: numpy's default linear interpolation (Hyndman-Fan type 7), keys ``p10 p25 p75 p90``.
-- **tie**: chosen and rejected are identical or near-identical text after
-  :func:`posttrain_assets.text.fold_bare` (NFKC, casefold, whitespace runs collapsed to one space, punctuation
-  and whitespace stripped at both ends): the folded texts are equal, or their character-level indel similarity
-  ``2 * LCS(a, b) / (len(a) + len(b))`` (:func:`text_similarity`; LCS = longest common subsequence) is
-  >= ``tie_similarity`` (default 0.95, configurable). Equivalently the fewest single-character insertions
-  and deletions turning one folded text into the other are at most 5% of their combined length. This is
-  the quantity difflib's ``SequenceMatcher.ratio`` (used before) approximates with a quadratic matcher; it
-  is never lower than difflib's ratio and equal to it for few, local differences (it gives the same ties on
-  HH-RLHF and on every test). :func:`is_tie` decides it exactly with rapidfuzz's indel distance and a
-  distance cutoff. ``tie_rate`` = ties / pairs. A pair that already carries a
+- **tie**: the project's one tie rule, :func:`posttrain_assets.text.is_tie`: chosen and rejected are
+  identical or near-identical text after :func:`posttrain_assets.text.fold_bare` (NFKC, casefold, whitespace
+  runs collapsed to one space, punctuation and whitespace stripped at both ends): the folded texts are equal,
+  or their character-level indel similarity ``2 * LCS(a, b) / (len(a) + len(b))``
+  (:func:`posttrain_assets.text.text_similarity`; LCS = longest common subsequence) is >= ``tie_similarity``
+  (default 0.95, configurable). Equivalently the fewest single-character insertions and deletions turning one
+  folded text into the other are at most 5% of their combined length. This is the quantity difflib's
+  ``SequenceMatcher.ratio`` (used before) approximates with a quadratic matcher; it is never lower than
+  difflib's ratio and equal to it for few, local differences (it gives the same ties on HH-RLHF and on every
+  test). ``is_tie`` decides it exactly with rapidfuzz's indel distance and a distance cutoff.
+  ``tie_rate`` = ties / pairs. A pair that already carries a
   boolean ``is_tie`` (the silver.preference_pairs column, computed by
   :func:`posttrain_assets.preference.pairs.pair_batch`
   with the same threshold) is trusted by :func:`audit`, :func:`audit_group` and :func:`balance_pairs`; the
@@ -69,19 +70,17 @@ import math
 import random
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from rapidfuzz.distance import Indel
 
-from posttrain_assets.text import fold_bare
+from posttrain_assets.text import DEFAULT_TIE_SIMILARITY, is_tie
 
 Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
 QUANTILES = (("p10", 0.10), ("p25", 0.25), ("p75", 0.75), ("p90", 0.90))
 SCORE_TIE_TOLERANCE = 1e-9  # |score_chosen - score_rejected| at or below this is a score tie
-DEFAULT_TIE_SIMILARITY = 0.95
 
 Pair = Mapping[str, Any]
 GroupKey = tuple[str, str]  # (group kind, group name), e.g. ("source", "hh_rlhf_harmless"), ("overall", "all")
@@ -162,72 +161,6 @@ def rank_biserial(diffs: Sequence[float]) -> float:
     ranks = midranks([abs(d) for d in nonzero])
     t_plus = float(sum(r for r, d in zip(ranks, nonzero, strict=True) if d > 0))
     return (2.0 * t_plus - float(ranks.sum())) / float(ranks.sum())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ties
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def text_similarity(a: str, b: str) -> float:
-    """Indel similarity of two strings, in [0, 1]: ``2 * LCS(a, b) / (len(a) + len(b))``, 1.0 when equal.
-
-    LCS is the longest common subsequence of characters, so this is ``1 - indel_distance / (len(a) + len(b))``
-    with the indel distance the fewest single-character insertions and deletions turning one text into the
-    other (``rapidfuzz.distance.Indel``, the measure of ``rapidfuzz.fuzz.ratio``). It is what difflib's
-    ``SequenceMatcher.ratio`` approximates; difflib's matching blocks are a common subsequence, so difflib's
-    ratio is never higher, and the two agree when the differences are few and local.
-    """
-    if a == b:
-        return 1.0
-    total = len(a) + len(b)
-    # The integer distance, divided here: Indel.normalized_similarity computes 1 - distance / total, which is
-    # often one ulp away from 2 * LCS / total.
-    return (total - Indel.distance(a, b)) / total
-
-
-def _max_tie_distance(total: int, similarity: float) -> int:
-    """The largest indel distance ``d`` in ``0..total`` whose :func:`text_similarity`, ``(total - d) / total``,
-    is still ``>= similarity``; -1 when no ``d`` is (``similarity`` above 1).
-
-    Stepped from the estimate ``(1 - similarity) * total`` with that same float comparison, so a pair exactly at
-    the threshold is decided like its similarity value, whatever the rounding of the estimate.
-    """
-    distance = min(max(math.floor((1.0 - similarity) * total), 0), total)
-    while distance < total and (total - distance - 1) / total >= similarity:
-        distance += 1
-    while distance >= 0 and (total - distance) / total < similarity:
-        distance -= 1
-    return distance
-
-
-def is_tie(
-    chosen: str | None,
-    rejected: str | None,
-    similarity: float = DEFAULT_TIE_SIMILARITY,
-    *,
-    folding: Callable[[str | None], str] = fold_bare,
-) -> bool:
-    """Whether chosen and rejected are the same answer: their ``folding`` forms are equal or have
-    :func:`text_similarity` >= ``similarity`` (see the module docstring). The one tie rule of the project.
-
-    The defaults are the preference tie flag (``is_tie`` of silver.preference_pairs, the length gate's tie
-    rate): :func:`posttrain_assets.text.fold_bare`, similarity 0.95. The quality gate drops only identical
-    pairs: ``similarity=1.0`` with :func:`posttrain_assets.text.fold`, which keeps end punctuation.
-
-    Decided on the integer indel distance with ``score_cutoff``, so rapidfuzz stops as soon as the threshold is
-    out of reach and strips the common prefix and suffix itself, so long near-identical replies are cheap.
-    ``Indel.normalized_similarity(score_cutoff=...)`` is not used: rapidfuzz 3.14.6 answers 0.0 for some pairs
-    exactly at the threshold (``"aaaaa"`` vs ``"aaaab"`` has similarity 0.8 but 0.0 with cutoff 0.8).
-    """
-    if chosen == rejected:  # skips folding; also None vs None
-        return True
-    a, b = folding(chosen), folding(rejected)
-    if a == b:
-        return True
-    total = len(a) + len(b)
-    max_distance = _max_tie_distance(total, similarity)
-    return max_distance >= 0 and Indel.distance(a, b, score_cutoff=max_distance) <= max_distance
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,10 +586,8 @@ __all__ = [
     "confound_violations",
     "group_pairs",
     "group_violations",
-    "is_tie",
     "length_histogram_png",
     "markdown_audit_table",
     "pair_is_tie",
-    "text_similarity",
     "wilson_interval",
 ]

@@ -8,8 +8,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from posttrain_assets.preference.audit import DEFAULT_TIE_SIMILARITY, is_tie
 from posttrain_assets.sft.token_counts import text_token_counts
+from posttrain_assets.text import DEFAULT_TIE_SIMILARITY, is_tie
 
 
 @dataclass(frozen=True)

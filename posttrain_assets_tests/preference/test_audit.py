@@ -21,7 +21,6 @@ from posttrain_assets.preference.audit import (
     audit_group,
     balance_pairs,
     confound_violations,
-    is_tie,
     length_histogram_png,
     length_ratio,
     mann_whitney_auc,
@@ -29,12 +28,11 @@ from posttrain_assets.preference.audit import (
     pair_is_tie,
     rank_biserial,
     symmetrised_point_biserial,
-    text_similarity,
     wilson_interval,
 )
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.records.schema import RecordError
-from posttrain_assets.text import fold, fold_bare
+from posttrain_assets.text import fold, fold_bare, is_tie, text_similarity
 from posttrain_assets_tests.real_data import REAL_DATA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

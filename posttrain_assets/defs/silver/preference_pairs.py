@@ -16,7 +16,6 @@ from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.preference.audit import (
-    DEFAULT_TIE_SIMILARITY,
     DROP_REASONS,
     ConfoundThresholds,
     audit,
@@ -25,6 +24,7 @@ from posttrain_assets.preference.audit import (
     markdown_audit_table,
 )
 from posttrain_assets.preference.pairs import PairJob, pair_batch
+from posttrain_assets.text import DEFAULT_TIE_SIMILARITY
 from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_AUDIT,
     SILVER_PREFERENCE_BALANCE_DROPS,
