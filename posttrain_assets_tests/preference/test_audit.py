@@ -32,7 +32,7 @@ from posttrain_assets.preference.audit import (
 )
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.records.schema import RecordError
-from posttrain_assets.text import fold, fold_bare, is_tie, text_similarity
+from posttrain_assets.text import is_tie
 from posttrain_assets_tests.real_data import REAL_DATA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -427,104 +427,9 @@ def test_hh_rlhf_harmless_is_not_length_confounded(hh_harmless_pairs: list[dict[
     assert balanced.dropped_counts() == {"tie": 3} and len(balanced.kept_ids) == 2300
 
 
-def test_hh_rlhf_transcript_similarities_are_pinned() -> None:
-    # The 2312 whole transcripts of each pair share their conversation up to the last turn, so their similarities
-    # spread over the whole range. The counts and the sum were recorded with the hand-written bit-parallel LCS
-    # that rapidfuzz's Indel distance replaced (identical floats and verdicts at 0.5 to 1.0 on these pairs).
-    with gzip.open(REAL_DATA / "hh-rlhf/harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle]
-    assert len(rows) == 2312
-    similarities = [text_similarity(fold_bare(row["chosen"]), fold_bare(row["rejected"])) for row in rows]
-    assert sum(similarities) == 1775.630414533872
-    ties = {s: sum(is_tie(row["chosen"], row["rejected"], s) for row in rows) for s in (0.5, 0.8, 0.9, 0.95, 0.99)}
-    assert ties == {0.5: 2144, 0.8: 1214, 0.9: 478, 0.95: 144, 0.99: 7}
-    assert ties == {s: sum(similarity >= s for similarity in similarities) for s in ties}
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# tie detection: exact indel similarity, thresholds, precomputed verdicts
+# precomputed tie verdicts (the rule itself is tested in test_text.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _lcs_dp(a: str, b: str) -> int:
-    """Longest common subsequence length by the textbook dynamic programme (the reference)."""
-    previous = [0] * (len(b) + 1)
-    for ca in a:
-        current = [0]
-        for j, cb in enumerate(b):
-            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def test_text_similarity_is_the_exact_indel_similarity() -> None:
-    rng = random.Random(11)
-    for _ in range(400):
-        a = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
-        b = "".join(rng.choice("abcé ") for _ in range(rng.randint(0, 30)))
-        expected = 1.0 if a == b else 2 * _lcs_dp(a, b) / (len(a) + len(b))
-        assert text_similarity(a, b) == expected  # the same float, not just close
-    # "hello, world" vs "hello world": LCS 11 of 12 + 11 characters
-    assert text_similarity("hello, world", "hello world") == 22 / 23
-    # 2 * 1 / 3 = 0.6666666666666666, where 1 - 1 / 3 (rapidfuzz's normalized_similarity) is 0.6666666666666667
-    assert text_similarity("ab", "a") == 2 / 3
-
-
-def test_is_tie_exactly_at_the_threshold() -> None:
-    # LCS 4 of 5 + 5 characters: similarity exactly 0.8 (rapidfuzz's normalized_similarity with score_cutoff=0.8
-    # answers 0.0 here; is_tie works on the integer distance)
-    assert text_similarity("aaaaa", "aaaab") == 0.8
-    assert is_tie("aaaaa", "aaaab", 0.8)
-    assert not is_tie("aaaaa", "aaaab", 0.8000000000000002)
-    # LCS 19 of 20 + 20: exactly 0.95, the default
-    assert is_tie("a" * 20, "a" * 19 + "b")
-    assert not is_tie("a" * 20, "a" * 18 + "bb")
-    assert is_tie("abc", "xyz", 0.0) and not is_tie("abc", "abd", 1.0) and not is_tie("abc", "abd", 1.5)
-
-
-def test_quality_gate_ties_keep_end_punctuation() -> None:
-    # the quality gate's use of the rule: identical after fold (punctuation kept); real HH-RLHF row 74
-    chosen, rejected = "You’re welcome.", "You’re welcome!"
-    assert not is_tie(chosen, rejected, similarity=1.0, folding=fold)
-    assert is_tie(chosen, rejected, similarity=1.0) and is_tie(chosen, rejected)
-    assert is_tie("Glucose, mostly.", "glucose,   MOSTLY.", similarity=1.0, folding=fold)
-    assert is_tie(None, None, similarity=1.0, folding=fold) and is_tie(None, "", similarity=1.0, folding=fold)
-
-
-def test_is_tie_agrees_with_the_definition() -> None:
-    rng = random.Random(5)
-    for _ in range(400):
-        base = "".join(rng.choice("abcd ") for _ in range(rng.randint(1, 50)))
-        other = list(base)
-        for _ in range(rng.randint(0, 4)):  # a few random insertions, deletions, substitutions
-            i = rng.randrange(len(other) + 1)
-            op = rng.random()
-            if op < 0.33:
-                other.insert(i, rng.choice("abcd "))
-            elif other:
-                j = min(i, len(other) - 1)
-                if op < 0.66:
-                    other.pop(j)
-                else:
-                    other[j] = rng.choice("abcd")
-        a, b = fold_bare(base), fold_bare("".join(other))
-        for similarity in (0.8, 0.9, 0.95):
-            want = a == b or 2 * _lcs_dp(a, b) / (len(a) + len(b)) >= similarity
-            assert is_tie(base, "".join(other), similarity) == want
-
-
-def test_is_tie_on_long_near_identical_replies() -> None:
-    rng = random.Random(2)
-    vocab = ["the", "plant", "uses", "light", "water", "to", "make", "sugar", "and", "oxygen", "quickly"]
-    reply = " ".join(rng.choice(vocab) for _ in range(4000))  # ~20,000 characters
-    words_ = reply.split()
-    words_[1000] = "zzzz"
-    words_[3000] = "yyyyy"
-    near = " ".join(words_)
-    assert is_tie(reply, near)  # 2 words changed in ~20k characters
-    assert is_tie(reply + " One more sentence at the end.", reply)
-    assert not is_tie(reply, " ".join(rng.choice(vocab) for _ in range(4000)))  # same vocabulary, other text
-    assert not is_tie(reply, reply[: len(reply) // 2])
 
 
 def test_precomputed_is_tie_is_reused_when_present() -> None:
