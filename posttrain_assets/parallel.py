@@ -1,44 +1,88 @@
-"""Batch-parallel stages: a pure function applied to a stream of batches in worker processes, results in order.
+"""Worker processes: a pure function applied to a stream of items in other processes, results in input order.
 
-The per-row work of the silver pass and of the SFT stages is Python (parsing, Jinja rendering, labels), so one
-process uses one core however the tokenizer parallelises its own part. :func:`map_batches` spreads the batches
-over a pool of processes and hands the results back in input order, so a stage that is deterministic in one
-process gives the same tables with any number of processes.
+:func:`map_batches` is how this project runs its own Python in other processes (untrusted code goes through
+:mod:`posttrain_assets.rl.sandbox` instead):
 
-Workers are never forked from the parent, which holds DuckDB and Dagster threads a fork would copy mid-flight. They
-are forked from multiprocessing's fork server, a fresh single-threaded process that imports transformers and the
-stage modules once (:data:`PRELOAD`), so after the first pool of a process a pool of two workers starts in about
-0.2 s instead of the 1.5 s fresh interpreters take to import them (where there is no fork server, they are
-spawned). Workers never re-run the caller's script: a worker normally imports the parent's ``__main__``, so a
-script that runs the pipeline without an ``if __name__ == "__main__":`` guard would start the pipeline again in
-every worker. The stage functions live in this package, so workers are started as if from an interactive session
-(:func:`_workers_skip_main`).
+- the per-row work of the silver pass and of the SFT and preference stages (parsing, Jinja rendering, labels: one
+  process uses one core however the tokenizer parallelises its own part);
+- certification of RL seeds, where each repetition of each batch must be scored in a process of its own
+  (``fresh_process_per_item``);
+- math comparisons, which sympy can hang on a pathological input, inside C code no signal interrupts: an item that
+  runs past its ``time_limit`` has its worker killed and yields the limit's result instead.
 
-What every batch needs (tokenizer, registry, configuration) is sent once per worker; only the batches and their
-results travel per task, and at most ``2 x processes`` batches are in flight, so memory stays bounded by the batch
-size, not the corpus.
+Results come back in input order, so a stage that is deterministic in one process gives the same tables with any
+number of processes. A worker's exception is raised in the caller with its traceback, and a worker that dies fails
+the call (:class:`concurrent.futures.process.BrokenProcessPool`) rather than losing its item silently.
+
+The pools are the standard library's :class:`~concurrent.futures.ProcessPoolExecutor`, given a multiprocessing
+context of this module's own (:class:`_WorkerContext`) for three things the stock contexts do not do:
+
+- Workers are forked from a fork server of this module's own, not from the caller, which holds DuckDB and Dagster
+  threads a fork would copy mid-flight. The server is a fresh process (POSIX only) that imports
+  :data:`PRELOAD` once, so after the first pool of a process a pool of two workers starts in about 0.2 s instead
+  of the 1.5 s fresh interpreters take to import them. It is not multiprocessing's process-global fork server,
+  which Dagster's multiprocess executor (``start_method: forkserver``) also uses: that one keeps the environment of
+  whoever starts it first, and each user gets the other's stale environment variables. Our workers are handed the
+  caller's environment as it is when their pool starts.
+- Workers never import the caller's ``__main__``: multiprocessing re-runs the caller's script in every child it
+  starts from a fork server or by spawning, so a script that runs the pipeline without an
+  ``if __name__ == "__main__":`` guard would start the pipeline again in every worker. The functions workers run
+  live in this package's modules (sent by module and name), so they need nothing from ``__main__``.
+- The context remembers the workers it started, so a pool whose item overran its time limit can be killed.
+
+Workers exit as soon as the process that started them dies (:func:`_exit_with_caller`). What every item needs
+(tokenizer, registry, configuration: ``shared``) is sent once per worker; only the items and their results travel
+per task, and at most ``2 x processes`` items are in flight (``processes`` with a time limit), so memory stays
+bounded by the item size.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import multiprocessing.connection
 import os
 import queue
-import sys
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import BaseContext, set_spawning_popen
+from multiprocessing.process import BaseProcess
+from typing import Any, Generic, TypeVar
 
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-# What the pool's initializer installs in each worker: the stage function and what it shares across batches.
+# What the pool's initializer installs in each worker: the function and what it shares across items.
 _worker_state: tuple[Callable[[Any, Any], Any], Any] | None = None
+
+# What the fork server imports once, so every worker forked from it starts with them loaded: the modules of the
+# functions workers run, transformers (the tokenizer each stage worker unpickles needs it; about 2 s to import)
+# and math-verify (sympy; about 1 s).
+PRELOAD = (
+    "posttrain_assets.cleaning.silver_pass",
+    "posttrain_assets.sft.batches",
+    "posttrain_assets.preference.pairs",
+    "posttrain_assets.rl.verifiers",
+    "transformers",
+    "math_verify",
+)
+
+
+@dataclass(frozen=True)
+class TimeLimit(Generic[Result]):
+    """How long one item may run in its worker (``seconds``, from when it is handed to an idle worker), and what
+    :func:`map_batches` yields for it (``result``) when it runs longer."""
+
+    seconds: float
+    result: Result
 
 
 def default_processes() -> int:
@@ -55,6 +99,88 @@ def processes_for(rows: int, batch_rows: int, processes: int) -> int:
     never more than batches."""
     batches = -(-rows // batch_rows)
     return 1 if batches <= 2 else max(1, min(processes, batches))
+
+
+# --------------------------------------------------------------------------- how workers start
+
+
+def _new_fork_server() -> forkserver.ForkServer:
+    """A fork server handle, not started yet (it starts with the first pool that needs it)."""
+    server = forkserver.ForkServer()
+    server.set_forkserver_preload(list(PRELOAD))
+    return server
+
+
+_FORK_SERVER = _new_fork_server()
+
+
+def _forget_fork_server() -> None:
+    """In a child forked from a process whose fork server runs: that server is not the child's own child, so the
+    handle's liveness check (waitpid) would fail there; the child starts a server of its own when it needs one."""
+    global _FORK_SERVER
+    _FORK_SERVER = _new_fork_server()
+
+
+os.register_at_fork(after_in_child=_forget_fork_server)
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """Starts a worker from :data:`_FORK_SERVER` with the caller's preparation data minus its ``__main__``.
+
+    The body is multiprocessing's own ``popen_forkserver.Popen._launch`` (Python 3.11 and 3.12) with two changes:
+    the server is ours, and the preparation data does not name the caller's main module, which the child would
+    otherwise import (running an unguarded script again)."""
+
+    def _launch(self, process_obj: BaseProcess) -> None:
+        prep_data = spawn.get_preparation_data(process_obj.name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = _FORK_SERVER.connect_to_new_process(self._fds)
+        # The child's sentinel of its parent: a duplicate of the data pipe's write end that only this process holds.
+        parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(BaseProcess):
+    _start_method = "forkserver"
+
+    @staticmethod
+    def _Popen(process_obj: BaseProcess) -> _WorkerPopen:  # noqa: N802 - multiprocessing's name
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(BaseContext):
+    """The multiprocessing context of one pool: its processes start from our fork server (queues and locks are the
+    standard ones), and it keeps a reference to each so the pool can be killed."""
+
+    _name = "forkserver"
+
+    def __init__(self) -> None:
+        self._started: weakref.WeakSet[_WorkerProcess] = weakref.WeakSet()
+
+    def Process(self, *args: Any, **kwargs: Any) -> _WorkerProcess:  # noqa: N802 - multiprocessing's name
+        process = _WorkerProcess(*args, **kwargs)
+        self._started.add(process)
+        return process
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker still running: a worker stuck in C code (sympy on a huge power) runs no Python, so
+        only a signal whose default action ends the process stops it."""
+        for process in list(self._started):
+            try:
+                process.kill()
+            except ValueError:  # already closed by the pool
+                continue
 
 
 def _exit_with_caller() -> None:
@@ -76,57 +202,12 @@ def _exit_with_caller() -> None:
     threading.Thread(target=watch, name="exit-with-caller", daemon=True).start()
 
 
-# What the fork server imports once, so every worker forked from it starts with them loaded: the modules of the
-# stage functions and transformers (the tokenizer each worker unpickles needs it; about 2 s to import).
-PRELOAD = (
-    "posttrain_assets.cleaning.silver_pass",
-    "posttrain_assets.sft.batches",
-    "posttrain_assets.preference.pairs",
-    "transformers",
-)
-
-
-def _start_context() -> Any:
-    """How workers start: forked from the fork server where there is one (Linux, macOS), else spawned."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    # Takes effect when this process's fork server starts (at its first pool); a server already started by
-    # another library keeps its own list, and workers then import what they need themselves.
-    context.set_forkserver_preload(list(PRELOAD))
-    return context
-
-
-_MISSING = object()
-
-
-@contextmanager
-def _workers_skip_main() -> Iterator[None]:
-    """Processes spawned inside this block do not import the parent's ``__main__`` script or module.
-
-    multiprocessing's spawn re-imports ``__main__`` in each child from its ``__spec__`` name or its ``__file__``
-    and skips it when it has neither (an interactive session); both are hidden while workers start. Workers only
-    run functions of importable modules (``map_batches`` sends them by module and name), so they lose nothing.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    saved = {name: getattr(main, name, _MISSING) for name in ("__spec__", "__file__")}
-    main.__spec__ = None
-    if saved["__file__"] is not _MISSING:
-        del main.__file__
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is not _MISSING:
-                setattr(main, name, value)
-
-
-def _install(fn: Callable[[Any, Any], Any], shared: Any) -> None:
+def _install(fn: Callable[[Any, Any], Any], shared: Any, environ: dict[str, str]) -> None:
     global _worker_state
     _exit_with_caller()
+    # The fork server's environment is the one of the moment it started; the caller's may have changed since.
+    os.environ.clear()
+    os.environ.update(environ)
     _worker_state = (fn, shared)
 
 
@@ -136,34 +217,124 @@ def _call(item: Any) -> Any:
     return fn(shared, item)
 
 
-def map_batches(
-    fn: Callable[[Shared, Item], Result], shared: Shared, items: Iterable[Item], processes: int
-) -> Iterator[Result]:
-    """``fn(shared, item)`` for each item, yielded in the order of ``items``.
+@contextmanager
+def _pool(
+    fn: Callable[[Any, Any], Any], shared: Any, processes: int, fresh_process_per_item: bool
+) -> Iterator[tuple[ProcessPoolExecutor, _WorkerContext]]:
+    context = _WorkerContext()
+    with ProcessPoolExecutor(
+        max(1, processes),
+        mp_context=context,
+        initializer=_install,
+        initargs=(fn, shared, dict(os.environ)),
+        max_tasks_per_child=1 if fresh_process_per_item else None,
+    ) as pool:
+        yield pool, context
 
-    ``processes <= 1`` runs in this process (no pickling, nothing spawned). Otherwise ``fn`` must be a function of
-    an importable module (not of the caller's script, which workers do not import) and ``shared`` and the items
-    picklable; a worker's exception is raised here, with its traceback.
+
+# --------------------------------------------------------------------------- mapping
+
+
+def map_batches(
+    fn: Callable[[Shared, Item], Result],
+    shared: Shared,
+    items: Iterable[Item],
+    processes: int,
+    *,
+    fresh_process_per_item: bool = False,
+    time_limit: TimeLimit[Result] | None = None,
+) -> Iterator[Result]:
+    """``fn(shared, item)`` for each item, yielded in the order of ``items``, at most ``processes`` at a time.
+
+    ``processes <= 1`` runs in this process (no pickling, nothing started), unless an option asks for workers.
+    Otherwise ``fn`` must be a function of an importable module (workers do not import the caller's script) and
+    ``shared`` and the items picklable; a worker's exception is raised here, with its traceback, and so is the
+    death of a worker (``BrokenProcessPool``).
+
+    ``fresh_process_per_item``: each item runs in a process of its own, started for it, so nothing an item does to
+    its process (state, caches, memory) is seen by another. ``time_limit``: an item still running
+    ``time_limit.seconds`` after it was handed to its worker yields ``time_limit.result``; the pool's workers are
+    killed (so items must not have effects a kill could leave half done) and the items that were running beside
+    it run again in a fresh pool. The two options do not combine.
     """
-    if processes <= 1:
+    if fresh_process_per_item and time_limit is not None:
+        raise ValueError("fresh_process_per_item and time_limit do not combine")
+    if processes <= 1 and not fresh_process_per_item and time_limit is None:
         for item in items:
             yield fn(shared, item)
         return
-    with ProcessPoolExecutor(
-        processes, mp_context=_start_context(), initializer=_install, initargs=(fn, shared)
-    ) as pool:
+    if time_limit is None:
+        yield from _map_in_pool(fn, shared, items, processes, fresh_process_per_item)
+    else:
+        yield from _map_with_time_limit(fn, shared, items, processes, time_limit)
+
+
+def _map_in_pool(
+    fn: Callable[[Shared, Item], Result],
+    shared: Shared,
+    items: Iterable[Item],
+    processes: int,
+    fresh_process_per_item: bool,
+) -> Iterator[Result]:
+    with _pool(fn, shared, processes, fresh_process_per_item) as (pool, _context):
         in_flight: deque[Future[Result]] = deque()
         try:
             for item in items:
-                with _workers_skip_main():  # the pool starts its workers on a submit
-                    in_flight.append(pool.submit(_call, item))
+                in_flight.append(pool.submit(_call, item))
                 if len(in_flight) >= 2 * processes:
                     yield in_flight.popleft().result()
             while in_flight:
                 yield in_flight.popleft().result()
         finally:
-            for future in in_flight:  # the caller stopped early or a batch failed: drop what is queued
+            for future in in_flight:  # the caller stopped early or an item failed: drop what is queued
                 future.cancel()
+
+
+_END = object()
+
+
+def _map_with_time_limit(
+    fn: Callable[[Shared, Item], Result],
+    shared: Shared,
+    items: Iterable[Item],
+    processes: int,
+    time_limit: TimeLimit[Result],
+) -> Iterator[Result]:
+    """:func:`map_batches` with a time limit per item.
+
+    No more items are in flight than there are workers, so an item starts as it is submitted (``submit`` returns
+    once its worker process exists: the fork server's start is not charged to it) and its deadline counts from
+    there. The oldest item has the earliest deadline and is waited on first. ProcessPoolExecutor cannot kill one
+    worker, so an overrun kills the pool; the items that were running beside the late one lose only their time.
+    """
+    pending = iter(items)
+    rerun: deque[Item] = deque()  # items whose worker was killed for another item's overrun, in input order
+    while True:
+        in_flight: deque[tuple[Item, Future[Result], float]] = deque()
+        with _pool(fn, shared, processes, False) as (pool, context):
+            try:
+                while True:
+                    while len(in_flight) < max(1, processes):
+                        item = rerun.popleft() if rerun else next(pending, _END)
+                        if item is _END:
+                            break
+                        future = pool.submit(_call, item)
+                        in_flight.append((item, future, time.monotonic() + time_limit.seconds))
+                    if not in_flight:
+                        return
+                    _item, future, deadline = in_flight[0]
+                    try:
+                        result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        break
+                    in_flight.popleft()
+                    yield result
+            finally:
+                if in_flight:  # an overrun, an item's error, or the caller stopped early: nothing to wait for
+                    context.kill_workers()
+        in_flight.popleft()
+        rerun.extendleft(reversed([item for item, _future, _deadline in in_flight]))
+        yield time_limit.result
 
 
 def prefetched(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from posttrain_assets.parallel import PRELOAD, map_batches, prefetched, processes_for
+from posttrain_assets.parallel import PRELOAD, TimeLimit, map_batches, prefetched, processes_for
 
 
 def slow_then_fast(offset: int, batch: list[int]) -> tuple[int, list[int]]:
@@ -62,20 +62,24 @@ def worker_facts(_shared: None, _item: int) -> tuple[int, int, list[str]]:
 
 FACTS = """
 import json
+import multiprocessing.forkserver
 import os
 from posttrain_assets.parallel import map_batches
 from posttrain_assets_tests.test_parallel import worker_facts
 
 if __name__ == "__main__":
-    print(json.dumps({"caller": os.getpid(), "facts": list(map_batches(worker_facts, None, range(4), processes=2))}))
+    facts = list(map_batches(worker_facts, None, range(4), processes=2))
+    shared_server = multiprocessing.forkserver._forkserver._forkserver_pid is not None
+    print(json.dumps({"caller": os.getpid(), "facts": facts, "shared_server": shared_server}))
 """
 
 
 @pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
 def test_workers_are_forked_from_a_server_with_the_stage_modules_loaded(tmp_path: Path) -> None:
-    """Not from the caller (its DuckDB and Dagster threads), and without importing transformers each. In a fresh
-    process: a fork server already started in this one (say by Dagster's multiprocess executor, as in
-    test_automation) keeps the modules it was started with, and workers then import the rest themselves."""
+    """Not from the caller (its DuckDB and Dagster threads), and without importing transformers each; from a fork
+    server of our own, not multiprocessing's process-global one, which Dagster's multiprocess executor also uses
+    (whichever starts that one first, the other gets its modules and environment). In a fresh process, so the
+    server starts here."""
     done = subprocess.run(**_script_run(tmp_path, "facts.py", FACTS), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
@@ -84,6 +88,53 @@ def test_workers_are_forked_from_a_server_with_the_stage_modules_loaded(tmp_path
         assert started_by == run["caller"]
         assert parent != run["caller"]  # the fork server
         assert loaded == list(PRELOAD)
+    assert not run["shared_server"]
+
+
+def environment_variable(name: str, _item: int) -> str | None:
+    return os.environ.get(name)
+
+
+def test_workers_see_the_callers_environment_as_their_pool_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the fork server's, which is the caller's environment when the server started (by the first pool)."""
+    assert list(map_batches(environment_variable, "POSTTRAIN_PARALLEL_PROBE", range(2), processes=2)) == [None] * 2
+    monkeypatch.setenv("POSTTRAIN_PARALLEL_PROBE", "set after the fork server started")
+    assert (
+        list(map_batches(environment_variable, "POSTTRAIN_PARALLEL_PROBE", range(2), processes=2))
+        == ["set after the fork server started"] * 2
+    )
+
+
+def worker_pid(_shared: None, _item: int) -> int:
+    return os.getpid()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_fresh_process_per_item_runs_each_item_in_a_process_of_its_own(processes: int) -> None:
+    pids = list(map_batches(worker_pid, None, range(5), processes=processes, fresh_process_per_item=True))
+    assert len(set(pids)) == 5
+    assert os.getpid() not in pids
+
+
+def hangs_on_two(_shared: None, item: int) -> int:
+    """Item 2 never finishes (a sleep stands in for sympy stuck in C code: only a kill ends either)."""
+    if item == 2:
+        time.sleep(600)
+    return 10 * item
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_item_past_its_time_limit_yields_the_limits_result_and_the_others_still_run(processes: int) -> None:
+    limit = TimeLimit(seconds=3.0, result=-1)
+    assert list(map_batches(hangs_on_two, None, range(6), processes=processes, time_limit=limit)) == [
+        0,
+        10,
+        -1,
+        30,
+        40,
+        50,
+    ]
+    assert not multiprocessing.active_children()  # the worker that ran item 2 was killed, the others stopped
 
 
 def test_processes_for_small_inputs_is_one() -> None:

@@ -11,7 +11,7 @@ Verifiers (see each ``_score_*`` function for details):
 - ``exact_match``: normalised text equality.
 - ``numeric``: GSM8K-style final number, compared exactly as rationals.
 - ``math``: final ``\\boxed{}`` (or last expression) compared symbolically with math-verify, in a worker
-  process with a wall-clock limit (``timeout`` on expiry).
+  process (:func:`posttrain_assets.parallel.map_batches`) killed at a wall-clock limit (``timeout``).
 - ``python_eval``: the candidate program plus the seed's assert-based tests in :mod:`posttrain_assets.rl.sandbox`.
 
 Score reasons: ``no_answer`` (nothing to extract from the candidate), ``wrong_answer``,
@@ -22,31 +22,22 @@ Certification (:func:`certify`, :func:`certify_many`) checks a seed before it en
 gold answer must score 1.0 on ``runs`` repeated runs in separate processes, and a perturbed wrong
 answer (:func:`perturb_answer`) must score 0.0.
 
-Entry points (``python -m posttrain_assets.rl.verifiers ...``): ``score VERIFIER CANDIDATE GOLD
-[--tests-file F]`` prints one JSON score; ``score-batch`` reads ``{"jobs": [[verifier, candidate, gold,
-tests], ...], "timeout": s}`` on stdin and prints ``[[value, reason], ...]``; ``math-worker`` is the
-internal math comparison worker.
+Entry point: ``python -m posttrain_assets.rl.verifiers score VERIFIER CANDIDATE GOLD [--tests-file F]
+[--timeout S]`` prints one JSON score.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import math
-import os
 import re
 import secrets
-import select
-import signal
-import subprocess
 import sys
-import threading
-import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import metadata
@@ -54,6 +45,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from posttrain_assets.parallel import TimeLimit, map_batches
 from posttrain_assets.records.adapters import last_boxed
 from posttrain_assets.rl.sandbox import run_untrusted
 from posttrain_assets.text import fold_bare
@@ -66,18 +58,9 @@ PYTHON_EVAL_WALL_SECONDS = 5.0
 PYTHON_EVAL_MEMORY_MB = 256
 # Address-space limit of a math worker process.
 MATH_WORKER_MEMORY_MB = 4096
-# How long a math worker may take to start (importing sympy and math-verify), outside the comparison limit.
-MATH_WORKER_STARTUP_SECONDS = 120.0
-# Most idle math workers kept per process.
-MATH_WORKER_MAX_IDLE = 4
-# Most seeds one score-batch process scores in certification: larger banks are split into more batches, so a
-# process's memory and its wall-clock limit stay bounded as the bank grows.
+# Most seeds one certification batch (one worker process per run) scores: larger banks are split into more
+# batches, so what travels to a worker and back stays bounded as the bank grows.
 SEEDS_PER_BATCH = 25_000
-# Longest one score-batch process may run before it is treated as hung. subprocess waits with poll(), which
-# takes at most 2**31 - 1 ms (24.8 days); a limit summed over 400,000 jobs overflowed it at 3M records.
-BATCH_WALL_LIMIT_SECONDS = 24 * 3600.0
-
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @dataclass(frozen=True)
@@ -230,7 +213,7 @@ def _score_numeric(candidate: str, gold: str, tests: str | None, timeout_seconds
 
 
 def _math_compare(candidate: str, gold: str) -> tuple[bool, str | None]:
-    """Symbolic comparison with math-verify, in the worker process (no timeout here: the parent has it)."""
+    """Symbolic comparison with math-verify, in a math worker process (no timeout here: the caller has it)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
@@ -247,8 +230,28 @@ def _math_compare(candidate: str, gold: str) -> tuple[bool, str | None]:
     return False, "wrong_answer"
 
 
-def _math_worker_main() -> None:
-    """Serve comparisons: one JSON request per stdin line, one JSON answer per stdout line."""
+_PLAIN_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also read other scripts' digits
+
+
+def _integer_verdict(candidate: str, gold: str) -> Score | None:
+    """The verdict on a boxed integer against an integer gold, without sympy (None for any other pair):
+    math-verify finds two integers equal exactly when their values are."""
+    boxed = last_boxed(candidate)
+    if boxed is not None and _PLAIN_INTEGER.fullmatch(boxed.strip()) and _PLAIN_INTEGER.fullmatch(gold.strip()):
+        return Score(1.0) if int(boxed) == int(gold) else Score(0.0, "wrong_answer")
+    return None
+
+
+_math_worker_prepared = False
+
+
+def _prepare_math_worker() -> None:
+    """Once per worker process: cap its address space, so a comparison that builds a huge number fails with
+    MemoryError instead of taking the machine's memory, and silence math-verify's warning that its own timeouts
+    are off (they use SIGALRM, which C code does not heed; the caller's time limit kills the worker instead)."""
+    global _math_worker_prepared
+    if _math_worker_prepared:
+        return
     import logging
     import resource
 
@@ -256,128 +259,34 @@ def _math_worker_main() -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.disable(logging.WARNING)
-    import math_verify  # noqa: F401 - import before saying ready, so startup is not charged to a comparison
-
-    out = sys.stdout
-    out.write("ready\n")
-    out.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            ok, reason = _math_compare(request["c"], request["g"])
-        except MemoryError:
-            ok, reason = False, "memory"
-        except Exception:  # noqa: BLE001 - any parser failure is a wrong answer, never a crash
-            ok, reason = False, "no_answer"
-        out.write(json.dumps({"ok": ok, "reason": reason}) + "\n")
-        out.flush()
+    _math_worker_prepared = True
 
 
-class _MathWorker:
-    """One ``math-worker`` child process, used by one thread at a time."""
-
-    def __init__(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "posttrain_assets.rl.verifiers", "math-worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        self._buffer = b""
-        if self._readline(MATH_WORKER_STARTUP_SECONDS) != b"ready":
-            self.kill()
-            raise RuntimeError("the math worker did not start")
-
-    def _readline(self, timeout: float) -> bytes | None:
-        """One line from the worker within ``timeout`` seconds; None on timeout or end of file."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line
-
-    def compare(self, candidate: str, gold: str, timeout: float) -> Score | None:
-        """The comparison's score, or None if the worker did not answer in time (then it is dead)."""
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write((json.dumps({"c": candidate, "g": gold}) + "\n").encode("utf-8"))
-            self.proc.stdin.flush()
-        except OSError:
-            self.kill()
-            return Score(0.0, "worker_failed")
-        line = self._readline(timeout)
-        if line is None:
-            crashed = self.proc.poll() is not None
-            self.kill()
-            return Score(0.0, "worker_failed") if crashed else None
-        answer = json.loads(line)
-        return Score(1.0) if answer["ok"] else Score(0.0, answer["reason"])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            self.proc.wait(timeout=5)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if stream is not None:
-                    stream.close()
+def _math_verdict(_shared: None, pair: tuple[str, str]) -> Score:
+    """The ``math`` verdict on ``(candidate, gold)``, in a math worker process (with no limit of its own)."""
+    candidate, gold = pair
+    verdict = _integer_verdict(candidate, gold)
+    if verdict is not None:
+        return verdict
+    _prepare_math_worker()
+    try:
+        ok, reason = _math_compare(candidate, gold)
+    except MemoryError:
+        return Score(0.0, "memory")
+    except Exception:  # noqa: BLE001 - any parser failure is a wrong answer, never a crash
+        return Score(0.0, "no_answer")
+    return Score(1.0) if ok else Score(0.0, reason)
 
 
-class _MathPool:
-    """Idle math workers shared by the threads of this process; a timed-out worker is killed, not reused."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[_MathWorker] = []
-
-    def compare(self, candidate: str, gold: str, timeout: float) -> Score:
-        with self._lock:
-            worker = self._idle.pop() if self._idle else None
-        if worker is None or not worker.alive():
-            worker = _MathWorker()
-        result = worker.compare(candidate, gold, timeout)
-        if result is None:
-            return Score(0.0, "timeout")
-        if worker.alive():
-            with self._lock:
-                if len(self._idle) < MATH_WORKER_MAX_IDLE:
-                    self._idle.append(worker)
-                    worker = None
-            if worker is not None:
-                worker.kill()
-        return result
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.kill()
-
-
-_MATH_POOL = _MathPool()
-atexit.register(_MATH_POOL.close)
-
-
-_PLAIN_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also read other scripts' digits
+def _math_verdicts(pairs: Sequence[tuple[str, str]], timeout_seconds: float, processes: int) -> list[Score]:
+    """The ``math`` verdicts on ``(candidate, gold)`` pairs, in order, compared in ``processes`` worker processes
+    started for this call. A comparison still running after ``timeout_seconds`` scores ``timeout``: its worker is
+    killed, which bounds it wherever this is called from (math-verify's own SIGALRM timeout works only in a
+    process's main thread, and not at all while sympy is inside C code such as a huge integer power). A worker
+    that dies of anything else raises ``BrokenProcessPool``."""
+    return list(
+        map_batches(_math_verdict, None, pairs, processes, time_limit=TimeLimit(timeout_seconds, Score(0.0, "timeout")))
+    )
 
 
 def _score_math(candidate: str, gold: str, tests: str | None, timeout_seconds: float | None) -> Score:
@@ -387,17 +296,23 @@ def _score_math(candidate: str, gold: str, tests: str | None, timeout_seconds: f
     box, math-verify extracts the last LaTeX or plain expression of the text. The gold is parsed as a
     LaTeX expression. Equal means math-verify's ``verify(gold, answer)`` (symbolic equality, numeric
     equality after rounding to 6 decimal places, sets/intervals/equations handled). The comparison
-    runs in a worker process; if it takes longer than ``timeout_seconds`` (default
-    :data:`MATH_TIMEOUT_SECONDS`) the worker is killed and the score is 0 with reason ``timeout``.
+    runs in a worker process (:func:`_math_verdicts`); if it takes longer than ``timeout_seconds`` (default
+    :data:`MATH_TIMEOUT_SECONDS`) the worker is killed and the score is 0 with reason ``timeout``; a worker that
+    dies otherwise scores ``worker_failed``.
 
-    A boxed integer against an integer gold is compared here, without the worker: math-verify finds two
-    integers equal exactly when their values are, and the round trip (about 1.3 ms) is most of the cost of
-    certifying a bank whose answers are mostly integers.
+    A boxed integer against an integer gold is compared here, without a worker (:func:`_integer_verdict`): a
+    worker started for one comparison (about 40 ms) would be most of the cost of scoring it.
     """
-    boxed = last_boxed(candidate)
-    if boxed is not None and _PLAIN_INTEGER.fullmatch(boxed.strip()) and _PLAIN_INTEGER.fullmatch(gold.strip()):
-        return Score(1.0) if int(boxed) == int(gold) else Score(0.0, "wrong_answer")
-    return _MATH_POOL.compare(candidate, gold, MATH_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds)
+    verdict = _integer_verdict(candidate, gold)
+    if verdict is not None:
+        return verdict
+    try:
+        (verdict,) = _math_verdicts(
+            [(candidate, gold)], MATH_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds, 1
+        )
+    except BrokenProcessPool:
+        return Score(0.0, "worker_failed")
+    return verdict
 
 
 # --------------------------------------------------------------------------- python_eval
@@ -618,15 +533,8 @@ def judge(
     return Certification(reason is None, reason, gold_scores, first_perturbed, version)
 
 
-def batch_wall_limit(jobs: int, timeout_seconds: float | None) -> float:
-    """Seconds a score-batch process of ``jobs`` jobs may run: its math workers' start plus each job's own
-    limit (and 5 s) in turn, capped at :data:`BATCH_WALL_LIMIT_SECONDS`."""
-    per_job = max(timeout_seconds or MATH_TIMEOUT_SECONDS, PYTHON_EVAL_WALL_SECONDS) + 5
-    return min(MATH_WORKER_STARTUP_SECONDS + per_job * jobs, BATCH_WALL_LIMIT_SECONDS)
-
-
 def certification_batches(seeds: int, workers: int) -> list[tuple[int, int]]:
-    """``(first, end)`` seed ranges of the score-batch processes of one run: at least one per worker (when
+    """``(first, end)`` seed ranges of the certification batches of one run: at least one per worker (when
     there are as many seeds), each of at most :data:`SEEDS_PER_BATCH` seeds, sizes within one of each other."""
     if seeds <= 0:
         return []
@@ -634,24 +542,13 @@ def certification_batches(seeds: int, workers: int) -> list[tuple[int, int]]:
     return list(pairwise(seeds * c // n for c in range(n + 1)))
 
 
-def _run_batch(jobs: list[list[Any]], timeout_seconds: float | None) -> list[Score]:
-    """Score ``jobs`` in ONE fresh ``score-batch`` process."""
-    if not jobs:
-        return []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
-    done = subprocess.run(
-        [sys.executable, "-m", "posttrain_assets.rl.verifiers", "score-batch"],
-        input=json.dumps({"jobs": jobs, "timeout": timeout_seconds}).encode("utf-8"),
-        capture_output=True,
-        env=env,
-        timeout=batch_wall_limit(len(jobs), timeout_seconds),
-        check=False,
-    )
-    if done.returncode != 0:
-        tail = done.stderr.decode("utf-8", "replace")[-2000:]
-        raise RuntimeError(f"score-batch process failed with exit code {done.returncode}: {tail}")
-    return [Score(float(v), r) for v, r in json.loads(done.stdout)]
+# One scoring of a certification: verifier, candidate (the rendered gold or perturbed answer), gold, tests.
+Job = tuple[str, str, str, str | None]
+
+
+def _score_jobs(timeout_seconds: float | None, jobs: list[Job]) -> list[Score]:
+    """The scores of a certification batch's jobs, in order (in the worker process started for the batch)."""
+    return [score(v, c, g, tests=t, timeout_seconds=timeout_seconds) for v, c, g, t in jobs]
 
 
 def certify_many(
@@ -663,40 +560,50 @@ def certify_many(
 ) -> list[Certification]:
     """Certify many seeds (``Seed`` objects or mappings with ``verifier``, ``gold``/``answer``, ``tests``).
 
-    How "separate processes" is honoured: the seeds' jobs (gold and perturbed answer of each) are split
-    into batches (:func:`certification_batches`: one per worker, more for banks over
-    :data:`SEEDS_PER_BATCH` seeds); each of the ``runs`` repetitions of each batch is ONE fresh
-    ``python -m posttrain_assets.rl.verifiers score-batch`` process (so every repetition of a seed is
-    scored in a different process from its other repetitions, with its own math workers and sandboxes),
-    and ``workers`` such processes run at a time. The runs' scores are then compared per seed
-    (:func:`judge`). The perturbed answer is scored in every run too, so its determinism is checked.
+    How "separate processes" is honoured: each seed's two jobs (its gold answer and its perturbed answer) are
+    scored once per run, and no process scores a seed in more than one run. The jobs of ``math`` seeds are
+    compared in math worker processes started for each run (``workers`` of them, each comparison killed at its
+    time limit: :func:`_math_verdicts`). The other seeds' jobs are split into batches
+    (:func:`certification_batches`: one per worker, more for banks over :data:`SEEDS_PER_BATCH` seeds), and each
+    run of each batch is scored in a worker process started for it alone, ``workers`` at a time (each with its
+    own sandboxes). The runs' scores are then compared per seed (:func:`judge`). The perturbed answer is scored in
+    every run too, so its determinism is checked. A worker's error or death is raised here, not turned into
+    verdicts, so no seed's verdict is lost silently.
     """
     if runs < 3:
         raise ValueError(f"runs must be >= 3, got {runs}")
     items = [_as_seed(s) for s in seeds]
-    known = [i for i, s in enumerate(items) if s.verifier in VERIFIERS]
-    jobs: list[list[Any]] = []
-    for i in known:
-        seed = items[i]
-        jobs.append([seed.verifier, render_answer(seed.verifier, seed.gold), seed.gold, seed.tests])
-        jobs.append([seed.verifier, perturb_answer(seed.verifier, seed.gold), seed.gold, seed.tests])
-    # Two jobs per seed (gold, perturbed), so a seed's jobs never straddle two batches.
-    chunks = [jobs[2 * first : 2 * end] for first, end in certification_batches(len(known), workers)]
-    n_chunks = len(chunks)
-    tasks = [(run, c) for run in range(runs) for c in range(n_chunks)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {task: pool.submit(_run_batch, chunks[task[1]], timeout_seconds) for task in tasks}
-        results = {task: future.result() for task, future in futures.items()}
-    per_run = [[s for c in range(n_chunks) for s in results[(run, c)]] for run in range(runs)]
+    jobs: dict[int, tuple[Job, Job]] = {
+        i: (
+            (seed.verifier, render_answer(seed.verifier, seed.gold), seed.gold, seed.tests),
+            (seed.verifier, perturb_answer(seed.verifier, seed.gold), seed.gold, seed.tests),
+        )
+        for i, seed in enumerate(items)
+        if seed.verifier in VERIFIERS
+    }
+    compared = [i for i in jobs if items[i].verifier == "math"]
+    batched = [i for i in jobs if items[i].verifier != "math"]
+    batches = [
+        [job for i in batched[first:end] for job in jobs[i]]
+        for first, end in certification_batches(len(batched), workers)
+    ]
+    batch_scores = list(map_batches(_score_jobs, timeout_seconds, batches * runs, workers, fresh_process_per_item=True))
+    math_pairs = [(candidate, gold) for i in compared for _verifier, candidate, gold, _tests in jobs[i]]
+    math_timeout = MATH_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    scores: dict[int, list[list[Score]]] = {i: [] for i in jobs}  # per seed, per run: [gold score, perturbed score]
+    for run in range(runs):
+        run_scores = [s for batch in batch_scores[run * len(batches) : (run + 1) * len(batches)] for s in batch]
+        if math_pairs:
+            run_scores += _math_verdicts(math_pairs, math_timeout, workers)
+        for k, i in enumerate(batched + compared):
+            scores[i].append(run_scores[2 * k : 2 * k + 2])
     out: list[Certification] = []
-    position = {i: k for k, i in enumerate(known)}
     for i, seed in enumerate(items):
-        if i not in position:
+        if i not in scores:
             out.append(Certification(False, "unknown_verifier", [], 0.0, ""))
             continue
-        k = position[i]
-        gold = [per_run[run][2 * k] for run in range(runs)]
-        perturbed = [per_run[run][2 * k + 1] for run in range(runs)]
+        gold = [gold_score for gold_score, _perturbed in scores[i]]
+        perturbed = [perturbed_score for _gold, perturbed_score in scores[i]]
         out.append(judge(VERIFIER_VERSIONS[seed.verifier], gold, perturbed))
     return out
 
@@ -719,7 +626,7 @@ def certify(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m posttrain_assets.rl.verifiers {score,score-batch,math-worker}``."""
+    """``python -m posttrain_assets.rl.verifiers score VERIFIER CANDIDATE GOLD [--tests-file F] [--timeout S]``."""
     parser = argparse.ArgumentParser(prog="python -m posttrain_assets.rl.verifiers")
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("score", help="score one candidate, print JSON")
@@ -728,22 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     one.add_argument("gold")
     one.add_argument("--tests-file")
     one.add_argument("--timeout", type=float)
-    sub.add_parser("score-batch", help='read {"jobs": [[verifier, candidate, gold, tests], ...]} on stdin')
-    sub.add_parser("math-worker", help="internal: the math comparison worker")
     args = parser.parse_args(argv)
-    if args.command == "math-worker":
-        _math_worker_main()
-        return 0
-    if args.command == "score":
-        tests = Path(args.tests_file).read_text(encoding="utf-8") if args.tests_file else None
-        result = score(args.verifier, args.candidate, args.gold, tests=tests, timeout_seconds=args.timeout)
-        version = VERIFIER_VERSIONS.get(args.verifier, "")
-        print(json.dumps({"value": result.value, "reason": result.reason, "version": version}))
-        return 0
-    request = json.load(sys.stdin)
-    timeout = request.get("timeout")
-    scores = [score(v, c, g, tests=t, timeout_seconds=timeout) for v, c, g, t in request["jobs"]]
-    json.dump([[s.value, s.reason] for s in scores], sys.stdout)
+    tests = Path(args.tests_file).read_text(encoding="utf-8") if args.tests_file else None
+    result = score(args.verifier, args.candidate, args.gold, tests=tests, timeout_seconds=args.timeout)
+    version = VERIFIER_VERSIONS.get(args.verifier, "")
+    print(json.dumps({"value": result.value, "reason": result.reason, "version": version}))
     return 0
 
 

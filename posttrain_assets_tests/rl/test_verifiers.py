@@ -8,9 +8,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,7 +180,7 @@ def test_integer_answers_are_scored_without_the_worker_as_math_verify_would(
     def no_worker(*_args):
         raise AssertionError("an integer pair went to the math worker")
 
-    monkeypatch.setattr(v._MATH_POOL, "compare", no_worker)
+    monkeypatch.setattr(v, "_math_verdicts", no_worker)
     assert score("math", candidate, gold) == (Score(1.0) if ok else Score(0.0, reason))
 
 
@@ -186,6 +188,13 @@ def test_math_timeout_is_bounded_and_the_pool_recovers() -> None:
     start = time.monotonic()
     assert score("math", rf"\boxed{{{HANGING_LATEX}}}", "3", timeout_seconds=1) == Score(0.0, "timeout")
     assert time.monotonic() - start < 4
+    assert score("math", r"\boxed{\frac{1}{2}}", "0.5") == Score(1.0)
+
+
+def test_math_hang_inside_c_code_is_bounded_too() -> None:
+    # sympy evaluates 10^(10^10) as one long-integer power, in C: no signal handler (math-verify's SIGALRM
+    # timeout) runs until it returns, minutes later; only killing the worker stops it.
+    assert score("math", r"\boxed{10^{10^{10^{10}}}}", "3", timeout_seconds=1) == Score(0.0, "timeout")
     assert score("math", r"\boxed{\frac{1}{2}}", "0.5") == Score(1.0)
 
 
@@ -332,15 +341,6 @@ def test_certify_one_seed_of_each_verifier() -> None:
     ] * 4
 
 
-def test_batch_wall_limit_stays_within_what_subprocess_can_wait() -> None:
-    # 400,000 jobs in one process (the RL bank of a 3M-record corpus split over two workers) overflowed
-    # poll()'s millisecond timeout ("OverflowError: timeout is too large").
-    assert v.batch_wall_limit(2, None) == v.MATH_WORKER_STARTUP_SECONDS + 2 * (v.PYTHON_EVAL_WALL_SECONDS + 5)
-    assert v.batch_wall_limit(4, 10.0) == v.MATH_WORKER_STARTUP_SECONDS + 4 * 15
-    assert v.batch_wall_limit(400_000, 10.0) == v.BATCH_WALL_LIMIT_SECONDS
-    assert v.BATCH_WALL_LIMIT_SECONDS * 1000 < 2**31 - 1
-
-
 def test_certification_batches_cover_every_seed_once_in_bounded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     assert v.certification_batches(0, 2) == []
     assert v.certification_batches(1, 2) == [(0, 1)]
@@ -354,16 +354,26 @@ def test_certification_batches_cover_every_seed_once_in_bounded_batches(monkeypa
     assert v.certification_batches(7, 2) == [(0, 2), (2, 4), (4, 7)]
 
 
+def scored_in(shared: tuple[Callable[[Any, Any], list[Score]], Any], jobs: list[Any]) -> tuple[int, list[Score]]:
+    """A certification batch's scores and the process that scored them (runs in the batch's worker)."""
+    score_jobs, timeout_seconds = shared
+    return os.getpid(), score_jobs(timeout_seconds, jobs)
+
+
 def test_certify_many_scores_each_batch_in_its_own_process_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(v, "SEEDS_PER_BATCH", 3)
     batches: list[list[str]] = []
-    run_batch = v._run_batch
+    processes: list[int] = []
+    map_batches = v.map_batches
 
-    def recording(jobs: list[list[object]], timeout_seconds: float | None) -> list[Score]:
-        batches.append([str(job[2]) for job in jobs[::2]])  # the gold answer of each seed in the batch
-        return run_batch(jobs, timeout_seconds)
+    def recording(fn: Callable[[Any, Any], Any], shared: Any, items: Any, workers: int, **options: Any) -> Any:
+        items = list(items)
+        batches.extend([str(job[2]) for job in jobs[::2]] for jobs in items)  # the gold answer of each seed
+        for pid, scores in map_batches(scored_in, (fn, shared), items, workers, **options):
+            processes.append(pid)
+            yield scores
 
-    monkeypatch.setattr(v, "_run_batch", recording)
+    monkeypatch.setattr(v, "map_batches", recording)
     seeds = [Seed("numeric", str(n)) for n in range(1, 8)]
     results = certify_many([*seeds[:3], Seed("no_such_verifier", "1"), *seeds[3:]], runs=3, workers=2)
     assert [(c.ok, c.reason, c.gold_scores, c.perturbed_score) for c in results] == [
@@ -373,6 +383,7 @@ def test_certify_many_scores_each_batch_in_its_own_process_per_run(monkeypatch: 
     ]
     # 7 known seeds in batches of at most 3, each batch scored once per run (9 processes).
     assert sorted(batches) == sorted([["1", "2"], ["3", "4"], ["5", "6", "7"]] * 3)
+    assert len(set(processes)) == 9
 
 
 def test_certify_gold_not_accepted() -> None:
@@ -398,28 +409,43 @@ def test_certify_unknown_verifier() -> None:
     assert [c.reason for c in mixed] == ["unknown_verifier", None]
 
 
+def marked_then_scored(shared: tuple[Callable[[Any, Any], list[Score]], Any, str], jobs: list[Any]) -> list[Score]:
+    """Write the marker (``first`` in the first batch process to get here, ``later`` in the others), then score
+    the batch: runs in the batch's worker."""
+    score_jobs, timeout_seconds, folder = shared
+    try:
+        os.close(os.open(Path(folder) / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        run = "first"
+    except FileExistsError:
+        run = "later"
+    marker = Path(folder) / "marker"
+    marker.write_text(run)
+    marker.chmod(0o644)
+    return score_jobs(timeout_seconds, jobs)
+
+
 def test_certify_nondeterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     # The sandbox cannot write outside its own directory, so the state that differs between the
     # repetitions (separate processes, run one after another with workers=1) is set from outside: a
-    # world-readable marker rewritten before each score-batch process, which the reference solution reads.
+    # world-readable marker rewritten by each batch process before it scores, which the reference solution reads.
     folder = Path(tempfile.mkdtemp(prefix="posttrain-marker-"))
     folder.chmod(0o755)
     marker = folder / "marker"
     batches: list[int] = []
-    run_batch = v._run_batch
+    map_batches = v.map_batches
 
-    def marked_run_batch(jobs: list, timeout_seconds: float | None) -> list[Score]:
-        marker.write_text("first" if not batches else "later")
-        marker.chmod(0o644)
-        batches.append(len(jobs))
-        return run_batch(jobs, timeout_seconds)
+    def marking(fn: Callable[[Any, Any], Any], shared: Any, items: Any, workers: int, **options: Any) -> Any:
+        items = list(items)
+        batches.extend(len(jobs) for jobs in items)
+        return map_batches(marked_then_scored, (fn, shared, str(folder)), items, workers, **options)
 
-    monkeypatch.setattr(v, "_run_batch", marked_run_batch)
+    monkeypatch.setattr(v, "map_batches", marking)
     gold = f"FIRST = open({str(marker)!r}).read() == 'first'\n"
     try:
         result = certify("python_eval", gold, tests="assert FIRST\n")
     finally:
-        marker.unlink(missing_ok=True)
+        for name in ("marker", "claimed"):
+            (folder / name).unlink(missing_ok=True)
         folder.rmdir()
     assert batches == [2, 2, 2]
     assert (result.ok, result.reason, result.gold_scores) == (False, "nondeterministic", [1.0, 0.0, 0.0])
