@@ -1,56 +1,53 @@
-"""Run untrusted Python code (model-written solutions) in a throw-away child process.
+"""Run untrusted Python code (model-written solutions) in a throw-away, isolated child process.
 
-:func:`run_untrusted` never raises for anything the code does and never hangs: a hang, a crash, a
-fork bomb or a memory bomb comes back as a :class:`SandboxResult` whose ``status`` says what
-happened. It is safe to call from many threads at once (no ``preexec_fn``, no signals, no shared
-state besides a once-only probe).
+:func:`run_untrusted` runs one program; :func:`run_judged` runs an untrusted program next to a *judge* program that
+talks to it over a pipe and alone can report a verdict (how ``python_eval`` keeps a candidate from forging its
+score: :mod:`posttrain_assets.rl.python_eval_harness`). Neither raises for anything the code does, nor hangs: a
+hang, a crash, a fork bomb or a memory bomb comes back as a :class:`SandboxResult` whose ``status`` says what
+happened. Both are safe to call from many threads at once (no ``preexec_fn``, no signals, no shared state besides
+a once-only probe and a table of the uids in use).
 
-What the child gets (all layers are applied on every machine unless marked *if available*):
+What a run gets when the sandbox is **isolated** (:func:`isolation`; the program in the child is
+:mod:`posttrain_assets.rl.sandbox_supervisor`):
 
-- **A fresh interpreter**: ``python -s -S -B -P`` (no site-packages, no user site, no bytecode
-  writes, no script directory on ``sys.path``), so only the standard library is importable.
-- **A clean environment**: only ``PATH``, ``LANG``, ``LC_ALL``, ``HOME`` (the work directory),
-  ``PYTHONHASHSEED=0`` (deterministic ``set``/``dict`` ordering of strings, so a score does not
-  depend on hash randomisation) and ``PYTHONIOENCODING``. Nothing of the parent's environment.
-- **A throw-away working directory**, created per call and deleted afterwards (whatever the outcome).
-- **Resource limits** set by the bootstrap before the user code runs (soft = hard, so the code cannot
-  raise them): ``RLIMIT_CPU`` (``cpu_seconds``), ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_FSIZE``
-  (``max_output_bytes``: caps stdout/stderr, which are files, and any file written), ``RLIMIT_CORE=0``
-  and, when not running as root (root ignores it), ``RLIMIT_NPROC``.
-- **A wall-clock limit enforced by the parent**: ``Popen.wait(timeout=wall_seconds)``, then
-  ``SIGKILL`` to the child's whole process group (the child is started in a new session). The group is
-  killed after every run, so background processes do not outlive the call.
-- **No network, no processes, no FFI (best effort, in-process)**: the bootstrap refuses to import
-  ``socket``/``_socket``/``ssl``/``ctypes``/``subprocess``/``multiprocessing`` and friends, and removes
-  ``os.fork``/``os.system``/``os.exec*``/``os.spawn*``/``os.posix_spawn*``/``os.kill*``/``os.setsid``
-  from ``os`` and ``posix``. Determined code can get around in-process blocks; they are a first line.
-- *If available* (checked once per process by running ``unshare --net --pid --fork --kill-child true``):
-  the child runs in **new network, PID and IPC namespaces**. The network namespace has no interfaces up (not
-  even loopback), so no connection of any kind can be made: this is the real network guarantee. In the
-  PID namespace the code is PID 1: it cannot see or signal processes outside, and killing it kills every
-  process it started, even ones that left its process group. ``POSTTRAIN_SANDBOX_UNSHARE=0`` disables it.
+- **New PID, mount, network, IPC and UTS namespaces** (util-linux ``unshare``). In the PID namespace the
+  supervisor is PID 1: when it ends, the kernel kills every process the code started, including ones that left
+  the process group with ``setsid``. The network namespace has no interface up, not even loopback: no
+  connection of any kind can be made, to ``127.0.0.1`` either.
+- **A private root file system** (``pivot_root``; the host's root is detached, so no host path resolves at all):
+  the interpreter's prefix and the system's shared libraries (``/usr/lib``, ``/usr/lib64``, ``/etc/ld.so.cache``)
+  read-only, ``/dev`` with only null, zero, full, random and urandom, ``/work`` (the working directory and
+  ``HOME``; ``/tmp`` links to it) the only writable place, a tmpfs capped at ``disk_mb`` MiB and
+  :data:`WORK_INODES` files, and a ``/proc`` of the run's own PID namespace mounted ``hidepid=2,subset=pid``:
+  each process sees only the processes of its own uid, never the host's or the supervisor's. Everything else
+  of the host (the warehouse, other users' files, world-readable or not) does not exist for the code.
+- **Uids of its own**: the code runs under a uid no other process on the machine uses (:data:`UID_BASE` and up,
+  one per concurrent run; the judge under another), with no supplementary groups. The process-count limit
+  ``RLIMIT_NPROC`` (:data:`NPROC_LIMIT`) is set after the uid drop (root ignores it) and counts per uid, so a
+  fork bomb stops at that many processes and does not take from other runs. The code cannot signal, trace or
+  read the memory of the judge or the supervisor.
+- **Resource limits** (soft = hard): ``RLIMIT_CPU`` (``cpu_seconds``), ``RLIMIT_AS`` (``memory_mb``),
+  ``RLIMIT_FSIZE`` (``max_output_bytes``: caps stdout/stderr, which are files, and any one file written),
+  ``RLIMIT_CORE=0``; and a **wall-clock limit** enforced by the parent: ``Popen.wait(timeout=wall_seconds)``,
+  then ``SIGKILL`` to the child's process group (which ends the PID namespace).
+- **A fresh interpreter** (``python -s -S -B -P``: standard library only, no bytecode writes) and **a clean
+  environment** (``PATH``, ``LANG``, ``LC_ALL``, ``HOME``, ``PYTHONHASHSEED=0`` so set/dict order of strings
+  does not vary, ``PYTHONIOENCODING``), and, as a first line only, in-process blocks of socket/subprocess/ctypes
+  imports and of ``os.fork``/``os.exec*``/``os.kill``/``os.setsid``... (code can undo these; the layers above
+  are the guarantees).
 
-- **Filesystem isolation**, layered; :func:`isolation` says which layers apply here:
-
-  - *If available* (probed once, with ``mount_setattr(2)``, Linux 5.12+), the child also gets a **private
-    mount namespace** in which every mount is remounted read-only and nosuid except a bind mount of the work
-    directory, and a directory hiding the interpreter from other users (``/root``) is replaced by an empty
-    tmpfs holding only the interpreter's prefix. Writing anywhere but the work directory fails with
-    ``EROFS``/``EACCES`` (including world-writable ``/tmp`` and ``/dev/shm``).
-  - When the caller is root, the user code runs as **nobody** (``setgroups([])``, ``setgid``/``setuid``
-    :data:`UNPRIVILEGED_UID`) in a work directory it owns; the supervisor stays root only to report. The
-    standard-library modules candidate code commonly needs are imported before the drop, in case the
-    interpreter's directory is unreadable to nobody (without the mount namespace). Without the mount
-    namespace, nobody can still write to world-writable directories (``/tmp``, ``/dev/shm``).
-  - When the caller is not root and there are no namespaces: no filesystem isolation (the code can write
-    whatever the calling user can); run the pipeline in a container for that.
-
-  On the project's machines (root, util-linux ``unshare``) all layers apply, and the tests assert it.
+Isolation needs Linux, root, and util-linux ``unshare``: the project's machines and CI have all three, and the
+tests assert it. **Where it is not available the sandbox refuses to run** (status ``unavailable``; python_eval
+scores ``sandbox_unavailable``) unless :data:`ALLOW_UNISOLATED_ENV` is ``1``: then the code runs with the limits,
+the in-process blocks, the process-group kill and (as root) a uid of its own with ``RLIMIT_NPROC``, but sees the
+host's files and processes, may use the network, and may leave processes behind that escaped its process group.
+``POSTTRAIN_SANDBOX_UNSHARE=0`` turns isolation off (to try that mode).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -59,246 +56,48 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-Status = Literal["ok", "timeout", "memory", "crash", "error"]
+Status = Literal["ok", "timeout", "memory", "crash", "error", "unavailable"]
 
-# Exit codes the bootstrap uses to report what it saw (distinct from Python's own 1 and 2).
+# Exit codes the supervisor uses to report what it saw (distinct from Python's own 1 and 2).
 EXIT_MEMORY = 97
 EXIT_SETUP_FAILED = 98
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
-_NPROC_LIMIT = 32
-# The user code runs as this uid (nobody) when the caller is root.
-UNPRIVILEGED_UID = 65534
-_UNSHARE_FLAGS = ("--net", "--pid", "--ipc", "--fork", "--kill-child")
+DEFAULT_DISK_MB = 64
+# Most files (inodes) the work directory of an isolated run can hold.
+WORK_INODES = 4096
+# Most processes (and threads) one uid of a run can have at once.
+NPROC_LIMIT = 32
+# A run's programs get uids from here up: two per concurrent run, distinct across the machine's processes
+# (the calling process's pid picks the block), below 2**31.
+UID_BASE = 1_000_000_000
+_RUNS_PER_PROCESS = 64
+ALLOW_UNISOLATED_ENV = "POSTTRAIN_SANDBOX_ALLOW_UNISOLATED"
+_UNSHARE_FLAGS = ("--pid", "--mount", "--net", "--ipc", "--uts", "--fork", "--kill-child")
 _PYTHON_FLAGS = ("-s", "-S", "-B", "-P", "-c")
-
-_BOOTSTRAP = r"""
-import sys
-
-# Standard-library modules candidate code commonly needs, imported before privileges are dropped: as the
-# unprivileged user the interpreter's own directory may be unreadable (e.g. under /root, mode 0700).
-_PRELOAD = (
-    "abc", "array", "ast", "base64", "binascii", "bisect", "calendar", "cmath", "codecs", "collections",
-    "collections.abc", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
-    "fractions", "functools", "gc", "hashlib", "heapq", "inspect", "io", "itertools", "json", "keyword",
-    "linecache", "locale", "math", "numbers", "operator", "os", "os.path", "pprint", "queue", "random", "re",
-    "string", "statistics", "struct", "textwrap", "threading", "time", "timeit", "tokenize", "traceback",
-    "types", "typing", "unicodedata", "uuid", "warnings", "weakref", "zlib",
-    "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32", "encodings.cp1252",
-    "encodings.idna", "encodings.raw_unicode_escape", "encodings.unicode_escape",
-)
-
-MS_BIND, MS_REC, MS_NOSUID, MS_NODEV = 4096, 16384, 2, 4
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442
-
-
-def _preload():
-    import importlib
-    for name in _PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a module this build lacks is simply not preloaded
-            pass
-
-
-def _read_only_mounts(work):
-    # Runs as root in a private mount namespace (``unshare --mount``): every mount becomes read-only and
-    # nosuid except a bind mount of the work directory; a directory that hides the interpreter from other
-    # users (/root) is replaced by an empty tmpfs holding only a bind mount of the interpreter's prefix.
-    import ctypes
-    import os
-    import stat
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(rc, what):
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(source, target, fstype, flags, data):
-        enc = lambda s: None if s is None else s.encode()  # noqa: E731
-        check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    def setattr_(path, flags, attr_set, attr_clr):
-        attr = MountAttr(attr_set, attr_clr, 0, 0)
-        rc = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
-                          ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-        check(rc, f"mount_setattr {path}")
-
-    prefix = os.path.realpath(sys.base_prefix)
-    hidden = None
-    parts = prefix.strip("/").split("/")
-    for i in range(1, len(parts)):
-        candidate = "/" + "/".join(parts[:i])
-        if not os.stat(candidate).st_mode & stat.S_IXOTH:
-            hidden = candidate
-            break
-    if hidden is not None and not os.path.realpath(work).startswith(hidden + "/"):
-        stash = os.path.join(os.path.dirname(work), "prefix")
-        os.mkdir(stash, 0o700)
-        mount(prefix, stash, None, MS_BIND | MS_REC, None)
-        mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        os.makedirs(prefix, 0o755)
-        mount(stash, prefix, None, MS_BIND | MS_REC, None)
-    mount(work, work, None, MS_BIND, None)
-    setattr_("/", AT_RECURSIVE, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0)
-    setattr_(work, 0, 0, MOUNT_ATTR_RDONLY)
-    os.chdir(work)  # onto the writable bind mount (the old cwd is the read-only directory under it)
-    for name in [n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]
-
-
-def _drop_privileges(uid):
-    import os
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-    if os.getuid() != uid or os.geteuid() != uid:
-        raise OSError("could not drop privileges")
-
-
-def _limits(cpu, mem, fsize, nproc):
-    import resource
-    def limit(which, value):
-        resource.setrlimit(which, (value, value))
-    limit(resource.RLIMIT_CORE, 0)
-    # SIGXCPU at the soft limit, SIGKILL one second later (if the code catches SIGXCPU).
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    limit(resource.RLIMIT_AS, mem)
-    limit(resource.RLIMIT_FSIZE, fsize)
-    if nproc and hasattr(resource, "RLIMIT_NPROC"):
-        import os
-        if os.getuid() != 0:
-            limit(resource.RLIMIT_NPROC, nproc)
-
-def _block():
-    blocked = frozenset({
-        "socket", "_socket", "ssl", "_ssl", "ctypes", "_ctypes", "subprocess", "_posixsubprocess",
-        "multiprocessing", "_multiprocessing", "asyncio", "http", "urllib", "ftplib", "smtplib",
-        "telnetlib", "socketserver", "xmlrpc", "pty", "mmap",
-    })
-
-    class _Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in blocked:
-                raise ImportError(f"import of {name!r} is not allowed in the sandbox")
-            return None
-
-    for name in list(sys.modules):
-        if name.partition(".")[0] in blocked:
-            del sys.modules[name]
-    sys.meta_path.insert(0, _Blocker())
-
-    import os
-    import posix
-    names = ("fork", "forkpty", "vfork", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve",
-             "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp",
-             "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "kill", "killpg", "setsid", "setpgid",
-             "setpgrp", "register_at_fork")
-    for module in (os, posix):
-        for name in names:
-            if hasattr(module, name):
-                delattr(module, name)
-
-def _run_user(source, memory_exit):
-    import os
-    sys.argv = ["main.py"]
-    namespace = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
-    try:
-        exec(compile(source, "main.py", "exec"), namespace)
-    except MemoryError:
-        try:
-            sys.stderr.write("MemoryError\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(memory_exit)
-    except SystemExit as exc:
-        code = exc.code
-        if code is None:
-            code = 0
-        elif not isinstance(code, int):
-            sys.stderr.write(f"{code}\n")
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code & 0xFF)
-    except BaseException:
-        import traceback
-        try:
-            traceback.print_exc()
-            sys.stderr.flush()
-        except MemoryError:
-            os._exit(memory_exit)
-        os._exit(1)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001
-        os._exit(1)
-    os._exit(0)
-
-
-def _main():
-    # The supervisor: isolates the filesystem, sets the limits, forks the user code (which drops its
-    # privileges), reports how it ended on the status descriptor and with its own exit code. Under
-    # ``unshare --pid`` it is PID 1, so its exit kills every leftover process.
-    import os
-    cpu, mem, fsize, nproc, memory_exit, setup_exit, path, status_fd, uid, mounts = sys.argv[1:11]
-    memory_exit, status_fd, uid = int(memory_exit), int(status_fd), int(uid)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-        if mounts == "1":
-            _read_only_mounts(os.getcwd())
-        if uid >= 0:
-            _preload()
-        _limits(int(cpu), int(mem), int(fsize), int(nproc))
-        pid = os.fork()
-    except BaseException as exc:  # noqa: BLE001
-        sys.stderr.write(f"sandbox setup failed: {exc!r}\n")
-        sys.stderr.flush()
-        os._exit(int(setup_exit))
-    if pid == 0:
-        try:
-            os.close(status_fd)
-            if uid >= 0:
-                _drop_privileges(uid)
-            _block()
-        except BaseException as exc:  # noqa: BLE001
-            sys.stderr.write(f"sandbox setup failed: {exc!r}\n")
-            sys.stderr.flush()
-            os._exit(int(setup_exit))
-        _run_user(source, memory_exit)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        report, code = f"signal {os.WTERMSIG(status)}", 128 + os.WTERMSIG(status)
-    else:
-        report, code = f"exit {os.WEXITSTATUS(status)}", os.WEXITSTATUS(status)
-    os.write(status_fd, report.encode())
-    os._exit(code)
-
-_main()
-"""
+_SUPERVISOR = (Path(__file__).with_name("sandbox_supervisor.py")).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
 class SandboxResult:
     """What happened to one run of untrusted code.
 
-    ``status``: ``ok`` (exit code 0), ``timeout`` (wall limit hit and the process group killed, or the
-    CPU limit hit), ``memory`` (``MemoryError`` under the address-space limit), ``crash`` (killed by a
-    signal the code brought on itself: abort, segfault...), ``error`` (non-zero exit: an uncaught
-    exception, a failed assert, ``sys.exit(1)``, a refused import or a sandbox setup failure).
-    ``returncode`` is the child's (negative = signal; None when the parent killed it).
-    ``stdout``/``stderr`` are decoded as UTF-8 (invalid bytes replaced), each at most
-    ``max_output_bytes``; ``truncated`` says whether either was cut. ``elapsed`` is wall seconds.
+    ``status``: ``ok`` (exit code 0), ``timeout`` (wall limit hit and the run killed, or the CPU limit hit),
+    ``memory`` (``MemoryError`` under the address-space limit), ``crash`` (killed by a signal the code brought on
+    itself: abort, segfault...), ``error`` (non-zero exit: an uncaught exception, a failed assert, ``sys.exit(1)``,
+    a refused import or a sandbox setup failure), ``unavailable`` (not run: the sandbox cannot isolate here and
+    running unisolated was not allowed; ``stderr`` says why). ``returncode`` is the code's (negative = signal;
+    None when the parent killed the run, or, for :func:`run_judged`, when it was still running as the judge
+    finished). ``stdout``/``stderr`` are decoded as UTF-8 (invalid bytes replaced), each at most
+    ``max_output_bytes`` (a judged run's judge writes to the same two files); ``truncated`` says whether either
+    was cut. ``elapsed`` is wall seconds.
+
+    :func:`run_judged` only: ``verdict`` is what the judge wrote on its verdict descriptor (stripped; None if it
+    wrote nothing: it failed, or the run was killed first), ``judge_status`` how the judge's process ended.
     """
 
     status: Status
@@ -307,26 +106,21 @@ class SandboxResult:
     stderr: str
     elapsed: float
     truncated: bool = False
+    verdict: str | None = None
+    judge_status: Status | None = None
 
 
 @dataclass(frozen=True)
 class Isolation:
-    """Which isolation layers :func:`run_untrusted` applies on this machine (see the module docstring).
+    """Whether :func:`run_untrusted` can isolate runs on this machine (see the module docstring).
 
-    ``namespaces``: new network, PID and IPC namespaces. ``read_only_fs``: a private mount namespace in
-    which every mount is read-only except the work directory. ``unprivileged_uid``: the uid the user code
-    runs as after dropping privileges (None: it runs as the calling user, because that is not root).
+    ``isolated``: namespaces, private root and (root being the caller) uids of their own all work here.
+    ``reason``: why not, when not. ``own_uids``: the code runs under uids of its own (the caller is root).
     """
 
-    namespaces: bool
-    read_only_fs: bool
-    unprivileged_uid: int | None
-
-    @property
-    def filesystem(self) -> bool:
-        """Whether writes outside the work directory are refused by the kernel (read-only mounts, or an
-        unprivileged uid, which leaves world-writable directories such as /tmp writable)."""
-        return self.read_only_fs or self.unprivileged_uid is not None
+    isolated: bool
+    reason: str | None
+    own_uids: bool
 
 
 _isolation_lock = threading.Lock()
@@ -334,7 +128,7 @@ _isolation: Isolation | None = None
 
 
 def isolation() -> Isolation:
-    """The isolation layers available here (probed once per process, then cached)."""
+    """The isolation available here (probed once per process by running an isolated no-op, then cached)."""
     global _isolation
     with _isolation_lock:
         if _isolation is None:
@@ -342,43 +136,64 @@ def isolation() -> Isolation:
         return _isolation
 
 
-def unshare_available() -> bool:
-    """Whether the child can be put in new network and PID namespaces here (probed once, then cached)."""
-    return isolation().namespaces
-
-
-def _run_quietly(argv: list[str]) -> bool:
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+def unisolated_allowed() -> bool:
+    """Whether the caller opted in to running code without isolation where it is not available."""
+    return os.environ.get(ALLOW_UNISOLATED_ENV, "") == "1"
 
 
 def _probe_isolation() -> Isolation:
-    uid = UNPRIVILEGED_UID if hasattr(os, "geteuid") and os.geteuid() == 0 else None
-    if os.environ.get("POSTTRAIN_SANDBOX_UNSHARE", "1") == "0" or not sys.platform.startswith("linux"):
-        return Isolation(False, False, uid)
-    exe = shutil.which("unshare")
-    if exe is None:
-        return Isolation(False, False, uid)
-    if not _run_quietly([exe, *_UNSHARE_FLAGS, "--", "true"]):
-        return Isolation(False, False, uid)
-    # The read-only remount needs mount_setattr(2) (Linux 5.12+): probe it by running the bootstrap itself.
-    with tempfile.TemporaryDirectory(prefix="posttrain-sandbox-probe-") as base:
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        # Defines the bootstrap's helper functions (everything before ``_limits``) and calls the remount.
-        script = "import sys\nexec(sys.argv[1].partition('\\ndef _limits(')[0])\n_read_only_mounts(sys.argv[2])\n"
-        ok = _run_quietly([exe, *_UNSHARE_FLAGS, "--mount", "--", _python(), *_PYTHON_FLAGS, script, _BOOTSTRAP, work])
-    return Isolation(True, ok, uid)
+    own_uids = hasattr(os, "geteuid") and os.geteuid() == 0
+    if not sys.platform.startswith("linux"):
+        return Isolation(False, f"isolation needs Linux namespaces; this is {sys.platform}", own_uids)
+    if not own_uids:
+        return Isolation(False, "isolation needs root (to mount the private root and drop to uids of its own)", False)
+    if os.environ.get("POSTTRAIN_SANDBOX_UNSHARE", "1") == "0":
+        return Isolation(False, "isolation turned off by POSTTRAIN_SANDBOX_UNSHARE=0", own_uids)
+    if shutil.which("unshare") is None:
+        return Isolation(False, "util-linux unshare is not installed", own_uids)
+    probe = _run(["print('isolated')"], "", _Limits(2, 10, 256, 4096, 4), isolate=True)
+    if probe.status != "ok" or probe.stdout != "isolated\n":
+        last = probe.stderr.strip().rsplit("\n", 1)[-1] if probe.stderr.strip() else f"status {probe.status}"
+        return Isolation(False, f"an isolated run failed here: {last}", own_uids)
+    return Isolation(True, None, own_uids)
+
+
+# --------------------------------------------------------------------------- uids
+
+
+_uid_lock = threading.Lock()
+_uid_free = threading.Condition(_uid_lock)
+_uid_slots_in_use: set[int] = set()
+
+
+@contextlib.contextmanager
+def _run_uids() -> Iterator[tuple[int, int]]:
+    """Two uids (code, judge) that no other run on this machine holds while the block runs: this process's
+    block of :data:`_RUNS_PER_PROCESS` slots (by pid, which no other live process shares), one free slot of it."""
+    with _uid_free:
+        while len(_uid_slots_in_use) >= _RUNS_PER_PROCESS:
+            _uid_free.wait()
+        slot = min(set(range(_RUNS_PER_PROCESS)) - _uid_slots_in_use)
+        _uid_slots_in_use.add(slot)
+    first = UID_BASE + 2 * (os.getpid() * _RUNS_PER_PROCESS + slot)
+    try:
+        yield first, first + 1
+    finally:
+        with _uid_free:
+            _uid_slots_in_use.discard(slot)
+            _uid_free.notify()
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class _Limits:
+    cpu_seconds: int
+    wall_seconds: float
+    memory_mb: int
+    max_output_bytes: int
+    disk_mb: int
 
 
 def _python() -> str:
@@ -406,9 +221,38 @@ def _read_capped(path: str, cap: int) -> tuple[str, bool]:
     return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
 
 
+def _kill_supervisor(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a timed-out isolated run: SIGKILL to the supervisor (``unshare``'s child, PID 1 of the run's PID
+    namespace), so that the kernel kills every process of the namespace before ``unshare`` sees the supervisor
+    end and exits. (Killing ``unshare`` first would return before the namespace's processes are gone.)"""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            os.kill(int(child), signal.SIGKILL)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the run's process group, then wait (a bounded while) until none of its processes is left."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.005)
+
+
+def _unavailable(layers: Isolation) -> SandboxResult:
+    message = (
+        f"sandbox unavailable: {layers.reason}; not running untrusted code unisolated "
+        f"(set {ALLOW_UNISOLATED_ENV}=1 to allow it)\n"
+    )
+    return SandboxResult("unavailable", None, "", message, 0.0)
 
 
 def run_untrusted(
@@ -419,100 +263,169 @@ def run_untrusted(
     wall_seconds: float = 5,
     memory_mb: int = 256,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    disk_mb: int = DEFAULT_DISK_MB,
 ) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a sandboxed child process (see the module docstring).
+    """Run ``code`` as ``__main__`` in the sandbox (see the module docstring).
 
-    ``stdin`` is the child's whole standard input (empty: ``/dev/null``). ``cpu_seconds`` is the CPU-time
-    limit, ``wall_seconds`` the wall-clock limit the parent enforces, ``memory_mb`` the address-space
-    limit, ``max_output_bytes`` the cap on each of stdout and stderr (and on any file the code writes).
+    ``stdin`` is the child's whole standard input (empty: ``/dev/null``). ``cpu_seconds`` is the CPU-time limit
+    of each process, ``wall_seconds`` the wall-clock limit of the run, ``memory_mb`` the address-space limit of
+    each process, ``max_output_bytes`` the cap on each of stdout and stderr (and on any one file the code
+    writes), ``disk_mb`` the size of the work directory (isolated runs).
     """
     layers = isolation()
-    base = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    status_fd = -1
-    try:
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        if layers.unprivileged_uid is not None:
-            os.chown(work, layers.unprivileged_uid, layers.unprivileged_uid)
-        code_path = os.path.join(base, "main.py")
-        status_path = os.path.join(base, "status")
-        with open(code_path, "w", encoding="utf-8") as fh:
-            fh.write(code)
-        # The supervisor reports on this descriptor (the user code closes it): the mounts it sees are read-only.
-        status_fd = os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        argv = [
-            _python(),
-            *_PYTHON_FLAGS,
-            _BOOTSTRAP,
-            str(max(1, int(cpu_seconds))),
-            str(int(memory_mb) * 1024 * 1024),
-            str(int(max_output_bytes) + 1),
-            str(_NPROC_LIMIT),
-            str(EXIT_MEMORY),
-            str(EXIT_SETUP_FAILED),
-            code_path,
-            str(status_fd),
-            str(-1 if layers.unprivileged_uid is None else layers.unprivileged_uid),
-            "1" if layers.read_only_fs else "0",
-        ]
-        if layers.namespaces:
-            argv = ["unshare", *_UNSHARE_FLAGS, *(["--mount"] if layers.read_only_fs else []), "--", *argv]
-        out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
-        start = time.monotonic()
-        killed = False
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            stdin_file = None
-            if stdin:
-                in_path = os.path.join(base, "stdin")
-                with open(in_path, "wb") as fh:
-                    fh.write(stdin.encode("utf-8"))
-                stdin_file = open(in_path, "rb")  # noqa: SIM115 - closed below
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    cwd=work,
-                    env=_clean_env(work),
-                    start_new_session=True,
-                    close_fds=True,
-                    pass_fds=(status_fd,),
-                )
-            finally:
-                if stdin_file is not None:
-                    stdin_file.close()
-                os.close(status_fd)
-                status_fd = -1
-            try:
-                returncode: int | None = proc.wait(timeout=wall_seconds)
-            except subprocess.TimeoutExpired:
-                killed = True
-                returncode = None
-            finally:
-                # Always: kills a timed-out child and anything the code left running in its group.
-                _kill_group(proc)
-                if killed:
-                    proc.wait()
-        elapsed = time.monotonic() - start
-        stdout, cut_out = _read_capped(out_path, max_output_bytes)
-        stderr, cut_err = _read_capped(err_path, max_output_bytes)
-        status, returncode = _status(returncode, killed, stderr, _read_capped(status_path, 64)[0])
-        return SandboxResult(status, returncode, stdout, stderr, elapsed, cut_out or cut_err)
-    finally:
-        if status_fd >= 0:
+    if not layers.isolated and not unisolated_allowed():
+        return _unavailable(layers)
+    limits = _Limits(max(1, int(cpu_seconds)), wall_seconds, int(memory_mb), int(max_output_bytes), int(disk_mb))
+    return _run([code], stdin, limits, isolate=layers.isolated)
+
+
+def run_judged(
+    code: str,
+    judge: str,
+    *,
+    cpu_seconds: int = 2,
+    wall_seconds: float = 5,
+    memory_mb: int = 256,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    disk_mb: int = DEFAULT_DISK_MB,
+) -> SandboxResult:
+    """Run untrusted ``code`` and trusted ``judge`` side by side in one sandbox, each as ``__main__`` in a
+    process and under a uid of its own, with the same limits as :func:`run_untrusted` (per process).
+
+    ``code`` reads on descriptor 3 what the judge writes on its descriptor 4, and writes on 4 what the judge reads
+    on 3. The judge alone also holds descriptor 5: what it writes there is the result's ``verdict``. The code's
+    process never holds that descriptor (the pipe is made after the code's process is started) and cannot reach
+    the judge's process, so the code can influence the verdict only through what it says on the pipe.
+    ``status``/``returncode`` describe the code's process; ``judge_status`` the judge's.
+    """
+    layers = isolation()
+    if not layers.isolated and not unisolated_allowed():
+        return _unavailable(layers)
+    limits = _Limits(max(1, int(cpu_seconds)), wall_seconds, int(memory_mb), int(max_output_bytes), int(disk_mb))
+    return _run([code, judge], "", limits, isolate=layers.isolated)
+
+
+def _run(programs: list[str], stdin: str, limits: _Limits, *, isolate: bool) -> SandboxResult:
+    own_uids = hasattr(os, "geteuid") and os.geteuid() == 0
+    with _run_uids() if own_uids else contextlib.nullcontext() as uids:
+        base = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+        try:
+            return _run_in(base, programs, stdin, limits, isolate, uids)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_in(
+    base: str, programs: list[str], stdin: str, limits: _Limits, isolate: bool, uids: tuple[int, int] | None
+) -> SandboxResult:
+    work = os.path.join(base, "work")  # the working directory of an unisolated run; the root's mount point else
+    os.mkdir(work, 0o700)
+    if uids is not None and not isolate:
+        os.chown(work, uids[0], uids[0])
+    paths = []
+    for name, source in zip(("code.py", "judge.py"), programs, strict=False):
+        paths.append(os.path.join(base, name))
+        with open(paths[-1], "w", encoding="utf-8") as fh:
+            fh.write(source)
+    status_path = os.path.join(base, "status")
+    # The supervisor reports on this descriptor; none of the run's programs holds it.
+    status_fd = os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    config = {
+        "cpu_seconds": limits.cpu_seconds,
+        "memory_bytes": limits.memory_mb * 1024 * 1024,
+        "file_bytes": limits.max_output_bytes + 1,
+        "disk_bytes": limits.disk_mb * 1024 * 1024,
+        "inodes": WORK_INODES,
+        "nproc": NPROC_LIMIT,
+        "memory_exit": EXIT_MEMORY,
+        "setup_exit": EXIT_SETUP_FAILED,
+        "code_path": paths[0],
+        "judge_path": paths[1] if len(paths) > 1 else None,
+        "status_fd": status_fd,
+        "uids": list(uids) if uids is not None else None,
+        "isolate": isolate,
+        "root": work,
+    }
+    argv = [_python(), *_PYTHON_FLAGS, _SUPERVISOR, json.dumps(config)]
+    if isolate:
+        argv = [shutil.which("unshare") or "unshare", *_UNSHARE_FLAGS, "--", *argv]
+    out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
+    start = time.monotonic()
+    killed = False
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        stdin_file = None
+        if stdin:
+            in_path = os.path.join(base, "stdin")
+            with open(in_path, "wb") as fh:
+                fh.write(stdin.encode("utf-8"))
+            stdin_file = open(in_path, "rb")  # noqa: SIM115 - closed below
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=work,
+                env=_clean_env("/work" if isolate else work),
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(status_fd,),
+            )
+        finally:
+            if stdin_file is not None:
+                stdin_file.close()
             os.close(status_fd)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            returncode: int | None = proc.wait(timeout=limits.wall_seconds)
+        except subprocess.TimeoutExpired:
+            killed = True
+            returncode = None
+            if isolate:
+                _kill_supervisor(proc)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+        finally:
+            # Always: kills a timed-out run and anything an unisolated run left in its group.
+            _kill_group(proc)
+            if killed:
+                proc.wait()
+    elapsed = time.monotonic() - start
+    stdout, cut_out = _read_capped(out_path, limits.max_output_bytes)
+    stderr, cut_err = _read_capped(err_path, limits.max_output_bytes)
+    try:
+        report = json.loads(_read_capped(status_path, 8192)[0] or "{}")
+    except ValueError:
+        report = {}
+    if not isinstance(report, dict):
+        report = {}
+    status, code_returncode = _status(returncode, killed, stderr, str(report.get("code", "")))
+    if len(programs) == 1:
+        return SandboxResult(status, code_returncode, stdout, stderr, elapsed, cut_out or cut_err)
+    judge_report = report.get("judge")
+    judge_status: Status = _status(None if killed else 0, killed, "", str(judge_report))[0] if judge_report else "error"
+    if killed:
+        judge_status = "timeout"
+    verdict = report.get("verdict") if not killed else None
+    return SandboxResult(
+        status,
+        code_returncode,
+        stdout,
+        stderr,
+        elapsed,
+        cut_out or cut_err,
+        verdict if isinstance(verdict, str) else None,
+        judge_status,
+    )
 
 
 def _status(returncode: int | None, killed: bool, stderr: str, report: str) -> tuple[Status, int | None]:
-    """Classify a run from the parent's view and the supervisor's report (``exit N`` / ``signal N``).
-
-    Returns the status and the user code's own return code (``-N`` for signal N), as far as known.
-    """
+    """Classify a process from the parent's view and the supervisor's report (``exit N`` / ``signal N`` /
+    ``running``). Returns the status and the process's own return code (``-N`` for signal N), as far as known."""
     if killed or returncode is None:
         return "timeout", None
     kind, _, value = report.partition(" ")
+    if kind == "running":
+        return "ok", None
     if kind == "signal" and value.isdigit():
         returncode = -int(value)
     elif kind == "exit" and value.isdigit():
@@ -527,13 +440,18 @@ def _status(returncode: int | None, killed: bool, stderr: str, report: str) -> t
 
 
 __all__ = [
+    "ALLOW_UNISOLATED_ENV",
+    "DEFAULT_DISK_MB",
     "EXIT_MEMORY",
     "EXIT_SETUP_FAILED",
-    "UNPRIVILEGED_UID",
+    "NPROC_LIMIT",
+    "UID_BASE",
+    "WORK_INODES",
     "Isolation",
     "SandboxResult",
     "Status",
     "isolation",
+    "run_judged",
     "run_untrusted",
-    "unshare_available",
+    "unisolated_allowed",
 ]

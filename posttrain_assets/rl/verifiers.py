@@ -12,11 +12,12 @@ Verifiers (see each ``_score_*`` function for details):
 - ``numeric``: GSM8K-style final number, compared exactly as rationals.
 - ``math``: final ``\\boxed{}`` (or last expression) compared symbolically with math-verify, in a worker
   process (:func:`posttrain_assets.parallel.map_batches`) killed at a wall-clock limit (``timeout``).
-- ``python_eval``: the candidate program plus the seed's assert-based tests in :mod:`posttrain_assets.rl.sandbox`.
+- ``python_eval``: the candidate program plus the seed's assert-based tests in :mod:`posttrain_assets.rl.sandbox`,
+  the tests in a judge process of their own that the candidate cannot reach (:func:`_score_python_eval`).
 
 Score reasons: ``no_answer`` (nothing to extract from the candidate), ``wrong_answer``,
-``gold_unparseable``, ``timeout``, ``tests_failed``, ``no_tests``, ``early_exit``, ``memory``, ``crash``,
-``unknown_verifier``, ``worker_failed``.
+``gold_unparseable``, ``timeout``, ``tests_failed``, ``no_tests``, ``early_exit``, ``unsupported_value``,
+``protocol_error``, ``sandbox_unavailable``, ``memory``, ``crash``, ``unknown_verifier``, ``worker_failed``.
 
 Certification (:func:`certify`, :func:`certify_many`) checks a seed before it enters the bank: its
 gold answer must score 1.0 on ``runs`` repeated runs in separate processes, and a perturbed wrong
@@ -33,7 +34,6 @@ import contextlib
 import json
 import math
 import re
-import secrets
 import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,7 +47,8 @@ from typing import Any
 
 from posttrain_assets.parallel import TimeLimit, map_batches
 from posttrain_assets.records.adapters import last_boxed
-from posttrain_assets.rl.sandbox import run_untrusted
+from posttrain_assets.rl import python_eval_harness
+from posttrain_assets.rl.sandbox import SandboxResult, run_judged
 from posttrain_assets.text import fold_bare
 
 # Default wall-clock limit for one math comparison (seconds).
@@ -317,51 +318,57 @@ def _score_math(candidate: str, gold: str, tests: str | None, timeout_seconds: f
 
 # --------------------------------------------------------------------------- python_eval
 
-_HARNESS = """
-import sys
-
-
-def _posttrain_harness(candidate, tests):
-    token = sys.stdin.readline().strip()
-    namespace = globals()
-    exec(compile(candidate, "solution.py", "exec"), namespace)
-    exec(compile(tests, "tests.py", "exec"), namespace)
-    sys.stdout.write("\\n" + token + "\\n")
-    sys.stdout.flush()
-
-
-_posttrain_harness(_POSTTRAIN_CANDIDATE, _POSTTRAIN_TESTS)
-"""
+# The source of the two programs of a python_eval run (see that module): sent into the sandbox as text.
+_HARNESS = Path(python_eval_harness.__file__).read_text(encoding="utf-8")
+# The judge's verdict reasons that become score reasons as they are.
+_JUDGE_REASONS = frozenset({"tests_failed", "early_exit", "unsupported_value", "memory", "protocol_error"})
 
 
 def _score_python_eval(candidate: str, gold: str, tests: str | None, timeout_seconds: float | None) -> Score:
-    """Run the candidate program and then the seed's tests in the sandbox; 1.0 only if all pass.
+    """Run the candidate program and the seed's tests in the sandbox; 1.0 only if all the tests pass.
 
-    ``tests`` is Python source with ``assert`` statements, executed in the candidate's module namespace
-    after the candidate (so it can call the candidate's functions). The run passes only when it exits
-    normally AND the harness prints a random per-run token after the tests: a candidate that calls
-    ``sys.exit(0)``/``os._exit(0)`` before the tests run gets ``early_exit``. (Best effort: the token
-    lives in the sandboxed process, so code that inspects the harness's frames could find it.)
-    The sandbox lets the code write only in its own throw-away working directory: a write anywhere else
-    fails (read-only file system / permission denied), so the run errors and scores ``tests_failed``.
-    ``gold`` (the reference solution) is not used when scoring. Limits: ``PYTHON_EVAL_*``; a given
-    ``timeout_seconds`` replaces them: wall limit ``max(1, timeout_seconds)``, CPU limit its ceiling.
+    ``tests`` is Python source with ``assert`` statements that call the candidate's functions by name. The candidate
+    and the tests run in two processes of one sandbox (:func:`posttrain_assets.rl.sandbox.run_judged`, programs in
+    :mod:`posttrain_assets.rl.python_eval_harness`): the candidate in its own process and uid, the tests in a judge
+    process that calls the candidate's functions over a pipe with arguments and results as plain data, compares
+    them itself and alone can report the verdict. So nothing the candidate does in its process (rebinding
+    ``exec`` or builtins, walking frames, objects whose ``__eq__`` is always true, printing a fake success, exiting
+    0 early, threads that outlive it) can make a test pass that its answers do not pass; a solution whose
+    functions return something other than plain data scores ``unsupported_value``.
+
+    The score is 1.0 exactly when the judge reports a pass. Otherwise the reason is, in this order:
+    ``sandbox_unavailable`` (the sandbox cannot isolate here and running unisolated was not allowed: nothing ran),
+    ``timeout`` (wall limit, or the candidate's CPU limit), ``memory``, ``crash`` (the candidate died of a signal),
+    then the judge's: ``tests_failed``, ``early_exit`` (the candidate's process exited before answering),
+    ``unsupported_value``, ``protocol_error``; ``crash`` if the judge gave none. ``gold`` (the reference solution)
+    is not used when scoring. Limits: ``PYTHON_EVAL_*``; a given ``timeout_seconds`` replaces them: wall limit
+    ``max(1, timeout_seconds)``, CPU limit its ceiling.
     """
     if not tests or not tests.strip():
         return Score(0.0, "no_tests")
-    token = secrets.token_hex(16)
-    code = f"_POSTTRAIN_CANDIDATE = {candidate!r}\n_POSTTRAIN_TESTS = {tests!r}\n{_HARNESS}"
-    result = run_untrusted(
-        code,
-        stdin=token + "\n",
+    result = run_judged(
+        f"{_HARNESS}\nserve_solution({candidate!r})\n",
+        f"{_HARNESS}\nrun_tests({tests!r})\n",
         cpu_seconds=PYTHON_EVAL_CPU_SECONDS if timeout_seconds is None else max(1, math.ceil(timeout_seconds)),
         wall_seconds=PYTHON_EVAL_WALL_SECONDS if timeout_seconds is None else max(1.0, timeout_seconds),
         memory_mb=PYTHON_EVAL_MEMORY_MB,
     )
-    if result.status == "ok":
-        last = result.stdout.rstrip("\n").rsplit("\n", 1)[-1]
-        return Score(1.0) if last == token else Score(0.0, "early_exit")
-    return Score(0.0, {"error": "tests_failed"}.get(result.status, result.status))
+    return _python_eval_verdict(result)
+
+
+def _python_eval_verdict(result: SandboxResult) -> Score:
+    """The python_eval score of a judged sandbox run (see :func:`_score_python_eval` for the order of reasons)."""
+    if result.status == "unavailable":
+        return Score(0.0, "sandbox_unavailable")
+    if result.verdict == "pass":
+        return Score(1.0)
+    for status in (result.status, result.judge_status):
+        if status in ("timeout", "memory", "crash"):
+            return Score(0.0, status)
+    kind, _, reason = (result.verdict or "").partition(" ")
+    if kind == "fail" and reason in _JUDGE_REASONS:
+        return Score(0.0, reason)
+    return Score(0.0, "crash")
 
 
 # --------------------------------------------------------------------------- the registry
@@ -377,7 +384,9 @@ def _build_registry() -> dict[str, Verifier]:
             _score_math,
             "final \\boxed{} compared symbolically with math-verify, with a wall-clock limit",
         ),
-        Verifier("python_eval", "2", _score_python_eval, "candidate program + assert tests in the sandbox"),
+        Verifier(
+            "python_eval", "3", _score_python_eval, "candidate program + assert tests, judged apart, in the sandbox"
+        ),
     ]
     return {v.name: v for v in verifiers}
 
@@ -481,7 +490,8 @@ class Certification:
 
     ``gold_scores``: the gold answer's score in each run (one process per run); ``perturbed_score``: the
     perturbed wrong answer's score (first run). ``reason`` (None when ``ok``): ``unknown_verifier``,
-    ``timeout`` (any run of either answer timed out), ``nondeterministic`` (runs disagree),
+    ``sandbox_unavailable`` (python_eval: the sandbox cannot isolate here, nothing ran), ``no_tests`` (python_eval:
+    the seed has no tests), ``timeout`` (any run of either answer timed out), ``nondeterministic`` (runs disagree),
     ``gold_not_accepted``, ``perturbation_accepted``. ``version``: the verifier's version ("" if unknown).
     """
 
@@ -521,8 +531,13 @@ def judge(
     gold_scores = [s.value for s in gold]
     perturbed_scores = [s.value for s in perturbed]
     first_perturbed = perturbed_scores[0] if perturbed_scores else 0.0
+    reasons = {s.reason for s in (*gold, *perturbed)}
     reason: str | None = None
-    if any(s.reason == "timeout" for s in (*gold, *perturbed)):
+    if "sandbox_unavailable" in reasons:
+        reason = "sandbox_unavailable"
+    elif "no_tests" in reasons:
+        reason = "no_tests"
+    elif "timeout" in reasons:
         reason = "timeout"
     elif len(set(gold_scores)) > 1 or len(set(perturbed_scores)) > 1:
         reason = "nondeterministic"

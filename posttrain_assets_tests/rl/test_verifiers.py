@@ -18,7 +18,9 @@ import pytest
 
 from posttrain_assets.records.adapters import VERIFIERS as ADAPTER_VERIFIERS
 from posttrain_assets.records.formats import get_adapter
+from posttrain_assets.rl import sandbox
 from posttrain_assets.rl import verifiers as v
+from posttrain_assets.rl.sandbox import ALLOW_UNISOLATED_ENV, run_untrusted
 from posttrain_assets.rl.verifiers import (
     Score,
     Seed,
@@ -42,7 +44,7 @@ def test_registry_matches_the_verifiers_rows_can_name() -> None:
         "exact_match": "1",
         "numeric": "1",
         "math": "1+math-verify-0.9.0",
-        "python_eval": "2",  # 2: the sandbox became read-only outside its directory
+        "python_eval": "3",  # 3: the tests run in a judge process the candidate cannot reach
     }
 
 
@@ -232,21 +234,19 @@ def test_python_eval(candidate: str, tests: str, expected: Score) -> None:
 
 def test_python_eval_infinite_loop_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(v, "PYTHON_EVAL_CPU_SECONDS", 1)
-    start = time.monotonic()
     assert score("python_eval", "while True:\n    pass\n", "", tests=TESTS) == Score(0.0, "timeout")
-    assert time.monotonic() - start < v.PYTHON_EVAL_WALL_SECONDS
 
 
 def test_python_eval_writing_outside_its_directory_scores_zero() -> None:
     folder = Path(tempfile.mkdtemp(prefix="posttrain-escape-"))
-    folder.chmod(0o777)  # world-writable: only the sandbox's read-only mounts refuse the write
+    folder.chmod(0o777)  # world-writable: only the sandbox's private root keeps the code out
     try:
         for target in (repr(str(folder / "escape.txt")), "os.path.join(os.path.dirname(os.getcwd()), 'escape.txt')"):
             candidate = f"import os\nopen({target}, 'w').write('escaped')\n" + SOLUTION
             assert score("python_eval", candidate, "", tests=TESTS) == Score(0.0, "tests_failed")
-            result = v.run_untrusted(candidate + TESTS)
+            result = run_untrusted(candidate + TESTS)
             assert result.status == "error"
-            assert "Read-only file system" in result.stderr or "Permission denied" in result.stderr, result.stderr
+            assert "No such file or directory" in result.stderr or "Read-only file system" in result.stderr
         assert list(folder.iterdir()) == []
         # Writing inside its own working directory is fine.
         inside = "open('scratch.txt', 'w').write('ok')\n" + SOLUTION
@@ -255,6 +255,139 @@ def test_python_eval_writing_outside_its_directory_scores_zero() -> None:
         for child in folder.iterdir():
             child.unlink()
         folder.rmdir()
+
+
+def test_python_eval_passes_plain_data_both_ways_and_in_place_changes_back() -> None:
+    solution = (
+        "import math\n"
+        "LIMIT = 10\n"
+        "def stats(xs, *, scale=1):\n"
+        "    xs.sort()\n"
+        "    return {'n': len(xs), 'mean': sum(xs) / len(xs) * scale, 'set': frozenset(xs), 'pair': (xs[0], None)}\n"
+        "def big():\n"
+        "    return 3 ** 200, b'\\x00\\xff', complex(1, -2), float('inf'), {(1, 2): [True]}\n"
+        "def fails(kind):\n"
+        "    raise {'key': KeyError, 'value': ValueError}[kind]('no')\n"
+        "def apply(fn, x):\n"
+        "    return fn(x) + 1\n"
+        "def square(x):\n"
+        "    return x * x\n"
+    )
+    tests = (
+        "xs = [3, 1, 2]\n"
+        "assert stats(xs, scale=2) == {'n': 3, 'mean': 4.0, 'set': frozenset({1, 2, 3}), 'pair': (1, None)}\n"
+        "assert xs == [1, 2, 3]\n"  # sorted in place by the solution
+        "assert big() == (3 ** 200, b'\\x00\\xff', 1 - 2j, float('inf'), {(1, 2): [True]})\n"
+        "assert LIMIT == 10\n"
+        "for kind, error in (('key', KeyError), ('value', ValueError)):\n"
+        "    try:\n        fails(kind)\n        raise AssertionError('no exception')\n"
+        "    except error:\n        pass\n"
+        "assert apply(square, 3) == 10\n"  # the solution's own function, passed by name
+        "def cube(x):\n    return x ** 3\n"
+        "try:\n    apply(cube, 3)\n    raise AssertionError('a callable of the tests was passed')\n"
+        "except TypeError as exc:\n    assert 'plain data' in str(exc)\n"
+    )
+    assert score("python_eval", solution, "", tests=tests) == Score(1.0)
+
+
+# Attacks on the verdict: (candidate, tests, reason it must score 0.0 with). The first six scored 1.0 when the
+# candidate ran in the harness's own process and namespace (the harness printed a per-run token after the tests);
+# the others failed then too, and must keep failing.
+WRONG = 'def f():\n    return "wrong"\n'
+ATTACKS = {
+    # Finding: rebinding exec in the shared namespace made the harness skip the tests.
+    "rebinds exec": ("exec = lambda *a, **k: None\n" + WRONG, "assert f() == 1\n", "tests_failed"),
+    # Finding: the harness's success token was readable from its frame; print whatever looks like one and leave
+    # before the tests.
+    "reads the token from the frames": (
+        "import os, re, sys\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    for value in list(frame.f_locals.values()):\n"
+        "        if isinstance(value, str) and re.fullmatch('[0-9a-f]{32}', value):\n"
+        "            print(); print(value)\n"
+        "    frame = frame.f_back\n"
+        "sys.stdout.flush()\nos._exit(0)\n",
+        "assert f() == 1\n",
+        "early_exit",
+    ),
+    # Finding: an object equal to everything passed every == assertion.
+    "returns an always-equal object": (
+        "class Anything:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+        "def f():\n    return Anything()\n",
+        "assert f() == 1\nassert 1 == f()\n",
+        "unsupported_value",
+    ),
+    "returns an always-true object": (
+        "class Yes:\n    def __bool__(self):\n        return True\ndef f():\n    return Yes()\n",
+        "assert f()\n",
+        "unsupported_value",
+    ),
+    "patches the builtins the harness uses": (
+        "import builtins\n"
+        "real_compile = builtins.compile\n"
+        "builtins.compile = lambda *a, **k: real_compile('pass', 'x', 'exec')\n" + WRONG,
+        "assert f() == 1\n",
+        "tests_failed",
+    ),
+    "shadows the builtins the tests use": (
+        "def all(*a, **k):\n    return True\n" + WRONG,
+        "assert all([f() == 1])\n",
+        "tests_failed",
+    ),
+    "prints a fake success and exits 0 early": (
+        "print('pass')\nprint('OK', flush=True)\nraise SystemExit(0)\n",
+        "assert f() == 1\n",
+        "early_exit",
+    ),
+    "raises SystemExit(0) from __del__ and a thread": (
+        "import threading, time\n"
+        "class Bye:\n    def __del__(self):\n        raise SystemExit(0)\n"
+        "keep = Bye()\n"
+        "def later():\n    time.sleep(0.2)\n    raise SystemExit(0)\n"
+        "threading.Thread(target=later, daemon=False).start()\n" + WRONG,
+        "assert f() == 1\n",
+        "tests_failed",
+    ),
+    "writes a verdict to every descriptor": (
+        "import os, threading\n"
+        "def spam():\n"
+        "    for fd in range(64):\n"
+        "        try:\n            os.write(fd, b'pass\\n')\n"
+        "        except OSError:\n            pass\n"
+        "spam()\nthreading.Thread(target=spam).start()\n" + WRONG,
+        "assert f() == 1\n",
+        "protocol_error",
+    ),
+    "signals every process it can name": (
+        "import sys\nsys.meta_path.pop(0)\ndel sys.modules['posix']\nimport posix\n"
+        "for pid in range(1, 200):\n"
+        "    try:\n        posix.kill(pid, 9) if pid != posix.getpid() else None\n"
+        "    except OSError:\n        pass\n" + WRONG,
+        "assert f() == 1\n",
+        "tests_failed",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_python_eval_verdict_cannot_be_forged(name: str) -> None:
+    candidate, tests, reason = ATTACKS[name]
+    assert score("python_eval", candidate, "", tests=tests) == Score(0.0, reason)
+    # A genuinely correct solution still passes the same tests.
+    assert score("python_eval", "def f():\n    return 1\n", "", tests=tests) == Score(1.0)
+
+
+def test_python_eval_refuses_to_run_without_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTTRAIN_SANDBOX_UNSHARE", "0")
+    monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    assert score("python_eval", SOLUTION, "", tests=TESTS) == Score(0.0, "sandbox_unavailable")
+    (certified,) = certify_many([Seed("python_eval", SOLUTION, tests=TESTS)], runs=3, workers=1)
+    assert (certified.ok, certified.reason, certified.gold_scores) == (False, "sandbox_unavailable", [0.0] * 3)
+    monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")  # the documented opt-in
+    assert score("python_eval", SOLUTION, "", tests=TESTS) == Score(1.0)
+    monkeypatch.setattr(sandbox, "_isolation", None)
 
 
 # --------------------------------------------------------------------------- perturbation
@@ -409,43 +542,37 @@ def test_certify_unknown_verifier() -> None:
     assert [c.reason for c in mixed] == ["unknown_verifier", None]
 
 
-def marked_then_scored(shared: tuple[Callable[[Any, Any], list[Score]], Any, str], jobs: list[Any]) -> list[Score]:
-    """Write the marker (``first`` in the first batch process to get here, ``later`` in the others), then score
-    the batch: runs in the batch's worker."""
+def first_run_differs(shared: tuple[Callable[[Any, Any], list[Score]], Any, str], jobs: list[Any]) -> list[Score]:
+    """Score the batch with ``FIRST = True`` in its candidates in the first batch process to get here and
+    ``FIRST = False`` in the others (runs in the batch's worker)."""
     score_jobs, timeout_seconds, folder = shared
     try:
         os.close(os.open(Path(folder) / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        run = "first"
+        first = True
     except FileExistsError:
-        run = "later"
-    marker = Path(folder) / "marker"
-    marker.write_text(run)
-    marker.chmod(0o644)
-    return score_jobs(timeout_seconds, jobs)
+        first = False
+    changed = [(name, c.replace("FIRST = True", f"FIRST = {first}"), gold, t) for name, c, gold, t in jobs]
+    return score_jobs(timeout_seconds, changed)
 
 
 def test_certify_nondeterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The sandbox cannot write outside its own directory, so the state that differs between the
-    # repetitions (separate processes, run one after another with workers=1) is set from outside: a
-    # world-readable marker rewritten by each batch process before it scores, which the reference solution reads.
+    # The sandbox sees nothing of the host, so what differs between the repetitions (separate processes, run one
+    # after another with workers=1) is set from outside: the first batch process scores a candidate that passes,
+    # the later ones one that fails.
     folder = Path(tempfile.mkdtemp(prefix="posttrain-marker-"))
-    folder.chmod(0o755)
-    marker = folder / "marker"
     batches: list[int] = []
     map_batches = v.map_batches
 
     def marking(fn: Callable[[Any, Any], Any], shared: Any, items: Any, workers: int, **options: Any) -> Any:
         items = list(items)
         batches.extend(len(jobs) for jobs in items)
-        return map_batches(marked_then_scored, (fn, shared, str(folder)), items, workers, **options)
+        return map_batches(first_run_differs, (fn, shared, str(folder)), items, workers, **options)
 
     monkeypatch.setattr(v, "map_batches", marking)
-    gold = f"FIRST = open({str(marker)!r}).read() == 'first'\n"
     try:
-        result = certify("python_eval", gold, tests="assert FIRST\n")
+        result = certify("python_eval", "FIRST = True\n", tests="assert FIRST is True\n")
     finally:
-        for name in ("marker", "claimed"):
-            (folder / name).unlink(missing_ok=True)
+        (folder / "claimed").unlink(missing_ok=True)
         folder.rmdir()
     assert batches == [2, 2, 2]
     assert (result.ok, result.reason, result.gold_scores) == (False, "nondeterministic", [1.0, 0.0, 0.0])
