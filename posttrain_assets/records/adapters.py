@@ -118,6 +118,21 @@ def _answer_text(value: Any, where: str) -> str:
     return text
 
 
+def _tests(row: dict[str, Any], key: str, *, path: str | None = None) -> str | None:
+    """Optional python_eval tests: Python source (a string), or a list of statements (strings, e.g. MBPP's
+    ``test_list``) joined one per line; ``empty_content`` when there is no code in it."""
+    where = path or key
+    value = _optional(row, key, (str, list), path=where)
+    if value is None:
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise RecordError("wrong_type", f"{where}[{i}]", f"{where}[{i}] must be a string of Python code")
+        value = "".join(item if item.endswith("\n") else item + "\n" for item in value)
+    return non_empty(value, where)
+
+
 def _is_number(text: str) -> bool:
     """True if ``text`` is a plain decimal number (thousands separators allowed)."""
     return _NUMBER.fullmatch(text.strip().replace(",", "")) is not None
@@ -254,8 +269,10 @@ def messages(row: dict[str, Any], regime: str) -> CanonicalRecord:
     - sft: the whole conversation, which must end with an assistant turn.
     - rl: the prompt conversation, which must end with a user turn, plus
       ``answer`` (gold answer, str or number, required), ``verifier`` (one of
-      :data:`VERIFIERS`, default ``exact_match``), ``domain`` (optional str) and
-      ``difficulty`` (optional number).
+      :data:`VERIFIERS`, default ``exact_match``), ``domain`` (optional str),
+      ``difficulty`` (optional number) and ``tests`` (optional; for ``python_eval``:
+      Python source with asserts that call the solution's functions, or a list of
+      such statements, e.g. MBPP's ``test_list``).
     """
     msgs = validate_messages(require(row, "messages", list), "messages")
     if regime == "sft":
@@ -275,6 +292,7 @@ def messages(row: dict[str, Any], regime: str) -> CanonicalRecord:
         prompt=prompt,
         answer=answer,
         verifier=verifier,
+        tests=_tests(row, "tests"),
         domain=_optional(row, "domain", str),
         difficulty=_number(row, "difficulty"),
         extra=_source_id(row),
@@ -550,6 +568,8 @@ def verl(row: dict[str, Any], regime: str) -> CanonicalRecord:
     The prompt conversation must end with a user turn. The verifier is
     ``reward_model.style`` when that is one of :data:`VERIFIERS`, otherwise
     ``numeric`` if the ground truth is a number and ``exact_match`` if not.
+    ``reward_model.tests`` (optional, as in the ``messages`` format) holds the
+    ``python_eval`` tests; the ground truth is then the reference solution.
     ``ability`` is the domain; ``data_source``, ``extra_info`` and the style are
     kept in ``extra``.
     """
@@ -577,6 +597,7 @@ def verl(row: dict[str, Any], regime: str) -> CanonicalRecord:
         prompt=prompt,
         answer=answer,
         verifier=verifier,
+        tests=_tests(reward, "tests", path="reward_model.tests"),
         domain=_optional(row, "ability", str),
         extra=extra,
     )

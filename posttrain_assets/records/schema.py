@@ -69,7 +69,9 @@ class CanonicalRecord:
       final assistant responses), optional ``score_chosen``/``score_rejected``.
     - rl: ``messages`` (the prompt as a one-turn conversation), ``prompt``,
       ``answer`` (gold answer for the verifier), ``verifier``, ``domain``,
-      optional ``difficulty`` as given by the source.
+      optional ``difficulty`` as given by the source, and ``tests``: for
+      ``python_eval``, Python source with ``assert`` statements that call the
+      solution's functions (what the verifier runs the answer against).
     """
 
     regime: str
@@ -80,6 +82,7 @@ class CanonicalRecord:
     rejected: str | None = None
     answer: str | None = None
     verifier: str | None = None
+    tests: str | None = None
     domain: str | None = None
     difficulty: float | None = None
     score_chosen: float | None = None
