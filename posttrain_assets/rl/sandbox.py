@@ -166,6 +166,18 @@ _uid_free = threading.Condition(_uid_lock)
 _uid_slots_in_use: set[int] = set()
 
 
+def _reset_after_fork() -> None:
+    """In a forked child (a worker process): fresh locks and no slots in use, whatever the parent's threads held."""
+    global _isolation_lock, _uid_lock, _uid_free, _uid_slots_in_use
+    _isolation_lock = threading.Lock()
+    _uid_lock = threading.Lock()
+    _uid_free = threading.Condition(_uid_lock)
+    _uid_slots_in_use = set()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 @contextlib.contextmanager
 def _run_uids() -> Iterator[tuple[int, int]]:
     """Two uids (code, judge) that no other run on this machine holds while the block runs: this process's
