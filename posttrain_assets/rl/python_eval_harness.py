@@ -14,9 +14,12 @@ Why two processes: a candidate that runs in the same process as its tests can fo
   changes reach the tests too.
 - The **judge process** (:func:`run_tests`, its own uid) executes the tests in a namespace where each of the
   solution's functions is a :class:`SolutionFunction` stub that makes such a call, and each of its plain-data
-  globals a copy. Whatever the solution sends is decoded into fresh plain objects (:func:`decode`), so the
-  comparisons, ``assert``\\s and control flow of the tests run entirely on the judge's own objects. The judge
-  alone holds the verdict descriptor (5) and writes ``pass`` or ``fail <reason>`` there.
+  globals a copy; names of built-ins (``all``, ``len``...) stay the judge's own. Whatever the solution sends is
+  decoded into fresh plain objects (:func:`decode`), so the comparisons, ``assert``\\s and control flow of the
+  tests run entirely on the judge's own objects. An exception the solution raises reaches the tests as the same
+  built-in class (others as :class:`SolutionError`), except ``StopIteration``, which would silently end a
+  ``map()`` or ``iter()`` of the tests. The judge alone holds the verdict descriptor (5) and writes ``pass`` or
+  ``fail <reason>`` there.
 
 Verdict reasons: ``tests_failed`` (a test raised: failed assert, an exception of the solution, a wrong type...),
 ``early_exit`` (the solution process closed the pipe or exited before its calls were answered, at any point: even
@@ -43,6 +46,8 @@ FROM_SOLUTION, TO_SOLUTION, VERDICT = 3, 4, 5  # in the judge process
 MAX_MESSAGE_BYTES = 64 << 20
 _HEADER = struct.Struct(">Q")
 _MUTABLE = (list, dict, set, bytearray)
+# Exceptions that end an iteration instead of failing it: from the solution they arrive as SolutionError.
+_CONTROL_FLOW_EXCEPTIONS = frozenset({"StopIteration", "StopAsyncIteration"})
 _EXACT_INT = 1 << 53  # larger ints travel as hex (int <-> decimal str is capped at 4300 digits)
 
 
@@ -267,6 +272,8 @@ class _Judge:
         if kind == "raise" and len(reply) == 3:
             name, message = str(reply[1]), str(reply[2])
             error = getattr(builtins, name, None)
+            if name in _CONTROL_FLOW_EXCEPTIONS:
+                error = None  # raised into map(), iter() or a generator it would end the iteration silently
             try:
                 exc = error(message) if isinstance(error, type) and issubclass(error, Exception) else None
             except Exception:  # noqa: BLE001 - a class that takes other arguments (UnicodeDecodeError...)

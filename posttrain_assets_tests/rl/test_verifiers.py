@@ -290,11 +290,12 @@ def test_python_eval_passes_plain_data_both_ways_and_in_place_changes_back() -> 
     assert score("python_eval", solution, "", tests=tests) == Score(1.0)
 
 
-# Attacks on the verdict: (candidate, tests, reason it must score 0.0 with). The first six scored 1.0 when the
-# candidate ran in the harness's own process and namespace (the harness printed a per-run token after the tests);
-# the others failed then too, and must keep failing.
+# Attacks on the verdict: (candidate, tests, reason it must score 0.0 with[, a correct solution that passes the
+# same tests]). The first seven scored 1.0 when the candidate ran in the harness's own process and namespace (the
+# harness printed a per-run token after the tests); the others failed then too, and must keep failing.
 WRONG = 'def f():\n    return "wrong"\n'
-ATTACKS = {
+RIGHT = "def f():\n    return 1\n"
+ATTACKS: dict[str, tuple[str, ...]] = {
     # Finding: rebinding exec in the shared namespace made the harness skip the tests.
     "rebinds exec": ("exec = lambda *a, **k: None\n" + WRONG, "assert f() == 1\n", "tests_failed"),
     # Finding: the harness's success token was readable from its frame; print whatever looks like one and leave
@@ -335,6 +336,12 @@ ATTACKS = {
         "assert all([f() == 1])\n",
         "tests_failed",
     ),
+    "ends the tests' iteration with StopIteration": (
+        "def f(x):\n    raise StopIteration\n",
+        "assert all(map(f, [1, 2, 3]))\nassert list(iter(lambda: f(0), False)) == []\n",
+        "tests_failed",
+        "def f(x):\n    return x > 0\n",
+    ),
     "prints a fake success and exits 0 early": (
         "print('pass')\nprint('OK', flush=True)\nraise SystemExit(0)\n",
         "assert f() == 1\n",
@@ -372,10 +379,10 @@ ATTACKS = {
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_python_eval_verdict_cannot_be_forged(name: str) -> None:
-    candidate, tests, reason = ATTACKS[name]
+    candidate, tests, reason, *correct = ATTACKS[name]
     assert score("python_eval", candidate, "", tests=tests) == Score(0.0, reason)
     # A genuinely correct solution still passes the same tests.
-    assert score("python_eval", "def f():\n    return 1\n", "", tests=tests) == Score(1.0)
+    assert score("python_eval", correct[0] if correct else RIGHT, "", tests=tests) == Score(1.0)
 
 
 def test_python_eval_refuses_to_run_without_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
