@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -76,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         dagster = Path(sys.executable).with_name("dagster")
         os.execv(dagster, [str(dagster), "dev", "-h", "127.0.0.1", "-p", "3000"])
 
-    from posttrain_assets import pipeline
+    from posttrain_assets import pipeline, runs
 
     if args.command in ("demo", "run"):
-        report = pipeline.run_all()
+        try:
+            report = pipeline.run_all()
+        except runs.WarehouseInUseError as exc:  # another process has the DuckDB file; nothing was written
+            print(f"posttrain {args.command}: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (runs.RunInterrupted); a run it stopped is marked failed
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"posttrain {args.command}: stopped by {exc or signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
         print(pipeline.format_counts(pipeline.layer_counts(os.environ["POSTTRAIN_DUCKDB_PATH"])))
         print(f"\nDuckDB file: {os.environ['POSTTRAIN_DUCKDB_PATH']}  (open it read-only with any DuckDB client)")
         print(f"Dagster instance: {os.environ['DAGSTER_HOME']}  (browse runs, lineage and checks: make dev)")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 import duckdb
 
+from posttrain_assets import runs
 from posttrain_assets.ingest.registry import load_registry
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
 
@@ -62,21 +63,31 @@ def run_all(
     """Ingest every registry source into bronze, rebuild silver and gold with every check, then publish
     (provenance view and audit, trainer-ready exports).
 
+    A run that died before (killed, crashed) does not block this one: runs left in progress by a process that is
+    gone are marked failed and their ``duckdb`` pool slots freed first (:func:`runs.recover_dead_runs`); a job that
+    waits for the pool says which run holds it and stops on SIGINT/SIGTERM (:func:`runs.run_job_in_process`, which
+    then raises :class:`runs.RunInterrupted`). When another process holds the DuckDB file, the run raises
+    :class:`runs.WarehouseInUseError` before it writes anything.
+
     A failing blocking check is reported, not raised: the assets behind it keep their previous contents.
     Any other failure (a step error) raises.
     """
     instance = instance or dg.DagsterInstance.get()
     definitions = definitions or load_definitions()
     registry = load_registry(os.environ["POSTTRAIN_SOURCES"])
+    database = os.environ["POSTTRAIN_DUCKDB_PATH"]
+    for line in runs.recover_dead_runs(instance):
+        runs.say(line)
+    runs.check_warehouse_free(database)
     sync_source_partitions(instance, registry.names)
     run_config = {} if verbose else QUIET
     ingest = definitions.resolve_job_def("ingest_source")
     for name in registry.names:
-        ingest.execute_in_process(instance=instance, partition_key=name, run_config=run_config)
+        runs.run_job_in_process(ingest, instance, database=database, partition_key=name, run_config=run_config)
         print(f"ingested {name}")
     report = RunReport([], [])
     for job_name in ("refresh_corpus", "publish"):
-        _run_job(definitions.resolve_job_def(job_name), instance, run_config, report)
+        _run_job(definitions.resolve_job_def(job_name), instance, database, run_config, report)
     for check in report.checks:
         print(f"check {check.check} {'passed' if check.passed else 'FAILED'}: {check.description}")
     if report.not_materialized:
@@ -91,9 +102,11 @@ def _root_cause(error) -> str:
     return error.message.strip()
 
 
-def _run_job(job: dg.JobDefinition, instance: dg.DagsterInstance, run_config: dict, report: RunReport) -> None:
+def _run_job(
+    job: dg.JobDefinition, instance: dg.DagsterInstance, database: str, run_config: dict, report: RunReport
+) -> None:
     """Execute ``job``; add its check verdicts and held-back assets to ``report``; raise on any step error."""
-    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    result = runs.run_job_in_process(job, instance, database=database, run_config=run_config, raise_on_error=False)
     evaluations = result.get_asset_check_evaluations()
     failed_steps = {e.step_key for e in result.all_events if e.is_step_failure}
     failed_check_steps = {
