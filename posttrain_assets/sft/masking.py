@@ -11,11 +11,13 @@ How spans are found without assuming the template is prefix-stable:
 2. Render a *skeleton*: the same messages with every ``content`` replaced by a unique sentinel. Splitting the
    skeleton on the sentinels gives the template's literal chunks ``c0, c1, ..., cK`` between contents.
 3. Walk ``R`` with the chunks (backtracking search, preferring verbatim content, then substrings of the content,
-   so templates that strip ``<think>`` blocks or trim content still parse) to locate each content's span.
+   so templates that strip ``<think>`` blocks or trim content still parse) to locate each content's span. The
+   candidates are generated lazily and the first one almost always holds, so this is linear in ``R``.
 4. The end-of-turn marker is the chunk after the last assistant content (trailing whitespace stripped) of a
    conversation ending with that assistant turn; ``MaskConfig.end_of_turn`` overrides it. It must directly follow
    every trained assistant content.
-5. Tokenise every ``R`` once, in batched calls, with character offsets, and label each token by whether it lies
+5. Tokenise every ``R`` once, in batched calls, with character offsets (a long ``R`` is first counted a piece at
+   a time, so a huge row is ``too_long`` without being encoded whole), and label each token by whether it lies
    inside a trained span (decided from the tokens at the span edges when those are clean). A token that straddles
    a trained/untrained boundary makes the row an error (``mask_boundary_straddle``), with one exception: a token
    whose only outside part is whitespace just before an assistant content (``[/INST] answer`` -> ``Ġanswer``) is
@@ -30,8 +32,7 @@ reusing the span search above.
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -133,12 +134,16 @@ def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str
     return text
 
 
+def special_tokens(tok: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The tokenizer's special tokens (added tokens marked special: ``<|im_start|>``, ``<|im_end|>``, ...), longest
+    first, sorted. Text containing one renders as a control token, so no content may (here for SFT messages, and in
+    the quality gate for every text field of every regime)."""
+    specials = {str(t.content) for t in tok.added_tokens_decoder.values() if getattr(t, "special", False)}
+    return tuple(sorted((s for s in specials if s), key=lambda s: (-len(s), s)))
+
+
 def _special_token_pattern(tok: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
-    specials = sorted(
-        {str(t.content) for t in tok.added_tokens_decoder.values() if getattr(t, "special", False) and str(t.content)},
-        key=len,
-        reverse=True,
-    )
+    specials = special_tokens(tok)  # longest first: the longest one present is named
     return re.compile("|".join(re.escape(s) for s in specials)) if specials else None
 
 
@@ -229,65 +234,103 @@ class _Skeletons:
         return tuple(key)
 
 
-def _candidate_ends(text: str, start: int, chunk: str, content: str, is_last: bool, assistant: bool) -> list[int]:
-    """Possible end positions of the content that starts at ``start`` and is followed by ``chunk``, best first."""
+def _candidate_ends(text: str, start: int, chunk: str, content: str, is_last: bool, assistant: bool) -> Iterator[int]:
+    """Possible end positions of the content that starts at ``start`` and is followed by ``chunk``, best first:
+    where the content renders verbatim, then where a part of it renders (longest first), then (not for an
+    assistant content, which must render verbatim or as a part of itself: trimmed, thinking stripped) every other
+    occurrence of ``chunk``, in text order.
+
+    Lazy, and the first candidate costs time linear in the content: the walk almost always takes it, so aligning
+    a conversation is linear in its rendering. (Listing every later occurrence of ``chunk`` for every turn, and
+    slicing the text up to each, made it cubic in the number of turns: 10,000 turns took minutes.)
+    """
     if is_last:
         end = len(text) - len(chunk)
-        positions = [end] if end >= start and text.endswith(chunk) else []
-    else:
-        positions = []
-        pos = text.find(chunk, start)
-        while pos != -1:
-            positions.append(pos)
-            pos = text.find(chunk, pos + 1)
-    verbatim = [e for e in positions if text[start:e] == content]
-    substring = sorted((e for e in positions if e not in verbatim and text[start:e] in content), reverse=True)
-    if assistant:  # an assistant content must render verbatim or as a part of itself (trimmed, thinking stripped)
-        return verbatim + substring
-    others = [e for e in positions if e not in verbatim and e not in substring]
-    return verbatim + substring + others
+        if end >= start and text.endswith(chunk) and (not assistant or text[start:end] in content):
+            yield end
+        return
+    verbatim = start + len(content)
+    if text.startswith(content, start) and text.startswith(chunk, verbatim):
+        yield verbatim
+    # Longer than the content, text[start:end] cannot be a part of it, so the parts end at occurrences of ``chunk``
+    # within len(content) of ``start``; and a prefix of a part is a part, so they are the occurrences up to the last
+    # one that ends a part, found by bisection.
+    window_end = start + len(content) + len(chunk)
+    window: list[int] = []
+    position = text.find(chunk, start, window_end)
+    while position != -1:
+        window.append(position)
+        position = text.find(chunk, position + 1, window_end)
+    low, high = 0, len(window)
+    while low < high:
+        middle = (low + high) // 2
+        if text[start : window[middle]] in content:
+            low = middle + 1
+        else:
+            high = middle
+    yield from (end for end in reversed(window[:low]) if end != verbatim)
+    if assistant:
+        return
+    yield from window[low:]
+    position = text.find(chunk, start + len(content) + 1)
+    while position != -1:
+        yield position
+        position = text.find(chunk, position + 1)
+
+
+# How many candidate content ends the alignment of one conversation may try, per message and in all. A regular
+# rendering takes the first candidate of every message; backtracking is for templates that transform content, and
+# a rendering that cannot be aligned within this many tries is a template_error rather than a stalled batch.
+_ALIGNMENT_TRIES_PER_MESSAGE = 64
+_ALIGNMENT_TRIES_MIN = 10_000
 
 
 def _locate_contents(
     text: str, chunks: list[str], order: list[int], messages: list[dict[str, Any]]
 ) -> dict[int, tuple[int, int]]:
-    """Find each rendered content's (start, end) in ``text`` by walking the skeleton chunks (with backtracking)."""
+    """Find each rendered content's (start, end) in ``text`` by walking the skeleton chunks, depth first with
+    backtracking (an explicit stack: a conversation may have more turns than Python's recursion limit); a state
+    ``(k, start)`` that failed once is not walked again."""
     if not text.startswith(chunks[0]):
         raise MaskError("template_error", "the rendering does not start with the template's skeleton prefix")
+    count = len(order)
+    budget = max(_ALIGNMENT_TRIES_MIN, _ALIGNMENT_TRIES_PER_MESSAGE * count)
     spans: dict[int, tuple[int, int]] = {}
     failed: set[tuple[int, int]] = set()
-    count = len(order)
-
-    def walk(k: int, start: int) -> bool:
+    frames: list[tuple[int, int, Iterator[int]]] = []  # (k, start, the untried ends of content k)
+    k, start, tries = 0, len(chunks[0]), 0
+    while True:
         if k == count:
-            return start == len(text)
-        if (k, start) in failed:
-            return False
-        message = messages[order[k]]
-        nxt = chunks[k + 1]
-        ends = _candidate_ends(text, start, nxt, message["content"], k + 1 == count, message.get("role") == "assistant")
-        for end in ends:
-            spans[order[k]] = (start, end)
-            if walk(k + 1, end + len(nxt)):
-                return True
-        spans.pop(order[k], None)
-        failed.add((k, start))
-        return False
-
-    limit = sys.getrecursionlimit()
-    if count + 100 > limit:
-        sys.setrecursionlimit(count + 200)
-    try:
-        found = walk(0, len(chunks[0]))
-    finally:
-        sys.setrecursionlimit(limit)
-    if not found:
-        raise MaskError(
-            "template_error",
-            "could not align the rendering with the template skeleton (the template's text depends on message "
-            "content, or transforms assistant content beyond trimming/stripping)",
-        )
-    return spans
+            if start == len(text):
+                return spans
+        elif (k, start) not in failed:
+            message = messages[order[k]]
+            ends = _candidate_ends(
+                text, start, chunks[k + 1], message["content"], k + 1 == count, message.get("role") == "assistant"
+            )
+            frames.append((k, start, ends))
+        while frames:  # the next untried end of the deepest content that has one
+            k, start, ends = frames[-1]
+            end = next(ends, None)
+            if end is not None:
+                break
+            failed.add((k, start))
+            frames.pop()
+        else:
+            raise MaskError(
+                "template_error",
+                "could not align the rendering with the template skeleton (the template's text depends on message "
+                "content, or transforms assistant content beyond trimming/stripping)",
+            )
+        tries += 1
+        if tries > budget:
+            raise MaskError(
+                "template_error",
+                f"could not align the rendering with the template skeleton within {budget} tries (the template's "
+                "text depends on message content, or transforms assistant content beyond trimming/stripping)",
+            )
+        spans[order[k]] = (start, end)
+        k, start = k + 1, end + len(chunks[k + 1])
 
 
 def _trained_indices(messages: list[dict[str, Any]], cfg: MaskConfig) -> list[int]:
@@ -316,16 +359,23 @@ def _detect_marker(skeletons: _Skeletons, messages: list[dict[str, Any]], chunks
 
 
 def _render_with_spans(
-    skeletons: _Skeletons, messages: list[dict[str, Any]], cfg: MaskConfig, special_re: re.Pattern[str] | None
+    skeletons: _Skeletons,
+    messages: list[dict[str, Any]],
+    cfg: MaskConfig,
+    special_re: re.Pattern[str] | None,
+    text: str | None = None,
 ) -> _Rendered:
-    """Render ``messages`` and find the character spans to train; raises :class:`MaskError`."""
+    """Render ``messages`` (unless ``text`` is their rendering already) and find the character spans to train;
+    raises :class:`MaskError`."""
     _check_messages(messages, special_re)
     trained = _trained_indices(messages, cfg)
     if not trained:
         raise MaskError("no_trainable_tokens", "the conversation has no assistant turn")
-    text = _render(skeletons.tok, messages)
+    if text is None:
+        text = _render(skeletons.tok, messages)
     chunks, order = skeletons.get(messages)
-    missing = [i for i in trained if i not in order]
+    rendered = set(order)
+    missing = [i for i in trained if i not in rendered]
     if missing:
         raise MaskError("template_error", f"the template does not render assistant message(s) {missing}")
     marker = cfg.end_of_turn if cfg.end_of_turn is not None else _detect_marker(skeletons, messages, chunks, order)
@@ -372,6 +422,65 @@ def _offset_backend(tok: PreTrainedTokenizerBase) -> Tokenizer:
     copy.no_truncation()
     _BACKENDS[id(tok)] = (backend, size, copy)
     return copy
+
+
+# A rendering longer than this many characters per allowed token is first counted in pieces of that many characters
+# per allowed token (at least _MIN_PIECE_CHARS): text runs about 4 characters a token, so the first piece or two
+# usually prove a long row too long, and a huge one is never encoded whole (the Rust encoding of one character with
+# offsets costs about 130 bytes: a 50 MB row took 7 GB). A row below the size of a piece is simply encoded.
+_PIECE_CHARS_PER_TOKEN = 8
+_MIN_PIECE_CHARS = 4096
+# Tokens a cut between two pieces may add to their sum, for tokenizers that do not split text at whitespace.
+_TOKENS_PER_CUT = 16
+# Where a piece may end: before whitespace that follows other text, so no word is cut.
+_WORD_END = re.compile(r"\S(?=\s)")
+
+
+def _too_long_in_pieces(backend: Tokenizer, text: str, max_seq_len: int) -> str | None:
+    """Why ``text`` has more than ``max_seq_len`` tokens, found by counting it a piece at a time; None when that
+    is not certain (then the caller encodes it whole, as it does every text of at most one piece).
+
+    The pieces end before a whitespace character that follows other text. Tokenizers split text at whitespace
+    and at special tokens before they merge (byte-level and Metaspace pre-tokenizers both do), so the pieces'
+    tokens are the whole text's tokens and their sum is its exact count; :data:`_TOKENS_PER_CUT` tokens per cut
+    are taken off the sum all the same, for a cut inside a very long word. A row that fits is therefore never
+    called too long here, and its mask is built exactly as before.
+    """
+    piece = max(_PIECE_CHARS_PER_TOKEN * max_seq_len, _MIN_PIECE_CHARS)
+    if len(text) <= piece:
+        return None
+    counted, begin, cuts = 0, 0, 0
+    while begin < len(text):
+        stop = min(begin + piece, len(text))
+        if stop < len(text):
+            stop = _last_word_end(text, begin + piece // 2, stop)
+            cuts += 1
+        (encoding,) = backend.encode_batch_fast([text[begin:stop]], add_special_tokens=False)
+        counted += len(encoding)
+        begin = stop
+        at_least = counted - _TOKENS_PER_CUT * cuts
+        if at_least > max_seq_len:
+            return (
+                f"at least {at_least} tokens > max_seq_len {max_seq_len} "
+                f"(counted in the first {begin} of {len(text)} characters)"
+            )
+    return None
+
+
+def _last_word_end(text: str, low: int, high: int) -> int:
+    """The last position in ``(low, high]`` that ends a word (whitespace follows); ``high`` when there is none."""
+    found = None
+    for found in _WORD_END.finditer(text, low, high + 1):  # noqa: B007 (the last match is wanted)
+        pass
+    return found.start() + 1 if found is not None else high
+
+
+def _fits(backend: Tokenizer, text: str, max_seq_len: int) -> bool:
+    """Whether ``text`` has at most ``max_seq_len`` tokens (never encoding more than one piece of a long text)."""
+    if _too_long_in_pieces(backend, text, max_seq_len) is not None:
+        return False
+    (encoding,) = backend.encode_batch_fast([text], add_special_tokens=False)
+    return len(encoding) <= max_seq_len
 
 
 def _labels_from_offsets(
@@ -486,9 +595,16 @@ def tokenize_conversations(
             pending: list[tuple[int, _Rendered]] = []
             for row in range(begin, min(begin + _CHUNK_ROWS, len(conversations))):
                 try:
-                    pending.append((row, _render_with_spans(skeletons, list(conversations[row]), cfg, special_re)))
+                    rendered = _render_with_spans(skeletons, list(conversations[row]), cfg, special_re)
                 except MaskError as err:
                     results[row] = err
+                    continue
+                overflow = _too_long_in_pieces(backend, rendered.text, cfg.max_seq_len)
+                if overflow is not None:  # not encoded whole: bounded memory for a huge row
+                    too_long.append(row)
+                    results[row] = MaskError("too_long", overflow)
+                    continue
+                pending.append((row, rendered))
             if pending:
                 texts = [rendered.text for _, rendered in pending]
                 chunks.append((pending, encoder.submit(backend.encode_batch, texts, add_special_tokens=False)))
@@ -532,6 +648,13 @@ def _finish(rendered: _Rendered, enc: Encoding, truncated: bool) -> TokenizedCon
     )
 
 
+# Truncation checks this many candidate prefixes beyond the longest that a search assuming "more turns, more tokens"
+# finds, longest first, so a prefix that renders shorter than a shorter one (a reasoning template strips the thinking
+# of every assistant turn but the last) is still found; a conversation of up to 2 * 64 + 1 messages has every
+# candidate checked, as before the search existed.
+_TRUNCATION_LOOKAHEAD = 64
+
+
 def _truncate(
     skeletons: _Skeletons,
     messages: list[dict[str, Any]],
@@ -540,21 +663,63 @@ def _truncate(
     backend: Tokenizer,
     original: Any,
 ) -> TokenizedConversation | MaskError:
-    """Longest prefix of whole messages ending with an assistant turn that fits ``max_seq_len``."""
+    """Longest prefix of whole messages ending with an assistant turn that fits ``max_seq_len``.
+
+    Candidates are tried longest first, each rendered, counted, and if it fits aligned and encoded. Trying them all
+    costs time quadratic in the turns (every one renders a prefix), so with more than :data:`_TRUNCATION_LOOKAHEAD`
+    candidates the scan starts that many above the longest one that fits by a galloping search over the rendered
+    lengths (:func:`_longest_fitting`). This finds the longest prefix that fits unless a prefix longer by more than
+    that many assistant turns renders to fewer tokens.
+    """
     ends = [i + 1 for i, m in enumerate(messages) if m.get("role") == "assistant" and i + 1 < len(messages)]
-    for count in sorted(ends, reverse=True):
+    top = len(ends) - 1
+    if len(ends) > _TRUNCATION_LOOKAHEAD:  # with fewer, the scan checks every candidate anyway
+        found = _longest_fitting(skeletons.tok, backend, messages, ends, cfg.max_seq_len)
+        top = min(top, found + _TRUNCATION_LOOKAHEAD)
+    for count in reversed(ends[: top + 1]):
+        # A prefix that is too long or that the template cannot render or align is skipped either way, so the
+        # cheap length count comes before the alignment and the encoding with offsets.
         try:
-            rendered = _render_with_spans(skeletons, messages[:count], cfg, special_re)
+            text = _render(skeletons.tok, messages[:count])
+            if not _fits(backend, text, cfg.max_seq_len):
+                continue
+            rendered = _render_with_spans(skeletons, messages[:count], cfg, special_re, text)
         except MaskError as err:
             if err.reason == "template_error":  # e.g. a template that needs a final user turn: try shorter
                 continue
             return err
-        enc = backend.encode(rendered.text, add_special_tokens=False)
-        if len(enc) <= cfg.max_seq_len:
-            return _finish(rendered, enc, truncated=True)
+        return _finish(rendered, backend.encode(rendered.text, add_special_tokens=False), truncated=True)
     if isinstance(original, MaskError):
         return MaskError("too_long", f"{original.message}, and no prefix of whole turns ending with an assistant fits")
     return MaskError("too_long", "no prefix of whole turns ending with an assistant turn fits")
+
+
+def _longest_fitting(
+    tok: PreTrainedTokenizerBase, backend: Tokenizer, messages: list[dict[str, Any]], ends: list[int], max_seq_len: int
+) -> int:
+    """The index in ``ends`` of the longest prefix ``messages[:ends[i]]`` that fits ``max_seq_len``, if fitting is
+    monotone (a prefix fits when a longer one does); -1 when none does. Galloping from the shortest prefix, then
+    bisecting, renders O(log n) prefixes no longer than about twice the answer. A prefix the template refuses
+    counts as fitting here (the scan that follows skips it)."""
+
+    def fits(index: int) -> bool:
+        try:
+            text = _render(tok, messages[: ends[index]])
+        except MaskError:
+            return True
+        return _fits(backend, text, max_seq_len)
+
+    low, high = -1, 0  # ends[low] fits (-1: none known); ends[high] is the next to probe
+    while high < len(ends) and fits(high):
+        low, high = high, 2 * high + 1
+    high = min(high, len(ends))  # ends[high] does not fit (or is past the end)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 # ----------------------------------------------------------------------------------------------------------------

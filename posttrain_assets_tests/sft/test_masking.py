@@ -7,6 +7,9 @@ position by position with transformers' own ``{% generation %}`` assistant masks
 
 from __future__ import annotations
 
+import json
+import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,7 @@ from posttrain_assets.sft.masking import (
     tokenize_conversations,
     verify_mask,
 )
+from posttrain_assets_tests.real_data import REAL_DATA
 
 Messages = list[dict[str, Any]]
 
@@ -580,6 +584,197 @@ def test_truncate_not_prefix_stable_template(make_tokenizer: Callable[..., Any])
     assert trained_runs(tok, row) == ["<think>\n2 plus 2 is 4.\n</think>\n\nThe answer is 4.<|im_end|>"]
     assert (row.truncated, row.num_messages) == (True, 2)
     assert verify_mask(tok, CONV_THINK, row.input_ids, row.labels, cfg, num_messages=2) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# long conversations: alignment linear in the turns, huge rows counted in pieces, truncating many turns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def many_turns(count: int) -> Messages:
+    """``count`` alternating user/assistant turns, each content distinct."""
+    return [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: a few words about item {i}."}
+        for i in range(count)
+    ]
+
+
+def within(seconds: float, work: Callable[[], Any]) -> Any:
+    """``work()`` in a thread joined for at most ``seconds``, so a regression to the cubic alignment (10,000 turns
+    took over 400 s) fails the test instead of hanging the suite. Not a speed claim: that is the benchmark's."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def oracle_mask(tok: Any, messages: Messages, tagged: str) -> tuple[list[int], list[int]]:
+    """input_ids and transformers' ``{% generation %}`` assistant mask."""
+    oracle = tok.apply_chat_template(
+        messages, chat_template=tagged, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(oracle["input_ids"]), list(oracle["assistant_masks"])
+
+
+def test_ten_thousand_turns_too_long_are_quarantined(smollm2_tokenizer: Any) -> None:
+    messages = many_turns(10_000)
+    [result] = within(60, lambda: tokenize_conversations(smollm2_tokenizer, [messages], MaskConfig()))
+    assert isinstance(result, MaskError) and result.reason == "too_long"
+    text = smollm2_tokenizer.apply_chat_template(messages, tokenize=False)
+    found = re.fullmatch(
+        rf"at least (\d+) tokens > max_seq_len 4096 \(counted in the first (\d+) of {len(text)} characters\)",
+        result.message,
+    )
+    assert found is not None, result.message
+    at_least, counted = int(found.group(1)), int(found.group(2))
+    # counted in one piece (no more was needed), cut where a word ends; a lower bound of the real count
+    piece = max(masking._PIECE_CHARS_PER_TOKEN * 4096, masking._MIN_PIECE_CHARS)
+    assert counted <= piece and text[counted].isspace() and not text[counted - 1].isspace()
+    assert 4096 < at_least <= len(smollm2_tokenizer(text[:counted], add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_ten_thousand_turns_that_fit_match_generation_oracle(
+    family: Family, smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any]
+) -> None:
+    tok = family_tokenizer(family, smollm2_tokenizer, make_tokenizer)
+    messages = many_turns(10_000)
+    cfg = MaskConfig(max_seq_len=1_000_000)
+    [result] = within(60, lambda: tokenize_conversations(tok, [messages], cfg))
+    row = ok(result)
+    input_ids, mask = oracle_mask(tok, messages, family.tagged)
+    assert row.input_ids == input_ids
+    assert [int(label != IGNORE_INDEX) for label in row.labels] == mask
+    assert (row.num_messages, row.truncated, row.num_tokens) == (10_000, False, len(input_ids))
+
+
+def fastchat_as_one_conversation() -> Messages:
+    """Every real FastChat conversation, one after the other: one long row of real text (code, lists, newlines)."""
+    rows = json.loads((REAL_DATA / "fastchat" / "dummy_conversation.json").read_text(encoding="utf-8"))
+    roles = {"human": "user", "gpt": "assistant"}
+    messages = [{"role": roles[t["from"]], "content": t["value"]} for row in rows for t in row["conversations"]]
+    assert [m["role"] for m in messages[:2]] == ["user", "assistant"] and messages[-1]["role"] == "assistant"
+    return messages
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_pieces_count_a_long_rendering_exactly(
+    family: Family, smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok = family_tokenizer(family, smollm2_tokenizer, make_tokenizer)
+    messages = fastchat_as_one_conversation()
+    text = tok.apply_chat_template(messages, tokenize=False)
+    full = len(fresh_ids(tok, messages))
+    # pieces of 2,048 characters, so this row is cut fifty to seventy times
+    monkeypatch.setattr(masking, "_MIN_PIECE_CHARS", 2048)
+    monkeypatch.setattr(masking, "_PIECE_CHARS_PER_TOKEN", 0)
+    assert len(text) > 48 * 2048
+    # a row that fits exactly is tokenised as ever, whatever the pieces say
+    row = ok(tokenize_conversations(tok, [messages], MaskConfig(max_seq_len=full))[0])
+    assert row.input_ids == fresh_ids(tok, messages)
+    assert [int(label != IGNORE_INDEX) for label in row.labels] == oracle_mask(tok, messages, family.tagged)[1]
+    # one token over: the pieces' margin (16 tokens a cut) leaves it uncertain, so it is encoded whole
+    assert tokenize_conversations(tok, [messages], MaskConfig(max_seq_len=full - 1)) == [
+        MaskError("too_long", f"{full} tokens > max_seq_len {full - 1}")
+    ]
+    # without the margin the pieces' tokens sum to the whole text's count exactly: cuts end words
+    monkeypatch.setattr(masking, "_TOKENS_PER_CUT", 0)
+    assert tokenize_conversations(tok, [messages], MaskConfig(max_seq_len=full - 1)) == [
+        MaskError(
+            "too_long",
+            f"at least {full} tokens > max_seq_len {full - 1} (counted in the first {len(text)} of "
+            f"{len(text)} characters)",
+        )
+    ]
+
+
+class RecordingBackend:
+    """A tokenizers backend that remembers the longest text it was asked to encode."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.longest = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.backend, name)
+        if not name.startswith("encode"):
+            return method
+
+        def encode(texts: str | list[str], *args: Any, **kwargs: Any) -> Any:
+            self.longest = max(self.longest, *(len(t) for t in ([texts] if isinstance(texts, str) else texts)))
+            return method(texts, *args, **kwargs)
+
+        return encode
+
+
+@pytest.mark.parametrize("overflow", ["quarantine", "truncate"])
+def test_a_huge_row_is_never_encoded_whole(
+    smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, overflow: str
+) -> None:
+    real_backend = masking._offset_backend(smollm2_tokenizer)
+    recording = RecordingBackend(real_backend)
+    monkeypatch.setattr(masking, "_offset_backend", lambda tok: recording)
+    huge = "The same long answer goes on and on, line after line.\n" * 100_000  # 5.5 MB
+    rows = [[*CONV_SHORT, {"role": "user", "content": "More?"}, {"role": "assistant", "content": huge}], CONV_SHORT]
+    cfg = MaskConfig(overflow=overflow)  # type: ignore[arg-type]
+    big, small = tokenize_conversations(smollm2_tokenizer, rows, cfg)
+    # pieces only: the Rust encoding costs ~130 bytes a character
+    assert recording.longest <= max(masking._PIECE_CHARS_PER_TOKEN * cfg.max_seq_len, masking._MIN_PIECE_CHARS)
+    if overflow == "truncate":
+        assert (ok(big).num_messages, trained_runs(smollm2_tokenizer, ok(big))) == (2, ["Hi!<|im_end|>"])
+    else:
+        assert isinstance(big, MaskError) and big.reason == "too_long"
+        assert big.message.startswith("at least ") and big.message.endswith(" characters)")
+    assert ok(small).input_ids == fresh_ids(smollm2_tokenizer, CONV_SHORT)
+
+
+def prefix_token_counts(tok: Any, messages: Messages, counts: range) -> dict[int, int]:
+    """Tokens of ``apply_chat_template(messages[:count])`` for each count: every candidate prefix rendered."""
+    texts = tok.apply_chat_template([messages[:count] for count in counts], tokenize=False)
+    return dict(zip(counts, (len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]), strict=True))
+
+
+def test_truncating_thousands_of_turns_keeps_the_longest_prefix_that_fits(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    messages = many_turns(2_000)
+    cfg = MaskConfig(max_seq_len=4096, overflow="truncate")
+    [result] = within(60, lambda: tokenize_conversations(tok, [messages], cfg))
+    row = ok(result)
+    lengths = prefix_token_counts(tok, messages, range(2, 402, 2))
+    assert lengths[400] > 4096
+    expected = max(count for count, length in lengths.items() if length <= 4096)
+    assert (row.truncated, row.num_messages, row.num_tokens) == (True, expected, lengths[expected])
+    input_ids, mask = oracle_mask(tok, messages[:expected], CHATML_TAGGED)
+    assert row.input_ids == input_ids
+    assert [int(label != IGNORE_INDEX) for label in row.labels] == mask
+
+
+def test_truncation_finds_a_longer_prefix_that_renders_shorter(make_tokenizer: Callable[..., Any]) -> None:
+    family = FAMILIES[4]  # the reasoning template strips the thinking of every assistant turn but the last
+    tok = make_tokenizer(family.template, family.special_tokens, family.tokens)
+    thinking = "<think>\n" + "Let me think this through with care. " * 80 + "\n</think>\n\n"
+    messages = many_turns(300)  # 149 candidate prefixes: more than the scan checks without the search
+    messages[1] = {"role": "assistant", "content": thinking + messages[1]["content"]}
+    lengths = prefix_token_counts(tok, messages, range(2, 300, 2))
+    assert lengths[2] > lengths[20]  # keeping only the first answer keeps its thinking: longer than 20 turns
+    cfg = MaskConfig(max_seq_len=lengths[20], overflow="truncate")
+    row = ok(tokenize_conversations(tok, [messages], cfg)[0])
+    assert max(count for count, length in lengths.items() if length <= lengths[20]) == 20
+    assert (row.truncated, row.num_messages) == (True, 20)
+    input_ids, mask = oracle_mask(tok, messages[:20], family.tagged)
+    assert row.input_ids == input_ids
+    assert [int(label != IGNORE_INDEX) for label in row.labels] == mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
