@@ -78,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(dagster, [str(dagster), "dev", "-h", "127.0.0.1", "-p", "3000"])
 
     from posttrain_assets import pipeline, runs
+    from posttrain_assets.ingest.registry import RegistryError
 
     if args.command in ("demo", "run"):
         try:
             report = pipeline.run_all()
+        except (pipeline.RunFailed, RegistryError) as exc:  # the error itself, no traceback (that is in the UI)
+            print(f"posttrain {args.command}: {exc}", file=sys.stderr)
+            return 1
         except runs.WarehouseInUseError as exc:  # another process has the DuckDB file; nothing was written
             print(f"posttrain {args.command}: {exc}", file=sys.stderr)
             return 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import dagster as dg
@@ -70,7 +70,7 @@ def run_all(
     :class:`runs.WarehouseInUseError` before it writes anything.
 
     A failing blocking check is reported, not raised: the assets behind it keep their previous contents.
-    Any other failure (a step error) raises.
+    Any other failure (a step error) raises :class:`RunFailed`, naming the step and its error.
     """
     instance = instance or dg.DagsterInstance.get()
     definitions = definitions or load_definitions()
@@ -83,7 +83,11 @@ def run_all(
     run_config = {} if verbose else QUIET
     ingest = definitions.resolve_job_def("ingest_source")
     for name in registry.names:
-        runs.run_job_in_process(ingest, instance, database=database, partition_key=name, run_config=run_config)
+        result = runs.run_job_in_process(
+            ingest, instance, database=database, partition_key=name, run_config=run_config, raise_on_error=False
+        )
+        if errors := _step_errors(result):
+            raise RunFailed("; ".join(errors))  # one line, e.g. "bronze__records: source 'x': no file matches ..."
         print(f"ingested {name}")
     report = RunReport([], [])
     for job_name in ("refresh_corpus", "publish"):
@@ -95,11 +99,26 @@ def run_all(
     return report
 
 
+class RunFailed(RuntimeError):
+    """A step of a run failed (not a blocking check); the message has one line per failed step: its own error."""
+
+
 def _root_cause(error) -> str:
-    """The innermost error message of a Dagster step failure (the user code's own exception)."""
+    """The innermost error message of a Dagster step failure (the user code's own exception); a ``dg.Failure``'s
+    message as its asset wrote it."""
     while error.cause is not None:
         error = error.cause
-    return error.message.strip()
+    message = error.message.strip()
+    return message.split(": ", 1)[1] if error.cls_name == "Failure" else message
+
+
+def _step_errors(result: dg.ExecuteInProcessResult, skip: Collection[str] = ()) -> list[str]:
+    """``step: error`` for each failed step of ``result`` but those in ``skip``."""
+    return [
+        f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
+        for e in result.all_events
+        if e.is_step_failure and e.step_key not in skip and e.event_specific_data.error
+    ]
 
 
 def _run_job(
@@ -112,13 +131,8 @@ def _run_job(
     failed_check_steps = {
         step for step in failed_steps for e in evaluations if not e.passed and step.endswith(e.check_name)
     }
-    errors = [
-        f"{e.step_key}: {_root_cause(e.event_specific_data.error)}"
-        for e in result.all_events
-        if e.is_step_failure and e.step_key not in failed_check_steps and e.event_specific_data.error
-    ]
-    if errors:
-        raise RuntimeError(f"{job.name} failed:\n" + "\n".join(errors))
+    if errors := _step_errors(result, failed_check_steps):
+        raise RunFailed(f"{job.name} failed:\n" + "\n".join(errors))
     report.checks += [
         CheckVerdict(f"{e.asset_key.to_user_string()}:{e.check_name}", e.passed, e.description or "")
         for e in evaluations

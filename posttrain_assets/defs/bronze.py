@@ -8,6 +8,7 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource
 from posttrain_assets.ingest.bronze import IngestRun, bronze_batches
+from posttrain_assets.ingest.readers import LandingFileError
 from posttrain_assets.parallel import prefetched
 from posttrain_assets.warehouse.bronze import bronze_source_table, ensure_bronze, replace_bronze_source
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
@@ -41,13 +42,17 @@ def bronze_records(
         # source in memory), read and built in a background thread while DuckDB inserts the previous one; the
         # twin then replaces the source's table in one short transaction.
         with building(conn, bronze_source_table(source.name)) as twin:
-            for batch in prefetched(bronze_batches(run, files)):
-                twin.append(batch.rows)
-                per_file[str(batch.path)] = per_file.get(str(batch.path), 0) + batch.rows.num_rows
-                hashes[str(batch.path)] = batch.file_sha256
+            try:
+                for batch in prefetched(bronze_batches(run, files)):
+                    twin.append(batch.rows)
+                    per_file[str(batch.path)] = per_file.get(str(batch.path), 0) + batch.rows.num_rows
+                    hashes[str(batch.path)] = batch.file_sha256
+            except LandingFileError as exc:  # one line naming source and file; the source keeps its old rows
+                raise dg.Failure(f"source {source.name!r}: {exc}") from None
             replace_bronze_source(conn, source.name, twin)
         for path, count in per_file.items():
-            context.log.info(f"{source.name}: {path} ({hashes[path][:12]}): {count} rows")
+            log = context.log.warning if count == 0 else context.log.info
+            log(f"{source.name}: {path} ({hashes[path][:12]}): {count} rows")
         metadata = table_metadata(
             conn,
             BRONZE_RECORDS,

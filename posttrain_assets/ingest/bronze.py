@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from posttrain_assets.ingest.files import file_sha256
-from posttrain_assets.ingest.readers import RawRow, read_raw_rows
+from posttrain_assets.ingest.readers import RawRow, read_raw_rows, unreadable
 
 # Rows per Arrow batch handed to DuckDB: 30 batches fill one DuckDB row group (io.ROW_GROUP_ROWS).
 BATCH_ROWS = 4_096
@@ -65,10 +65,15 @@ def bronze_table(run: IngestRun, path: Path, file_hash: str, rows: Sequence[RawR
 def bronze_batches(run: IngestRun, files: Sequence[Path], batch_rows: int = BATCH_ROWS) -> Iterator[FileBatch]:
     """Every row of ``files``, in file order then row order, as batches of at most ``batch_rows`` rows.
 
-    A file with no rows yields one empty batch, so a caller counting rows per file still sees it.
+    A file with no rows yields one empty batch, so a caller counting rows per file still sees it. A file that
+    cannot be read at all raises ``readers.LandingFileError`` (one line naming it); one whose content stops decoding
+    part-way ends with a ``file broken`` row (readers.BROKEN_FILE).
     """
     for path in files:
-        file_hash = file_sha256(path)
+        try:
+            file_hash = file_sha256(path)
+        except OSError as exc:
+            raise unreadable(path, exc) from None
         batch: list[RawRow] = []
         emitted = False
         for row in read_raw_rows(path):

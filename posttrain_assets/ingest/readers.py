@@ -8,6 +8,18 @@ number, and nothing is dropped here.
 
 Row numbers are 0-based: the line index in a JSONL file (blank lines are skipped
 but still counted), the element index in a JSON array, the row index in Parquet.
+
+A UTF-8 byte order mark is not part of a row: one at the start of a file is skipped (and in JSONL one at the
+start of any line, as concatenated files carry them).
+
+What can go wrong with a file, and what a reader then does:
+
+- The file cannot be opened or read at all (missing, a directory, no permission, an I/O error) or has an
+  unsupported name: :class:`LandingFileError`, one line naming the file. Nothing is ingested from it.
+- Its content stops decoding part-way (a truncated or corrupt gzip stream, unreadable Parquet data): the rows read
+  before the break are yielded as usual, then one more row, numbered where the break is, holding the bytes read
+  after the last whole row and a ``decode_error`` that starts with :data:`BROKEN_FILE` and says why. Silver
+  quarantines that row as ``broken_file``, so the file shows up in quarantine with its row and reason.
 """
 
 from __future__ import annotations
@@ -15,14 +27,27 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+# decode_error of the row that ends a file whose content stopped decoding (see the module docstring)
+BROKEN_FILE = "file broken: "
+
+_BOM = codecs.BOM_UTF8
+
+
+class LandingFileError(Exception):
+    """A landing file that cannot be read as rows at all: it is missing, unreadable or of an unsupported type.
+    The message is one line that names the file."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +57,7 @@ class RawRow:
     ``data`` is the row's text as UTF-8: the row's own bytes, or for invalid UTF-8 the bytes decoded with
     replacement characters and re-encoded (``decode_error`` then says where the bad bytes were). Bronze hands
     ``data`` to Arrow as it is (building Arrow strings from Python ``str`` would encode every row again).
-    ``record_sha256`` hashes the row's original bytes.
+    ``record_sha256`` hashes the row's original bytes (without its line ending or byte order mark).
     """
 
     row_number: int
@@ -46,13 +71,56 @@ class RawRow:
         return self.data.decode("utf-8")
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+def _is_gzip(path: Path) -> bool:
+    return path.name.endswith(".gz")
+
+
+def _open_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading; :class:`LandingFileError` when the operating system refuses."""
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: Path, exc: OSError) -> LandingFileError:
+    """The one-line error for a file the operating system will not open or read."""
+    if isinstance(exc, FileNotFoundError):
+        return LandingFileError(f"{path}: file not found")
+    return LandingFileError(f"{path}: cannot be read ({exc.strerror or exc})")
+
+
+class _Chunks:
+    """The bytes of a landing file (decompressed for ``.gz``), in chunks of at most ``_CHUNK_BYTES``.
+
+    A decoding error of the content (a truncated or corrupt gzip stream) ends the chunks and is kept in ``error``;
+    every byte decoded before it has been handed out. An operating-system error is a :class:`LandingFileError`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _open_file(self.path) as raw:
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(self.path) else raw
+            while True:
+                try:
+                    # read1: at most one read of the file, so nothing decoded is held back when the next one fails
+                    chunk = stream.read1(_CHUNK_BYTES)
+                except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # BadGzipFile before OSError: it is one
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    return
+                except OSError as exc:
+                    raise unreadable(self.path, exc) from None
+                if not chunk:
+                    return
+                yield chunk
 
 
 def _open_bytes(path: Path) -> bytes:
-    with _open_binary(path) as f:
-        return f.read()
+    """The whole (decompressed) content of ``path``; only called for a file whose content decodes."""
+    return b"".join(_Chunks(path))
 
 
 def container_of(path: Path) -> str:
@@ -64,7 +132,7 @@ def container_of(path: Path) -> str:
         return "jsonl"
     if name.endswith(".json"):
         return "json"
-    raise ValueError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, optionally .gz for JSON)")
+    raise LandingFileError(f"{path}: unsupported file type (use .jsonl, .json, .parquet, optionally .gz for JSON)")
 
 
 def read_raw_rows(path: Path) -> Iterator[RawRow]:
@@ -90,12 +158,41 @@ def _raw_row(row_number: int, raw: bytes) -> RawRow:
         return RawRow(row_number, raw.decode("utf-8", errors="replace").encode("utf-8"), sha, decode_error=where)
 
 
+def _broken_row(row_number: int, raw: bytes, error: str) -> RawRow:
+    """The row that ends a file whose content stopped decoding: the bytes read after the last whole row."""
+    text = raw.decode("utf-8", errors="replace").encode("utf-8")
+    return RawRow(row_number, text, hashlib.sha256(raw).hexdigest(), decode_error=BROKEN_FILE + error)
+
+
+def _jsonl_row(index: int, line: bytes) -> RawRow | None:
+    """Line ``index`` (without its ``\\n``) as a row; None for a blank line."""
+    line = line.rstrip(b"\r")
+    if line.startswith(_BOM):
+        line = line[len(_BOM) :]
+    return _raw_row(index, line) if line.strip() else None
+
+
 def _jsonl_rows(path: Path) -> Iterator[RawRow]:
-    with _open_binary(path) as f:
-        for index, line in enumerate(f):  # binary files split on b"\n" only, as the JSONL spec does
-            line = (line[:-1] if line.endswith(b"\n") else line).rstrip(b"\r")
-            if line.strip():
-                yield _raw_row(index, line)
+    """Lines split on b"\\n" only, as the JSONL spec does; a line may run across any number of chunks."""
+    chunks = _Chunks(path)
+    index = 0
+    pending: list[bytes] = []  # the start of the line that runs past the chunks read so far
+    for chunk in chunks:
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:
+            pending.append(chunk)
+            continue
+        lines[0] = b"".join([*pending, lines[0]])
+        pending = [lines.pop()]
+        for line in lines:
+            if (row := _jsonl_row(index, line)) is not None:
+                yield row
+            index += 1
+    rest = b"".join(pending)
+    if chunks.error is not None:
+        yield _broken_row(index, rest, chunks.error)
+    elif (row := _jsonl_row(index, rest)) is not None:
+        yield row
 
 
 _CHUNK_BYTES = 1 << 20
@@ -104,93 +201,155 @@ _DECODER = json.JSONDecoder()
 
 
 def _starts_an_array(path: Path) -> bool:
-    """Whether the first non-whitespace byte of the file is ``[`` (else a ``.json`` file is read as JSONL)."""
-    with _open_binary(path) as f:
-        while chunk := f.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped.startswith(b"[")
-    return False
+    """Whether the first non-whitespace byte of the file (after a byte order mark) is ``[`` (else a ``.json``
+    file is read as JSONL)."""
+    head = b""
+    for chunk in _Chunks(path):
+        head = (head + chunk).lstrip()
+        if head.startswith(_BOM):
+            head = head[len(_BOM) :].lstrip()
+        if head and not _BOM.startswith(head):  # (a prefix of a byte order mark may be cut by the chunk's end)
+            return head.startswith(b"[")
+    return head.startswith(b"[")
 
 
-def _array_elements(path: Path) -> Iterator[Any]:
-    """The elements of the JSON array in ``path``, decoded one at a time from 1 MiB chunks.
+# Containers and strings, to find where a value too deeply nested for the standard library's decoder ends.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
-    Each element is parsed by the standard library's decoder (so numbers, escapes and big integers come out as
-    ``json.loads`` gives them); only the text from the current element on is held. Raises ``ValueError``
-    (``json.JSONDecodeError`` or ``UnicodeDecodeError``) where the file stops being a well-formed array.
+
+def _container_end(text: str, start: int) -> int | None:
+    """The end of the array or object that starts at ``text[start]``, found by counting brackets outside strings
+    (no recursion, so any depth); None when ``text`` ends before it does."""
+    depth, pos = 0, start
+    while match := _STRUCTURE.search(text, pos):
+        if match.group() == '"':
+            string = _STRING_REST.match(text, match.end())
+            if string is None:
+                return None
+            pos = string.end()
+            continue
+        depth += 1 if match.group() in "[{" else -1
+        pos = match.end()
+        if depth == 0:
+            return pos
+    return None
+
+
+class _ArrayReader:
+    """The elements of the JSON array in a file, as row payloads, decoded one at a time from chunks.
+
+    Each element is parsed by the standard library's decoder and re-serialised (so numbers, escapes and big
+    integers come out as ``json.loads`` gives them); an element nested too deeply for it keeps its text as it is
+    in the file (silver quarantines it). Only the text from the current element on is held. :meth:`elements`
+    raises ``ValueError`` (``json.JSONDecodeError`` or ``UnicodeDecodeError``) where the file stops being a
+    well-formed array; when that is because its content stopped decoding, ``chunks.error`` says why and
+    :meth:`tail` holds the text read after the last whole element.
     """
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    with _open_binary(path) as f:
-        buf, pos, eof = "", 0, False
 
-        def more() -> bool:
-            nonlocal buf, pos, eof
-            if eof:
-                return False
-            chunk = f.read(_CHUNK_BYTES)
-            eof = not chunk
-            buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
-            return True
+    def __init__(self, path: Path) -> None:
+        self.chunks = _Chunks(path)
+        self._source = iter(self.chunks)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._buf, self._pos, self._eof = "", 0, False
 
-        def skip_whitespace() -> str:
-            """Advance past whitespace; the next character ('' at the end of the file)."""
-            nonlocal pos
-            while True:
-                pos = _JSON_WHITESPACE.match(buf, pos).end()  # type: ignore[union-attr]
-                if pos < len(buf) or not more():
-                    return buf[pos : pos + 1]
+    def tail(self) -> str:
+        """The text read after the last whole element."""
+        return self._buf[self._pos :]
 
-        if skip_whitespace() != "[":
-            raise json.JSONDecodeError("expected '['", buf, pos)
-        pos += 1
-        if skip_whitespace() == "]":
-            pos += 1
+    def elements(self, serialise: bool = True) -> Iterator[bytes]:
+        """Each element's payload (``b""`` for every element when not ``serialise``: a check of the file)."""
+        if self._skip_whitespace() == "\ufeff":  # a byte order mark
+            self._pos += 1
+        if self._skip_whitespace() != "[":
+            raise json.JSONDecodeError("expected '['", self._buf, self._pos)
+        self._pos += 1
+        if self._skip_whitespace() == "]":
+            self._pos += 1
         else:
             while True:
-                while True:
-                    try:
-                        value, end = _DECODER.raw_decode(buf, pos)
-                    except json.JSONDecodeError:
-                        if more():
-                            continue  # the element runs past this chunk
-                        raise
-                    if end < len(buf) or not more():  # a number at the chunk's end may go on in the next one
-                        break
-                pos = end
-                yield value
-                separator = skip_whitespace()
-                pos += 1
+                yield self._element(serialise)
+                separator = self._skip_whitespace()
+                self._pos += 1
                 if separator == "]":
                     break
                 if separator != ",":
-                    raise json.JSONDecodeError("expected ',' or ']'", buf, pos - 1)
-                skip_whitespace()
-        if skip_whitespace():
-            raise json.JSONDecodeError("extra data after the array", buf, pos)
+                    raise json.JSONDecodeError("expected ',' or ']'", self._buf, self._pos - 1)
+                self._skip_whitespace()
+        if self._skip_whitespace():
+            raise json.JSONDecodeError("extra data after the array", self._buf, self._pos)
+
+    def _more(self) -> bool:
+        """Append the next chunk to the text from the current position on; False at the end of the file."""
+        if self._eof:
+            return False
+        chunk = next(self._source, b"")
+        self._eof = not chunk
+        self._buf, self._pos = self._buf[self._pos :] + self._utf8.decode(chunk, final=self._eof), 0
+        return True
+
+    def _skip_whitespace(self) -> str:
+        """Advance past whitespace; the next character ('' at the end of the file)."""
+        while True:
+            self._pos = _JSON_WHITESPACE.match(self._buf, self._pos).end()  # type: ignore[union-attr]
+            if self._pos < len(self._buf) or not self._more():
+                return self._buf[self._pos : self._pos + 1]
+
+    def _element(self, serialise: bool) -> bytes:
+        """The payload of the element at the current position, which is then moved past it."""
+        while True:
+            buf, pos = self._buf, self._pos
+            try:
+                value, end = _DECODER.raw_decode(buf, pos)
+                payload = json.dumps(value, ensure_ascii=False) if serialise else ""
+            except json.JSONDecodeError:
+                if self._more():
+                    continue  # the element runs past this chunk
+                raise
+            except RecursionError:
+                end = _container_end(buf, pos)
+                if end is None:
+                    if self._more():
+                        continue
+                    raise json.JSONDecodeError("unterminated value", buf, pos) from None
+                payload = buf[pos:end]
+            if end < len(buf) or not self._more():  # a number at the chunk's end may go on in the next one
+                self._pos = end
+                return payload.encode("utf-8")
 
 
 def _json_array_rows(path: Path) -> Iterator[RawRow]:
-    """Rows of a JSON array, re-serialised one element each.
+    """Rows of a JSON array, one element each.
 
     The file is checked in a first streaming pass: a file that is not a well-formed array is one broken row
-    (silver quarantines it with the parse error), and nothing of it is yielded before that is known.
+    (silver quarantines it with the parse error), and nothing of it is yielded before that is known. A file whose
+    content stops decoding keeps the elements before the break, then ends with a :data:`BROKEN_FILE` row.
     """
+    check = _ArrayReader(path)
+    count = 0
     try:
-        for _ in _array_elements(path):
-            pass
+        for _ in check.elements(serialise=False):
+            count += 1
     except ValueError:
-        yield _raw_row(0, _open_bytes(path))
-        return
-    for index, element in enumerate(_array_elements(path)):
-        yield _raw_row(index, json.dumps(element, ensure_ascii=False).encode("utf-8"))
+        if check.chunks.error is None:
+            yield _raw_row(0, _open_bytes(path))
+            return
+    for index, payload in enumerate(itertools.islice(_ArrayReader(path).elements(), count)):
+        yield _raw_row(index, payload)
+    if check.chunks.error is not None:
+        yield _broken_row(count, check.tail().encode("utf-8"), check.chunks.error)
 
 
 def _parquet_rows(path: Path) -> Iterator[RawRow]:
-    parquet = pq.ParquetFile(path)
-    index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            raw = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
-            yield _raw_row(index, raw)
-            index += 1
+    """Rows of a Parquet file as JSON objects. Data Arrow cannot read ends the file with a BROKEN_FILE row."""
+    with _open_file(path) as handle:
+        index = 0
+        try:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=4096)
+            for batch in batches:
+                records = batch.to_pylist()
+                for record in records:
+                    yield _raw_row(index, json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
+                    index += 1
+        except (pa.ArrowException, OSError) as exc:
+            yield _broken_row(index, b"", f"{type(exc).__name__}: {exc}")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain_assets.ingest.readers import BROKEN_FILE
 from posttrain_assets.ingest.registry import Registry, Source
 from posttrain_assets.records.formats import get_adapter
-from posttrain_assets.records.schema import CanonicalRecord, RecordError
+from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES, MAX_JSON_DEPTH, CanonicalRecord, RecordError
 
 # Maps a landing file path to the creation time recorded on its rows.
 CreatedAt = Callable[[str], dt.datetime]
@@ -29,20 +31,84 @@ class Rejected:
     message: str
 
 
-def parse_payload(payload: str, decode_error: str | None, format_name: str, regime: str) -> CanonicalRecord | Rejected:
-    """Map one raw row to a canonical record, or say why it cannot be."""
+# Strings and brackets of JSON text, to measure its nesting without parsing it.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` opens more than ``limit`` arrays/objects inside each other (brackets inside strings
+    do not count). Linear in the text, no recursion."""
+    if text.count("[") + text.count("{") <= limit:  # most rows: too few brackets to nest that deep
+        return False
+    depth, pos = 0, 0
+    while match := _STRUCTURE.search(text, pos):
+        pos = match.end()
+        char = match.group()
+        if char == '"':
+            string = _STRING_REST.match(text, pos)
+            if string is None:  # an unterminated string: the parser says what is wrong
+                return False
+            pos = string.end()
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _utf8_bytes_over(text: str, limit: int) -> int | None:
+    """The UTF-8 length of ``text`` when it is over ``limit``, else None (encoding only when it could be)."""
+    if len(text) * 4 <= limit:  # at most 4 bytes per character
+        return None
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    return size if size > limit else None
+
+
+def parse_payload(
+    payload: str,
+    decode_error: str | None,
+    format_name: str,
+    regime: str,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+) -> CanonicalRecord | Rejected:
+    """Map one raw row to a canonical record, or say why it cannot be.
+
+    Never raises for a bad row: a file that broke at this row, bad bytes, a row over ``max_row_bytes``, bad JSON,
+    JSON nested deeper than :data:`MAX_JSON_DEPTH` (or too deep for the stack however it is reached) and every
+    adapter error are a :class:`Rejected` with their reason code.
+    """
+    if decode_error is not None and decode_error.startswith(BROKEN_FILE):
+        cause = decode_error.removeprefix(BROKEN_FILE)
+        return Rejected(
+            "broken_file", None, f"the file cannot be read from this row on ({cause}); rows before it are kept"
+        )
+    if (size := _utf8_bytes_over(payload, max_row_bytes)) is not None:
+        return Rejected(
+            "too_large", None, f"the row is {size:,} bytes, over the limit of {max_row_bytes:,} (max_row_bytes)"
+        )
     if decode_error is not None:
         return Rejected("invalid_utf8", None, f"row is not valid UTF-8 ({decode_error})")
+    payload = payload.removeprefix("\ufeff")  # a byte order mark (rows ingested before readers dropped it)
+    too_deep = Rejected("too_deep", None, f"the JSON nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
+    if _nests_deeper_than(payload, MAX_JSON_DEPTH):
+        return too_deep
     try:
         row: Any = json.loads(payload)
     except json.JSONDecodeError as exc:
         return Rejected("bad_json", None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except RecursionError:
+        return too_deep
     if not isinstance(row, dict):
         return Rejected("not_an_object", None, f"expected a JSON object, got {type(row).__name__}")
     try:
         return get_adapter(format_name).parse(row, regime)
     except RecordError as exc:
         return Rejected(exc.reason, exc.field, exc.message)
+    except RecursionError:  # an adapter walking a structure nested too deeply for the stack where it runs
+        return too_deep
 
 
 def describe(rejected: Rejected, file_path: str, row_number: int) -> str:
@@ -103,11 +169,13 @@ class Normalised:
     bronze: dict[str, Any]
 
 
-def normalise_row(registry: Registry, created_at: CreatedAt, bronze: dict[str, Any]) -> Normalised:
+def normalise_row(
+    registry: Registry, created_at: CreatedAt, bronze: dict[str, Any], max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> Normalised:
     """Parse one bronze row with its source's adapter into a canonical record, or a canonical-stage quarantine
-    entry saying why it cannot be."""
+    entry saying why it cannot be (rows over ``max_row_bytes`` are not parsed)."""
     source = registry.get(bronze["source"])
-    result = parse_payload(bronze["payload"], bronze["decode_error"], source.format, source.regime)
+    result = parse_payload(bronze["payload"], bronze["decode_error"], source.format, source.regime, max_row_bytes)
     if isinstance(result, Rejected):
         message = describe(result, bronze["file_path"], bronze["row_number"])
         return Normalised(None, quarantine_entry(bronze, "canonical", result.reason, result.field, message), bronze)

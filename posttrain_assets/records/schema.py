@@ -17,10 +17,23 @@ REGIMES = ("sft", "preference", "rl")
 ROLES = ("system", "user", "assistant", "tool")
 SOURCE_KINDS = ("human", "ai", "synthetic")
 
+# Rows longer than this (UTF-8 bytes) are quarantined as ``too_large`` before they are parsed; the silver pass's
+# ``max_row_bytes`` (CleaningConfig, and the silver_canonical asset's config) overrides it.
+DEFAULT_MAX_ROW_BYTES = 16 * 1024 * 1024
+# Rows nesting JSON arrays/objects deeper than this are quarantined as ``too_deep`` before they are parsed: a fixed
+# limit, so the verdict does not depend on how deep the Python stack already is where the row is parsed (the
+# standard library's decoder and the adapters recurse once per level), and far above any real chat, pair or prompt.
+MAX_JSON_DEPTH = 100
+
 # Reason codes a row can be quarantined with. Every code has a one-line meaning,
 # listed in docs/tables.md; adapters and the silver stage use only these.
 REASONS: dict[str, str] = {
+    "broken_file": "the landing file stops decoding at this row (truncated or corrupt gzip, unreadable Parquet data); "
+    "its rows before are kept, the rest of the file is unread",
+    "too_large": f"the row is longer than the silver pass's max_row_bytes ({DEFAULT_MAX_ROW_BYTES >> 20} MiB by "
+    "default); it is not parsed",
     "bad_json": "the row is not valid JSON",
+    "too_deep": f"the row's JSON nests arrays/objects more than {MAX_JSON_DEPTH} levels deep; it is not parsed",
     "invalid_utf8": "the row's bytes are not valid UTF-8",
     "not_an_object": "the row is valid JSON but not an object",
     "missing_field": "a required field is absent or null",

@@ -27,7 +27,12 @@ BRONZE_RECORDS = Table(
     (
         *PROVENANCE_COLUMNS,
         _c("payload", "VARCHAR", "the raw row text (JSON line, array element or Parquet row as JSON)", False),
-        _c("decode_error", "VARCHAR", "where the row's bytes are not UTF-8 (payload then has U+FFFD)"),
+        _c(
+            "decode_error",
+            "VARCHAR",
+            "where the row's bytes are not UTF-8 (payload then has U+FFFD); 'file broken: <why>' on the row that "
+            "ends a file whose content stopped decoding (payload: what was read after the last whole row)",
+        ),
         _c("file_sha256", "VARCHAR", "sha256 of the whole landing file", False),
         _c("ingested_at", "TIMESTAMP WITH TIME ZONE", "when this partition was (re)ingested", False),
         _c("run_id", "VARCHAR", "Dagster run that ingested the row", False),

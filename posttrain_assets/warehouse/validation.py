@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import duckdb
 
+from posttrain_assets.warehouse.bronze import bronze_source_table
 from posttrain_assets.warehouse.catalogue import (
     BRONZE_RECORDS,
     SILVER_DEDUP_CLUSTERS,
@@ -96,7 +97,8 @@ def _nulls(
 
 @dataclass(frozen=True)
 class SourceAccount:
-    """Where one source's bronze rows went. ``missing`` and ``double_counted`` must be 0."""
+    """Where one source's bronze rows went. ``missing`` and ``double_counted`` must be 0. ``ingested`` tells a
+    source whose files held no rows (ingested, 0 rows) from one that was never ingested."""
 
     source: str
     bronze: int
@@ -106,6 +108,7 @@ class SourceAccount:
     duplicates: int
     missing: int
     double_counted: int
+    ingested: bool = True
 
     @property
     def balanced(self) -> bool:
@@ -139,11 +142,23 @@ ORDER BY b.source
 """
 
 
+# Which of the given tables exist in the bronze schema.
+_EXISTING_BRONZE_TABLES = f"""
+SELECT table_name FROM duckdb_tables()
+WHERE database_name = current_database() AND schema_name = '{BRONZE_RECORDS.schema}'
+  AND list_contains($names, table_name)
+"""
+
+
 def account_sources(conn: duckdb.DuckDBPyConnection, sources: Sequence[str]) -> list[SourceAccount]:
     """Per source: bronze rows, where they went, and how many are missing or placed twice."""
     rows = conn.execute(ACCOUNTING_SQL, {"sources": list(sources)}).fetchall()
     accounts = [SourceAccount(*row) for row in rows]
     seen = {a.source for a in accounts}
-    # A registered source with no bronze rows at all has not been ingested: say so.
-    accounts += [SourceAccount(s, 0, 0, 0, 0, 0, 0, 0) for s in sources if s not in seen]
+    # A registered source without bronze rows was ingested from files that held none when its bronze table exists
+    # (ingestion writes one per source, rows or not), else never ingested.
+    table_of = {bronze_source_table(s).name: s for s in sources if s not in seen}
+    existing = conn.execute(_EXISTING_BRONZE_TABLES, {"names": list(table_of)}).fetchall()
+    ingested = {table_of[name] for (name,) in existing}
+    accounts += [SourceAccount(s, 0, 0, 0, 0, 0, 0, 0, s in ingested) for s in sources if s not in seen]
     return accounts

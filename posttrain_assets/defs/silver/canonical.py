@@ -17,6 +17,7 @@ from posttrain_assets.defs.metadata import column_lineage, markdown_table, table
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes
+from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES
 from posttrain_assets.warehouse.bronze import ensure_bronze
 from posttrain_assets.warehouse.catalogue import (
     BRONZE_RECORDS,
@@ -74,6 +75,8 @@ class CleaningPassConfig(dg.Config):
     leak_policy: Literal["report", "prefer_rl"] = "report"
     # worker processes for parsing, the quality gate, token counts and MinHash signatures; 0: one per core
     processes: int = 0
+    # bronze rows longer than this (UTF-8 bytes) are quarantined as too_large without being parsed
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
     def cleaning(self) -> CleaningConfig:
         def minhash(words: int) -> MinHashConfig:
@@ -95,6 +98,7 @@ class CleaningPassConfig(dg.Config):
             decontamination_ngram=self.decontamination_ngram,
             leak_policy=self.leak_policy,
             processes=self.processes or default_processes(),
+            max_row_bytes=self.max_row_bytes,
         )
 
 
