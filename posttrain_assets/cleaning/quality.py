@@ -29,6 +29,8 @@ QUALITY_REASONS: dict[str, str] = {
     "empty_turn": "a turn, chosen, rejected or answer is empty or whitespace only",
     "roles_not_alternating": "turns do not alternate user/assistant after an optional system turn",
     "sft_not_ending_with_assistant": "an SFT conversation does not end with an assistant turn",
+    "special_token_in_content": "a text field (a message, chosen, rejected or answer) contains a special token of the "
+    "tokenizer",
     "tie_pair": "chosen and rejected are equal after normalisation",
     "refusal_boilerplate": "an assistant turn (SFT) or chosen response is refusal / disclaimer boilerplate",
     "language_not_allowed": "the detected language is not in the allowed set",
@@ -101,6 +103,8 @@ class QualityConfig:
     - ``refusal_in_preference_chosen``: check preference ``chosen`` (default off: in harmlessness data
       such as HH-RLHF the preferred answer to a harmful request is often a legitimate refusal; dropping
       those would remove exactly the signal the pair carries). ``rejected`` is never checked.
+    - ``special_tokens``: the tokenizer's special tokens (``masking.special_tokens``; the silver pass fills them
+      in from the project tokenizer): no text field of any regime may contain one. Empty: nothing is checked.
     """
 
     allowed_languages: frozenset[str] | None = frozenset({"en"})
@@ -111,17 +115,23 @@ class QualityConfig:
     refusal_patterns: tuple[str, ...] = DEFAULT_REFUSAL_PATTERNS
     refusal_in_sft: bool = True
     refusal_in_preference_chosen: bool = False
+    special_tokens: tuple[str, ...] = ()
     _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
     _any_refusal: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _commercial_casefold: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    _special_token: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """Compile the refusal patterns once (also as one alternation), casefold the commercial ids once."""
+        """Compile the refusal patterns once (also as one alternation), casefold the commercial ids once, and
+        compile the special tokens into one pattern (longest first, so the longest one present is named)."""
         flags = re.IGNORECASE | re.DOTALL
         compiled = tuple(re.compile(p, flags) for p in self.refusal_patterns)
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_any_refusal", _alternation(compiled, flags))
         object.__setattr__(self, "_commercial_casefold", frozenset(x.casefold() for x in self.commercial_licenses))
+        specials = sorted({s for s in self.special_tokens if s}, key=lambda s: (-len(s), s))
+        pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+        object.__setattr__(self, "_special_token", pattern)
 
     def refusal_match(self, text: str) -> str | None:
         """The first refusal pattern matching ``text``, or None.
@@ -217,6 +227,21 @@ def sft_not_ending_with_assistant(record: Record, cfg: QualityConfig) -> Drop | 
     return None
 
 
+def special_token_in_content(record: Record, cfg: QualityConfig) -> Drop | None:
+    """A special token of the tokenizer (``cfg.special_tokens``) in any text field of any regime: a message's
+    content (SFT conversation, preference or RL prompt), ``chosen``, ``rejected`` or ``answer``. Rendered, it
+    would be a real control token (``<|im_end|>`` inside a chosen answer ends the turn there and starts a forged
+    one), in training and in the trainer exports alike."""
+    if cfg._special_token is None:
+        return None
+    fields = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(record.get("messages") or [])]
+    fields += [(key, record.get(key)) for key in ("chosen", "rejected", "answer")]
+    for where, text in fields:
+        if isinstance(text, str) and (found := cfg._special_token.search(text)):
+            return Drop("special_token_in_content", f"{where} contains special token {found.group(0)!r}")
+    return None
+
+
 def tie_pair(record: Record, cfg: QualityConfig) -> Drop | None:
     """A preference pair whose chosen and rejected are equal after :func:`posttrain_assets.text.fold` (no signal).
 
@@ -254,6 +279,7 @@ FILTER_ORDER: tuple[Filter, ...] = (
     empty_turn,
     roles_not_alternating,
     sft_not_ending_with_assistant,
+    special_token_in_content,
     tie_pair,
     refusal_boilerplate,
 )
