@@ -57,6 +57,7 @@ from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdi
 from posttrain_assets.ingest.registry import Registry
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.records.normalize import PROVENANCE, FirstSeen, cleaning_entry, duplicate_entry, normalise_row
+from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES
 from posttrain_assets.sft.masking import special_tokens
 from posttrain_assets.sft.token_counts import token_counts
 from posttrain_assets.warehouse.catalogue import (
@@ -96,6 +97,7 @@ class CleaningConfig:
     batch_rows: int = 4096  # bronze rows per Arrow batch (and staged rows per read-back batch)
     # worker processes for stages 0-1 and the MinHash signatures (1: none)
     processes: int = field(default_factory=default_processes)
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer bronze rows are quarantined as too_large, not parsed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,6 +333,7 @@ class GateContext:
     tokenizer: Any
     created_at: dict[str, dt.datetime]  # per landing file (a mapping, so it pickles whatever the caller's callable)
     quality: QualityConfig
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
 
 @dataclass
@@ -350,7 +353,7 @@ def normalise_and_gate_batch(context: GateContext, bronze: Any) -> list[GatedRow
     """Stages 0 and 1 for one Arrow batch of bronze rows, in order: parse, quality gate, token counts and
     the keys the later stages group on. Pure (no DuckDB), so batches can run in worker processes."""
     created_at = context.created_at.__getitem__
-    normalised = [normalise_row(context.registry, created_at, row) for row in bronze.to_pylist()]
+    normalised = [normalise_row(context.registry, created_at, row, context.max_row_bytes) for row in bronze.to_pylist()]
     out = [GatedRow(n.key, _destination(n.key), n.row, {k: n.bronze[k] for k in PROVENANCE}) for n in normalised]
     training = [i for i, n in enumerate(normalised) if n.key is not None and n.key[0] != "eval"]
     verdicts = quality_verdicts([normalised[i].row for i in training], context.quality)
@@ -394,7 +397,9 @@ def normalise_and_gate(
     files = conn.execute(BRONZE_FILES, {"sources": registry.names}).fetchall()
     # The gate refuses the tokenizer's special tokens in every text field of every regime (unless given others).
     quality = dataclasses.replace(cfg.quality, special_tokens=cfg.quality.special_tokens or special_tokens(tokenizer))
-    context = GateContext(registry, tokenizer, {file: created_at(file) for _, file, _ in files}, quality)
+    context = GateContext(
+        registry, tokenizer, {file: created_at(file) for _, file, _ in files}, quality, cfg.max_row_bytes
+    )
     processes = processes_for(sum(rows for _, _, rows in files), cfg.batch_rows, cfg.processes)
     batches = _bronze_in_priority_order(conn, registry, files, cfg.batch_rows)
     first_seen = FirstSeen()
