@@ -3,7 +3,7 @@
 A YAML file with a top-level ``sources:`` list. Each entry::
 
     - name: demo_sft_messages      # unique, [a-z0-9_]+; also the bronze partition key
-      path: sft/messages.jsonl      # file or glob, relative to the registry file
+      path: sft/messages.jsonl      # file or glob, relative to the registry file and inside its folder
       format: messages              # adapter name (posttrain_assets.records.formats.ADAPTERS)
       regime: sft                   # optional; default is the format's first regime
       license: Apache-2.0           # SPDX-like id
@@ -13,11 +13,17 @@ A YAML file with a top-level ``sources:`` list. Each entry::
 
 The order of entries is the source priority used when duplicates are resolved.
 A malformed registry raises :class:`RegistryError` naming the entry and field.
+
+A relative path (or glob) must stay inside the registry file's folder: ``..`` may not climb out of it, so a
+typo or a copied registry never reads files elsewhere without a word. To read files outside it, write an
+absolute path, which says so explicitly. (Symbolic links inside the folder are followed: whoever put them there
+chose their targets.)
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,6 +159,14 @@ def _parse_entry(path: Path, index: int, entry: object) -> Source:
     role = entry.get("role") or "train"
     if role not in ROLES:
         raise fail("role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+    if not Path(entry["path"]).is_absolute():
+        target = Path(os.path.normpath(path.parent / entry["path"]))  # lexically: a glob matches no one file
+        if not target.is_relative_to(path.parent):
+            raise fail(
+                "path",
+                f"{entry['path']!r} leads outside the registry's folder {path.parent} (to {target}); "
+                "write an absolute path to read files elsewhere",
+            )
     return Source(
         name=entry["name"],
         path=entry["path"],

@@ -1,5 +1,6 @@
 """The source registry: valid files load in priority order; malformed ones name the entry and field."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,32 @@ def test_rendered_registry_loads_back(tmp_path: Path) -> None:
         ("a", "sft", "train", "x: y"),
         ("b", "rl", "eval", "z"),
     ]
+
+
+@pytest.mark.parametrize("outside", ["../secret.jsonl", "../*.jsonl", "sft/../../secret.jsonl", "sft/**/../../../*"])
+def test_a_relative_path_leading_outside_the_registry_folder_is_an_error(tmp_path: Path, outside: str) -> None:
+    folder = tmp_path.resolve() / "registry"  # resolved, as load_registry names it
+    (folder / "sft").mkdir(parents=True)
+    (tmp_path / "secret.jsonl").write_text('{"messages": []}\n')  # what the path would have read, silently
+    registry = write(folder, VALID.replace("path: sft/*.jsonl", f"path: {outside}"))
+    with pytest.raises(RegistryError) as err:
+        load_registry(registry)
+    target = os.path.normpath(folder / outside)
+    assert str(err.value) == (
+        f"{registry}: sources[0] (chats): field 'path': {outside!r} leads outside the registry's folder {folder} "
+        f"(to {target}); write an absolute path to read files elsewhere"
+    )
+
+
+def test_paths_inside_the_folder_and_absolute_paths_load(tmp_path: Path) -> None:
+    tmp_path = tmp_path.resolve()  # as Source.files() names files
+    folder = tmp_path / "registry"
+    (folder / "sft").mkdir(parents=True)
+    (folder / "sft" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "shared.jsonl").write_text("{}\n")
+    text = VALID.replace("path: sft/*.jsonl", "path: sft/../sft/./*.jsonl").replace(
+        "path: rl/gsm8k.jsonl", f"path: {tmp_path / 'shared.jsonl'}"
+    )
+    chats, bank = load_registry(write(folder, text)).sources
+    assert chats.files() == [folder / "sft" / "a.jsonl"]  # `..` that stays inside is fine
+    assert bank.files() == [tmp_path / "shared.jsonl"]  # an absolute path says explicitly where it reads
