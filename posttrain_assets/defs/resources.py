@@ -1,4 +1,4 @@
-"""Resources, built from environment variables at launch (never chosen at import time).
+"""Resources, built from environment variables (never chosen at import time).
 
 - ``duckdb``: the warehouse file, ``POSTTRAIN_DUCKDB_PATH``, with DuckDB's memory capped at
   :data:`DUCKDB_MEMORY_LIMIT` (a :class:`WarehouseResource`, which closes its connection when a step fails).
@@ -7,9 +7,13 @@
   a local tokenizer directory, or a model id already in the local Hugging Face cache), cached under
   ``POSTTRAIN_CACHE_DIR``.
 
-``posttrain`` (the CLI) and the Makefile set documented defaults for all of them.
+A variable that is set is passed as ``dg.EnvVar`` (Dagster reads it when a run starts); one that is not takes its
+documented default from :mod:`posttrain_assets.settings` when the definitions load, the same default ``posttrain``
+sets. So ``dagster dev -m posttrain_assets.definitions`` and ``dagster job execute -m posttrain_assets.definitions
+-j publish`` run with no project variable set, on ``data/`` under the current directory.
 """
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +24,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import PrivateAttr
 
 from posttrain_assets.ingest.registry import Registry, load_registry
+from posttrain_assets.settings import CACHE_DIR, DUCKDB_PATH, SOURCES, TOKENIZER, environment_defaults
 
 # DuckDB's default cap is 80% of the machine's memory, so joining or aggregating a large bronze table would grow
 # the process towards it; under this cap those operators spill to a temporary directory beside the database
@@ -34,11 +39,14 @@ class WarehouseResource(DuckDBResource):
     dagster-duckdb's ``get_connection`` closes after its ``yield`` only, so a failing asset left its read-write
     connection open for as long as the exception's traceback lived (until a garbage collection): in the same
     process (the in-process executor, ``posttrain run``, the benchmark) the database could then not be opened
-    read-only ("different configuration than existing connections"), nor by another process.
+    read-only ("different configuration than existing connections"), nor by another process. The database file's
+    folder is created when missing, so the default ``data/posttrain.duckdb`` works in a fresh checkout.
     """
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.database.startswith(":"):  # a file (not :memory:): its folder may not exist yet (data/)
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         with super().get_connection() as conn:
             try:
                 yield conn
@@ -81,16 +89,19 @@ class TokenizerResource(dg.ConfigurableResource):
         return self._identity
 
 
+def from_environment(name: str) -> str | dg.EnvVar:
+    """``dg.EnvVar(name)`` when the variable is set (and not empty), else its documented default."""
+    return dg.EnvVar(name) if os.environ.get(name) else environment_defaults()[name]
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
             "duckdb": WarehouseResource(
-                database=dg.EnvVar("POSTTRAIN_DUCKDB_PATH"), connection_config={"memory_limit": DUCKDB_MEMORY_LIMIT}
+                database=from_environment(DUCKDB_PATH), connection_config={"memory_limit": DUCKDB_MEMORY_LIMIT}
             ),
-            "registry": SourceRegistryResource(path=dg.EnvVar("POSTTRAIN_SOURCES")),
-            "tokenizer": TokenizerResource(
-                spec=dg.EnvVar("POSTTRAIN_TOKENIZER"), cache_dir=dg.EnvVar("POSTTRAIN_CACHE_DIR")
-            ),
+            "registry": SourceRegistryResource(path=from_environment(SOURCES)),
+            "tokenizer": TokenizerResource(spec=from_environment(TOKENIZER), cache_dir=from_environment(CACHE_DIR)),
         }
     )

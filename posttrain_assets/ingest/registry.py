@@ -10,6 +10,8 @@ A YAML file with a top-level ``sources:`` list. Each entry::
       origin: "https://... @ rev"   # URL or dataset id + revision
       kind: synthetic               # human | ai | synthetic
       role: eval                    # optional: train (default) | eval, never trained on
+      answer_format: "..."          # optional, RL only: the answer-format instruction the verl export appends to
+                                    # prompts (default: the verifier's; "" for none)
 
 The order of entries is the source priority used when duplicates are resolved.
 A malformed registry raises :class:`RegistryError` naming the entry and field.
@@ -23,6 +25,7 @@ chose their targets.)
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,7 +40,7 @@ from posttrain_assets.records.schema import SOURCE_KINDS
 NAME_PATTERN = re.compile(r"^[a-z0-9_]+$")
 ROLES = ("train", "eval")
 REQUIRED_FIELDS = ("name", "path", "format", "license", "origin", "kind")
-KNOWN_FIELDS = {*REQUIRED_FIELDS, "regime", "role"}
+KNOWN_FIELDS = {*REQUIRED_FIELDS, "regime", "role", "answer_format"}
 
 
 class RegistryError(ValueError):
@@ -57,6 +60,9 @@ class Source:
     kind: str
     role: str
     base_dir: Path
+    # RL only: the answer-format instruction the verl export appends to this source's prompts; None: the
+    # verifier's default (publish.exports.ANSWER_FORMAT_DEFAULTS), "": none.
+    answer_format: str | None = None
 
     @property
     def pattern(self) -> Path:
@@ -97,10 +103,11 @@ def render_registry(entries: Iterable[Mapping[str, str | None]], comments: Seque
     """
     lines = [f"# {c}" for c in comments] + ["sources:"]
     for entry in entries:
-        fields = [(k, entry.get(k)) for k in ("name", "path", "format", "regime", "license", "origin", "kind", "role")]
+        keys = ("name", "path", "format", "regime", "license", "origin", "kind", "role", "answer_format")
+        fields = [(k, entry.get(k)) for k in keys]
         present = [(k, v) for k, v in fields if v is not None]
         for i, (key, value) in enumerate(present):
-            text = f'"{value}"' if key == "origin" else value
+            text = json.dumps(value) if key == "answer_format" else f'"{value}"' if key == "origin" else value
             lines.append(f"  {'- ' if i == 0 else '  '}{key}: {text}")
     return "\n".join(lines) + "\n"
 
@@ -167,6 +174,12 @@ def _parse_entry(path: Path, index: int, entry: object) -> Source:
                 f"{entry['path']!r} leads outside the registry's folder {path.parent} (to {target}); "
                 "write an absolute path to read files elsewhere",
             )
+    answer_format = entry.get("answer_format")
+    if answer_format is not None:
+        if not isinstance(answer_format, str):
+            raise fail("answer_format", f"must be a string, got {type(answer_format).__name__}")
+        if regime != "rl":
+            raise fail("answer_format", f"only RL sources take an answer format, this one is {regime}")
     return Source(
         name=entry["name"],
         path=entry["path"],
@@ -177,4 +190,5 @@ def _parse_entry(path: Path, index: int, entry: object) -> Source:
         kind=entry["kind"],
         role=role,
         base_dir=path.parent,
+        answer_format=None if answer_format is None else answer_format.strip(),
     )

@@ -10,8 +10,15 @@ Parquet (``train.parquet``) and JSON Lines (``train.jsonl``) and a dataset card 
 - ``preference/`` and ``preference_length_balanced/``: TRL preference, conversational with an explicit prompt:
   ``id``, ``prompt`` (the prompt conversation), ``chosen`` and ``rejected`` (each a one-message assistant list),
   ``score_chosen``, ``score_rejected`` (null where the source has no scores).
-- ``rl/``: verl's RL parquet layout: ``data_source``, ``prompt`` (messages), ``ability`` (the domain),
-  ``reward_model`` {style: rule, ground_truth}, ``extra_info`` {id, index, split, verifier, difficulty, ...}.
+- ``rl/``: verl's RL parquet layout: ``data_source`` (the dataset as verl's ``default_compute_score`` routes it,
+  where it is one it knows), ``prompt`` (messages, with the answer-format instruction appended), ``ability`` (the
+  domain), ``reward_model`` {style: rule, ground_truth}, ``extra_info`` {id, index, split, source, verifier,
+  verifier_version, answer_format, difficulty, question}; plus ``reward.py``, verl's custom reward function scoring
+  with our own verifiers at the certifying version (:mod:`posttrain_assets.publish.verl_reward`).
+
+Each card also says how to train on its folder: the exact ``SFTConfig`` / ``DPOConfig`` settings (``max_length``
+that keeps every row, ``assistant_only_loss`` off because ``labels`` already carry the mask) or the verl config
+lines, the same settings ``manifest.json`` lists as ``trainer_settings``.
 
 The card's YAML header declares the Parquet file as the ``train`` split, so ``datasets.load_dataset(folder)``
 loads it; ``load_dataset("parquet" | "json", data_files=...)`` reads either file. Output is deterministic: rows
@@ -28,7 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,11 +46,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from posttrain_assets.publish import verl_reward
 from posttrain_assets.warehouse.io import ordered_arrow
 
 PARQUET_FILE = "train.parquet"
 JSONL_FILE = "train.jsonl"
 CARD_FILE = "README.md"
+REWARD_FILE = "reward.py"
+# What rl/reward.py holds: the source of a real module of this package (linted and tested as such).
+REWARD_SOURCE = Path(verl_reward.__file__).read_text(encoding="utf-8")
 MANIFEST_FILE = "manifest.json"
 
 # Fixed writer options: the same rows and the same pyarrow version give byte-identical files.
@@ -98,7 +110,10 @@ RL_SCHEMA = pa.schema(
                     ("id", pa.string()),
                     ("index", pa.int64()),
                     ("split", pa.string()),
+                    ("source", pa.string()),
                     ("verifier", pa.string()),
+                    ("verifier_version", pa.string()),
+                    ("answer_format", pa.string()),
                     ("difficulty", pa.float64()),
                     ("question", pa.string()),
                 ]
@@ -107,30 +122,96 @@ RL_SCHEMA = pa.schema(
     ]
 )
 
+# Dataset names verl's default_compute_score routes to a scorer of its own (verl/utils/reward_score/__init__.py,
+# verl 0.9.1; names starting with "aime" too). The card says which exported rows verl can score without reward.py.
+VERL_ROUTED_DATA_SOURCES = frozenset(
+    {
+        "openai/gsm8k",
+        "lighteval/MATH",
+        "DigitalLearningGmbH/MATH-lighteval",
+        "HuggingFaceH4/MATH-500",
+        "math_dapo",
+        "math",
+        "math_dapo_reasoning",
+        "numina_aops_forum",
+        "numina_synthetic_math",
+        "numina_amc_aime",
+        "numina_synthetic_amc",
+        "numina_cn_k12",
+        "numina_olympiads",
+        "codecontests",
+        "apps",
+        "codeforces",
+        "taco",
+        "hiyouga/geometry3k",
+        "searchR1_nq",
+        "searchR1_triviaqa",
+        "searchR1_popqa",
+        "searchR1_hotpotqa",
+        "searchR1_2wikimultihopqa",
+        "searchR1_musique",
+        "searchR1_bamboogle",
+    }
+)
+# The same datasets under the other names they go by, exported under verl's name so verl routes them: GSM8K and
+# the MATH competition set (the MATH format's rows name hendrycks/competition_math; lighteval/MATH is its copy).
+VERL_DATA_SOURCE_ALIASES: dict[str, str] = {
+    "gsm8k": "openai/gsm8k",
+    "openai/grade-school-math": "openai/gsm8k",
+    "hendrycks/competition_math": "lighteval/MATH",
+    "competition_math": "lighteval/MATH",
+    "EleutherAI/hendrycks_math": "lighteval/MATH",
+}
+
+
+def verl_routes(data_source: str) -> bool:
+    """Whether verl's ``default_compute_score`` has a scorer for ``data_source``."""
+    return data_source in VERL_ROUTED_DATA_SOURCES or data_source.startswith("aime")
+
+
+# The answer-format instruction appended to an RL prompt whose source sets none (registry ``answer_format``), by
+# verifier: where the verifier, and verl's scorer for the same dataset, look for the final answer. The numeric and
+# math wording is verl's own GSM8K and MATH preprocessing's; python_eval runs the response as a program and needs
+# none.
+ANSWER_FORMAT_DEFAULTS: dict[str, str] = {
+    "numeric": 'Let\'s think step by step and output the final answer after "####".',
+    "math": "Let's think step by step and output the final answer within \\boxed{}.",
+    "exact_match": 'Output the final answer after "####".',
+}
+# A prompt naming one of these already says how to give its final answer: no default is appended to it (a
+# registry instruction still is).
+FINAL_ANSWER_MARKERS = ("####", "\\boxed")
+
 
 @dataclass(frozen=True)
 class ExportSpec:
     """One export folder: which gold table, the projection into the trainer layout, and its documented schema.
 
     ``query`` returns the schema's columns and a top-level ``id`` (the gold row's id), unsorted: it is read in id
-    order, range by range, and only the schema's columns are written. ``row_index``, if set, is a struct field
-    (``"column.field"``) filled with the row's 0-based position in the export (a window over the whole table would
-    sort it whole).
+    order, range by range, and only the schema's columns are written. Its named parameters come from
+    :meth:`params`. ``kind`` (sft, preference, rl) says which trainer reads it, and so what its card says about
+    training.
     """
 
     name: str
+    kind: str
     table: str
     layout: str
     schema: pa.Schema
     query: str
     columns: dict[str, str]
-    row_index: str | None = None
+    bind: Callable[[Mapping[str, str]], dict[str, Any]] | None = None
+
+    def params(self, answer_formats: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The named parameters of ``query``; ``answer_formats`` as :func:`export_gold` takes them."""
+        return self.bind(answer_formats or {}) if self.bind else {}
 
 
 def _preference_spec(name: str, table: str) -> ExportSpec:
     """A gold preference table (gold.preference and its length-balanced remedy share the layout)."""
     return ExportSpec(
         name,
+        "preference",
         table,
         "TRL preference, conversational with explicit prompt (DPOTrainer, RewardTrainer, ...)",
         PREFERENCE_SCHEMA,
@@ -154,9 +235,72 @@ def _preference_spec(name: str, table: str) -> ExportSpec:
     )
 
 
+def _rl_params(answer_formats: Mapping[str, str]) -> dict[str, Any]:
+    """The RL query's parameters: the registry's answer formats, the verifiers' defaults, verl's dataset names."""
+    sources = sorted(answer_formats)
+    verifiers = sorted(ANSWER_FORMAT_DEFAULTS)
+    aliases = sorted(VERL_DATA_SOURCE_ALIASES)
+    return {
+        "format_sources": sources,
+        "format_texts": [answer_formats[s] for s in sources],
+        "default_verifiers": verifiers,
+        "default_texts": [ANSWER_FORMAT_DEFAULTS[v] for v in verifiers],
+        "marker_pattern": "|".join(re.escape(m) for m in FINAL_ANSWER_MARKERS),
+        "alias_names": aliases,
+        "verl_names": [VERL_DATA_SOURCE_ALIASES[a] for a in aliases],
+    }
+
+
+# The RL projection. The instruction a row gets is its source's registry answer_format ("" = none), else its
+# verifier's default unless the prompt already names a final-answer marker; it is appended to the last (user)
+# turn, after a space as verl's own preprocessing does, unless that turn already contains it.
+RL_QUERY = """
+WITH bank AS (
+    SELECT *,
+           messages[-1].content AS last_turn,
+           CASE WHEN list_contains($format_sources, source)
+                     THEN nullif(list_extract($format_texts, list_position($format_sources, source)), '')
+                WHEN regexp_matches(messages[-1].content, $marker_pattern) THEN NULL
+                ELSE list_extract($default_texts, list_position($default_verifiers, verifier))
+           END AS wanted_format
+    FROM gold.rl_prompts
+), instructed AS (
+    SELECT *, CASE WHEN NOT contains(last_turn, wanted_format) THEN wanted_format END AS answer_format
+    FROM bank
+)
+SELECT id,
+       coalesce(
+           list_extract($verl_names, list_position($alias_names, source_ref.data_source)),
+           source_ref.data_source,
+           source
+       ) AS data_source,
+       CASE WHEN answer_format IS NULL THEN messages
+            ELSE list_concat(
+                messages[1:-2],
+                [struct_pack(role := messages[-1].role, content := last_turn || ' ' || answer_format)]
+            )
+       END AS prompt,
+       coalesce(domain, 'unknown') AS ability,
+       struct_pack(style := 'rule', ground_truth := answer) AS reward_model,
+       struct_pack(
+           id := id,
+           "index" := coalesce(source_ref."index", origin."row"),
+           split := coalesce(source_ref.split, 'train'),
+           source := source,
+           verifier := verifier,
+           verifier_version := verifier_version,
+           answer_format := answer_format,
+           difficulty := difficulty,
+           question := prompt
+       ) AS extra_info
+FROM instructed
+"""
+
+
 # Each query returns the schema's columns (and id, when the schema has none at top level), in any order.
 EXPORTS: tuple[ExportSpec, ...] = (
     ExportSpec(
+        "sft",
         "sft",
         "gold.sft",
         "TRL conversational language modelling, pre-tokenised (SFTTrainer)",
@@ -181,33 +325,24 @@ EXPORTS: tuple[ExportSpec, ...] = (
     _preference_spec("preference_length_balanced", "gold.preference_length_balanced"),
     ExportSpec(
         "rl",
+        "rl",
         "gold.rl_prompts",
         "verl RL dataset (RLHFDataset parquet: data_source, prompt, ability, reward_model, extra_info)",
         RL_SCHEMA,
-        """
-        SELECT id,
-               source AS data_source,
-               messages AS prompt,
-               coalesce(domain, 'unknown') AS ability,
-               struct_pack(style := 'rule', ground_truth := answer) AS reward_model,
-               struct_pack(
-                   id := id,
-                   "index" := NULL::BIGINT,
-                   split := 'train',
-                   verifier := verifier,
-                   difficulty := difficulty,
-                   question := prompt
-               ) AS extra_info
-        FROM gold.rl_prompts
-        """,
+        RL_QUERY,
         {
-            "data_source": "registry source name (a verl reward function may dispatch on it)",
-            "prompt": "the prompt conversation [{role, content}], ending with a user turn",
+            "data_source": "the dataset as the landing row names it (verl's name where verl routes it, e.g. "
+            "openai/gsm8k, lighteval/MATH); the registry source name where the row names none",
+            "prompt": "the prompt conversation [{role, content}], ending with a user turn that carries the "
+            "answer-format instruction (extra_info.answer_format)",
             "ability": "task domain, e.g. math/arithmetic ('unknown' where the source gives none)",
             "reward_model": "{style: 'rule', ground_truth: the gold answer the verifier checks against}",
-            "extra_info": "{id, index (0-based row in this export), split, verifier, difficulty, question}",
+            "extra_info": "{id, index and split (the landing row's own; else its row in the landing file and "
+            "'train'), source (registry), verifier and verifier_version (that certified the row), answer_format "
+            "(the instruction this export appended; null: none), difficulty, question (the prompt as the source "
+            "gives it)}",
         },
-        row_index="extra_info.index",
+        bind=_rl_params,
     ),
 )
 
@@ -223,7 +358,7 @@ class ExportedFile:
 
 @dataclass(frozen=True)
 class ExportedTable:
-    """One export folder."""
+    """One export folder; ``trainer``: how to train on it (:class:`TrainerSettings` as a dict)."""
 
     name: str
     table: str
@@ -231,6 +366,7 @@ class ExportedTable:
     rows: int
     sources: tuple[dict[str, Any], ...]
     files: tuple[ExportedFile, ...]
+    trainer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -265,6 +401,7 @@ class ExportManifest:
                     "rows": t.rows,
                     "sources": [dict(s) for s in t.sources],
                     "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in t.files],
+                    "trainer_settings": dict(t.trainer),
                 }
                 for t in self.tables
             ],
@@ -283,10 +420,11 @@ def export_gold(
     tokenizer_identity: dict[str, str],
     checks: list[dict[str, Any]] | None = None,
     created_at: datetime,
+    answer_formats: Mapping[str, str] | None = None,
 ) -> ExportManifest:
     """Write one folder per gold table under ``out_dir`` (``sft/``, ``preference/``,
-    ``preference_length_balanced/``, ``rl/``: Parquet + JSONL + dataset card each), plus ``manifest.json`` listing
-    every file with its sha256.
+    ``preference_length_balanced/``, ``rl/``: Parquet + JSONL + dataset card each; ``rl/`` also ``reward.py``), plus
+    ``manifest.json`` listing every file with its sha256 and each folder's trainer settings.
 
     A gold table that does not exist (never materialised, e.g. gold.preference while the length gate fails) is
     skipped: listed in ``ExportManifest.skipped``, and this function's files of an earlier export of it removed, so
@@ -297,6 +435,9 @@ def export_gold(
     ``checks`` are check verdicts for the cards: dicts with ``name``, ``passed`` and optionally ``asset``
     (e.g. ``"gold/sft"``; a check on another gold table is left off this table's card) and ``description``.
     ``created_at`` is written into the cards and the manifest (a naive datetime is taken as UTC).
+    ``answer_formats`` maps a registry source to the answer-format instruction for its RL prompts (its registry
+    ``answer_format``; "" for none); a source not in it gets its verifier's default (:data:`ANSWER_FORMAT_DEFAULTS`)
+    unless its prompt already names a final-answer marker (:data:`FINAL_ANSWER_MARKERS`).
     """
     for key in ("name", "tokenizer_sha256", "chat_template_sha256"):
         if not tokenizer_identity.get(key):
@@ -315,19 +456,30 @@ def export_gold(
 
     for table in skipped:
         name = next(spec.name for spec in EXPORTS if spec.table == table)
-        for stale in (PARQUET_FILE, JSONL_FILE, CARD_FILE):
+        for stale in (PARQUET_FILE, JSONL_FILE, REWARD_FILE, CARD_FILE):
             (out_dir / name / stale).unlink(missing_ok=True)
 
+    answer_formats = dict(answer_formats or {})
     tables = []
     for spec in present:
         folder = out_dir / spec.name
         folder.mkdir(parents=True, exist_ok=True)
-        rows, files = _write_data(conn, spec, out_dir, folder)
+        params = spec.params(answer_formats)
+        rows, files = _write_data(conn, spec, params, out_dir, folder)
+        if spec.kind == "rl":
+            files.append(
+                _write_file(out_dir, folder / REWARD_FILE, lambda path: path.write_text(REWARD_SOURCE, "utf-8"))
+            )
         sources = _sources(conn, spec.table)
         card_checks = [c for c in checks if _check_applies(c, spec.table)]
-        card = _card(spec, rows, sources, card_checks, tokenizer_identity, stamp, files)
+        trainer = _trainer_settings(conn, spec, params, answer_formats)
+        card = _card(spec, rows, sources, card_checks, tokenizer_identity, stamp, files, trainer)
         files.append(_write_file(out_dir, folder / CARD_FILE, lambda path, card=card: path.write_text(card, "utf-8")))
-        tables.append(ExportedTable(spec.name, spec.table, spec.layout, rows, tuple(sources), tuple(files)))
+        tables.append(
+            ExportedTable(
+                spec.name, spec.table, spec.layout, rows, tuple(sources), tuple(files), trainer.manifest_entry()
+            )
+        )
 
     manifest = ExportManifest(out_dir, stamp, dict(tokenizer_identity), tuple(checks), tuple(tables), skipped)
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -359,10 +511,11 @@ def _write_file(root: Path, path: Path, write: Callable[[Path], Any]) -> Exporte
 
 
 def _write_data(
-    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, root: Path, folder: Path
+    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], root: Path, folder: Path
 ) -> tuple[int, list[ExportedFile]]:
-    """Write ``spec``'s Parquet and JSONL files in one pass over its rows in id order, each through a temporary
-    sibling renamed into place once both are complete; return the row count and the two files.
+    """Write ``spec``'s Parquet and JSONL files (its query with ``params``) in one pass over its rows in id order,
+    each through a temporary sibling renamed into place once both are complete; return the row count and the two
+    files.
 
     The Parquet file is byte-identical to ``pq.write_table`` of the whole table: rows are handed to the writer in
     row groups of exactly ``row_group_size`` rows, each one contiguous array, as ``write_table`` slices them.
@@ -380,8 +533,8 @@ def _write_data(
         ):
             pending: list[pa.Table] = []
             pending_rows = 0
-            for batch in ordered_arrow(conn, spec.query, "id", EXPORT_BATCH_ROWS):
-                data = _trainer_rows(spec, batch, schema, rows)
+            for batch in ordered_arrow(conn, spec.query, "id", EXPORT_BATCH_ROWS, params):
+                data = batch.select(schema.names).cast(schema)
                 rows += data.num_rows
                 _write_jsonl(spec, data, lines, json_writer)
                 pending.append(data)
@@ -400,22 +553,6 @@ def _write_data(
         for path in (parquet, jsonl):
             _tmp(path).unlink(missing_ok=True)
     return rows, [_written(root, parquet), _written(root, jsonl)]
-
-
-def _trainer_rows(spec: ExportSpec, batch: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
-    """One range of ``spec.query``'s rows as the written table: the schema's columns, cast to its types, with
-    ``spec.row_index`` numbered from ``offset``."""
-    data = batch.select(schema.names).cast(schema)
-    if spec.row_index is None:
-        return data
-    name, field = spec.row_index.split(".")
-    column = data.column(name).combine_chunks()
-    children = column.flatten()
-    position = column.type.get_field_index(field)
-    children[position] = pa.array(range(offset, offset + data.num_rows), column.type.field(position).type)
-    mask = column.is_null() if column.null_count else None
-    numbered = pa.StructArray.from_arrays(children, fields=list(column.type), mask=mask)
-    return data.set_column(data.schema.get_field_index(name), data.schema.field(name), numbered)
 
 
 def _write_jsonl(spec: ExportSpec, data: pa.Table, out: Any, writer: Any) -> None:
@@ -523,6 +660,171 @@ def _check_applies(check: dict[str, Any], table: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# how to train on an export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How to train on one export folder: the trainer's config (``trl.SFTConfig``, ``trl.DPOConfig``, or ``verl``'s
+    Hydra overrides) and the settings to give it, with the card's explanation of them."""
+
+    config: str
+    settings: dict[str, Any]
+    card_lines: tuple[str, ...]
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"config": self.config, "settings": dict(self.settings)}
+
+    def python(self) -> str:
+        """The settings as the Python call a user pastes (``SFTConfig(max_length=4096, ...)``)."""
+        module, name = self.config.rsplit(".", 1)
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
+        return f"from {module} import {name}\n{name}({arguments})"
+
+
+# TRL's defaults that would change what is trained on: max_length=1024 truncates longer rows (and drops those left
+# with nothing to train), and assistant_only_loss=True makes TRL rebuild the mask from the chat template.
+TRL_DEFAULT_MAX_LENGTH = 1024
+
+
+def _trainer_settings(
+    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], answer_formats: Mapping[str, str]
+) -> TrainerSettings:
+    if spec.kind == "sft":
+        return _sft_settings(conn)
+    if spec.kind == "preference":
+        return _dpo_settings(conn, spec.table)
+    return _verl_settings(conn, spec, params, answer_formats)
+
+
+def _sft_settings(conn: duckdb.DuckDBPyConnection) -> TrainerSettings:
+    """SFTConfig for gold.sft: ``max_length`` at the ``max_seq_len`` the rows were fitted to (so no row is
+    truncated or dropped), ``assistant_only_loss`` off (``labels`` carry the mask), no packing."""
+    budgets, longest = conn.execute(
+        "SELECT list(DISTINCT max_seq_len ORDER BY max_seq_len), max(num_tokens) FROM gold.sft"
+    ).fetchone()
+    max_length = max([*budgets, longest]) if longest is not None else None
+    settings = {"max_length": max_length, "assistant_only_loss": False, "packing": False}
+    budget = ", ".join(str(b) for b in budgets) or "none (no rows)"
+    lines = (
+        f"Rows were tokenised to fit `max_seq_len` = {budget} tokens; the longest has {longest or 0}. `labels` "
+        "already carry the assistant-only loss mask (-100 on every position not trained: system and user turns, "
+        "template markup), and TRL's `SFTTrainer` uses a `labels` column as it is. Train with:",
+        "",
+        "```python",
+        *TrainerSettings("trl.SFTConfig", settings, ()).python().split("\n"),
+        "```",
+        "",
+        f"- `max_length={max_length}`: TRL's default ({TRL_DEFAULT_MAX_LENGTH}) cuts longer rows and drops those "
+        "left with no trained token; at `max_seq_len` every row is kept whole.",
+        "- `assistant_only_loss=False` (TRL's default): the mask is in `labels` already. `True` makes TRL rebuild it "
+        "from the chat template, which needs `{% generation %}` markers this template does not have (TRL raises "
+        '"The chat template is not training-compatible").',
+        "- `packing=False`: one row per sequence, as exported.",
+    )
+    return TrainerSettings("trl.SFTConfig", settings, lines)
+
+
+def _dpo_settings(conn: duckdb.DuckDBPyConnection, table: str) -> TrainerSettings:
+    """DPOConfig for a gold preference table: ``max_length`` at least the longest pair.
+
+    ``token_count`` is the chat-template rendering of the prompt and the longer (by characters) response; the other
+    response differs from it by at most ``|length_diff|`` tokens, so their sum bounds both sequences of a pair
+    (None when some pair has no count: no truncation then)."""
+    bound, uncounted = conn.execute(
+        f"SELECT max(token_count + abs(length_diff)), count(*) FILTER (WHERE token_count IS NULL) FROM {table}"
+    ).fetchone()
+    max_length = bound if not uncounted else None
+    settings = {"max_length": max_length}
+    longest = f"at most {bound} tokens" if bound is not None else "not counted"
+    lines = (
+        f"A pair's longer sequence (prompt and response with the chat template) is {longest}. Train with:",
+        "",
+        "```python",
+        *TrainerSettings("trl.DPOConfig", settings, ()).python().split("\n"),
+        "```",
+        "",
+        f"- `max_length={max_length}`: TRL's default ({TRL_DEFAULT_MAX_LENGTH}) cuts longer pairs and drops those "
+        "whose prompt alone fills it; at this length every pair is kept whole.",
+    )
+    return TrainerSettings("trl.DPOConfig", settings, lines)
+
+
+def _verl_settings(
+    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], answer_formats: Mapping[str, str]
+) -> TrainerSettings:
+    """verl's config lines for the RL folder, and what the card says about rewards, answer formats and routing."""
+    settings = {
+        "data.train_files": f"{spec.name}/{PARQUET_FILE}",
+        "reward.custom_reward_function.path": f"{spec.name}/{REWARD_FILE}",
+        "reward.custom_reward_function.name": "compute_score",
+    }
+    relation = f"({spec.query})"
+    formats = conn.execute(
+        f"""SELECT extra_info.source, extra_info.verifier, count(*) FILTER (WHERE extra_info.answer_format IS NOT NULL),
+                   count(*)
+            FROM {relation} GROUP BY ALL ORDER BY ALL""",
+        params,
+    ).fetchall()
+    routed = conn.execute(f"SELECT data_source, count(*) FROM {relation} GROUP BY ALL ORDER BY ALL", params).fetchall()
+    versions = conn.execute(
+        "SELECT verifier, verifier_version, count(*) FROM gold.rl_prompts GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    lines = [
+        f"`{REWARD_FILE}` (in this folder) is verl's custom reward function for these rows: it scores a response "
+        "with posttrain-assets' own verifier for the row (`extra_info.verifier`) at the version that certified it "
+        "(`extra_info.verifier_version`; another installed version raises instead of scoring by other rules), so "
+        "training-time rewards are the certification-time verdicts. posttrain-assets must be importable where "
+        "verl computes rewards. With `$EXPORT` the export folder (the one holding `manifest.json`):",
+        "",
+        "```bash",
+        *(
+            f"{key}=$EXPORT/{value}" if key != "reward.custom_reward_function.name" else f"{key}={value}"
+            for key, value in settings.items()
+        ),
+        "```",
+        "",
+        "(The two `reward.custom_reward_function` lines; verl before 0.7 reads them without the `reward.` prefix.)",
+        "",
+        "| verifier | certified with version | rows |",
+        "|---|---|---|",
+        *(f"| `{_md(v)}` | `{_md(version)}` | {n} |" for v, version, n in versions),
+        "",
+        "### Answer format",
+        "",
+        "Each prompt's last user turn ends with an instruction saying where to put the final answer, the place the "
+        "verifier (and verl's scorer for the dataset) reads it from; `extra_info.answer_format` holds the "
+        'instruction this export appended (null: none). A source\'s registry `answer_format` sets it ("": '
+        "none); otherwise the verifier's default is used, unless the prompt already names a final-answer marker "
+        f"({', '.join(f'`{m}`' for m in FINAL_ANSWER_MARKERS)}). No instruction is appended twice.",
+        "",
+        "| source | verifier | instruction | set by | rows given it | rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    for source, verifier, given, n in formats:
+        if source in answer_formats:
+            instruction, origin = answer_formats[source] or "(none)", "registry"
+        else:
+            instruction, origin = ANSWER_FORMAT_DEFAULTS.get(verifier) or "(none)", "verifier default"
+        lines.append(f"| `{_md(source)}` | `{_md(verifier)}` | {_md(instruction)} | {origin} | {given} | {n} |")
+    lines += [
+        "",
+        "### Data sources",
+        "",
+        "`data_source` is the dataset as the landing row names it, under verl's name where verl knows the dataset, "
+        "else the registry source; verl's `default_compute_score` scores only the routed ones, `reward.py` every "
+        "row. `extra_info.split` and `extra_info.index` are the landing row's own (else `train` and its row in "
+        "the landing file).",
+        "",
+        "| data_source | rows | routed by verl's default_compute_score |",
+        "|---|---|---|",
+        *(f"| `{_md(d)}` | {n} | {'yes' if verl_routes(d) else 'no'} |" for d, n in routed),
+    ]
+    return TrainerSettings("verl", settings, tuple(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # dataset card
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -543,6 +845,7 @@ def _card(
     tokenizer: dict[str, str],
     created_at: str,
     files: list[ExportedFile],
+    trainer: TrainerSettings,
 ) -> str:
     """The folder's README.md: a Hugging Face dataset card (YAML header with the data files) plus the facts."""
     licenses = _hf_license([s["license"] for s in sources])
@@ -580,6 +883,7 @@ def _card(
         ]
     else:
         lines.append("No check verdicts were given to the export.")
+    lines += ["", "## Training with " + ("verl" if trainer.config == "verl" else "TRL"), "", *trainer.card_lines]
     lines += ["", "## Schema", "", "| column | type | meaning |", "|---|---|---|"]
     lines += [f"| `{f.name}` | `{_md(f.type)}` | {_md(spec.columns[f.name])} |" for f in spec.schema]
     lines += ["", "## Files", "", "| file | sha256 | bytes |", "|---|---|---|"]

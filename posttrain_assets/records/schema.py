@@ -69,6 +69,36 @@ class RecordError(ValueError):
 
 Message = dict[str, str]
 
+_BIGINT = range(-(2**63), 2**63)
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a row sits in the dataset it comes from, as far as the landing row says (None where it does not):
+    ``data_source`` names the dataset (a verl row's own ``data_source``; the GSM8K and MATH formats name theirs),
+    ``split`` and ``index`` are the row's split and position in it (a verl row's ``extra_info``). Carried to
+    silver and gold (the ``source_ref`` column) so the verl export hands them back unchanged."""
+
+    data_source: str | None = None
+    split: str | None = None
+    index: int | None = None
+
+    @classmethod
+    def from_verl(cls, data_source: str, extra_info: Any) -> SourceRef:
+        """A verl row's reference: its ``data_source``, and ``extra_info.split`` / ``extra_info.index`` when they
+        are a string / an integer (verl leaves ``extra_info`` free-form; anything else is not a split or index)."""
+        info = extra_info if isinstance(extra_info, dict) else {}
+        split, index = info.get("split"), info.get("index")
+        return cls(
+            data_source,
+            split if isinstance(split, str) else None,
+            index if isinstance(index, int) and not isinstance(index, bool) and index in _BIGINT else None,
+        )
+
+    def as_row(self) -> dict[str, Any]:
+        """The ``source_ref`` column's value."""
+        return {"data_source": self.data_source, "split": self.split, "index": self.index}
+
 
 @dataclass
 class CanonicalRecord:
@@ -85,6 +115,8 @@ class CanonicalRecord:
       optional ``difficulty`` as given by the source, and ``tests``: for
       ``python_eval``, Python source with ``assert`` statements that call the
       solution's functions (what the verifier runs the answer against).
+
+    ``source_ref`` (any regime, optional): the row's place in the dataset it comes from (:class:`SourceRef`).
     """
 
     regime: str
@@ -102,6 +134,7 @@ class CanonicalRecord:
     score_rejected: float | None = None
     lang: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source_ref: SourceRef | None = None
 
     def content_id(self) -> str:
         """Stable id: sha256 over the content fields that define the record.

@@ -96,6 +96,7 @@ def tokenize_batch(job: TokenizeJob, batch: pa.Table) -> TokenizedBatch:
                 "train_on": cfg.train_on,
                 "end_of_turn": cfg.end_of_turn,
                 **hashes,
+                "max_seq_len": cfg.max_seq_len,
             }
         )
     return TokenizedBatch(

@@ -13,6 +13,9 @@ def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column
     return Column(name, type_, description, nullable)
 
 
+SOURCE_REF_TYPE = 'STRUCT(data_source VARCHAR, split VARCHAR, "index" BIGINT)'
+
+
 PROVENANCE_COLUMNS = (
     _c("source", "VARCHAR", "registry source name (the bronze partition)", False),
     _c("file_path", "VARCHAR", "landing file the row came from (absolute path)", False),
@@ -61,6 +64,12 @@ RECORD_COLUMNS = (
     _c("source_kind", "VARCHAR", "human | ai | synthetic, from the registry", False),
     _c("score_chosen", "DOUBLE", "preference: score of the chosen response, when the source has one"),
     _c("score_rejected", "DOUBLE", "preference: score of the rejected response, when the source has one"),
+    _c(
+        "source_ref",
+        SOURCE_REF_TYPE,
+        "the row's place in its own dataset as the landing row gives it: data_source (a verl row's, or the dataset "
+        "of the GSM8K/MATH formats), split and index (a verl row's extra_info); null where it gives none",
+    ),
 )
 
 SILVER_RECORDS = Table(
@@ -150,6 +159,7 @@ SILVER_SFT_TOKENIZED = Table(
         _c("train_on", "VARCHAR", "all_assistant | last_assistant", False),
         _c("end_of_turn", "VARCHAR", "end-of-turn marker override (null: detected from the template)"),
         *TOKENIZER_COLUMNS,
+        _c("max_seq_len", "INTEGER", "the token budget the row was fitted to (num_tokens <= max_seq_len)", False),
     ),
 )
 
@@ -177,6 +187,7 @@ GOLD_SFT = Table(
         *SILVER_SFT_TOKENIZED.columns[2:8],
         *_pick(("lang", "license", "origin", "created_at")),
         *TOKENIZER_COLUMNS,
+        SILVER_SFT_TOKENIZED.column("max_seq_len"),
     ),
 )
 
@@ -346,7 +357,7 @@ GOLD_RL_PROMPTS = Table(
         _c("difficulty_k", "INTEGER", "K of the estimate"),
         _c("difficulty_lineage", "VARCHAR", "lineage of the estimate (silver.rl_difficulty)"),
         _c("difficulty_estimated", "BOOLEAN", "false when no estimate exists yet for the seed", False),
-        *_pick(("token_count", "lang", "license", "origin", "created_at")),
+        *_pick(("token_count", "lang", "license", "origin", "created_at", "source_ref")),
     ),
 )
 

@@ -154,7 +154,8 @@ def test_every_folder_has_parquet_jsonl_and_a_card(exported: ExportManifest, war
     assert {spec.table for spec in EXPORTS} == {t.table for t in exported.tables} | set(exported.skipped)
     for table in exported.tables:
         assert table.rows == _count(warehouse, table.table) > 0
-        assert [f.path for f in table.files] == [f"{table.name}/{n}" for n in (PARQUET_FILE, JSONL_FILE, CARD_FILE)]
+        names = (PARQUET_FILE, JSONL_FILE, *((exports.REWARD_FILE,) if table.name == "rl" else ()), CARD_FILE)
+        assert [f.path for f in table.files] == [f"{table.name}/{n}" for n in names]
         jsonl = (root / table.name / JSONL_FILE).read_text(encoding="utf-8").splitlines()
         assert len(jsonl) == table.rows
     assert json.loads((root / MANIFEST_FILE).read_text())["exports"][0]["files"][0]["sha256"] == (
@@ -269,16 +270,10 @@ def test_a_missing_gold_table_is_skipped_and_its_old_files_removed(
 
 
 def _reference(database: Path, spec: Any) -> pa.Table:
-    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data),
-    the row index numbered in that order."""
+    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data)."""
     with duckdb.connect(str(database), read_only=True) as conn:
-        data = conn.sql(f"SELECT * FROM ({spec.query}) ORDER BY id").to_arrow_table()
-    rows = data.select(spec.schema.names).to_pylist()
-    if spec.row_index:
-        name, field = spec.row_index.split(".")
-        for index, row in enumerate(rows):
-            row[name][field] = index
-    return pa.Table.from_pylist(rows, schema=spec.schema)
+        data = conn.sql(f"SELECT * FROM ({spec.query}) ORDER BY id", params=spec.params()).to_arrow_table()
+    return pa.Table.from_pylist(data.select(spec.schema.names).to_pylist(), schema=spec.schema)
 
 
 def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
@@ -477,14 +472,15 @@ def test_rl_export_has_verls_layout_and_the_gold_answers(
         r[0]: r[1:]
         for r in _gold(warehouse, "SELECT id, source, answer, verifier, domain, messages FROM gold.rl_prompts")
     }
-    for index, row in enumerate(rows):
+    for row in rows:
         info = row["extra_info"]
         source, answer, verifier, domain, messages = gold[info["id"]]
-        assert info["index"] == index and info["split"] == "train" and info["verifier"] == verifier
-        assert row["data_source"] == source
+        assert info["source"] == source and info["verifier"] == verifier
         assert row["ability"] == domain
         assert row["reward_model"] == {"style": "rule", "ground_truth": answer}
-        assert row["prompt"] == [dict(m) for m in messages] and row["prompt"][-1]["role"] == "user"
+        # Gold's prompt, the last turn with its answer-format instruction (data_source, split, index and the
+        # instruction: test_trainer_handoff.py).
+        assert row["prompt"][:-1] == [dict(m) for m in messages][:-1] and row["prompt"][-1]["role"] == "user"
     # What verl's RLHFDataset does with a row: render the prompt with the generation prompt.
     rendered = smollm2_tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n")

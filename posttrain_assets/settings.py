@@ -1,0 +1,32 @@
+"""The environment variables that configure the platform, and their defaults: one place, read by both the
+``posttrain`` command (``cli.apply_environment_defaults``) and the Dagster resources (``defs/resources.py``), so
+``dagster dev`` and ``dagster job execute`` run with no project variable set, exactly as ``posttrain`` does.
+
+Relative defaults are resolved against the current directory when they are asked for. No Dagster imports here:
+the command reads this before it decides whether to import Dagster at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SOURCES = "POSTTRAIN_SOURCES"
+DUCKDB_PATH = "POSTTRAIN_DUCKDB_PATH"
+TOKENIZER = "POSTTRAIN_TOKENIZER"
+CACHE_DIR = "POSTTRAIN_CACHE_DIR"
+
+
+def environment_defaults() -> dict[str, str]:
+    """Each variable's documented default (README, Configuration), paths absolute."""
+    return {
+        SOURCES: str(Path("data/demo/sources.yaml").resolve()),
+        DUCKDB_PATH: str(Path("data/posttrain.duckdb").resolve()),
+        TOKENIZER: "smollm2",
+        CACHE_DIR: str(Path("~/.cache/posttrain_assets").expanduser()),
+    }
+
+
+def setting(name: str) -> str:
+    """The variable's value, or its default when it is unset or empty."""
+    return os.environ.get(name) or environment_defaults()[name]
