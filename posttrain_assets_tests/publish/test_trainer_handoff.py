@@ -641,8 +641,9 @@ def test_two_dpo_steps_with_the_cards_settings_keep_every_pair_whole(
 def test_resources_fall_back_to_the_defaults_posttrain_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names = (settings.SOURCES, settings.DUCKDB_PATH, settings.TOKENIZER, settings.CACHE_DIR)
-    for name in names:
-        monkeypatch.delenv(name, raising=False)
+    for name in names:  # set first, so that what apply_environment_defaults sets below is undone afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     defaults = settings.environment_defaults()
     assert defaults[settings.DUCKDB_PATH] == str(tmp_path / "data" / "posttrain.duckdb")
     built = resources_module.resources().resources
