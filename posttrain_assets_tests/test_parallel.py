@@ -74,6 +74,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that imports the stage modules and starts its own fork server: seconds
 @pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
 def test_workers_are_forked_from_a_server_with_the_stage_modules_loaded(tmp_path: Path) -> None:
     """Not from the caller (its DuckDB and Dagster threads), and without importing transformers each; from a fork
@@ -123,6 +124,7 @@ def hangs_on_two(_shared: None, item: int) -> int:
     return 10 * item
 
 
+@pytest.mark.slow  # waits out a 3 s time limit per run (test_verifiers' math timeout covers the path fast)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_an_item_past_its_time_limit_yields_the_limits_result_and_the_others_still_run(processes: int) -> None:
     limit = TimeLimit(seconds=3.0, result=-1)
@@ -192,6 +194,7 @@ def _ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@pytest.mark.slow  # a fresh interpreter that imports the stage modules and starts its own fork server: seconds
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
 @pytest.mark.parametrize("sigterm", ["default", "ignored"])
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, sigterm: str) -> None:
@@ -230,6 +233,7 @@ print(list(map_batches(operator.add, 10, range(6), processes=2)))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that imports the stage modules and starts its own fork server: seconds
 def test_a_script_without_a_main_guard_is_not_rerun_by_the_workers(tmp_path: Path) -> None:
     """A script that calls the pipeline at top level: spawned workers would re-run it (and the pipeline) if they
     imported it as their __main__; they do not, and its batches still run in the workers."""

@@ -384,6 +384,7 @@ def pool_scene(tmp_path: Path, landing: Path) -> Iterator[PoolScene]:
                     process.wait()
 
 
+@pytest.mark.slow  # two `posttrain` processes queueing for the pool: about 8 s
 def test_a_waiting_run_names_the_holder_and_goes_on_when_the_holder_dies(pool_scene: PoolScene) -> None:
     scene = pool_scene
     waiting = (
@@ -405,6 +406,7 @@ def test_a_waiting_run_names_the_holder_and_goes_on_when_the_holder_dies(pool_sc
     assert scene.pool_run_ids() == []
 
 
+@pytest.mark.slow  # two `posttrain` processes queueing for the pool: about 8 s
 def test_a_waiting_run_stops_on_sigterm_and_a_new_one_waits_out_loud(pool_scene: PoolScene) -> None:
     scene = pool_scene
     wait_until(lambda: "is waiting for the 'duckdb' pool" in scene.output("waiter"), "the waiter waits", scene.waiter)

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import bench
 from posttrain_assets.cleaning.silver_pass import STAGE_NAMES, SUBSTAGE_NAMES
+from posttrain_assets.defs.silver import sft_tokenized
 from posttrain_assets.parallel import default_processes
 
 N = 300
@@ -86,6 +87,7 @@ def test_score_dedup() -> None:
     assert score["recall_by_edit_fraction"] == {"0.05-0.08": 1.0, "0.08-0.12": 1.0, "0.12-0.15": 0.0}
 
 
+@pytest.mark.slow  # the whole graph, through the benchmark's own runner
 def test_tiny_benchmark_end_to_end(
     tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,19 +136,24 @@ def test_tiny_benchmark_end_to_end(
     assert sum(run["silver_by_regime"].values()) == tables["silver.records"]
 
 
+@pytest.mark.slow  # starts the fork server and two workers: about 5 s (test_masking checks the masks fast)
 def test_masking_peer_finds_our_worker_masks_identical_to_transformers(
-    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path
+    tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench.generate_corpus(tmp_path, n=5000)
-    # a bit over two batches of 1024, so ours runs in worker processes as in the stage
-    result = bench.peer_masking(tmp_path, tokenizer_cache_dir, limit=2200)
+    # The stage's batches shrunk from 1024 rows to 100 (the peer reads the stage's BATCH_ROWS when called), so a
+    # tenth of the data still makes three batches.
+    monkeypatch.setattr(sft_tokenized, "BATCH_ROWS", 100)
+    bench.generate_corpus(tmp_path, n=600)
+    # a bit over two batches, so ours runs in worker processes as in the stage
+    result = bench.peer_masking(tmp_path, tokenizer_cache_dir, limit=220)
     assert result["identical_masks"] is True
     assert result["ours_processes"] == min(2, default_processes())
     assert result["ours_one_process"]["seconds"] > 0 and result["ours_one_process_speedup"] > 0
-    assert 2000 < result["conversations"] <= 2200
+    assert 200 < result["conversations"] <= 220
     assert result["tokens"] > 100 * result["conversations"]
 
 
+@pytest.mark.slow  # the whole graph, through the benchmark's own runner
 def test_a_failed_job_still_reports_the_stages_that_ran(
     tmp_path: Path, tokenizer_cache_dir: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

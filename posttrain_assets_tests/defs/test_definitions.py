@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from posttrain_assets.pipeline import load_definitions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the dagster CLI loads the whole code location in a fresh interpreter: 4-10 s
 def test_dagster_validates_the_code_location(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
     env = {
         **os.environ,

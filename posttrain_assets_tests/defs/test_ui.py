@@ -26,6 +26,9 @@ from posttrain_assets.demo.generator import generate_demo_data
 from posttrain_assets.ingest.registry import load_registry
 from posttrain_assets_tests.webserver import Webserver, rendered_dom, running_webserver, screenshot
 
+# A webserver, the whole demo graph through it and a headless browser: about 40 s; `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Portrait: the UI fits the lineage graph to the page's width at most at 100%, so a landscape window would cut
 # the (tall, left-to-right) graph; the DOM check below fails if an asset falls outside the window.
@@ -182,9 +185,7 @@ def test_ui_materialises_the_demo_and_shows_the_asset_graph(tmp_path: Path, toke
 
     ingest_in_process(env, sources)
     lap("ingest")
-    with running_webserver(
-        env, tmp_path / "webserver.log", cwd=PROJECT_ROOT
-    ) as server:
+    with running_webserver(env, tmp_path / "webserver.log", cwd=PROJECT_ROOT) as server:
         lap("webserver up")
         refresh = materialise_demo_graph(server)
         lap("refresh_corpus run")

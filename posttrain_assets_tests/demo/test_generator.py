@@ -472,6 +472,7 @@ def test_exact_duplicates(demo: tuple[Path, dict[str, Any]]) -> None:
         assert not any((spec.name, i) in contaminated for rows in by_sig.values() if len(rows) > 1 for i in rows)
 
 
+@pytest.mark.slow  # 5-gram Jaccard of every pair of rows in three chat sources: 2-3 s
 def test_near_duplicates(demo: tuple[Path, dict[str, Any]]) -> None:
     """Near duplicates differ from their original in 5-15% of whitespace words, and stand out from the rest."""
     out, man = demo

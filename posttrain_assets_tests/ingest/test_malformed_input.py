@@ -202,6 +202,7 @@ def _write_registry(path: Path, entries: dict[str, str]) -> Path:
     return path
 
 
+@pytest.mark.slow  # `posttrain run` (Dagster instance, definitions, a run): about 4 s
 def test_posttrain_run_reports_a_missing_file_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     registry = _write_registry(tmp_path / "sources.yaml", {"gone": "gone.jsonl"})
     monkeypatch.setenv("POSTTRAIN_SOURCES", str(registry))
@@ -213,6 +214,7 @@ def test_posttrain_run_reports_a_missing_file_in_one_line(tmp_path: Path, monkey
     )
 
 
+@pytest.mark.slow  # the whole graph, until ingestion fails: about 6 s
 def test_run_all_raises_the_ingestion_error_without_dagster_s_wrapping(tmp_path: Path, tokenizer_cache_dir) -> None:
     registry = _write_registry(tmp_path / "sources.yaml", {"chats": "chats.jsonl", "odd": "odd.csv"})
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat(0)) + "\n")

@@ -41,6 +41,8 @@ from posttrain_assets_tests.sft.test_masking import CHATML_TAGGED
 
 # TRL's own config still sets the deprecated transformers argument.
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+# Tests marked slow read the demo graph's warehouse, built by one whole-graph run (about 17 s); the writers'
+# pure parts are tested without it.
 
 CREATED_AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 CHECKS = [
@@ -146,6 +148,7 @@ def _preference_exports(exported: ExportManifest) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_folder_has_parquet_jsonl_and_a_card(exported: ExportManifest, warehouse: Path) -> None:
     root = exported.out_dir
     # Every gold table that exists is exported (gold.preference is not while the length gate fails on it).
@@ -163,6 +166,7 @@ def test_every_folder_has_parquet_jsonl_and_a_card(exported: ExportManifest, war
     )
 
 
+@pytest.mark.slow
 def test_cards_name_rows_sources_licenses_checks_tokenizer_and_schema(
     exported: ExportManifest, smollm2_tokenizer: Any
 ) -> None:
@@ -188,6 +192,7 @@ def test_cards_name_rows_sources_licenses_checks_tokenizer_and_schema(
     assert licenses["demo_sft_alpaca"] == "CC-BY-NC-4.0"
 
 
+@pytest.mark.slow
 def test_reexporting_gives_identical_files_except_the_creation_time(
     warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
 ) -> None:
@@ -247,6 +252,7 @@ def test_a_non_finite_float_fails_the_export_naming_its_column(
         exports._write_jsonl(rl, table, out, writer)
 
 
+@pytest.mark.slow
 def test_a_different_tokenizer_is_refused(warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any) -> None:
     identity = dict(tokenizer_identity(smollm2_tokenizer), chat_template_sha256="0" * 64)
     rows = _count(warehouse, "gold.sft")
@@ -254,6 +260,7 @@ def test_a_different_tokenizer_is_refused(warehouse: Path, tmp_path: Path, smoll
         export_gold(conn, tmp_path, tokenizer_identity=identity, created_at=CREATED_AT)
 
 
+@pytest.mark.slow
 def test_a_missing_gold_table_is_skipped_and_its_old_files_removed(
     warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
 ) -> None:
@@ -284,6 +291,7 @@ def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.slow
 def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
     warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -324,6 +332,7 @@ def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
     warehouse: Path, tmp_path: Path, smollm2_tokenizer: Any
 ) -> None:
@@ -346,6 +355,7 @@ def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_datasets_loads_parquet_jsonl_and_the_folder_alike(hf: Offline, exported: ExportManifest) -> None:
     for table in exported.tables:
         folder = exported.out_dir / table.name
@@ -390,6 +400,7 @@ def _sft_trainer(dataset: Any, tok: Any, model: Any, out: Path) -> Any:
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
 
 
+@pytest.mark.slow
 def test_trl_sft_takes_our_tokens_and_its_own_assistant_mask_agrees_with_our_labels(
     hf: Offline, exported: ExportManifest, smollm2_tokenizer: Any, tiny_model: Any, tmp_path: Path
 ) -> None:
@@ -427,6 +438,7 @@ def test_trl_sft_takes_our_tokens_and_its_own_assistant_mask_agrees_with_our_lab
         assert labels == expected + [-100] * (width - len(expected))
 
 
+@pytest.mark.slow
 def test_trl_dpo_prepares_the_preference_exports(
     hf: Offline, exported: ExportManifest, warehouse: Path, smollm2_tokenizer: Any, tiny_model: Any, tmp_path: Path
 ) -> None:
@@ -463,6 +475,7 @@ def test_trl_dpo_prepares_the_preference_exports(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rl_export_has_verls_layout_and_the_gold_answers(
     hf: Offline, exported: ExportManifest, warehouse: Path, smollm2_tokenizer: Any
 ) -> None:

@@ -23,6 +23,10 @@ from posttrain_assets.warehouse.bronze import bronze_source_table
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
 from posttrain_assets_tests.publish.test_exports import demo_warehouse
 
+# Every test reads the demo graph's warehouse (one whole-graph run, shared with test_exports); `make test-fast`
+# skips them.
+pytestmark = pytest.mark.slow
+
 REGIME = {"gold.sft": "sft", "gold.preference": "preference", "gold.preference_length_balanced": "preference"}
 
 

@@ -357,6 +357,7 @@ def gsm8k_seeds(count: int) -> list[Seed]:
     return [Seed(r.verifier, r.answer) for r in records]
 
 
+@pytest.mark.slow  # certifies 26 seeds three times (sandbox and math workers): about 5 s
 def test_reward_py_scores_the_certification_fixtures_as_certification_did(tmp_path: Path) -> None:
     (tmp_path / REWARD_FILE).write_text(REWARD_SOURCE, encoding="utf-8")
     reward = load_shipped_reward(tmp_path / REWARD_FILE)

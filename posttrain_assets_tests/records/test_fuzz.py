@@ -24,6 +24,7 @@ from unittest import mock
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -192,6 +193,7 @@ def landing_files(draw: st.DrawFn) -> list[LandingFile]:
     return files
 
 
+@pytest.mark.slow  # 25 generated landing zones, each through ingest and the silver pass: about 17 s
 @settings(
     max_examples=25,
     deadline=None,

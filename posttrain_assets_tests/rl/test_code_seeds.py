@@ -110,6 +110,7 @@ def test_bad_tests_are_named(fmt: str, row: dict[str, Any], reason: str, field: 
     assert (caught.value.reason, caught.value.field) == (reason, field)
 
 
+@pytest.mark.slow  # ten HumanEval problems through the sandbox, three runs each: about 5 s
 def test_humaneval_seeds_certify_for_real() -> None:
     seeds = [
         Seed(r.verifier, r.answer, r.prompt, r.tests)  # type: ignore[arg-type]
@@ -124,6 +125,7 @@ def test_humaneval_seeds_certify_for_real() -> None:
     assert [(c.ok, c.reason) for c in untested] == [(False, "no_tests")] * 2
 
 
+@pytest.mark.slow  # ten HumanEval problems through the sandbox: about 2 s
 def test_wrong_humaneval_solutions_are_rejected() -> None:
     problems = humaneval()[:10]
     for problem in problems:

@@ -88,8 +88,11 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the model
+# Tests that take the `policy` fixture are marked slow: loading the GGUF takes 15-25 s on two cores, and each
+# `generate` call a few seconds more. The refusals, the sampler and the lineage below need no model.
 
 
+@pytest.mark.slow
 def test_default_policy_is_the_bundled_gguf(policy: PolicySpec) -> None:
     assert policy.name == "HuggingFaceTB/SmolLM2-135M-Instruct@SmolLM2-135M-Instruct.Q4_1.gguf"
     assert Path(policy.model_path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,6 +106,7 @@ def test_default_policy_is_the_bundled_gguf(policy: PolicySpec) -> None:
     assert rollouts.load_policy_model(policy) is model  # cached per process
 
 
+@pytest.mark.slow
 def test_model_generates_text_for_a_gsm8k_prompt(
     policy: PolicySpec, gsm8k_seeds: list[dict[str, Any]], smollm2_tokenizer: Any
 ) -> None:
@@ -116,23 +120,27 @@ def test_model_generates_text_for_a_gsm8k_prompt(
         assert sum(ch.isalpha() for ch in text) >= 3  # real words, not padding or control tokens
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_for_a_seed(
     policy: PolicySpec, gsm8k_seeds: list[dict[str, Any]], smollm2_tokenizer: Any
 ) -> None:
     seeds = gsm8k_seeds[:2]
-    first = sample_token_ids(seeds, policy, FAST, tokenizer=smollm2_tokenizer, batch_size=2)
-    second = sample_token_ids(seeds, policy, FAST, tokenizer=smollm2_tokenizer, batch_size=2)
+    # Five generate calls: four new tokens each (half of FAST) already tell two sampling seeds' draws apart.
+    short = dataclasses.replace(FAST, max_new_tokens=4)
+    first = sample_token_ids(seeds, policy, short, tokenizer=smollm2_tokenizer, batch_size=2)
+    second = sample_token_ids(seeds, policy, short, tokenizer=smollm2_tokenizer, batch_size=2)
     assert first == second
     assert list(first) == [s["id"] for s in seeds]
     other = sample_token_ids(
-        seeds, policy, dataclasses.replace(FAST, seed=1), tokenizer=smollm2_tokenizer, batch_size=2
+        seeds, policy, dataclasses.replace(short, seed=1), tokenizer=smollm2_tokenizer, batch_size=2
     )
     assert other != first
-    runs = [estimate_difficulty(seeds[:1], policy, FAST, tokenizer=smollm2_tokenizer) for _ in range(2)]
+    runs = [estimate_difficulty(seeds[:1], policy, short, tokenizer=smollm2_tokenizer) for _ in range(2)]
     assert [e.passes for e in runs[0]] == [e.passes for e in runs[1]]
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_estimate_difficulty_on_real_gsm8k_prompts(
     policy: PolicySpec, gsm8k_seeds: list[dict[str, Any]], smollm2_tokenizer: Any
 ) -> None:
@@ -182,7 +190,9 @@ def test_estimate_difficulty_on_real_gsm8k_prompts(
     ]
 
 
-def test_bad_seeds_and_a_wrong_model_hash_are_refused(policy: PolicySpec, smollm2_tokenizer: Any) -> None:
+def test_bad_seeds_and_a_wrong_model_hash_are_refused(tokenizer_cache_dir: Path, smollm2_tokenizer: Any) -> None:
+    """Refused before the model is loaded (seeds first, then the file's hash), so no model is loaded here."""
+    policy = rollouts.default_policy(tokenizer_cache_dir)
     seed = _unreachable_seed()
     with pytest.raises(RolloutError, match="more than once"):
         estimate_difficulty([seed, dict(seed)], policy, FAST, tokenizer=smollm2_tokenizer)
@@ -194,6 +204,10 @@ def test_bad_seeds_and_a_wrong_model_hash_are_refused(policy: PolicySpec, smollm
     wrong = dataclasses.replace(policy, model_sha256="0" * 64)
     with pytest.raises(RolloutError, match="expected 0000"):
         rollouts.load_policy_model(wrong)
+
+
+@pytest.mark.slow
+def test_no_seeds_give_no_estimates(policy: PolicySpec, smollm2_tokenizer: Any) -> None:
     assert estimate_difficulty([], policy, FAST, tokenizer=smollm2_tokenizer) == []
 
 

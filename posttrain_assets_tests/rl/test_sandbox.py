@@ -144,6 +144,7 @@ def test_process_count_is_limited_per_run_and_nothing_survives() -> None:
     assert host_processes_of(uid) == []  # the sleeping children died with the run
 
 
+@pytest.mark.slow  # waits out a wall-clock or CPU limit: seconds by design
 def test_fork_bomb_is_contained_and_leaves_nothing_behind() -> None:
     bomb = UNBLOCK + "import ctypes, os\nlibc = ctypes.CDLL(None)\nprint(os.getuid(), flush=True)\n"
     bomb += "while True:\n    libc.fork()\n"
@@ -358,6 +359,7 @@ def test_output_is_capped() -> None:
     assert "File too large" in result.stderr
 
 
+@pytest.mark.slow  # waits out a wall-clock or CPU limit: seconds by design
 def test_concurrent_calls_from_threads() -> None:
     codes = [f"print({i} * {i})" for i in range(8)] + ["import time\ntime.sleep(30)"]
     with ThreadPoolExecutor(max_workers=len(codes)) as pool:
@@ -398,6 +400,7 @@ def test_without_isolation_the_sandbox_refuses_to_run(unisolated: None, monkeypa
     assert (opted.status, opted.stdout) == ("ok", pyproject.read_text().splitlines(keepends=True)[0])
 
 
+@pytest.mark.slow  # forks until the per-uid limit refuses: over a second
 def test_unisolated_opt_in_still_limits_processes_per_uid(unisolated: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")
     # Unisolated, the interpreter's directory (under /root) is unreadable to the run's uid, so ctypes cannot be

@@ -193,6 +193,7 @@ def test_math_timeout_is_bounded_and_the_pool_recovers() -> None:
     assert score("math", r"\boxed{\frac{1}{2}}", "0.5") == Score(1.0)
 
 
+@pytest.mark.slow  # waits out a wall-clock or CPU limit: seconds by design
 def test_math_hang_inside_c_code_is_bounded_too() -> None:
     # sympy evaluates 10^(10^10) as one long-integer power, in C: no signal handler (math-verify's SIGALRM
     # timeout) runs until it returns, minutes later; only killing the worker stops it.
@@ -232,6 +233,7 @@ def test_python_eval(candidate: str, tests: str, expected: Score) -> None:
     assert score("python_eval", candidate, "", tests=tests) == expected
 
 
+@pytest.mark.slow  # waits out a wall-clock or CPU limit: seconds by design
 def test_python_eval_infinite_loop_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(v, "PYTHON_EVAL_CPU_SECONDS", 1)
     assert score("python_eval", "while True:\n    pass\n", "", tests=TESTS) == Score(0.0, "timeout")
@@ -585,6 +587,7 @@ def test_certify_nondeterministic(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (result.ok, result.reason, result.gold_scores) == (False, "nondeterministic", [1.0, 0.0, 0.0])
 
 
+@pytest.mark.slow  # waits out a wall-clock or CPU limit: seconds by design
 def test_certify_timeout() -> None:
     start = time.monotonic()
     seed = Seed("python_eval", "while True:\n    pass\n", tests="assert True\n")

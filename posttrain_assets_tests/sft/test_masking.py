@@ -644,6 +644,7 @@ def test_ten_thousand_turns_too_long_are_quarantined(smollm2_tokenizer: Any) -> 
     assert 4096 < at_least <= len(smollm2_tokenizer(text[:counted], add_special_tokens=False)["input_ids"])
 
 
+@pytest.mark.slow  # needs its size (linear time on 10,000 turns): 4-5 s per family
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
 def test_ten_thousand_turns_that_fit_match_generation_oracle(
     family: Family, smollm2_tokenizer: Any, make_tokenizer: Callable[..., Any]
@@ -745,6 +746,7 @@ def prefix_token_counts(tok: Any, messages: Messages, counts: range) -> dict[int
     return dict(zip(counts, (len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]), strict=True))
 
 
+@pytest.mark.slow  # needs its size (2,000 turns, 200 prefixes rendered for the oracle): about 2 s
 def test_truncating_thousands_of_turns_keeps_the_longest_prefix_that_fits(smollm2_tokenizer: Any) -> None:
     tok = smollm2_tokenizer
     messages = many_turns(2_000)

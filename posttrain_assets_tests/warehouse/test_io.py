@@ -98,6 +98,9 @@ def test_insert_ordered_sees_the_open_transaction(conn):
     ]
 
 
+# Needs its size (about 15 s): smaller limits leave no margin. At 32 MB the ordered insert itself runs out of
+# memory; at 48 MB it passes with 64 MB of payload but fails with 96 MB (duckdb 2.0.1, tried).
+@pytest.mark.slow
 def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path):
     """128 MB of payload in key order under a 64 MB DuckDB limit (a plain ORDER BY of it fails with duckdb
     2.0.1's "could not allocate block"): only one range is ever sorted."""
@@ -160,6 +163,7 @@ def test_building_twin_replaces_the_table_in_one_swap_and_is_dropped_on_error(co
     assert conn.execute("SELECT id FROM wide ORDER BY id").fetchall() == [("k1",), ("k2",)]
 
 
+@pytest.mark.slow  # needs its size: a full row group (122,880 rows) of ~10 MB batches, about 2 s
 def test_a_twin_is_checkpointed_once_per_full_row_group_not_every_16_mb(tmp_path):
     """Batches of 15,360 rows of ~10 MB each: with DuckDB's automatic checkpoints a commit past 16 MB of WAL would
     write the row group being filled, and a later one write it again."""
