@@ -28,6 +28,11 @@ wrapped as ``datasketch.LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme=cfg.sc
 ``MinHashLSH`` index. Candidate pairs come from the same banding as ``MinHashLSH`` (its ``b`` bands of
 ``r`` rows for the configured threshold), computed with numpy sorts over all signatures at once
 (:func:`candidate_pairs`), so a million rows never become a million Python objects in an index.
+
+Everything here holds its rows in memory (:func:`deduplicate`, :func:`near_duplicate_clusters`). The silver pass
+runs the same steps with the same rules over DuckDB work tables instead (``cleaning.dedup_tables``: band keys in a
+table, candidates from SQL, verification in worker processes), so a regime's rows are never all in Python; tests
+hold the two to the same outcome.
 """
 
 from __future__ import annotations
@@ -396,6 +401,11 @@ def tokens(text: str | None) -> list[str]:
     return norm.split(" ") if norm else []
 
 
+def unit_words(unit: str, guard: str | None) -> tuple[list[str], list[str] | None]:
+    """The words verification compares for one row: :func:`tokens` of its dedup unit and of its guard text."""
+    return tokens(unit), None if guard is None else tokens(guard)
+
+
 def edit_distance(a: Sequence[str], b: Sequence[str], cutoff: int | None = None) -> int:
     """Levenshtein distance between two token sequences (unit insert, delete, substitute).
 
@@ -485,8 +495,10 @@ class Cluster:
     similarity: dict[Hashable, float] = field(default_factory=dict)
 
 
+@functools.cache
 def lsh_bands(cfg: MinHashConfig) -> tuple[int, int]:
-    """(bands, rows per band) that ``datasketch.MinHashLSH`` chooses for the net's threshold and ``num_perm``."""
+    """(bands, rows per band) that ``datasketch.MinHashLSH`` chooses for the net's threshold and ``num_perm``
+    (cached: datasketch finds them by numerical integration, and every batch of signatures asks)."""
     lsh = MinHashLSH(threshold=cfg.effective_lsh_threshold(), num_perm=cfg.num_perm)
     return lsh.b, lsh.r
 
@@ -582,6 +594,27 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
 
 # Texts of rows by index, for verification: index -> (dedup unit, guard text or None).
 TextsOf = Callable[[Sequence[int]], Mapping[int, tuple[str, str | None]]]
+# A row as verification compares it: the words of its dedup unit, and of its guard text (None: no guard).
+UnitWords = tuple[list[str], list[str] | None]
+
+
+def similar_words(a: Sequence[str], b: Sequence[str], cfg: MinHashConfig, keyed: bool = False) -> bool:
+    """The rules of :class:`MinHashConfig` on two word sequences: rule 2 (edit similarity) where it applies (units
+    of ``min_words`` or more, or ``keyed`` pairs), else (or failing it) rule 1 (shingle Jaccard)."""
+    t = cfg.edit_threshold
+    if t is not None and (keyed or min(len(a), len(b)) >= cfg.min_words) and _edit_sim(a, b, t) >= t:
+        return True
+    return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
+
+
+def near_duplicate_words(a: UnitWords, b: UnitWords, cfg: MinHashConfig, keyed: bool = False) -> bool:
+    """Whether a candidate pair is a near duplicate: the units pass :func:`similar_words`, and so do the guard
+    texts when both rows have one. (A same-key check, where there is one, comes first: see
+    :func:`near_duplicate_clusters`.)"""
+    (wa, ga), (wb, gb) = a, b
+    if not similar_words(wa, wb, cfg, keyed):
+        return False
+    return ga is None or gb is None or similar_words(ga, gb, cfg, keyed)
 
 
 def verified_clusters(
@@ -612,22 +645,15 @@ def verified_clusters(
     def keyed(i: int) -> bool:
         return same_key is not None and same_key[i] is not None
 
-    def similar(a: list[str], b: list[str], key: bool) -> bool:
-        """Rule 2 where it applies, else (or failing it) rule 1."""
-        t = cfg.edit_threshold
-        if t is not None and (key or min(len(a), len(b)) >= cfg.min_words) and _edit_sim(a, b, t) >= t:
-            return True
-        return shingle_jaccard(a, b, cfg.shingle_words) >= cfg.threshold
-
-    def words(indices: np.ndarray) -> Callable[[int], tuple[list[str], list[str] | None]]:
+    def words(indices: np.ndarray) -> Callable[[int], UnitWords]:
         """Word lists of a chunk's rows, split on demand: a chunk holds its texts, and only the few most
         recently used rows as word lists (several times the size of the text)."""
         texts = texts_of(sorted(set(map(int, indices))))
 
         @functools.lru_cache(maxsize=256)
-        def of(i: int) -> tuple[list[str], list[str] | None]:
+        def of(i: int) -> UnitWords:
             unit, guard = texts[i]
-            return tokens(unit), None if guard is None else tokens(guard)
+            return unit_words(unit, guard)
 
         return of
 
@@ -642,12 +668,8 @@ def verified_clusters(
         for i, j in part:
             if uf.find(i) == uf.find(j) or (keyed(i) and same_key is not None and same_key[i] != same_key[j]):
                 continue
-            (wi, gi), (wj, gj) = cache(i), cache(j)
-            if not similar(wi, wj, keyed(i)):
-                continue
-            if gi is not None and gj is not None and not similar(gi, gj, keyed(i)):
-                continue
-            uf.union(i, j)
+            if near_duplicate_words(cache(i), cache(j), cfg, keyed(i)):
+                uf.union(i, j)
 
     groups: dict[int, list[int]] = defaultdict(list)
     for i in np.unique(pairs).tolist():

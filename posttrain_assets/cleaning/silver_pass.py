@@ -10,7 +10,8 @@ Stages, in order (each named by its role; a stage says what it drops and why, no
 2. ``decontaminate``: rows sharing a long word n-gram with any evaluation row (``role: eval`` sources)
    are removed (``posttrain_assets.cleaning.decontamination``).
 3. ``deduplicate``: exact-normalised and MinHash near duplicates per regime; a preference pair is one
-   unit, so it is kept or dropped whole (``posttrain_assets.cleaning.dedup``).
+   unit, so it is kept or dropped whole (rules: ``posttrain_assets.cleaning.dedup``; run as set operations over
+   work tables: ``posttrain_assets.cleaning.dedup_tables``).
 4. ``cross_regime_leaks``: the same prompt in more than one regime is reported; with
    ``leak_policy="prefer_rl"`` the SFT/preference rows whose prompt is in the RL bank are removed, so the
    policy is never trained on the answers of the prompts it is rewarded on.
@@ -18,10 +19,11 @@ Stages, in order (each named by its role; a stage says what it drops and why, no
 Quality runs first so a kept duplicate twin is always a row that survives the gate.
 
 Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch (in
-worker processes, ``posttrain_assets.parallel``) and write into work tables (schema ``work``), and the later
-stages keep only ids, keys, ranks and MinHash signatures in Python (the signatures are computed in worker
-processes too); texts are read back from DuckDB a batch at a time. The silver tables are replaced from the
-work tables in one transaction at the end, so a failed pass leaves the previous silver intact.
+worker processes, ``posttrain_assets.parallel``) and write into work tables (schema ``work``). Dedup keeps its
+per-row state (exact groups, MinHash signatures, LSH band keys, candidate pairs) in work tables too: signatures
+and the verification of candidate pairs run a batch at a time in worker processes, and Python holds only the
+batch in flight and the rows of verified pairs. The silver tables are replaced from the work tables in one
+transaction at the end, so a failed pass leaves the previous silver intact.
 """
 
 from __future__ import annotations
@@ -29,30 +31,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import duckdb
-import numpy as np
 
 from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_matches, contamination_report
-from posttrain_assets.cleaning.dedup import (
-    DEFAULT_CONFIGS,
-    DroppedTo,
-    MinHashConfig,
-    dedup_unit,
-    deduplicate_regime,
-    exact_key,
-    guard_text,
-    minhash_signatures,
-    prompt_key,
-    quality_score,
-    resolve_chains,
-    rl_same_key,
-    signature_dtype,
-)
+from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
+from posttrain_assets.cleaning.dedup_tables import deduplicate_regime_tables
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdicts
 from posttrain_assets.ingest.registry import Registry
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
@@ -72,7 +60,6 @@ from posttrain_assets.warehouse.catalogue import (
 )
 from posttrain_assets.warehouse.io import (
     checkpoints_held_off,
-    fetch_arrow,
     fetch_batches,
     fetch_dicts,
     insert_ordered,
@@ -180,17 +167,8 @@ FROM ({LIVE}) WHERE regime = $regime
 ORDER BY seq
 """
 
-# What dedup units are built from: for the rows whose seq is listed, and for every live row of a regime. The
-# order of these reads does not matter (rows are placed by seq), so the wide rows are not sorted.
-UNIT_COLUMNS = "seq, regime, messages, prompt, chosen, rejected, answer"
-# A filter on a constant list is answered from the index on seq (see deduplicate_staged), not by a scan.
-UNITS_OF_SEQS = f"""
-SELECT {UNIT_COLUMNS} FROM {STAGED.qualified}
-WHERE list_contains($seqs, seq)
-"""
-UNITS_OF_REGIME = f"SELECT {UNIT_COLUMNS} FROM ({LIVE}) WHERE regime = $regime"
-# Near-dup verification reads the texts of up to 2 x 4096 rows at a time; DuckDB answers such a look-up from an
-# ART index only when it matches fewer rows than index_scan_max_count.
+# Near-dup verification reads the texts of up to 2 x 4096 rows at a time (dedup_tables.CHUNK_PAIRS pairs), by seq;
+# DuckDB answers such a look-up from an ART index only when it matches fewer rows than index_scan_max_count.
 TEXT_LOOKUP_ROWS = 16_384
 
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
@@ -248,13 +226,19 @@ class PassResult:
 
     contamination_report: list[dict[str, Any]]  # per benchmark (decontamination.contamination_report)
     # Wall seconds per stage, in pass order (STAGE_NAMES), plus the parts in SUBSTAGE_NAMES (the checkpoint of
-    # the staged rows; reading units and computing MinHash signatures): where a slow pass spends its time.
+    # the staged rows; MinHash signatures and band keys, candidate pairs, verification and similarities of the
+    # near-dup stage): where a slow pass spends its time.
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 STAGE_NAMES = ("normalise_and_gate", "decontaminate", "deduplicate", "cross_regime_leaks", "quarantine", "publish")
 # Parts of a stage timed on their own (each also counted in its stage).
-SUBSTAGE_NAMES = ("normalise_and_gate/checkpoint", "deduplicate/signatures")
+SUBSTAGE_NAMES = (
+    "normalise_and_gate/checkpoint",
+    "deduplicate/signatures",
+    "deduplicate/candidates",
+    "deduplicate/verification",
+)
 
 
 class StageClock:
@@ -456,19 +440,13 @@ def decontaminate(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[
     return contamination_report((), index, matches=matches)
 
 
-def _units(rows: Sequence[Record]) -> dict[int, tuple[str, str | None]]:
-    return {r["seq"]: (dedup_unit(r), guard_text(r)) for r in rows}
-
-
 def deduplicate_staged(
     conn: duckdb.DuckDBPyConnection, registry: Registry, cfg: CleaningConfig, clock: StageClock | None = None
 ) -> None:
-    """Stage 3, per regime: exact-normalised then near duplicates of the live rows (see dedup.deduplicate_regime).
-
-    In memory per regime: ids, exact keys, ranks and signatures (num_perm 32-bit values per row). Signatures
-    are computed from units streamed from the work table; candidate pairs look their units up by seq.
+    """Stage 3, per regime: exact-normalised then near duplicates of the live rows, as set operations over work
+    tables (``dedup_tables.deduplicate_regime_tables``): this process holds one batch in flight and the union-find
+    over verified pairs, never a regime's rows. Dropped rows go to the dedup work table and leave the corpus.
     """
-    dropped_to: DroppedTo = {}
     clock = clock or StageClock()
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
     # other connections keep DuckDB's default).
@@ -476,69 +454,24 @@ def deduplicate_staged(
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
     try:
         for regime in REGIMES:
-            config = cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])
-            dropped_to |= _deduplicate_regime(conn, registry, regime, config, cfg, clock)
+            deduplicate_regime_tables(
+                conn,
+                staged=STAGED.qualified,
+                ranked=RANKED_OF_REGIME,
+                params={"sources": registry.names, "regime": regime},
+                keyed=regime == "rl",  # RL prompts must also share numbers and answer (dedup.rl_same_key)
+                cfg=cfg.minhash.get(regime, DEFAULT_CONFIGS[regime]),
+                dropped=DROPPED_DUPLICATES,
+                batch_rows=cfg.batch_rows,
+                processes=cfg.processes,
+                timed=lambda part: clock.stage(f"deduplicate/{part}"),
+            )
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
-    dropped = [
-        {"member_id": m, "kept_id": kept, "method": method, "similarity": sim}
-        for m, (kept, method, sim) in resolve_chains(dropped_to).items()
-    ]
-    insert_rows(conn, DROPPED_DUPLICATES, dropped)
     conn.execute(DEDUP_FROM_STAGED)
     conn.execute(
         f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM {DROPPED_DUPLICATES.qualified}"
     )
-
-
-def unit_signatures(config: MinHashConfig, batch: Any) -> tuple[list[int], np.ndarray]:
-    """The seqs of a batch of staged rows (``UNIT_COLUMNS``) and the MinHash signatures of their dedup units.
-    Pure, so batches run in worker processes."""
-    rows = batch.to_pylist()
-    return [r["seq"] for r in rows], minhash_signatures([dedup_unit(r) for r in rows], config)
-
-
-def _deduplicate_regime(
-    conn: duckdb.DuckDBPyConnection,
-    registry: Registry,
-    regime: str,
-    config: MinHashConfig,
-    cfg: CleaningConfig,
-    clock: StageClock,
-) -> DroppedTo:
-    ranked = conn.execute(RANKED_OF_REGIME, {"sources": registry.names, "regime": regime}).fetchall()
-    params = {"regime": regime}
-    if not ranked:
-        return {}
-    seqs = [r[0] for r in ranked]
-    same_key = None
-    if regime == "rl":  # short rows: one extra read for the numbers and answers
-        position = {s: i for i, s in enumerate(seqs)}
-        same_key = [None] * len(seqs)
-        for rows in fetch_batches(conn, UNITS_OF_REGIME, cfg.batch_rows, params):
-            for r in rows:
-                same_key[position[r["seq"]]] = rl_same_key(r)
-
-    def signatures(indices: list[int]) -> np.ndarray:
-        """Signatures of the rows ``indices``, computed over every live row of the regime (exact twins, the
-        only others, are few) in worker processes."""
-        row_of = {seqs[i]: k for k, i in enumerate(indices)}
-        out = np.empty((len(indices), config.num_perm), dtype=signature_dtype(config))
-        processes = processes_for(len(seqs), cfg.batch_rows, cfg.processes)
-        with clock.stage("deduplicate/signatures"):
-            batches = fetch_arrow(conn, UNITS_OF_REGIME, cfg.batch_rows, params)
-            for batch_seqs, sigs in map_batches(unit_signatures, config, batches, processes):
-                wanted = [(row_of[s], k) for k, s in enumerate(batch_seqs) if s in row_of]
-                if wanted:
-                    out[[r for r, _ in wanted]] = sigs[[k for _, k in wanted]]
-        return out
-
-    def texts_of(indices: Sequence[int]) -> dict[int, tuple[str, str | None]]:
-        units = _units(fetch_dicts(conn, UNITS_OF_SEQS, {"seqs": [seqs[i] for i in indices]}))
-        return {i: units[seqs[i]] for i in indices}
-
-    ids, keys, ranks = ([r[k] for r in ranked] for k in (1, 2, 3))
-    return deduplicate_regime(ids, keys, ranks, signatures, texts_of, config, same_key=same_key)
 
 
 def cross_regime_leaks(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:

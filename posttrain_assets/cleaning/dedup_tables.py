@@ -1,0 +1,522 @@
+"""Exact-normalised and near-duplicate dedup of one regime as set operations over DuckDB tables.
+
+The silver pass deduplicates each regime with :func:`deduplicate_regime_tables`. The rules are those of
+:mod:`posttrain_assets.cleaning.dedup` and so is the outcome (the same rows dropped onto the same kept rows, with
+the same similarities: tests compare it with ``dedup.deduplicate``), but no step holds a regime's rows in this
+process: the per-regime state lives in work tables, the Python work runs one batch at a time in worker processes
+(``parallel.map_batches``, Arrow in and out), and only the rows of verified pairs are held, in a union-find.
+
+1. **Exact** (SQL): every row points at the lowest kept rank among the rows of its exact key (``dedup_rows``).
+2. **Signatures** (workers, :func:`signature_batch`): the MinHash signatures of the exact survivors' dedup units
+   and their LSH band keys (the ``r`` values of each band, as bytes: equal keys are equal values, no hash that
+   could collide), appended to ``near_signatures`` and ``near_bands``.
+3. **Candidates** (SQL): rows sharing a bucket (``GROUP BY band, band_key``); a bucket of more than
+   ``dedup.MAX_BUCKET`` rows is split by the keys of the next bands, up to ``dedup.MAX_SPLIT_BANDS`` of them, as
+   ``dedup.candidate_pairs`` splits it. The pairs of the listed buckets whose signatures agree on at least the
+   net's threshold of their slots are the candidates (``near_candidates``): DuckDB lists the pairs of one start
+   band at a time and drops those whose one-character-per-slot sketches (:func:`sketch_of`) already fall short;
+   the few left get the exact estimate (:func:`estimated_at_least`).
+4. **Verification** (workers, :func:`verify_batch`): candidate pairs in order, a chunk at a time with the texts
+   of their rows, checked by the rules of ``MinHashConfig``; verified pairs are joined in a union-find over their
+   rows. A pair whose rows are already joined is not compared (a cluster of k copies costs about k comparisons).
+5. **Kept** (SQL, then workers): the lowest kept rank of each cluster is kept; every other member's edit
+   similarity to it is computed (:func:`similarity_batch`) and the dropped rows are written, an exact twin of a
+   near-dropped row pointing at the final kept row (as ``dedup.resolve_chains``).
+
+Which pairs are compared depends on the order results come back in, but not the clusters: a cluster is a
+connected component of the verified candidate pairs, so the outcome does not depend on the number of processes
+or the batch sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from posttrain_assets.cleaning import dedup
+from posttrain_assets.cleaning.dedup import (
+    METHOD_EXACT,
+    METHOD_NEAR,
+    MinHashConfig,
+    UnitWords,
+    dedup_unit,
+    edit_similarity,
+    guard_text,
+    lsh_bands,
+    minhash_signatures,
+    near_duplicate_words,
+    rl_same_key,
+    tokens,
+    unit_words,
+)
+from posttrain_assets.parallel import map_batches, processes_for
+from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow
+from posttrain_assets.warehouse.model import Column, Table
+
+WORK_SCHEMA = "work"
+# The columns dedup units are built from (dedup.dedup_unit, guard_text, rl_same_key), with the row's key.
+UNIT_COLUMNS = ("seq", "regime", "messages", "prompt", "chosen", "rejected", "answer")
+# Candidate pairs per verification item; with their rows' texts (at most twice as many rows) this is what one
+# worker holds. The texts are looked up by seq, which an index answers for up to index_scan_max_count rows.
+CHUNK_PAIRS = 4096
+
+DEDUP_ROWS = Table(
+    WORK_SCHEMA,
+    "dedup_rows",
+    "The rows of the regime being deduplicated, with their kept rank and their exact group's kept row.",
+    (
+        Column("seq", "BIGINT", "the staged row", False),
+        Column("id", "VARCHAR", "its record id", False),
+        Column("kept_rank", "BIGINT", "its place in the kept order (dedup.kept_sort_key); lowest is kept", False),
+        Column("exact_kept", "BIGINT", "seq of the lowest-ranked row of its exact key (itself: a survivor)", False),
+    ),
+)
+NEAR_SIGNATURES = Table(
+    WORK_SCHEMA,
+    "near_signatures",
+    "MinHash signatures of the exact survivors' dedup units (dedup.minhash_signatures).",
+    (
+        Column("seq", "BIGINT", "the staged row", False),
+        Column("signature", "UINTEGER[]", "num_perm slot values (32-bit in either permutation scheme)", False),
+        Column("sketch", "VARCHAR", "one ASCII character per slot (sketch_of): equal slots, equal characters", False),
+    ),
+)
+NEAR_BANDS = Table(
+    WORK_SCHEMA,
+    "near_bands",
+    "LSH band keys of the exact survivors: one row per (row, band).",
+    (
+        Column("seq", "BIGINT", "the staged row", False),
+        Column("band", "INTEGER", "band number, 0 .. bands - 1 (dedup.lsh_bands)", False),
+        Column("band_key", "BLOB", "the band's r signature values, 4 bytes each: equal keys, same bucket", False),
+    ),
+)
+NEAR_LISTED = Table(
+    WORK_SCHEMA,
+    "near_listed",
+    "Rows of the LSH buckets whose pairs are listed: a bucket of two to MAX_BUCKET rows, or a split one.",
+    (
+        Column("start_band", "INTEGER", "the band the bucket was first formed in", False),
+        Column("path", "BLOB", "band keys of the start band and of each band it was split by, concatenated", False),
+        Column("seq", "BIGINT", "the staged row", False),
+    ),
+)
+NEAR_SPLIT = Table(
+    WORK_SCHEMA,
+    "near_split",
+    "Rows of the LSH buckets of more than MAX_BUCKET rows at the last depth: split by the next band.",
+    NEAR_LISTED.columns,
+)
+NEAR_LEVEL = Table(
+    WORK_SCHEMA,
+    "near_level",
+    "Rows of the LSH buckets of two or more rows at the current split depth, with the bucket's size.",
+    (*NEAR_LISTED.columns, Column("size", "BIGINT", "rows in the bucket", False)),
+)
+NEAR_SKETCH_PAIRS = Table(
+    WORK_SCHEMA,
+    "near_sketch_pairs",
+    "Pairs (a < b) of a listed bucket whose sketches agree on enough slots (per start band: may repeat).",
+    (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
+)
+NEAR_CANDIDATES = Table(
+    WORK_SCHEMA,
+    "near_candidates",
+    "Candidate near-duplicate pairs (a < b): in a listed bucket, signatures agreeing on the net's threshold.",
+    (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
+)
+NEAR_CLUSTERS = Table(
+    WORK_SCHEMA,
+    "near_clusters",
+    "Rows of verified near-duplicate pairs with their cluster (a union-find root; a seq of the cluster).",
+    (Column("seq", "BIGINT", "the staged row", False), Column("cluster", "BIGINT", "its cluster", False)),
+)
+NEAR_DROPPED = Table(
+    WORK_SCHEMA,
+    "near_dropped",
+    "Rows dropped as near duplicates: the kept row of their cluster and the edit similarity to it.",
+    (
+        Column("seq", "BIGINT", "the dropped row", False),
+        Column("kept_seq", "BIGINT", "the lowest-ranked row of its cluster", False),
+        Column("similarity", "DOUBLE", "token edit similarity to the kept row (dedup.edit_similarity)", False),
+    ),
+)
+TABLES = (
+    DEDUP_ROWS,
+    NEAR_SIGNATURES,
+    NEAR_BANDS,
+    NEAR_LISTED,
+    NEAR_SPLIT,
+    NEAR_LEVEL,
+    NEAR_SKETCH_PAIRS,
+    NEAR_CANDIDATES,
+    NEAR_CLUSTERS,
+    NEAR_DROPPED,
+)
+
+# The regime's rows from the caller's ranked query (seq, id, exact_key, kept_rank), each pointing at the lowest
+# kept rank of its exact key.
+EXACT_GROUPS = f"""
+INSERT INTO {DEDUP_ROWS.qualified}
+SELECT seq, id, kept_rank, arg_min(seq, kept_rank) OVER (PARTITION BY exact_key) FROM ({{ranked}})
+"""
+SURVIVORS = f"SELECT seq FROM {DEDUP_ROWS.qualified} WHERE seq = exact_kept"
+
+# The rows of every LSH bucket of two or more rows at depth 0 (one band), with its size.
+BAND_BUCKET_ROWS = f"""
+WITH sizes AS (
+    SELECT band, band_key, count(*) AS size FROM {NEAR_BANDS.qualified}
+    GROUP BY band, band_key HAVING count(*) > 1
+)
+SELECT n.band AS start_band, n.band_key AS path, n.seq, s.size
+FROM {NEAR_BANDS.qualified} n JOIN sizes s USING (band, band_key)
+"""
+# The rows being split, each with the key of the next band appended to its path, in buckets of two or more, with
+# their size.
+SPLIT_BUCKET_ROWS = f"""
+WITH rows AS (
+    SELECT s.start_band, s.path || n.band_key AS path, s.seq
+    FROM {NEAR_SPLIT.qualified} s
+    JOIN {NEAR_BANDS.qualified} n ON n.seq = s.seq AND n.band = (s.start_band + $depth) % $bands
+)
+SELECT * FROM (SELECT *, count(*) OVER (PARTITION BY start_band, path) AS size FROM rows) WHERE size > 1
+"""
+# Of the buckets at one depth, the rows listed (small enough, or at the last depth) and the rows split further.
+LISTED_AT_DEPTH = f"""
+INSERT INTO {NEAR_LISTED.qualified}
+SELECT start_band, path, seq FROM {NEAR_LEVEL.qualified} WHERE size <= $max_bucket OR $depth >= $max_depth
+"""
+SPLIT_AT_DEPTH = f"""
+INSERT INTO {NEAR_SPLIT.qualified}
+SELECT start_band, path, seq FROM {NEAR_LEVEL.qualified} WHERE size > $max_bucket AND $depth < $max_depth
+"""
+# The pairs of the listed buckets of one start band whose sketches agree on at least $min_equal slots (a superset
+# of the pairs whose signatures do: see sketch_of). The sketches are compared on the pairs as they are listed, so
+# the pairs that fail (nearly all) are never stored; one start band at a time keeps DuckDB's join small.
+SKETCH_PAIRS_OF_BAND = f"""
+INSERT INTO {NEAR_SKETCH_PAIRS.qualified}
+WITH listed AS (
+    SELECT l.path, l.seq, s.sketch
+    FROM {NEAR_LISTED.qualified} l JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
+    WHERE l.start_band = $band
+)
+SELECT DISTINCT x.seq, y.seq
+FROM listed x JOIN listed y ON x.path = y.path AND x.seq < y.seq
+WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
+"""
+# Each pair whose sketches could reach the floor, once, with both signatures for the exact estimate.
+SKETCH_PAIRS_WITH_SIGNATURES = f"""
+WITH pairs AS (SELECT DISTINCT a, b FROM {NEAR_SKETCH_PAIRS.qualified})
+SELECT p.a, p.b, sa.signature AS signature_a, sb.signature AS signature_b
+FROM pairs p
+JOIN {NEAR_SIGNATURES.qualified} sa ON sa.seq = p.a
+JOIN {NEAR_SIGNATURES.qualified} sb ON sb.seq = p.b
+"""
+CANDIDATES_IN_ORDER = f"SELECT a, b FROM {NEAR_CANDIDATES.qualified} ORDER BY a, b"
+
+# Every member of a cluster but its kept row (the lowest kept rank), with the kept row.
+CLUSTER_MEMBERS = f"""
+WITH members AS (
+    SELECT c.seq, arg_min(c.seq, r.kept_rank) OVER (PARTITION BY c.cluster) AS kept_seq
+    FROM {NEAR_CLUSTERS.qualified} c JOIN {DEDUP_ROWS.qualified} r USING (seq)
+)
+SELECT seq, kept_seq FROM members WHERE seq <> kept_seq ORDER BY kept_seq, seq
+"""
+# The dropped rows by id: near duplicates onto their cluster's kept row; exact twins onto their group's kept row,
+# or, when that row was dropped as a near duplicate, onto its kept row with its similarity (dedup.resolve_chains).
+DROPPED_ROWS = f"""
+SELECT m.id AS member_id, k.id AS kept_id, $near AS method, n.similarity
+FROM {NEAR_DROPPED.qualified} n
+JOIN {DEDUP_ROWS.qualified} m ON m.seq = n.seq
+JOIN {DEDUP_ROWS.qualified} k ON k.seq = n.kept_seq
+UNION ALL
+SELECT m.id, coalesce(nk.id, k.id), $exact, coalesce(n.similarity, 1.0)
+FROM {DEDUP_ROWS.qualified} m
+JOIN {DEDUP_ROWS.qualified} k ON k.seq = m.exact_kept
+LEFT JOIN {NEAR_DROPPED.qualified} n ON n.seq = m.exact_kept
+LEFT JOIN {DEDUP_ROWS.qualified} nk ON nk.seq = n.kept_seq
+WHERE m.seq <> m.exact_kept
+"""
+
+
+def units_of_seqs(relation: str) -> str:
+    """The query of the unit columns of the rows of ``relation`` whose seq is in the list ``$seqs`` (a filter on
+    a constant list, which an ART index on seq answers without a scan: see silver_pass.deduplicate_staged)."""
+    return f"SELECT {', '.join(UNIT_COLUMNS)} FROM {relation} WHERE list_contains($seqs, seq)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what runs in worker processes: pure functions of Arrow batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def signature_batch(cfg: MinHashConfig, units: pa.RecordBatch) -> tuple[pa.Table, pa.Table]:
+    """MinHash signatures and LSH band keys of a batch of rows (``UNIT_COLUMNS``): see :func:`signature_tables`."""
+    seqs = np.asarray(units.column("seq"), dtype=np.int64)
+    return signature_tables(seqs, minhash_signatures([dedup_unit(r) for r in units.to_pylist()], cfg), cfg)
+
+
+def signature_tables(seqs: np.ndarray, sigs: np.ndarray, cfg: MinHashConfig) -> tuple[pa.Table, pa.Table]:
+    """``(signatures, bands)``: the rows of ``near_signatures`` and ``near_bands`` for rows ``seqs`` with
+    signatures ``sigs`` (one row each). Slot values are 32-bit in both permutation schemes (the legacy scheme
+    stores them in uint64), so they are kept as uint32; a band key is the band's ``r`` values as bytes."""
+    sigs = np.ascontiguousarray(sigs, dtype=np.uint32)
+    bands, r = lsh_bands(cfg)
+    n = len(seqs)
+    keys = np.ascontiguousarray(sigs[:, : bands * r])  # row-major: row 0 band 0, row 0 band 1, ...
+    signatures = pa.table(
+        {
+            "seq": seqs,
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel()), cfg.num_perm),
+            "sketch": sketch_of(sigs),
+        }
+    )
+    band_keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * r), n * bands, [None, pa.py_buffer(keys)])
+    band_rows = pa.table(
+        {"seq": np.repeat(seqs, bands), "band": np.tile(np.arange(bands, dtype=np.int32), n), "band_key": band_keys}
+    )
+    return signatures, band_rows
+
+
+def sketch_of(sigs: np.ndarray) -> pa.StringArray:
+    """Per signature, a string of one ASCII character (1 to 127) per slot: ``1 + value % 127``.
+
+    Two slots with equal values have equal characters, so the sketches of two rows agree on at least the slots
+    their signatures agree on (and on about 1 in 127 others). DuckDB compares two sketches with ``hamming``
+    inside the join that lists the pairs of each bucket, and only pairs that could reach the estimated-Jaccard
+    floor leave it; the exact estimate (:func:`estimated_at_least`) then runs on those few.
+    """
+    n, num_perm = sigs.shape
+    chars = (sigs % 127 + 1).astype(np.uint8)
+    offsets = np.arange(0, (n + 1) * num_perm, num_perm, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(chars)))
+
+
+def _signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
+    """A column of signatures (lists of ``num_perm`` uint32) as an (n, num_perm) array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.uint32).reshape(-1, num_perm)
+
+
+def estimated_at_least(cfg: MinHashConfig, pairs: pa.RecordBatch) -> pa.Table:
+    """The pairs (``a``, ``b``, ``signature_a``, ``signature_b``) whose signatures agree on at least the net's
+    threshold of their slots, as ``dedup.candidate_pairs`` filters them (same float comparison)."""
+    sa = _signature_matrix(pairs.column("signature_a"), cfg.num_perm)
+    sb = _signature_matrix(pairs.column("signature_b"), cfg.num_perm)
+    keep = (sa == sb).mean(axis=1) >= cfg.effective_lsh_threshold()
+    return pa.table({"a": pairs.column("a"), "b": pairs.column("b")}).filter(pa.array(keep))
+
+
+def _words_by_seq(units: pa.Table, keyed: bool) -> tuple[dict[int, UnitWords], dict[int, Hashable | None]]:
+    """Per row of ``units``: the words verification compares, and (``keyed``: RL) its same key."""
+    words: dict[int, UnitWords] = {}
+    keys: dict[int, Hashable | None] = {}
+    for row in units.to_pylist():
+        words[row["seq"]] = unit_words(dedup_unit(row), guard_text(row))
+        if keyed:
+            keys[row["seq"]] = rl_same_key(row)
+    return words, keys
+
+
+def verify_batch(shared: tuple[MinHashConfig, bool], item: tuple[pa.Table, pa.Table]) -> pa.Table:
+    """The verified pairs of a chunk of candidate pairs ``(a, b)``, given the unit columns of their rows.
+
+    ``shared``: the regime's config, and whether rows carry a same key (RL, :func:`dedup.rl_same_key`): a keyed
+    pair counts only with equal keys, and may pass the edit rule at any length. Pairs are checked in order, and
+    a pair already joined through earlier verified pairs of the chunk is not compared (it adds nothing to the
+    clusters).
+    """
+    cfg, keyed = shared
+    pairs, units = item
+    words, keys = _words_by_seq(units, keyed)
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    verified_a: list[int] = []
+    verified_b: list[int] = []
+    for a, b in zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True):
+        ra, rb = find(a), find(b)
+        if ra == rb or (keyed and keys[a] != keys[b]):
+            continue
+        if near_duplicate_words(words[a], words[b], cfg, keyed):
+            parent[max(ra, rb)] = min(ra, rb)
+            verified_a.append(a)
+            verified_b.append(b)
+    return pa.table({"a": pa.array(verified_a, pa.int64()), "b": pa.array(verified_b, pa.int64())})
+
+
+def similarity_batch(_shared: None, item: tuple[pa.Table, pa.Table]) -> pa.Table:
+    """Each dropped member's token edit similarity to its kept row (``seq``, ``kept_seq``), given the unit
+    columns of both: ``(seq, kept_seq, similarity)``."""
+    members, units = item
+    unit_tokens = {row["seq"]: tokens(dedup_unit(row)) for row in units.to_pylist()}
+    seqs = members.column("seq").to_pylist()
+    kept = members.column("kept_seq").to_pylist()
+    similarity = [edit_similarity(unit_tokens[k], unit_tokens[s]) for s, k in zip(seqs, kept, strict=True)]
+    return pa.table({"seq": members.column("seq"), "kept_seq": members.column("kept_seq"), "similarity": similarity})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the regime's pass over the work tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _count(conn: duckdb.DuckDBPyConnection, relation: str) -> int:
+    """Rows of a table or parenthesised query (fetched whole, so the connection is free for the next statement)."""
+    return conn.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
+
+
+class _UnionFind:
+    """Disjoint sets over the rows of verified pairs only (a row never joined is not held)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self.parent.setdefault(rx, rx)
+            self.parent.setdefault(ry, ry)
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+
+Timed = Callable[[str], AbstractContextManager[None]]
+
+
+def deduplicate_regime_tables(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    staged: str,
+    ranked: str,
+    params: dict[str, Any],
+    keyed: bool,
+    cfg: MinHashConfig,
+    dropped: Table,
+    batch_rows: int,
+    processes: int,
+    timed: Timed = lambda _part: nullcontext(),
+) -> None:
+    """Exact-normalised then near-duplicate dedup of one regime's rows; appends the dropped rows to ``dropped``.
+
+    ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
+    and ``kept_rank`` (unique; lowest is kept). ``staged``: the relation holding their ``UNIT_COLUMNS`` by seq
+    (an index on seq makes the look-ups of a chunk's texts point reads). ``keyed``: rows carry a same key
+    (RL). ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
+    ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
+    module are replaced; the caller drops the work schema.
+    """
+    for table in TABLES:
+        conn.execute(table.create_sql(replace=True))
+    conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
+    survivors = _count(conn, f"({SURVIVORS})")
+    with timed("signatures"):
+        units = fetch_arrow(
+            conn, f"SELECT {', '.join(UNIT_COLUMNS)} FROM {staged} WHERE seq IN ({SURVIVORS})", batch_rows
+        )
+        workers = processes_for(survivors, batch_rows, processes)
+        for signatures, bands in map_batches(signature_batch, cfg, units, workers):
+            insert_arrow(conn, NEAR_SIGNATURES, signatures)
+            insert_arrow(conn, NEAR_BANDS, bands)
+    with timed("candidates"):
+        write_candidate_pairs(conn, cfg, batch_rows)
+    with timed("verification"):
+        clusters = _verified_clusters(conn, staged, cfg, keyed, batch_rows, processes)
+        rows = list(clusters.parent)
+        for start in range(0, len(rows), batch_rows):
+            part = rows[start : start + batch_rows]
+            insert_arrow(conn, NEAR_CLUSTERS, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
+        del clusters, rows
+        _dropped_near(conn, staged, batch_rows, processes)
+    conn.execute(
+        f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
+        {"near": METHOD_NEAR, "exact": METHOD_EXACT},
+    )
+
+
+def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
+    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3).
+
+    Depth 0 groups the rows by one band; a bucket of more than ``dedup.MAX_BUCKET`` rows goes on to depth 1, where
+    its rows are grouped by the next band as well, and so on up to depth ``dedup.MAX_SPLIT_BANDS``, where every
+    bucket is listed whole (as ``dedup.candidate_pairs``)."""
+    bands, _rows = lsh_bands(cfg)
+    limits = {"max_bucket": dedup.MAX_BUCKET, "max_depth": dedup.MAX_SPLIT_BANDS}
+    conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {BAND_BUCKET_ROWS}")
+    for depth in range(dedup.MAX_SPLIT_BANDS + 1):
+        if depth > 0:
+            conn.execute(f"DELETE FROM {NEAR_LEVEL.qualified}")
+            conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {SPLIT_BUCKET_ROWS}", {"depth": depth, "bands": bands})
+            conn.execute(f"DELETE FROM {NEAR_SPLIT.qualified}")
+        conn.execute(LISTED_AT_DEPTH, {**limits, "depth": depth})
+        conn.execute(SPLIT_AT_DEPTH, {**limits, "depth": depth})
+        if not _count(conn, NEAR_SPLIT.qualified):
+            break
+    # the sketch of a candidate agrees on at least the slots its signature does: count / num_perm >= floor
+    min_equal = math.floor(cfg.effective_lsh_threshold() * cfg.num_perm) - 1  # - 1: whatever the float rounding
+    for band in range(bands):
+        conn.execute(SKETCH_PAIRS_OF_BAND, {"band": band, "min_equal": min_equal})
+    for pairs in fetch_arrow(conn, SKETCH_PAIRS_WITH_SIGNATURES, batch_rows):
+        insert_arrow(conn, NEAR_CANDIDATES, estimated_at_least(cfg, pairs))
+
+
+def _texts(conn: duckdb.DuckDBPyConnection, staged: str, seqs: list[int]) -> pa.Table:
+    return conn.sql(units_of_seqs(staged), params={"seqs": seqs}).to_arrow_table()
+
+
+def _verified_clusters(
+    conn: duckdb.DuckDBPyConnection, staged: str, cfg: MinHashConfig, keyed: bool, batch_rows: int, processes: int
+) -> _UnionFind:
+    """Verify the candidate pairs in order, a chunk at a time in worker processes; join the verified ones."""
+    clusters = _UnionFind()
+    chunk = min(CHUNK_PAIRS, batch_rows)
+
+    def chunks() -> Iterator[tuple[pa.Table, pa.Table]]:
+        for batch in fetch_arrow(conn, CANDIDATES_IN_ORDER, chunk):
+            # pairs already joined through the verified pairs returned so far need no texts
+            a, b = batch.column("a").to_pylist(), batch.column("b").to_pylist()
+            open_pairs = [(x, y) for x, y in zip(a, b, strict=True) if clusters.find(x) != clusters.find(y)]
+            if open_pairs:
+                pairs = pa.table({"a": [x for x, _ in open_pairs], "b": [y for _, y in open_pairs]})
+                yield pairs, _texts(conn, staged, sorted({s for pair in open_pairs for s in pair}))
+
+    count = _count(conn, NEAR_CANDIDATES.qualified)
+    workers = processes_for(count, chunk, processes)
+    for verified in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
+        for a, b in zip(verified.column("a").to_pylist(), verified.column("b").to_pylist(), strict=True):
+            clusters.union(a, b)
+    return clusters
+
+
+def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int, processes: int) -> None:
+    """Fill ``near_dropped``: every cluster member but the kept one, with its edit similarity to the kept one."""
+
+    def batches() -> Iterator[tuple[pa.Table, pa.Table]]:
+        for members in fetch_arrow(conn, CLUSTER_MEMBERS, min(CHUNK_PAIRS, batch_rows)):
+            seqs = {*members.column("seq").to_pylist(), *members.column("kept_seq").to_pylist()}
+            yield pa.table(members), _texts(conn, staged, sorted(seqs))
+
+    count = _count(conn, NEAR_CLUSTERS.qualified)
+    for similarities in map_batches(
+        similarity_batch, None, batches(), processes_for(count, min(CHUNK_PAIRS, batch_rows), processes)
+    ):
+        insert_arrow(conn, NEAR_DROPPED, similarities)

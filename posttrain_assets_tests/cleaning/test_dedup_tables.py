@@ -1,0 +1,257 @@
+"""Dedup over DuckDB work tables (``posttrain_assets.cleaning.dedup_tables``) against the in-memory dedup.
+
+The silver pass deduplicates through the work tables; ``dedup.deduplicate`` and ``dedup.candidate_pairs`` hold
+everything in memory. Both must drop the same rows onto the same kept rows with the same similarities, whatever
+the number of worker processes and the batch size.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from posttrain_assets.cleaning import dedup, dedup_tables
+from posttrain_assets.cleaning.dedup import MinHashConfig
+from posttrain_assets.warehouse.model import Column, Table
+from posttrain_assets_tests.cleaning.test_dedup import (
+    EDITS,
+    by_priority,
+    demo_records,
+    passage,
+    pref,
+    rl,
+    sentence_pool,
+    sft,
+)
+
+DROPPED = Table(
+    "main",
+    "dropped",
+    "what the tables path dropped",
+    (
+        Column("member_id", "VARCHAR", "dropped row"),
+        Column("kept_id", "VARCHAR", "kept row"),
+        Column("method", "VARCHAR", "method"),
+        Column("similarity", "DOUBLE", "similarity"),
+    ),
+)
+STAGED_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("id", pa.string()),
+        ("regime", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("answer", pa.string()),
+        ("exact_key", pa.string()),
+        ("kept_rank", pa.int64()),
+    ]
+)
+RANKED = "SELECT seq, id, exact_key, kept_rank FROM staged WHERE regime = $regime"
+
+
+def dedup_in_tables(
+    rows: list[dict[str, Any]],
+    priority: dedup.Priority,
+    *,
+    processes: int,
+    batch_rows: int,
+    cfg: dict[str, MinHashConfig] | None = None,
+) -> list[tuple[str, str, str, float]]:
+    """The rows the tables path drops, as (member_id, kept_id, method, similarity), sorted. Rows are staged in
+    input order (seq) with their kept rank within their regime (dedup.kept_sort_key)."""
+    configs = dedup.regime_configs(cfg)
+    ranks: dict[str, int] = {}
+    for regime in {r["regime"] for r in rows}:
+        members = sorted((r for r in rows if r["regime"] == regime), key=lambda r: dedup.kept_sort_key(r, priority))
+        ranks |= {r["id"]: rank for rank, r in enumerate(members)}
+    staged = pa.Table.from_pylist(
+        [
+            {
+                **{c: r.get(c) for c in STAGED_SCHEMA.names},
+                "seq": seq,
+                "exact_key": dedup.exact_key(r),
+                "kept_rank": ranks[r["id"]],
+            }
+            for seq, r in enumerate(rows)
+        ],
+        schema=STAGED_SCHEMA,
+    )
+    conn = duckdb.connect()
+    conn.register("staged_rows", staged)
+    conn.execute("CREATE TABLE staged AS SELECT * FROM staged_rows")
+    conn.execute(DROPPED.create_sql())
+    for regime in sorted({r["regime"] for r in rows}):
+        dedup_tables.deduplicate_regime_tables(
+            conn,
+            staged="staged",
+            ranked=RANKED,
+            params={"regime": regime},
+            keyed=regime == "rl",
+            cfg=configs[regime],
+            dropped=DROPPED,
+            batch_rows=batch_rows,
+            processes=processes,
+        )
+    return sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall())
+
+
+def dedup_in_memory(
+    rows: list[dict[str, Any]], priority: dedup.Priority, cfg: dict[str, MinHashConfig] | None = None
+) -> list[tuple[str, str, str, float]]:
+    _, dropped = dedup.deduplicate(rows, priority, cfg)
+    return sorted((d["member_id"], d["kept_id"], d["method"], d["similarity"]) for d in dropped)
+
+
+def generated_rows() -> list[dict[str, Any]]:
+    """Planted near copies (scattered and in runs, 5-15%), look-alikes and unrelated texts in SFT; preference pairs
+    sharing prompts; templated RL prompts; and exact twins (case, whitespace) of some of each, among them a twin
+    of a near copy (its chain ends at the copy's kept row)."""
+    rng = random.Random(19)
+    pool = sentence_pool(rng, 1500)
+    prompts = ["Summarise the report below.", "Explain this to a new colleague.", "Rewrite the passage plainly."]
+    rows: list[dict[str, Any]] = []
+    sources = ["src_a", "src_b", "src_c"]
+    for k in range(60):
+        prompt, reply = rng.choice(prompts), passage(rng, pool, rng.randint(30, 300))
+        rows.append(sft(f"o{k}", prompt, reply, source=rng.choice(sources)))
+        edit = EDITS[rng.choice(sorted(EDITS))]
+        for c in range(rng.choice([1, 1, 2, 4])):  # clusters of two to five
+            rows.append(
+                sft(f"c{k}_{c}", prompt, edit(reply, rng.choice([0.05, 0.1, 0.15]), rng), source=rng.choice(sources))
+            )
+    for k in range(40):
+        rows.append(sft(f"x{k}", rng.choice(prompts), passage(rng, pool, rng.randint(5, 300))))
+    for k in range(30):
+        prompt = passage(rng, pool, rng.randint(20, 120))
+        chosen, rejected = passage(rng, pool, 15), passage(rng, pool, 15)
+        rows.append(pref(f"p{k}", prompt, chosen, rejected, source=rng.choice(sources)))
+        rows.append(pref(f"q{k}", EDITS["scattered"](prompt, 0.05, rng), chosen, rejected))  # a near copy
+        rows.append(pref(f"r{k}", prompt, passage(rng, pool, 15), passage(rng, pool, 15)))  # other responses
+    for k in range(40):
+        legs = (rng.randint(3, 30), rng.randint(3, 30))
+        ask = rng.choice(["area", "hypotenuse"])
+        text = f"A right triangle has legs of length ${legs[0]}$ and ${legs[1]}$. What is the {ask} of the triangle?"
+        rows.append(rl(f"t{k}", text, str(rng.randint(1, 500))))
+        rows.append(rl(f"u{k}", text.replace("What is", "What's"), rows[-1]["answer"]))
+    for r in rng.sample(rows, 40):  # exact twins up to case and whitespace
+        twin = {**r, "id": f"{r['id']}_twin", "source": rng.choice(sources)}
+        twin["messages"] = [{**m, "content": m["content"].upper() + "  "} for m in r["messages"]]
+        for field in ("prompt", "chosen", "rejected"):
+            if twin.get(field):
+                twin[field] = twin[field].upper()
+        rows.append(twin)
+    return rows
+
+
+def test_generated_rows_dedup_as_in_memory_whatever_the_processes_and_batches() -> None:
+    rows = generated_rows()
+    expected = dedup_in_memory(rows, by_priority)
+    methods = {(m, member[0]) for member, _, m, _ in expected}
+    # near copies and exact twins in every regime, and exact twins that follow a near-dropped row to its kept row
+    assert {("near", "c"), ("near", "q"), ("near", "u"), ("exact_normalized", "c")} <= methods
+    assert len(expected) > 150
+    for processes, batch_rows in ((1, 4096), (2, 60), (1, 25)):
+        assert dedup_in_tables(rows, by_priority, processes=processes, batch_rows=batch_rows) == expected
+
+
+def test_generated_rows_without_the_edit_rule() -> None:
+    """Another net (21 bands of 6 rows: longer band keys) and rule set, still the in-memory outcome."""
+    rows = generated_rows()
+    old = {
+        r: MinHashConfig(shingle_words=c.shingle_words, edit_threshold=None) for r, c in dedup.DEFAULT_CONFIGS.items()
+    }
+    assert dedup.lsh_bands(old["sft"]) == (21, 6)
+    expected = dedup_in_memory(rows, by_priority, old)
+    assert expected != dedup_in_memory(rows, by_priority)
+    assert dedup_in_tables(rows, by_priority, processes=1, batch_rows=50, cfg=old) == expected
+
+
+def test_demo_rows_dedup_as_in_memory(tmp_path: Path) -> None:
+    rows, _where, _manifest, registry = demo_records(tmp_path)
+    expected = dedup_in_memory(rows, registry.priority)
+    assert len(expected) == 19
+    assert dedup_in_tables(rows, registry.priority, processes=2, batch_rows=500) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidate pairs: the SQL buckets and splits against dedup.candidate_pairs
+
+
+def candidates_in_tables(sigs: np.ndarray, cfg: MinHashConfig, batch_rows: int = 1000) -> list[tuple[int, int]]:
+    conn = duckdb.connect()
+    for table in dedup_tables.TABLES:
+        conn.execute(table.create_sql(replace=True))
+    signatures, bands = dedup_tables.signature_tables(np.arange(len(sigs), dtype=np.int64), sigs, cfg)
+    for table, rows in ((dedup_tables.NEAR_SIGNATURES, signatures), (dedup_tables.NEAR_BANDS, bands)):
+        conn.register("rows", rows)
+        conn.execute(table.insert_sql("rows"))
+        conn.unregister("rows")
+    dedup_tables.write_candidate_pairs(conn, cfg, batch_rows)
+    return [tuple(p) for p in conn.execute(f"{dedup_tables.CANDIDATES_IN_ORDER}").fetchall()]
+
+
+def clumped_signatures(rng: np.random.Generator, n: int, cfg: MinHashConfig, values: int) -> np.ndarray:
+    """Signatures whose slots take one of ``values`` values: with few values most rows share most buckets, so
+    buckets are large and split at every depth; near copies of some rows agree on most of their slots."""
+    sigs = rng.integers(0, values, size=(n, cfg.num_perm)).astype(np.uint32)
+    for i in range(0, n - 1, 7):  # a copy of row i with a tenth of its slots redrawn
+        sigs[i + 1] = np.where(rng.random(cfg.num_perm) < 0.1, rng.integers(0, values, cfg.num_perm), sigs[i])
+    return sigs
+
+
+@pytest.mark.parametrize(("max_bucket", "values"), [(64, 2), (64, 3), (4, 2), (8, 4), (2, 3), (1000, 2)])
+def test_candidates_in_sql_are_dedup_candidate_pairs(monkeypatch, max_bucket: int, values: int) -> None:
+    """Bucket sizes at every split depth, wrap-around of the split bands, the last depth listed whole."""
+    monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
+    cfg = MinHashConfig()
+    sigs = clumped_signatures(np.random.default_rng(values * max_bucket), 400, cfg, values)
+    expected = [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()]
+    assert 0 < len(expected) < 400 * 399 // 2
+    assert candidates_in_tables(sigs, cfg) == expected
+
+
+def test_candidates_after_deep_splits_match_with_fewer_split_bands(monkeypatch) -> None:
+    monkeypatch.setattr(dedup, "MAX_BUCKET", 3)
+    cfg = MinHashConfig()
+    sigs = clumped_signatures(np.random.default_rng(7), 300, cfg, 2)
+    for split_bands in (0, 1, 2, 5):
+        monkeypatch.setattr(dedup, "MAX_SPLIT_BANDS", split_bands)
+        assert candidates_in_tables(sigs, cfg, batch_rows=77) == [
+            tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()
+        ]
+
+
+def test_the_large_bucket_test_of_test_dedup_in_sql() -> None:
+    """300 rows share band 0; 10 groups of three agree on every slot: only the groups' pairs are candidates."""
+    cfg = MinHashConfig()
+    _bands, rows = dedup.lsh_bands(cfg)
+    rng = np.random.default_rng(3)
+    sigs = rng.integers(0, 2**32, size=(300, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
+    sigs[:, :rows] = 7
+    for group in range(10):
+        sigs[group * 3 + 1 : group * 3 + 3] = sigs[group * 3]
+    assert candidates_in_tables(sigs, cfg) == sorted(
+        (3 * g + a, 3 * g + b) for g in range(10) for a, b in ((0, 1), (0, 2), (1, 2))
+    )
+
+
+def test_band_keys_are_the_bands_signature_values() -> None:
+    cfg = MinHashConfig()
+    bands, r = dedup.lsh_bands(cfg)
+    texts = [f"text number {i} with a few words" for i in range(5)]
+    sigs = dedup.minhash_signatures(texts, cfg)
+    signatures, band_rows = dedup_tables.signature_tables(np.arange(10, 15, dtype=np.int64), sigs, cfg)
+    assert signatures.num_rows == 5 and band_rows.num_rows == 5 * bands
+    assert signatures.slice(3, 1).to_pylist()[0]["signature"] == sigs[3].tolist()
+    row = band_rows.slice(bands + 2, 1).to_pylist()[0]  # the second row's band 2: its r slot values as bytes
+    assert (row["seq"], row["band"]) == (11, 2)
+    assert row["band_key"] == sigs[1, 2 * r : 3 * r].astype(np.uint32).tobytes()
