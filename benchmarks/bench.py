@@ -15,9 +15,9 @@
    per-stage peak RSS from a sampling thread (psutil; this process plus its worker processes), and
    near-duplicate recall/precision from ``silver.dedup_clusters`` against the plan.
 3. Peers on the same data (skipped with ``--skip-peers``): near-dedup (ours vs a plain datasketch loop vs
-   datatrove's MinHash pipeline), tokenisation with assistant masks (ours vs transformers'
-   ``return_assistant_tokens_mask`` on a ``{% generation %}``-tagged ChatML template, masks asserted
-   identical) and ingest (our bronze load vs DuckDB's ``read_json_auto``).
+   datatrove's MinHash pipeline vs rensa's Rust MinHash and LSH), tokenisation with assistant masks (ours vs
+   transformers' ``return_assistant_tokens_mask`` on a ``{% generation %}``-tagged ChatML template, masks
+   asserted identical) and ingest (our bronze load vs DuckDB's ``read_json_auto``).
 
 Prints one table per part and writes everything to a JSON file so runs can be compared.
 """
@@ -866,7 +866,8 @@ def _pairs_from_roots(rows: list[int], roots: list[int], source: str) -> list[tu
 
 
 def peer_dedup(corpus_dir: Path, limit: int, threshold: float = 0.7, shingle_words: int = 5) -> dict[str, Any]:
-    """Near-dedup of the SFT dedup units: ours vs a plain datasketch loop vs datatrove, same shingles/threshold."""
+    """Near-dedup of the SFT dedup units: ours vs a plain datasketch loop vs datatrove vs rensa, same
+    shingles/threshold."""
     from datasketch import MinHash, MinHashLSH
 
     from posttrain_assets.cleaning.dedup import (
@@ -926,7 +927,8 @@ def peer_dedup(corpus_dir: Path, limit: int, threshold: float = 0.7, shingle_wor
         **_pr(planted, ds_pairs),
     }
     out["datatrove"] = _datatrove(rows, texts, source, planted, shingle_words, threshold, cfg.num_perm)
-    for peer in ("datasketch", "datatrove"):
+    out["rensa"] = _rensa(rows, texts, source, planted, shingle_words, threshold, cfg.num_perm)
+    for peer in ("datasketch", "datatrove", "rensa"):
         if "seconds" in out[peer]:
             out[peer]["ours_speedup"] = round(out[peer]["seconds"] / out["ours"]["seconds"], 2)
     return out
@@ -935,6 +937,50 @@ def peer_dedup(corpus_dir: Path, limit: int, threshold: float = 0.7, shingle_wor
 def _pr(planted: list[dict[str, Any]], pairs: list[tuple[Key, Key]]) -> dict[str, Any]:
     s = score_dedup(planted, pairs)
     return {k: s[k] for k in ("planted", "recalled", "recall", "detected", "precision")}
+
+
+def _rensa(
+    rows: list[int],
+    texts: list[str],
+    source: str,
+    planted: list[dict[str, Any]],
+    shingle_words: int,
+    threshold: float,
+    num_perm: int,
+) -> dict[str, Any]:
+    """rensa (Rust MinHash) on the same shingles: signatures for the whole list in one call, its LSH index, and
+    the classic check of each candidate's estimated Jaccard against ``threshold`` (as the datasketch loop).
+
+    rensa's index needs a band count that divides ``num_perm``: the one whose S-curve crossover
+    ``(1 / b) ** (1 / r)`` is nearest the datasketch loop's LSH threshold (``threshold - 0.15``).
+    """
+    try:
+        from rensa import RMinHash, RMinHashLSH
+    except ImportError as exc:
+        return {"skipped": f"rensa not installed ({exc})"}
+    from posttrain_assets.cleaning.dedup import shingles
+
+    lsh_threshold = threshold - 0.15
+    divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
+    bands = min(divisors, key=lambda b: abs((1 / b) ** (b / num_perm) - lsh_threshold))
+    with timed() as t_all:
+        with timed() as t_sig:
+            mhs = RMinHash.from_token_sets([shingles(t, shingle_words) for t in texts], num_perm, 1)
+        lsh = RMinHashLSH(lsh_threshold, num_perm, bands)
+        lsh.insert_many(mhs)
+        uf = _UnionFind(len(mhs))
+        for i, candidates in enumerate(lsh.query_all(mhs)):
+            for j in candidates:
+                if j > i and mhs[i].jaccard(mhs[j]) >= threshold:
+                    uf.union(i, j)
+    pairs = _pairs_from_roots(rows, [uf.find(i) for i in range(len(rows))], source)
+    return {
+        "seconds": t_all["seconds"],
+        "signature_seconds": t_sig["seconds"],
+        "docs_per_s": round(len(texts) / t_all["seconds"], 1),
+        "bands": bands,
+        **_pr(planted, pairs),
+    }
 
 
 def _datatrove(
@@ -1230,7 +1276,7 @@ def report_text(result: dict[str, Any]) -> str:
                         v.get("precision"),
                         v.get("ours_speedup"),
                     ]
-                    for k, v in ((k, d[k]) for k in ("ours", "datasketch", "datatrove"))
+                    for k, v in ((k, d[k]) for k in ("ours", "datasketch", "datatrove", "rensa") if k in d)
                 ],
             ),
         ]
