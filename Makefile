@@ -31,8 +31,9 @@ test: $(VENV)/.test browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# The inner loop (about a minute): ruff and every test not marked `slow` (pyproject.toml's pytest markers). The
-# slow ones run the whole graph, the real policy model, the webserver or the browser; `make test` runs them too.
+# The inner loop: ruff and every test not marked `slow` (pyproject.toml's pytest markers), under 90 s on two idle
+# cores. The slow ones run the whole graph, the policy model, the webserver, the browser or fresh processes at
+# length, or wait out time limits; `make test` (and CI) runs them too.
 test-fast: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow"
