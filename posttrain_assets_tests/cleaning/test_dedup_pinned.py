@@ -27,6 +27,9 @@ from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
 from posttrain_assets_tests.graph import REAL_REGISTRY
 
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+# Each pin runs the whole silver pass over a landing zone (4-10 s on the demo data); the SQL dedup itself is
+# checked against the in-memory one fast in test_dedup_tables.
+pytestmark = pytest.mark.slow
 
 # Every dropped duplicate with its kept row, method and similarity (paths left out: they name tmp directories).
 DROPPED = """

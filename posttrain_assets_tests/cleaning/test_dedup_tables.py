@@ -152,6 +152,7 @@ def generated_rows() -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.slow  # three runs, one in two worker processes: 6-8 s (the next test keeps one run fast)
 def test_generated_rows_dedup_as_in_memory_whatever_the_processes_and_batches() -> None:
     rows = generated_rows()
     expected = dedup_in_memory(rows, by_priority)
@@ -175,6 +176,7 @@ def test_generated_rows_without_the_edit_rule() -> None:
     assert dedup_in_tables(rows, by_priority, processes=1, batch_rows=50, cfg=old) == expected
 
 
+@pytest.mark.slow  # the demo data in two worker processes: 4-6 s (test_dedup finds its planted pairs fast)
 def test_demo_rows_dedup_as_in_memory(tmp_path: Path) -> None:
     rows, _where, _manifest, registry = demo_records(tmp_path)
     expected = dedup_in_memory(rows, registry.priority)
@@ -219,6 +221,7 @@ def test_candidates_in_sql_are_dedup_candidate_pairs(monkeypatch, max_bucket: in
     assert candidates_in_tables(sigs, cfg) == expected
 
 
+@pytest.mark.slow  # four split-band settings over buckets split at every depth: about 3 s (the cases above split fast)
 def test_candidates_after_deep_splits_match_with_fewer_split_bands(monkeypatch) -> None:
     monkeypatch.setattr(dedup, "MAX_BUCKET", 3)
     cfg = MinHashConfig()

@@ -96,7 +96,8 @@ def where(conn: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], str]:
 
 
 # Stages 0-1 run in worker processes (two here: one-row batches) or in this one; the rows must not differ.
-@pytest.mark.parametrize("processes", [1, 2])
+# processes=2 starts two workers for a handful of rows (about 3 s); the pass itself is tested fast with one.
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_every_bronze_row_ends_in_exactly_one_place(warehouse, smollm2_tokenizer, processes: int) -> None:
     conn, registry = warehouse
     run(conn, registry, smollm2_tokenizer, processes=processes)
