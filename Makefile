@@ -31,9 +31,9 @@ test: $(VENV)/.test browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# The inner loop: ruff and every test not marked `slow` (pyproject.toml's pytest markers), under 90 s on two idle
-# cores. The slow ones run the whole graph, the policy model, the webserver, the browser or fresh processes at
-# length, or wait out time limits; `make test` (and CI) runs them too.
+# The inner loop: ruff and every test not marked `slow` (pyproject.toml's pytest markers), meant to stay under 90 s
+# on two idle cores. Mark slow what runs the whole graph, the policy model, the webserver, the browser or fresh
+# processes at length, waits out time limits or needs its size; `make test` (and CI) runs those too.
 test-fast: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow"
