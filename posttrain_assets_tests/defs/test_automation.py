@@ -127,6 +127,7 @@ def small_graph(landing: Path, tmp_path: Path, tokenizer_cache_dir: Path) -> Ite
         yield graph
 
 
+@pytest.mark.slow  # builds and refreshes the small graph: 12-100 s
 def test_a_dropped_file_reaches_gold_with_no_manual_step(small_graph: Graph, landing: Path) -> None:
     graph = small_graph
     assert graph.query("SELECT count(*) FROM gold.sft") == [(10,)]
@@ -165,6 +166,7 @@ def _refresh_job() -> dg.JobDefinition:
     return pipeline.load_definitions().resolve_job_def("refresh_corpus")
 
 
+@pytest.mark.slow  # builds and refreshes the small graph: 12-100 s
 def test_multiprocess_refresh_never_fails_on_the_duckdb_lock(small_graph: Graph) -> None:
     before = small_graph.query("SELECT * FROM gold.rl_prompts ORDER BY ALL")
     # Forkserver with the project preloaded: the same parallelism, without re-importing per step.
