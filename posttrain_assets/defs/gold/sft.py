@@ -7,6 +7,7 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
+from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table, turn_depth
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import insert_ordered, transaction
 
@@ -14,6 +15,23 @@ SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
 # Rows per sorted id range: token lists of up to max_seq_len ids each, so a range stays far below DuckDB's cap.
 GOLD_SFT_RANGE_ROWS = 8192
+# Turn-depth statistics plotted per source (and for the whole table, "all") across materialisations.
+PLOTTED_TURN_DEPTH = ("multi_turn_share", "mean_turns", "tokens_per_turn_mean", "rows")
+
+
+def turn_depth_metadata(by_source: dict[str, TurnDepth], overall: dict[str, TurnDepth]) -> dict[str, dg.MetadataValue]:
+    """Turn depth of gold.sft as metadata the UI plots: a table, each group's histogram, and floats per group."""
+    depths = {**by_source, **overall}
+    metadata: dict[str, dg.MetadataValue] = {
+        "turn_depth": dg.MetadataValue.md(markdown_turn_depth_table(depths)),
+        "turns_histogram": dg.MetadataValue.json({name: d.turns_histogram for name, d in depths.items()}),
+    }
+    for name, d in depths.items():
+        for field in PLOTTED_TURN_DEPTH:
+            value = getattr(d, field)
+            if value is not None:
+                metadata[f"turn_depth/{name}/{field}"] = dg.MetadataValue.float(float(value))
+    return metadata
 
 
 @dg.asset(
@@ -38,6 +56,9 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
             insert_ordered(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
+        )
+        metadata.update(
+            turn_depth_metadata(turn_depth(conn, GOLD_SFT.qualified), turn_depth(conn, GOLD_SFT.qualified, None))
         )
     metadata["dagster/column_lineage"] = column_lineage(
         {c: [(SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, c)] for c in GOLD_SFT.column_names}
