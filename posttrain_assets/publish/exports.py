@@ -13,8 +13,9 @@ Parquet (``train.parquet``) and JSON Lines (``train.jsonl``) and a dataset card 
 - ``rl/``: verl's RL parquet layout: ``data_source`` (the dataset as verl's ``default_compute_score`` routes it,
   where it is one it knows), ``prompt`` (messages, with the answer-format instruction appended), ``ability`` (the
   domain), ``reward_model`` {style: rule, ground_truth}, ``extra_info`` {id, index, split, source, verifier,
-  verifier_version, answer_format, difficulty, question}; plus ``reward.py``, verl's custom reward function scoring
-  with our own verifiers at the certifying version (:mod:`posttrain_assets.publish.verl_reward`).
+  verifier_version, answer_format, difficulty, question, tests (python_eval)}; plus ``reward.py``, verl's custom
+  reward function scoring with our own verifiers at the certifying version
+  (:mod:`posttrain_assets.publish.verl_reward`).
 
 Each card also says how to train on its folder: the exact ``SFTConfig`` / ``DPOConfig`` settings (``max_length``
 that keeps every row, ``assistant_only_loss`` off because ``labels`` already carry the mask) or the verl config
@@ -116,6 +117,7 @@ RL_SCHEMA = pa.schema(
                     ("answer_format", pa.string()),
                     ("difficulty", pa.float64()),
                     ("question", pa.string()),
+                    ("tests", pa.string()),
                 ]
             ),
         ),
@@ -291,7 +293,8 @@ SELECT id,
            verifier_version := verifier_version,
            answer_format := answer_format,
            difficulty := difficulty,
-           question := prompt
+           question := prompt,
+           tests := tests
        ) AS extra_info
 FROM instructed
 """
@@ -340,7 +343,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
             "extra_info": "{id, index and split (the landing row's own; else its row in the landing file and "
             "'train'), source (registry), verifier and verifier_version (that certified the row), answer_format "
             "(the instruction this export appended; null: none), difficulty, question (the prompt as the source "
-            "gives it)}",
+            "gives it), tests (python_eval: the unit tests reward.py runs the response against; else null)}",
         },
         bind=_rl_params,
     ),

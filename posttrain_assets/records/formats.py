@@ -41,7 +41,11 @@ def _make(name: str, regimes: tuple[str, ...], description: str) -> Adapter:
 ADAPTERS: dict[str, Adapter] = {
     a.name: a
     for a in (
-        _make("messages", ("sft", "rl"), "OpenAI/HF chat: {messages: [{role, content}]}; rl rows add answer/verifier"),
+        _make(
+            "messages",
+            ("sft", "rl"),
+            "OpenAI/HF chat: {messages: [{role, content}]}; rl rows add answer, verifier, tests",
+        ),
         _make("sharegpt", ("sft",), "ShareGPT/FastChat: {id?, conversations: [{from, value}]}"),
         _make("alpaca", ("sft",), "Alpaca: {instruction, input?, output, system?}"),
         _make("trl_preference", ("preference",), "TRL preference: {prompt?, chosen, rejected}, explicit or implicit"),
@@ -49,7 +53,8 @@ ADAPTERS: dict[str, Adapter] = {
         _make("hh_rlhf", ("preference",), "Anthropic HH-RLHF: {chosen, rejected} Human/Assistant transcripts"),
         _make("gsm8k", ("rl",), "GSM8K: {question, answer: '... #### 72'}"),
         _make("math", ("rl",), "MATH: {problem, solution with \\boxed{}, level?, type?}"),
-        _make("verl", ("rl",), "verl: {data_source, prompt: messages, reward_model: {style, ground_truth}}"),
+        _make("verl", ("rl",), "verl: {data_source, prompt: messages, reward_model: {style, ground_truth, tests?}}"),
+        _make("humaneval", ("rl",), "HumanEval: {task_id?, prompt, canonical_solution, test?, entry_point?}"),
     )
 }
 

@@ -233,4 +233,5 @@ def canonical_row(
         "score_chosen": record.score_chosen,
         "score_rejected": record.score_rejected,
         "source_ref": record.source_ref.as_row() if record.source_ref else None,
+        "tests": record.tests,
     }

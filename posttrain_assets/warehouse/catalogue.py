@@ -70,6 +70,12 @@ RECORD_COLUMNS = (
         "the row's place in its own dataset as the landing row gives it: data_source (a verl row's, or the dataset "
         "of the GSM8K/MATH formats), split and index (a verl row's extra_info); null where it gives none",
     ),
+    _c(
+        "tests",
+        "VARCHAR",
+        "rl, python_eval: the unit tests the verifier runs a solution against (Python source with asserts that "
+        "call the solution's functions); null elsewhere, and for a python_eval row whose source gives none",
+    ),
 )
 
 SILVER_RECORDS = Table(
@@ -357,7 +363,7 @@ GOLD_RL_PROMPTS = Table(
         _c("difficulty_k", "INTEGER", "K of the estimate"),
         _c("difficulty_lineage", "VARCHAR", "lineage of the estimate (silver.rl_difficulty)"),
         _c("difficulty_estimated", "BOOLEAN", "false when no estimate exists yet for the seed", False),
-        *_pick(("token_count", "lang", "license", "origin", "created_at", "source_ref")),
+        *_pick(("token_count", "lang", "license", "origin", "created_at", "source_ref", "tests")),
     ),
 )
 

@@ -161,6 +161,7 @@ def gold_rl_row(
     verifier: str,
     source_ref: dict[str, Any] | None,
     row: int,
+    tests: str | None = None,
 ) -> dict[str, Any]:
     """A gold.rl_prompts row with every column (the ones the export does not read at their defaults)."""
     return {
@@ -192,6 +193,7 @@ def gold_rl_row(
         },
         "created_at": CREATED_AT,
         "source_ref": source_ref,
+        "tests": tests,
     }
 
 

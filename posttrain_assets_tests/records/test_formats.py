@@ -68,6 +68,7 @@ def test_registry_names_and_regimes() -> None:
         "gsm8k",
         "math",
         "verl",
+        "humaneval",
     ]
     assert {name: a.regimes for name, a in ADAPTERS.items()} == {
         "messages": ("sft", "rl"),
@@ -79,6 +80,7 @@ def test_registry_names_and_regimes() -> None:
         "gsm8k": ("rl",),
         "math": ("rl",),
         "verl": ("rl",),
+        "humaneval": ("rl",),
     }
     adapter = get_adapter("gsm8k")
     assert isinstance(adapter, Adapter)

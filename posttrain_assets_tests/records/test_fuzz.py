@@ -73,6 +73,13 @@ VALID: dict[str, Callable[[str], dict[str, Any]]] = {
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": "72"},
     },
+    "humaneval": lambda t: {
+        "task_id": "HumanEval/0",
+        "prompt": f'def f():\n    """Return {t}."""\n',
+        "canonical_solution": f"    return {t!r}\n",
+        "test": f"def check(candidate):\n    assert candidate() == {t!r}\n",
+        "entry_point": "f",
+    },
 }
 assert set(VALID) == set(ADAPTERS), "every input format is fuzzed"
 

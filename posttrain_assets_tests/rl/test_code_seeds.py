@@ -1,5 +1,6 @@
-"""Code seeds from a real data set: HumanEval (vendored) carries its tests through the RL formats, and its
-python_eval seeds certify for real, in the sandbox, with the judge apart from the candidate."""
+"""Code seeds from a real data set: HumanEval (vendored) carries its tests through the RL formats (its own
+``humaneval`` layout, messages and verl), and its python_eval seeds certify for real, in the sandbox, with the judge
+apart from the candidate."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from posttrain_assets.records.adapters import HUMANEVAL_DATA_SOURCE, HUMANEVAL_INSTRUCTION
 from posttrain_assets.records.formats import get_adapter
-from posttrain_assets.records.schema import CanonicalRecord, RecordError
+from posttrain_assets.records.schema import CanonicalRecord, RecordError, SourceRef
 from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS, Score, Seed, certify_many, score
 from posttrain_assets_tests.real_data import REAL_DATA
 
@@ -54,13 +56,13 @@ def verl_row(problem: dict[str, Any]) -> dict[str, Any]:
 
 
 def records(problems: list[dict[str, Any]]) -> list[CanonicalRecord]:
-    """Even problems through the messages format, odd ones through verl."""
-    return [
-        get_adapter("messages").parse(messages_row(p), "rl")
-        if i % 2 == 0
-        else get_adapter("verl").parse(verl_row(p), "rl")
-        for i, p in enumerate(problems)
-    ]
+    """Problems in turn through the messages format, verl, and HumanEval's own layout (the row as vendored)."""
+    routes = (
+        lambda p: get_adapter("messages").parse(messages_row(p), "rl"),
+        lambda p: get_adapter("verl").parse(verl_row(p), "rl"),
+        lambda p: get_adapter("humaneval").parse(p, "rl"),
+    )
+    return [routes[i % 3](p) for i, p in enumerate(problems)]
 
 
 def test_the_vendored_set_is_humaneval() -> None:
@@ -72,7 +74,7 @@ def test_the_vendored_set_is_humaneval() -> None:
 
 def test_rl_formats_carry_the_tests() -> None:
     problem = humaneval()[0]
-    for record in records([problem, problem]):
+    for record in records([problem, problem, problem]):
         assert (record.verifier, record.answer, record.tests) == (
             "python_eval",
             solution(problem),
@@ -86,6 +88,53 @@ def test_rl_formats_carry_the_tests() -> None:
     assert get_adapter("messages").parse(bare, "rl").tests is None
     reward = {k: v for k, v in verl_row(problem)["reward_model"].items() if k != "tests"}
     assert get_adapter("verl").parse({**verl_row(problem), "reward_model": reward}, "rl").tests is None
+
+
+def test_the_humaneval_format_reads_the_vendored_rows_as_they_are() -> None:
+    problems = humaneval()
+    parsed = [get_adapter("humaneval").parse(p, "rl") for p in problems]
+    assert len(parsed) == 164
+    first = parsed[0]
+    user = f"{HUMANEVAL_INSTRUCTION}\n\n{problems[0]['prompt']}"
+    assert (first.regime, first.messages, first.prompt) == ("rl", [{"role": "user", "content": user}], user)
+    assert (first.answer, first.verifier, first.domain) == (solution(problems[0]), "python_eval", "code/python")
+    assert first.tests == humaneval_tests(problems[0])
+    assert first.tests.endswith("\ncheck(has_close_elements)\n")
+    assert (first.extra, first.source_ref) == ({"task_id": "HumanEval/0"}, SourceRef(HUMANEVAL_DATA_SOURCE, "test", 0))
+    # Every row has its tests and its reference solution, and the index is the task's number.
+    assert all(r.tests == humaneval_tests(p) and r.answer == solution(p) for r, p in zip(parsed, problems, strict=True))
+    assert [r.source_ref.index for r in parsed] == list(range(164))  # type: ignore[union-attr]
+
+
+def test_a_humaneval_row_without_test_is_a_seed_without_tests() -> None:
+    problem = {k: v for k, v in humaneval()[1].items() if k not in ("test", "entry_point")}
+    record = get_adapter("humaneval").parse(problem, "rl")
+    assert (record.verifier, record.tests, record.answer) == ("python_eval", None, solution(humaneval()[1]))
+    # No task id, or one that is not HumanEval's: no index.
+    del problem["task_id"]
+    assert get_adapter("humaneval").parse(problem, "rl").source_ref == SourceRef(HUMANEVAL_DATA_SOURCE, "test", None)
+    assert get_adapter("humaneval").parse(problem | {"task_id": "Mbpp/3"}, "rl").extra == {"task_id": "Mbpp/3"}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "field"),
+    [
+        ({"prompt": None}, "missing_field", "prompt"),
+        ({"prompt": " \n"}, "empty_content", "prompt"),
+        ({"canonical_solution": None}, "missing_gold_answer", "canonical_solution"),
+        ({"canonical_solution": "\n  "}, "missing_gold_answer", "canonical_solution"),
+        ({"canonical_solution": 3}, "wrong_type", "canonical_solution"),
+        ({"test": "   "}, "empty_content", "test"),
+        ({"test": {"assert": 1}}, "wrong_type", "test"),
+        ({"entry_point": None}, "missing_field", "entry_point"),
+        ({"entry_point": "has close"}, "wrong_type", "entry_point"),
+        ({"task_id": 0}, "wrong_type", "task_id"),
+    ],
+)
+def test_bad_humaneval_rows_are_named(change: dict[str, Any], reason: str, field: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        get_adapter("humaneval").parse({**humaneval()[0], **change}, "rl")
+    assert (caught.value.reason, caught.value.field) == (reason, field)
 
 
 @pytest.mark.parametrize(

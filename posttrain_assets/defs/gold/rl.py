@@ -39,7 +39,7 @@ SELECT r.id, r.source, r.source_kind, r.messages, r.prompt, r.answer, r.verifier
        c.verifier_version, r.domain,
        l.difficulty, r.difficulty AS difficulty_source, l.pass_rate, l.k AS difficulty_k,
        l.lineage AS difficulty_lineage, l.id IS NOT NULL AS difficulty_estimated,
-       r.token_count, r.lang, r.license, r.origin, r.created_at, r.source_ref
+       r.token_count, r.lang, r.license, r.origin, r.created_at, r.source_ref, r.tests
 FROM {SILVER_RECORDS.qualified} r
 JOIN {SILVER_RL_CERTIFICATION.qualified} c ON c.id = r.id AND c.certified
 LEFT JOIN latest l ON l.id = r.id

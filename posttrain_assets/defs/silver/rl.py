@@ -28,11 +28,13 @@ from posttrain_assets.warehouse.io import fetch_dicts, replace_table, transactio
 CERTIFICATION_KEY = dg.AssetKey(["silver", "rl_certification"])
 DIFFICULTY_KEY = dg.AssetKey(["silver", "rl_difficulty"])
 
+# A seed's tests (python_eval) go with it to certification and to the rollouts' verifier.
 RL_SEEDS = (
-    f"SELECT id, source, messages, answer, verifier FROM {SILVER_RECORDS.qualified} WHERE regime = 'rl' ORDER BY id"
+    f"SELECT id, source, messages, answer, verifier, tests FROM {SILVER_RECORDS.qualified} "
+    "WHERE regime = 'rl' ORDER BY id"
 )
 CERTIFIED_SEEDS = f"""
-SELECT r.id, r.messages, r.answer, r.verifier
+SELECT r.id, r.messages, r.answer, r.verifier, r.tests
 FROM {SILVER_RECORDS.qualified} r JOIN {SILVER_RL_CERTIFICATION.qualified} c USING (id)
 WHERE c.certified ORDER BY r.id
 """
@@ -60,7 +62,7 @@ def silver_rl_certification(
         seeds = fetch_dicts(conn, RL_SEEDS)
     context.log.info(f"certifying {len(seeds)} RL seeds ({config.runs} runs, separate processes)")
     verdicts = certify_many(
-        [{"verifier": s["verifier"], "gold": s["answer"]} for s in seeds],
+        [{"verifier": s["verifier"], "gold": s["answer"], "tests": s["tests"]} for s in seeds],
         runs=config.runs,
         workers=config.workers,
         timeout_seconds=config.timeout_seconds,
