@@ -286,3 +286,40 @@ def test_sampling_params_and_policy_spec_are_validated() -> None:
         PolicySpec("m", "/m.gguf", "a" * 64, dtype="int8")
     with pytest.raises(ValueError, match="64 hex"):
         PolicySpec("m", "/m.gguf", "abc")
+
+
+def test_python_eval_samples_are_scored_against_the_seeds_tests(
+    tokenizer_cache_dir: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scoring half of estimate_difficulty, with the policy's samples scripted: a python_eval sample passes
+    only by passing the seed's own tests, and a seed without tests scores every sample ``no_tests``."""
+    right, wrong = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n"
+    prompt = [{"role": "user", "content": "Write add(a, b)."}]
+    seeds = [
+        {
+            "id": "tested",
+            "messages": prompt,
+            "answer": right,
+            "verifier": "python_eval",
+            "tests": "assert add(2, 3) == 5",
+        },
+        {"id": "untested", "messages": prompt, "answer": right, "verifier": "python_eval"},
+    ]
+    responses = {"tested": [right, wrong], "untested": [right, right]}
+    end = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def scripted(
+        seeds: list[dict[str, Any]], *_args: Any
+    ) -> Iterator[tuple[dict[str, Any], list[list[int]], list[int]]]:
+        for seed in seeds:
+            samples = [smollm2_tokenizer.encode(r, add_special_tokens=False) + [end] for r in responses[seed["id"]]]
+            assert [smollm2_tokenizer.decode(s, skip_special_tokens=True) for s in samples] == responses[seed["id"]]
+            yield seed, samples, [end]
+
+    monkeypatch.setattr(rollouts, "_iter_rollouts", scripted)
+    policy = rollouts.default_policy(tokenizer_cache_dir)
+    estimates = estimate_difficulty(seeds, policy, FAST, tokenizer=smollm2_tokenizer)
+    assert [(e.id, e.passes, e.difficulty, e.sample_reasons, e.truncated) for e in estimates] == [
+        ("tested", 1, 0.5, {"tests_failed": 1}, 0),
+        ("untested", 0, 1.0, {"no_tests": 2}, 0),
+    ]
