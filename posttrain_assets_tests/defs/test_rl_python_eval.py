@@ -137,6 +137,11 @@ def test_gold_and_the_verl_export_carry_the_tests(code_graph: Graph) -> None:
     gold = {r["id"]: r["tests"] for r in code_graph.dicts("SELECT id, tests FROM gold.rl_prompts")}
     assert gold == {i: s["tests"] for i, s in certified.items()}
     assert len(gold) == HUMANEVAL_ROWS + 1 and all(gold.values())
+    # The bank's blocking checks passed on it (its schema, every seed certified).
+    assert code_graph.query(
+        "SELECT check_name, passed FROM checks.verdicts WHERE asset = 'gold/rl_prompts' AND severity = 'ERROR' "
+        "ORDER BY check_name"
+    ) == [("gold_rl_prompts_schema_check", True), ("rl_certification_check", True)]
     exported = pq.read_table(code_graph.database.parent / "exports" / "rl" / PARQUET_FILE).to_pylist()
     assert {r["extra_info"]["id"]: r["extra_info"]["tests"] for r in exported} == gold
     assert {r["extra_info"]["verifier"] for r in exported} == {"python_eval"}
