@@ -26,6 +26,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from posttrain_assets.records import tools
 from posttrain_assets.records.schema import (
     CanonicalRecord,
     Message,
@@ -277,7 +278,11 @@ def messages(row: dict[str, Any], regime: str) -> CanonicalRecord:
 
     ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``
 
-    - sft: the whole conversation, which must end with an assistant turn.
+    - sft: the whole conversation, which must end with an assistant turn. Assistant
+      turns may carry ``tool_calls`` (content then may be null), ``reasoning_content``
+      (or ``reasoning``/``thinking``); tool turns ``tool_call_id`` and ``name``; the row
+      ``tools`` (tool definitions, JSON Schema parameters). See
+      :mod:`posttrain_assets.records.tools`.
     - rl: the prompt conversation, which must end with a user turn, plus
       ``answer`` (gold answer, str or number, required), ``verifier`` (one of
       :data:`VERIFIERS`, default ``exact_match``), ``domain`` (optional str),
@@ -289,6 +294,7 @@ def messages(row: dict[str, Any], regime: str) -> CanonicalRecord:
     if regime == "sft":
         record = sft_record(msgs, "messages")
         record.extra = _source_id(row)
+        record.tools = tools.parse_tools(row.get("tools"))
         return record
     prompt = _require_ends_with_user(msgs, "messages")
     if row.get("answer") is None:
@@ -314,35 +320,126 @@ def messages(row: dict[str, Any], regime: str) -> CanonicalRecord:
 def sharegpt(row: dict[str, Any], regime: str) -> CanonicalRecord:
     """ShareGPT / FastChat / LLaMA-Factory conversations.
 
-    ``{"id"?: str, "conversations": [{"from": "human"|"gpt"|..., "value": str}, ...]}``
+    ``{"id"?: str, "conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system"?: str, "tools"?}``
 
     Speakers map to roles through :data:`SHAREGPT_ROLES`; an unknown ``from`` is
     ``unknown_role``. The conversation must end with an assistant turn. ``id`` is
     kept as ``extra["source_id"]``.
+
+    Tool use, in the LLaMA-Factory / glaive layout: a ``function_call`` turn is the
+    assistant's call, its value a JSON object ``{"name", "arguments"}`` or a list of
+    them (parallel calls); it becomes the ``tool_calls`` of an assistant message (of
+    the assistant turn just before it when that one calls nothing yet), with ids
+    ``call_<message>_<k>``. An ``observation``/``function``/``tool`` turn is a tool
+    result answering the oldest unanswered call (its ``tool_call_id`` and ``name``).
+    ``tools`` (a list or its JSON text) are the tool definitions; a top-level
+    ``system`` string is the leading system turn when the conversation has none.
     """
-    turns = require(row, "conversations", list)
+    return _conversation_record(row, hermes=False)
+
+
+@_adapter("sft")
+def hermes(row: dict[str, Any], regime: str) -> CanonicalRecord:
+    """Hermes function calling (NousResearch/hermes-function-calling-v1 and the Qwen/Hermes tool format).
+
+    ``{"conversations": [{"from", "value"}], ...}`` (or ``{"messages": [{"role", "content"}]}``), where assistant
+    turns carry ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks (JSON, or the Python-dict spelling
+    the Hermes data uses), tool turns ``<tool_response>{"name": ..., "content": ...}</tool_response>``, and the system
+    turn lists the tools in ``<tools> ... </tools>``.
+
+    The blocks become structured calls (the assistant content is the text outside them), tool turns their result
+    text with ``name`` and ``tool_call_id`` (answering the calls in order), and the tools the conversation's tool
+    definitions (or a top-level ``tools``). The system turn that holds the ``<tools>`` block is the Hermes tool-format
+    preamble and is dropped: each model's chat template writes the tools in its own format. Otherwise as ``sharegpt``.
+    """
+    return _conversation_record(row, hermes=True)
+
+
+def _conversation_turns(row: dict[str, Any], hermes: bool) -> tuple[list[tuple[str, str]], str]:
+    """(speaker, value) per turn and the field they were read from."""
+    key = "messages" if hermes and "conversations" not in row and "messages" in row else "conversations"
+    speaker_key, value_key = ("role", "content") if key == "messages" else ("from", "value")
+    turns = require(row, key, list)
     if not turns:
-        raise RecordError("empty_content", "conversations", "conversations has no turns")
-    msgs: list[Message] = []
+        raise RecordError("empty_content", key, f"{key} has no turns")
+    out = []
     for i, turn in enumerate(turns):
-        at = f"conversations[{i}]"
+        at = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise RecordError("wrong_type", at, f"{at} must be an object with 'from' and 'value'")
-        speaker = require(turn, "from", path=f"{at}.from")
-        value = require(turn, "value", path=f"{at}.value")
+            raise RecordError("wrong_type", at, f"{at} must be an object with {speaker_key!r} and {value_key!r}")
+        speaker = require(turn, speaker_key, path=f"{at}.{speaker_key}")
+        value = require(turn, value_key, path=f"{at}.{value_key}")
         if speaker not in SHAREGPT_ROLES:
-            raise RecordError("unknown_role", f"{at}.from", f"speaker {speaker!r} is not a known ShareGPT role")
-        non_empty(value, f"{at}.value")
-        msgs.append({"role": SHAREGPT_ROLES[speaker], "content": value})
-    if msgs[-1]["role"] != "assistant" and any(m["role"] == "assistant" for m in msgs):
-        last = len(msgs) - 1
+            raise RecordError(
+                "unknown_role", f"{at}.{speaker_key}", f"speaker {speaker!r} is not a known ShareGPT role"
+            )
+        out.append((speaker, value))
+    return out, key
+
+
+def _conversation_record(row: dict[str, Any], hermes: bool) -> CanonicalRecord:
+    """The ShareGPT and Hermes adapters: turns to canonical messages with structured tool calls and results."""
+    turns, key = _conversation_turns(row, hermes)
+    speaker_key, value_key = ("role", "content") if key == "messages" else ("from", "value")
+    defined = tools.parse_tools(row.get("tools"))
+    msgs: list[Message] = []
+    turn_of: list[int] = []  # the turn each message comes from (its last turn, for merged calls)
+    pending: list[dict[str, Any]] = []  # calls not answered yet, oldest first
+    system = _optional(row, "system", str)
+    if system is not None and system.strip() and not any(SHAREGPT_ROLES[s] == "system" for s, _ in turns):
+        msgs.append({"role": "system", "content": system})
+        turn_of.append(-1)
+    for i, (speaker, value) in enumerate(turns):
+        at = f"{key}[{i}].{value_key}"
+        role = SHAREGPT_ROLES[speaker]
+        if speaker == "function_call":
+            joined = bool(msgs) and msgs[-1]["role"] == "assistant" and "tool_calls" not in msgs[-1]
+            index = len(msgs) - 1 if joined else len(msgs)
+            calls = tools.parse_call_text(value, at, index)
+            if joined:
+                msgs[-1]["tool_calls"] = calls
+                turn_of[-1] = i
+            else:
+                msgs.append({"role": "assistant", "content": "", "tool_calls": calls})
+                turn_of.append(i)
+            pending = list(calls)
+            continue
+        non_empty(value, at)
+        message: Message = {"role": role, "content": value}
+        if hermes and role == "system" and defined is None and (found := tools.hermes_tools(value)) is not None:
+            defined = tools.parse_tools(found, at)
+            continue
+        if hermes and role == "assistant":
+            text, calls = tools.split_hermes_calls(value, at, len(msgs))
+            message["content"] = text
+            if calls:
+                message["tool_calls"] = calls
+        if role == "tool":
+            name = None
+            if hermes:
+                message["content"], name = tools.unwrap_hermes_response(value)
+            if pending:
+                call = pending.pop(0)
+                message["tool_call_id"] = call["id"]
+                name = name or call["function"]["name"]
+            if name is not None:
+                message["name"] = name
+        else:
+            pending = list(message.get("tool_calls", []))
+        msgs.append(message)
+        turn_of.append(i)
+    if msgs and msgs[-1]["role"] != "assistant" and any(m["role"] == "assistant" for m in msgs):
+        last = turn_of[-1]
         raise RecordError(
             "not_ending_with_assistant",
-            f"conversations[{last}].from",
-            f"the last turn is from {turns[last]['from']!r}, an SFT conversation must end with the assistant",
+            f"{key}[{last}].{speaker_key}",
+            f"the last turn is from {turns[last][0]!r}, an SFT conversation must end with the assistant",
         )
-    record = sft_record(msgs, "conversations")
+    if not msgs:
+        raise RecordError("empty_content", key, f"{key} has no turns besides the tool definitions")
+    record = sft_record(msgs, key)
     record.extra = _source_id(row)
+    record.tools = defined
     return record
 
 
@@ -668,6 +765,7 @@ __all__ = [
     "VERIFIERS",
     "alpaca",
     "gsm8k",
+    "hermes",
     "hh_rlhf",
     "humaneval",
     "last_boxed",

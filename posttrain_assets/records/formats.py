@@ -44,9 +44,20 @@ ADAPTERS: dict[str, Adapter] = {
         _make(
             "messages",
             ("sft", "rl"),
-            "OpenAI/HF chat: {messages: [{role, content}]}; rl rows add answer, verifier, tests",
+            "OpenAI/HF chat: {messages: [{role, content, tool_calls?, reasoning_content?, tool_call_id?}], tools?}; "
+            "rl rows add answer, verifier, tests",
         ),
-        _make("sharegpt", ("sft",), "ShareGPT/FastChat: {id?, conversations: [{from, value}]}"),
+        _make(
+            "sharegpt",
+            ("sft",),
+            "ShareGPT/FastChat/LLaMA-Factory: {id?, conversations: [{from, value}], system?, tools?}; function_call "
+            "and observation turns are tool calls and results",
+        ),
+        _make(
+            "hermes",
+            ("sft",),
+            "Hermes function calling: ShareGPT or messages with <tool_call>, <tool_response> and <tools> blocks",
+        ),
         _make("alpaca", ("sft",), "Alpaca: {instruction, input?, output, system?}"),
         _make("trl_preference", ("preference",), "TRL preference: {prompt?, chosen, rejected}, explicit or implicit"),
         _make("ultrafeedback", ("preference",), "UltraFeedback binarized: {prompt, chosen, rejected, score_*}"),

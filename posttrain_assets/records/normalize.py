@@ -17,6 +17,7 @@ from posttrain_assets.ingest.readers import BROKEN_FILE
 from posttrain_assets.ingest.registry import Registry, Source
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES, MAX_JSON_DEPTH, CanonicalRecord, RecordError
+from posttrain_assets.records.tools import tools_json
 
 # Maps a landing file path to the creation time recorded on its rows.
 CreatedAt = Callable[[str], dt.datetime]
@@ -209,6 +210,7 @@ def canonical_row(
         "source": source.name,
         "regime": record.regime,
         "messages": record.messages,
+        "tools": tools_json(record.tools),
         "prompt": record.prompt,
         "response": record.response,
         "chosen": record.chosen,

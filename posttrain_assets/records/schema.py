@@ -67,7 +67,9 @@ class RecordError(ValueError):
         super().__init__(f"{reason} at {field or '<row>'}: {message}")
 
 
-Message = dict[str, str]
+# A canonical message: ``{"role", "content"}`` plus, only where present, the structured fields of
+# :mod:`posttrain_assets.records.tools` (reasoning_content, tool_calls, tool_call_id, name).
+Message = dict[str, Any]
 
 _BIGINT = range(-(2**63), 2**63)
 
@@ -117,6 +119,7 @@ class CanonicalRecord:
       solution's functions (what the verifier runs the answer against).
 
     ``source_ref`` (any regime, optional): the row's place in the dataset it comes from (:class:`SourceRef`).
+    ``tools`` (optional): the conversation's tool definitions, canonical (``records.tools.parse_tools``).
     """
 
     regime: str
@@ -135,6 +138,7 @@ class CanonicalRecord:
     lang: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source_ref: SourceRef | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def content_id(self) -> str:
         """Stable id: sha256 over the content fields that define the record.
@@ -149,6 +153,8 @@ class CanonicalRecord:
             "rejected": self.rejected,
             "answer": self.answer,
         }
+        if self.tools:  # only then: rows without tools keep the ids they always had
+            payload["tools"] = self.tools
         text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -173,7 +179,7 @@ def non_empty(text: str, where: str) -> str:
 
 
 def validate_messages(messages: Any, where: str = "messages") -> list[Message]:
-    """Check a list of ``{role, content}`` dicts; return normalised copies."""
+    """Check a list of ``{role, content}`` dicts; return normalised copies (:func:`_message`)."""
     if not isinstance(messages, list):
         raise RecordError("wrong_type", where, f"{where} must be a list of messages")
     if not messages:
@@ -184,12 +190,44 @@ def validate_messages(messages: Any, where: str = "messages") -> list[Message]:
         if not isinstance(msg, dict):
             raise RecordError("wrong_type", at, f"{at} must be an object with role and content")
         role = require(msg, "role", path=f"{at}.role")
-        content = require(msg, "content", path=f"{at}.content")
         if role not in ROLES:
             raise RecordError("unknown_role", f"{at}.role", f"role {role!r} is not one of {', '.join(ROLES)}")
-        non_empty(content, f"{at}.content")
-        out.append({"role": role, "content": content})
+        out.append(_message(msg, role, at, i))
     return out
+
+
+def _message(msg: dict[str, Any], role: str, at: str, index: int) -> Message:
+    """One canonical message: ``{role, content}``, plus the structured fields the source gives. An assistant turn
+    with ``tool_calls`` (or a legacy OpenAI ``function_call``) may have null or empty content (stored ``""``); its
+    reasoning comes from ``reasoning_content``, ``reasoning`` or ``thinking``; a tool turn keeps ``tool_call_id`` and
+    ``name``. Other keys are dropped, as they always were."""
+    from posttrain_assets.records import tools  # imports this module
+
+    calls = None
+    if role == "assistant":
+        raw = msg.get("tool_calls")
+        if raw is None and msg.get("function_call") is not None:
+            raw = [{"function": msg["function_call"]}]
+        if raw is not None and raw != []:
+            calls = tools.parse_tool_calls(raw, f"{at}.tool_calls", index)
+    content = "" if calls and msg.get("content") is None else require(msg, "content", path=f"{at}.content")
+    if not calls:
+        non_empty(content, f"{at}.content")
+    message: Message = {"role": role, "content": content}
+    if role == "assistant":
+        key = next((k for k in tools.REASONING_KEYS if msg.get(k) is not None), None)
+        if key is not None:
+            reasoning = require(msg, key, path=f"{at}.{key}")
+            if reasoning.strip():
+                message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            value = msg.get(key)
+            if value is not None:
+                message[key] = require(msg, key, path=f"{at}.{key}")
+    return message
 
 
 def last_content(messages: list[Message], role: str) -> str | None:

@@ -47,7 +47,20 @@ RECORD_COLUMNS = (
     _c("id", "VARCHAR", "stable content hash of regime + content (sha256, 32 hex)", False),
     _c("source", "VARCHAR", "registry source name", False),
     _c("regime", "VARCHAR", "sft | preference | rl", False),
-    _c("messages", MESSAGES_TYPE, "sft: whole conversation; preference/rl: the prompt conversation", False),
+    _c(
+        "messages",
+        MESSAGES_TYPE,
+        "sft: whole conversation; preference/rl: the prompt conversation. Each turn: role, content ('' for an "
+        "assistant turn that only calls tools) and, where the source gives them, reasoning_content (assistant), "
+        "tool_calls (assistant: id, type, function name and arguments as JSON text), tool_call_id and name (tool)",
+        False,
+    ),
+    _c(
+        "tools",
+        "VARCHAR",
+        "the conversation's tool definitions as JSON ([{type: function, function: {name, description, parameters "
+        "(JSON Schema)}}]), passed to the chat template as tools=; null when it declares none",
+    ),
     _c("prompt", "VARCHAR", "last user turn of the conversation / prompt", False),
     _c("response", "VARCHAR", "sft: last assistant turn"),
     _c("chosen", "VARCHAR", "preference: preferred final assistant response"),
@@ -189,7 +202,7 @@ GOLD_SFT = Table(
     "sft",
     "Training-ready SFT rows: the conversation, its tokens and assistant-only labels, proven by loss_mask_check.",
     (
-        *_pick(("id", "source", "source_kind", "messages", "response")),
+        *_pick(("id", "source", "source_kind", "messages", "tools", "response")),
         *SILVER_SFT_TOKENIZED.columns[2:8],
         *_pick(("lang", "license", "origin", "created_at")),
         *TOKENIZER_COLUMNS,

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MESSAGES_TYPE = "STRUCT(role VARCHAR, content VARCHAR)[]"
+# A conversation: role and content, plus the structured fields of agentic and reasoning turns (null where absent;
+# posttrain_assets.records.tools describes them).
+MESSAGES_TYPE = (
+    "STRUCT(role VARCHAR, content VARCHAR, reasoning_content VARCHAR, "
+    'tool_calls STRUCT(id VARCHAR, "type" VARCHAR, "function" STRUCT("name" VARCHAR, arguments VARCHAR))[], '
+    'tool_call_id VARCHAR, "name" VARCHAR)[]'
+)
 ORIGIN_TYPE = (
     'STRUCT(source VARCHAR, uri VARCHAR, file VARCHAR, "row" BIGINT, record_sha256 VARCHAR, file_sha256 VARCHAR)'
 )

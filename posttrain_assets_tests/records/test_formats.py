@@ -61,6 +61,7 @@ def test_registry_names_and_regimes() -> None:
     assert list(ADAPTERS) == [
         "messages",
         "sharegpt",
+        "hermes",
         "alpaca",
         "trl_preference",
         "ultrafeedback",
@@ -73,6 +74,7 @@ def test_registry_names_and_regimes() -> None:
     assert {name: a.regimes for name, a in ADAPTERS.items()} == {
         "messages": ("sft", "rl"),
         "sharegpt": ("sft",),
+        "hermes": ("sft",),
         "alpaca": ("sft",),
         "trl_preference": ("preference",),
         "ultrafeedback": ("preference",),
@@ -89,7 +91,7 @@ def test_registry_names_and_regimes() -> None:
 
 
 def test_get_adapter_unknown_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown format 'jsonl'.*messages, sharegpt, alpaca"):
+    with pytest.raises(ValueError, match=r"unknown format 'jsonl'.*messages, sharegpt, hermes, alpaca"):
         get_adapter("jsonl")
 
 
@@ -218,11 +220,13 @@ def test_sharegpt_maps_roles() -> None:
         ],
     }
     rec = parse("sharegpt", row)
+    # function_call / observation turns are a structured call and its result (LLaMA-Factory layout)
+    call = {"id": "call_2_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
     assert rec.messages == [
         {"role": "system", "content": "You can call tools."},
         {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
-        {"role": "tool", "content": '{"temp_c": 4}'},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"temp_c": 4}', "tool_call_id": "call_2_0", "name": "weather"},
         {"role": "assistant", "content": "It is 4 °C in Oslo."},
     ]
     assert (rec.regime, rec.prompt, rec.response) == ("sft", "Weather in Oslo?", "It is 4 °C in Oslo.")

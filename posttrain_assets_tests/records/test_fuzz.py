@@ -52,6 +52,15 @@ def _turns(text: str) -> list[dict[str, str]]:
 VALID: dict[str, Callable[[str], dict[str, Any]]] = {
     "messages": lambda t: {"messages": _turns(t)},
     "sharegpt": lambda t: {"conversations": [{"from": "human", "value": f"Q {t}"}, {"from": "gpt", "value": f"A {t}"}]},
+    "hermes": lambda t: {
+        "conversations": [
+            {"from": "system", "value": '<tools> {"name": "look", "parameters": {"type": "object"}} </tools>'},
+            {"from": "human", "value": f"Q {t}"},
+            {"from": "gpt", "value": '<tool_call>\n{"name": "look", "arguments": {}}\n</tool_call>'},
+            {"from": "tool", "value": f'<tool_response>\n{{"name": "look", "content": "{t}"}}\n</tool_response>'},
+            {"from": "gpt", "value": f"A {t}"},
+        ]
+    },
     "alpaca": lambda t: {"instruction": f"Explain {t}", "input": "", "output": f"It is {t}."},
     "trl_preference": lambda t: {"prompt": f"Which {t}?", "chosen": f"This {t}.", "rejected": "No."},
     "ultrafeedback": lambda t: {
