@@ -14,6 +14,7 @@ so it is not called).
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ QUALITY_REASONS: dict[str, str] = {
     "sft_not_ending_with_assistant": "an SFT conversation does not end with an assistant turn",
     "special_token_in_content": "a text field (a message, chosen, rejected or answer) contains a special token of the "
     "tokenizer",
+    "tool_arguments_not_json": "a tool call's arguments are not a JSON object",
+    "undeclared_tool": "a tool call names a tool the conversation does not declare in its tools",
+    "invalid_tool_schema": "a declared tool's parameters are not a valid JSON Schema",
+    "tool_arguments_invalid": "a tool call's arguments do not validate against the declared tool's JSON Schema",
+    "tool_call_unanswered": "a tool call is not answered by a tool message with its id before the next turn",
+    "orphan_tool_result": "a tool message answers no pending call of the assistant turn before it",
+    "too_many_parallel_calls": "an assistant turn makes more parallel tool calls than max_parallel_tool_calls",
     "tie_pair": "chosen and rejected are equal after normalisation",
     "refusal_boilerplate": "an assistant turn (SFT) or chosen response is refusal / disclaimer boilerplate",
     "language_not_allowed": "the detected language is not in the allowed set",
@@ -105,6 +113,11 @@ class QualityConfig:
       those would remove exactly the signal the pair carries). ``rejected`` is never checked.
     - ``special_tokens``: the tokenizer's special tokens (``masking.special_tokens``; the silver pass fills them
       in from the project tokenizer): no text field of any regime may contain one. Empty: nothing is checked.
+    - ``max_parallel_tool_calls``: most tool calls one assistant turn may make (a model that never learned to
+      stop calling emits hundreds; such turns are not trained on).
+    - ``require_declared_tools``: a tool call must name a tool of the conversation's ``tools`` (so its arguments
+      are validated against that tool's JSON Schema); off, calls of conversations that declare no tools pass
+      unchecked (their arguments must still be a JSON object).
     """
 
     allowed_languages: frozenset[str] | None = frozenset({"en"})
@@ -116,6 +129,8 @@ class QualityConfig:
     refusal_in_sft: bool = True
     refusal_in_preference_chosen: bool = False
     special_tokens: tuple[str, ...] = ()
+    max_parallel_tool_calls: int = 16
+    require_declared_tools: bool = True
     _compiled: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
     _any_refusal: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
     _commercial_casefold: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
@@ -183,9 +198,10 @@ _RESPONSE_KEYS: dict[str, tuple[str, ...]] = {"preference": ("chosen", "rejected
 
 
 def empty_turn(record: Record, cfg: QualityConfig) -> Drop | None:
-    """Any empty/whitespace turn, or an empty chosen/rejected (preference) or answer (rl)."""
+    """Any empty/whitespace turn (an assistant turn that calls tools may have no text), or an empty chosen/rejected
+    (preference) or answer (rl)."""
     for i, m in enumerate(record.get("messages") or []):
-        if not (m.get("content") or "").strip():
+        if not (m.get("content") or "").strip() and not m.get("tool_calls"):
             return Drop("empty_turn", f"messages[{i}] ({m.get('role')}) is empty")
     keys = _RESPONSE_KEYS.get(record["regime"], ())
     for key in keys:
@@ -235,10 +251,117 @@ def special_token_in_content(record: Record, cfg: QualityConfig) -> Drop | None:
     if cfg._special_token is None:
         return None
     fields = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(record.get("messages") or [])]
-    fields += [(key, record.get(key)) for key in ("chosen", "rejected", "answer")]
+    fields += [(key, record.get(key)) for key in ("chosen", "rejected", "answer", "tools")]
+    for i, m in enumerate(record.get("messages") or []):  # structured fields are rendered too
+        fields.append((f"messages[{i}].reasoning_content", m.get("reasoning_content")))
+        for j, call in enumerate(m.get("tool_calls") or []):
+            function = call.get("function") or {}
+            for key in ("name", "arguments"):
+                fields.append((f"messages[{i}].tool_calls[{j}].function.{key}", function.get(key)))
     for where, text in fields:
         if isinstance(text, str) and (found := cfg._special_token.search(text)):
             return Drop("special_token_in_content", f"{where} contains special token {found.group(0)!r}")
+    return None
+
+
+def _tool_schemas(record: Record) -> dict[str, Any] | None:
+    """The declared tools' parameter schemas by name (``{}`` for a tool without parameters); None when the row
+    declares no tools. ``tools`` is the silver column's JSON text (or the parsed list)."""
+    tools = record.get("tools")
+    if not tools:
+        return None
+    parsed = json.loads(tools) if isinstance(tools, str) else tools
+    return {t["function"]["name"]: t["function"].get("parameters") or {} for t in parsed}
+
+
+@functools.lru_cache(maxsize=1024)
+def _validator(schema_text: str) -> Any:
+    """A jsonschema validator for one tool's parameters (the draft its ``$schema`` names, else 2020-12), checked
+    once; raises ``jsonschema.SchemaError`` for a schema that is not valid."""
+    import jsonschema
+
+    schema = json.loads(schema_text)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def tool_call_invalid(record: Record, cfg: QualityConfig) -> Drop | None:
+    """Every tool call of an assistant turn: at most ``max_parallel_tool_calls`` per turn; arguments a JSON object;
+    the tool declared in the row's ``tools`` (``require_declared_tools``) and the arguments valid against its
+    parameters' JSON Schema (validated with ``jsonschema``, a well-kept implementation of every draft)."""
+    schemas = _tool_schemas(record)
+    for i, m in enumerate(record.get("messages") or []):
+        calls = m.get("tool_calls") or []
+        if len(calls) > cfg.max_parallel_tool_calls:
+            return Drop(
+                "too_many_parallel_calls",
+                f"messages[{i}] makes {len(calls)} tool calls, over max_parallel_tool_calls "
+                f"{cfg.max_parallel_tool_calls}",
+            )
+        for j, call in enumerate(calls):
+            at = f"messages[{i}].tool_calls[{j}]"
+            function = call.get("function") or {}
+            name, text = function.get("name"), function.get("arguments")
+            try:
+                arguments = json.loads(text) if isinstance(text, str) else None
+            except ValueError as exc:
+                return Drop("tool_arguments_not_json", f"{at} arguments are not JSON ({exc}): {str(text)[:80]!r}")
+            if not isinstance(arguments, dict):
+                return Drop("tool_arguments_not_json", f"{at} arguments are not a JSON object: {str(text)[:80]!r}")
+            if schemas is None:
+                if cfg.require_declared_tools:
+                    return Drop("undeclared_tool", f"{at} calls {name!r}, but the conversation declares no tools")
+                continue
+            if name not in schemas:
+                declared = ", ".join(sorted(schemas))
+                return Drop("undeclared_tool", f"{at} calls {name!r}, not one of the declared tools ({declared})")
+            problem = _schema_problem(schemas[name], arguments)
+            if problem is not None:
+                reason, detail = problem
+                return Drop(reason, f"{at} ({name}): {detail}")
+    return None
+
+
+def _schema_problem(schema: Any, arguments: dict[str, Any]) -> tuple[str, str] | None:
+    import jsonschema
+
+    try:
+        validator = _validator(json.dumps(schema, sort_keys=True))
+    except (jsonschema.SchemaError, TypeError, ValueError) as exc:
+        message = getattr(exc, "message", str(exc))
+        return "invalid_tool_schema", f"the tool's parameters are not a valid JSON Schema: {message}"
+    error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+    return "tool_arguments_invalid", f"{where}: {error.message}"
+
+
+def tool_result_unmatched(record: Record, cfg: QualityConfig) -> Drop | None:
+    """Calls and results pair up: the calls of an assistant turn are answered by the tool messages that follow it,
+    each naming a pending call's id (a result without an id answers the oldest pending call), before the next
+    user or assistant turn (a conversation may end on calls: the model's next action). Rows with no structured call
+    and no ``tool_call_id`` (tool text from sources without structure) are not checked."""
+    messages = record.get("messages") or []
+    if not any(m.get("tool_calls") or m.get("tool_call_id") for m in messages):
+        return None
+    pending: dict[str, str] = {}  # call id -> where it was made
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            ident = m.get("tool_call_id")
+            if ident is None and pending:
+                ident = next(iter(pending))
+            if ident not in pending:
+                what = f"tool_call_id {ident!r}" if ident is not None else "no tool_call_id"
+                return Drop("orphan_tool_result", f"messages[{i}] ({what}) answers no pending tool call")
+            del pending[ident]
+            continue
+        if pending:
+            ident, where = next(iter(pending.items()))
+            return Drop("tool_call_unanswered", f"{where} (id {ident!r}) has no tool result before messages[{i}]")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            pending[call.get("id")] = f"messages[{i}].tool_calls[{j}]"
     return None
 
 
@@ -280,6 +403,8 @@ FILTER_ORDER: tuple[Filter, ...] = (
     roles_not_alternating,
     sft_not_ending_with_assistant,
     special_token_in_content,
+    tool_call_invalid,
+    tool_result_unmatched,
     tie_pair,
     refusal_boilerplate,
 )
