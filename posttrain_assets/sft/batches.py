@@ -8,6 +8,7 @@ only Arrow buffers cross back to the process that writes DuckDB.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,11 @@ from posttrain_assets.sft.masking import (
     IGNORE_INDEX,
     MaskConfig,
     MaskError,
-    fresh_template_ids,
+    ProofInputs,
+    canonical_ids,
+    decode_rows,
+    independent_markers,
+    template_renderings,
     tokenize_conversations,
     verify_mask,
 )
@@ -109,17 +114,47 @@ def tokenize_batch(job: TokenizeJob, batch: pa.Table) -> TokenizedBatch:
     )
 
 
+# The canonical-encoding claim (input_ids equal a fresh encode of the rendering) is checked on one row in this many,
+# chosen by a hash of the row id (the same rows whatever the batches or processes). Every other claim is checked on
+# every row, among them that the ids decode to exactly the template's rendering. Why a sample suffices: each row's
+# ids come from one encode call of the same Rust tokenizer over the whole rendering (the row records that
+# tokenizer's hash, compared on every row), so ids that spell the rendering yet are not its canonical encoding can
+# only come from a defect in how the builder assembles ids (encoding pieces apart, cutting ids instead of
+# re-encoding), which would show on the rows of every source; a defect in a share p of n rows is missed with
+# probability (1 - 1/16)^(p n), under 1e-6 at p n = 215. Re-encoding is the most expensive part of the proof.
+CANONICAL_SAMPLE_EVERY = 16
+
+
+def in_canonical_sample(row_id: str, every: int) -> bool:
+    """Whether the canonical-encoding claim is checked for ``row_id`` (one row in ``every``; all with 1)."""
+    if every <= 1:
+        return True
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % every == 0
+
+
+@dataclass(frozen=True)
+class ProofJob:
+    """What proving a batch needs: the tokenizer with its hashes, and one row in how many gets the canonical-encoding
+    claim checked (:data:`CANONICAL_SAMPLE_EVERY`; 1: every row)."""
+
+    identity: TokenizerIdentity
+    canonical_every: int = CANONICAL_SAMPLE_EVERY
+
+
 @dataclass
 class MaskProof:
     """What proving tokenised rows found: rows checked, failures ``(id, source, problem)`` in row order, and
     ``[tokens, trained tokens]`` per source."""
 
     checked: int = 0
+    canonical_checked: int = 0  # rows whose ids were also compared with a fresh encode
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     tokens_by_source: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, other: MaskProof) -> None:
         self.checked += other.checked
+        self.canonical_checked += other.canonical_checked
         self.failures += other.failures
         for source, (tokens, trained) in other.tokens_by_source.items():
             counts = self.tokens_by_source.setdefault(source, [0, 0])
@@ -149,9 +184,11 @@ def _list_views(column: pa.ChunkedArray) -> list[Any]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(lists))]
 
 
-def prove_batch(identity: TokenizerIdentity, batch: pa.Table) -> MaskProof:
-    """Prove each row's labels (``masking.verify_mask``) against one batched re-render and re-tokenisation of
-    its conversation; a row tokenised with another tokenizer or template fails without being re-tokenised."""
+def prove_batch(job: ProofJob, batch: pa.Table) -> MaskProof:
+    """Prove each row's labels (``masking.verify_mask``) against one batched re-render of the batch's conversations,
+    one batched decode of its rows, and one batched re-encode of the rows in the canonical sample; a row tokenised
+    with another tokenizer or template fails without being re-rendered."""
+    identity = job.identity
     tok, hashes = identity.tokenizer, (identity.tokenizer_sha256, identity.chat_template_sha256)
     proof = MaskProof()
     batch = batch.select(list(PROVED_COLUMNS))
@@ -164,14 +201,28 @@ def prove_batch(identity: TokenizerIdentity, batch: pa.Table) -> MaskProof:
         else:
             problem = "tokenised with another tokenizer or template: rematerialise"
             proof.failures.append((row["id"], row["source"], problem))
-    fresh = fresh_template_ids(tok, [row["messages"][: row["num_messages"]] for row, _, _ in current])
-    for (row, input_ids, labels), expected in zip(current, fresh, strict=True):
+    kept = [row["messages"][: row["num_messages"]] for row, _, _ in current]
+    renderings = template_renderings(tok, kept)
+    sampled = [
+        isinstance(rendering, str) and in_canonical_sample(row["id"], job.canonical_every)
+        for (row, _, _), rendering in zip(current, renderings, strict=True)
+    ]
+    encoded = iter(canonical_ids(tok, [r for r, s in zip(renderings, sampled, strict=True) if s]))
+    canonical = [next(encoded) if s else None for s in sampled]
+    decoded = decode_rows(tok, [ids.tolist() for _, ids, _ in current], [labels for _, _, labels in current])
+    unconfigured = [i for i, (row, _, _) in enumerate(current) if row["end_of_turn"] is None]
+    markers: list[str | None] = [None] * len(current)
+    for i, marker in zip(unconfigured, independent_markers(tok, [kept[i] for i in unconfigured]), strict=True):
+        markers[i] = marker
+    for i, (row, input_ids, labels) in enumerate(current):
         cfg = MaskConfig(train_on=row["train_on"], end_of_turn=row["end_of_turn"])
-        problem = verify_mask(tok, row["messages"], input_ids, labels, cfg, row["num_messages"], expected)
+        inputs = ProofInputs(renderings[i], canonical[i], decoded[i], markers[i])
+        problem = verify_mask(tok, row["messages"], input_ids, labels, cfg, row["num_messages"], inputs)
         if problem:
             proof.failures.append((row["id"], row["source"], problem))
         counts = proof.tokens_by_source.setdefault(row["source"], [0, 0])
         counts[0] += len(input_ids)
         counts[1] += int(np.count_nonzero(labels != IGNORE_INDEX))
     proof.checked = batch.num_rows
+    proof.canonical_checked = sum(sampled)
     return proof

@@ -24,9 +24,10 @@ How spans are found without assuming the template is prefix-stable:
    trained, because the model emits that whitespace itself after the generation prompt; this is the same
    token-level mask transformers' ``{% generation %}`` tracking produces.
 
-:func:`verify_mask` is an independent proof used by a blocking asset check: it re-tokenises with
-``apply_chat_template(tokenize=True)`` and checks decoded trained runs against the message contents, without
-reusing the span search above.
+:func:`verify_mask` is an independent proof used by a blocking asset check: it re-renders with the template, checks
+that the ids decode to exactly that rendering and that decoded trained runs are the message contents, without
+reusing the span search above; and that the ids are the tokenizer's canonical encoding (a fresh
+``apply_chat_template(tokenize=True)``), on every row or, in the batched check, on a sample (``sft.batches``).
 """
 
 from __future__ import annotations
@@ -743,13 +744,6 @@ def _rendered_content_forms(content: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def _runs(labels: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` of each maximal run of trained (not -100) labels."""
-    trained = np.asarray(labels) != IGNORE_INDEX
-    edges = np.diff(trained.astype(np.int8), prepend=0, append=0)
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
-
-
 def _matches_piece(run_text: str, forms: list[str], marker: str) -> bool:
     if not run_text.endswith(marker):
         return False
@@ -809,33 +803,160 @@ def _untrained_occurrence(
     return lo
 
 
-def fresh_template_ids(
-    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
-) -> list[list[int] | str]:
-    """``apply_chat_template(conversation, tokenize=True)`` of each conversation, or the error it raised.
+@dataclass(frozen=True)
+class TemplateRaised:
+    """The chat template raised for a conversation; ``message`` says what it raised."""
 
-    One batched call (rendering, then one parallel tokenizer call for all texts); when the template raises
-    for any conversation of the batch, each is rendered on its own so only that one carries the error.
+    message: str
+
+
+def template_renderings(
+    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+) -> list[str | TemplateRaised]:
+    """``apply_chat_template(conversation, tokenize=False)`` of each conversation, or what it raised.
+
+    One batched call; when the template raises for any conversation of the batch, each is rendered on its own so
+    only that one carries the error.
     """
     if not conversations:
         return []
     try:
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is None:
-            batch = tok.apply_chat_template(list(conversations), tokenize=True, return_dict=False)
-            return [list(ids) for ids in batch]
-        # What apply_chat_template(tokenize=True) does (render, then encode without special tokens), with the
-        # Rust tokenizer's batch call that skips offsets: only the ids are compared here.
         texts = tok.apply_chat_template(list(conversations), tokenize=False)
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if all(isinstance(text, str) for text in texts):
+            return list(texts)
     except Exception:
-        out: list[list[int] | str] = []
-        for conversation in conversations:
-            try:
-                out.append(list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False)))
-            except Exception as exc:
-                out.append(f"chat template raised {type(exc).__name__}: {exc}")
-        return out
+        pass
+    out: list[str | TemplateRaised] = []
+    for conversation in conversations:
+        try:
+            text = tok.apply_chat_template(conversation, tokenize=False)
+        except Exception as exc:
+            out.append(TemplateRaised(f"chat template raised {type(exc).__name__}: {exc}"))
+            continue
+        out.append(text if isinstance(text, str) else TemplateRaised(f"chat template rendered {type(text).__name__}"))
+    return out
+
+
+def canonical_ids(tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """The tokenizer's own encoding of each rendering, as ``apply_chat_template(tokenize=True)`` makes it (render,
+    then encode without special tokens): one batched call, through the Rust backend (no offsets) when there is one.
+    """
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return [list(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+    return [encoding.ids for encoding in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+def fresh_template_ids(
+    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+) -> list[list[int] | str]:
+    """``apply_chat_template(conversation, tokenize=True)`` of each conversation, or the error it raised."""
+    renderings = template_renderings(tok, conversations)
+    texts = [r for r in renderings if isinstance(r, str)]
+    encoded = iter(canonical_ids(tok, texts))
+    return [next(encoded) if isinstance(r, str) else r.message for r in renderings]
+
+
+def independent_markers(
+    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+) -> list[str | None]:
+    """End-of-turn marker of each conversation from a plain rendering, independent of the skeleton: the text the
+    template writes after the last assistant content (replaced by a sentinel) up to trailing whitespace. One batched
+    render; None where there is no assistant turn or the template raises."""
+    probes: list[list[dict[str, Any]] | None] = []
+    for messages in conversations:
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        probes.append(None if last is None else [*messages[:last], {**messages[last], "content": "\ue002"}])
+    rendered = iter(template_renderings(tok, [p for p in probes if p is not None]))
+    markers: list[str | None] = []
+    for probe in probes:
+        text = None if probe is None else next(rendered)
+        if not isinstance(text, str) or (position := text.rfind("\ue002")) == -1:
+            markers.append(None)
+            continue
+        markers.append(text[position + 1 :].rstrip() or None)
+    return markers
+
+
+def _runs(labels: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each maximal run of trained (not -100) labels."""
+    trained = np.asarray(labels) != IGNORE_INDEX
+    edges = np.diff(trained.astype(np.int8), prepend=0, append=0)
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class DecodedRow:
+    """A tokenised row's ids decoded: whole, each trained run and each untrained gap between them, in order."""
+
+    text: str
+    trained: list[str]
+    untrained: list[str]
+
+
+def decode_rows(
+    tok: PreTrainedTokenizerBase, token_lists: Sequence[list[int]], label_lists: Sequence[Sequence[int] | np.ndarray]
+) -> list[DecodedRow]:
+    """:class:`DecodedRow` of each row, from one batched decode of every row, run and gap (the Rust backend decodes
+    a batch on all cores; the same text as decoding each piece on its own)."""
+    pieces: list[list[int]] = []
+    shapes: list[tuple[int, int]] = []
+    for tokens, labels in zip(token_lists, label_lists, strict=True):
+        runs = _runs(labels)
+        gaps = _untrained_runs(runs, len(tokens))
+        pieces.append(tokens)
+        pieces += [tokens[s:e] for s, e in runs]
+        pieces += [tokens[s:e] for s, e in gaps]
+        shapes.append((len(runs), len(gaps)))
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        texts = backend.decode_batch(pieces, skip_special_tokens=False)
+    else:
+        texts = [_decode(tok, piece) for piece in pieces]
+    out: list[DecodedRow] = []
+    at = 0
+    for trained, untrained in shapes:
+        out.append(
+            DecodedRow(
+                texts[at], texts[at + 1 : at + 1 + trained], texts[at + 1 + trained : at + 1 + trained + untrained]
+            )
+        )
+        at += 1 + trained + untrained
+    return out
+
+
+@dataclass(frozen=True)
+class ProofInputs:
+    """What :func:`verify_mask` needs beyond the row, computed for a whole batch by its caller
+    (``sft.batches.prove_batch``): the template's rendering of the kept messages (or what it raised), the
+    tokenizer's canonical ids of that rendering (None: the canonical-encoding claim is not checked for this row),
+    the row decoded (:func:`decode_rows`) and the independently found end-of-turn marker (when not configured)."""
+
+    rendering: str | TemplateRaised
+    canonical: list[int] | None
+    decoded: DecodedRow
+    marker: str | None
+
+
+def _spelling_error(tok: PreTrainedTokenizerBase, tokens: list[int], decoded: str, rendering: str) -> str:
+    """Where ``tokens`` stop spelling ``rendering``: the first position whose token takes the decoded text away
+    from the rendering."""
+    common = next((i for i, (a, b) in enumerate(zip(decoded, rendering, strict=False)) if a != b), None)
+    if common is None:
+        common = min(len(decoded), len(rendering))
+    lo, hi = 0, len(tokens)  # smallest p with decode(tokens[:p + 1]) not a prefix of the rendering
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rendering.startswith(_decode(tok, tokens[: mid + 1])):
+            lo = mid + 1
+        else:
+            hi = mid
+    return (
+        f"position {lo}: input_ids do not decode to the chat template's rendering "
+        f"(they differ at character {common} of {len(rendering)})"
+    )
 
 
 def verify_mask(
@@ -845,15 +966,18 @@ def verify_mask(
     labels: Sequence[int] | np.ndarray,
     cfg: MaskConfig,
     num_messages: int | None = None,
-    expected: list[int] | str | None = None,
+    inputs: ProofInputs | None = None,
 ) -> str | None:
     """Independently prove a mask; return None if correct, else a message naming the first wrong position.
 
     ``num_messages`` is the number of leading messages that were kept (``TokenizedConversation.num_messages``;
-    None means all); ``expected`` is :func:`fresh_template_ids` of those messages when the caller computed it for a
-    whole batch (None: computed here). Checks, without reusing the span search of :func:`tokenize_conversations`:
+    None means all); ``inputs`` is what a batched caller computed for the row (None: computed here, with the
+    canonical-encoding claim checked). Checks, without reusing the span search of :func:`tokenize_conversations`:
 
-    * ``input_ids`` equal a fresh ``apply_chat_template(messages[:num_messages], tokenize=True)``;
+    * the rendering is the template's own (``apply_chat_template(messages[:num_messages], tokenize=False)``) and
+      ``input_ids`` decode to exactly it;
+    * ``input_ids`` are the tokenizer's canonical encoding of it (equal to ``apply_chat_template(tokenize=True)``),
+      when ``inputs.canonical`` is given;
     * every label is -100 or its input id, and at least one is trained;
     * the contiguous trained runs decode, in order, to exactly each trained assistant content (as the template
       renders it: verbatim, trimmed, or thinking stripped; optionally preceded by whitespace the template puts
@@ -864,17 +988,26 @@ def verify_mask(
     kept = list(messages if num_messages is None else messages[:num_messages])
     if not kept:
         return "no messages to verify"
-    if expected is None:
-        (expected,) = fresh_template_ids(tok, [kept])
-    if isinstance(expected, str):
-        return expected
+    ids, labs = np.asarray(input_ids), np.asarray(labels)
+    tokens = ids.tolist()  # for decoding
+    if inputs is None:
+        (rendering,) = template_renderings(tok, [kept])
+        canonical = canonical_ids(tok, [rendering])[0] if isinstance(rendering, str) else None
+        marker = None if cfg.end_of_turn is not None else independent_markers(tok, [kept])[0]
+        inputs = ProofInputs(rendering, canonical, decode_rows(tok, [tokens], [labs])[0], marker)
+    if isinstance(inputs.rendering, TemplateRaised):
+        return inputs.rendering.message
     # The position-wise checks run over numpy arrays (a row has thousands of tokens); decoding takes lists.
-    ids, labs, expected_ids = np.asarray(input_ids), np.asarray(labels), np.asarray(expected)
-    if len(ids) != len(expected_ids) or not np.array_equal(ids, expected_ids):
-        common = min(len(ids), len(expected_ids))
-        differ = np.flatnonzero(ids[:common] != expected_ids[:common])
-        pos = int(differ[0]) if len(differ) else common
-        return f"position {pos}: input_ids differ from apply_chat_template ({len(ids)} vs {len(expected_ids)} ids)"
+    if inputs.canonical is not None:
+        expected_ids = np.asarray(inputs.canonical)
+        if len(ids) != len(expected_ids) or not np.array_equal(ids, expected_ids):
+            common = min(len(ids), len(expected_ids))
+            differ = np.flatnonzero(ids[:common] != expected_ids[:common])
+            pos = int(differ[0]) if len(differ) else common
+            return f"position {pos}: input_ids differ from apply_chat_template ({len(ids)} vs {len(expected_ids)} ids)"
+    decoded = inputs.decoded
+    if decoded.text != inputs.rendering:
+        return _spelling_error(tok, tokens, decoded.text, inputs.rendering)
     if len(labs) != len(ids):
         return f"position {min(len(labs), len(ids))}: {len(labs)} labels for {len(ids)} input ids"
     wrong = np.flatnonzero((labs != IGNORE_INDEX) & (labs != ids))
@@ -884,7 +1017,6 @@ def verify_mask(
     runs = _runs(labs)
     if not runs:
         return "no trained position"
-    tokens = ids.tolist()  # for decoding
 
     trained = _trained_indices(kept, cfg)
     if not trained:
@@ -893,12 +1025,12 @@ def verify_mask(
         marker = cfg.end_of_turn
     else:
         # Independent of the skeleton: the marker is what the template writes after a trained content before the
-        # next whitespace; take it from the decoded text right after the last assistant content.
-        marker = _independent_marker(tok, kept)
+        # next whitespace; taken from a rendering with the last assistant content replaced by a sentinel.
+        marker = inputs.marker
         if marker is None:
             return "cannot determine the end-of-turn marker independently; set MaskConfig.end_of_turn"
 
-    trained_texts = [_decode(tok, tokens[s:e]) for s, e in runs]
+    trained_texts = decoded.trained
     for number, index in enumerate(trained):
         forms = _rendered_content_forms(kept[index]["content"])
         if number >= len(runs):
@@ -929,8 +1061,7 @@ def verify_mask(
             f"({trained_texts[len(trained)][:60]!r}) is not an assistant turn"
         )
 
-    untrained_texts = [_decode(tok, tokens[s:e]) for s, e in _untrained_runs(runs, len(tokens))]
-    full_text = _decode(tok, tokens)
+    untrained_texts, full_text = decoded.untrained, decoded.text
     trained_set = set(trained)
     for index, message in enumerate(kept):
         if index in trained_set:
@@ -956,25 +1087,6 @@ def _untrained_runs(runs: list[tuple[int, int]], length: int) -> list[tuple[int,
     if prev < length:
         gaps.append((prev, length))
     return gaps
-
-
-def _independent_marker(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str | None:
-    """End-of-turn marker from a plain rendering: the text after the last assistant content up to whitespace."""
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        return None
-    probe = [*messages[:last], {**messages[last], "content": "\ue002"}]
-    try:
-        text = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
-    except Exception:
-        return None
-    position = text.rfind("\ue002")
-    if position == -1:
-        return None
-    tail = text[position + 1 :].rstrip()
-    if not tail:
-        return None
-    return tail
 
 
 def render_mask(tok: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int], color: bool = False) -> str:

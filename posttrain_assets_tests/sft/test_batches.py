@@ -7,7 +7,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from posttrain_assets.sft.batches import TokenizeJob, TokenizerIdentity, prove_batch, tokenize_batch
+from posttrain_assets.sft.batches import (
+    CANONICAL_SAMPLE_EVERY,
+    ProofJob,
+    TokenizeJob,
+    TokenizerIdentity,
+    in_canonical_sample,
+    prove_batch,
+    tokenize_batch,
+)
 from posttrain_assets.sft.masking import IGNORE_INDEX, MaskConfig
 
 
@@ -58,7 +66,7 @@ def test_tokenize_batch_rows_and_rejections(smollm2_tokenizer: Any) -> None:
 
 def test_prove_batch_passes_good_rows_and_names_each_bad_one(smollm2_tokenizer: Any) -> None:
     identity, rows, proved = tokenised(smollm2_tokenizer)
-    proof = prove_batch(identity, proved)
+    proof = prove_batch(ProofJob(identity, canonical_every=1), proved)
     assert (proof.checked, proof.failures) == (3, [])
     tokens = sum(len(ids) for ids in rows.column("input_ids").to_pylist())
     trained = sum(n for n in rows.column("num_trainable_tokens").to_pylist())
@@ -73,10 +81,60 @@ def test_prove_batch_passes_good_rows_and_names_each_bad_one(smollm2_tokenizer: 
     table = pa.Table.from_pylist(bad, schema=proved.schema)
     chunked = pa.concat_tables([table.slice(0, 1), table.slice(1, 2)])
     assert chunked.column("labels").num_chunks == 2
-    proof = prove_batch(identity, chunked)
+    proof = prove_batch(ProofJob(identity, canonical_every=1), chunked)
     assert proof.checked == 3
     expected = [("r3", "tokenised with another tokenizer or template"), ("r1", f"position {position}")]
     assert [(record_id, problem.split(":")[0]) for record_id, _, problem in proof.failures] == expected
     # one chunk that is a slice (an offset into its buffers)
-    proof = prove_batch(identity, table.slice(1, 2))
+    proof = prove_batch(ProofJob(identity, canonical_every=1), table.slice(1, 2))
     assert [(record_id, problem.split(":")[0]) for record_id, _, problem in proof.failures] == expected
+
+
+def test_canonical_sample_is_one_row_in_n_by_id_whatever_the_batches() -> None:
+    ids = [f"row-{i}" for i in range(16_000)]
+    sampled = [i for i in ids if in_canonical_sample(i, CANONICAL_SAMPLE_EVERY)]
+    assert 900 < len(sampled) < 1100  # one in 16 (binomial: 1000 +- 3 sd)
+    assert sampled == [i for i in reversed(ids) if in_canonical_sample(i, CANONICAL_SAMPLE_EVERY)][::-1]
+    assert all(in_canonical_sample(i, 1) for i in ids[:100])
+
+
+def test_ids_that_spell_another_text_fail_on_every_row_and_a_non_canonical_split_fails_in_the_sample(
+    smollm2_tokenizer: Any,
+) -> None:
+    tok = smollm2_tokenizer
+    identity, _, proved = tokenised(tok)
+    row = proved.to_pylist()[0]  # r0: "2 + 2 = 4." trained
+    # 1. an untrained id replaced by another token: the ids no longer spell the rendering. Caught with no
+    # canonical sample at all (a row outside the sample).
+    other = dict(row, input_ids=list(row["input_ids"]), labels=list(row["labels"]))
+    other["input_ids"][1] = tok.convert_tokens_to_ids("Ġthe")
+    no_sample = ProofJob(identity, canonical_every=10**9)
+    table = pa.Table.from_pylist([other], schema=proved.schema)
+    assert not in_canonical_sample("r0", 10**9)
+    proof = prove_batch(no_sample, table)
+    assert proof.canonical_checked == 0
+    assert [p for _, _, p in proof.failures] == [
+        "position 1: input_ids do not decode to the chat template's rendering (they differ at character "
+        f"{len(tok.decode(row['input_ids'][:1]))} of {len(tok.decode(row['input_ids']))})"
+    ]
+    # 2. the first trained token split in two tokens that decode to the same text: the ids still spell the
+    # rendering and the mask still trains exactly the answer, but they are not the tokenizer's encoding. Only the
+    # canonical-encoding claim sees it, so it is caught when the row is in the sample, not otherwise.
+    vocab = tok.get_vocab()
+    trained_at, token = next(
+        (position, token)
+        for position, token in enumerate(tok.convert_ids_to_tokens(row["input_ids"]))
+        if row["labels"][position] != IGNORE_INDEX and len(token) >= 2 and {token[:1], token[1:]} <= vocab.keys()
+    )
+    halves = [vocab[token[:1]], vocab[token[1:]]]
+    split = dict(row)
+    split["input_ids"] = row["input_ids"][:trained_at] + halves + row["input_ids"][trained_at + 1 :]
+    split["labels"] = row["labels"][:trained_at] + halves + row["labels"][trained_at + 1 :]
+    table = pa.Table.from_pylist([split], schema=proved.schema)
+    assert prove_batch(no_sample, table).failures == []
+    proof = prove_batch(ProofJob(identity, canonical_every=1), table)
+    assert proof.canonical_checked == 1
+    assert [p for _, _, p in proof.failures] == [
+        f"position {trained_at}: input_ids differ from apply_chat_template "
+        f"({len(row['input_ids']) + 1} vs {len(row['input_ids'])} ids)"
+    ]

@@ -1,9 +1,12 @@
 """loss_mask_check: proves every tokenised SFT row's labels before gold.sft may be written.
 
-For each row it re-renders and re-tokenises the conversation and checks, independently of the
-code that built the mask, that exactly the assistant contents and their end-of-turn markers are
-trained (``posttrain_assets.sft.masking.verify_mask``). A failure names the row ids and the first
-wrong position; gold.sft then does not materialise.
+For each row it re-renders the conversation with the chat template, checks that the ids decode to exactly
+that rendering and, independently of the code that built the mask, that exactly the assistant contents and
+their end-of-turn markers are trained (``posttrain_assets.sft.masking.verify_mask``). That the ids are the
+tokenizer's canonical encoding of the rendering (a fresh re-encode) is checked on one row in
+``sft.batches.CANONICAL_SAMPLE_EVERY`` (chosen by id hash; the constant's comment says why that suffices); the
+metadata says how many rows that was. A failure names the row ids and the first wrong position; gold.sft then does
+not materialise.
 """
 
 import dagster as dg
@@ -13,7 +16,7 @@ from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.sft.batches import MaskProof, TokenizerIdentity, prove_batch
+from posttrain_assets.sft.batches import MaskProof, ProofJob, TokenizerIdentity, prove_batch
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import ordered_arrow
 
@@ -31,11 +34,14 @@ FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING 
     asset=["silver", "sft_tokenized"],
     blocking=True,
     additional_deps=[["silver", "records"]],
-    description="Every row: only assistant contents + end markers trained, input_ids = fresh chat-template tokens.",
+    description="Every row: input_ids spell the chat template's rendering, only assistant contents + end markers "
+    "trained; on a sample of rows, input_ids = a fresh encode of the rendering.",
 )
 def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
     identity = tokenizer.identity()
-    prover = TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"])
+    prover = ProofJob(
+        TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"])
+    )
     proof = MaskProof()
     with duckdb.get_connection() as conn:
         orphans = conn.execute(
@@ -44,7 +50,7 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
         ).fetchone()[0]
         (rows,) = conn.execute(f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified}").fetchone()
         # Streamed in id ranges (memory holds a few batches of token lists, not the table), proven in worker
-        # processes, each batch with one batched re-render and re-tokenisation.
+        # processes, each batch with one batched re-render, decode, and re-encode of its canonical sample.
         batches = ordered_arrow(conn, ROWS_TO_VERIFY, "id", BATCH_ROWS)
         for batch_proof in map_batches(
             prove_batch, prover, batches, processes_for(rows, BATCH_ROWS, default_processes())
@@ -56,6 +62,8 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
     metadata: dict[str, dg.MetadataValue] = {
         "rows_checked": dg.MetadataValue.int(checked),
         "rows_failed": dg.MetadataValue.int(len(failures)),
+        "canonical_encoding_rows_checked": dg.MetadataValue.int(proof.canonical_checked),
+        "canonical_encoding_sample": dg.MetadataValue.text(f"1 in {prover.canonical_every} rows, by id hash"),
         "trainable_share": dg.MetadataValue.float(trained / total if total else 0.0),
         "failures": dg.MetadataValue.md(markdown_table(["id", "source", "problem"], failures[:MAX_REPORTED])),
         **{
