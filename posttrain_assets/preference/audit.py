@@ -394,6 +394,9 @@ DROP_REASONS = {
     "tie": "chosen and rejected are (near-)identical text: the pair carries no preference",
     "length_balance": "dropped from a length-confounded source to equalise chosen-longer and chosen-shorter pairs",
     "cannot_balance": "the source cannot be balanced into at least min_pairs pairs that pass: dropped whole",
+    "low_margin": "the score margin (score_chosen - score_rejected) is below min_score_margin: too close to call",
+    "annotator_disagreement": "the pair's annotators disagree: fewer than min_pair_agreement of them prefer the "
+    "chosen side",
 }
 
 
@@ -450,12 +453,20 @@ def _balance_source(members: Sequence[Pair], k: int | None, rng: random.Random) 
     return kept, dropped
 
 
-def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None = None, seed: int = 0) -> BalanceResult:
+def balance_pairs(
+    pairs: Iterable[Pair],
+    thresholds: ConfoundThresholds | None = None,
+    seed: int = 0,
+    excluded: Mapping[str, str] | None = None,
+) -> BalanceResult:
     """Subsample the sources that break the thresholds into a length-balanced set; drop every tie.
 
     1. Every tie is dropped, reason ``tie``, in every source (:func:`pair_is_tie`: the pair's ``is_tie`` when
        it carries one, else :func:`is_tie` with ``thresholds.tie_similarity``; tested once per pair): a pair
-       with the same answer on both sides teaches nothing but noise.
+       with the same answer on both sides teaches nothing but noise. Then every other pair whose id is in
+       ``excluded`` is dropped with the reason given there (the curation drops of
+       :func:`posttrain_assets.preference.labelling.curation_drops`: ``low_margin``, ``annotator_disagreement``),
+       so the balancing below works on the pairs that remain.
     2. A source with fewer than ``min_pairs`` remaining pairs, or whose remaining pairs pass, is kept whole.
     3. Otherwise its pairs with d != 0 are stratified by |d| into quantile strata (10, then 20, 40, ... and
        finally one stratum per distinct |d|), and in each stratum a seeded random subset of the larger side
@@ -474,9 +485,13 @@ def balance_pairs(pairs: Iterable[Pair], thresholds: ConfoundThresholds | None =
     reasons: dict[str, str] = {}
     strata_used: dict[str, int | str] = {}
     by_source: dict[str, list[Pair]] = defaultdict(list)
+    excluded = excluded or {}
     for pair in pairs:
+        pair_id = str(pair["id"])
         if pair_is_tie(pair, thresholds.tie_similarity):
-            reasons[str(pair["id"])] = "tie"
+            reasons[pair_id] = "tie"
+        elif pair_id in excluded:
+            reasons[pair_id] = excluded[pair_id]
         else:
             by_source[str(pair["source"])].append(pair)
 

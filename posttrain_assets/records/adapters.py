@@ -27,6 +27,7 @@ from functools import wraps
 from typing import Any
 
 from posttrain_assets.records import tools
+from posttrain_assets.records.annotations import binarize_completions, pair_annotations
 from posttrain_assets.records.schema import (
     CanonicalRecord,
     Message,
@@ -248,7 +249,8 @@ def _preference(
     row: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> CanonicalRecord:
-    """A preference record; optional ``score_chosen``/``score_rejected`` are read from ``row``."""
+    """A preference record; optional ``score_chosen``/``score_rejected`` and the labelling fields of
+    :mod:`posttrain_assets.records.annotations` (judge, models, ratings) are read from ``row``."""
     return CanonicalRecord(
         regime="preference",
         messages=prompt_messages,
@@ -258,6 +260,7 @@ def _preference(
         score_chosen=_number(row, "score_chosen"),
         score_rejected=_number(row, "score_rejected"),
         extra=extra or {},
+        annotations=pair_annotations(row),
     )
 
 
@@ -505,16 +508,35 @@ def _implicit_pair(row: dict[str, Any]) -> CanonicalRecord:
 
 @_adapter("preference")
 def ultrafeedback(row: dict[str, Any], regime: str) -> CanonicalRecord:
-    """UltraFeedback-binarized (HuggingFaceH4/ultrafeedback_binarized) pairs.
+    """UltraFeedback pairs, binarized (HuggingFaceH4/ultrafeedback_binarized) or as rated completions
+    (openbmb/UltraFeedback).
 
-    ``{"prompt": str, "prompt_id"?: str, "chosen": [user, assistant], "rejected": [user, assistant],
+    Binarized: ``{"prompt": str, "prompt_id"?: str, "chosen": [user, assistant], "rejected": [user, assistant],
     "score_chosen": number, "score_rejected": number}``
 
     ``chosen``/``rejected`` are split like TRL implicit pairs; ``prompt`` must equal
     the shared prompt's last user turn (compared without surrounding whitespace),
     else ``pair_prefix_mismatch``. Both scores are required. ``prompt_id`` is
-    kept as ``extra["prompt_id"]``.
+    kept as ``extra["prompt_id"]``. The optional labelling fields (judge, chosen_model, rejected_model, per-aspect
+    ratings, per-rater scores) are kept (:mod:`posttrain_assets.records.annotations`).
+
+    Rated completions (a row with ``completions``): ``{"instruction": str, "completions": [{"model", "response",
+    "annotations": {aspect: {"Rating": ...}}}, ...]}`` is binarised by
+    :func:`~posttrain_assets.records.annotations.binarize_completions` (best against worst by mean aspect rating);
+    the scores are those means, and the judge, both models and their aspect ratings are kept.
     """
+    if row.get("completions") is not None:
+        pair = binarize_completions(row)
+        return CanonicalRecord(
+            regime="preference",
+            messages=[{"role": "user", "content": pair.prompt}],
+            prompt=pair.prompt,
+            chosen=pair.chosen,
+            rejected=pair.rejected,
+            score_chosen=pair.score_chosen,
+            score_rejected=pair.score_rejected,
+            annotations=pair.annotations,
+        )
     prompt = non_empty(require(row, "prompt"), "prompt")
     _number(row, "score_chosen", required=True)
     _number(row, "score_rejected", required=True)

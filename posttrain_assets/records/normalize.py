@@ -235,5 +235,6 @@ def canonical_row(
         "score_chosen": record.score_chosen,
         "score_rejected": record.score_rejected,
         "source_ref": record.source_ref.as_row() if record.source_ref else None,
+        "annotations": record.annotations.as_row() if record.annotations else None,
         "tests": record.tests,
     }

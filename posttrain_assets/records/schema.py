@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from posttrain_assets.records.annotations import PairAnnotations
 
 REGIMES = ("sft", "preference", "rl")
 ROLES = ("system", "user", "assistant", "tool")
@@ -138,6 +141,7 @@ class CanonicalRecord:
     lang: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source_ref: SourceRef | None = None
+    annotations: PairAnnotations | None = None  # preference: who labelled the pair (records.annotations)
     tools: list[dict[str, Any]] | None = None
 
     def content_id(self) -> str:

@@ -14,6 +14,12 @@ def _c(name: str, type_: str, description: str, nullable: bool = True) -> Column
 
 
 SOURCE_REF_TYPE = 'STRUCT(data_source VARCHAR, split VARCHAR, "index" BIGINT)'
+# records.annotations.PairAnnotations.as_row()
+ANNOTATIONS_TYPE = (
+    "STRUCT(judge VARCHAR, chosen_model VARCHAR, rejected_model VARCHAR, "
+    "chosen_ratings STRUCT(aspect VARCHAR, rating DOUBLE)[], rejected_ratings STRUCT(aspect VARCHAR, rating DOUBLE)[], "
+    "rater_scores STRUCT(rater VARCHAR, chosen DOUBLE, rejected DOUBLE)[])"
+)
 
 
 PROVENANCE_COLUMNS = (
@@ -95,6 +101,13 @@ SILVER_RECORDS = Table(
     "silver",
     "records",
     "The canonical training corpus, cleaned: every valid row of every training source that passed the quality "
+    _c(
+        "annotations",
+        ANNOTATIONS_TYPE,
+        "preference: who labelled the pair, where the source says: judge, chosen_model and rejected_model (the models "
+        "that wrote the responses), chosen_ratings and rejected_ratings (aspect, rating), rater_scores (rater, "
+        "chosen, rejected: one per annotator); null elsewhere and where the source gives none",
+    ),
     "gate and decontamination, one row per (near-)distinct content; duplicates are in silver.dedup_clusters.",
     RECORD_COLUMNS,
 )
@@ -250,6 +263,7 @@ PAIR_COLUMNS = (
     _c("length_diff", "INTEGER", "chosen_tokens - rejected_tokens", False),
     _c("is_tie", "BOOLEAN", "chosen and rejected are identical or near-identical after normalisation", False),
     *_pick(("token_count", "lang", "license", "origin", "created_at")),
+    *_pick(("annotations",)),
 )
 
 SILVER_PREFERENCE_PAIRS = Table(
@@ -269,11 +283,53 @@ SILVER_PREFERENCE_PAIRS_BALANCED = Table(
 SILVER_PREFERENCE_BALANCE_DROPS = Table(
     "silver",
     "preference_balance_drops",
-    "Every pair the length balancing dropped, and why (tie, length_balance, cannot_balance).",
+    "Every pair left out of the balanced set, and why (tie, low_margin, annotator_disagreement, length_balance, "
+    "cannot_balance).",
     (
         _c("id", "VARCHAR", "pair id (silver.preference_pairs)", False),
         _c("source", "VARCHAR", "registry source name", False),
-        _c("reason", "VARCHAR", "tie | length_balance | cannot_balance", False),
+        _c(
+            "reason",
+            "VARCHAR",
+            "tie | low_margin | annotator_disagreement | length_balance | cannot_balance (docs/preference-audit.md)",
+            False,
+        ),
+    ),
+)
+
+SILVER_PREFERENCE_JUDGE_AUDIT = Table(
+    "silver",
+    "preference_judge_audit",
+    "Judge-bias audit of the AI-labelled preference sources: length and style markers (lists, headers, hedging) of "
+    "chosen vs rejected, per source, per judge and per model of the chosen response.",
+    (
+        _c("source", "VARCHAR", "registry source name", False),
+        _c("stratum_kind", "VARCHAR", "source | judge | chosen_model", False),
+        _c("stratum", "VARCHAR", "the source, the judge, or the model that wrote the chosen response", False),
+        _c("feature", "VARCHAR", "tokens | list | header | hedge", False),
+        _c("pairs", "INTEGER", "pairs in the stratum", False),
+        _c("chosen_mean", "DOUBLE", "mean of the feature on the chosen side (a marker: share having it)", False),
+        _c("rejected_mean", "DOUBLE", "mean of the feature on the rejected side", False),
+        _c("differing_pairs", "INTEGER", "pairs whose two sides differ in the feature", False),
+        _c("chosen_higher_share", "DOUBLE", "share of pairs whose chosen side has more of it (equal = half)", False),
+        _c("point_biserial_r", "DOUBLE", "mean(d) / rms(d), d = chosen - rejected value (symmetrised r)", False),
+    ),
+)
+
+SILVER_PREFERENCE_AGREEMENT = Table(
+    "silver",
+    "preference_agreement",
+    "Inter-annotator agreement per preference source, over the pairs that two or more annotators scored.",
+    (
+        _c("source", "VARCHAR", "registry source name", False),
+        _c("rated_pairs", "INTEGER", "pairs with scores of two or more annotators", False),
+        _c("raters", "INTEGER", "distinct annotators of those pairs", False),
+        _c("ratings", "INTEGER", "annotator scorings of those pairs", False),
+        _c("label_agreement", "DOUBLE", "mean share of a pair's annotators preferring the chosen side", False),
+        _c("order_agreement", "DOUBLE", "mean share of a pair's annotator pairs giving the same order", False),
+        _c("order_alpha", "DOUBLE", "Krippendorff's alpha of the annotators' orders (ordinal), units = pairs"),
+        _c("rating_alpha", "DOUBLE", "Krippendorff's alpha of the annotators' scores (interval), units = responses"),
+        _c("disagreeing_pairs", "INTEGER", "rated pairs whose label agreement is below min_pair_agreement", False),
     ),
 )
 
@@ -415,6 +471,8 @@ ALL_TABLES = (
     SILVER_RL_CERTIFICATION,
     SILVER_RL_DIFFICULTY,
     GOLD_RL_PROMPTS,
+    SILVER_PREFERENCE_JUDGE_AUDIT,
+    SILVER_PREFERENCE_AGREEMENT,
 )
 
 

@@ -35,6 +35,7 @@ def records_table() -> pa.Table:
             "rejected": r["rejected"],
             "score_chosen": r["sc"],
             "score_rejected": r["sr"],
+            "annotations": {"judge": "gpt-4", "chosen_model": None} if r["id"] == "p1" else None,
             "token_count": 10,
             "lang": "en",
             "license": "cc-by-4.0",

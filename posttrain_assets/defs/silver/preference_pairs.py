@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.metadata import column_lineage, table_metadata
+from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
@@ -23,11 +23,21 @@ from posttrain_assets.preference.audit import (
     length_histogram_png,
     markdown_audit_table,
 )
+from posttrain_assets.preference.labelling import (
+    DEFAULT_MIN_PAIR_AGREEMENT,
+    Agreement,
+    JudgeBias,
+    annotator_agreement,
+    curation_drops,
+    judge_bias_audit,
+)
 from posttrain_assets.preference.pairs import PairJob, pair_batch
 from posttrain_assets.text import DEFAULT_TIE_SIMILARITY
 from posttrain_assets.warehouse.catalogue import (
+    SILVER_PREFERENCE_AGREEMENT,
     SILVER_PREFERENCE_AUDIT,
     SILVER_PREFERENCE_BALANCE_DROPS,
+    SILVER_PREFERENCE_JUDGE_AUDIT,
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
@@ -47,6 +57,8 @@ PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
 AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
 BALANCED_KEY = dg.AssetKey(["silver", "preference_pairs_balanced"])
 DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
+JUDGE_AUDIT_KEY = dg.AssetKey(["silver", "preference_judge_audit"])
+AGREEMENT_KEY = dg.AssetKey(["silver", "preference_agreement"])
 
 # The silver.records columns a pair carries over (the rest of its columns are computed by pairs.pair_batch).
 _CARRIED = [name for name in SILVER_PREFERENCE_PAIRS.column_names if name in SILVER_RECORDS.column_names]
@@ -70,6 +82,15 @@ class LengthConfoundConfig(dg.Config):
     tie_similarity: float = DEFAULT_TIE_SIMILARITY
     balance_seed: int = 0
     processes: int = 0  # worker processes that count tokens and flag ties; 0: one per core this process may use
+    # Curation drops of the balanced set (preference/labelling.py): pairs whose score margin is below this (None:
+    # no margin filter), and pairs whose annotators disagree (label agreement below min_pair_agreement).
+    min_score_margin: float | None = None
+    min_pair_agreement: float = DEFAULT_MIN_PAIR_AGREEMENT
+    disagreement_policy: str = "drop"  # drop | report
+    # annotator_agreement_check (WARN): a source with at least min_rated_pairs pairs rated by several annotators
+    # warns when its order alpha is below min_order_alpha (Krippendorff's 0.667: the lowest for tentative use).
+    min_order_alpha: float = 0.667
+    min_rated_pairs: int = 20
 
     def thresholds(self) -> ConfoundThresholds:
         return ConfoundThresholds(
@@ -92,12 +113,82 @@ def histogram_metadata(png: bytes, path: Path) -> dict[str, dg.MetadataValue]:
     }
 
 
+def judge_bias_metadata(judge_bias: list[JudgeBias]) -> dict[str, dg.MetadataValue]:
+    """The judge-bias audit as a table and, per source and judge, each feature's chosen-higher share as a float
+    the UI plots across materialisations."""
+    metadata: dict[str, dg.MetadataValue] = {
+        "judge_audit": dg.MetadataValue.md(
+            markdown_table(
+                ["source", "stratum", "feature", "pairs", "chosen / rejected mean", "chosen higher", "r"],
+                [
+                    (
+                        b.source,
+                        f"{b.stratum_kind} `{b.stratum}`",
+                        b.feature,
+                        b.pairs,
+                        f"{b.chosen_mean:.2f} / {b.rejected_mean:.2f}",
+                        f"{b.chosen_higher_share:.3f}",
+                        f"{b.point_biserial_r:.3f}",
+                    )
+                    for b in judge_bias
+                ],
+            )
+        )
+    }
+    for b in judge_bias:
+        if b.stratum_kind in ("source", "judge"):
+            key = f"judge_bias/{b.source}/{b.stratum_kind}={b.stratum}/{b.feature}/chosen_higher_share"
+            metadata[key] = dg.MetadataValue.float(b.chosen_higher_share)
+    return metadata
+
+
+def agreement_metadata(agreement: list[Agreement]) -> dict[str, dg.MetadataValue]:
+    """Agreement per source as a table and plotted floats (alpha is left out where it is undefined)."""
+    metadata: dict[str, dg.MetadataValue] = {
+        "agreement": dg.MetadataValue.md(
+            markdown_table(
+                [
+                    "source",
+                    "rated pairs",
+                    "raters",
+                    "label agreement",
+                    "order agreement",
+                    "order α",
+                    "rating α",
+                    "disagreeing pairs",
+                ],
+                [
+                    (
+                        a.source,
+                        a.rated_pairs,
+                        a.raters,
+                        f"{a.label_agreement:.3f}",
+                        f"{a.order_agreement:.3f}",
+                        "—" if a.order_alpha is None else f"{a.order_alpha:.3f}",
+                        "—" if a.rating_alpha is None else f"{a.rating_alpha:.3f}",
+                        a.disagreeing_pairs,
+                    )
+                    for a in agreement
+                ],
+            )
+        )
+    }
+    for a in agreement:
+        for field in ("order_alpha", "rating_alpha", "label_agreement", "order_agreement"):
+            value = getattr(a, field)
+            if value is not None:
+                metadata[f"agreement/{a.source}/{field}"] = dg.MetadataValue.float(value)
+    return metadata
+
+
 @dg.multi_asset(
     specs=[
         silver_spec(PAIRS_KEY, SILVER_PREFERENCE_PAIRS, [SILVER_RECORDS_KEY]),
         silver_spec(AUDIT_KEY, SILVER_PREFERENCE_AUDIT, [SILVER_RECORDS_KEY]),
         silver_spec(BALANCED_KEY, SILVER_PREFERENCE_PAIRS_BALANCED, [SILVER_RECORDS_KEY]),
         silver_spec(DROPS_KEY, SILVER_PREFERENCE_BALANCE_DROPS, [SILVER_RECORDS_KEY]),
+        silver_spec(JUDGE_AUDIT_KEY, SILVER_PREFERENCE_JUDGE_AUDIT, [SILVER_RECORDS_KEY]),
+        silver_spec(AGREEMENT_KEY, SILVER_PREFERENCE_AGREEMENT, [SILVER_RECORDS_KEY]),
     ],
     pool="duckdb",
 )
@@ -126,7 +217,14 @@ def silver_preference_pairs(
             pairs_twin.finish()
             pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
             audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
-            balance = balance_pairs(pairs, thresholds, seed=config.balance_seed)
+            # who labelled the pairs: set-based SQL over the twin (the texts never come to Python)
+            twin = pairs_twin.table.qualified
+            judge_bias = judge_bias_audit(conn, twin)
+            agreement = annotator_agreement(conn, twin, config.min_pair_agreement)
+            drops = curation_drops(
+                conn, twin, config.min_score_margin, config.min_pair_agreement, config.disagreement_policy
+            )
+            balance = balance_pairs(pairs, thresholds, seed=config.balance_seed, excluded=drops)
             by_id = {p["id"]: p for p in pairs}
             audit_rows = [
                 {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
@@ -135,6 +233,8 @@ def silver_preference_pairs(
             with transaction(conn):
                 swap_in(conn, pairs_twin, SILVER_PREFERENCE_PAIRS)
                 replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
+                replace_table(conn, SILVER_PREFERENCE_JUDGE_AUDIT, [b.as_dict() for b in judge_bias], transaction=False)
+                replace_table(conn, SILVER_PREFERENCE_AGREEMENT, [a.as_dict() for a in agreement], transaction=False)
                 conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
                 # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
                 insert_ordered(
@@ -162,6 +262,12 @@ def silver_preference_pairs(
         )
         drops_meta = table_metadata(
             conn, SILVER_PREFERENCE_BALANCE_DROPS, preview_columns=["id", "source", "reason"], group_by="reason"
+        )
+        judge_meta = table_metadata(
+            conn, SILVER_PREFERENCE_JUDGE_AUDIT, preview_columns=["source", "stratum_kind", "stratum", "feature"]
+        )
+        agreement_meta = table_metadata(
+            conn, SILVER_PREFERENCE_AGREEMENT, preview_columns=["source", "rated_pairs", "order_alpha"]
         )
     stats: dict[str, dg.MetadataValue] = {"audit": dg.MetadataValue.md(markdown_audit_table(audits))}
     for (kind, name), result in audits.items():
@@ -202,3 +308,5 @@ def silver_preference_pairs(
         asset_key=DROPS_KEY,
         metadata={**drops_meta, "reasons": dg.MetadataValue.json(DROP_REASONS)},
     )
+    yield dg.MaterializeResult(asset_key=JUDGE_AUDIT_KEY, metadata={**judge_meta, **judge_bias_metadata(judge_bias)})
+    yield dg.MaterializeResult(asset_key=AGREEMENT_KEY, metadata={**agreement_meta, **agreement_metadata(agreement)})
