@@ -112,10 +112,21 @@ def test_gold_tables_are_the_regime_projections(real_graph: Graph) -> None:
     assert first["origin"]["uri"] == "openai/grade-school-math@3101c7d5:grade_school_math/data/train.jsonl"
     # The eval set never reaches gold.
     assert real_graph.query("SELECT count(*) FROM gold.rl_prompts WHERE source = 'gsm8k_test'") == [(0,)]
-    # Every row of every regime has a token count from the project tokenizer.
-    assert real_graph.query("SELECT count(*) FROM silver.records WHERE token_count IS NULL OR token_count < 5") == [
-        (0,)
+    # Every preference and RL row has a token count from the project tokenizer; SFT rows are counted once, by the
+    # encode that builds their tokens (silver.sft_tokenized), not in silver.records.
+    counts = real_graph.query(
+        "SELECT regime, count(*) FILTER (WHERE token_count IS NULL OR token_count < 5), count(*) FILTER "
+        "(WHERE token_count IS NULL), count(*) FROM silver.records GROUP BY ALL ORDER BY ALL"
+    )
+    assert [(regime, bad, rows > 0) for regime, bad, _, rows in counts if regime != "sft"] == [
+        ("preference", 0, True),
+        ("rl", 0, True),
     ]
+    assert [(nulls, rows) for regime, _, nulls, rows in counts if regime == "sft"] == [(counts[-1][3], counts[-1][3])]
+    assert real_graph.query(
+        "SELECT count(*) FROM silver.sft_tokenized t JOIN silver.records r USING (id) "
+        "WHERE t.num_tokens <> len(t.input_ids) OR t.num_tokens < 5"
+    ) == [(0,)]
 
 
 def test_sft_masks_of_real_data_pass_the_loss_mask_check(real_graph: Graph) -> None:

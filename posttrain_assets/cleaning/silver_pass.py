@@ -272,7 +272,7 @@ def run_silver_pass(
 
     Every bronze row of the registry's sources ends in exactly one place: silver.records,
     silver.eval_records, silver.quarantine (with the stage and reason) or silver.dedup_clusters (with its
-    kept twin). ``token_count`` is counted with ``tokenizer``.
+    kept twin). ``token_count`` of preference and RL rows is counted with ``tokenizer`` (SFT rows: null).
     """
     cfg = cfg or CleaningConfig()
     if cfg.leak_policy not in LEAK_POLICIES:
@@ -350,7 +350,9 @@ def normalise_and_gate_batch(context: GateContext, bronze: Any) -> list[GatedRow
         else:
             record["lang"] = verdict
             kept.append(record)
-    counted = [g.row for g in out if g.table != "quarantine"]
+    # SFT rows are counted by the encode that builds their input_ids and labels (silver.sft_tokenized.num_tokens),
+    # not encoded a second time here; preference and RL rows are counted here, in one batched encode.
+    counted = [g.row for g in out if g.table != "quarantine" and g.row.get("regime") != "sft"]
     for record, count in zip(counted, token_counts(context.tokenizer, counted), strict=True):
         record["token_count"] = count
     for record in kept:

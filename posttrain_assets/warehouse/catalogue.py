@@ -75,7 +75,13 @@ RECORD_COLUMNS = (
     _c("verifier", "VARCHAR", "rl: verifier name (exact_match | numeric | math | python_eval)"),
     _c("lang", "VARCHAR", "language code (filled by the quality gate)"),
     _c("difficulty", "DOUBLE", "difficulty in [0, 1] as given by the source (rl)"),
-    _c("token_count", "INTEGER", "tokens of the chat-template rendering with the project tokenizer"),
+    _c(
+        "token_count",
+        "INTEGER",
+        "tokens of the chat-template rendering with the project tokenizer (preference: prompt + longer response; rl: "
+        "prompt + generation prompt); null for sft rows, counted by the encode that builds their tokens "
+        "(silver.sft_tokenized.num_tokens)",
+    ),
     _c("license", "VARCHAR", "SPDX-like license id of the source", False),
     _c("origin", ORIGIN_TYPE, "provenance: source, uri (registry origin), file, row, record and file sha256", False),
     _c("created_at", "TIMESTAMP WITH TIME ZONE", "modification time of the landing file the row came from", False),
