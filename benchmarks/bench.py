@@ -1,6 +1,7 @@
 """End-to-end benchmark (issue 8): a seeded synthetic corpus through the real graph, plus peer comparisons.
 
 ``python -m benchmarks.bench [--records N] [--out DIR] [--json PATH] [--skip-peers]``
+``python -m benchmarks.bench --compare bench-100000.json bench-1000000.json ...`` (per-stage growth vs N)
 
 1. :func:`generate_corpus` streams N records (default 1,000,000; seeded) into a landing zone with a registry:
    60% SFT multi-turn chats (2-8 turns), 25% preference pairs, 15% RL prompts; 10% of every source's rows are
@@ -18,6 +19,10 @@
    datatrove's MinHash pipeline vs rensa's Rust MinHash and LSH), tokenisation with assistant masks (ours vs
    transformers' ``return_assistant_tokens_mask`` on a ``{% generation %}``-tagged ChatML template, masks
    asserted identical) and ingest (our bronze load vs DuckDB's ``read_json_auto``).
+
+Before the run, the floor (:func:`measure_floor`: DuckDB reading every landing file plus one batched encode with
+offsets of every record's text) is measured in the same process, and the report prints end to end / floor, the
+figure the throughput goal is stated in.
 
 Prints one table per part and writes everything to a JSON file so runs can be compared.
 """
@@ -1207,6 +1212,108 @@ def peer_ingest(corpus_dir: Path, bronze_seconds_by_source: dict[str, float]) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the floor: the work no implementation can skip
+# ---------------------------------------------------------------------------------------------------------------
+
+FLOOR_BATCH_ROWS = 4096
+
+
+def _text_leaves(value: Any, out: list[str]) -> None:
+    """Every string in a decoded record (nested lists and structs walked), in order."""
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _text_leaves(item, out)
+    elif isinstance(value, list):
+        for item in value:
+            _text_leaves(item, out)
+
+
+def _floor_relation(s: BenchSource) -> str:
+    """DuckDB's own reader of a landing file (malformed JSON lines skipped: they carry no text to tokenise)."""
+    if s.container == "parquet":
+        return "read_parquet(?)"
+    return "read_json_auto(?, ignore_errors = true)"
+
+
+def measure_floor(corpus_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """The floor of a refresh, on this machine, now: DuckDB reading every landing file (``read_json_auto``, Parquet
+    with ``read_parquet``) plus one batched encode with offsets of every record's text by the project's Rust
+    tokenizer (the text: the record's strings joined by newlines). Only the reads and the encode calls are timed;
+    pulling the texts out of the rows in Python is not part of the floor and is not counted."""
+    from posttrain_assets.sft.tokenizer import load_tokenizer
+
+    backend = load_tokenizer(None, cache_dir).backend_tokenizer
+    read_seconds = encode_seconds = 0.0
+    records = tokens = 0
+    conn = duckdb.connect()
+    try:
+        for s in SOURCES:
+            path = Path(corpus_dir) / s.path
+            if not path.exists():
+                continue
+            with timed() as t:
+                conn.execute(f"SELECT * FROM {_floor_relation(s)}", [str(path)]).to_arrow_table()
+            read_seconds += t["seconds"]
+            reader = conn.execute(f"SELECT * FROM {_floor_relation(s)}", [str(path)]).to_arrow_reader(FLOOR_BATCH_ROWS)
+            for batch in reader:
+                texts = []
+                for row in batch.to_pylist():
+                    leaves: list[str] = []
+                    _text_leaves(row, leaves)
+                    texts.append("\n".join(leaves))
+                with timed() as t:
+                    encodings = backend.encode_batch(texts, add_special_tokens=False)
+                encode_seconds += t["seconds"]
+                records += len(texts)
+                tokens += sum(len(e) for e in encodings)
+    finally:
+        conn.close()
+    return {
+        "read_seconds": round(read_seconds, 2),
+        "encode_seconds": round(encode_seconds, 2),
+        "seconds": round(read_seconds + encode_seconds, 2),
+        "records": records,
+        "tokens": tokens,
+    }
+
+
+def linearity(results: list[dict[str, Any]]) -> str:
+    """Per-stage seconds of benchmark results at different N, and each stage's growth over the growth of N
+    (1.0: linear; above: worse than linear), each run against the smallest."""
+    runs = sorted(results, key=lambda r: r["corpus"]["records"])
+    base = runs[0]
+    names = list(base["pipeline"]["stages"]) + ["end to end"]
+
+    def seconds(run: dict[str, Any], name: str) -> float | None:
+        p = run["pipeline"]
+        value = p["end_to_end"] if name == "end to end" else p["stages"].get(name)
+        return value["seconds"] if value else None
+
+    headers = ["stage"] + [f"{r['corpus']['records']:,} s" for r in runs]
+    headers += [f"{r['corpus']['records']:,} growth / N growth" for r in runs[1:]]
+    rows = []
+    for name in names:
+        row: list[Any] = [name] + [seconds(r, name) for r in runs]
+        for run in runs[1:]:
+            now, then = seconds(run, name), seconds(base, name)
+            n = run["corpus"]["records"] / base["corpus"]["records"]
+            row.append(round(now / then / n, 2) if now and then else None)
+        rows.append(row)
+    floors = [r["pipeline"].get("floor") for r in runs]
+    row = ["floor"] + [f["seconds"] if f else None for f in floors]
+    row += [
+        round(f["seconds"] / floors[0]["seconds"] / (r["corpus"]["records"] / base["corpus"]["records"]), 2)
+        if f and floors[0]
+        else None
+        for f, r in zip(floors[1:], runs[1:], strict=True)
+    ]
+    rows.append(row)
+    return _table(headers, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1222,6 +1329,18 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _floor_line(p: dict[str, Any]) -> str:
+    floor = p.get("floor")
+    if not floor:
+        return "floor: not measured"
+    ratio = p["end_to_end"]["seconds"] / floor["seconds"] if floor["seconds"] else None
+    return (
+        f"floor (read every file with DuckDB + one encode with offsets of every record's text): {floor['seconds']} s "
+        f"(read {floor['read_seconds']} s, encode {floor['encode_seconds']} s of {floor['tokens']:,} tokens); "
+        f"end to end / floor = {ratio:.2f} (goal <= 2.5)"
+    )
 
 
 def report_text(result: dict[str, Any]) -> str:
@@ -1246,6 +1365,7 @@ def report_text(result: dict[str, Any]) -> str:
         ),
         "silver pass by stage (s): "
         + (", ".join(f"{k} {v:.1f}" for k, v in p.get("silver_pass_seconds", {}).items()) or "did not run"),
+        _floor_line(p),
         "",
         f"near-dedup vs plan: recall {p['dedup']['recall']} ({p['dedup']['recalled']}/{p['dedup']['planted']}), "
         f"precision {p['dedup']['precision']} ({p['dedup']['true_positives']}/{p['dedup']['detected']}); "
@@ -1348,7 +1468,14 @@ def run_benchmark(
         },
         "corpus": plan,
     }
+    # The floor is measured first, in the same run: the files are as warm as they are for bronze ingest.
+    floor = measure_floor(corpus_dir, cache_dir)
     result["pipeline"] = run_pipeline(Path(plan["registry"]), run_dir, cache_dir, plan)
+    result["pipeline"]["floor"] = floor
+    if floor["seconds"]:
+        result["pipeline"]["end_to_end_over_floor"] = round(
+            result["pipeline"]["end_to_end"]["seconds"] / floor["seconds"], 2
+        )
     result["peak_rss_mib_process"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if json_path is not None:  # keep the pipeline figures even if a peer fails
         _write_json(json_path, result)
@@ -1385,7 +1512,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-peers", action="store_true", help="only the pipeline, no peer comparisons")
     parser.add_argument("--peer-docs", type=int, default=20_000, help="SFT rows given to the near-dedup peers")
     parser.add_argument("--peer-conversations", type=int, default=8_000, help="SFT rows given to the masking peers")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the per-stage growth of earlier result files (e.g. 100k, 1M, 3M) instead of running",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        print(linearity([json.loads(path.read_text(encoding="utf-8")) for path in args.compare]))
+        return 0
     path = args.json or args.out / f"bench-{args.records}.json"
     result = run_benchmark(
         args.records,

@@ -134,6 +134,11 @@ def test_tiny_benchmark_end_to_end(
     tables = run["tables"]
     assert tables["silver.records"] + tables["silver.quarantine"] + tables["silver.dedup_clusters"] == N
     assert sum(run["silver_by_regime"].values()) == tables["silver.records"]
+    # the floor, measured in the same run, and the ratio the throughput goal is stated in
+    floor = run["floor"]
+    assert floor["records"] == N - corpus["malformed_by_reason"]["bad_json"] and floor["tokens"] > 0
+    assert floor["seconds"] == pytest.approx(floor["read_seconds"] + floor["encode_seconds"], abs=0.011)
+    assert run["end_to_end_over_floor"] == round(run["end_to_end"]["seconds"] / floor["seconds"], 2)
 
 
 @pytest.mark.slow  # starts the fork server and two workers: about 5 s (test_masking checks the masks fast)
@@ -171,3 +176,30 @@ def test_a_failed_job_still_reports_the_stages_that_ran(
     assert run["stages"]["silver canonical + cleaning"]["records"] == N
     assert run["stages"]["loss_mask_check"]["seconds"] > 0
     assert run["tables"]["gold.sft"] == run["silver_by_regime"]["sft"]
+
+
+def test_floor_reads_every_file_and_encodes_every_record_text(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
+    plan = bench.generate_corpus(tmp_path / "corpus", 200, seed=3)
+    floor = bench.measure_floor(tmp_path / "corpus", tokenizer_cache_dir)
+    # malformed JSON lines carry no text; every other row is read and encoded
+    assert floor["records"] == 200 - plan["malformed_by_reason"].get("bad_json", 0)
+    leaves: list[str] = []
+    bench._text_leaves({"a": "x y", "b": [{"c": "z"}, 3, None], "d": ["w"]}, leaves)
+    assert leaves == ["x y", "z", "w"]
+    assert floor["tokens"] > floor["records"] * 10  # every record has text of some length
+    assert floor["seconds"] > 0
+
+
+def test_linearity_prints_each_stage_growth_over_the_growth_of_n() -> None:
+    def result(n: int, silver: float, gold: float, floor: float) -> dict:
+        stages = {"silver": {"seconds": silver}, "gold": {"seconds": gold}}
+        pipeline = {"stages": stages, "end_to_end": {"seconds": silver + gold}, "floor": {"seconds": floor}}
+        return {"corpus": {"records": n}, "pipeline": pipeline}
+
+    text = bench.linearity([result(1_000_000, 100.0, 60.0, 80.0), result(100_000, 10.0, 2.0, 8.0)])
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:]}
+    # silver grows as N (1.0); gold grows 30x for 10x the rows (3.0); the floor grows linearly
+    assert rows["silver"] == ["10.0", "100.0", "1.0"]
+    assert rows["gold"] == ["2.0", "60.0", "3.0"]
+    assert rows["end"] == ["to", "end", "12.0", "160.0", "1.33"]
+    assert rows["floor"] == ["8.0", "80.0", "1.0"]
