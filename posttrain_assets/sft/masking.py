@@ -32,6 +32,7 @@ reusing the span search above; and that the ids are the tokenizer's canonical en
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,27 +41,34 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from posttrain_assets.records.tools import has_structure, template_message, template_tools
+
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
+# A conversation's tool definitions as passed to ``apply_chat_template(tools=...)`` (None: it declares none).
+Tools = list[dict[str, Any]] | None
+
 MASK_REASONS: dict[str, str] = {
     "too_long": "the tokenised row is longer than max_seq_len (and no turn-boundary truncation fits)",
     "no_trainable_tokens": "the row has no trained (assistant) token",
     "template_error": "the chat template raised, or its rendering could not be parsed into turns",
     "mask_boundary_straddle": "a token spans both trained and untrained text, so its mask cannot be exact",
-    "unsupported_message": "a message has non-string content or assistant fields other than content",
-    "special_token_in_content": "a message's content contains a special token of the tokenizer",
+    "unsupported_message": "a message has non-string content, assistant fields other than content, tool_calls and "
+    "reasoning_content, or tool-call arguments that are not a JSON object",
+    "special_token_in_content": "a message's content, reasoning or tool call contains a special token of the tokenizer",
 }
 
 _SENTINEL_OPEN = "\ue000"
 _SENTINEL_CLOSE = "\ue001"
 _SENTINEL_RE = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
-# Assistant fields that the template may render outside ``content`` (reasoning, tool calls). Their rendering would
-# land in untrained skeleton text, silently, so such messages are rejected instead.
-_ASSISTANT_EXTRA_FIELDS = ("tool_calls", "reasoning_content", "thinking", "reasoning", "function_call")
+# Non-canonical assistant fields that a template may render outside ``content``. Their rendering would land in
+# untrained skeleton text, silently, so such messages are rejected instead (the adapters store reasoning as
+# ``reasoning_content`` and calls as ``tool_calls``, which are masked).
+_ASSISTANT_EXTRA_FIELDS = ("thinking", "reasoning", "function_call")
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,14 @@ class MaskConfig:
     """How to build labels.
 
     ``end_of_turn=None`` auto-detects the marker from the template; ``""`` explicitly trains no marker.
+    ``train_reasoning``: whether the reasoning (``reasoning_content``) of a trained assistant turn is trained: in
+    every trained turn (``all``), only in the conversation's last assistant turn (``last``), or never (``none``); an
+    untrained reasoning is masked from the start of the turn through the end of its text, and what the model writes
+    after it (the block's closing, the answer, the tool calls, the end of turn) stays trained.
     """
 
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    train_reasoning: Literal["all", "last", "none"] = "all"
     max_seq_len: int = 4096
     overflow: Literal["quarantine", "truncate"] = "quarantine"
     end_of_turn: str | None = None
@@ -125,9 +138,9 @@ def _sentinel(index: int) -> str:
     return f"{_SENTINEL_OPEN}{index}{_SENTINEL_CLOSE}"
 
 
-def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
+def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Tools = None) -> str:
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=False)
     except Exception as exc:  # any template exception is a template_error for this row
         raise MaskError("template_error", f"chat template raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(text, str):
@@ -148,6 +161,12 @@ def _special_token_pattern(tok: PreTrainedTokenizerBase) -> re.Pattern[str] | No
     return re.compile("|".join(re.escape(s) for s in specials)) if specials else None
 
 
+def template_conversation(messages: Sequence[Any]) -> list[Any]:
+    """A stored conversation as the chat template takes it (``records.tools.template_message`` of every message that
+    is a dict; anything else is left for :func:`_check_messages` to refuse)."""
+    return [template_message(m) if isinstance(m, dict) else m for m in messages]
+
+
 def _check_messages(messages: list[dict[str, Any]], special_re: re.Pattern[str] | None) -> None:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -158,23 +177,58 @@ def _check_messages(messages: list[dict[str, Any]], special_re: re.Pattern[str] 
         if message["role"] == "assistant":
             extra = [key for key in _ASSISTANT_EXTRA_FIELDS if message.get(key) is not None]
             if extra:
-                raise MaskError("unsupported_message", f"assistant message {index} has fields {extra} besides content")
-        if special_re is not None and (found := special_re.search(content)):
-            raise MaskError(
-                "special_token_in_content", f"message {index} content contains special token {found.group(0)!r}"
-            )
+                raise MaskError(
+                    "unsupported_message",
+                    f"assistant message {index} has fields {extra} besides content, tool_calls and reasoning_content",
+                )
+        texts = [("content", content)]
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise MaskError("unsupported_message", f"message {index} reasoning_content is not str")
+            texts.append(("reasoning_content", reasoning))
+        for j, call in enumerate(message.get("tool_calls") or []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise MaskError("unsupported_message", f"message {index} tool call {j} has no function name")
+            if not isinstance(function.get("arguments"), dict):
+                raise MaskError("unsupported_message", f"message {index} tool call {j} arguments are not a JSON object")
+            texts.append((f"tool call {j}", json.dumps(function, ensure_ascii=False)))
+        for what, text in texts:
+            if special_re is not None and (found := special_re.search(text)):
+                raise MaskError(
+                    "special_token_in_content", f"message {index} {what} contains special token {found.group(0)!r}"
+                )
 
 
-def _skeleton(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
-    """Literal template chunks and the message index of each sentinel, in rendering order."""
-    masked = [{**message, "content": _sentinel(index)} for index, message in enumerate(messages)]
-    text = _render(tok, masked)
+def _has_content_field(message: dict[str, Any]) -> bool:
+    """Whether the content is a field of the skeleton: always, except the empty content of a turn that only calls
+    tools (templates render it conditionally, ``{% if message.content %}``, so a sentinel would change the text)."""
+    return not (message.get("tool_calls") and message["content"] == "")
+
+
+def _skeleton(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Tools = None
+) -> tuple[list[str], list[int]]:
+    """Literal template chunks and the field id of each sentinel, in rendering order: a message's content is field
+    ``i`` (its index), its reasoning field ``len(messages) + i``; tool calls stay literal (arguments are rendered
+    through ``tojson`` or item by item, so a sentinel could not stand for them)."""
+    count = len(messages)
+    masked = []
+    for index, message in enumerate(messages):
+        copy = {**message}
+        if _has_content_field(message):
+            copy["content"] = _sentinel(index)
+        if message.get("reasoning_content"):
+            copy["reasoning_content"] = _sentinel(count + index)
+        masked.append(copy)
+    text = _render(tok, masked, tools)
     parts = _SENTINEL_RE.split(text)
     chunks = parts[0::2]
     order = [int(p) for p in parts[1::2]]
     if len(set(order)) != len(order):
         raise MaskError("template_error", "the template renders a message's content more than once")
-    if any(not 0 <= i < len(messages) for i in order):
+    if any(not 0 <= i < 2 * count for i in order):
         raise MaskError("template_error", "the template renders a content that is not a message")
     for k in range(1, len(chunks) - 1):
         if chunks[k] == "":
@@ -203,9 +257,20 @@ class _Skeletons:
         template = str(tok.chat_template)
         self.enabled = "strftime_now" not in template and "random" not in template
         self._cache: dict[_SkeletonKey, tuple[list[str], list[int]] | MaskError] = {}
+        self._probes: dict[str, str | None] = {}
 
-    def get(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
-        """``_skeleton(tok, messages)``; the returned lists are shared between calls and must not be mutated."""
+    def probe(self, name: str) -> str | None:
+        """A fact about the template, rendered once per tokenisation call (:data:`_PROBES`); None when the template
+        does not show it."""
+        if name not in self._probes:
+            self._probes[name] = _PROBES[name](self.tok)
+        return self._probes[name]
+
+    def get(self, messages: list[dict[str, Any]], tools: Tools = None) -> tuple[list[str], list[int]]:
+        """``_skeleton(tok, messages, tools)``; the returned lists are shared between calls and must not be mutated.
+        Rows with tools are rendered uncached (their definitions are part of the text)."""
+        if tools:
+            return _skeleton(self.tok, messages, tools)
         key = self._key(messages) if self.enabled else None
         if key is None:
             return _skeleton(self.tok, messages)
@@ -228,6 +293,8 @@ class _Skeletons:
             for name, value in message.items():
                 if name == "content":
                     value = None
+                elif name == "reasoning_content":
+                    value = "\x00" if value else None  # a sentinel either way: only its presence shapes the text
                 elif value is not None and type(value) is not str:  # e.g. 1 == True would share a key
                     return None
                 fields.append((name, value))
@@ -305,9 +372,10 @@ def _locate_contents(
             if start == len(text):
                 return spans
         elif (k, start) not in failed:
-            message = messages[order[k]]
+            message = messages[order[k] % len(messages)]
+            content = message["content"] if order[k] < len(messages) else message["reasoning_content"]
             ends = _candidate_ends(
-                text, start, chunks[k + 1], message["content"], k + 1 == count, message.get("role") == "assistant"
+                text, start, chunks[k + 1], content, k + 1 == count, message.get("role") == "assistant"
             )
             frames.append((k, start, ends))
         while frames:  # the next untried end of the deepest content that has one
@@ -345,18 +413,166 @@ def _trained_indices(messages: list[dict[str, Any]], cfg: MaskConfig) -> list[in
 
 def _detect_marker(skeletons: _Skeletons, messages: list[dict[str, Any]], chunks: list[str], order: list[int]) -> str:
     """The end-of-turn marker: the skeleton chunk after the last assistant content, trailing whitespace stripped,
-    rendered for a conversation that ends with that assistant turn."""
+    rendered for a conversation that ends with that assistant turn (for a last assistant turn with tool calls or
+    reasoning, of a probe conversation ending with a plain one). ``""`` for a template that closes no turn but opens
+    every message with a special token (GLM: the next message's opening token is the stop, see
+    :func:`_stop_after`)."""
     last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+    if has_structure(messages[last]):
+        marker = skeletons.probe("plain_marker")
+        if marker is None:
+            raise MaskError(
+                "template_error", "no end-of-turn marker follows an assistant content; set MaskConfig.end_of_turn"
+            )
+        return marker
     if last != len(messages) - 1:
         chunks, order = skeletons.get(messages[: last + 1])
     if last not in order:
         raise MaskError("template_error", f"the template does not render assistant message {last}")
     marker = chunks[order.index(last) + 1].rstrip()
-    if not marker:
+    if not marker and skeletons.probe("opening_stop") is None:
         raise MaskError(
             "template_error", "no end-of-turn marker follows the last assistant content; set MaskConfig.end_of_turn"
         )
     return marker
+
+
+_PROBE_USER = {"role": "user", "content": _sentinel(0)}
+
+
+def _probe_plain_marker(tok: PreTrainedTokenizerBase) -> str | None:
+    """The end-of-turn marker of a plain user/assistant probe ("" when the template writes none)."""
+    try:
+        text = _render(tok, [_PROBE_USER, {"role": "assistant", "content": _sentinel(1)}])
+    except MaskError:
+        return None
+    position = text.find(_sentinel(1))
+    return None if position == -1 else text[position + len(_sentinel(1)) :].rstrip()
+
+
+def _probe_opening_stop(tok: PreTrainedTokenizerBase) -> str | None:
+    """The special token that opens the message after an assistant turn, when the template writes nothing between
+    the assistant content and it (GLM: ``<|user|>``, ``<|observation|>``): the token the model emits to stop."""
+    specials = special_tokens(tok)
+    try:
+        probe = [_PROBE_USER, {"role": "assistant", "content": _sentinel(1)}, {"role": "user", "content": _sentinel(2)}]
+        text = _render(tok, probe)
+    except MaskError:
+        return None
+    position = text.find(_sentinel(1))
+    if position == -1:
+        return None
+    after = text[position + len(_sentinel(1)) :]
+    return next((s for s in specials if after.startswith(s)), None)
+
+
+def _probe_tool_marker(tok: PreTrainedTokenizerBase) -> str | None:
+    """The special token that ends a turn which only calls tools, when the template writes one (Harmony's
+    ``<|call|>``, ChatML's ``<|im_end|>``): the end of a conversation ending on such a turn, if a special token."""
+    call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": {}}}
+    try:
+        text = _render(tok, [_PROBE_USER, {"role": "assistant", "content": "", "tool_calls": [call]}]).rstrip()
+    except MaskError:
+        return None
+    return next((s for s in special_tokens(tok) if text.endswith(s)), None)
+
+
+def _probe_generation_prompt(tok: PreTrainedTokenizerBase) -> str | None:
+    """What ``add_generation_prompt=True`` appends after a user turn (``<|im_start|>assistant\n``): the text before
+    everything the model writes in its turn."""
+    try:
+        bare = tok.apply_chat_template([_PROBE_USER], tokenize=False, add_generation_prompt=False)
+        prompted = tok.apply_chat_template([_PROBE_USER], tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return None
+    if not isinstance(bare, str) or not isinstance(prompted, str) or not prompted.startswith(bare):
+        return None
+    return prompted[len(bare) :] or None
+
+
+_PROBES = {
+    "plain_marker": _probe_plain_marker,
+    "opening_stop": _probe_opening_stop,
+    "tool_marker": _probe_tool_marker,
+    "generation_prompt": _probe_generation_prompt,
+}
+
+
+def _reasoning_trained(messages: list[dict[str, Any]], index: int, cfg: MaskConfig) -> bool:
+    if cfg.train_reasoning == "all":
+        return True
+    if cfg.train_reasoning == "none":
+        return False
+    if cfg.train_reasoning == "last":
+        return index == max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+    raise ValueError(f"unknown train_reasoning {cfg.train_reasoning!r}")
+
+
+def _stop_after(
+    skeletons: _Skeletons, text: str, position: int, limit: int, marker: str, auto: bool
+) -> tuple[int, str] | None:
+    """Where the end of a turn is, searching ``text[position:limit]`` (the turn's last field up to the next
+    message's first): the earliest end-of-turn marker (the plain one, or the tool-call turn's one), else, for a
+    template that closes no turn (GLM), the first special token, which opens the next message; None when neither."""
+    markers = [m for m in (marker, skeletons.probe("tool_marker") if auto else None) if m]
+    found = [(text.find(m, position, limit), m) for m in markers]
+    found = [(at, m) for at, m in found if at != -1]
+    if found:
+        at, m = min(found)
+        return at, m
+    if auto and not marker and skeletons.probe("opening_stop") is not None:
+        window = text[position:limit]
+        best = None
+        for special in special_tokens(skeletons.tok):
+            at = window.find(special)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, special)
+        if best is not None:
+            return position + best[0], best[1]
+    return None
+
+
+def _structured_span(
+    skeletons: _Skeletons,
+    messages: list[dict[str, Any]],
+    index: int,
+    text: str,
+    spans: dict[int, tuple[int, int]],
+    cfg: MaskConfig,
+    marker: str,
+) -> tuple[int, int]:
+    """The trained span of an assistant turn with tool calls or reasoning: from the end of the generation prompt
+    before it (or from the end of its reasoning text, when the reasoning is not trained) through its end-of-turn
+    marker, which may open the next message (GLM). The tool-call text the template writes between is trained."""
+    count = len(messages)
+    own = [spans[f] for f in (index, count + index) if f in spans]
+    before = [end for f, (_, end) in spans.items() if f % count < index]
+    after = [start for f, (start, _) in spans.items() if f % count > index]
+    low, high = max(before, default=0), min(after, default=len(text))
+    prompt = skeletons.probe("generation_prompt")
+    if prompt is None:
+        raise MaskError("template_error", "the template has no generation prompt to find where the turn starts")
+    if own:
+        first = min(start for start, _ in own)
+        head = text.rfind(prompt, low, first)
+    else:
+        head = text.find(prompt, low, high)
+    if head == -1:
+        raise MaskError("template_error", f"no generation prompt {prompt!r} before assistant message {index}")
+    start = head + len(prompt)
+    tail = max([end for _, end in own], default=start)
+    auto = cfg.end_of_turn is None
+    stop = _stop_after(skeletons, text, tail, high, marker, auto)
+    if stop is not None:
+        end = stop[0] + len(stop[1])
+    elif high == len(text) and (auto and not marker):
+        end = tail + len(text[tail:high].rstrip())  # the last turn of a template that closes none: nothing to stop
+    else:
+        raise MaskError("template_error", f"no end-of-turn marker {marker!r} after assistant message {index}")
+    reasoning = spans.get(count + index)
+    if reasoning is not None and not _reasoning_trained(messages, index, cfg):
+        start = reasoning[1]
+    return start, end
 
 
 def _render_with_spans(
@@ -365,6 +581,7 @@ def _render_with_spans(
     cfg: MaskConfig,
     special_re: re.Pattern[str] | None,
     text: str | None = None,
+    tools: Tools = None,
 ) -> _Rendered:
     """Render ``messages`` (unless ``text`` is their rendering already) and find the character spans to train;
     raises :class:`MaskError`."""
@@ -373,10 +590,10 @@ def _render_with_spans(
     if not trained:
         raise MaskError("no_trainable_tokens", "the conversation has no assistant turn")
     if text is None:
-        text = _render(skeletons.tok, messages)
-    chunks, order = skeletons.get(messages)
+        text = _render(skeletons.tok, messages, tools)
+    chunks, order = skeletons.get(messages, tools)
     rendered = set(order)
-    missing = [i for i in trained if i not in rendered]
+    missing = [i for i in trained if i not in rendered and _has_content_field(messages[i])]
     if missing:
         raise MaskError("template_error", f"the template does not render assistant message(s) {missing}")
     marker = cfg.end_of_turn if cfg.end_of_turn is not None else _detect_marker(skeletons, messages, chunks, order)
@@ -384,7 +601,18 @@ def _render_with_spans(
     trained_spans: list[tuple[int, int]] = []
     starts: set[int] = set()
     for index in trained:
+        if has_structure(messages[index]):
+            start, stop = _structured_span(skeletons, messages, index, text, spans, cfg, marker)
+            if stop > start:
+                trained_spans.append((start, stop))
+                starts.add(start)
+            continue
         start, end = spans[index]
+        if not marker and cfg.end_of_turn is None:  # a template that closes no turn: the next message's opening
+            stop_token = next((t for t in special_tokens(skeletons.tok) if text.startswith(t, end)), "")
+            trained_spans.append((start, end + len(stop_token)))
+            starts.add(start)
+            continue
         if not text.startswith(marker, end):
             raise MaskError(
                 "template_error",
@@ -572,9 +800,16 @@ def _trained_token_runs(rendered: _Rendered, enc: Encoding) -> list[tuple[int, i
 
 
 def tokenize_conversations(
-    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]], cfg: MaskConfig
+    tok: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, Any]]],
+    cfg: MaskConfig,
+    tools: Sequence[str | list[dict[str, Any]] | None] | None = None,
 ) -> list[TokenizedConversation | MaskError]:
     """Tokenise conversations with the tokenizer's chat template and assistant-only labels.
+
+    ``tools`` (optional, one per conversation): its tool definitions (the ``tools`` column's JSON text, or a list),
+    passed to the template as ``tools=``. Messages may be stored rows (null fields, arguments as JSON text): they are
+    rendered as :func:`posttrain_assets.records.tools.template_message` makes them.
 
     Returns one entry per conversation, in order: a :class:`TokenizedConversation` or a :class:`MaskError`.
     """
@@ -582,6 +817,11 @@ def tokenize_conversations(
         raise ValueError(f"unknown overflow {cfg.overflow!r}")
     if cfg.max_seq_len <= 0:
         raise ValueError("max_seq_len must be positive")
+    if cfg.train_reasoning not in ("all", "last", "none"):
+        raise ValueError(f"unknown train_reasoning {cfg.train_reasoning!r}")
+    if tools is not None and len(tools) != len(conversations):
+        raise ValueError(f"{len(tools)} tool lists for {len(conversations)} conversations")
+    row_tools = [template_tools(t) for t in tools] if tools is not None else [None] * len(conversations)
     special_re = _special_token_pattern(tok)
     backend = _offset_backend(tok)
     skeletons = _Skeletons(tok)
@@ -596,7 +836,8 @@ def tokenize_conversations(
             pending: list[tuple[int, _Rendered]] = []
             for row in range(begin, min(begin + _CHUNK_ROWS, len(conversations))):
                 try:
-                    rendered = _render_with_spans(skeletons, list(conversations[row]), cfg, special_re)
+                    messages = template_conversation(conversations[row])
+                    rendered = _render_with_spans(skeletons, messages, cfg, special_re, tools=row_tools[row])
                 except MaskError as err:
                     results[row] = err
                     continue
@@ -619,7 +860,8 @@ def tokenize_conversations(
 
     if cfg.overflow == "truncate":
         for row in too_long:
-            results[row] = _truncate(skeletons, list(conversations[row]), cfg, special_re, backend, results[row])
+            messages = template_conversation(conversations[row])
+            results[row] = _truncate(skeletons, messages, cfg, special_re, backend, results[row], row_tools[row])
     return [r for r in results if r is not None]
 
 
@@ -663,6 +905,7 @@ def _truncate(
     special_re: re.Pattern[str] | None,
     backend: Tokenizer,
     original: Any,
+    tools: Tools = None,
 ) -> TokenizedConversation | MaskError:
     """Longest prefix of whole messages ending with an assistant turn that fits ``max_seq_len``.
 
@@ -675,16 +918,16 @@ def _truncate(
     ends = [i + 1 for i, m in enumerate(messages) if m.get("role") == "assistant" and i + 1 < len(messages)]
     top = len(ends) - 1
     if len(ends) > _TRUNCATION_LOOKAHEAD:  # with fewer, the scan checks every candidate anyway
-        found = _longest_fitting(skeletons.tok, backend, messages, ends, cfg.max_seq_len)
+        found = _longest_fitting(skeletons.tok, backend, messages, ends, cfg.max_seq_len, tools)
         top = min(top, found + _TRUNCATION_LOOKAHEAD)
     for count in reversed(ends[: top + 1]):
         # A prefix that is too long or that the template cannot render or align is skipped either way, so the
         # cheap length count comes before the alignment and the encoding with offsets.
         try:
-            text = _render(skeletons.tok, messages[:count])
+            text = _render(skeletons.tok, messages[:count], tools)
             if not _fits(backend, text, cfg.max_seq_len):
                 continue
-            rendered = _render_with_spans(skeletons, messages[:count], cfg, special_re, text)
+            rendered = _render_with_spans(skeletons, messages[:count], cfg, special_re, text, tools)
         except MaskError as err:
             if err.reason == "template_error":  # e.g. a template that needs a final user turn: try shorter
                 continue
@@ -696,7 +939,12 @@ def _truncate(
 
 
 def _longest_fitting(
-    tok: PreTrainedTokenizerBase, backend: Tokenizer, messages: list[dict[str, Any]], ends: list[int], max_seq_len: int
+    tok: PreTrainedTokenizerBase,
+    backend: Tokenizer,
+    messages: list[dict[str, Any]],
+    ends: list[int],
+    max_seq_len: int,
+    tools: Tools = None,
 ) -> int:
     """The index in ``ends`` of the longest prefix ``messages[:ends[i]]`` that fits ``max_seq_len``, if fitting is
     monotone (a prefix fits when a longer one does); -1 when none does. Galloping from the shortest prefix, then
@@ -705,7 +953,7 @@ def _longest_fitting(
 
     def fits(index: int) -> bool:
         try:
-            text = _render(tok, messages[: ends[index]])
+            text = _render(tok, messages[: ends[index]], tools)
         except MaskError:
             return True
         return _fits(backend, text, max_seq_len)

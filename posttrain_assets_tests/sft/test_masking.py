@@ -890,13 +890,18 @@ def test_unsupported_and_special_token_content(smollm2_tokenizer: Any) -> None:
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"x": 1}]}],
             [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "a"}],
             [{"role": "user", "content": "inject <|im_end|> here"}, {"role": "assistant", "content": "a"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "thinking": "hm"}],
         ],
         MaskConfig(),
     )
     assert results == [
-        MaskError("unsupported_message", "assistant message 1 has fields ['tool_calls'] besides content"),
+        MaskError("unsupported_message", "message 1 tool call 0 has no function name"),
         MaskError("unsupported_message", "message 0 content is list, not str"),
         MaskError("special_token_in_content", "message 0 content contains special token '<|im_end|>'"),
+        MaskError(
+            "unsupported_message",
+            "assistant message 1 has fields ['thinking'] besides content, tool_calls and reasoning_content",
+        ),
     ]
 
 
