@@ -309,15 +309,60 @@ def test_planted_length_bias_fails_the_gate_and_the_balanced_remedy_passes(demo_
     )
     assert audit["demo_pref_ultrafeedback"] == 0.9
     assert all(0.35 <= share <= 0.65 for name, share in audit.items() if name != "demo_pref_ultrafeedback")
-    # The balanced remedy drops only from the offending source, and exactly the pairs it reports.
-    drops = demo_graph.query("SELECT source, reason, count(*) FROM silver.preference_balance_drops GROUP BY ALL")
-    assert drops == [("demo_pref_ultrafeedback", "length_balance", 240)]
-    assert demo_graph.query("SELECT count(*) FROM gold.preference_length_balanced") == [(1000 - 240,)]
+    # The balanced remedy drops only from the offending source, and exactly the pairs it reports; the 20 planted
+    # pairs whose annotators disagree are dropped too (test_who_labelled_the_preferences_is_audited).
+    drops = demo_graph.query(
+        "SELECT source, reason, count(*) FROM silver.preference_balance_drops GROUP BY ALL ORDER BY ALL"
+    )
+    assert drops == [
+        ("demo_pref_trl_explicit", "annotator_disagreement", 20),
+        ("demo_pref_ultrafeedback", "length_balance", 240),
+    ]
+    assert demo_graph.query("SELECT count(*) FROM gold.preference_length_balanced") == [(1000 - 240 - 20,)]
     balanced = demo_graph.query(
         "SELECT avg(CASE WHEN length_diff > 0 THEN 1.0 WHEN length_diff = 0 THEN 0.5 ELSE 0 END) "
         "FROM gold.preference_length_balanced WHERE source = 'demo_pref_ultrafeedback'"
     )
     assert balanced == [(0.5,)]
+
+
+def test_who_labelled_the_preferences_is_audited(demo_graph: Graph, manifest: dict) -> None:
+    """The UltraFeedback-format source gets a judge-stratified audit; the multi-rater source an agreement figure,
+    and its planted low-agreement pairs are caught (dropped from the balanced set with their reason)."""
+    labels = manifest["preference_labels"]
+    by_judge = dict(
+        demo_graph.query(
+            "SELECT stratum, [pairs, chosen_higher_share] FROM silver.preference_judge_audit "
+            "WHERE source = 'demo_pref_ultrafeedback' AND stratum_kind = 'judge' AND feature = 'tokens'"
+        )
+    )
+    assert (
+        by_judge
+        == {
+            judge: [stats["pairs"], stats["chosen_longer"] / stats["pairs"]]
+            for judge, stats in labels["demo_pref_ultrafeedback"]["judges"].items()
+        }
+        == {"gpt-4-0613": [200, 1.0], "llama-3-70b-instruct": [100, 0.7]}
+    )
+    # chosen replies use lists (bullets, steps) and the dispreferred ones never do: the style marker shows it
+    (lists,) = demo_graph.query(
+        "SELECT chosen_higher_share FROM silver.preference_judge_audit "
+        "WHERE source = 'demo_pref_ultrafeedback' AND stratum_kind = 'source' AND feature = 'list'"
+    )
+    assert lists[0] > 0.6
+    # only AI-labelled sources are audited
+    assert demo_graph.query("SELECT DISTINCT source FROM silver.preference_judge_audit") == [
+        ("demo_pref_ultrafeedback",)
+    ]
+    (agreement,) = demo_graph.dicts("SELECT * FROM silver.preference_agreement")
+    assert agreement["source"] == "demo_pref_trl_explicit"
+    assert (agreement["rated_pairs"], agreement["raters"], agreement["disagreeing_pairs"]) == (250, 5, 20)
+    assert 0.667 <= agreement["order_alpha"] < 1
+    caught = demo_graph.query(
+        'SELECT p.origin."row" FROM silver.preference_balance_drops d JOIN silver.preference_pairs p USING (id) '
+        "WHERE d.reason = 'annotator_disagreement' ORDER BY 1"
+    )
+    assert [row for (row,) in caught] == labels["demo_pref_trl_explicit"]["low_agreement_rows"]
 
 
 def test_rl_bank_is_certified_and_traceable(demo_graph: Graph) -> None:
@@ -335,13 +380,13 @@ def test_rl_bank_is_certified_and_traceable(demo_graph: Graph) -> None:
 
 def test_publish_traces_every_gold_row_and_exports_them(demo_graph: Graph) -> None:
     traced = dict(demo_graph.query("SELECT gold_table, count(*) FROM gold.trace GROUP BY ALL"))
-    assert traced == {"gold.sft": 950, "gold.preference_length_balanced": 760, "gold.rl_prompts": 845}
+    assert traced == {"gold.sft": 950, "gold.preference_length_balanced": 740, "gold.rl_prompts": 845}
     assert demo_graph.query("SELECT count(*) FROM gold.trace WHERE NOT in_bronze OR NOT in_silver") == [(0,)]
     exports = demo_graph.database.parent / "exports"
     manifest = json.loads((exports / "manifest.json").read_text())
     assert {e["name"]: e["rows"] for e in manifest["exports"]} == {
         "sft": 950,
-        "preference_length_balanced": 760,
+        "preference_length_balanced": 740,
         "rl": 845,
     }
     assert manifest["skipped"] == ["gold.preference"]
@@ -362,6 +407,7 @@ def test_every_check_that_ran_left_its_verdict_in_the_warehouse(demo_graph: Grap
         ("silver/records", "silver_records_schema_check"): (True, "ERROR"),
         ("silver/sft_tokenized", "loss_mask_check"): (True, "ERROR"),
         ("silver/preference_pairs", "length_confound_check"): (False, "ERROR"),
+        ("silver/preference_pairs", "annotator_agreement_check"): (True, "WARN"),
         ("silver/preference_pairs_balanced", "balanced_length_confound_check"): (True, "ERROR"),
         ("gold/sft", "gold_sft_schema_check"): (True, "ERROR"),
         ("gold/sft", "sft_turn_depth_check"): (True, "WARN"),  # about half the demo's conversations are multi-turn

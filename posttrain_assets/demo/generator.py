@@ -72,6 +72,13 @@ Planted (all recorded in ``manifest.json`` with file and 0-based row number):
   well-formed pairs (90%). The other preference sources are balanced: trl_explicit
   125/250 before planted copies, trl_implicit 100/200, hh_rlhf 125/250 (the
   manifest gives the exact figures over all well-formed rows, duplicates included).
+- Who labelled the preferences (``preference_labels``; drawn from their own random streams, so the text is the
+  same as without them): every ``demo_pref_ultrafeedback`` row names its ``judge`` and the ``chosen_model`` /
+  ``rejected_model`` (``pools/labellers.json``). The first judge labels 200 pairs, all chosen-longer; the second
+  100 (70 chosen-longer, all 30 chosen-shorter). Every well-formed ``demo_pref_trl_explicit`` row carries
+  ``ratings`` of 3 of 5 annotators (1-10 for each response): they agree with the label except in 20 planted
+  low-agreement pairs (10 chosen-longer, 10 shorter; two of three raters prefer the rejected response) and 25 pairs
+  with one dissenting rater; a near duplicate carries its original's ratings.
 - Contamination: 5 rows of ``demo_rl_gsm8k`` copy a row of the eval set
   ``demo_eval_gsm8k`` verbatim (question and answer). These are listed under
   ``contaminated`` and not under ``exact_duplicates``.
@@ -160,6 +167,11 @@ FORMATS: tuple[str, ...] = (
 )
 
 LENGTH_BIASED_SOURCE = "demo_pref_ultrafeedback"
+MULTI_RATER_SOURCE = "demo_pref_trl_explicit"
+JUDGE_B_PAIRS = (70, 30)  # (chosen longer, chosen shorter) pairs of the ultrafeedback source the second judge labels
+RATERS_PER_PAIR = 3
+LOW_AGREEMENT_PAIRS = (10, 10)  # (chosen longer, shorter) pairs of MULTI_RATER_SOURCE whose raters mostly disagree
+ONE_DISSENT_PAIRS = 25  # pairs of MULTI_RATER_SOURCE where one rater of three prefers the rejected response
 
 # --------------------------------------------------------------------------------------
 # Text pools: the wording lives in ``pools/*.json`` beside this module (package data); the code
@@ -172,6 +184,7 @@ LENGTH_BIASED_SOURCE = "demo_pref_ultrafeedback"
 #   near_duplicates.json  word substitutions, filler phrases and words for planted near duplicates
 #   alpaca.json           review snippets and title openers for the instruction-following tasks
 #   gsm8k.json            names and, per GSM8K problem family, item words and question phrasings
+#   labellers.json        who labelled the preference pairs: AI judges, completing models, human annotators
 # Templates use ``str.format`` slots: {topic}, {Topic}, {term}, {term2}, {example}, {metaphor},
 # {audience}, {audience_bare}, {area} (see ChatWriter.slots) and per-family slots in gsm8k.json.
 
@@ -215,6 +228,11 @@ _GSM8K = load_pool("gsm8k")
 NAMES: tuple[str, ...] = tuple(_GSM8K["names"])
 # One entry per problem family, in family-number order: {"family": label, "items"?: [...], "questions": [...]}.
 GSM8K_FAMILIES: tuple[dict[str, Any], ...] = tuple(_GSM8K["families"])
+
+_LABELLERS = load_pool("labellers")
+JUDGES: tuple[str, ...] = tuple(_LABELLERS["judges"])  # the first labels only chosen-longer pairs (see below)
+COMPLETING_MODELS: tuple[str, ...] = tuple(_LABELLERS["models"])
+ANNOTATORS: tuple[str, ...] = tuple(_LABELLERS["annotators"])
 
 # --------------------------------------------------------------------------------------
 # Row bookkeeping
@@ -1038,7 +1056,61 @@ def _build_preference(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild,
         )
     hh_b.add(None, raw=_truncate(hh_payload(*hh_row(True)), rng), reason="bad_json")
     hh_b.add(None, raw=_with_invalid_utf8(hh_payload(*hh_row(False)), "chosen"), reason="invalid_utf8")
+    _label_judges(uf_b, _rng(seed, f"labels:{uf_b.spec.name}"))
+    _rate_by_annotators(ex_b, _rng(seed, f"labels:{ex_b.spec.name}"))
     return ex_b, im_b, uf_b, hh_b
+
+
+def _label_judges(build: SourceBuild, rng: random.Random) -> None:
+    """Give every row of the length-biased UltraFeedback source a judge and the two completing models.
+
+    The first judge labels only chosen-longer pairs; the second the other :data:`JUDGE_B_PAIRS` (70 chosen-longer
+    drawn at random and all 30 chosen-shorter), so the judge-stratified audit shows which judge carries the bias.
+    Its own random stream: the rows' text is unchanged.
+    """
+    longer = [e for e in build.entries if (w := _final_reply_words(build, e)) is not None and w[0] > w[1]]
+    shorter = [e for e in build.entries if (w := _final_reply_words(build, e)) is not None and w[0] <= w[1]]
+    if len(shorter) != JUDGE_B_PAIRS[1]:
+        raise AssertionError(f"{build.spec.name}: expected {JUDGE_B_PAIRS[1]} chosen-shorter pairs")
+    second = {e.key for e in rng.sample(longer, JUDGE_B_PAIRS[0])} | {e.key for e in shorter}
+    for entry in build.entries:
+        chosen_model, rejected_model = rng.sample(COMPLETING_MODELS, 2)
+        entry.payload.update(
+            judge=JUDGES[1] if entry.key in second else JUDGES[0],
+            chosen_model=chosen_model,
+            rejected_model=rejected_model,
+        )
+
+
+def _rate_by_annotators(build: SourceBuild, rng: random.Random) -> None:
+    """Give every well-formed pair of the multi-rater source :data:`RATERS_PER_PAIR` annotators' 1-10 scores.
+
+    Raters agree with the label, except in :data:`LOW_AGREEMENT_PAIRS` (one rater for the chosen side, two for the
+    rejected: the planted low-agreement subset) and :data:`ONE_DISSENT_PAIRS` (one rater of three dissents). Near
+    duplicates carry the scores of their original, and neither takes part in the planting (dedup may keep either).
+    Its own random stream: the rows' text is unchanged.
+    """
+    near = {key for dup, orig, *_ in build.near for key in (dup, orig)}
+    plain = [e for e in build.entries if e.reason is None and e.key not in near]
+    longer = [e for e in plain if (w := _final_reply_words(build, e)) is not None and w[0] > w[1]]
+    shorter = [e for e in plain if e not in longer]
+    low = rng.sample(longer, LOW_AGREEMENT_PAIRS[0]) + rng.sample(shorter, LOW_AGREEMENT_PAIRS[1])
+    low_keys = {e.key for e in low}
+    dissent = {e.key for e in rng.sample([e for e in plain if e.key not in low_keys], ONE_DISSENT_PAIRS)}
+    for entry in build.entries:
+        if entry.reason is not None or entry.payload is None:
+            continue
+        dissenting = 2 if entry.key in low_keys else 1 if entry.key in dissent else 0
+        ratings = []
+        for i, rater in enumerate(rng.sample(ANNOTATORS, RATERS_PER_PAIR)):
+            high, low_score = rng.randint(6, 10), rng.randint(1, 5)
+            agrees = i >= dissenting
+            chosen, rejected = (high, low_score) if agrees else (low_score, high)
+            ratings.append({"rater": rater, "chosen": chosen, "rejected": rejected})
+        entry.payload["ratings"] = ratings
+    originals = {e.key: e for e in build.entries}
+    for dup, orig, *_ in build.near:
+        originals[dup].payload["ratings"] = [dict(r) for r in originals[orig].payload["ratings"]]
 
 
 def _build_rl(seed: int) -> tuple[SourceBuild, SourceBuild, SourceBuild, SourceBuild, list[tuple[str, str]]]:
@@ -1137,6 +1209,9 @@ PARQUET_SCHEMAS: dict[str, pa.Schema] = {
             ("rejected", _MSG_LIST),
             ("score_chosen", pa.float64()),
             ("score_rejected", pa.float64()),
+            ("judge", pa.string()),
+            ("chosen_model", pa.string()),
+            ("rejected_model", pa.string()),
         ]
     ),
     "demo_rl_verl": pa.schema(
@@ -1270,6 +1345,25 @@ def generate_demo_data(out_dir: Path, seed: int = 7) -> Path:
                 "fraction": round(longer / len(counts), 4),
             }
 
+    labels: dict[str, Any] = {}
+    for b in builds:
+        well_formed = [(i, e) for i, e in enumerate(b.entries) if e.reason is None]
+        if b.spec.name == LENGTH_BIASED_SOURCE:
+            judges: dict[str, dict[str, int]] = {}
+            for _, e in well_formed:
+                c, r = _final_reply_words(b, e)
+                stats = judges.setdefault(e.payload["judge"], {"pairs": 0, "chosen_longer": 0})
+                stats["pairs"] += 1
+                stats["chosen_longer"] += int(c > r)
+            labels[b.spec.name] = {"judges": dict(sorted(judges.items()))}
+        elif b.spec.name == MULTI_RATER_SOURCE:
+            against = [(i, sum(x["chosen"] < x["rejected"] for x in e.payload["ratings"])) for i, e in well_formed]
+            labels[b.spec.name] = {
+                "raters_per_pair": RATERS_PER_PAIR,
+                "low_agreement_rows": [i for i, n in against if n >= 2],
+                "one_dissent_rows": [i for i, n in against if n == 1],
+            }
+
     exact = [
         {
             "kind": kind,
@@ -1308,6 +1402,7 @@ def generate_demo_data(out_dir: Path, seed: int = 7) -> Path:
         "contaminated": contam,
         "length_biased_source": LENGTH_BIASED_SOURCE,
         "preference_length_stats": pref_stats,
+        "preference_labels": labels,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     registry = out_dir / "sources.yaml"

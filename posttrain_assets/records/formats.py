@@ -60,7 +60,12 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         _make("alpaca", ("sft",), "Alpaca: {instruction, input?, output, system?}"),
         _make("trl_preference", ("preference",), "TRL preference: {prompt?, chosen, rejected}, explicit or implicit"),
-        _make("ultrafeedback", ("preference",), "UltraFeedback binarized: {prompt, chosen, rejected, score_*}"),
+        _make(
+            "ultrafeedback",
+            ("preference",),
+            "UltraFeedback binarized: {prompt, chosen, rejected, score_*}, or rated completions: {instruction, "
+            "completions: [{model, response, annotations}]}",
+        ),
         _make("hh_rlhf", ("preference",), "Anthropic HH-RLHF: {chosen, rejected} Human/Assistant transcripts"),
         _make("gsm8k", ("rl",), "GSM8K: {question, answer: '... #### 72'}"),
         _make("math", ("rl",), "MATH: {problem, solution with \\boxed{}, level?, type?}"),

@@ -15,10 +15,13 @@ import pytest
 import yaml
 
 from posttrain_assets.demo.generator import (
+    COMPLETING_MODELS,
     EVAL_FAMILIES,
     FORMATS,
     GSM8K_FAMILIES,
+    JUDGES,
     LENGTH_BIASED_SOURCE,
+    MULTI_RATER_SOURCE,
     SOURCES,
     TRAIN_FAMILIES,
     generate_demo_data,
@@ -202,12 +205,16 @@ def canonical(fmt: str, row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True)
 
 
+NOT_CONTENT = ("role", "from", "id", "ratings", "judge", "chosen_model", "rejected_model")
+
+
 def all_texts(value: Any) -> list[str]:
-    """Every content string inside a JSON-like value, in order (skipping ``role``/``from``/``id``)."""
+    """Every content string inside a JSON-like value, in order (skipping ``role``/``from``/``id`` and who labelled
+    a preference pair: ``ratings``, ``judge``, the models)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [t for k, v in value.items() if k not in ("role", "from", "id") for t in all_texts(v)]
+        return [t for k, v in value.items() if k not in NOT_CONTENT for t in all_texts(v)]
     if isinstance(value, list):
         return [t for v in value for t in all_texts(v)]
     return []
@@ -243,7 +250,7 @@ def test_deterministic_bytes(tmp_path: Path) -> None:
 # The text pools (posttrain_assets/demo/pools/*.json) and what seed 7 makes of them. Editing a pool (or the
 # generator's draws) changes these hashes on purpose: update them in the same change. Only text files are
 # pinned (Parquet and gzip bytes also depend on the pyarrow / zlib version).
-POOL_FILES = ("alpaca", "gsm8k", "near_duplicates", "prompts", "replies", "topics")
+POOL_FILES = ("alpaca", "gsm8k", "labellers", "near_duplicates", "prompts", "replies", "topics")
 PINNED_SHA256 = {
     "sft/messages.jsonl": "10670541ab8c65969dde4598f5d29d488f46e5ba53d4b13ead3268b048b17bff",
     "sft/alpaca.json": "66f256a781a56f4fc8df0c8dc9a12bb7373efda0796da6dbd5f3deba41ad21f2",
@@ -539,3 +546,39 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "cli/manifest.json").read_bytes() == (tmp_path / "fn/manifest.json").read_bytes()
     printed = capsys.readouterr().out
     assert "total rows=2926 malformed=33" in printed
+
+
+def test_preference_labels_are_planted_as_the_manifest_says(demo: tuple[Path, dict[str, Any]]) -> None:
+    """The UltraFeedback source names a judge and both models on every row, one judge labelling only chosen-longer
+    pairs; the multi-rater source carries three annotators' scores per pair, with 20 planted low-agreement pairs."""
+    out, man = demo
+    labels = man["preference_labels"]
+    uf = pq.read_table(out / "preference/ultrafeedback.parquet").to_pylist()
+    assert {r["judge"] for r in uf} == set(JUDGES) and all(r["chosen_model"] != r["rejected_model"] for r in uf)
+    assert {r["chosen_model"] for r in uf} <= set(COMPLETING_MODELS)
+    assert labels[LENGTH_BIASED_SOURCE]["judges"] == {
+        JUDGES[0]: {"pairs": 200, "chosen_longer": 200},
+        JUDGES[1]: {"pairs": 100, "chosen_longer": 70},
+    }
+    rows = []
+    for line in (out / "preference/trl_explicit.jsonl").read_bytes().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            rows.append(None)  # the planted bad_json row
+    bad = {m["row"] for m in man["sources"][MULTI_RATER_SOURCE]["malformed"]}
+    against = {}
+    for i, row in enumerate(rows):
+        if i in bad:
+            assert row is None or "ratings" not in row
+            continue
+        ratings = row["ratings"]
+        assert len(ratings) == 3 and len({r["rater"] for r in ratings}) == 3
+        assert all(
+            1 <= r["chosen"] <= 10 and 1 <= r["rejected"] <= 10 and r["chosen"] != r["rejected"] for r in ratings
+        )
+        against[i] = sum(r["chosen"] < r["rejected"] for r in ratings)
+    low = labels[MULTI_RATER_SOURCE]["low_agreement_rows"]
+    assert low == sorted(i for i, n in against.items() if n == 2) and len(low) == 20
+    assert len(labels[MULTI_RATER_SOURCE]["one_dissent_rows"]) == 25
+    assert sum(1 for n in against.values() if n == 0) == len(against) - 45
