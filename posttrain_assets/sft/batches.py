@@ -80,7 +80,8 @@ def tokenize_batch(job: TokenizeJob, batch: pa.Table) -> TokenizedBatch:
     labels each, or a quarantine row saying why its mask cannot be exact."""
     rows = batch.to_pylist()
     cfg, hashes = job.mask, job.identity.hashes()
-    results = tokenize_conversations(job.identity.tokenizer, [r["messages"] for r in rows], cfg)
+    tools = [r.get("tools") for r in rows]
+    results = tokenize_conversations(job.identity.tokenizer, [r["messages"] for r in rows], cfg, tools)
     tokenized, rejected = [], []
     for row, result in zip(rows, results, strict=True):
         if isinstance(result, MaskError):
@@ -99,6 +100,7 @@ def tokenize_batch(job: TokenizeJob, batch: pa.Table) -> TokenizedBatch:
                 "num_messages": result.num_messages,
                 "truncated": result.truncated,
                 "train_on": cfg.train_on,
+                "train_reasoning": cfg.train_reasoning,
                 "end_of_turn": cfg.end_of_turn,
                 **hashes,
                 "max_seq_len": cfg.max_seq_len,
@@ -167,10 +169,12 @@ PROVED_COLUMNS = (
     "id",
     "source",
     "messages",
+    "tools",
     "input_ids",
     "labels",
     "num_messages",
     "train_on",
+    "train_reasoning",
     "end_of_turn",
     "tokenizer_sha256",
     "chat_template_sha256",
@@ -191,6 +195,8 @@ def prove_batch(job: ProofJob, batch: pa.Table) -> MaskProof:
     identity = job.identity
     tok, hashes = identity.tokenizer, (identity.tokenizer_sha256, identity.chat_template_sha256)
     proof = MaskProof()
+    if "tools" not in batch.column_names:  # rows given without tool definitions declare none
+        batch = batch.append_column("tools", pa.nulls(batch.num_rows, pa.string()))
     batch = batch.select(list(PROVED_COLUMNS))
     rows = batch.drop_columns(["input_ids", "labels"]).to_pylist()
     token_lists = (_list_views(batch.column("input_ids")), _list_views(batch.column("labels")))
@@ -202,7 +208,7 @@ def prove_batch(job: ProofJob, batch: pa.Table) -> MaskProof:
             problem = "tokenised with another tokenizer or template: rematerialise"
             proof.failures.append((row["id"], row["source"], problem))
     kept = [row["messages"][: row["num_messages"]] for row, _, _ in current]
-    renderings = template_renderings(tok, kept)
+    renderings = template_renderings(tok, kept, [row["tools"] for row, _, _ in current])
     sampled = [
         isinstance(rendering, str) and in_canonical_sample(row["id"], job.canonical_every)
         for (row, _, _), rendering in zip(current, renderings, strict=True)
@@ -215,9 +221,11 @@ def prove_batch(job: ProofJob, batch: pa.Table) -> MaskProof:
     for i, marker in zip(unconfigured, independent_markers(tok, [kept[i] for i in unconfigured]), strict=True):
         markers[i] = marker
     for i, (row, input_ids, labels) in enumerate(current):
-        cfg = MaskConfig(train_on=row["train_on"], end_of_turn=row["end_of_turn"])
+        cfg = MaskConfig(
+            train_on=row["train_on"], train_reasoning=row["train_reasoning"], end_of_turn=row["end_of_turn"]
+        )
         inputs = ProofInputs(renderings[i], canonical[i], decoded[i], markers[i])
-        problem = verify_mask(tok, row["messages"], input_ids, labels, cfg, row["num_messages"], inputs)
+        problem = verify_mask(tok, row["messages"], input_ids, labels, cfg, row["num_messages"], inputs, row["tools"])
         if problem:
             proof.failures.append((row["id"], row["source"], problem))
         counts = proof.tokens_by_source.setdefault(row["source"], [0, 0])

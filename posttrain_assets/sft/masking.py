@@ -1059,15 +1059,36 @@ class TemplateRaised:
 
 
 def template_renderings(
-    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+    tok: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, Any]]],
+    tools: Sequence[str | list[dict[str, Any]] | None] | None = None,
 ) -> list[str | TemplateRaised]:
-    """``apply_chat_template(conversation, tokenize=False)`` of each conversation, or what it raised.
+    """``apply_chat_template(conversation, tools=..., tokenize=False)`` of each conversation (in template form:
+    ``records.tools.template_message``; ``tools`` one per conversation, as :func:`tokenize_conversations` takes
+    them), or what it raised.
 
-    One batched call; when the template raises for any conversation of the batch, each is rendered on its own so
-    only that one carries the error.
+    One batched call for the conversations without tools; when the template raises for any conversation of the
+    batch, each is rendered on its own so only that one carries the error. Conversations with tools are rendered on
+    their own (``apply_chat_template`` takes one tools list per call).
     """
     if not conversations:
         return []
+    conversations = [template_conversation(c) for c in conversations]
+    row_tools = [template_tools(t) for t in tools] if tools is not None else [None] * len(conversations)
+    if any(row_tools):
+        plain = [i for i, t in enumerate(row_tools) if not t]
+        out_all: list[str | TemplateRaised] = [TemplateRaised("not rendered")] * len(conversations)
+        for i, text in zip(plain, template_renderings(tok, [conversations[i] for i in plain]), strict=True):
+            out_all[i] = text
+        for i, t in enumerate(row_tools):
+            if t:
+                try:
+                    text = tok.apply_chat_template(conversations[i], tools=t, tokenize=False)
+                except Exception as exc:
+                    out_all[i] = TemplateRaised(f"chat template raised {type(exc).__name__}: {exc}")
+                    continue
+                out_all[i] = text if isinstance(text, str) else TemplateRaised("chat template rendered no text")
+        return out_all
     try:
         texts = tok.apply_chat_template(list(conversations), tokenize=False)
         if all(isinstance(text, str) for text in texts):
@@ -1098,10 +1119,12 @@ def canonical_ids(tok: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[li
 
 
 def fresh_template_ids(
-    tok: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+    tok: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, Any]]],
+    tools: Sequence[str | list[dict[str, Any]] | None] | None = None,
 ) -> list[list[int] | str]:
     """``apply_chat_template(conversation, tokenize=True)`` of each conversation, or the error it raised."""
-    renderings = template_renderings(tok, conversations)
+    renderings = template_renderings(tok, conversations, tools)
     texts = [r for r in renderings if isinstance(r, str)]
     encoded = iter(canonical_ids(tok, texts))
     return [next(encoded) if isinstance(r, str) else r.message for r in renderings]
@@ -1115,7 +1138,13 @@ def independent_markers(
     render; None where there is no assistant turn or the template raises."""
     probes: list[list[dict[str, Any]] | None] = []
     for messages in conversations:
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        messages = template_conversation(messages)
+        last = max(
+            (i for i, m in enumerate(messages) if m.get("role") == "assistant" and not has_structure(m)), default=None
+        )
+        if last is None and any(m.get("role") == "assistant" for m in messages):  # every turn calls or reasons
+            probes.append([{"role": "user", "content": "\ue003"}, {"role": "assistant", "content": "\ue002"}])
+            continue
         probes.append(None if last is None else [*messages[:last], {**messages[last], "content": "\ue002"}])
     rendered = iter(template_renderings(tok, [p for p in probes if p is not None]))
     markers: list[str | None] = []
@@ -1124,7 +1153,8 @@ def independent_markers(
         if not isinstance(text, str) or (position := text.rfind("\ue002")) == -1:
             markers.append(None)
             continue
-        markers.append(text[position + 1 :].rstrip() or None)
+        # "": the template closes no turn (GLM); the proof then takes the special token that opens the next message
+        markers.append(text[position + 1 :].rstrip())
     return markers
 
 
@@ -1215,6 +1245,7 @@ def verify_mask(
     cfg: MaskConfig,
     num_messages: int | None = None,
     inputs: ProofInputs | None = None,
+    tools: str | list[dict[str, Any]] | None = None,
 ) -> str | None:
     """Independently prove a mask; return None if correct, else a message naming the first wrong position.
 
@@ -1231,15 +1262,21 @@ def verify_mask(
       renders it: verbatim, trimmed, or thinking stripped; optionally preceded by whitespace the template puts
       before it) followed by the end-of-turn marker;
     * every non-assistant content (and every untrained assistant content) that appears in the decoded text
-      appears in untrained text, and never inside a trained run.
+      appears in untrained text, and never inside a trained run;
+    * an assistant turn with tool calls or reasoning (``tools``: the row's definitions) has one trained run that
+      holds its content and every call's name and string arguments, ends with an end-of-turn token (the marker or a
+      special token: Harmony's <|call|>, GLM's <|observation|>), and holds its reasoning exactly when
+      ``cfg.train_reasoning`` trains it (an untrained reasoning lies in untrained text); no tool definition's
+      description is trained. With a template that closes no turn (marker ``""``, GLM), a plain turn's run is its
+      content followed by the special token that opens the next message.
     """
-    kept = list(messages if num_messages is None else messages[:num_messages])
+    kept = template_conversation(messages if num_messages is None else messages[:num_messages])
     if not kept:
         return "no messages to verify"
     ids, labs = np.asarray(input_ids), np.asarray(labels)
     tokens = ids.tolist()  # for decoding
     if inputs is None:
-        (rendering,) = template_renderings(tok, [kept])
+        (rendering,) = template_renderings(tok, [kept], [tools])
         canonical = canonical_ids(tok, [rendering])[0] if isinstance(rendering, str) else None
         marker = None if cfg.end_of_turn is not None else independent_markers(tok, [kept])[0]
         inputs = ProofInputs(rendering, canonical, decode_rows(tok, [tokens], [labs])[0], marker)
@@ -1279,8 +1316,29 @@ def verify_mask(
             return "cannot determine the end-of-turn marker independently; set MaskConfig.end_of_turn"
 
     trained_texts = decoded.trained
+    specials = special_tokens(tok)
     for number, index in enumerate(trained):
+        if has_structure(kept[index]) and number < len(runs):
+            problem = _structured_run_problem(
+                kept,
+                index,
+                runs[number],
+                trained_texts[number],
+                decoded,
+                cfg,
+                marker,
+                specials,
+                runs[number][1] == len(tokens),
+            )
+            if problem is not None:
+                return problem
+            continue
         forms = _rendered_content_forms(kept[index]["content"])
+        if not marker and number < len(runs):  # a template that closes no turn: the next message's opening
+            text = trained_texts[number]
+            stop = next((t for t in specials if text.endswith(t)), "")
+            if _matches_piece(text, forms, stop) and (stop or runs[number][1] == len(tokens)):
+                continue
         if number >= len(runs):
             after = runs[-1][1]
             missing = _untrained_occurrence(tok, tokens, (after, len(tokens)), [f + marker for f in forms])
@@ -1322,6 +1380,48 @@ def verify_mask(
             return f"position {run[0]}: content of {message['role']} message {index} is trained"
         if not any(content in t for t in untrained_texts):
             return f"content of {message['role']} message {index} is not wholly inside untrained text"
+    for tool in template_tools(tools) or []:
+        description = str((tool.get("function") or {}).get("description") or "").strip()
+        if description and description in full_text and not any(description in t for t in untrained_texts):
+            run = next((r for r, t in zip(runs, trained_texts, strict=True) if description in t), runs[0])
+            return f"position {run[0]}: the definition of tool {tool['function'].get('name')!r} is trained"
+    return None
+
+
+def _structured_run_problem(
+    kept: list[dict[str, Any]],
+    index: int,
+    run: tuple[int, int],
+    text: str,
+    decoded: DecodedRow,
+    cfg: MaskConfig,
+    marker: str,
+    specials: tuple[str, ...],
+    at_end: bool,
+) -> str | None:
+    """Why the trained run of an assistant turn with tool calls or reasoning is wrong (None: it is right); see
+    :func:`verify_mask`."""
+    message = kept[index]
+    where = f"position {run[0]}: trained run {run[0]}:{run[1]} of assistant message {index}"
+    ends = (marker and text.endswith(marker)) or any(text.endswith(t) for t in specials)
+    if not ends and not at_end:  # only the last turn of a template that closes none may end without one (GLM)
+        return f"{where} does not end with an end-of-turn token ({text[-40:]!r})"
+    content = message["content"].strip()
+    if content and content not in text:
+        return f"{where} does not hold its content {content[:60]!r}"
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        values = [function["name"], *(v for v in function["arguments"].values() if isinstance(v, str))]
+        missing = next((v for v in values if v not in text), None)
+        if missing is not None:
+            return f"{where} does not hold its tool call {function['name']!r} ({missing[:60]!r} is not trained)"
+    reasoning = (message.get("reasoning_content") or "").strip()
+    if reasoning and reasoning in decoded.text:
+        wanted = _reasoning_trained(kept, index, cfg)
+        if wanted and reasoning not in text:
+            return f"{where} does not hold its reasoning, which train_reasoning={cfg.train_reasoning!r} trains"
+        if not wanted and (reasoning in text or not any(reasoning in t for t in decoded.untrained)):
+            return f"{where} trains its reasoning, which train_reasoning={cfg.train_reasoning!r} leaves untrained"
     return None
 
 

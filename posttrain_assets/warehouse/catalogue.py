@@ -195,6 +195,7 @@ SILVER_SFT_TOKENIZED = Table(
         _c("num_messages", "INTEGER", "leading messages rendered (fewer than the conversation when truncated)", False),
         _c("truncated", "BOOLEAN", "cut at a turn boundary to fit max_seq_len", False),
         _c("train_on", "VARCHAR", "all_assistant | last_assistant", False),
+        _c("train_reasoning", "VARCHAR", "all | last | none: which assistant turns' reasoning is trained", False),
         _c("end_of_turn", "VARCHAR", "end-of-turn marker override (null: detected from the template)"),
         *TOKENIZER_COLUMNS,
         _c("max_seq_len", "INTEGER", "the token budget the row was fitted to (num_tokens <= max_seq_len)", False),

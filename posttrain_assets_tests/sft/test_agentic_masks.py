@@ -31,6 +31,7 @@ from posttrain_assets.sft.masking import (
     MaskError,
     TokenizedConversation,
     tokenize_conversations,
+    verify_mask,
 )
 
 Messages = list[dict[str, Any]]
@@ -328,6 +329,7 @@ def assert_matches_oracle(
     copy's return_assistant_tokens_mask (the tagged copy renders exactly the same text)."""
     [result] = tokenize_conversations(tok, [messages], cfg, [tools])
     row = ok(result)
+    stored = messages
     messages = template_messages(messages)  # as the template takes them: arguments as objects
     plain = tok.apply_chat_template(messages, tools=tools, tokenize=False)
     tagged_text = tok.apply_chat_template(
@@ -347,6 +349,7 @@ def assert_matches_oracle(
     ours = [int(label != IGNORE_INDEX) for label in row.labels]
     assert ours == list(oracle["assistant_masks"]), (family.name, trained_runs(tok, row))
     assert sum(ours) == row.num_trainable_tokens > 0
+    assert verify_mask(tok, stored, row.input_ids, row.labels, cfg, tools=tools) is None  # the independent proof
     return row
 
 
@@ -478,3 +481,85 @@ def test_planted_faults_are_refused(make_tokenizer: Callable[..., Any]) -> None:
         MaskError("unsupported_message", "message 1 tool call 0 arguments are not a JSON object"),
         MaskError("special_token_in_content", "message 1 reasoning_content contains special token '<|im_end|>'"),
     ]
+
+
+REASONING_FAMILIES = [f for f in FAMILIES if f.name != "llama31"]  # the Llama-3.1 template renders no reasoning
+
+
+@pytest.mark.parametrize("family", REASONING_FAMILIES, ids=[f.name for f in REASONING_FAMILIES])
+def test_proof_catches_reasoning_trained_when_configured_off(
+    family: Family, make_tokenizer: Callable[..., Any]
+) -> None:
+    """A row masked with every reasoning trained, claimed to follow train_reasoning="none" (or "last"), fails the
+    proof at the first reasoning turn; and the right row for that setting passes."""
+    tok = family_tokenizer(family, make_tokenizer)
+    [trained_all, trained_none] = tokenize_conversations(tok, [AGENT, AGENT], MaskConfig(), [TOOLS, TOOLS])[
+        :1
+    ] + tokenize_conversations(tok, [AGENT], MaskConfig(train_reasoning="none"), [TOOLS])
+    row = ok(trained_all)
+    for mode in ("none", "last"):
+        problem = verify_mask(tok, AGENT, row.input_ids, row.labels, MaskConfig(train_reasoning=mode), tools=TOOLS)  # type: ignore[arg-type]
+        assert problem is not None and problem.endswith(
+            f"trains its reasoning, which train_reasoning={mode!r} leaves untrained"
+        ), problem
+        assert "of assistant message 2" in problem
+    off = ok(trained_none)
+    assert verify_mask(tok, AGENT, off.input_ids, off.labels, MaskConfig(train_reasoning="none"), tools=TOOLS) is None
+    problem = verify_mask(tok, AGENT, off.input_ids, off.labels, MaskConfig(), tools=TOOLS)
+    assert problem is not None and "does not hold its reasoning" in problem
+
+
+def test_proof_catches_a_trained_tool_result_and_an_untrained_call(make_tokenizer: Callable[..., Any]) -> None:
+    tok = family_tokenizer(BY_NAME["qwen"], make_tokenizer)
+    row = ok(tokenize_conversations(tok, [AGENT], MaskConfig(), [TOOLS])[0])
+    text = tok.apply_chat_template(template_messages(AGENT), tools=TOOLS, tokenize=False)
+    ids = row.input_ids
+    # train the tool result's tokens
+    result_at = next(i for i in range(len(ids)) if tok.decode(ids[i : i + 3]).startswith("4 C"))
+    labels = list(row.labels)
+    labels[result_at] = ids[result_at]
+    problem = verify_mask(tok, AGENT, ids, labels, MaskConfig(), tools=TOOLS)
+    assert problem is not None and problem.startswith(f"position {result_at}:"), problem
+    # untrain the call's arguments
+    city = next(i for i in range(len(ids)) if tok.decode(ids[i : i + 2]) == "Oslo" and labels[i] != IGNORE_INDEX)
+    labels = list(row.labels)
+    labels[city] = IGNORE_INDEX
+    assert verify_mask(tok, AGENT, ids, labels, MaskConfig(), tools=TOOLS) is not None
+    assert "4 C, cloudy" in text
+
+
+def test_batches_tokenise_and_prove_stored_tool_rows(make_tokenizer: Callable[..., Any]) -> None:
+    """The worker path of silver.sft_tokenized and loss_mask_check: rows as DuckDB hands them over (struct fields
+    null where absent, arguments and tools as JSON text) are tokenised with their tools and proven."""
+    import json
+
+    import pyarrow as pa
+
+    from posttrain_assets.sft.batches import ProofJob, TokenizeJob, TokenizerIdentity, prove_batch, tokenize_batch
+
+    tok = family_tokenizer(BY_NAME["qwen"], make_tokenizer)
+    identity = TokenizerIdentity(tok, "tok", "template")
+    rows = [
+        {"id": "agent", "source": "s", "messages": [{**STORED_NULLS, **m} for m in AGENT], "tools": json.dumps(TOOLS)},
+        {"id": "plain", "source": "s", "messages": [{**STORED_NULLS, **m} for m in AGENT[-2:]], "tools": None},
+    ]
+    batch = pa.Table.from_pylist(rows)
+    cfg = MaskConfig(train_reasoning="all")
+    result = tokenize_batch(TokenizeJob(identity, cfg), batch)
+    assert result.rejected is None and result.tokenized.column("id").to_pylist() == ["agent", "plain"]
+    assert result.tokenized.column("train_reasoning").to_pylist() == ["all", "all"]
+    proved = result.tokenized.append_column("messages", batch.column("messages")).append_column(
+        "tools", batch.column("tools")
+    )
+    proof = prove_batch(ProofJob(identity, canonical_every=1), proved)
+    assert (proof.checked, proof.failures) == (2, [])
+    # the same labels claimed under train_reasoning="none" fail on the first reasoning turn
+    claimed = proved.set_column(
+        proved.column_names.index("train_reasoning"), "train_reasoning", pa.array(["none", "none"])
+    )
+    proof = prove_batch(ProofJob(identity, canonical_every=1), claimed)
+    [(row_id, _, problem)] = proof.failures
+    assert row_id == "agent"
+    assert problem.endswith(
+        "of assistant message 2 trains its reasoning, which train_reasoning='none' leaves untrained"
+    )

@@ -24,8 +24,8 @@ MAX_REPORTED = 20
 BATCH_ROWS = 1024
 
 ROWS_TO_VERIFY = f"""
-SELECT t.id, t.source, r.messages, t.input_ids, t.labels, t.num_messages, t.train_on, t.end_of_turn,
-       t.tokenizer_sha256, t.chat_template_sha256
+SELECT t.id, t.source, r.messages, r.tools, t.input_ids, t.labels, t.num_messages, t.train_on, t.train_reasoning,
+       t.end_of_turn, t.tokenizer_sha256, t.chat_template_sha256
 FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id)
 """
 

@@ -18,15 +18,18 @@ from posttrain_assets.warehouse.io import building, ordered_arrow, swap_in, tran
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
 
-SFT_ROWS = f"SELECT id, source, messages FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
+SFT_ROWS = f"SELECT id, source, messages, tools FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 SFT_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 BATCH_ROWS = 1024
 
 
 class SftTokenizeConfig(dg.Config):
-    """Mask rules. Trained: assistant contents and the end-of-turn marker closing each; nothing else."""
+    """Mask rules. Trained: assistant contents and the end-of-turn marker closing each; for a turn with tool calls
+    or reasoning, everything it writes after the generation prompt (reasoning per ``train_reasoning``: all, last
+    assistant turn only, none); nothing else (docs/sft-masks.md)."""
 
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    train_reasoning: Literal["all", "last", "none"] = "all"
     max_seq_len: int = 4096
     overflow: Literal["quarantine", "truncate"] = "quarantine"
     end_of_turn: str | None = None
@@ -35,6 +38,7 @@ class SftTokenizeConfig(dg.Config):
     def mask_config(self) -> MaskConfig:
         return MaskConfig(
             train_on=self.train_on,
+            train_reasoning=self.train_reasoning,
             max_seq_len=self.max_seq_len,
             overflow=self.overflow,
             end_of_turn=self.end_of_turn,
