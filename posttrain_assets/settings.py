@@ -15,6 +15,11 @@ SOURCES = "POSTTRAIN_SOURCES"
 DUCKDB_PATH = "POSTTRAIN_DUCKDB_PATH"
 TOKENIZER = "POSTTRAIN_TOKENIZER"
 CACHE_DIR = "POSTTRAIN_CACHE_DIR"
+# Curation (docs/curation.md) is opt-in: "on" puts its assets into the refresh_corpus job; the `curate` job runs
+# them either way. Mixture spec files, separated by the OS path separator (":"); empty: no mixture.
+CURATION = "POSTTRAIN_CURATION"
+MIXTURES = "POSTTRAIN_MIXTURES"
+
 
 
 def environment_defaults() -> dict[str, str]:
@@ -27,6 +32,10 @@ def environment_defaults() -> dict[str, str]:
     }
 
 
+# The opt-in stages' variables: unset means off, so `posttrain` leaves them out of the environment it fills in.
+OPT_IN_DEFAULTS = {CURATION: "off", MIXTURES: ""}
+
+
 def setting(name: str) -> str:
     """The variable's value, or its default when it is unset or empty."""
-    return os.environ.get(name) or environment_defaults()[name]
+    return os.environ.get(name) or {**environment_defaults(), **OPT_IN_DEFAULTS}[name]

@@ -2,7 +2,8 @@
 
 silver.records is already deduplicated (exact, normalised and MinHash near duplicates are collapsed by the cleaning
 pass), so every pair found among its rows is one MinHash did not catch: a paraphrase, a translation-like rewording,
-a template filled with other words. Pairs are searched within a regime only, as the cleaning pass does.
+a template filled with other words. Pairs are searched within a regime only, as the cleaning pass does, and RL
+prompts must also share their numbers and gold answer (``cleaning.dedup.rl_same_key``), as near dedup requires.
 
 The search compares blocks of rows with all later rows (exact, no index): O(n^2 * dim) per regime, fine for the
 hundreds of thousands of rows a curated regime holds on one machine; an approximate index is the next step beyond.

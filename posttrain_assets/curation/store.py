@@ -13,7 +13,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from posttrain_assets.cleaning.dedup import dedup_unit
+from posttrain_assets.cleaning.dedup import dedup_unit, rl_same_key
 from posttrain_assets.curation import selection, semantic
 from posttrain_assets.curation.embedder import Embedder
 from posttrain_assets.curation.tables import (
@@ -129,6 +129,17 @@ def find_semantic_duplicates(
                 ).fetchall()
             )
             pairs = semantic.similar_pairs(vectors, threshold)
+            if regime == "rl" and len(pairs):
+                # As in near dedup: templated problems that differ in a number or in the answer are different
+                # tasks, however close their texts' vectors (a mean of token vectors barely moves with a number).
+                records = conn.execute(
+                    f"SELECT id, regime, prompt, answer FROM {SILVER_RECORDS.qualified} WHERE regime = 'rl'"
+                ).fetchall()
+                keys = {r[0]: rl_same_key({"regime": r[1], "prompt": r[2], "answer": r[3]}) for r in records}
+                same = [
+                    keys[ids[i]] == keys[ids[j]] for i, j in zip(pairs["i"].tolist(), pairs["j"].tolist(), strict=True)
+                ]
+                pairs = pairs[np.array(same, dtype=bool)]
             heads = semantic.group_heads(len(ids), pairs)
             in_pairs = np.unique(np.concatenate([pairs["i"], pairs["j"]])) if len(pairs) else np.array([], dtype=int)
             report.pairs[regime] = len(pairs)

@@ -38,7 +38,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -488,6 +488,36 @@ def export_gold(
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
     _write_file(out_dir, out_dir / MANIFEST_FILE, lambda path: path.write_text(text, "utf-8"))
     return manifest
+
+
+def export_mixture(
+    conn: duckdb.DuckDBPyConnection,
+    folder: Path,
+    *,
+    mixture: str,
+    table: str,
+    mixture_manifest: Mapping[str, Any],
+    answer_formats: Mapping[str, str] | None = None,
+) -> list[ExportedFile]:
+    """Write one mixture of gold.mixtures (posttrain_assets.curation) into ``folder`` in its gold table's layout
+    (TRL for SFT and preference, verl for RL: the same projection as :data:`EXPORTS`): ``train.parquet``,
+    ``train.jsonl`` (a row drawn for several epochs appears that many times, next to itself: rows are in id
+    order) and ``mixture_manifest.json`` (the mixture's manifest). Returns the written files."""
+    spec = next((s for s in EXPORTS if s.table == table), None)
+    if spec is None:
+        raise ExportError(f"mixture {mixture!r}: {table!r} is not an exported gold table")
+    drawn = f"(SELECT g.* FROM {table} g JOIN gold.mixtures m ON m.id = g.id WHERE m.mixture = $mixture_name)"
+    query, replaced = re.subn(rf"FROM {re.escape(table)}\b", f"FROM {drawn}", spec.query)
+    if replaced != 1:
+        raise ExportError(f"the {spec.name} export query does not read {table} exactly once")
+    params = {**spec.params(answer_formats), "mixture_name": mixture}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, files = _write_data(conn, replace(spec, query=query), params, folder, folder)
+    text = json.dumps(dict(mixture_manifest), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    files.append(_write_file(folder, folder / "mixture_manifest.json", lambda path: path.write_text(text, "utf-8")))
+    return files
+
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from posttrain_assets.defs.bronze import source_partitions
+from posttrain_assets.settings import CURATION, setting
 
 BRONZE = dg.AssetSelection.assets(["bronze", "records"])
 
@@ -15,9 +16,20 @@ ingest_source_job = dg.define_asset_job(
 
 PUBLISH = dg.AssetSelection.groups("publish")
 
+# Curation (embeddings, semantic duplicates, diversity selection, mixtures; docs/curation.md) is opt-in: its own
+# `curate` job runs it, and the refresh includes it only when POSTTRAIN_CURATION is "on" as the definitions load.
+CURATION_GROUP = dg.AssetSelection.groups("curation")
+
+
+def refreshed(curation: bool) -> dg.AssetSelection:
+    """What refresh_corpus materialises: everything downstream of bronze but publish, and curation if asked."""
+    selection = dg.AssetSelection.all() - BRONZE - PUBLISH
+    return selection if curation else selection - CURATION_GROUP
+
+
 refresh_corpus_job = dg.define_asset_job(
     "refresh_corpus",
-    selection=dg.AssetSelection.all() - BRONZE - PUBLISH,
+    selection=refreshed(setting(CURATION) == "on"),
     description="Rebuild silver and gold from bronze, running every check; blocking checks stop gold.",
 )
 
