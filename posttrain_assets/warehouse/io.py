@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -189,12 +190,24 @@ def swap_in(conn: duckdb.DuckDBPyConnection, twin: Twin, table: Table) -> None:
     conn.execute(f"ALTER TABLE {twin.table.qualified} RENAME TO {table.name}")
 
 
+@functools.cache
+def arrow_schema(table: Table) -> Any:
+    """The Arrow schema of ``table``'s columns, as DuckDB hands them over (asked of an empty copy of the table in a
+    private in-memory database, once per process)."""
+    with duckdb.connect() as scratch:
+        scratch.execute(table.create_sql())
+        return scratch.sql(f"SELECT * FROM {table.qualified}").to_arrow_table().schema
+
+
 def insert_rows(conn: duckdb.DuckDBPyConnection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` (dicts keyed by column name) to ``table`` through one Arrow batch."""
+    """Append ``rows`` (dicts keyed by column name; a missing key is null) to ``table`` through one Arrow batch.
+
+    The batch is built with the table's own Arrow schema: inferring the types of nested values (a conversation's
+    list of message structs) cost 15-20 times the conversion itself, 1-1.5 s of every 4,096 SFT rows staged."""
     import pyarrow as pa
 
     if rows:
-        insert_arrow(conn, table, pa.Table.from_pylist(rows))
+        insert_arrow(conn, table, pa.Table.from_pylist(rows, schema=arrow_schema(table)))
 
 
 def insert_arrow(conn: duckdb.DuckDBPyConnection, table: Table, rows: Any) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from posttrain_assets.pipeline import load_definitions
@@ -38,17 +39,20 @@ def test_dagster_validates_the_code_location(tmp_path: Path, tokenizer_cache_dir
 
 
 def test_jobs_sensors_and_schedules_are_registered() -> None:
-    defs = load_definitions()
-    jobs = {
-        name: defs.resolve_job_def(name)
-        for name in ("ingest_source", "refresh_corpus", "publish", "estimate_rl_difficulty")
-    }
-    assert {k.to_user_string() for k in jobs["publish"].asset_layer.executable_asset_keys} == {
-        "gold/trace",
-        "exports/trainer_files",
-    }
-    assert "bronze/records" not in {
-        k.to_user_string() for k in jobs["refresh_corpus"].asset_layer.executable_asset_keys
-    }
-    assert defs.resolve_sensor_def("landing_files_sensor").default_status.value == "RUNNING"
-    assert defs.resolve_schedule_def("daily_refresh_schedule").cron_schedule == "0 3 * * *"
+    # Loaded inside a live instance, as the webserver and the daemon load them: the definitions' state storage is
+    # that instance's (outside one, a storage left current by an earlier test's instance can be found dead).
+    with dg.instance_for_test():
+        defs = load_definitions()
+        jobs = {
+            name: defs.resolve_job_def(name)
+            for name in ("ingest_source", "refresh_corpus", "publish", "estimate_rl_difficulty")
+        }
+        assert {k.to_user_string() for k in jobs["publish"].asset_layer.executable_asset_keys} == {
+            "gold/trace",
+            "exports/trainer_files",
+        }
+        assert "bronze/records" not in {
+            k.to_user_string() for k in jobs["refresh_corpus"].asset_layer.executable_asset_keys
+        }
+        assert defs.resolve_sensor_def("landing_files_sensor").default_status.value == "RUNNING"
+        assert defs.resolve_schedule_def("daily_refresh_schedule").cron_schedule == "0 3 * * *"
