@@ -30,6 +30,11 @@ context of this module's own (:class:`_WorkerContext`) for three things the stoc
   live in this package's modules (sent by module and name), so they need nothing from ``__main__``.
 - The context remembers the workers it started, so a pool whose item overran its time limit can be killed.
 
+``POSTTRAIN_EXECUTOR=ray`` (:func:`posttrain_assets.settings.executor`) runs the same functions as Ray tasks on the
+cluster at ``RAY_ADDRESS`` instead (:mod:`posttrain_assets.ray_executor`, docs/scale-out.md), results again in input
+order. Calls with a ``time_limit`` stay local: a deadline on a cluster would count queueing and worker start-up, so
+whether a comparison times out, and with it a verdict, would depend on the cluster's load.
+
 Workers exit as soon as the process that started them dies (:func:`_exit_with_caller`). What every item needs
 (tokenizer, registry, configuration: ``shared``) is sent once per worker; only the items and their results travel
 per task, and at most ``2 x processes`` items are in flight (``processes`` with a time limit), so memory stays
@@ -55,6 +60,8 @@ from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import BaseContext, set_spawning_popen
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
+
+from posttrain_assets.settings import executor
 
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
@@ -256,9 +263,18 @@ def map_batches(
     ``time_limit.seconds`` after it was handed to its worker yields ``time_limit.result``; the pool's workers are
     killed (so items must not have effects a kill could leave half done) and the items that were running beside
     it run again in a fresh pool. The two options do not combine.
+
+    With ``POSTTRAIN_EXECUTOR=ray`` every call without a ``time_limit`` runs on the Ray cluster whatever
+    ``processes`` says (the cluster's CPUs bound the tasks in flight); ``fresh_process_per_item`` then means a Ray
+    worker process per item (``max_calls=1``).
     """
     if fresh_process_per_item and time_limit is not None:
         raise ValueError("fresh_process_per_item and time_limit do not combine")
+    if time_limit is None and executor() == "ray":
+        from posttrain_assets.ray_executor import map_on_ray
+
+        yield from map_on_ray(fn, shared, items, fresh_process_per_item=fresh_process_per_item)
+        return
     if processes <= 1 and not fresh_process_per_item and time_limit is None:
         for item in items:
             yield fn(shared, item)

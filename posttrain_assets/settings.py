@@ -21,7 +21,6 @@ CURATION = "POSTTRAIN_CURATION"
 MIXTURES = "POSTTRAIN_MIXTURES"
 
 
-
 def environment_defaults() -> dict[str, str]:
     """Each variable's documented default (README, Configuration), paths absolute."""
     return {
@@ -39,3 +38,18 @@ OPT_IN_DEFAULTS = {CURATION: "off", MIXTURES: ""}
 def setting(name: str) -> str:
     """The variable's value, or its default when it is unset or empty."""
     return os.environ.get(name) or {**environment_defaults(), **OPT_IN_DEFAULTS}[name]
+
+
+# Where posttrain_assets.parallel.map_batches runs its batches (docs/scale-out.md): "local", worker processes on this
+# machine (the default, also when unset), or "ray", tasks on the Ray cluster at Ray's own RAY_ADDRESS.
+EXECUTOR = "POSTTRAIN_EXECUTOR"
+EXECUTORS = ("local", "ray")
+RAY_ADDRESS = "RAY_ADDRESS"
+
+
+def executor() -> str:
+    """The configured executor, ``local`` when unset or empty; any other value is an error naming the variable."""
+    value = os.environ.get(EXECUTOR) or "local"
+    if value not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR}={value!r}: expected one of {', '.join(EXECUTORS)}")
+    return value
