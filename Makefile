@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(BIN)/pip install --quiet -e '.[test,policy,curation]'
+	$(BIN)/pip install --quiet -e '.[test,policy,curation,ray]'
 	$(BIN)/pip install --quiet --no-deps $(VERL)
 	touch $@
 

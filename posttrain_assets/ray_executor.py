@@ -70,7 +70,12 @@ def connect() -> None:
     """Connect this process to the cluster at ``RAY_ADDRESS`` once (a process already connected, e.g. a test's
     ``ray.init``, is used as it is). Raises :class:`RayClusterUnreachable` naming ``RAY_ADDRESS`` rather than
     waiting on an address where no cluster answers."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RayClusterUnreachable(
+            f"{EXECUTOR}=ray needs Ray in this environment: pip install -e '.[ray]' (the project's `ray` extra)"
+        ) from None
 
     if ray.is_initialized():
         return
@@ -89,12 +94,12 @@ def connect() -> None:
                 f"{EXECUTOR}=ray but no Ray cluster answers at {RAY_ADDRESS}={address} "
                 f"(no connection within {CONNECT_TIMEOUT_SECONDS:g} s: {exc}); start one with `ray start --head` or "
                 f"point {RAY_ADDRESS} at a running cluster's head"
-            ) from exc
+            ) from None  # this message is the run's error (Dagster reports a chain's innermost cause)
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
         message = f"{EXECUTOR}=ray but Ray could not connect to {RAY_ADDRESS}={address}: {exc}"
-        raise RayClusterUnreachable(message) from exc
+        raise RayClusterUnreachable(message) from None
 
 
 def _run(fn: Callable[[Any, Any], Any], shared_box: list[Any], item: Any) -> tuple[str, Any]:
@@ -141,9 +146,9 @@ def map_on_ray(
     fresh_process_per_item: bool = False,
 ) -> Iterator[Result]:
     """``fn(shared, item)`` for each item as a Ray task, yielded in the order of ``items`` (see the module)."""
+    connect()
     import ray
 
-    connect()
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     remote = _remote(fresh_process_per_item).options(runtime_env={"env_vars": _task_environment()})
     shared_box = [ray.put(shared)]

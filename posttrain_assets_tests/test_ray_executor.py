@@ -6,8 +6,10 @@ cluster reported by name. The two-node cluster and the whole graph: test_ray_clu
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,12 +52,24 @@ def dies_once(marker_dir: str, item: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """A Ray instance of this process with two CPUs and a small object store."""
-    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    """A Ray instance of this process with two CPUs and a small object store, its files under a temp dir. Token
+    authentication off: left unset, Ray turns it on for a new local instance and writes ~/.ray/auth_token, which
+    every later `ray start` of this user would then pick up."""
+    root = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's Unix sockets live under it
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=2,
+            object_store_memory=100 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=root,
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
