@@ -170,19 +170,26 @@ def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
 
     with duckdb.connect(database, read_only=True) as conn:
         rows = conn.execute(
-            "SELECT id, source, input_ids, labels, num_trainable_tokens, chat_template_sha256 "
-            "FROM silver.sft_tokenized WHERE starts_with(id, ?) ORDER BY id LIMIT 2",
+            "SELECT t.id, t.source, t.input_ids, t.labels, t.num_trainable_tokens, t.chat_template_sha256, "
+            "r.messages[1:t.num_messages] FROM silver.sft_tokenized t LEFT JOIN silver.records r USING (id) "
+            "WHERE starts_with(t.id, ?) ORDER BY t.id LIMIT 2",
             [record_id],
         ).fetchall()
     if not rows:
         raise SystemExit(f"no tokenised SFT row with id starting {record_id!r}")
     if len(rows) > 1:
         raise SystemExit(f"id prefix {record_id!r} is ambiguous: {rows[0][0]}, {rows[1][0]}, ...")
-    ((row_id, source, input_ids, labels, trained, template_sha),) = rows
+    ((row_id, source, input_ids, labels, trained, template_sha, messages),) = rows
     tok = load_tokenizer(os.environ["POSTTRAIN_TOKENIZER"], Path(os.environ["POSTTRAIN_CACHE_DIR"]))
     header = f"{row_id} ({source}): {len(input_ids)} tokens, {trained} trained, template {template_sha[:12]}"
     legend = "trained spans are green" if color else "trained spans are inside ⟦ ⟧"
-    return f"{header}; {legend}\n\n{render_mask(tok, input_ids, labels, color=color)}"
+    if messages and any(m.get("tool_calls") or m.get("reasoning_content") or m["role"] == "tool" for m in messages):
+        legend += (
+            "; reasoning magenta, tool calls yellow, tool results cyan"
+            if color
+            else "; reasoning in ⟨reasoning⟩, tool-call names in ⟨call⟩, tool results in ⟨result⟩"
+        )
+    return f"{header}; {legend}\n\n{render_mask(tok, input_ids, labels, color=color, messages=messages)}"
 
 
 def trace_row(database: str, record_id: str) -> str:

@@ -78,11 +78,33 @@ EXPORT_BATCH_ROWS = 5_000
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _MESSAGES = pa.list_(_MESSAGE)
+# SFT messages keep the structured fields of agentic and reasoning turns (null where absent), as silver.records holds
+# them: the conversation next to its input_ids/labels says what was trained.
+_TOOL_CALL = pa.struct(
+    [
+        ("id", pa.string()),
+        ("type", pa.string()),
+        ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())])),
+    ]
+)
+_SFT_MESSAGES = pa.list_(
+    pa.struct(
+        [
+            ("role", pa.string()),
+            ("content", pa.string()),
+            ("reasoning_content", pa.string()),
+            ("tool_calls", pa.list_(_TOOL_CALL)),
+            ("tool_call_id", pa.string()),
+            ("name", pa.string()),
+        ]
+    )
+)
 
 SFT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("messages", _MESSAGES),
+        ("messages", _SFT_MESSAGES),
+        ("tools", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("assistant_masks", pa.list_(pa.int8())),
@@ -311,6 +333,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
         """
         SELECT id,
                messages[1:num_messages] AS messages,
+               tools,
                input_ids,
                labels,
                list_transform(labels, lambda l: CASE WHEN l = -100 THEN 0 ELSE 1 END)::TINYINT[] AS assistant_masks
@@ -318,7 +341,10 @@ EXPORTS: tuple[ExportSpec, ...] = (
         """,
         {
             "id": "stable content id (sha256, 32 hex) of the gold row",
-            "messages": "the conversation as rendered: [{role, content}] (the leading turns when truncated)",
+            "messages": "the conversation as rendered: [{role, content, reasoning_content, tool_calls: [{id, type, "
+            "function: {name, arguments (JSON text)}}], tool_call_id, name}] (null where absent; the leading turns "
+            "when truncated)",
+            "tools": "the tool definitions passed to the chat template as tools= (JSON text), null when none",
             "input_ids": "token ids of the chat-template rendering of messages",
             "labels": "input id where trained (assistant content + end-of-turn marker), -100 elsewhere; unshifted",
             "assistant_masks": "1 where labels are trained, 0 elsewhere (TRL's assistant mask)",

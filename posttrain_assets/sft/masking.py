@@ -569,6 +569,14 @@ def _structured_span(
         end = tail + len(text[tail:high].rstrip())  # the last turn of a template that closes none: nothing to stop
     else:
         raise MaskError("template_error", f"no end-of-turn marker {marker!r} after assistant message {index}")
+    written = text[start:end]
+    for call in messages[index].get("tool_calls") or []:
+        if call["function"]["name"] not in written:  # e.g. SmolLM2's template: calls dropped, nothing to train
+            raise MaskError(
+                "template_error",
+                f"the chat template does not render the tool call {call['function']['name']!r} of assistant "
+                f"message {index}; use a tokenizer whose template writes tool calls",
+            )
     reasoning = spans.get(count + index)
     if reasoning is not None and not _reasoning_trained(messages, index, cfg):
         start = reasoning[1]
@@ -1437,16 +1445,80 @@ def _untrained_runs(runs: list[tuple[int, int]], length: int) -> list[tuple[int,
     return gaps
 
 
-def render_mask(tok: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int], color: bool = False) -> str:
-    """Human-readable mask: trained spans wrapped in ``⟦ ⟧`` (or shown in green with ``color=True``)."""
-    open_mark, close_mark = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
+# Markers of the mask debug view: (open, close) in plain text, and the ANSI colour in colour mode.
+_VIEW_MARKS = {
+    "trained": (("⟦", "⟧"), "\x1b[32m"),  # green
+    "reasoning": (("⟨reasoning⟩", "⟨/reasoning⟩"), "\x1b[35m"),  # magenta
+    "call": (("⟨call⟩", "⟨/call⟩"), "\x1b[33m"),  # yellow
+    "result": (("⟨result⟩", "⟨/result⟩"), "\x1b[36m"),  # cyan
+}
+_RESET = "\x1b[0m"
+
+
+def render_mask(
+    tok: PreTrainedTokenizerBase,
+    input_ids: list[int],
+    labels: list[int],
+    color: bool = False,
+    messages: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """Human-readable mask: trained spans wrapped in ``⟦ ⟧`` (or shown in green with ``color=True``).
+
+    With the row's ``messages``, agentic parts are shown distinctly too, trained or not: each reasoning text in
+    ``⟨reasoning⟩ ⟨/reasoning⟩`` (magenta), each tool call's name in ``⟨call⟩ ⟨/call⟩`` (yellow) and each tool result
+    in ``⟨result⟩ ⟨/result⟩`` (cyan), found in the rendering in message order."""
     pieces: list[str] = []
-    prev = 0
+    trained: list[tuple[int, int]] = []
+    prev, at = 0, 0
     for start, end in _runs(labels):
         if start > prev:
             pieces.append(_decode(tok, input_ids[prev:start]))
-        pieces.append(open_mark + _decode(tok, input_ids[start:end]) + close_mark)
+            at += len(pieces[-1])
+        pieces.append(_decode(tok, input_ids[start:end]))
+        trained.append((at, at + len(pieces[-1])))
+        at += len(pieces[-1])
         prev = end
     if prev < len(input_ids):
         pieces.append(_decode(tok, input_ids[prev:]))
-    return "".join(pieces)
+    text = "".join(pieces)
+    spans = [("trained", start, end) for start, end in trained]
+    if messages is not None:
+        spans += _agentic_view_spans(text, template_conversation(messages))
+    # Closing marks before opening marks at the same place, outer spans (longer) opened first and closed last.
+    events = sorted(
+        [(start, 1, -(end - start), kind, True) for kind, start, end in spans]
+        + [(end, 0, end - start, kind, False) for kind, start, end in spans]
+    )
+    out, position, active = [], 0, []
+    for place, _, _, kind, opening in events:
+        out.append(text[position:place])
+        position = place
+        (open_mark, close_mark), ansi = _VIEW_MARKS[kind]
+        if opening:
+            active.append(kind)
+            out.append(ansi if color else open_mark)
+        else:
+            active.remove(kind)
+            out.append((_RESET + "".join(_VIEW_MARKS[k][1] for k in active)) if color else close_mark)
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _agentic_view_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """(kind, start, end) in the rendered ``text`` of each reasoning, tool-call name and tool result, each searched
+    after the previous one found (so repeated texts land on their own turn)."""
+    spans: list[tuple[str, int, int]] = []
+    cursor = 0
+    for message in messages:
+        wanted: list[tuple[str, str]] = []
+        if message.get("reasoning_content"):
+            wanted.append(("reasoning", message["reasoning_content"].strip()))
+        wanted += [("call", call["function"]["name"]) for call in message.get("tool_calls") or []]
+        if message.get("role") == "tool" and message.get("content", "").strip():
+            wanted.append(("result", message["content"].strip()))
+        for kind, needle in wanted:
+            found = text.find(needle, cursor)
+            if found != -1:
+                spans.append((kind, found, found + len(needle)))
+                cursor = found + len(needle)
+    return spans

@@ -30,6 +30,7 @@ from posttrain_assets.sft.masking import (
     MaskConfig,
     MaskError,
     TokenizedConversation,
+    render_mask,
     tokenize_conversations,
     verify_mask,
 )
@@ -563,3 +564,30 @@ def test_batches_tokenise_and_prove_stored_tool_rows(make_tokenizer: Callable[..
     assert problem.endswith(
         "of assistant message 2 trains its reasoning, which train_reasoning='none' leaves untrained"
     )
+
+
+def test_a_template_that_drops_tool_calls_is_refused(smollm2_tokenizer: Any) -> None:
+    """SmolLM2's template writes no tool calls: training its rendering would teach the turn to end without the
+    call, so such rows are a template_error rather than a silently wrong mask."""
+    [err] = tokenize_conversations(smollm2_tokenizer, [AGENT], MaskConfig(), [TOOLS])
+    assert err == MaskError(
+        "template_error",
+        "the chat template does not render the tool call 'get_weather' of assistant message 2; use a tokenizer "
+        "whose template writes tool calls",
+    )
+
+
+def test_mask_view_shows_reasoning_calls_and_results_distinctly(make_tokenizer: Callable[..., Any]) -> None:
+    tok = family_tokenizer(BY_NAME["qwen"], make_tokenizer)
+    row = ok(tokenize_conversations(tok, [AGENT], MaskConfig(train_reasoning="none"), [TOOLS])[0])
+    view = render_mask(tok, row.input_ids, row.labels, messages=AGENT)
+    assert (
+        "<|im_start|>assistant\n<think>\n⟨reasoning⟩I should call the tool.⟨/reasoning⟩⟦\n</think>\n\n<tool_call>\n"
+        '{"name": "⟨call⟩get_weather⟨/call⟩", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>⟧\n'
+        "<|im_start|>user\n<tool_response>\n⟨result⟩4 C, cloudy⟨/result⟩\n</tool_response><|im_end|>" in view
+    )
+    assert render_mask(tok, row.input_ids, row.labels) == view.replace("⟨reasoning⟩", "").replace(
+        "⟨/reasoning⟩", ""
+    ).replace("⟨call⟩", "").replace("⟨/call⟩", "").replace("⟨result⟩", "").replace("⟨/result⟩", "")
+    colored = render_mask(tok, row.input_ids, row.labels, color=True, messages=AGENT)
+    assert '{"name": "\x1b[33mget_weather\x1b[0m\x1b[32m", "arguments"' in colored  # call name inside a trained run

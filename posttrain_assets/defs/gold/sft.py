@@ -7,6 +7,7 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
+from posttrain_assets.sft.agentic_stats import AgenticStats, agentic_stats, markdown_agentic_table
 from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table, turn_depth
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import insert_ordered, transaction
@@ -31,6 +32,32 @@ def turn_depth_metadata(by_source: dict[str, TurnDepth], overall: dict[str, Turn
             value = getattr(d, field)
             if value is not None:
                 metadata[f"turn_depth/{name}/{field}"] = dg.MetadataValue.float(float(value))
+    return metadata
+
+
+# Agentic statistics plotted per source (and "all") across materialisations.
+PLOTTED_AGENTIC = ("tools_share", "tool_calls", "reasoning_share")
+
+
+def agentic_metadata(
+    by_source: dict[str, AgenticStats], overall: dict[str, AgenticStats]
+) -> dict[str, dg.MetadataValue]:
+    """Tool use and reasoning of gold.sft as metadata: a table, each group's tool-calls-per-turn histogram, floats."""
+    stats = {**by_source, **overall}
+    metadata: dict[str, dg.MetadataValue] = {
+        "agentic": dg.MetadataValue.md(markdown_agentic_table(stats)),
+        "tool_calls_per_turn_histogram": dg.MetadataValue.json(
+            {name: s.calls_per_turn_histogram for name, s in stats.items()}
+        ),
+        "reasoning_vs_answer_tokens": dg.MetadataValue.json(
+            {name: {"reasoning": s.reasoning_tokens, "answer": s.answer_tokens} for name, s in stats.items()}
+        ),
+    }
+    for name, s in stats.items():
+        for field in PLOTTED_AGENTIC:
+            value = getattr(s, field)
+            if value is not None:
+                metadata[f"agentic/{name}/{field}"] = dg.MetadataValue.float(float(value))
     return metadata
 
 
@@ -59,6 +86,12 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
         )
         metadata.update(
             turn_depth_metadata(turn_depth(conn, GOLD_SFT.qualified), turn_depth(conn, GOLD_SFT.qualified, None))
+        )
+        tok = tokenizer.get()
+        metadata.update(
+            agentic_metadata(
+                agentic_stats(conn, GOLD_SFT.qualified, tok), agentic_stats(conn, GOLD_SFT.qualified, tok, None)
+            )
         )
     metadata["dagster/column_lineage"] = column_lineage(
         {c: [(SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, c)] for c in GOLD_SFT.column_names}
