@@ -101,12 +101,6 @@ RECORD_COLUMNS = (
         "rl, python_eval: the unit tests the verifier runs a solution against (Python source with asserts that "
         "call the solution's functions); null elsewhere, and for a python_eval row whose source gives none",
     ),
-)
-
-SILVER_RECORDS = Table(
-    "silver",
-    "records",
-    "The canonical training corpus, cleaned: every valid row of every training source that passed the quality "
     _c(
         "annotations",
         ANNOTATIONS_TYPE,
@@ -114,6 +108,12 @@ SILVER_RECORDS = Table(
         "that wrote the responses), chosen_ratings and rejected_ratings (aspect, rating), rater_scores (rater, "
         "chosen, rejected: one per annotator); null elsewhere and where the source gives none",
     ),
+)
+
+SILVER_RECORDS = Table(
+    "silver",
+    "records",
+    "The canonical training corpus, cleaned: every valid row of every training source that passed the quality "
     "gate and decontamination, one row per (near-)distinct content; duplicates are in silver.dedup_clusters.",
     RECORD_COLUMNS,
 )
@@ -264,13 +264,13 @@ PAIR_COLUMNS = (
     *_pick(
         ("id", "source", "source_kind", "messages", "prompt", "chosen", "rejected", "score_chosen", "score_rejected")
     ),
+    *_pick(("annotations",)),
     _c("score_margin", "DOUBLE", "score_chosen - score_rejected, when both scores exist"),
     _c("chosen_tokens", "INTEGER", "tokens of the chosen response (project tokenizer, no special tokens)", False),
     _c("rejected_tokens", "INTEGER", "tokens of the rejected response", False),
     _c("length_diff", "INTEGER", "chosen_tokens - rejected_tokens", False),
     _c("is_tie", "BOOLEAN", "chosen and rejected are identical or near-identical after normalisation", False),
     *_pick(("token_count", "lang", "license", "origin", "created_at")),
-    *_pick(("annotations",)),
 )
 
 SILVER_PREFERENCE_PAIRS = Table(
@@ -472,14 +472,14 @@ ALL_TABLES = (
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_PREFERENCE_BALANCE_DROPS,
     SILVER_PREFERENCE_AUDIT,
+    SILVER_PREFERENCE_JUDGE_AUDIT,
+    SILVER_PREFERENCE_AGREEMENT,
     GOLD_SFT,
     GOLD_PREFERENCE,
     GOLD_PREFERENCE_LENGTH_BALANCED,
     SILVER_RL_CERTIFICATION,
     SILVER_RL_DIFFICULTY,
     GOLD_RL_PROMPTS,
-    SILVER_PREFERENCE_JUDGE_AUDIT,
-    SILVER_PREFERENCE_AGREEMENT,
 )
 
 
