@@ -1254,9 +1254,11 @@ def measure_floor(corpus_dir: Path, cache_dir: Path) -> dict[str, Any]:
             if not path.exists():
                 continue
             with timed() as t:
-                conn.execute(f"SELECT * FROM {_floor_relation(s)}", [str(path)]).to_arrow_table()
+                conn.sql(f"SELECT * FROM {_floor_relation(s)}", params=[str(path)]).to_arrow_table()
             read_seconds += t["seconds"]
-            reader = conn.execute(f"SELECT * FROM {_floor_relation(s)}", [str(path)]).to_arrow_reader(FLOOR_BATCH_ROWS)
+            reader = conn.sql(f"SELECT * FROM {_floor_relation(s)}", params=[str(path)]).to_arrow_reader(
+                FLOOR_BATCH_ROWS
+            )
             for batch in reader:
                 texts = []
                 for row in batch.to_pylist():
