@@ -215,3 +215,20 @@ def test_tool_call_turn_without_text_is_not_an_empty_turn_and_special_tokens_in_
     assert quality.special_token_in_content(thinking, cfg) == Drop(
         "special_token_in_content", "messages[5].reasoning_content contains special token '<|im_end|>'"
     )
+
+
+def test_the_launchpad_config_sets_the_tool_call_limits() -> None:
+    from posttrain_assets.defs.silver.canonical import CleaningPassConfig
+
+    assert (
+        CleaningPassConfig().cleaning().quality.max_parallel_tool_calls,
+        QualityConfig().require_declared_tools,
+    ) == (
+        16,
+        True,
+    )
+    quality_cfg = CleaningPassConfig(max_parallel_tool_calls=1, require_declared_tools=False).cleaning().quality
+    assert (quality_cfg.max_parallel_tool_calls, quality_cfg.require_declared_tools) == (1, False)
+    assert quality.tool_call_invalid(agentic_row(), quality_cfg) == Drop(
+        "too_many_parallel_calls", "messages[2] makes 2 tool calls, over max_parallel_tool_calls 1"
+    )

@@ -67,6 +67,9 @@ class CleaningPassConfig(dg.Config):
     min_language_confidence: float = 0.5
     refusal_in_sft: bool = True
     refusal_in_preference_chosen: bool = False
+    # tool calls: most per assistant turn, and whether each must name a tool of the row's tools (docs/cleaning.md)
+    max_parallel_tool_calls: int = 16
+    require_declared_tools: bool = True
     shingle_words: int = 5
     rl_shingle_words: int = 1
     num_perm: int = 128
@@ -89,6 +92,8 @@ class CleaningPassConfig(dg.Config):
                 license_policy=self.license_policy,
                 refusal_in_sft=self.refusal_in_sft,
                 refusal_in_preference_chosen=self.refusal_in_preference_chosen,
+                max_parallel_tool_calls=self.max_parallel_tool_calls,
+                require_declared_tools=self.require_declared_tools,
             ),
             minhash={
                 "sft": minhash(self.shingle_words),
