@@ -22,11 +22,36 @@ from posttrain_assets.sft.masking import IGNORE_INDEX, MaskConfig, render_mask, 
 from posttrain_assets_tests.graph import Graph, deployed
 from posttrain_assets_tests.publish.test_trainer_handoff import offline  # noqa: F401 (the fixture)
 from posttrain_assets_tests.real_data import REAL_DATA
-from posttrain_assets_tests.sft.test_agentic_masks import BY_NAME
+from posttrain_assets_tests.records.test_tools import HERMES_ROW
+from posttrain_assets_tests.sft.test_agentic_masks import AGENT, BY_NAME, TOOLS
 
 GLAIVE = REAL_DATA / "glaive-toolcall" / "glaive_toolcall_en_demo.json"
 
 pytestmark = pytest.mark.slow  # the whole graph on 300 real rows
+
+# Planted next to the real data: a reasoning agent trajectory that must reach gold, and three faults the quality
+# gate must catch (arguments that are not JSON, a call to an undeclared tool, a call without its result).
+_BAD_ARGUMENTS = [
+    *AGENT[:2],
+    {
+        **AGENT[2],
+        "tool_calls": [{**AGENT[2]["tool_calls"][0], "function": {"name": "get_weather", "arguments": "city=Oslo"}}],
+    },
+    *AGENT[3:5],
+]
+_UNDECLARED = [
+    *AGENT[:2],
+    {
+        **AGENT[2],
+        "tool_calls": [
+            {**AGENT[2]["tool_calls"][0], "function": {"name": "get_forecast", "arguments": '{"city": "Oslo"}'}}
+        ],
+    },
+    *AGENT[3:5],
+]
+_SECOND_CALL = {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+_UNANSWERED = [*AGENT[:2], {**AGENT[2], "tool_calls": [*AGENT[2]["tool_calls"], _SECOND_CALL]}, *AGENT[3:5]]
+PLANTED = [{"messages": m, "tools": TOOLS} for m in (AGENT, _BAD_ARGUMENTS, _UNDECLARED, _UNANSWERED)]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +63,26 @@ def agentic_graph(
     tok = make_tokenizer(family.template, family.special_tokens, family.tokens)
     tokenizer_dir = workdir / "qwen_style_tokenizer"
     tok.save_pretrained(str(tokenizer_dir))
+    planted = workdir / "planted.jsonl"
+    planted.write_text("".join(json.dumps(row) + "\n" for row in PLANTED), encoding="utf-8")
+    hermes = workdir / "hermes.jsonl"
+    hermes.write_text(json.dumps(HERMES_ROW) + "\n", encoding="utf-8")
     registry = workdir / "sources.yaml"
     registry.write_text(
         f"""
 sources:
+  - name: planted_agents
+    path: {planted}
+    format: messages
+    license: MIT
+    origin: "written in test_agentic_pipeline.py"
+    kind: synthetic
+  - name: hermes_sample
+    path: {hermes}
+    format: hermes
+    license: MIT
+    origin: "written in test_agentic_pipeline.py, in the hermes-function-calling-v1 layout"
+    kind: synthetic
   - name: glaive_toolcall
     path: {GLAIVE}
     format: sharegpt
@@ -61,13 +102,25 @@ def test_every_row_is_masked_and_proven_or_quarantined_with_a_reason(agentic_gra
     graph, report, _ = agentic_graph
     assert report.failed_checks == [] and report.not_materialized == []
     assert any(c.check.endswith("loss_mask_check") and c.passed for c in report.checks)
-    assert graph.query("SELECT count(*) FROM bronze.records") == [(300,)]
-    # 300 = 221 in silver + 12 quarantined + 67 duplicates (the demo file repeats conversations)
+    assert graph.query("SELECT source, count(*) FROM bronze.records GROUP BY ALL ORDER BY ALL") == [
+        ("glaive_toolcall", 300),
+        ("hermes_sample", 1),
+        ("planted_agents", 4),
+    ]
+    # glaive: 300 = 221 in silver + 12 quarantined + 67 duplicates (the demo file repeats conversations)
+    glaive = "WHERE source = 'glaive_toolcall'"
     assert graph.query(
-        "SELECT (SELECT count(*) FROM silver.records), (SELECT count(*) FROM silver.quarantine), "
-        "(SELECT count(*) FROM silver.dedup_clusters)"
+        f"SELECT (SELECT count(*) FROM silver.records {glaive}), (SELECT count(*) FROM silver.quarantine {glaive}), "
+        f"(SELECT count(*) FROM silver.dedup_clusters {glaive})"
     ) == [(221, 12, 67)]
-    assert graph.query("SELECT stage, reason, count(*) FROM silver.quarantine GROUP BY ALL ORDER BY ALL") == [
+    assert graph.query(
+        "SELECT source, stage, reason, row_number FROM silver.quarantine WHERE source <> 'glaive_toolcall' ORDER BY ALL"
+    ) == [
+        ("planted_agents", "quality", "tool_arguments_not_json", 1),
+        ("planted_agents", "quality", "tool_call_unanswered", 3),
+        ("planted_agents", "quality", "undeclared_tool", 2),
+    ]
+    assert graph.query(f"SELECT stage, reason, count(*) FROM silver.quarantine {glaive} GROUP BY ALL ORDER BY ALL") == [
         ("quality", "refusal_boilerplate", 11),
         ("quality", "tool_arguments_invalid", 1),
     ]
@@ -83,7 +136,11 @@ def test_every_row_is_masked_and_proven_or_quarantined_with_a_reason(agentic_gra
     assert graph.query(
         "SELECT r.origin.row, q.reason, q.message FROM silver.sft_quarantine q JOIN silver.records r USING (id)"
     ) == [(243, "too_long", "11611 tokens > max_seq_len 4096")]
-    assert graph.query("SELECT count(*) FROM gold.sft") == [(220,)]
+    assert graph.query("SELECT source, count(*) FROM gold.sft GROUP BY ALL ORDER BY ALL") == [
+        ("glaive_toolcall", 220),
+        ("hermes_sample", 1),
+        ("planted_agents", 1),
+    ]
     assert graph.query(
         "SELECT count(*) FROM silver.records r WHERE r.id NOT IN (SELECT id FROM gold.sft) "
         "AND r.id NOT IN (SELECT id FROM silver.sft_quarantine)"
@@ -121,18 +178,23 @@ def test_agentic_statistics_are_asset_metadata(agentic_graph: Any) -> None:
     metadata = event.asset_materialization.metadata
     assert metadata["tool_calls_per_turn_histogram"].value == {
         "glaive_toolcall": {"0": 569, "1": 151},
-        "all": {"0": 569, "1": 151},
+        "hermes_sample": {"0": 1, "1": 1},
+        "planted_agents": {"0": 2, "1": 1},
+        "all": {"0": 572, "1": 153},
     }
     assert metadata["agentic/glaive_toolcall/tools_share"].value == pytest.approx(0.4909)
-    assert metadata["agentic/all/tool_calls"].value == 151
-    assert metadata["reasoning_vs_answer_tokens"].value["all"] == {"reasoning": 0, "answer": 0}  # no reasoning here
+    assert metadata["agentic/all/tool_calls"].value == 153
+    tokens = metadata["reasoning_vs_answer_tokens"].value
+    assert tokens["glaive_toolcall"] == {"reasoning": 0, "answer": 0}  # glaive has no reasoning
+    assert tokens["planted_agents"]["reasoning"] > 0 and tokens["planted_agents"]["answer"] > 0
+    assert "reasoning_share" not in {k.split("/")[-1] for k in metadata if k.startswith("agentic/glaive_toolcall/")}
     assert "| glaive_toolcall | 220 | 108 (49.1%) | 151 | 0: 569, 1: 151 | 0 |  |" in metadata["agentic"].value
 
 
 def test_the_sft_export_keeps_structured_messages_next_to_the_labels(agentic_graph: Any) -> None:
     graph, _, _ = agentic_graph
     table = pq.read_table(graph.database.parent / "exports" / "sft" / "train.parquet")
-    assert table.num_rows == 220
+    assert table.num_rows == 222
     rows = {r["id"]: r for r in table.to_pylist()}
     (gold,) = graph.dicts("SELECT id, labels, tools FROM gold.sft WHERE origin.row = 3")
     exported = rows[gold["id"]]
@@ -168,5 +230,25 @@ def test_trl_takes_the_tool_calling_export_with_our_labels(agentic_graph: Any, t
         train_dataset=ours,
         processing_class=tok,
     )
-    assert trainer.train_dataset.num_rows == 220
+    assert trainer.train_dataset.num_rows == 222
     assert trainer.train_dataset["labels"] == ours["labels"]
+
+
+def test_planted_reasoning_trajectory_and_hermes_row_reach_gold_proven(agentic_graph: Any) -> None:
+    graph, _, tokenizer = agentic_graph
+    tok = tokenizer.get()
+    rows = graph.dicts(
+        "SELECT source, messages, tools, input_ids, labels FROM gold.sft "
+        "WHERE source IN ('planted_agents', 'hermes_sample') ORDER BY source"
+    )
+    assert [r["source"] for r in rows] == ["hermes_sample", "planted_agents"]
+    for row in rows:
+        assert (
+            verify_mask(tok, row["messages"], row["input_ids"], row["labels"], MaskConfig(), tools=row["tools"]) is None
+        )
+    agent = rows[1]
+    trained = tok.decode([t for t, label in zip(agent["input_ids"], agent["labels"], strict=True) if label != -100])
+    assert "<think>\nI should call the tool.\n</think>" in trained and "4 C, cloudy" not in trained
+    hermes = rows[0]
+    assert [t["function"]["name"] for t in json.loads(hermes["tools"])] == ["get_weather"]
+    assert hermes["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
