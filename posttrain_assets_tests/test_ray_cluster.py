@@ -1,6 +1,7 @@
 """The demo graph on a real two-node Ray cluster (two ``ray start`` nodes on loopback, one CPU and a small object
-store each): tasks run on both nodes and every silver and gold table is identical to the local run. And a run
-pointed at an address where no cluster answers fails at once, naming RAY_ADDRESS."""
+store each), with one task's worker process killed by the test mid-stage: tasks run on both nodes and every bronze,
+silver and gold table is identical to the local run (nothing lost or duplicated). And a run pointed at an address
+where no cluster answers fails at once, naming RAY_ADDRESS."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -94,8 +97,9 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def two_node_cluster() -> Iterator[str]:
-    """A head and a second node on loopback, one CPU each; yields the head's address (this process is connected)."""
+def two_node_cluster() -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """A head and a second node on loopback, one CPU each; yields the head's address (this process is connected)
+    and the two `ray start --block` processes (every process of a node descends from its own)."""
     # Short paths: Ray's sockets live under the temp dir, and a Unix socket path has at most 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     port = free_port()
@@ -124,12 +128,47 @@ def two_node_cluster() -> Iterator[str]:
             if time.monotonic() > deadline or nodes[1].poll() is not None:
                 raise RuntimeError(f"the second node did not join: {(root / 'node2.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield address
+        yield address, nodes
     finally:
         ray.shutdown()
         for node in reversed(nodes):
             stop(node)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def killing_one_task_worker(nodes: list[subprocess.Popen]) -> Iterator[list[str]]:
+    """While the block runs, SIGKILL the first worker process of these nodes seen running a task (Ray titles it
+    ``ray::_run``, after the task's function), as the OOM killer or a lost machine would; yields the killed process's
+    pid and title once it happened. Only descendants of the test's own nodes are looked at."""
+    killed: list[str] = []
+    done = threading.Event()
+
+    def hunt() -> None:
+        while not done.is_set():
+            for node in nodes:
+                try:
+                    descendants = psutil.Process(node.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    continue
+                for process in descendants:
+                    try:
+                        title = " ".join(process.cmdline()).strip()
+                        if title.startswith("ray::_run"):
+                            process.kill()
+                            killed.append(f"{process.pid} {title}")
+                            return
+                    except psutil.Error:  # gone meanwhile
+                        continue
+            done.wait(0.02)
+
+    hunter = threading.Thread(target=hunt, name="kill-one-task-worker", daemon=True)
+    hunter.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        hunter.join()
 
 
 def test_a_run_pointed_at_no_cluster_fails_naming_ray_address(
@@ -148,7 +187,7 @@ def test_a_run_pointed_at_no_cluster_fails_naming_ray_address(
             assert graph.query("SELECT count(*) FROM bronze.records") == [(2926,)]
 
 
-def test_demo_graph_on_two_ray_nodes_matches_the_local_run(
+def test_demo_graph_on_two_ray_nodes_with_a_worker_killed_matches_the_local_run(
     demo_dir: Path, tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("POSTTRAIN_EXECUTOR", raising=False)
@@ -157,7 +196,7 @@ def test_demo_graph_on_two_ray_nodes_matches_the_local_run(
         local = snapshot(graph)
 
     monkeypatch.setenv("RAY_AUTH_MODE", RAY_ENV["RAY_AUTH_MODE"])
-    with two_node_cluster() as address:
+    with two_node_cluster() as (address, nodes), killing_one_task_worker(nodes) as killed:
         node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(node_ids) == 2
         monkeypatch.setenv("POSTTRAIN_EXECUTOR", "ray")
@@ -168,6 +207,9 @@ def test_demo_graph_on_two_ray_nodes_matches_the_local_run(
             on_ray = snapshot(graph)
         tasks_per_node = dict(ray_executor.TASKS_PER_NODE)
 
+    print(f"tasks per node: {tasks_per_node}; killed mid-task: {killed}")
+    # A task's worker process was SIGKILLed while it ran a batch (Ray ran the batch again), and that was invisible.
+    assert killed, "no task worker was seen running"
     # Every stage with batches ran on the cluster, on both nodes.
     assert set(tasks_per_node) == node_ids, json.dumps(tasks_per_node)
     assert all(count > 0 for count in tasks_per_node.values())
