@@ -73,13 +73,26 @@ _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2
 
 
 def _conversation_text(messages: Iterable[dict[str, Any]] | None) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in (messages or []))
+    return "\n".join(_turn_text(m) for m in (messages or []))
+
+
+def _turn_text(message: dict[str, Any]) -> str:
+    """``role: content``, then the turn's reasoning and tool calls when it has them (two agent trajectories that
+    differ only in a call's arguments are different data, not duplicates); a plain turn's text is unchanged."""
+    text = f"{message['role']}: {message['content']}"
+    if message.get("reasoning_content"):
+        text += f"\nreasoning: {message['reasoning_content']}"
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        text += f"\ncall: {function.get('name')} {function.get('arguments')}"
+    return text
 
 
 def dedup_unit(record: Record) -> str:
     """The text that is deduplicated for one row, per regime.
 
-    - sft: the whole conversation, every turn as ``role: content`` on its own line.
+    - sft: the whole conversation, every turn as ``role: content`` on its own line (with its reasoning and tool
+      calls, when it has them).
     - preference: the prompt conversation as above, then ``chosen: ...`` and ``rejected: ...``; the pair
       is one unit, so it is kept or dropped whole, never split.
     - rl: the prompt (the last user turn, ``record["prompt"]``).

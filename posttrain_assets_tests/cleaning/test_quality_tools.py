@@ -232,3 +232,15 @@ def test_the_launchpad_config_sets_the_tool_call_limits() -> None:
     assert quality.tool_call_invalid(agentic_row(), quality_cfg) == Drop(
         "too_many_parallel_calls", "messages[2] makes 2 tool calls, over max_parallel_tool_calls 1"
     )
+
+
+def test_trajectories_that_differ_only_in_their_calls_are_not_duplicates() -> None:
+    """The dedup unit of an SFT row includes its tool calls and reasoning: the same prompt and answer reached with
+    different calls is different data (a plain row's unit is unchanged)."""
+    from posttrain_assets.cleaning.dedup import dedup_unit, exact_key
+
+    rome = with_call("rome", 0, arguments='{"city": "Rome"}')
+    assert exact_key(agentic_row()) != exact_key(rome)
+    assert 'call: get_weather {"city": "Rome"}' in dedup_unit(rome)
+    plain = {"regime": "sft", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert dedup_unit(plain) == "user: q\nassistant: a"

@@ -107,12 +107,12 @@ def test_every_row_is_masked_and_proven_or_quarantined_with_a_reason(agentic_gra
         ("hermes_sample", 1),
         ("planted_agents", 4),
     ]
-    # glaive: 300 = 221 in silver + 12 quarantined + 67 duplicates (the demo file repeats conversations)
+    # glaive: 300 = 216 in silver + 12 quarantined + 72 duplicates (the demo file repeats conversations)
     glaive = "WHERE source = 'glaive_toolcall'"
     assert graph.query(
         f"SELECT (SELECT count(*) FROM silver.records {glaive}), (SELECT count(*) FROM silver.quarantine {glaive}), "
         f"(SELECT count(*) FROM silver.dedup_clusters {glaive})"
-    ) == [(221, 12, 67)]
+    ) == [(216, 12, 72)]
     assert graph.query(
         "SELECT source, stage, reason, row_number FROM silver.quarantine WHERE source <> 'glaive_toolcall' ORDER BY ALL"
     ) == [
@@ -137,7 +137,7 @@ def test_every_row_is_masked_and_proven_or_quarantined_with_a_reason(agentic_gra
         "SELECT r.origin.row, q.reason, q.message FROM silver.sft_quarantine q JOIN silver.records r USING (id)"
     ) == [(243, "too_long", "11611 tokens > max_seq_len 4096")]
     assert graph.query("SELECT source, count(*) FROM gold.sft GROUP BY ALL ORDER BY ALL") == [
-        ("glaive_toolcall", 220),
+        ("glaive_toolcall", 215),
         ("hermes_sample", 1),
         ("planted_agents", 1),
     ]
@@ -177,24 +177,24 @@ def test_agentic_statistics_are_asset_metadata(agentic_graph: Any) -> None:
     event = graph.instance.get_latest_materialization_event(dg.AssetKey(["gold", "sft"]))
     metadata = event.asset_materialization.metadata
     assert metadata["tool_calls_per_turn_histogram"].value == {
-        "glaive_toolcall": {"0": 569, "1": 151},
+        "glaive_toolcall": {"0": 563, "1": 146},
         "hermes_sample": {"0": 1, "1": 1},
         "planted_agents": {"0": 2, "1": 1},
-        "all": {"0": 572, "1": 153},
+        "all": {"0": 566, "1": 148},
     }
-    assert metadata["agentic/glaive_toolcall/tools_share"].value == pytest.approx(0.4909)
-    assert metadata["agentic/all/tool_calls"].value == 153
+    assert metadata["agentic/glaive_toolcall/tools_share"].value == pytest.approx(0.4791)
+    assert metadata["agentic/all/tool_calls"].value == 148
     tokens = metadata["reasoning_vs_answer_tokens"].value
     assert tokens["glaive_toolcall"] == {"reasoning": 0, "answer": 0}  # glaive has no reasoning
     assert tokens["planted_agents"]["reasoning"] > 0 and tokens["planted_agents"]["answer"] > 0
     assert "reasoning_share" not in {k.split("/")[-1] for k in metadata if k.startswith("agentic/glaive_toolcall/")}
-    assert "| glaive_toolcall | 220 | 108 (49.1%) | 151 | 0: 569, 1: 151 | 0 |  |" in metadata["agentic"].value
+    assert "| glaive_toolcall | 215 | 103 (47.9%) | 146 | 0: 563, 1: 146 | 0 |  |" in metadata["agentic"].value
 
 
 def test_the_sft_export_keeps_structured_messages_next_to_the_labels(agentic_graph: Any) -> None:
     graph, _, _ = agentic_graph
     table = pq.read_table(graph.database.parent / "exports" / "sft" / "train.parquet")
-    assert table.num_rows == 222
+    assert table.num_rows == 217
     rows = {r["id"]: r for r in table.to_pylist()}
     (gold,) = graph.dicts("SELECT id, labels, tools FROM gold.sft WHERE origin.row = 3")
     exported = rows[gold["id"]]
@@ -230,7 +230,7 @@ def test_trl_takes_the_tool_calling_export_with_our_labels(agentic_graph: Any, t
         train_dataset=ours,
         processing_class=tok,
     )
-    assert trainer.train_dataset.num_rows == 222
+    assert trainer.train_dataset.num_rows == 217
     assert trainer.train_dataset["labels"] == ours["labels"]
 
 
