@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -54,15 +55,28 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> str:
             "rejected VARCHAR)"
         )
         conn.execute("CREATE TABLE gold.sft (id VARCHAR, source VARCHAR, num_tokens INTEGER)")
-        for r in rows:
-            messages = [
-                {"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(r["messages"])
+        records = pa.Table.from_pylist(
+            [
+                {
+                    "id": r["id"],
+                    "regime": "sft",
+                    "source": r["source"],
+                    "domain": r["domain"],
+                    "token_count": r["tokens"],
+                    "messages": [
+                        {"role": "user" if k % 2 == 0 else "assistant", "content": t}
+                        for k, t in enumerate(r["messages"])
+                    ],
+                }
+                for r in rows
             ]
-            conn.execute(
-                "INSERT INTO silver.records VALUES (?, 'sft', ?, ?, ?, ?, NULL, NULL, NULL)",
-                [r["id"], r["source"], r["domain"], r["tokens"], messages],
-            )
-            conn.execute("INSERT INTO gold.sft VALUES (?, ?, ?)", [r["id"], r["source"], r["tokens"]])
+        )
+        conn.register("records", records)
+        conn.execute(
+            "INSERT INTO silver.records SELECT id, regime, source, domain, token_count, messages, NULL, NULL, NULL "
+            "FROM records"
+        )
+        conn.execute("INSERT INTO gold.sft SELECT id, source, token_count FROM records")
         assert store.embed_silver(conn, load_embedder(), read_rows=64) == len(rows)
     return path
 
