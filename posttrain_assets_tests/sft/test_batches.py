@@ -13,6 +13,7 @@ from posttrain_assets.sft.batches import (
     TokenizeJob,
     TokenizerIdentity,
     in_canonical_sample,
+    int32_lists,
     prove_batch,
     tokenize_batch,
 )
@@ -138,3 +139,12 @@ def test_ids_that_spell_another_text_fail_on_every_row_and_a_non_canonical_split
         f"position {trained_at}: input_ids differ from apply_chat_template "
         f"({len(row['input_ids']) + 1} vs {len(row['input_ids'])} ids)"
     ]
+
+
+def test_int32_lists_match_arrows_own_conversion() -> None:
+    lists = [[1, 2, 3], [], [-100, 70_000, 2**31 - 1], [5]]
+    converted = int32_lists(lists)
+    assert converted.type == pa.list_(pa.int32())
+    assert converted.equals(pa.array(lists, type=pa.list_(pa.int32())))
+    assert converted.to_pylist() == lists
+    assert int32_lists([]).to_pylist() == []
