@@ -1325,6 +1325,10 @@ def verify_mask(
 
     trained_texts = decoded.trained
     specials = special_tokens(tok)
+    gap_before = {
+        end: text for (_, end), text in zip(_untrained_runs(runs, len(tokens)), decoded.untrained, strict=True)
+    }
+    prompt = _generation_prompt(tok) if any(has_structure(kept[i]) for i in trained) else None
     for number, index in enumerate(trained):
         if has_structure(kept[index]) and number < len(runs):
             problem = _structured_run_problem(
@@ -1337,6 +1341,8 @@ def verify_mask(
                 marker,
                 specials,
                 runs[number][1] == len(tokens),
+                gap_before.get(runs[number][0], ""),
+                prompt,
             )
             if problem is not None:
                 return problem
@@ -1406,11 +1412,27 @@ def _structured_run_problem(
     marker: str,
     specials: tuple[str, ...],
     at_end: bool,
+    before: str,
+    prompt: str | None,
 ) -> str | None:
     """Why the trained run of an assistant turn with tool calls or reasoning is wrong (None: it is right); see
-    :func:`verify_mask`."""
+    :func:`verify_mask`. ``before`` is the untrained text just before the run, ``prompt`` the template's generation
+    prompt (found independently: what ``add_generation_prompt`` appends)."""
     message = kept[index]
     where = f"position {run[0]}: trained run {run[0]}:{run[1]} of assistant message {index}"
+    reasoning = (message.get("reasoning_content") or "").strip()
+    rendered_reasoning = bool(reasoning) and reasoning in decoded.text
+    wanted = _reasoning_trained(kept, index, cfg)
+    if rendered_reasoning and not wanted and reasoning in text:
+        return f"{where} trains its reasoning, which train_reasoning={cfg.train_reasoning!r} leaves untrained"
+    if rendered_reasoning and wanted and reasoning not in text:
+        return f"{where} does not hold its reasoning, which train_reasoning={cfg.train_reasoning!r} trains"
+    # Where the run starts: right after the generation prompt, or after the reasoning text when that is untrained.
+    if rendered_reasoning and not wanted:
+        if not before.rstrip().endswith(reasoning):
+            return f"{where} does not start right after its untrained reasoning"
+    elif prompt is None or not before.endswith(prompt):
+        return f"{where} does not start right after the generation prompt {prompt!r} ({before[-40:]!r} before it)"
     ends = (marker and text.endswith(marker)) or any(text.endswith(t) for t in specials)
     if not ends and not at_end:  # only the last turn of a template that closes none may end without one (GLM)
         return f"{where} does not end with an end-of-turn token ({text[-40:]!r})"
@@ -1423,14 +1445,20 @@ def _structured_run_problem(
         missing = next((v for v in values if v not in text), None)
         if missing is not None:
             return f"{where} does not hold its tool call {function['name']!r} ({missing[:60]!r} is not trained)"
-    reasoning = (message.get("reasoning_content") or "").strip()
-    if reasoning and reasoning in decoded.text:
-        wanted = _reasoning_trained(kept, index, cfg)
-        if wanted and reasoning not in text:
-            return f"{where} does not hold its reasoning, which train_reasoning={cfg.train_reasoning!r} trains"
-        if not wanted and (reasoning in text or not any(reasoning in t for t in decoded.untrained)):
-            return f"{where} trains its reasoning, which train_reasoning={cfg.train_reasoning!r} leaves untrained"
+    if rendered_reasoning and not wanted and not any(reasoning in t for t in decoded.untrained):
+        return f"{where}: its untrained reasoning is not wholly inside untrained text"
     return None
+
+
+_GENERATION_PROMPTS: dict[tuple[int, str], str | None] = {}
+
+
+def _generation_prompt(tok: PreTrainedTokenizerBase) -> str | None:
+    """What ``add_generation_prompt=True`` appends after a user turn, per tokenizer and template (cached)."""
+    key = (id(tok), str(tok.chat_template))
+    if key not in _GENERATION_PROMPTS:
+        _GENERATION_PROMPTS[key] = _probe_generation_prompt(tok)
+    return _GENERATION_PROMPTS[key]
 
 
 def _untrained_runs(runs: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:

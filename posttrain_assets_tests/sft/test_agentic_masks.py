@@ -591,3 +591,16 @@ def test_mask_view_shows_reasoning_calls_and_results_distinctly(make_tokenizer: 
     ).replace("⟨call⟩", "").replace("⟨/call⟩", "").replace("⟨result⟩", "").replace("⟨/result⟩", "")
     colored = render_mask(tok, row.input_ids, row.labels, color=True, messages=AGENT)
     assert '{"name": "\x1b[33mget_weather\x1b[0m\x1b[32m", "arguments"' in colored  # call name inside a trained run
+
+
+def test_proof_catches_a_trained_generation_prompt(make_tokenizer: Callable[..., Any]) -> None:
+    """The calling turn's run must start right after the generation prompt: training the header's last token
+    fails the proof at that position."""
+    tok = family_tokenizer(BY_NAME["qwen"], make_tokenizer)
+    row = ok(tokenize_conversations(tok, [AGENT], MaskConfig(), [TOOLS])[0])
+    first = row.labels.index(next(label for label in row.labels if label != IGNORE_INDEX))
+    labels = list(row.labels)
+    labels[first - 1] = row.input_ids[first - 1]  # the "\n" of "<|im_start|>assistant\n"
+    problem = verify_mask(tok, AGENT, row.input_ids, labels, MaskConfig(), tools=TOOLS)
+    assert problem is not None and problem.startswith(f"position {first - 1}: trained run {first - 1}:"), problem
+    assert "does not start right after the generation prompt '<|im_start|>assistant\\n'" in problem
