@@ -255,8 +255,8 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
     real_tokenize = sft.tokenize_conversations  # one batch of 950 rows: tokenised in this process
     corrupted: dict[str, int] = {}
 
-    def tokenize_with_a_trained_header(tok, conversations, cfg):
-        results = real_tokenize(tok, conversations, cfg)
+    def tokenize_with_a_trained_header(tok, conversations, cfg, tools=None):
+        results = real_tokenize(tok, conversations, cfg, tools)
         first: TokenizedConversation = results[0]
         position = first.labels.index(IGNORE_INDEX)  # position 0: `<|im_start|>` of the system header
         first.labels[position] = first.input_ids[position]
