@@ -33,6 +33,8 @@ import numpy as np
 METHODS = ("k_center", "facility_location")
 # Rows of the pool compared at once with the selection (bounds the block of similarities held).
 COVERAGE_BLOCK_ROWS = 4096
+# Stale facility-location bounds refreshed per matrix product (any value gives the same picks up to float ties).
+REFRESH_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,18 @@ def _facility_location(vectors: np.ndarray, cost: np.ndarray, budget: float) -> 
         if cost[row] > left:
             continue  # never fits again: the budget only shrinks
         if stale[row]:
-            sim = (1.0 + (vectors @ vectors[row]).astype(np.float64)) / 2.0
-            fresh = float(np.maximum(sim - best, 0.0).sum())
-            stale[row] = False
-            heapq.heappush(heap, (-fresh, row))
+            # Refresh the stale bounds at the top of the heap together, in one matrix product: when gains are close,
+            # lazy greedy refreshes many rows per pick, and one at a time that is mostly Python overhead.
+            rows = [row]
+            while heap and len(rows) < REFRESH_ROWS and stale[heap[0][1]]:
+                _, other = heapq.heappop(heap)
+                if cost[other] <= left:
+                    rows.append(other)
+            sims = (1.0 + (vectors @ vectors[rows].T).astype(np.float64)) / 2.0
+            fresh = np.maximum(sims - best[:, None], 0.0).sum(axis=0)
+            stale[rows] = False
+            for r, g in zip(rows, fresh.tolist(), strict=True):
+                heapq.heappush(heap, (-g, r))
             continue
         picked.append(row)
         gains.append(-neg_gain)
