@@ -211,8 +211,11 @@ def annotator_agreement(
         f"""
         {rated}
         SELECT r.source, count(*), sum(r.n),
-               avg(r.label_agreement),
-               avg((r.pos * (r.pos - 1) + r.tie * (r.tie - 1) + r.neg * (r.neg - 1)) / (r.n * (r.n - 1))),
+               -- averaged as DECIMAL: exact sums, so the figure does not depend on the order DuckDB's threads add
+               -- the pairs in (a DOUBLE avg differed in its last digits between two runs of the same data)
+               avg(r.label_agreement::DECIMAL(38, 18))::DOUBLE,
+               avg(((r.pos * (r.pos - 1) + r.tie * (r.tie - 1) + r.neg * (r.neg - 1)) / (r.n * (r.n - 1)))
+                   ::DECIMAL(38, 18))::DOUBLE,
                count(*) FILTER (WHERE r.label_agreement < $min_pair_agreement),
                (SELECT count(DISTINCT v.rater) FROM votes v WHERE v.source = r.source
                   AND v.id IN (SELECT id FROM rated WHERE rated.source = r.source))
