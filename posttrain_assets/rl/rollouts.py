@@ -117,7 +117,8 @@ class DifficultyEstimate:
     """One prompt's estimate: ``passes`` of ``k`` sampled responses scored 1.0; ``difficulty = 1 - pass_rate``.
 
     ``sample_reasons`` counts the verifier's reason codes of the failed samples; ``truncated`` counts samples
-    that hit ``max_new_tokens`` before the end-of-turn token. The responses themselves are never kept.
+    that hit ``max_new_tokens`` before the end-of-turn token; ``sampled_tokens`` is the number of tokens the K
+    samples took (end tokens included; for throughput). The responses themselves are never kept.
     """
 
     id: str
@@ -134,6 +135,7 @@ class DifficultyEstimate:
     seed: int
     sample_reasons: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    sampled_tokens: int = 0
 
 
 def lineage_key(policy: PolicySpec, sampling: SamplingParams, verifier_name: str, verifier_version: str) -> str:
@@ -383,6 +385,7 @@ def estimate_difficulty(
                 seed=sampling.seed,
                 sample_reasons=dict(sorted(reasons.items())),
                 truncated=truncated,
+                sampled_tokens=sum(len(token_ids) for token_ids in samples),
             )
         )
         if progress is not None and (len(results) == total or len(results) % batch_size == 0):

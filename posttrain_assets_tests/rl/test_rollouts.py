@@ -175,6 +175,8 @@ def test_estimate_difficulty_on_real_gsm8k_prompts(
         assert estimate.difficulty == 1 - estimate.passes / 2
         assert sum(estimate.sample_reasons.values()) == 2 - estimate.passes
         assert 0 <= estimate.truncated <= 2
+        assert 2 <= estimate.sampled_tokens <= 2 * 16
+        assert estimate.sampled_tokens >= 16 * estimate.truncated + (2 - estimate.truncated)
         assert estimate.verifier == seed["verifier"]
         assert estimate.verifier_version == VERIFIER_VERSIONS[seed["verifier"]]
         assert estimate.lineage == lineage_key(policy, sampling, seed["verifier"], VERIFIER_VERSIONS[seed["verifier"]])
@@ -202,6 +204,7 @@ def test_estimate_difficulty_on_real_gsm8k_prompts(
         "seed",
         "sample_reasons",
         "truncated",
+        "sampled_tokens",
     ]
 
 

@@ -45,5 +45,13 @@ estimate_rl_difficulty_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(["silver", "rl_difficulty"], ["gold", "rl_prompts"]),
     description="Sample a batch of pending RL seeds with the policy (SmolLM2-135M-Instruct, extra `policy`), then "
     "re-curate the bank. Run it repeatedly (or on a schedule): each run only samples seeds without an estimate.",
-    config={"ops": {"silver__rl_difficulty": {"config": {"max_prompts": 16, "k": 8, "max_new_tokens": 256}}}},
+    # Sized by tokens, not prompts: 131,072 tokens at K = 8 x 256 is 64 prompts. Rollout version 1 sampled 16 per
+    # run; the batched decoder is several times faster on 2 cores (benchmarks/rollouts.py, docs/rl-bank.md).
+    config={
+        "ops": {
+            "silver__rl_difficulty": {
+                "config": {"max_prompts": 100_000, "token_budget": 131_072, "k": 8, "max_new_tokens": 256}
+            }
+        }
+    },
 )

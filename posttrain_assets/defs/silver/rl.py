@@ -5,11 +5,12 @@ perturbed wrong answer 0.0; seeds that fail stay out of gold with the reason.
 silver.rl_difficulty: K samples per prompt from a real small policy (SmolLM2-135M-Instruct, optional extra
 ``policy``), scored by the seed's verifier; incremental per lineage. The default run config samples nothing
 (``max_prompts=0``), so the routine refresh stays fast and torch-free; the ``estimate_rl_difficulty`` job
-samples a batch of pending prompts each time it runs.
+samples as many pending prompts as its token budget allows each time it runs, and reports its tokens/s.
 """
 
 import datetime as dt
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -101,15 +102,29 @@ def silver_rl_certification(
 
 
 class RolloutConfig(dg.Config):
-    """How difficulty is sampled. ``max_prompts`` bounds one run's work (0: sample nothing)."""
+    """How difficulty is sampled. One run samples at most ``max_prompts`` prompts (0: none, the default, so the
+    refresh never samples) and, when ``token_budget`` is set, at most ``token_budget // (k * max_new_tokens)``
+    of them (the budget counts every sample at its longest). ``backend``: ``torch`` (CPU, extra ``policy``) or
+    ``vllm`` (extra ``vllm``, needs a GPU); ``max_rows``: prompts x K decoded together by the torch backend
+    (speed and memory only: the ids do not depend on it, nor on ``batch_size``, the prompts per backend call)."""
 
     max_prompts: int = 0
+    token_budget: int = 0
     k: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 0.95
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 16
+    backend: str = "torch"
+    max_rows: int = 64
+
+
+def prompts_this_run(config: RolloutConfig) -> int:
+    """How many pending prompts one run samples: ``max_prompts``, lowered to what ``token_budget`` allows."""
+    if config.token_budget <= 0:
+        return max(config.max_prompts, 0)
+    return max(min(config.max_prompts, config.token_budget // (config.k * config.max_new_tokens)), 0)
 
 
 @dg.asset(
@@ -126,7 +141,7 @@ def silver_rl_difficulty(
     """Sample up to ``max_prompts`` certified seeds that have no estimate for this lineage yet."""
     from posttrain_assets.rl.rollouts import SamplingParams, default_policy, pending, seed_lineage
 
-    policy = default_policy(Path(tokenizer.cache_dir))
+    policy = default_policy(Path(tokenizer.cache_dir), backend=config.backend)
     sampling = SamplingParams(
         k=config.k,
         temperature=config.temperature,
@@ -139,18 +154,28 @@ def silver_rl_difficulty(
         seeds = fetch_dicts(conn, CERTIFIED_SEEDS)
         existing = set(conn.execute(f"SELECT id, lineage FROM {SILVER_RL_DIFFICULTY.qualified}").fetchall())
     todo = pending(seeds, existing, lambda s: seed_lineage(s, policy, sampling))
-    batch = todo[: config.max_prompts]
+    batch = todo[: prompts_this_run(config)]
     context.log.info(f"{len(todo)} certified seeds lack an estimate for this lineage; sampling {len(batch)} now")
     estimates = []
+    seconds = 0.0
     if batch:
-        from posttrain_assets.rl.rollouts import estimate_difficulty
+        from posttrain_assets.rl.rollouts import estimate_difficulty, policy_backend
 
         def progress(done: int, total: int) -> None:
             context.log.info(f"rollouts: {done}/{total} prompts")
 
+        started = time.perf_counter()
         estimates = estimate_difficulty(
-            batch, policy, sampling, tokenizer=tokenizer.get(), batch_size=config.batch_size, progress=progress
+            batch,
+            policy,
+            sampling,
+            tokenizer=tokenizer.get(),
+            batch_size=config.batch_size,
+            progress=progress,
+            backend=policy_backend(policy, tokenizer.get(), max_rows=config.max_rows),
         )
+        seconds = time.perf_counter() - started
+    sampled_tokens = sum(e.sampled_tokens for e in estimates)
     now = dt.datetime.now(dt.UTC)
     rows = [
         {
@@ -184,6 +209,9 @@ def silver_rl_difficulty(
     metadata.update(
         {
             "sampled_now": dg.MetadataValue.int(len(rows)),
+            "sampled_tokens": dg.MetadataValue.int(sampled_tokens),
+            "tokens_per_second": dg.MetadataValue.float(round(sampled_tokens / seconds, 1) if seconds else 0.0),
+            "backend": dg.MetadataValue.text(policy.backend),
             "pending_after": dg.MetadataValue.int(len(todo) - len(batch)),
             "model": dg.MetadataValue.text(policy.name),
             "model_sha256": dg.MetadataValue.text(policy.model_sha256),
