@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
+from posttrain_assets.curation.tables import CURATION_TABLES
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
 from posttrain_assets.sft.masking import MASK_REASONS
@@ -25,9 +26,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def markdown_reference() -> str:
-    """The table reference in docs/tables.md, generated from the table declarations."""
+    """The table reference in docs/tables.md, generated from the table declarations (the opt-in curation tables,
+    declared in ``posttrain_assets.curation.tables``, after the default refresh's)."""
     parts = []
-    for table in (*ALL_TABLES, CHECK_VERDICTS):
+    for table in (*ALL_TABLES, CHECK_VERDICTS, *CURATION_TABLES):
         lines = [f"### `{table.qualified}`", "", table.description, "", "| column | type | meaning |", "|---|---|---|"]
         for c in table.columns:
             meaning = ("" if c.nullable else "not null; ") + c.description.replace("|", "/")
