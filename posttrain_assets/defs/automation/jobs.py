@@ -45,12 +45,12 @@ estimate_rl_difficulty_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(["silver", "rl_difficulty"], ["gold", "rl_prompts"]),
     description="Sample a batch of pending RL seeds with the policy (SmolLM2-135M-Instruct, extra `policy`), then "
     "re-curate the bank. Run it repeatedly (or on a schedule): each run only samples seeds without an estimate.",
-    # Sized by tokens, not prompts: 131,072 tokens at K = 8 x 256 is 64 prompts. Rollout version 1 sampled 16 per
-    # run; the batched decoder is several times faster on 2 cores (benchmarks/rollouts.py, docs/rl-bank.md).
+    # Sized by tokens, not prompts: 98,304 tokens at K = 8 x 256 is 48 prompts, three times rollout version 1's 16
+    # per run, about the same wall time at the batched decoder's measured 3.1x (benchmarks/rollouts.py).
     config={
         "ops": {
             "silver__rl_difficulty": {
-                "config": {"max_prompts": 100_000, "token_budget": 131_072, "k": 8, "max_new_tokens": 256}
+                "config": {"max_prompts": 100_000, "token_budget": 98_304, "k": 8, "max_new_tokens": 256}
             }
         }
     },
