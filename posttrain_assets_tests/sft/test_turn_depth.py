@@ -9,7 +9,12 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from posttrain_assets.defs.checks.turn_depth import TurnDepthConfig, sft_turn_depth_check
+from posttrain_assets.defs.checks.turn_depth import (
+    MIXTURE_SFT_ROWS,
+    TurnDepthConfig,
+    mixture_turn_depth_check,
+    sft_turn_depth_check,
+)
 from posttrain_assets.defs.resources import WarehouseResource
 from posttrain_assets.records.adapters import sharegpt
 from posttrain_assets.sft.turn_depth import below_multi_turn_floor, turn_depth
@@ -27,14 +32,14 @@ def chat(turns: int) -> list[dict[str, str]]:
 
 
 def sft_table(conn: duckdb.DuckDBPyConnection, rows: list[dict], name: str = "rows") -> None:
-    schema = pa.schema(
-        [
-            ("source", pa.string()),
-            ("messages", MESSAGES),
-            ("num_messages", pa.int32()),
-            ("labels", pa.list_(pa.int32())),
-        ]
-    )
+    """A table of SFT rows with the columns turn depth reads (and ``id`` when the rows have one)."""
+    fields = [
+        ("source", pa.string()),
+        ("messages", MESSAGES),
+        ("num_messages", pa.int32()),
+        ("labels", pa.list_(pa.int32())),
+    ]
+    schema = pa.schema(([("id", pa.string())] if rows and "id" in rows[0] else []) + fields)
     conn.register("incoming", pa.Table.from_pylist(rows, schema=schema))
     conn.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM incoming")
     conn.unregister("incoming")
@@ -150,4 +155,49 @@ def test_gold_sft_metadata_has_plottable_figures_per_source_and_overall() -> Non
         "a": {"1": 1, "2": 1},
         "b": {"1": 1, "8+": 1},
         "all": {"1": 2, "2": 1, "8+": 1},
+    }
+
+
+def test_mixture_turn_depth_check_judges_each_sft_mixture_as_drawn(tmp_path: Path) -> None:
+    single = [
+        {"id": f"s{i}", "source": "s", "messages": chat(1), "num_messages": 2, "labels": [M, 1]} for i in range(60)
+    ]
+    multi = [
+        {"id": f"m{i}", "source": "m", "messages": chat(3), "num_messages": 6, "labels": [M, 1, M, 1, M, 1]}
+        for i in range(60)
+    ]
+    warehouse = gold_sft_database(tmp_path / "w.duckdb", single + multi)
+    # "deep": 30 multi-turn rows drawn twice (epochs 2) and 40 single-turn rows: 60 of 100 drawn rows multi-turn.
+    # "flat": 55 single-turn rows and 5 multi-turn ones: 5 of 60. "prefs": a preference mixture, not judged.
+    drawn = (
+        [("deep", f"m{i}", "m", "sft") for i in range(30) for _ in range(2)]
+        + [("deep", f"s{i}", "s", "sft") for i in range(40)]
+        + [("flat", f"s{i}", "s", "sft") for i in range(55)]
+        + [("flat", f"m{i}", "m", "sft") for i in range(5)]
+        + [("prefs", "p0", "p", "preference")]
+    )
+    with duckdb.connect(warehouse.database) as conn:
+        conn.execute(
+            "CREATE TABLE gold.mixtures AS SELECT * FROM (VALUES "
+            + ", ".join(f"('{m}', '{i}', '{s}', '{r}')" for m, i, s, r in drawn)
+            + ") t(mixture, id, source, regime)"
+        )
+    result = mixture_turn_depth_check(config=TurnDepthConfig(), duckdb=warehouse)
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
+    assert result.description == (
+        "multi-turn share per SFT mixture: deep 0.600 (100 rows), flat 0.083 (60 rows); below the floor 0.2: flat"
+    )
+    assert result.metadata["multi_turn_share/deep"].value == 0.6
+    assert "multi_turn_share/prefs" not in result.metadata
+    # with a floor under both, nothing warns; a mixture smaller than min_rows is not judged
+    assert mixture_turn_depth_check(config=TurnDepthConfig(min_multi_turn_share=0.05), duckdb=warehouse).passed
+    assert mixture_turn_depth_check(config=TurnDepthConfig(min_rows=61), duckdb=warehouse).passed
+    # per mixture and per source within it, as the mixtures asset plots them
+    with duckdb.connect(warehouse.database, read_only=True) as conn:
+        by_source = turn_depth(conn, MIXTURE_SFT_ROWS, "mixture_source")
+    assert {name: (d.rows, d.multi_turn_rows) for name, d in by_source.items()} == {
+        "deep/m": (60, 60),
+        "deep/s": (40, 0),
+        "flat/m": (5, 5),
+        "flat/s": (55, 0),
     }

@@ -9,9 +9,17 @@ metadata; a single-turn source (Alpaca-style instructions) is normal on its own,
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets.curation.tables import GOLD_MIXTURES
 from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.sft.turn_depth import ALL, below_multi_turn_floor, markdown_turn_depth_table, turn_depth
 from posttrain_assets.warehouse.catalogue import GOLD_SFT
+
+# The SFT rows of every mixture as drawn (a row up-sampled by epochs counts once per copy, as it is trained), with
+# the conversation and labels of its gold.sft row: what turn depth is measured on per mixture.
+MIXTURE_SFT_ROWS = (
+    f"(SELECT m.mixture, m.mixture || '/' || m.source AS mixture_source, g.messages, g.num_messages, g.labels "
+    f"FROM {GOLD_MIXTURES.qualified} m JOIN {GOLD_SFT.qualified} g USING (id) WHERE m.regime = 'sft')"
+)
 
 
 class TurnDepthConfig(dg.Config):
@@ -59,3 +67,36 @@ def turn_depth_check_result(
 )
 def sft_turn_depth_check(config: TurnDepthConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return turn_depth_check_result(duckdb, GOLD_SFT.qualified, config, GOLD_SFT.qualified)
+
+
+@warehouse_check(
+    asset=["gold", "mixtures"],
+    description="Warns (never blocks) when an SFT mixture's share of multi-turn conversations is below the floor.",
+)
+def mixture_turn_depth_check(config: TurnDepthConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    """Each SFT mixture of gold.mixtures judged on its own (rows as drawn); WARN when any is below the floor."""
+    with duckdb.get_connection() as conn:
+        by_mixture = turn_depth(conn, MIXTURE_SFT_ROWS, "mixture")
+    metadata: dict[str, dg.MetadataValue] = {
+        "turn_depth": dg.MetadataValue.md(markdown_turn_depth_table(by_mixture)),
+        "thresholds": dg.MetadataValue.json(config.model_dump()),
+        **{f"multi_turn_share/{name}": dg.MetadataValue.float(d.multi_turn_share) for name, d in by_mixture.items()},
+    }
+    if not by_mixture:
+        return dg.AssetCheckResult(
+            passed=True, severity=dg.AssetCheckSeverity.WARN, description="no SFT mixture", metadata=metadata
+        )
+    floor, min_rows = config.min_multi_turn_share, config.min_rows
+    low = [name for name, d in by_mixture.items() if below_multi_turn_floor(d, floor, min_rows)]
+    shares = ", ".join(f"{name} {d.multi_turn_share:.3f} ({d.rows} rows)" for name, d in by_mixture.items())
+    verdict = (
+        f"below the floor {config.min_multi_turn_share:g}: {', '.join(low)}"
+        if low
+        else f"none below the floor {config.min_multi_turn_share:g} (mixtures under {config.min_rows} rows not judged)"
+    )
+    return dg.AssetCheckResult(
+        passed=not low,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"multi-turn share per SFT mixture: {shares}; {verdict}",
+        metadata=metadata,
+    )

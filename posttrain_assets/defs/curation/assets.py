@@ -19,10 +19,13 @@ from posttrain_assets.curation.tables import (
     SILVER_EMBEDDINGS,
     SILVER_SEMANTIC_DUPLICATES,
 )
+from posttrain_assets.defs.checks.turn_depth import MIXTURE_SFT_ROWS
 from posttrain_assets.defs.curation.resources import EmbedderResource, MixtureSpecsResource
+from posttrain_assets.defs.gold.sft import turn_depth_metadata
 from posttrain_assets.defs.metadata import markdown_table, table_metadata
 from posttrain_assets.defs.resources import SourceRegistryResource
 from posttrain_assets.publish.exports import export_mixture
+from posttrain_assets.sft.turn_depth import turn_depth
 from posttrain_assets.warehouse.io import transaction
 
 GROUP = "curation"
@@ -224,6 +227,12 @@ def gold_mixtures(
         metadata.update(
             table_metadata(
                 conn, GOLD_MIXTURES, preview_columns=["mixture", "position", "component", "id"], group_by="mixture"
+            )
+        )
+        # Turn depth of each SFT mixture as drawn, overall and per source (plotted like gold.sft's).
+        metadata.update(
+            turn_depth_metadata(
+                turn_depth(conn, MIXTURE_SFT_ROWS, "mixture_source"), turn_depth(conn, MIXTURE_SFT_ROWS, "mixture")
             )
         )
     metadata["mixtures"] = dg.MetadataValue.md(
