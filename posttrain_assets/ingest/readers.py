@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -196,6 +196,8 @@ def _jsonl_rows(path: Path) -> Iterator[RawRow]:
 
 
 _CHUNK_BYTES = 1 << 20
+# What may still belong to a number when it runs to the end of the text read so far.
+_NUMBER_REST = re.compile(r"[0-9.eE+\-]*\Z")
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -299,6 +301,7 @@ class _ArrayReader:
         """The payload of the element at the current position, which is then moved past it."""
         while True:
             buf, pos = self._buf, self._pos
+            value: Any = None
             try:
                 value, end = _DECODER.raw_decode(buf, pos)
                 payload = json.dumps(value, ensure_ascii=False) if serialise else ""
@@ -313,7 +316,10 @@ class _ArrayReader:
                         continue
                     raise json.JSONDecodeError("unterminated value", buf, pos) from None
                 payload = buf[pos:end]
-            if end < len(buf) or not self._more():  # a number at the chunk's end may go on in the next one
+            # A number cut by the chunk's end may go on in the next chunk, also when what was read of it is a
+            # shorter number ("0." of "0.5", "1e" of "1e5"): only what follows it in this chunk can tell.
+            cut_number = isinstance(value, int | float) and not isinstance(value, bool) and _NUMBER_REST.match(buf, end)
+            if (end < len(buf) and not cut_number) or not self._more():
                 self._pos = end
                 return payload.encode("utf-8")
 
@@ -351,5 +357,5 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
                 for record in records:
                     yield _raw_row(index, json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
                     index += 1
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # damaged data can also be invalid UTF-8
             yield _broken_row(index, b"", f"{type(exc).__name__}: {exc}")

@@ -106,3 +106,22 @@ def test_a_json_array_broken_after_many_chunks_is_one_broken_row(tmp_path: Path,
     bad_utf8.write_bytes(b'[{"a": "x"}, {"a": "\xff"}]')
     (only,) = list(read_raw_rows(bad_utf8))
     assert only.decode_error == "byte 20: b'\\xff'"
+
+
+def test_a_number_cut_where_its_start_is_a_shorter_number_is_read_whole(tmp_path: Path, monkeypatch) -> None:
+    # "0." of "0.0", "1e" of "1e5", "12." of "12.25": each a number on its own, so only the next chunk can say
+    # the element goes on (found by the fuzz test: the file became one broken row)
+    path = tmp_path / "numbers.json"
+    path.write_text('[{"a": 1},\n 0.0, 1e5, 12.25, -3, 1.5e-3, 7]')
+    for chunk in (1, 2, 3, 4, 5, 64):
+        monkeypatch.setattr(readers, "_CHUNK_BYTES", chunk)
+        assert [r.payload for r in read_raw_rows(path)] == ['{"a": 1}', "0.0", "100000.0", "12.25", "-3", "0.0015", "7"]
+
+
+def test_parquet_whose_strings_are_not_utf8_ends_with_a_broken_row(tmp_path: Path) -> None:
+    path = tmp_path / "rows.parquet"
+    table = pa.table({"text": pa.array([b"fine", b"\x8c\xff bad"], pa.binary()).cast(pa.string(), safe=False)})
+    pq.write_table(table, path)
+    rows = list(read_raw_rows(path))
+    assert rows[-1].decode_error.startswith("file broken: UnicodeDecodeError: ")
+    assert len(rows) == 1  # the batch that fails to decode is not split: the file ends at a broken row 0

@@ -123,6 +123,8 @@ def rows_of(draw: st.DrawFn, fmt: str, container: str) -> list[Row]:
             key = draw(st.sampled_from(sorted(valid)))
             value = None if container == "parquet" else draw(json_values)  # Parquet columns keep one type
             mutated = {k: v for k, v in valid.items() if k != key} if value is None else {**valid, key: value}
+            if not mutated:  # a Parquet row has at least one column: the only field is null instead of dropped
+                mutated = {key: None}
             out.append(Row(kind, json.dumps(mutated)))
         elif kind == "large":
             out.append(Row(kind, json.dumps(valid | {"note": "x" * MAX_ROW_BYTES}), "too_large"))
