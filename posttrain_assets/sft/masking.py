@@ -1070,10 +1070,11 @@ def template_renderings(
     tok: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict[str, Any]]],
     tools: Sequence[str | list[dict[str, Any]] | None] | None = None,
+    add_generation_prompt: bool = False,
 ) -> list[str | TemplateRaised]:
     """``apply_chat_template(conversation, tools=..., tokenize=False)`` of each conversation (in template form:
     ``records.tools.template_message``; ``tools`` one per conversation, as :func:`tokenize_conversations` takes
-    them), or what it raised.
+    them), or what it raised; ``add_generation_prompt`` as the template takes it (silver's token counts of RL prompts).
 
     One batched call for the conversations without tools; when the template raises for any conversation of the
     batch, each is rendered on its own so only that one carries the error. Conversations with tools are rendered on
@@ -1086,19 +1087,24 @@ def template_renderings(
     if any(row_tools):
         plain = [i for i, t in enumerate(row_tools) if not t]
         out_all: list[str | TemplateRaised] = [TemplateRaised("not rendered")] * len(conversations)
-        for i, text in zip(plain, template_renderings(tok, [conversations[i] for i in plain]), strict=True):
+        rendered = template_renderings(tok, [conversations[i] for i in plain], None, add_generation_prompt)
+        for i, text in zip(plain, rendered, strict=True):
             out_all[i] = text
         for i, t in enumerate(row_tools):
             if t:
                 try:
-                    text = tok.apply_chat_template(conversations[i], tools=t, tokenize=False)
+                    text = tok.apply_chat_template(
+                        conversations[i], tools=t, tokenize=False, add_generation_prompt=add_generation_prompt
+                    )
                 except Exception as exc:
                     out_all[i] = TemplateRaised(f"chat template raised {type(exc).__name__}: {exc}")
                     continue
                 out_all[i] = text if isinstance(text, str) else TemplateRaised("chat template rendered no text")
         return out_all
     try:
-        texts = tok.apply_chat_template(list(conversations), tokenize=False)
+        texts = tok.apply_chat_template(
+            list(conversations), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         if all(isinstance(text, str) for text in texts):
             return list(texts)
     except Exception:
@@ -1106,7 +1112,7 @@ def template_renderings(
     out: list[str | TemplateRaised] = []
     for conversation in conversations:
         try:
-            text = tok.apply_chat_template(conversation, tokenize=False)
+            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:
             out.append(TemplateRaised(f"chat template raised {type(exc).__name__}: {exc}"))
             continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from posttrain_assets.sft.masking import TemplateRaised, template_renderings
+
 BATCH = 1024
 
 
@@ -39,27 +41,6 @@ def text_token_counts(tok: Any, texts: Sequence[str]) -> list[int]:
     return counts
 
 
-def _renderings(tok: Any, conversations: list[list[dict[str, str]]], generation: bool) -> list[str | None]:
-    """The chat template's rendering of each conversation (None where it raises): one batched call, and only when
-    it raises, each conversation on its own (transformers' per-call overhead was a seventh of the gate's time on
-    preference rows)."""
-    if not conversations:
-        return []
-    try:
-        rendered = tok.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation)
-        if all(isinstance(text, str) for text in rendered):
-            return list(rendered)
-    except Exception:  # a template may raise for roles it does not support: find which rows
-        pass
-    out: list[str | None] = []
-    for messages in conversations:
-        try:
-            out.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
-        except Exception:
-            out.append(None)
-    return out
-
-
 def token_counts(tok: Any, records: Sequence[dict[str, Any]]) -> list[int | None]:
     """Tokens per record; None where the chat template refuses the conversation."""
     texts: list[str | None] = [None] * len(records)
@@ -67,8 +48,11 @@ def token_counts(tok: Any, records: Sequence[dict[str, Any]]) -> list[int | None
     for i, record in enumerate(records):
         messages, generation = conversation_to_count(record)
         by_generation[generation].append((i, messages))
+    # One batched render per generation flag (transformers' per-call overhead was a seventh of the gate's time on
+    # preference rows); a conversation the template refuses is rendered on its own and counted as None.
     for generation, rows in by_generation.items():
-        for (i, _), text in zip(rows, _renderings(tok, [m for _, m in rows], generation), strict=True):
-            texts[i] = text
+        rendered = template_renderings(tok, [m for _, m in rows], add_generation_prompt=generation)
+        for (i, _), text in zip(rows, rendered, strict=True):
+            texts[i] = None if isinstance(text, TemplateRaised) else text
     counts = text_token_counts(tok, [t or "" for t in texts])
     return [n if text is not None else None for text, n in zip(texts, counts, strict=True)]
