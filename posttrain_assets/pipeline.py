@@ -58,7 +58,11 @@ class RunReport:
 
 
 def run_all(
-    instance: dg.DagsterInstance | None = None, definitions: dg.Definitions | None = None, *, verbose: bool = False
+    instance: dg.DagsterInstance | None = None,
+    definitions: dg.Definitions | None = None,
+    *,
+    verbose: bool = False,
+    refresh_run_config: dict | None = None,
 ) -> RunReport:
     """Ingest every registry source into bronze, rebuild silver and gold with every check, then publish
     (provenance view and audit, trainer-ready exports).
@@ -71,6 +75,9 @@ def run_all(
 
     A failing blocking check is reported, not raised: the assets behind it keep their previous contents.
     Any other failure (a step error) raises :class:`RunFailed`, naming the step and its error.
+
+    ``refresh_run_config`` is run config for the refresh_corpus job only (e.g. the cleaning pass's
+    ``{"ops": {"silver_canonical": {"config": {...}}}}``); the ingest and publish jobs have no such ops.
     """
     instance = instance or dg.DagsterInstance.get()
     definitions = definitions or load_definitions()
@@ -91,7 +98,8 @@ def run_all(
         print(f"ingested {name}")
     report = RunReport([], [])
     for job_name in ("refresh_corpus", "publish"):
-        _run_job(definitions.resolve_job_def(job_name), instance, database, run_config, report)
+        job_config = {**run_config, **(refresh_run_config or {})} if job_name == "refresh_corpus" else run_config
+        _run_job(definitions.resolve_job_def(job_name), instance, database, job_config, report)
     for check in report.checks:
         print(f"check {check.check} {'passed' if check.passed else 'FAILED'}: {check.description}")
     if report.not_materialized:
