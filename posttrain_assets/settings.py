@@ -53,3 +53,16 @@ def executor() -> str:
     if value not in EXECUTORS:
         raise ValueError(f"{EXECUTOR}={value!r}: expected one of {', '.join(EXECUTORS)}")
     return value
+
+
+# "1": every per-row stage computes every row again instead of reading earlier runs' results from its cache
+# (warehouse.stage_cache; `posttrain run --full` sets it). Unset, empty or "0": reuse what is still valid.
+FULL_REBUILD = "POSTTRAIN_FULL_REBUILD"
+
+
+def full_rebuild() -> bool:
+    """Whether the configured run is a full rebuild; a value other than 0/1 is an error naming the variable."""
+    value = os.environ.get(FULL_REBUILD) or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{FULL_REBUILD}={value!r}: expected 0 or 1")
+    return value == "1"
