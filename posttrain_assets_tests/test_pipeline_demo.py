@@ -236,6 +236,7 @@ def test_failing_silver_schema_check_leaves_gold_untouched(
         return gated
 
     monkeypatch.setattr(cleaning, "normalise_and_gate_batch", gate_then_lose_an_answer)
+    monkeypatch.setenv("POSTTRAIN_FULL_REBUILD", "1")  # the gate cache holds every row: gate them again
     result = graph.refresh()
 
     assert not result.success
@@ -264,6 +265,7 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
         return results
 
     monkeypatch.setattr(sft, "tokenize_conversations", tokenize_with_a_trained_header)
+    monkeypatch.setenv("POSTTRAIN_FULL_REBUILD", "1")  # the caches hold every row: tokenise them again
     result = graph.refresh()
 
     assert not result.success
@@ -445,6 +447,7 @@ def test_tokenising_and_proving_in_small_batches_gives_the_same_rows(
     # 950 rows: 10 batches, the last one partial; that many batches go to worker processes
     monkeypatch.setattr(sft_tokenized, "BATCH_ROWS", 97)
     monkeypatch.setattr(loss_mask, "BATCH_ROWS", 50)
+    monkeypatch.setenv("POSTTRAIN_FULL_REBUILD", "1")  # tokenise and prove every row again, in these batches
     # Only this stage and its checks, out of refresh_corpus: they read the good run's silver.records, and nothing
     # else is compared here.
     result = graph.definitions.resolve_job_def("refresh_corpus").execute_in_process(

@@ -10,6 +10,7 @@ from typing import Literal
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.cleaning.dedup import MinHashConfig
 from posttrain_assets.cleaning.quality import QualityConfig
 from posttrain_assets.cleaning.silver_pass import CleaningConfig, run_silver_pass
@@ -81,6 +82,7 @@ class CleaningPassConfig(dg.Config):
     # bronze rows longer than this (UTF-8 bytes) are quarantined as too_large without being parsed
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     # True: parse and gate every bronze row again instead of reading earlier runs' results from the gate cache
+    # (so does POSTTRAIN_FULL_REBUILD=1 for every cached stage)
     full_rebuild: bool = False
 
     def cleaning(self) -> CleaningConfig:
@@ -106,7 +108,7 @@ class CleaningPassConfig(dg.Config):
             leak_policy=self.leak_policy,
             processes=self.processes or default_processes(),
             max_row_bytes=self.max_row_bytes,
-            reuse=not self.full_rebuild,
+            reuse=not (self.full_rebuild or settings.full_rebuild()),
         )
 
 

@@ -5,20 +5,20 @@ from typing import Literal
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.sft.batches import TokenizeJob, TokenizerIdentity, tokenize_batch
+from posttrain_assets.parallel import default_processes
+from posttrain_assets.sft.batches import TokenizeJob, TokenizerIdentity
 from posttrain_assets.sft.masking import MaskConfig
+from posttrain_assets.sft.tokenize_stage import build_sft_tokenized
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import building, ordered_arrow, swap_in, transaction
 
 SFT_TOKENIZED_KEY = dg.AssetKey(["silver", "sft_tokenized"])
 SFT_QUARANTINE_KEY = dg.AssetKey(["silver", "sft_quarantine"])
 
-SFT_ROWS = f"SELECT id, source, messages, tools FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 SFT_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
 BATCH_ROWS = 1024
 
@@ -34,6 +34,8 @@ class SftTokenizeConfig(dg.Config):
     overflow: Literal["quarantine", "truncate"] = "quarantine"
     end_of_turn: str | None = None
     processes: int = 0  # worker processes that tokenise batches; 0: one per core this process may use
+    # True: tokenise every row again instead of reading earlier runs' rows from the tokenize cache
+    full_rebuild: bool = False
 
     def mask_config(self) -> MaskConfig:
         return MaskConfig(
@@ -64,39 +66,23 @@ def silver_sft_tokenized(
         TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"]),
         config.mask_config(),
     )
-    totals = {"tokens": 0, "trained": 0, "truncated": 0}
     with duckdb.get_connection() as conn:
         (rows,) = conn.execute(SFT_ROW_COUNT).fetchone()
-        processes = processes_for(rows, BATCH_ROWS, config.processes or default_processes())
+        processes = config.processes or default_processes()
         context.log.info(
-            f"tokenising {rows} SFT rows with {identity['name']}, {BATCH_ROWS} at a time in id order, "
-            f"in {processes} process(es)"
+            f"tokenising the SFT rows of {rows} not tokenised before with {identity['name']} (stage key: tokenizer, "
+            f"template, mask config, code), {BATCH_ROWS} at a time in id order, in up to {processes} process(es)"
         )
-        # Both tables are built as twins with a commit per batch and swapped in together at the end
-        # (io.building: one transaction over every batch would hold the whole table in memory).
-        with (
-            building(conn, SILVER_SFT_TOKENIZED) as tokenized_twin,
-            building(conn, SILVER_SFT_QUARANTINE) as quarantine_twin,
-        ):
-            # Batches keep memory bounded: only a few batches' token lists exist at a time. They come back in id
-            # order, so silver.sft_tokenized is stored in id order (io.insert_ordered explains why that matters).
-            done = 0
-            batches = ordered_arrow(conn, SFT_ROWS, "id", BATCH_ROWS)
-            for batch in map_batches(tokenize_batch, job, batches, processes):
-                tokenized_twin.append(batch.tokenized)
-                quarantine_twin.append(batch.rejected)
-                totals["tokens"] += batch.tokens
-                totals["trained"] += batch.trained
-                totals["truncated"] += batch.truncated
-                done += batch.rows
-                context.log.info(f"tokenised {done} SFT rows")
-            tokenized_twin.finish()
-            quarantine_twin.finish()
-            with transaction(conn):
-                swap_in(conn, tokenized_twin, SILVER_SFT_TOKENIZED)
-                swap_in(conn, quarantine_twin, SILVER_SFT_QUARANTINE)
+        totals = build_sft_tokenized(
+            conn,
+            job,
+            processes=processes,
+            batch_rows=BATCH_ROWS,
+            reuse=not (config.full_rebuild or settings.full_rebuild()),
+            progress=lambda done: context.log.info(f"tokenised {done} SFT rows"),
+        )
         identity_metadata = {f"tokenizer/{k}": dg.MetadataValue.text(v) for k, v in identity.items()}
-        tokens, trained = totals["tokens"], totals["trained"]
+        tokens, trained = totals.tokens, totals.trained
         yield dg.MaterializeResult(
             asset_key=SFT_TOKENIZED_KEY,
             metadata={
@@ -110,7 +96,8 @@ def silver_sft_tokenized(
                 "tokens": dg.MetadataValue.int(tokens),
                 "trainable_tokens": dg.MetadataValue.int(trained),
                 "trainable_share": dg.MetadataValue.float(trained / tokens if tokens else 0.0),
-                "truncated_rows": dg.MetadataValue.int(totals["truncated"]),
+                "truncated_rows": dg.MetadataValue.int(totals.truncated),
+                **{k: dg.MetadataValue.int(v) for k, v in totals.reuse.metadata("sft_tokenize").items()},
                 "dagster/column_lineage": column_lineage(
                     {
                         "id": [(SILVER_RECORDS_KEY, "id")],

@@ -1,0 +1,167 @@
+"""The tokenise + mask stage over DuckDB: silver.sft_tokenized and silver.sft_quarantine, each SFT row tokenised
+once per stage key.
+
+A row's tokens and labels depend on its content (the record id is a hash of the messages and tools), the tokenizer
+and chat template, the mask config and this code: everything but the content is the stage key
+(:func:`tokenize_stage_key`). Rows of silver.records whose (stage key, id) the tokenize cache does not hold are
+tokenised in worker processes and appended to the cache, one transaction per batch; both silver tables are then
+rebuilt from the cache, with each row's current ``source`` from silver.records (the same content can move to another
+source when a duplicate displaces it). A refresh after adding 1% of rows tokenises 1% of rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from posttrain_assets.parallel import map_batches, processes_for
+from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
+from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
+from posttrain_assets.warehouse.io import building, insert_arrow, insert_ordered, ordered_arrow, swap_in, transaction
+from posttrain_assets.warehouse.model import Column, Table
+from posttrain_assets.warehouse.stage_cache import (
+    CACHE_SCHEMA,
+    Reuse,
+    cache_table,
+    code_fingerprint,
+    library_versions,
+    stage_key,
+)
+
+TOKENIZE_CODE = ("posttrain_assets.sft", "posttrain_assets.records.tools")
+TOKENIZE_LIBRARIES = ("tokenizers", "transformers", "jinja2")
+
+_KEY = (Column("stage_key", "VARCHAR", "the tokenise stage's key (tokenize_stage.tokenize_stage_key)", False),)
+TOKENIZED_CACHE = cache_table(
+    "sft_tokenized",
+    "Tokenised SFT rows by (stage key, id), without their source.",
+    _KEY,
+    SILVER_SFT_TOKENIZED,
+    "source",
+)
+REJECTED_CACHE = cache_table(
+    "sft_quarantine",
+    "SFT rows no exact mask could be built for, by (stage key, id), without their source.",
+    _KEY,
+    SILVER_SFT_QUARANTINE,
+    "source",
+)
+CACHE_TABLES = (TOKENIZED_CACHE, REJECTED_CACHE)
+# The ids to tokenise this run, in id order (narrow; dropped when the stage ends).
+TODO = Table(
+    CACHE_SCHEMA, "sft_tokenize_todo", "SFT ids the tokenize cache does not hold.", (SILVER_RECORDS.column("id"),)
+)
+
+SFT_IDS = f"SELECT id FROM {SILVER_RECORDS.qualified} WHERE regime = 'sft'"
+FIND_TODO = f"""
+INSERT INTO {TODO.qualified}
+SELECT id FROM ({SFT_IDS}) r
+WHERE NOT EXISTS (SELECT 1 FROM {TOKENIZED_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = r.id)
+  AND NOT EXISTS (SELECT 1 FROM {REJECTED_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = r.id)
+ORDER BY id
+"""
+ROWS_TO_TOKENIZE = f"""
+SELECT r.id, r.source, r.messages, r.tools FROM {SILVER_RECORDS.qualified} r JOIN {TODO.qualified} t USING (id)
+"""
+
+
+def _current(cached: Table) -> str:
+    """The rows of ``cached`` for the current SFT rows under ``$key``, with each row's source from silver.records."""
+    names = ", ".join(f'c."{n}"' for n in cached.column_names if n != "stage_key")
+    return f"""
+    SELECT {names}, r.source FROM {cached.qualified} c JOIN {SILVER_RECORDS.qualified} r USING (id)
+    WHERE c.stage_key = $key AND r.regime = 'sft'
+    """
+
+
+def _forget_stale(cached: Table) -> str:
+    return f"""
+    DELETE FROM {cached.qualified} c
+    WHERE c.stage_key <> $key OR NOT EXISTS (SELECT 1 FROM ({SFT_IDS}) r WHERE r.id = c.id)
+    """
+
+
+# Rows per sorted range when the silver tables are written from the cache in id order.
+PUBLISH_RANGE_ROWS = 32_768
+
+
+def tokenize_stage_key(job: TokenizeJob) -> str:
+    """Everything a tokenised row depends on besides its content: tokenizer and template hashes, mask config, the
+    code of the sft package and the libraries that render and encode."""
+    return stage_key(
+        "sft_tokenize",
+        tokenizer=job.identity.hashes(),
+        mask=dataclasses.asdict(job.mask),
+        code=code_fingerprint(*TOKENIZE_CODE),
+        libraries=library_versions(*TOKENIZE_LIBRARIES),
+    )
+
+
+@dataclass(frozen=True)
+class TokenizeTotals:
+    """What the stage built: tokens, trained tokens and truncated rows of silver.sft_tokenized, and reuse."""
+
+    tokens: int
+    trained: int
+    truncated: int
+    reuse: Reuse
+
+
+def build_sft_tokenized(
+    conn: duckdb.DuckDBPyConnection,
+    job: TokenizeJob,
+    *,
+    processes: int,
+    batch_rows: int,
+    reuse: bool = True,
+    progress: Callable[[int], None] = lambda done: None,
+) -> TokenizeTotals:
+    """Tokenise the SFT rows the cache does not hold (``reuse=False``: forget the cache first), then replace
+    silver.sft_tokenized and silver.sft_quarantine from the cache in one transaction, each stored in id order."""
+    key = {"key": tokenize_stage_key(job)}
+    for table in CACHE_TABLES:
+        conn.execute(table.create_sql())
+        if not reuse:
+            conn.execute(f"DELETE FROM {table.qualified}")
+    conn.execute(TODO.create_sql(replace=True))
+    try:
+        conn.execute(FIND_TODO, key)
+        (todo,) = conn.execute(f"SELECT count(*) FROM {TODO.qualified}").fetchone()
+        done = 0
+        # Batches come back in id order, so a first build stores the cache in id order and the ranges below are
+        # pruned by zone maps; a refresh appends its new ids after them.
+        batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows)
+        for batch in map_batches(tokenize_batch, job, batches, processes_for(todo, batch_rows, processes)):
+            with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
+                for cached, rows in ((TOKENIZED_CACHE, batch.tokenized), (REJECTED_CACHE, batch.rejected)):
+                    if rows is not None:
+                        keyed = rows.drop_columns(["source"]).append_column(
+                            "stage_key", pa.repeat(key["key"], rows.num_rows)
+                        )
+                        insert_arrow(conn, cached, keyed)
+            done += batch.rows
+            progress(done)
+    finally:
+        conn.execute(f"DROP TABLE IF EXISTS {TODO.qualified}")
+    with building(conn, SILVER_SFT_TOKENIZED) as tokenized, building(conn, SILVER_SFT_QUARANTINE) as rejected:
+        for twin, cached in ((tokenized, TOKENIZED_CACHE), (rejected, REJECTED_CACHE)):
+            insert_ordered(conn, twin.table, _current(cached), "id", PUBLISH_RANGE_ROWS, key)
+            twin.rows = conn.execute(f"SELECT count(*) FROM {twin.table.qualified}").fetchone()[0]
+            twin.finish()
+        held = sum(conn.execute(f"SELECT count(*) FROM {t.qualified}").fetchone()[0] for t in CACHE_TABLES)
+        tokens, trained, truncated = conn.execute(
+            f"SELECT coalesce(sum(num_tokens), 0), coalesce(sum(num_trainable_tokens), 0), count(*) FILTER (truncated) "
+            f"FROM {tokenized.table.qualified}"
+        ).fetchone()
+        with transaction(conn):
+            swap_in(conn, tokenized, SILVER_SFT_TOKENIZED)
+            swap_in(conn, rejected, SILVER_SFT_QUARANTINE)
+            if held > tokenized.rows + rejected.rows:  # entries of rows gone from silver or of an old stage key
+                for cached in CACHE_TABLES:
+                    conn.execute(_forget_stale(cached), key)
+    built = tokenized.rows + rejected.rows
+    return TokenizeTotals(tokens, trained, truncated, Reuse(computed=todo, reused=built - todo))
