@@ -1,7 +1,8 @@
 """The ``posttrain`` command.
 
     posttrain demo            generate the bundled demo landing data and run the whole graph on it
-    posttrain run             ingest every registry source and rebuild silver and gold
+    posttrain run [--full]    ingest every registry source and refresh silver and gold (only new rows are
+                              parsed, gated, tokenised and proven; --full: every row)
     posttrain counts          print per-layer row counts of the DuckDB file
     posttrain show-mask ID    print one tokenised SFT row with its trained spans marked
     posttrain trace ID        print a gold row's provenance: silver, dedup twins, bronze row, file, source, license
@@ -10,7 +11,7 @@
 Environment (defaults in brackets, relative to the current directory):
 POSTTRAIN_SOURCES [data/demo/sources.yaml], POSTTRAIN_DUCKDB_PATH [data/posttrain.duckdb],
 POSTTRAIN_TOKENIZER [smollm2], POSTTRAIN_CACHE_DIR [~/.cache/posttrain_assets],
-DAGSTER_HOME [.dagster_home, seeded with the project's dagster.yaml].
+DAGSTER_HOME [.dagster_home, seeded with the project's dagster.yaml], POSTTRAIN_FULL_REBUILD [0].
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
+from posttrain_assets import settings
 from posttrain_assets.settings import environment_defaults
 
 DEFAULT_DEMO_DIR = Path("data/demo")
@@ -55,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="generate the demo landing data and run the whole graph")
     demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR, help="where to write the demo landing data")
     demo.add_argument("--seed", type=int, default=7)
-    commands.add_parser("run", help="ingest every registry source and rebuild silver and gold")
+    run = commands.add_parser("run", help="ingest every registry source and refresh silver and gold")
+    run.add_argument(
+        "--full",
+        action="store_true",
+        help="compute every row again instead of reusing earlier runs' per-row results (POSTTRAIN_FULL_REBUILD=1)",
+    )
     commands.add_parser("counts", help="print per-layer row counts")
     commands.add_parser("dev", help="start the Dagster UI (webserver and daemon) on 127.0.0.1")
     show = commands.add_parser("show-mask", help="print a tokenised SFT row with trained spans marked")
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["POSTTRAIN_SOURCES"] = str(Path(registry).resolve())
         print(f"demo landing data written to {args.out} (registry {registry})")
     apply_environment_defaults()
+    if getattr(args, "full", False):
+        os.environ[settings.FULL_REBUILD] = "1"
 
     if args.command == "dev":
         # dagster finds the code location in the project's pyproject.toml ([tool.dg]); every path above is absolute
