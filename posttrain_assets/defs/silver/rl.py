@@ -11,40 +11,45 @@ samples as many pending prompts as its token budget allows each time it runs, an
 import datetime as dt
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.defs.metadata import markdown_table, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import SILVER_AUTOMATION
-from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS, certify_many
+from posttrain_assets.rl.certification_stage import BATCH_ROWS, STAGE, CertificationSettings, build_rl_certification
+from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
-from posttrain_assets.warehouse.io import fetch_dicts, replace_table, transaction
+from posttrain_assets.warehouse.io import fetch_dicts, transaction
 
 CERTIFICATION_KEY = dg.AssetKey(["silver", "rl_certification"])
 DIFFICULTY_KEY = dg.AssetKey(["silver", "rl_difficulty"])
 
-# A seed's tests (python_eval) go with it to certification and to the rollouts' verifier.
-RL_SEEDS = (
-    f"SELECT id, source, messages, answer, verifier, tests FROM {SILVER_RECORDS.qualified} "
-    "WHERE regime = 'rl' ORDER BY id"
-)
 CERTIFIED_SEEDS = f"""
 SELECT r.id, r.messages, r.answer, r.verifier, r.tests
 FROM {SILVER_RECORDS.qualified} r JOIN {SILVER_RL_CERTIFICATION.qualified} c USING (id)
 WHERE c.certified ORDER BY r.id
 """
+FAILURES_BY_REASON = (
+    f"SELECT reason, count(*) FROM {SILVER_RL_CERTIFICATION.qualified} WHERE NOT certified GROUP BY ALL ORDER BY ALL"
+)
 
 
 class CertificationConfig(dg.Config):
+    """``runs`` and ``timeout_seconds`` decide verdicts (they are in the stage key); ``workers`` (processes per run)
+    and ``batch_rows`` (seeds per cache transaction) do not. ``full_rebuild`` (or POSTTRAIN_FULL_REBUILD=1):
+    certify every seed again instead of reusing earlier runs' verdicts."""
+
     runs: int = 3
     workers: int = 2
     timeout_seconds: float = 10.0
+    batch_rows: int = BATCH_ROWS
+    full_rebuild: bool = False
 
 
 @dg.asset(
@@ -59,43 +64,36 @@ class CertificationConfig(dg.Config):
 def silver_rl_certification(
     context: dg.AssetExecutionContext, config: CertificationConfig, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
+    """Certify the seeds whose (content, stage key) is new; every other verdict comes from the certification cache
+    (posttrain_assets.rl.certification_stage)."""
+
+    def progress(done: int, total: int) -> None:
+        context.log.info(f"certified {done}/{total} RL seeds ({config.runs} runs, separate processes)")
+
     with duckdb.get_connection() as conn:
-        seeds = fetch_dicts(conn, RL_SEEDS)
-    context.log.info(f"certifying {len(seeds)} RL seeds ({config.runs} runs, separate processes)")
-    verdicts = certify_many(
-        [{"verifier": s["verifier"], "gold": s["answer"], "tests": s["tests"]} for s in seeds],
-        runs=config.runs,
-        workers=config.workers,
-        timeout_seconds=config.timeout_seconds,
-    )
-    rows = [
-        {
-            "id": seed["id"],
-            "source": seed["source"],
-            "verifier": seed["verifier"],
-            "verifier_version": verdict.version,
-            "certified": verdict.ok,
-            "reason": verdict.reason,
-            "gold_scores": verdict.gold_scores,
-            "perturbed_score": verdict.perturbed_score,
-        }
-        for seed, verdict in zip(seeds, verdicts, strict=True)
-    ]
-    failures = Counter(r["reason"] for r in rows if not r["certified"])
-    with duckdb.get_connection() as conn:
-        replace_table(conn, SILVER_RL_CERTIFICATION, rows)
+        reuse = build_rl_certification(
+            conn,
+            CertificationSettings(runs=config.runs, timeout_seconds=config.timeout_seconds),
+            workers=config.workers,
+            batch_rows=config.batch_rows,
+            reuse=not (config.full_rebuild or settings.full_rebuild()),
+            progress=progress,
+        )
+        failures = dict(conn.execute(FAILURES_BY_REASON).fetchall())
         metadata = table_metadata(
             conn,
             SILVER_RL_CERTIFICATION,
             preview_columns=["id", "verifier", "certified", "reason"],
             group_by="verifier",
         )
+    context.log.info(f"certified {reuse.computed} RL seeds now, reused {reuse.reused} verdicts")
     metadata.update(
         {
-            "certified": dg.MetadataValue.int(sum(r["certified"] for r in rows)),
+            "certified": dg.MetadataValue.int(reuse.computed + reuse.reused - sum(failures.values())),
             "failed": dg.MetadataValue.int(sum(failures.values())),
-            "failures_by_reason": dg.MetadataValue.json(dict(sorted(failures.items()))),
+            "failures_by_reason": dg.MetadataValue.json(failures),
             "verifier_versions": dg.MetadataValue.json(VERIFIER_VERSIONS),
+            **{k: dg.MetadataValue.int(v) for k, v in reuse.metadata(STAGE).items()},
         }
     )
     return dg.MaterializeResult(metadata=metadata)
