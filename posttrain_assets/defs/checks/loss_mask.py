@@ -7,6 +7,10 @@ tokenizer's canonical encoding of the rendering (a fresh re-encode) is checked o
 ``sft.batches.CANONICAL_SAMPLE_EVERY`` (chosen by id hash; the constant's comment says why that suffices); the
 metadata says how many rows that was. A failure names the row ids and the first wrong position; gold.sft then does
 not materialise.
+
+Only rows not proven before are proven (``posttrain_assets.sft.proof_cache``): a row byte-identical to one an
+earlier run proved with the same proof code, tokenizer, chat template and sample rate counts as proven (metadata
+``rows_reused/loss_mask_proof``); ``POSTTRAIN_FULL_REBUILD=1`` proves every row again.
 """
 
 import dagster as dg
@@ -15,19 +19,12 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
-from posttrain_assets.parallel import default_processes, map_batches, processes_for
-from posttrain_assets.sft.batches import MaskProof, ProofJob, TokenizerIdentity, prove_batch
+from posttrain_assets.settings import full_rebuild
+from posttrain_assets.sft.batches import ProofJob, TokenizerIdentity
+from posttrain_assets.sft.proof_cache import STAGE, prove_tokenized
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import ordered_arrow
 
 MAX_REPORTED = 20
-BATCH_ROWS = 1024
-
-ROWS_TO_VERIFY = f"""
-SELECT t.id, t.source, r.messages, r.tools, t.input_ids, t.labels, t.num_messages, t.train_on, t.train_reasoning,
-       t.end_of_turn, t.tokenizer_sha256, t.chat_template_sha256
-FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id)
-"""
 
 
 @warehouse_check(
@@ -35,27 +32,23 @@ FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING 
     blocking=True,
     additional_deps=[["silver", "records"]],
     description="Every row: input_ids spell the chat template's rendering, only assistant contents + end markers "
-    "trained; on a sample of rows, input_ids = a fresh encode of the rendering.",
+    "trained; on a sample of rows, input_ids = a fresh encode of the rendering. A row byte-identical to one an "
+    "earlier run proved (same proof code, tokenizer, template, sample) reuses that proof.",
 )
 def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.AssetCheckResult:
     identity = tokenizer.identity()
     prover = ProofJob(
         TokenizerIdentity(tokenizer.get(), identity["tokenizer_sha256"], identity["chat_template_sha256"])
     )
-    proof = MaskProof()
     with duckdb.get_connection() as conn:
         orphans = conn.execute(
             f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified} WHERE id NOT IN (SELECT id FROM "
             f"{SILVER_RECORDS.qualified})"
         ).fetchone()[0]
-        (rows,) = conn.execute(f"SELECT count(*) FROM {SILVER_SFT_TOKENIZED.qualified}").fetchone()
-        # Streamed in id ranges (memory holds a few batches of token lists, not the table), proven in worker
-        # processes, each batch with one batched re-render, decode, and re-encode of its canonical sample.
-        batches = ordered_arrow(conn, ROWS_TO_VERIFY, "id", BATCH_ROWS)
-        for batch_proof in map_batches(
-            prove_batch, prover, batches, processes_for(rows, BATCH_ROWS, default_processes())
-        ):
-            proof.add(batch_proof)
+        # Rows not proven before, streamed in id ranges and proven in worker processes, each batch with one batched
+        # re-render, decode, and re-encode of its canonical sample; the others reuse their cached proof.
+        run = prove_tokenized(conn, prover, reuse=not full_rebuild())
+    proof = run.proof
     failures, tokens_by_source, checked = proof.failures, proof.tokens_by_source, proof.checked
     total = sum(c[0] for c in tokens_by_source.values())
     trained = sum(c[1] for c in tokens_by_source.values())
@@ -64,6 +57,11 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
         "rows_failed": dg.MetadataValue.int(len(failures)),
         "canonical_encoding_rows_checked": dg.MetadataValue.int(proof.canonical_checked),
         "canonical_encoding_sample": dg.MetadataValue.text(f"1 in {prover.canonical_every} rows, by id hash"),
+        **{name: dg.MetadataValue.int(count) for name, count in run.reuse.metadata(STAGE).items()},
+        "reused_proofs": dg.MetadataValue.text(
+            "rows byte-identical to rows an earlier run proved with the same proof code, tokenizer, chat template "
+            "and sample count as proven (rows_checked includes them; canonical_encoding_rows_checked does not)"
+        ),
         "trainable_share": dg.MetadataValue.float(trained / total if total else 0.0),
         "failures": dg.MetadataValue.md(markdown_table(["id", "source", "problem"], failures[:MAX_REPORTED])),
         **{
@@ -76,7 +74,7 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
     if not checked:
         failures.append(("-", "-", "no tokenised rows to prove"))
     description = (
-        f"{checked} rows proven"
+        f"{checked} rows proven ({run.reuse.computed} now, {run.reuse.reused} reused proofs of byte-identical rows)"
         if not failures
         else f"{len(failures)} row(s) fail: " + "; ".join(f"{i}: {p}" for i, _, p in failures[:3])
     )
