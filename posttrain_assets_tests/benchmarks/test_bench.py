@@ -139,6 +139,21 @@ def test_tiny_benchmark_end_to_end(
     assert floor["records"] == N - corpus["malformed_by_reason"].get("bad_json", 0) and floor["tokens"] > 0
     assert floor["seconds"] == pytest.approx(floor["read_seconds"] + floor["encode_seconds"], abs=0.011)
     assert run["end_to_end_over_floor"] == round(run["end_to_end"]["seconds"] / floor["seconds"], 2)
+    # the full build computed every bronze row in the gate; the figures above are its own (bronze.records == N,
+    # ingest timed for the first corpus's sources only), measured before the refresh
+    assert run["reuse"]["normalise_and_gate"] == {"computed": N, "reused": 0}
+    # the incremental refresh, same run: the refresh corpus's sources added, only their rows gated
+    refresh = run["refresh"]
+    refresh_plan = json.loads((out / "refresh_corpus" / "plan.json").read_text(encoding="utf-8"))
+    assert refresh["failure"] is None
+    assert refresh["rows_added"] == refresh_plan["records"] == bench.default_refresh_rows(N) == 50
+    assert refresh["sources_added"] == [f"refresh_{s.name}" for s in bench.SOURCES]
+    assert refresh["seconds"] > 0 and refresh["peak_rss_mib"] > 0
+    assert refresh["share_of_full"] == round(refresh["seconds"] / run["end_to_end"]["seconds"], 4)
+    assert refresh["reuse"]["normalise_and_gate"] == {"computed": refresh_plan["records"], "reused": N}
+    assert refresh["reuse"]["sft_tokenize"]["reused"] > 0
+    assert set(refresh["stages"]) >= {"bronze ingest", "silver canonical + cleaning", "silver sft_tokenized", "gold"}
+    assert refresh["stages"]["bronze ingest"]["steps"] == 2 * len(bench.SOURCES)  # this run's steps only
 
 
 @pytest.mark.slow  # starts the fork server and two workers: about 5 s (test_masking checks the masks fast)
@@ -176,6 +191,53 @@ def test_a_failed_job_still_reports_the_stages_that_ran(
     assert run["stages"]["silver canonical + cleaning"]["records"] == N
     assert run["stages"]["loss_mask_check"]["seconds"] > 0
     assert run["tables"]["gold.sft"] == run["silver_by_regime"]["sft"]
+    assert run["refresh"] == {"skipped": "the full build failed"}
+
+
+def test_refresh_registry_keeps_the_first_sources_and_appends_the_new_ones(tmp_path: Path) -> None:
+    from posttrain_assets.ingest.registry import load_registry
+
+    plan = bench.generate_corpus(tmp_path / "corpus", 100, seed=3)
+    refresh_plan = bench.generate_corpus(tmp_path / "refresh_corpus", 50, seed=4)
+    path = bench.write_refresh_registry(plan, refresh_plan)
+    assert path == tmp_path / "corpus" / "sources_refresh.yaml"
+    first, combined = load_registry(plan["registry"]), load_registry(path)
+    # the first corpus's entries unchanged and first (highest priority), the new ones after, renamed
+    assert combined.sources[: len(bench.SOURCES)] == first.sources
+    assert combined.names[len(bench.SOURCES) :] == [f"refresh_{s.name}" for s in bench.SOURCES]
+    for s in bench.SOURCES:
+        added = combined.get(f"refresh_{s.name}")
+        assert added.files() == [(tmp_path / "refresh_corpus" / s.path).resolve()]
+
+
+def test_refresh_report_says_whether_the_goal_holds() -> None:
+    refresh = {
+        "rows_added": 10_000,
+        "sources_added": ["refresh_a", "refresh_b"],
+        "seconds": 30.0,
+        "peak_rss_mib": 900.0,
+        "share_of_full": 0.03,
+        "stages": {"silver canonical + cleaning": {"seconds": 12.5}, "gold": {"seconds": 4.0}},
+        "reuse": {
+            "normalise_and_gate": {"computed": 10_000, "reused": 1_000_000},
+            "new_cache": {"computed": 1, "reused": 2},
+        },
+        "failure": None,
+    }
+    text = "\n".join(bench._refresh_lines(refresh, 1000.0, 1_000_000))
+    assert "refresh 30.0 s vs full build 1000.0 s (same run) = 3.0% of the full build" in text
+    assert "refresh goal (<= 5% of the full build): holds in this run\n" in text
+    rows = [line.split() for line in text.splitlines()]
+    # each cache under the stage that runs it; an unknown one after the stages
+    assert ["cache", "normalise_and_gate", "-", "10,000", "1,000,000"] in rows
+    names = [row[0] if row[0] != "cache" else row[1] for row in rows if row]
+    assert names.index("normalise_and_gate") == names.index("silver") + 1
+    assert names[-1] == "new_cache"
+    slow = {**refresh, "share_of_full": 0.2, "rows_added": 50}
+    text = "\n".join(bench._refresh_lines(slow, 150.0, 300))
+    assert (
+        "does NOT hold in this run (the goal is stated for 1,000,000 records + 10,000 rows; this run: 300 + 50)" in text
+    )
 
 
 def test_floor_reads_every_file_and_encodes_every_record_text(tmp_path: Path, tokenizer_cache_dir: Path) -> None:
