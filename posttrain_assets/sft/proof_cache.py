@@ -1,7 +1,9 @@
 """The loss-mask proof, proving only rows it has not proven before (issue 23; ``warehouse.stage_cache`` explains
 the keys).
 
-``cache.sft_proofs`` holds one entry per tokenised row that PASSED the proof: ``(stage_key, id, row_fingerprint)``.
+``cache.sft_proofs`` holds one entry per tokenised row that PASSED the proof: ``(stage_key, id, row_fingerprint)``
+and the row's token counts as the proof counted them (so a refresh reads the reused rows' counts instead of scanning
+their labels again: the fingerprint covers ``input_ids`` and ``labels``, so the counts are those of the current row).
 The stage key (:func:`proof_stage_key`) hashes what the verdict depends on besides the row: the tokenizer and chat
 template hashes, the canonical-encoding sample rate, the proof's code and the libraries it calls. The row
 fingerprint (:data:`ROW_FINGERPRINT`) hashes everything of the stored row the proof reads: silver.sft_tokenized's
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -54,20 +57,20 @@ SFT_PROOFS = Table(
         Column("stage_key", "VARCHAR", "the proof's stage key (proof_cache.proof_stage_key)", False),
         Column("id", "VARCHAR", "silver.sft_tokenized id", False),
         Column("row_fingerprint", "UBIGINT", "hash of everything of the row the proof read (ROW_FINGERPRINT)", False),
+        Column("num_tokens", "BIGINT", "len(input_ids) of the row proven", False),
+        Column("num_trainable_tokens", "BIGINT", "labels other than -100 of the row proven", False),
     ),
 )
 PROOF_ROWS = Table(
     CACHE_SCHEMA,
     "sft_proof_rows",
     "Scratch of one loss_mask_check run, dropped when it ends: every tokenised row with a silver.records row, its "
-    "fingerprint, whether its proof is reused, and its token counts.",
+    "fingerprint and whether its proof is reused.",
     (
         Column("id", "VARCHAR", "silver.sft_tokenized id", False),
         Column("source", "VARCHAR", "registry source name (the current row's)", False),
         Column("row_fingerprint", "UBIGINT", "ROW_FINGERPRINT of the current row", False),
         Column("reused", "BOOLEAN", "cache.sft_proofs holds (stage key, id, fingerprint)", False),
-        Column("num_tokens", "BIGINT", "len(input_ids)", False),
-        Column("num_trainable_tokens", "BIGINT", "labels other than -100", False),
     ),
 )
 
@@ -86,28 +89,27 @@ ROW_FINGERPRINT = f"hash({TOKENIZED_HASH}, {RECORD_HASH})"
 
 FORGET_ALL = f"DELETE FROM {SFT_PROOFS.qualified}"
 
-# Every tokenised row with a silver.records row, fingerprinted, with its token counts as the proof counts them
-# (len(input_ids), labels other than IGNORE_INDEX: the figures of the reused rows), and whether its proof is in the
-# cache. The two tables are reduced to narrow rows (hashes, counts) before they are joined, so the join never holds
-# token lists or conversations (DuckDB would otherwise move the hashing above the join).
+# Every tokenised row with a silver.records row, fingerprinted, and whether its proof is in the cache. The two
+# tables are reduced to narrow rows (id and hash) before they are joined, so the join never holds token lists or
+# conversations (DuckDB would otherwise move the hashing above the join). This scan runs on every refresh: 200,000
+# rows of 500 tokens take about 1.5 s; counting trained labels here as well would add 1.1 s, hence the counts kept
+# in the cache.
 FINGERPRINT_ROWS = f"""
 CREATE OR REPLACE TABLE {PROOF_ROWS.qualified} AS
 WITH tokenized AS MATERIALIZED (
-    SELECT t.id, t.source, {TOKENIZED_HASH} AS tokenized_hash, len(t.input_ids) AS num_tokens,
-           len(list_filter(t.labels, lambda label: label <> {IGNORE_INDEX})) AS num_trainable_tokens
+    SELECT t.id, t.source, {TOKENIZED_HASH} AS tokenized_hash
     FROM {SILVER_SFT_TOKENIZED.qualified} t
 ), records AS MATERIALIZED (
     SELECT r.id, {RECORD_HASH} AS record_hash FROM {SILVER_RECORDS.qualified} r
     WHERE r.id IN (SELECT id FROM {SILVER_SFT_TOKENIZED.qualified})
 ), fingerprinted AS (
-    SELECT t.id, t.source, hash(t.tokenized_hash, r.record_hash) AS row_fingerprint, t.num_tokens,
-           t.num_trainable_tokens
+    SELECT t.id, t.source, hash(t.tokenized_hash, r.record_hash) AS row_fingerprint
     FROM tokenized t JOIN records r USING (id)
 )
 SELECT f.id, f.source, f.row_fingerprint, EXISTS (
         SELECT 1 FROM {SFT_PROOFS.qualified} c
         WHERE c.stage_key = $stage_key AND c.id = f.id AND c.row_fingerprint = f.row_fingerprint
-    ) AS reused, f.num_tokens, f.num_trainable_tokens
+    ) AS reused
 FROM fingerprinted f
 """
 
@@ -123,14 +125,16 @@ WHERE NOT p.reused
 ROWS_TO_PROVE_COUNT = f"SELECT count(*) FROM {PROOF_ROWS.qualified} WHERE NOT reused"
 
 APPEND_PROVEN = (
-    f"INSERT INTO {SFT_PROOFS.qualified} (stage_key, id, row_fingerprint) "
-    "SELECT $stage_key, id, row_fingerprint FROM proven_rows"
+    f"INSERT INTO {SFT_PROOFS.qualified} (stage_key, id, row_fingerprint, num_tokens, num_trainable_tokens) "
+    "SELECT $stage_key, id, row_fingerprint, num_tokens, num_trainable_tokens FROM proven_rows"
 )
 
-# [tokens, trained tokens] per source of the reused rows, the source being the current row's.
+# Rows and [tokens, trained tokens] per source of the reused rows, the source being the current row's.
 REUSED_TOKENS = f"""
-SELECT source, count(*), sum(num_tokens), sum(num_trainable_tokens) FROM {PROOF_ROWS.qualified}
-WHERE reused GROUP BY source ORDER BY source
+SELECT p.source, count(*), sum(c.num_tokens), sum(c.num_trainable_tokens)
+FROM {PROOF_ROWS.qualified} p JOIN {SFT_PROOFS.qualified} c
+  ON c.stage_key = $stage_key AND c.id = p.id AND c.row_fingerprint = p.row_fingerprint
+WHERE p.reused GROUP BY p.source ORDER BY p.source
 """
 
 # Entries of another stage key, of rows that are gone, and of rows whose fingerprint changed.
@@ -140,6 +144,16 @@ WHERE c.stage_key <> $stage_key OR NOT EXISTS (
     SELECT 1 FROM {PROOF_ROWS.qualified} p WHERE p.id = c.id AND p.row_fingerprint = c.row_fingerprint
 )
 """
+
+
+def _stored_columns(conn: duckdb.DuckDBPyConnection, table: Table) -> list[str]:
+    """The column names of ``table`` as stored, in order (none: the table does not exist)."""
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+        [table.schema, table.name],
+    ).fetchall()
+    return [name for (name,) in rows]
 
 
 def proof_stage_key(job: ProofJob) -> str:
@@ -156,18 +170,29 @@ def proof_stage_key(job: ProofJob) -> str:
 
 @dataclass
 class ProvenBatch:
-    """What proving a batch found, and the ``(id, row_fingerprint)`` of its rows that passed (Arrow)."""
+    """What proving a batch found, and ``(id, row_fingerprint, num_tokens, num_trainable_tokens)`` of its rows that
+    passed (Arrow)."""
 
     proof: MaskProof
     passed: pa.Table
 
 
 def prove_and_keep_passed(job: ProofJob, batch: pa.Table) -> ProvenBatch:
-    """``prove_batch`` on a batch of :data:`ROWS_TO_PROVE`, with the id and fingerprint of every row it did not
-    fail (in a worker process: only the proof and the passing keys cross back)."""
+    """``prove_batch`` on a batch of :data:`ROWS_TO_PROVE`, with the id, fingerprint and token counts (as the proof
+    counts them) of every row it did not fail (in a worker process: only the proof and the passing keys cross back)."""
     proof = prove_batch(job, batch)
     failed = pa.array(sorted({row_id for row_id, _, _ in proof.failures}), pa.string())
-    keys = batch.select(["id", "row_fingerprint"])
+    labels = batch.column("labels").combine_chunks()
+    offsets = labels.offsets.to_numpy()
+    trained = np.concatenate([[0], np.cumsum(labels.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX)])
+    keys = pa.table(
+        {
+            "id": batch.column("id"),
+            "row_fingerprint": batch.column("row_fingerprint"),
+            "num_tokens": pc.list_value_length(batch.column("input_ids")).cast(pa.int64()),
+            "num_trainable_tokens": pa.array(trained[offsets[1:]] - trained[offsets[:-1]], pa.int64()),
+        }
+    )
     return ProvenBatch(proof, keys.filter(pc.invert(pc.is_in(keys.column("id"), value_set=failed))))
 
 
@@ -195,6 +220,8 @@ def prove_tokenized(
     Rows are streamed in id ranges of ``batch_rows`` (memory holds a few batches of token lists, not the table) and
     proven in ``processes`` worker processes (default: as many as the rows to prove call for)."""
     key = proof_stage_key(job)
+    if _stored_columns(conn, SFT_PROOFS) not in ([], SFT_PROOFS.column_names):
+        conn.execute(f"DROP TABLE {SFT_PROOFS.qualified}")  # a cache of another shape (older code): forgotten
     conn.execute(SFT_PROOFS.create_sql())
     if not reuse:
         conn.execute(FORGET_ALL)
@@ -211,7 +238,7 @@ def prove_tokenized(
                 conn.execute(APPEND_PROVEN, {"stage_key": key})
                 conn.unregister("proven_rows")
         reused = MaskProof()
-        for source, rows, tokens, trained in conn.execute(REUSED_TOKENS).fetchall():
+        for source, rows, tokens, trained in conn.execute(REUSED_TOKENS, {"stage_key": key}).fetchall():
             reused.checked += rows
             reused.tokens_by_source[source] = [int(tokens), int(trained)]
         proof.add(reused)

@@ -212,7 +212,10 @@ def test_a_new_stage_key_proves_every_row_again(warehouse: Path, smollm2_tokeniz
         # batches of 2 rows, in this process
         first = prove_tokenized(conn, sampled, batch_rows=2, processes=1)
         assert (first.proof.checked, first.proof.failures, first.reuse.computed) == (ROWS, [], ROWS)
-        assert prove_tokenized(conn, sampled, batch_rows=2, processes=1).reuse.computed == 0
+        reused = prove_tokenized(conn, sampled, batch_rows=2, processes=1)
+        assert (reused.reuse.computed, reused.proof.checked) == (0, ROWS)
+        # the reused rows' token counts (kept with their proofs) are the proof's own figures
+        assert reused.proof.tokens_by_source == first.proof.tokens_by_source
         # another canonical sample: a new stage key, every row proven (and re-encoded) again
         changed = prove_tokenized(conn, every_row, batch_rows=2, processes=1)
         assert (changed.reuse.computed, changed.reuse.reused, changed.proof.canonical_checked) == (ROWS, 0, ROWS)
@@ -220,6 +223,11 @@ def test_a_new_stage_key_proves_every_row_again(warehouse: Path, smollm2_tokeniz
         # the old key's entries are forgotten: going back proves every row again
         assert execute_on(conn, f"SELECT count(*) FROM {SFT_PROOFS.qualified}") == [(ROWS,)]
         assert prove_tokenized(conn, sampled, batch_rows=2, processes=1).reuse.computed == ROWS
+        # the cache does not depend on the batches or the number of processes
+        cached = execute_on(conn, f"SELECT * FROM {SFT_PROOFS.qualified} ORDER BY ALL")
+        rebuilt = prove_tokenized(conn, sampled, reuse=False, batch_rows=3, processes=2)
+        assert (rebuilt.reuse.computed, rebuilt.proof.tokens_by_source) == (ROWS, first.proof.tokens_by_source)
+        assert execute_on(conn, f"SELECT * FROM {SFT_PROOFS.qualified} ORDER BY ALL") == cached
 
 
 def execute_on(conn: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
@@ -245,3 +253,15 @@ def test_the_stage_key_names_the_tokenizer_the_template_and_the_sample(smollm2_t
         )
         == 4
     )
+
+
+def test_a_cache_of_another_shape_is_forgotten(check: Callable[[], dg.AssetCheckResult], warehouse: Path) -> None:
+    # a cache.sft_proofs left by older code, without the token counts
+    execute(
+        warehouse,
+        "CREATE SCHEMA cache; CREATE TABLE cache.sft_proofs (stage_key VARCHAR, id VARCHAR, row_fingerprint UBIGINT)",
+    )
+    execute(warehouse, "INSERT INTO cache.sft_proofs SELECT 'old', id, 0 FROM silver.sft_tokenized")
+    result = check()
+    assert result.passed and reuse(result) == (ROWS, 0)
+    assert execute(warehouse, f"SELECT count(*), count(num_tokens) FROM {SFT_PROOFS.qualified}") == [(ROWS, ROWS)]
