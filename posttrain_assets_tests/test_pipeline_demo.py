@@ -191,14 +191,29 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
         bronze_source_table(s).qualified for (s,) in demo_graph.query("SELECT DISTINCT source FROM bronze.records")
     }
     assert len(per_source) == 11
+    caches = {t for t in stored if t.startswith("cache.")}  # the per-row stage caches (warehouse.stage_cache)
+    assert {"cache.gate_rows", "cache.sft_tokenized", "cache.near_signatures"} <= caches
     assert (
-        stored == {t.qualified for t in ALL_TABLES} - {"gold.preference"} | {TRACE_VIEW, "checks.verdicts"} | per_source
+        stored
+        == {t.qualified for t in ALL_TABLES} - {"gold.preference"}
+        | {TRACE_VIEW, "checks.verdicts"}
+        | per_source
+        | caches
     )
     # silver.records says where its pass spent its time, as numbers the UI plots per run
     event = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
     seconds = {k: v.value for k, v in event.asset_materialization.metadata.items() if k.startswith("seconds/")}
     assert set(seconds) == {f"seconds/{name}" for name in (*STAGE_NAMES, *SUBSTAGE_NAMES)}
     assert all(isinstance(v, float) and v >= 0 for v in seconds.values())
+    # the rerun computed no row of the cached per-row stages again: every bronze row's gate result was reused
+    reused = {k: v.value for k, v in event.asset_materialization.metadata.items() if k.startswith("rows_")}
+    assert reused["rows_computed/normalise_and_gate"] == 0
+    assert reused["rows_reused/normalise_and_gate"] == 2926
+    assert reused["rows_computed/near_dedup_signatures"] == 0
+    tokenized = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "sft_tokenized"]))
+    metadata = tokenized.asset_materialization.metadata
+    assert metadata["rows_computed/sft_tokenize"].value == 0
+    assert metadata["rows_reused/sft_tokenize"].value == 950
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ from posttrain_assets.cleaning.dedup import (
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow
 from posttrain_assets.warehouse.model import Column, Table
+from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA, Reuse, code_fingerprint, library_versions, stage_key
 
 WORK_SCHEMA = "work"
 # The columns dedup units are built from (dedup.dedup_unit, guard_text, rl_same_key), with the row's key.
@@ -167,6 +168,49 @@ INSERT INTO {DEDUP_ROWS.qualified}
 SELECT seq, id, kept_rank, arg_min(seq, kept_rank) OVER (PARTITION BY exact_key) FROM ({{ranked}})
 """
 SURVIVORS = f"SELECT seq FROM {DEDUP_ROWS.qualified} WHERE seq = exact_kept"
+
+# ---------------------------------------------------------------------------------------------------------------
+# the signature cache (schema ``cache``, kept between runs; warehouse.stage_cache explains the keys)
+# ---------------------------------------------------------------------------------------------------------------
+
+# A dedup unit is built from the record's content (its id is a hash of it), so its signature depends on the id, the
+# MinHash config and the code that shingles and hashes it. Band keys and sketches are cheap functions of the
+# signature and are derived again each run (signature_tables).
+SIGNATURE_CODE = ("posttrain_assets.cleaning.dedup", "posttrain_assets.text")
+SIGNATURE_LIBRARIES = ("datasketch", "numpy")
+SIGNATURE_CACHE = Table(
+    CACHE_SCHEMA,
+    "near_signatures",
+    "MinHash signatures of dedup units by (stage key, record id): computed once per content and MinHash config.",
+    (
+        Column("stage_key", "VARCHAR", "signature stage key (dedup_tables.signature_stage_key)", False),
+        Column("id", "VARCHAR", "record id", False),
+        Column("signature", "UINTEGER[]", "num_perm slot values", False),
+    ),
+)
+
+
+def signature_stage_key(cfg: MinHashConfig) -> str:
+    """Everything a signature depends on besides the record's content."""
+    return stage_key(
+        "near_dedup_signatures",
+        minhash=cfg,
+        code=code_fingerprint(*SIGNATURE_CODE),
+        libraries=library_versions(*SIGNATURE_LIBRARIES),
+    )
+
+
+def _survivor_units(staged: str, cached: bool) -> str:
+    """The unit columns of the exact survivors whose signature the cache holds (``cached``) or does not hold under
+    ``$key``; cached rows only if this run did not compute them (they are not in near_signatures yet)."""
+    holds = f"EXISTS (SELECT 1 FROM {SIGNATURE_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = s.id)"
+    if not cached:
+        return f"SELECT {', '.join(UNIT_COLUMNS)} FROM {staged} s WHERE seq IN ({SURVIVORS}) AND NOT {holds}"
+    return f"""
+    SELECT s.seq, c.signature FROM {staged} s JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = s.id
+    WHERE s.seq IN ({SURVIVORS}) AND s.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
+    """
+
 
 # The rows of every LSH bucket of two or more rows at depth 0 (one band), with its size.
 BAND_BUCKET_ROWS = f"""
@@ -372,9 +416,9 @@ def similarity_batch(_shared: None, item: tuple[pa.Table, pa.Table]) -> pa.Table
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _count(conn: duckdb.DuckDBPyConnection, relation: str) -> int:
+def _count(conn: duckdb.DuckDBPyConnection, relation: str, params: dict[str, Any] | None = None) -> int:
     """Rows of a table or parenthesised query (fetched whole, so the connection is free for the next statement)."""
-    return conn.execute(f"SELECT count(*) FROM {relation}").fetchall()[0][0]
+    return conn.execute(f"SELECT count(*) FROM {relation}", params or {}).fetchall()[0][0]
 
 
 class _UnionFind:
@@ -415,8 +459,9 @@ def deduplicate_regime_tables(
     batch_rows: int,
     processes: int,
     timed: Timed = lambda _part: nullcontext(),
-) -> None:
+) -> Reuse:
     """Exact-normalised then near-duplicate dedup of one regime's rows; appends the dropped rows to ``dropped``.
+    Returns how many survivors' signatures were computed and how many read from the signature cache.
 
     ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
     and ``kept_rank`` (unique; lowest is kept). ``staged``: the relation holding their ``UNIT_COLUMNS`` by seq
@@ -429,12 +474,26 @@ def deduplicate_regime_tables(
         conn.execute(table.create_sql(replace=True))
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     survivors = _count(conn, f"({SURVIVORS})")
+    key = {"key": signature_stage_key(cfg)}
     with timed("signatures"):
-        units = fetch_arrow(
-            conn, f"SELECT {', '.join(UNIT_COLUMNS)} FROM {staged} WHERE seq IN ({SURVIVORS})", batch_rows
+        # Signatures of survivors not in the signature cache, in worker processes, then into the cache...
+        conn.execute(SIGNATURE_CACHE.create_sql())
+        computed = _count(conn, f"({_survivor_units(staged, cached=False)})", key)
+        units = fetch_arrow(conn, _survivor_units(staged, cached=False), batch_rows, key)
+        for signatures, bands in map_batches(
+            signature_batch, cfg, units, processes_for(computed, batch_rows, processes)
+        ):
+            insert_arrow(conn, NEAR_SIGNATURES, signatures)
+            insert_arrow(conn, NEAR_BANDS, bands)
+        conn.execute(
+            f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, s.id, n.signature "
+            f"FROM {NEAR_SIGNATURES.qualified} n JOIN {staged} s USING (seq)",
+            key,
         )
-        workers = processes_for(survivors, batch_rows, processes)
-        for signatures, bands in map_batches(signature_batch, cfg, units, workers):
+        # ... and the others' from the cache, with their band keys and sketches derived here (numpy, no shingling).
+        for cached in fetch_arrow(conn, _survivor_units(staged, cached=True), batch_rows, key):
+            seqs = np.asarray(cached.column("seq"), dtype=np.int64)
+            signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
             insert_arrow(conn, NEAR_SIGNATURES, signatures)
             insert_arrow(conn, NEAR_BANDS, bands)
     with timed("candidates"):
@@ -451,6 +510,7 @@ def deduplicate_regime_tables(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
         {"near": METHOD_NEAR, "exact": METHOD_EXACT},
     )
+    return Reuse(computed=computed, reused=survivors - computed)
 
 
 def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:

@@ -46,7 +46,7 @@ import duckdb
 
 from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_matches, contamination_report
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
-from posttrain_assets.cleaning.dedup_tables import deduplicate_regime_tables
+from posttrain_assets.cleaning.dedup_tables import SIGNATURE_CACHE, deduplicate_regime_tables, signature_stage_key
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdicts
 from posttrain_assets.ingest.registry import Registry
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
@@ -308,6 +308,10 @@ SELECT source, file_path, count(*) FROM {BRONZE_RECORDS.qualified} WHERE list_co
 GROUP BY source, file_path ORDER BY file_path
 """
 
+EVAL_IN_BRONZE_ORDER = f"""
+SELECT * FROM {WORK_EVAL.qualified} ORDER BY list_position($sources, source), origin.file, origin."row"
+"""
+
 # Staged rows still in the corpus (not removed by a later stage), in bronze priority order.
 LIVE = f"""
 SELECT * FROM {STAGED.qualified}
@@ -455,9 +459,9 @@ def run_silver_pass(
                 with clock.stage("normalise_and_gate/checkpoint"):
                     conn.execute("CHECKPOINT")
             with clock.stage("decontaminate"):
-                report = decontaminate(conn, cfg)
+                report = decontaminate(conn, registry.names, cfg)
             with clock.stage("deduplicate"):
-                deduplicate_staged(conn, registry, cfg, clock)
+                reuse["near_dedup_signatures"] = deduplicate_staged(conn, registry, cfg, clock)
             with clock.stage("cross_regime_leaks"):
                 leaks = cross_regime_leaks(conn, cfg)
             with clock.stage("quarantine"):
@@ -606,9 +610,10 @@ def gate_stage_keys(
     return keys
 
 
-def decontaminate(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:
+def decontaminate(conn: duckdb.DuckDBPyConnection, sources: list[str], cfg: CleaningConfig) -> list[dict[str, Any]]:
     """Stage 2: match every staged row against the eval index; contaminated rows are removed."""
-    index = EvalIndex.build(fetch_dicts(conn, f"SELECT * FROM {WORK_EVAL.qualified}"), n=cfg.decontamination_ngram)
+    # In bronze priority order: an n-gram of several eval rows is reported against the first of them.
+    index = EvalIndex.build(fetch_dicts(conn, EVAL_IN_BRONZE_ORDER, {"sources": sources}), n=cfg.decontamination_ngram)
     matches: list[dict[str, Any]] = []
     if not index.is_empty():
         for rows in fetch_batches(conn, f"SELECT * FROM {STAGED.qualified}", cfg.batch_rows, {}):
@@ -633,19 +638,25 @@ def decontaminate(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[
 
 def deduplicate_staged(
     conn: duckdb.DuckDBPyConnection, registry: Registry, cfg: CleaningConfig, clock: StageClock | None = None
-) -> None:
+) -> Reuse:
     """Stage 3, per regime: exact-normalised then near duplicates of the live rows, as set operations over work
     tables (``dedup_tables.deduplicate_regime_tables``): this process holds one batch in flight and the union-find
     over verified pairs, never a regime's rows. Dropped rows go to the dedup work table and leave the corpus.
+    MinHash signatures are read from the signature cache where it holds them (``cfg.reuse``); returns how many
+    were computed and how many reused.
     """
     clock = clock or StageClock()
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
+    conn.execute(SIGNATURE_CACHE.create_sql())
+    if not cfg.reuse:
+        conn.execute(f"DELETE FROM {SIGNATURE_CACHE.qualified}")
+    reuse = Reuse()
     try:
         for regime in REGIMES:
-            deduplicate_regime_tables(
+            reuse += deduplicate_regime_tables(
                 conn,
                 staged=STAGED.qualified,
                 ranked=RANKED_OF_REGIME,
@@ -659,10 +670,18 @@ def deduplicate_staged(
             )
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
+    # Signatures of rows no longer staged, or under another MinHash config, are forgotten.
+    keys = [signature_stage_key(cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])) for regime in REGIMES]
+    conn.execute(
+        f"DELETE FROM {SIGNATURE_CACHE.qualified} c WHERE NOT list_contains($keys, c.stage_key) "
+        f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id)",
+        {"keys": keys},
+    )
     conn.execute(DEDUP_FROM_STAGED)
     conn.execute(
         f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM {DROPPED_DUPLICATES.qualified}"
     )
+    return reuse
 
 
 def cross_regime_leaks(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:

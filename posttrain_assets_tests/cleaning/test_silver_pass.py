@@ -155,7 +155,7 @@ def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_the
     seen: list[tuple[int, int]] = []
     decontaminate = cleaning.decontaminate
 
-    def storage_then_decontaminate(conn, cfg):
+    def storage_then_decontaminate(conn, sources, cfg):
         # column segments of the staged rows: how many there are, and how many live in the database file
         seen.append(
             conn.execute(
@@ -163,7 +163,7 @@ def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_the
                 {"table": cleaning.STAGED.qualified},
             ).fetchone()
         )
-        return decontaminate(conn, cfg)
+        return decontaminate(conn, sources, cfg)
 
     monkeypatch.setattr(cleaning, "decontaminate", storage_then_decontaminate)
     run(conn, registry, smollm2_tokenizer)
