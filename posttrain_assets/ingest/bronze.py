@@ -7,6 +7,7 @@ memory stays bounded by the batch size whatever the file size. No Dagster import
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import pyarrow as pa
 
 from posttrain_assets.ingest.files import file_sha256
 from posttrain_assets.ingest.readers import RawRow, read_raw_rows, unreadable
+from posttrain_assets.ingest.registry import Source
+from posttrain_assets.warehouse.stage_cache import code_fingerprint, stage_key
 
 # Rows per Arrow batch handed to DuckDB: 30 batches fill one DuckDB row group (io.ROW_GROUP_ROWS).
 BATCH_ROWS = 4_096
@@ -83,3 +86,12 @@ def bronze_batches(run: IngestRun, files: Sequence[Path], batch_rows: int = BATC
                 batch, emitted = [], True
         if batch or not emitted:
             yield FileBatch(path, file_hash, bronze_table(run, path, file_hash, batch))
+
+
+def landing_fingerprint(source: Source, files: Sequence[Path]) -> str:
+    """What a source's bronze rows are read from: its registry entry, each file's path, size and modification time
+    (nanoseconds), and the code of the readers. Equal fingerprints: re-reading the files would give the same rows
+    (the rule ``make`` and ``rsync`` use; ``posttrain run --full`` reads them anyway)."""
+    entry = {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name != "base_dir"}
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)]
+    return stage_key("bronze_ingest", source=entry, files=stats, code=code_fingerprint("posttrain_assets.ingest"))

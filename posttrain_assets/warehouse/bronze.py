@@ -10,7 +10,8 @@ import duckdb
 
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
 from posttrain_assets.warehouse.io import Twin, swap_in, transaction
-from posttrain_assets.warehouse.model import Table
+from posttrain_assets.warehouse.model import Column, Table
+from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA
 
 # bronze.records is a view over one table per source (bronze.records__source_<sha256(source)[:12]>): a source is
 # re-ingested into a fresh table that then replaces its old one by a rename, so the rows are written once
@@ -77,3 +78,42 @@ def replace_bronze_source(conn: duckdb.DuckDBPyConnection, source: str, rows: Tw
     with transaction(conn):
         swap_in(conn, rows, bronze_source_table(source))
         conn.execute(_bronze_view_sql(conn))
+
+
+BRONZE_INGESTS = Table(
+    CACHE_SCHEMA,
+    "bronze_ingests",
+    "The landing fingerprint (ingest.bronze.landing_fingerprint) each source's bronze table was last read with.",
+    (
+        Column("source", "VARCHAR", "registry source", False),
+        Column(
+            "fingerprint", "VARCHAR", "registry entry, file paths, sizes and modification times, reader code", False
+        ),
+    ),
+)
+
+
+def ingested_with(conn: duckdb.DuckDBPyConnection, source: str, fingerprint: str) -> bool:
+    """Whether ``source``'s bronze table exists and was read from landing files with this fingerprint."""
+    conn.execute(BRONZE_INGESTS.create_sql())
+    table = bronze_source_table(source)
+    exists = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = $schema "
+        "AND table_name = $name",
+        {"schema": table.schema, "name": table.name},
+    ).fetchone()[0]
+    held = conn.execute(
+        f"SELECT fingerprint FROM {BRONZE_INGESTS.qualified} WHERE source = $source", {"source": source}
+    ).fetchone()
+    return bool(exists) and held is not None and held[0] == fingerprint
+
+
+def record_ingest(conn: duckdb.DuckDBPyConnection, source: str, fingerprint: str) -> None:
+    """Remember the fingerprint ``source``'s bronze table was just read with."""
+    conn.execute(BRONZE_INGESTS.create_sql())
+    with transaction(conn):
+        conn.execute(f"DELETE FROM {BRONZE_INGESTS.qualified} WHERE source = $source", {"source": source})
+        conn.execute(
+            f"INSERT INTO {BRONZE_INGESTS.qualified} VALUES ($source, $fingerprint)",
+            {"source": source, "fingerprint": fingerprint},
+        )
