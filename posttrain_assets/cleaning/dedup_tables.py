@@ -191,10 +191,14 @@ SIGNATURE_CACHE = Table(
 
 
 def signature_stage_key(cfg: MinHashConfig) -> str:
-    """Everything a signature depends on besides the record's content."""
+    """Everything a signature depends on besides the record's content: the candidate shingles and the permutations
+    (not the thresholds, so a new dedup threshold re-clusters from the same signatures)."""
     return stage_key(
         "near_dedup_signatures",
-        minhash=cfg,
+        shingle_words=cfg.candidate_shingle_words,
+        num_perm=cfg.num_perm,
+        seed=cfg.seed,
+        scheme=cfg.scheme,
         code=code_fingerprint(*SIGNATURE_CODE),
         libraries=library_versions(*SIGNATURE_LIBRARIES),
     )

@@ -15,21 +15,37 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from posttrain_assets.cleaning.dedup_tables import SIGNATURE_CACHE
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
+from posttrain_assets.cleaning.silver_pass import GATE_CACHE_TABLES
 from posttrain_assets.curation.tables import CURATION_TABLES
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
+from posttrain_assets.rl.certification_stage import CERTIFICATION_CACHE
+from posttrain_assets.sft import tokenize_stage
 from posttrain_assets.sft.masking import MASK_REASONS
+from posttrain_assets.sft.proof_cache import SFT_PROOFS
+from posttrain_assets.warehouse.bronze import BRONZE_INGESTS
 from posttrain_assets.warehouse.catalogue import ALL_TABLES, CHECK_VERDICTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+# The per-row stage caches (schema cache; warehouse.stage_cache, docs/incremental.md), in data-flow order.
+CACHE_TABLES = (
+    BRONZE_INGESTS,
+    *GATE_CACHE_TABLES,
+    SIGNATURE_CACHE,
+    *tokenize_stage.CACHE_TABLES,
+    SFT_PROOFS,
+    CERTIFICATION_CACHE,
+)
+
 
 def markdown_reference() -> str:
     """The table reference in docs/tables.md, generated from the table declarations (the opt-in curation tables,
-    declared in ``posttrain_assets.curation.tables``, after the default refresh's)."""
+    declared in ``posttrain_assets.curation.tables``, after the default refresh's; then the stage caches)."""
     parts = []
-    for table in (*ALL_TABLES, CHECK_VERDICTS, *CURATION_TABLES):
+    for table in (*ALL_TABLES, CHECK_VERDICTS, *CURATION_TABLES, *CACHE_TABLES):
         lines = [f"### `{table.qualified}`", "", table.description, "", "| column | type | meaning |", "|---|---|---|"]
         for c in table.columns:
             meaning = ("" if c.nullable else "not null; ") + c.description.replace("|", "/")

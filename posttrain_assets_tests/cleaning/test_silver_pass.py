@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import duckdb
 import pytest
 
 from posttrain_assets.cleaning import silver_pass as cleaning
+from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS
 from posttrain_assets.cleaning.silver_pass import (
     STAGE_NAMES,
     SUBSTAGE_NAMES,
@@ -249,7 +251,8 @@ def test_a_changed_row_and_a_new_row_are_the_only_rows_gated_again(warehouse, sm
     # a new exact copy of row 3's new content, in a higher-priority position than nothing: it collapses onto row 3
     conn.execute(
         f"INSERT INTO {BRONZE_RECORDS.qualified} SELECT source, file_path, 7, record_sha256, payload, decode_error, "
-        f"file_sha256, ingested_at, run_id FROM {BRONZE_RECORDS.qualified} WHERE source = 'sft_chats' AND row_number = 3"
+        f"file_sha256, ingested_at, run_id FROM {BRONZE_RECORDS.qualified} "
+        "WHERE source = 'sft_chats' AND row_number = 3"
     )
     refreshed = run(conn, registry, smollm2_tokenizer)
     incremental = silver(conn)
@@ -291,3 +294,21 @@ def test_a_changed_gate_config_or_a_removed_source_invalidates_exactly_its_rows(
     assert result.reuse["normalise_and_gate"] == cleaning.Reuse(computed=0, reused=2)
     assert [s for s, _, _ in gate_cache_rows(conn)] == ["eval_gsm8k", "rl_bank"]
     assert conn.execute("SELECT count(*) FROM silver.records WHERE source = 'sft_chats'").fetchone() == (0,)
+
+
+def test_a_new_dedup_threshold_reclusters_from_the_cached_signatures(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    first = run(conn, registry, smollm2_tokenizer)
+    strict = {r: replace(c, threshold=0.99, edit_threshold=0.99) for r, c in DEFAULT_CONFIGS.items()}
+    refreshed = run(conn, registry, smollm2_tokenizer, minhash=strict)
+    incremental = silver(conn)
+    full = run(conn, registry, smollm2_tokenizer, minhash=strict, reuse=False)
+
+    survivors = first.reuse["near_dedup_signatures"].computed
+    assert survivors > 0 and first.reuse["near_dedup_signatures"].reused == 0
+    assert refreshed.reuse["near_dedup_signatures"] == cleaning.Reuse(computed=0, reused=survivors)
+    assert full.reuse["near_dedup_signatures"] == cleaning.Reuse(computed=survivors, reused=0)
+    assert incremental == silver(conn)
+    # at 0.99 the near copy of row 3 (one word changed in ~150) is kept: no near cluster any more
+    methods = conn.execute("SELECT method FROM silver.dedup_clusters ORDER BY ALL").fetchall()
+    assert ("near",) not in methods
