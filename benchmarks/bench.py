@@ -1484,6 +1484,7 @@ REFRESH_GOAL = 0.05  # issue 23: at 1 M records, adding 10,000 rows costs at mos
 # The reported stage whose step runs each per-row stage cache (the ``rows_computed/<cache>`` metadata); a cache not
 # named here is listed after the stages.
 CACHE_STAGE = {
+    "bronze_ingest": "bronze ingest",
     "normalise_and_gate": "silver canonical + cleaning",
     "near_dedup_signatures": "silver canonical + cleaning",
     "sft_tokenize": "silver sft_tokenized",
