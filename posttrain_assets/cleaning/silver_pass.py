@@ -308,6 +308,45 @@ SELECT source, file_path, count(*) FROM {BRONZE_RECORDS.qualified} WHERE list_co
 GROUP BY source, file_path ORDER BY file_path
 """
 
+# ---------------------------------------------------------------------------------------------------------------
+# the decontamination cache: each training row is matched once per eval index
+# ---------------------------------------------------------------------------------------------------------------
+
+DECONTAMINATION_CODE = ("posttrain_assets.cleaning.decontamination", "posttrain_assets.text")
+_DECONTAMINATION_KEY = (
+    Column("stage_key", "VARCHAR", "the eval index's stage key (silver_pass.decontamination_stage_key)", False),
+)
+CONTAMINATION_CHECKED = Table(
+    CACHE_SCHEMA,
+    "decontamination_checked",
+    "Training record ids matched against the eval index of the stage key (contaminated or not).",
+    (*_DECONTAMINATION_KEY, Column("id", "VARCHAR", "record id", False)),
+)
+CONTAMINATION_MATCHES = cache_table(
+    "decontamination_matches",
+    "The matches of the checked rows, without their source (taken from the staged row).",
+    (*_DECONTAMINATION_KEY, Column("match_rank", "INTEGER", "the match's place among its row's matches", False)),
+    SILVER_CONTAMINATION,
+    "source",
+)
+DECONTAMINATION_CACHE_TABLES = (CONTAMINATION_CHECKED, CONTAMINATION_MATCHES)
+UNCHECKED = f"""
+SELECT * FROM {STAGED.qualified} s
+WHERE NOT EXISTS (SELECT 1 FROM {CONTAMINATION_CHECKED.qualified} c WHERE c.stage_key = $key AND c.id = s.id)
+"""
+MATCHES_OF_STAGED = f"""
+SELECT m.* EXCLUDE (stage_key), s.source FROM {CONTAMINATION_MATCHES.qualified} m JOIN {STAGED.qualified} s USING (id)
+WHERE m.stage_key = $key ORDER BY m.id, m.match_rank
+"""
+
+
+def _forget_unstaged(table: Table) -> str:
+    return f"""
+    DELETE FROM {table.qualified} c
+    WHERE c.stage_key <> $key OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id)
+    """
+
+
 EVAL_IN_BRONZE_ORDER = f"""
 SELECT * FROM {WORK_EVAL.qualified} ORDER BY list_position($sources, source), origin.file, origin."row"
 """
@@ -459,7 +498,7 @@ def run_silver_pass(
                 with clock.stage("normalise_and_gate/checkpoint"):
                     conn.execute("CHECKPOINT")
             with clock.stage("decontaminate"):
-                report = decontaminate(conn, registry.names, cfg)
+                report, reuse["decontamination"] = decontaminate(conn, registry.names, cfg)
             with clock.stage("deduplicate"):
                 reuse["near_dedup_signatures"] = deduplicate_staged(conn, registry, cfg, clock)
             with clock.stage("cross_regime_leaks"):
@@ -610,17 +649,42 @@ def gate_stage_keys(
     return keys
 
 
-def decontaminate(conn: duckdb.DuckDBPyConnection, sources: list[str], cfg: CleaningConfig) -> list[dict[str, Any]]:
-    """Stage 2: match every staged row against the eval index; contaminated rows are removed."""
+def decontaminate(
+    conn: duckdb.DuckDBPyConnection, sources: list[str], cfg: CleaningConfig
+) -> tuple[list[dict[str, Any]], Reuse]:
+    """Stage 2: match the staged rows against the eval index; contaminated rows are removed.
+
+    Only rows not matched before against the same eval index (:func:`decontamination_stage_key`) are matched; the
+    matches of the others come from the decontamination cache. Returns the contamination report and how many rows
+    were matched and how many reused."""
     # In bronze priority order: an n-gram of several eval rows is reported against the first of them.
-    index = EvalIndex.build(fetch_dicts(conn, EVAL_IN_BRONZE_ORDER, {"sources": sources}), n=cfg.decontamination_ngram)
+    eval_rows = fetch_dicts(conn, EVAL_IN_BRONZE_ORDER, {"sources": sources})
+    index = EvalIndex.build(eval_rows, n=cfg.decontamination_ngram)
     matches: list[dict[str, Any]] = []
+    reuse = Reuse()
     if not index.is_empty():
-        for rows in fetch_batches(conn, f"SELECT * FROM {STAGED.qualified}", cfg.batch_rows, {}):
-            matches += contamination_matches(rows, index)
-    first_match: dict[str, dict[str, Any]] = {}
-    for match in matches:
-        first_match.setdefault(match["id"], match)
+        key = {"key": decontamination_stage_key(eval_rows, cfg.decontamination_ngram)}
+        for table in DECONTAMINATION_CACHE_TABLES:
+            conn.execute(table.create_sql())
+            if not cfg.reuse:
+                conn.execute(f"DELETE FROM {table.qualified}")
+        [(todo,)] = conn.execute(f"SELECT count(*) FROM ({UNCHECKED})", key).fetchall()
+        for rows in fetch_batches(conn, UNCHECKED, cfg.batch_rows, key):
+            found = contamination_matches(rows, index)
+            rank: dict[str, int] = {}
+            for match in found:  # a row's matches keep their order: the first one is the reason it is removed
+                match["match_rank"] = rank[match["id"]] = rank.get(match["id"], -1) + 1
+            with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
+                insert_rows(conn, CONTAMINATION_MATCHES, [{**m, "stage_key": key["key"]} for m in found])
+                insert_rows(conn, CONTAMINATION_CHECKED, [{"stage_key": key["key"], "id": r["id"]} for r in rows])
+        matches = fetch_dicts(conn, MATCHES_OF_STAGED, key)
+        [(checked,)] = conn.execute(f"SELECT count(*) FROM {CONTAMINATION_CHECKED.qualified}").fetchall()
+        [(staged,)] = conn.execute(f"SELECT count(*) FROM {STAGED.qualified}").fetchall()
+        if checked > staged:  # entries of rows no longer staged, or of another eval index
+            for table in DECONTAMINATION_CACHE_TABLES:
+                conn.execute(_forget_unstaged(table), key)
+        reuse = Reuse(computed=todo, reused=staged - todo)
+    first_match = {m["id"]: m for m in matches if m["match_rank"] == 0}
     removed = [
         {
             "id": record_id,
@@ -633,7 +697,18 @@ def decontaminate(conn: duckdb.DuckDBPyConnection, sources: list[str], cfg: Clea
     ]
     insert_rows(conn, REMOVED, removed)
     insert_rows(conn, WORK_CONTAMINATION, [{k: m[k] for k in SILVER_CONTAMINATION.column_names} for m in matches])
-    return contamination_report((), index, matches=matches)
+    return contamination_report((), index, matches=matches), reuse
+
+
+def decontamination_stage_key(eval_rows: list[dict[str, Any]], ngram: int) -> str:
+    """Everything a row's matches depend on besides its content: the eval rows (ids, in the order the index is
+    built in), the n-gram length and the code. A new eval source changes it, so every row is matched again."""
+    return stage_key(
+        "decontamination",
+        eval_rows=[(r["source"], r["id"]) for r in eval_rows],
+        ngram=ngram,
+        code=code_fingerprint(*DECONTAMINATION_CODE),
+    )
 
 
 def deduplicate_staged(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from posttrain_assets.cleaning.dedup_tables import SIGNATURE_CACHE
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
-from posttrain_assets.cleaning.silver_pass import GATE_CACHE_TABLES
+from posttrain_assets.cleaning.silver_pass import DECONTAMINATION_CACHE_TABLES, GATE_CACHE_TABLES
 from posttrain_assets.curation.tables import CURATION_TABLES
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
@@ -34,6 +34,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CACHE_TABLES = (
     BRONZE_INGESTS,
     *GATE_CACHE_TABLES,
+    *DECONTAMINATION_CACHE_TABLES,
     SIGNATURE_CACHE,
     *tokenize_stage.CACHE_TABLES,
     SFT_PROOFS,

@@ -234,6 +234,9 @@ def test_a_rerun_gates_no_row_again_and_gives_the_same_tables(warehouse, smollm2
 
     assert first.reuse["normalise_and_gate"] == cleaning.Reuse(computed=9, reused=0)
     assert second.reuse["normalise_and_gate"] == cleaning.Reuse(computed=0, reused=9)
+    # staged: rl row 0 and sft rows 0, 2, 3, 4, 5 (1 is an exact copy, 6 did not parse); row 5 is contaminated
+    assert first.reuse["decontamination"] == cleaning.Reuse(computed=6, reused=0)
+    assert second.reuse["decontamination"] == cleaning.Reuse(computed=0, reused=6)
     assert silver(conn) == before
     assert len(before["silver.records"]) == 3  # sft rows 0 and 3 (1, 2, 4: duplicates; 5: contaminated), rl row 0
     assert gate_cache_rows(conn)[:2] == [("eval_gsm8k", 0, "eval"), ("rl_bank", 0, "staged")]
