@@ -17,6 +17,10 @@ long the stream. ``fresh_process_per_item`` maps to ``max_calls=1``: Ray starts 
 and retires it after that one call. Inside a task, ``map_batches`` runs locally (the task's environment sets
 ``POSTTRAIN_EXECUTOR=local``), so a task's own worker processes are on its node.
 
+Policy rollouts (RL difficulty) keep a model loaded, so they run in actors rather than tasks:
+:class:`RayPolicyBackend`, one actor per node, chosen by :func:`posttrain_assets.rl.rollouts.policy_backend` when the
+executor is ``ray``.
+
 Why a plain Ray client and not dagster-ray: map_batches is called from pure stage code (the silver pass, dedup,
 verifiers) that has no Dagster context, and a Ray task per batch is all it needs; dagster-ray's resources and run
 launchers manage clusters (KubeRay, a local cluster per step) and would add a second way of starting workers beside
@@ -28,7 +32,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from posttrain_assets.settings import EXECUTOR, RAY_ADDRESS
@@ -169,3 +173,115 @@ def map_on_ray(
     finally:
         for ref in in_flight:  # the caller stopped early or an item failed: drop what is still queued or running
             ray.cancel(ref, force=True)
+
+
+# --------------------------------------------------------------------------- policy rollouts on the cluster
+
+# The nodes this process's rollout calls ran on: node id -> calls (the two-node test reads it).
+ROLLOUT_CALLS_PER_NODE: Counter[str] = Counter()
+# How often Ray restarts a policy actor whose process or node died, and runs its interrupted calls again.
+ACTOR_RESTARTS = 2
+
+
+class _PolicyWorker:
+    """A Ray actor, one per node (:class:`RayPolicyBackend`): builds the local policy backend once, so the model is
+    loaded once per node, and samples the chunks of prompts it is sent. Returns its node id with each result."""
+
+    def __init__(self, policy: Any, tokenizer_dir: str, max_rows: int, num_threads: int | None) -> None:
+        from posttrain_assets.rl.rollouts import local_policy_backend
+
+        if num_threads is not None and policy.backend == "torch":
+            import torch
+
+            torch.set_num_threads(num_threads)
+        self._backend = local_policy_backend(policy, tokenizer_dir, max_rows=max_rows)
+
+    def model_eos_ids(self) -> int | list[int] | None:
+        return self._backend.model_eos_ids()
+
+    def sample(self, prompts: list[list[int]], prompt_seeds: list[int], sampling: Any, end_ids: list[int]) -> Any:
+        import ray
+
+        samples = self._backend.sample(prompts, prompt_seeds, sampling, end_ids)
+        return ray.get_runtime_context().get_node_id(), samples
+
+
+class RayPolicyBackend:
+    """The policy backend on a Ray cluster (``POSTTRAIN_EXECUTOR=ray``): one actor per alive node, pinned to it
+    (``NodeAffinitySchedulingStrategy``), each loading the policy once and running the ``policy.backend`` backend
+    (torch or vLLM) on the chunks of prompts it is sent. Results are gathered by position (``ActorPool.map`` keeps
+    the input order), and a prompt's ids do not depend on the batch, so they equal the local run's (same torch build
+    and ``num_threads``). A dead actor is restarted and its call run again (:data:`ACTOR_RESTARTS`), which gives the
+    same ids; nothing is appended on completion, so nothing is duplicated.
+
+    The model file must be at ``policy.model_path`` on every node (the project installed the same way there)."""
+
+    def __init__(self, policy: Any, tokenizer_dir: str, *, max_rows: int, num_threads: int | None) -> None:
+        self.name = policy.backend
+        self._policy = policy
+        self._tokenizer_dir = tokenizer_dir
+        self._max_rows = max_rows
+        self._num_threads = num_threads
+        self._actors: list[Any] = []
+
+    def actors(self) -> list[Any]:
+        """The actors, one per alive node with CPUs, created on first use."""
+        if self._actors:
+            return self._actors
+        connect()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        worker = ray.remote(_PolicyWorker)
+        for node in ray.nodes():
+            cpus = node.get("Resources", {}).get("CPU", 0)
+            if not node.get("Alive") or cpus < 1:
+                continue
+            self._actors.append(
+                worker.options(
+                    num_cpus=min(self._num_threads or 1, int(cpus)),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False),
+                    max_restarts=ACTOR_RESTARTS,
+                    max_task_retries=ACTOR_RESTARTS,
+                    runtime_env={"env_vars": _task_environment()},
+                ).remote(self._policy, self._tokenizer_dir, self._max_rows, self._num_threads)
+            )
+        if not self._actors:
+            raise RayClusterUnreachable(f"the Ray cluster at {RAY_ADDRESS} has no alive node with a CPU")
+        return self._actors
+
+    def model_eos_ids(self) -> int | list[int] | None:
+        import ray
+
+        return ray.get(self.actors()[0].model_eos_ids.remote())
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], prompt_seeds: Sequence[int], sampling: Any, end_ids: Sequence[int]
+    ) -> list[list[list[int]]]:
+        """Every prompt's samples, in order: the prompts go to the actors in chunks (at most ``max_rows // k``
+        prompts, and no more than an even share per actor, so every node gets work)."""
+        from ray.util import ActorPool
+
+        if len(prompts) != len(prompt_seeds):
+            raise ValueError("one seed per prompt is needed")
+        actors = self.actors()
+        share = -(-len(prompts) // len(actors))
+        size = max(1, min(self._max_rows // sampling.k, share))
+        chunks = [
+            ([list(p) for p in prompts[i : i + size]], list(prompt_seeds[i : i + size]), sampling, list(end_ids))
+            for i in range(0, len(prompts), size)
+        ]
+        results: list[list[list[int]]] = []
+        for node_id, samples in ActorPool(actors).map(lambda actor, chunk: actor.sample.remote(*chunk), chunks):
+            ROLLOUT_CALLS_PER_NODE[node_id] += 1
+            results.extend(samples)
+        return results
+
+    def close(self) -> None:
+        """Stop the actors (their nodes free the model's memory)."""
+        if self._actors:
+            import ray
+
+            for actor in self._actors:
+                ray.kill(actor)
+            self._actors = []

@@ -55,6 +55,21 @@ def executor() -> str:
     return value
 
 
+# The policy backend of the RL difficulty rollouts (docs/rl-bank.md) when the run config leaves it empty: "torch"
+# (CPU, the default, also when unset) or "vllm" (the optional extra, needs a GPU).
+POLICY_BACKEND = "POSTTRAIN_POLICY_BACKEND"
+POLICY_BACKENDS = ("torch", "vllm")
+
+
+def policy_backend() -> str:
+    """The configured policy backend, ``torch`` when unset or empty; any other value is an error naming the
+    variable."""
+    value = os.environ.get(POLICY_BACKEND) or "torch"
+    if value not in POLICY_BACKENDS:
+        raise ValueError(f"{POLICY_BACKEND}={value!r}: expected one of {', '.join(POLICY_BACKENDS)}")
+    return value
+
+
 # "1": every per-row stage computes every row again instead of reading earlier runs' results from its cache
 # (warehouse.stage_cache; `posttrain run --full` sets it). Unset, empty or "0": reuse what is still valid.
 FULL_REBUILD = "POSTTRAIN_FULL_REBUILD"

@@ -1,6 +1,7 @@
 """The demo graph on a real two-node Ray cluster (two ``ray start`` nodes on loopback, one CPU and a small object
 store each), with one task's worker process killed by the test mid-stage: tasks run on both nodes and every bronze,
-silver and gold table is identical to the local run (nothing lost or duplicated). And a run pointed at an address
+silver and gold table is identical to the local run (nothing lost or duplicated). RL difficulty rollouts spread over
+both nodes (one policy actor each) give the local run's token ids and estimates. And a run pointed at an address
 where no cluster answers fails at once, naming RAY_ADDRESS."""
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import ray
 from posttrain_assets import ray_executor
 from posttrain_assets.demo.generator import generate_demo_data
 from posttrain_assets.pipeline import RunFailed
+from posttrain_assets.ray_executor import RayPolicyBackend
+from posttrain_assets.records.formats import get_adapter
+from posttrain_assets.rl import rollouts
+from posttrain_assets.rl.policy_backends import TorchDecoder
 from posttrain_assets_tests.graph import deployed
+from posttrain_assets_tests.real_data import REAL_DATA
 from posttrain_assets_tests.test_pipeline_demo import snapshot
 
 pytestmark = pytest.mark.slow
@@ -217,3 +223,71 @@ def test_demo_graph_on_two_ray_nodes_with_a_worker_killed_matches_the_local_run(
     differing = [name for name in local if on_ray[name] != local[name]]
     assert differing == [], differing
     assert sum(len(rows) for name, rows in local.items() if name.startswith(("silver.", "gold."))) > 0
+
+
+def gsm8k_seeds(count: int) -> list[dict]:
+    """The first ``count`` GSM8K training problems (the vendored real data) as rollout seeds."""
+    adapter = get_adapter("gsm8k")
+    seeds = []
+    with (REAL_DATA / "gsm8k" / "train.jsonl").open(encoding="utf-8") as fh:
+        for _ in range(count):
+            record = adapter.parse(json.loads(next(fh)), "rl")
+            seeds.append(
+                {
+                    "id": record.content_id(),
+                    "messages": record.messages,
+                    "answer": record.answer,
+                    "verifier": record.verifier,
+                }
+            )
+    return seeds
+
+
+def test_rollouts_on_two_ray_nodes_match_the_local_run(
+    tokenizer_cache_dir: Path, smollm2_tokenizer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Difficulty rollouts with POSTTRAIN_EXECUTOR=ray: one policy actor per node, each loading the model once, the
+    prompts sent to both; the same token ids and estimates as in this process."""
+    seeds = gsm8k_seeds(4)
+    policy = rollouts.default_policy(tokenizer_cache_dir)
+    sampling = rollouts.SamplingParams(k=2, max_new_tokens=16, seed=0)
+    monkeypatch.delenv("POSTTRAIN_EXECUTOR", raising=False)
+    local_backend = rollouts.policy_backend(policy, smollm2_tokenizer)
+    assert isinstance(local_backend, TorchDecoder)
+    local_ids = rollouts.sample_token_ids(
+        seeds, policy, sampling, tokenizer=smollm2_tokenizer, batch_size=4, backend=local_backend
+    )
+    local = rollouts.estimate_difficulty(
+        seeds, policy, sampling, tokenizer=smollm2_tokenizer, batch_size=4, backend=local_backend
+    )
+
+    monkeypatch.setenv("RAY_AUTH_MODE", RAY_ENV["RAY_AUTH_MODE"])
+    with two_node_cluster() as (address, _nodes):
+        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        monkeypatch.setenv("POSTTRAIN_EXECUTOR", "ray")
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        ray_executor.ROLLOUT_CALLS_PER_NODE.clear()
+        # max_rows = K: one prompt per actor call, so the four prompts are dealt to both actors.
+        backend = rollouts.policy_backend(policy, smollm2_tokenizer, max_rows=sampling.k)
+        assert isinstance(backend, RayPolicyBackend)
+        try:
+            on_ray_ids = rollouts.sample_token_ids(
+                seeds, policy, sampling, tokenizer=smollm2_tokenizer, batch_size=4, backend=backend
+            )
+            on_ray = rollouts.estimate_difficulty(
+                seeds, policy, sampling, tokenizer=smollm2_tokenizer, batch_size=4, backend=backend
+            )
+            actors = len(backend.actors())
+        finally:
+            backend.close()
+        calls_per_node = dict(ray_executor.ROLLOUT_CALLS_PER_NODE)
+
+    print(f"rollout calls per node: {calls_per_node}")
+    assert actors == 2
+    assert set(calls_per_node) == node_ids  # both nodes' actors sampled
+    assert sum(calls_per_node.values()) == 8  # 4 prompts, one per call, in each of the two passes
+    assert list(on_ray_ids) == [s["id"] for s in seeds]
+    assert on_ray_ids == local_ids  # token by token
+    assert all(len(samples) == 2 and all(1 <= len(t) <= 16 for t in samples) for samples in local_ids.values())
+    assert on_ray == local
+    assert [e.id for e in on_ray] == [s["id"] for s in seeds]

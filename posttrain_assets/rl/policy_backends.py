@@ -23,7 +23,6 @@ batch at once (per-row stopping) and waiting prompts take their place, so the ba
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -37,9 +36,12 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "vllm")
 # Rows per linear-layer call. Changing it changes the low bits of every logit, hence the sampled ids: it is part
 # of the rollout procedure (rollouts.ROLLOUT_VERSION).
-ROW_TILE = 16
-# Rows decoded together by default (prompts x K): 64 keeps the 2-core machines busy without swapping.
-DEFAULT_MAX_ROWS = 64
+ROW_TILE = 64
+# Rows decoded together by default (prompts x K).
+DEFAULT_MAX_ROWS = 128
+# The dtype of every matrix product's operands (float32 accumulation): bfloat16 runs on the CPUs' AVX-512 BF16
+# units (several times float32's rate here). Part of the rollout procedure like ROW_TILE.
+MATMUL_DTYPE = "bfloat16"
 
 
 class PolicyBackendError(RuntimeError):
@@ -64,6 +66,10 @@ class PolicyBackend(Protocol):
         end_ids: Sequence[int],
     ) -> list[list[list[int]]]: ...
 
+    def model_eos_ids(self) -> int | list[int] | None:
+        """The end-of-sequence id(s) the model's own config names (None: the tokenizer's are used alone)."""
+        ...
+
 
 def make_backend(name: str, model_loader: object, *, max_rows: int = DEFAULT_MAX_ROWS) -> PolicyBackend:
     """The backend called ``name``. ``model_loader`` is a no-argument callable returning the torch model (torch
@@ -78,17 +84,19 @@ def make_backend(name: str, model_loader: object, *, max_rows: int = DEFAULT_MAX
 # --------------------------------------------------------------------------- torch (CPU)
 
 
-def tiled_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a 2-D ``x``, computed :data:`ROW_TILE` rows at a time so each row's result is the same
-    whatever the other rows are (the last tile is zero-padded)."""
+def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
+    """``x @ weight.T`` (``weight`` is ``[out, in]``, ``x`` is cast to its dtype), computed ``tile`` rows at a time so
+    each row's result is the same whatever the other rows are (the last tile is zero-padded)."""
     import torch
 
+    x = x.to(weight.dtype)
     rows = x.shape[0]
-    padded = -rows % ROW_TILE
+    padded = -rows % tile
     if padded:
         x = torch.cat([x, x.new_zeros(padded, x.shape[1])])
-    out = torch.cat([torch.nn.functional.linear(tile, layer.weight, layer.bias) for tile in x.split(ROW_TILE)])
-    return out[:rows]
+    if x.shape[0] == tile:
+        return torch.nn.functional.linear(x, weight)[:rows]
+    return torch.cat([torch.nn.functional.linear(part, weight) for part in x.split(tile)])[:rows]
 
 
 # Tokens looked at before sorting the whole vocabulary: the nucleus of almost every row is inside them.
@@ -137,17 +145,128 @@ def _inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Layer:
+    """One decoder layer's weights as the decode loop uses them: the RMSNorm scales in float32, the projections in
+    the matmul dtype, q/k/v fused into one matrix and gate/up into another (one tiled matmul each)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+@dataclass
+class _Stack:
+    """A Llama-architecture model laid out for :class:`TorchDecoder` (built once per model and matmul dtype)."""
+
+    embed: torch.Tensor  # float32 [vocab, hidden]
+    layers: list[_Layer]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    cos: torch.Tensor  # float32 [positions, head_dim]: the rotary table, looked up by position
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, dtype: torch.dtype) -> _Stack:
+        import torch
+
+        base = model.model
+        config = model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise PolicyBackendError(f"the torch decoder needs a SiLU MLP, the model has {config.hidden_act!r}")
+        layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+                raise PolicyBackendError("the torch decoder needs attention projections without bias")
+            layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight.detach().float(),
+                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(dtype),
+                    o=attn.o_proj.weight.detach().to(dtype),
+                    post_norm=layer.post_attention_layernorm.weight.detach().float(),
+                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dtype),
+                    down=mlp.down_proj.weight.detach().to(dtype),
+                )
+            )
+        positions = torch.arange(config.max_position_embeddings)[None]
+        probe = torch.zeros(1, 1, head_dim)
+        cos, sin = base.rotary_emb(probe, positions)
+        return cls(
+            embed=base.embed_tokens.weight.detach().float(),
+            layers=layers,
+            norm=base.norm.weight.detach().float(),
+            lm_head=model.lm_head.weight.detach().to(dtype),
+            eps=float(config.rms_norm_eps),
+            heads=heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            scaling=head_dim**-0.5,
+            cos=cos[0].float(),
+            sin=sin[0].float(),
+        )
+
+    def rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary position embedding of ``x`` ([rows, heads, head_dim], float32) at ``positions`` ([rows])."""
+        import torch
+
+        cos = self.cos[positions][:, None]
+        sin = self.sin[positions][:, None]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def qkv(self, layer: _Layer, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries [rows, heads, head_dim], keys and values [rows, kv_heads, head_dim] of ``hidden``, rotated
+        (float32: attention runs in float32, where the CPU kernels are fast for its small per-prompt products)."""
+        fused = tiled_matmul(self.rms_norm(hidden, layer.input_norm), layer.qkv).float()
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = fused.split([q_width, kv_width, kv_width], dim=-1)
+        q = self.rotate(q.reshape(-1, self.heads, self.head_dim), positions)
+        k = self.rotate(k.reshape(-1, self.kv_heads, self.head_dim), positions)
+        return q, k, v.reshape(-1, self.kv_heads, self.head_dim)
+
+    def finish_layer(self, layer: _Layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of a layer after attention: output projection, residual, MLP, residual (float32 residual)."""
+        import torch
+
+        hidden = hidden + tiled_matmul(attended, layer.o).float()
+        gate, up = tiled_matmul(self.rms_norm(hidden, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
+        return hidden + tiled_matmul(torch.nn.functional.silu(gate) * up, layer.down).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return tiled_matmul(self.rms_norm(hidden, self.norm), self.lm_head).float()
+
+
+@dataclass
 class _Group:
-    """One prompt being decoded: its K rows, the ones still running, and its per-layer KV cache."""
+    """One prompt being decoded: its K rows, the ones still running, and its KV cache."""
 
     index: int
     generator: torch.Generator
     k: int
     length: int  # tokens in the cache (prompt + generated so far)
     running: list[int]  # sample indices still decoding, in order
-    keys: list[torch.Tensor]  # per layer: [running, kv_heads, capacity, head_dim]
-    values: list[torch.Tensor]
+    keys: torch.Tensor  # [layers, running, kv_heads, capacity, head_dim]
+    values: torch.Tensor
     outputs: list[list[int]] = field(default_factory=list)
+
+
+_STACKS: dict[tuple[int, str], tuple[object, _Stack]] = {}
 
 
 class TorchDecoder:
@@ -155,19 +274,42 @@ class TorchDecoder:
 
     ``model_loader`` returns the model (loaded once per process by :func:`rollouts.load_policy_model`).
     ``max_rows``: rows (prompts x K) decoded together; a prompt is admitted only when all its K rows fit, and
-    always when nothing else is running. It changes speed and memory, never the ids.
+    always when nothing else is running. It changes speed and memory, never the ids. ``matmul_dtype``: the dtype
+    of the weights and activations in every matrix product (float32 accumulation; the residual stream, norms,
+    rotary embedding and sampling stay float32). It changes the ids (:data:`MATMUL_DTYPE` is rollout version 3's).
     """
 
     name = "torch"
 
-    def __init__(self, model_loader: object, *, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    def __init__(
+        self, model_loader: object, *, max_rows: int = DEFAULT_MAX_ROWS, matmul_dtype: str = MATMUL_DTYPE
+    ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
+        if matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}")
         self._loader = model_loader
         self.max_rows = max_rows
+        self.matmul_dtype = matmul_dtype
 
     def model(self) -> PreTrainedModel:
         return self._loader()  # type: ignore[operator]
+
+    def model_eos_ids(self) -> int | list[int] | None:
+        return self.model().config.eos_token_id
+
+    def stack(self) -> _Stack:
+        """The model's weights laid out for decoding, built once per process (per model and matmul dtype)."""
+        import torch
+
+        model = self.model()
+        key = (id(model), self.matmul_dtype)
+        cached = _STACKS.get(key)
+        if cached is None or cached[0] is not model:
+            with torch.inference_mode():
+                cached = (model, _Stack.of(model, getattr(torch, self.matmul_dtype)))
+            _STACKS[key] = cached
+        return cached[1]
 
     def sample(
         self,
@@ -182,7 +324,7 @@ class TorchDecoder:
             raise ValueError("one seed per prompt is needed")
         if not prompts:
             return []
-        model = self.model()
+        stack = self.stack()
         results: list[list[list[int]] | None] = [None] * len(prompts)
         waiting = list(range(len(prompts)))
         running: list[_Group] = []
@@ -191,119 +333,119 @@ class TorchDecoder:
             while waiting or running:
                 while waiting and (not running or sum(len(g.running) for g in running) + sampling.k <= self.max_rows):
                     index = waiting.pop(0)
-                    group = self._prefill(model, index, prompts[index], prompt_seeds[index], sampling, ends)
-                    if group.running:
-                        running.append(group)
-                    else:
-                        results[index] = group.outputs
-                for group in [g for g in running if not g.running]:
-                    running.remove(group)
-                    results[group.index] = group.outputs
-                if not running:
-                    continue
-                self._step(model, running, sampling, ends)
-                for group in [g for g in running if not g.running]:
-                    running.remove(group)
-                    results[group.index] = group.outputs
+                    group, logits = self._prefill(stack, index, prompts[index], prompt_seeds[index], sampling)
+                    running.append(group)
+                    self._draw([group], [logits], sampling, ends)
+                    self._retire(running, results)
+                if running:
+                    self._step(stack, running, sampling, ends)
+                    self._retire(running, results)
         return [r for r in results if r is not None]
 
-    # One prompt alone through the model: its cache, copied to K rows, and the first token of each sample.
+    @staticmethod
+    def _retire(running: list[_Group], results: list[list[list[int]] | None]) -> None:
+        for group in [g for g in running if not g.running]:
+            running.remove(group)
+            results[group.index] = group.outputs
+
+    # One prompt alone through the model: its cache, copied to K rows, and the logits of its next token.
     def _prefill(
-        self,
-        model: PreTrainedModel,
-        index: int,
-        prompt: Sequence[int],
-        seed: int,
-        sampling: SamplingParams,
-        ends: set[int],
-    ) -> _Group:
+        self, stack: _Stack, index: int, prompt: Sequence[int], seed: int, sampling: SamplingParams
+    ) -> tuple[_Group, torch.Tensor]:
         import torch
 
-        ids = torch.tensor([list(prompt)], dtype=torch.long)
-        out = model(input_ids=ids, use_cache=True)
-        capacity = len(prompt) + sampling.max_new_tokens
-        keys, values = [], []
-        for layer in out.cache.layers:
-            for store, cached in ((keys, layer.keys), (values, layer.values)):
-                full = cached.new_zeros(sampling.k, cached.shape[1], capacity, cached.shape[3])
-                full[:, :, : len(prompt)] = cached[0]
-                store.append(full)
+        length = len(prompt)
+        capacity = length + sampling.max_new_tokens
+        if capacity > stack.cos.shape[0]:
+            raise PolicyBackendError(
+                f"prompt of {length} tokens + {sampling.max_new_tokens} new ones exceeds the model's "
+                f"{stack.cos.shape[0]} positions"
+            )
+        shape = (len(stack.layers), sampling.k, stack.kv_heads, capacity, stack.head_dim)
+        keys, values = torch.zeros(shape), torch.zeros(shape)
+        positions = torch.arange(length)
+        hidden = stack.embed[torch.tensor(list(prompt), dtype=torch.long)]
+        for number, layer in enumerate(stack.layers):
+            q, k, v = stack.qkv(layer, hidden, positions)
+            keys[number, :, :, :length] = k.transpose(0, 1)
+            values[number, :, :, :length] = v.transpose(0, 1)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=stack.scaling,
+                enable_gqa=True,
+            )
+            hidden = stack.finish_layer(layer, hidden, attended[0].transpose(0, 1).reshape(length, -1))
         group = _Group(
             index=index,
             generator=torch.Generator().manual_seed(seed),
             k=sampling.k,
-            length=len(prompt),
+            length=length,
             running=list(range(sampling.k)),
             keys=keys,
             values=values,
             outputs=[[] for _ in range(sampling.k)],
         )
-        logits = out.logits[0, -1:].expand(sampling.k, -1)
-        self._draw(group, logits, sampling, ends)
-        return group
+        return group, stack.logits(hidden[-1:]).expand(sampling.k, -1)
 
-    # Draw the next token of each running row of ``group`` from ``logits`` ([running, vocab]); retire finished rows.
-    def _draw(self, group: _Group, logits: torch.Tensor, sampling: SamplingParams, ends: set[int]) -> None:
+    # Draw the next token of each running row of ``groups`` from their ``logits``; retire finished rows.
+    def _draw(self, groups: list[_Group], logits: list[torch.Tensor], sampling: SamplingParams, ends: set[int]) -> None:
         import torch
 
         # K uniforms per prompt and step, finished rows included, so the prompt's random stream is the same
         # whichever of its rows are still running.
-        uniforms = torch.rand(group.k, generator=group.generator, dtype=torch.float64)[group.running]
-        drawn = nucleus_draw(logits, uniforms, sampling.temperature, sampling.top_p)
-        keep = []
-        for position, (sample, token) in enumerate(zip(group.running, drawn.tolist(), strict=True)):
-            group.outputs[sample].append(token)
-            if token not in ends and len(group.outputs[sample]) < sampling.max_new_tokens:
-                keep.append(position)
-        if len(keep) < len(group.running):
-            group.running = [group.running[p] for p in keep]
-            rows = torch.tensor(keep, dtype=torch.long)
-            group.keys = [k.index_select(0, rows) for k in group.keys]
-            group.values = [v.index_select(0, rows) for v in group.values]
+        uniforms = torch.cat([torch.rand(g.k, generator=g.generator, dtype=torch.float64)[g.running] for g in groups])
+        drawn = nucleus_draw(torch.cat(logits), uniforms, sampling.temperature, sampling.top_p).tolist()
+        offset = 0
+        for group in groups:
+            keep = []
+            for position, sample in enumerate(group.running):
+                token = drawn[offset + position]
+                group.outputs[sample].append(token)
+                if token not in ends and len(group.outputs[sample]) < sampling.max_new_tokens:
+                    keep.append(position)
+            offset += len(group.running)
+            if len(keep) < len(group.running):
+                group.running = [group.running[p] for p in keep]
+                rows = torch.tensor(keep, dtype=torch.long)
+                group.keys = group.keys.index_select(1, rows)
+                group.values = group.values.index_select(1, rows)
 
     # One decode step for every running row: each row feeds its last token.
-    def _step(self, model: PreTrainedModel, groups: list[_Group], sampling: SamplingParams, ends: set[int]) -> None:
+    def _step(self, stack: _Stack, groups: list[_Group], sampling: SamplingParams, ends: set[int]) -> None:
         import torch
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        base = model.model
-        config = model.config
-        heads = config.num_attention_heads
-        kv_heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         sizes = [len(g.running) for g in groups]
         last = [g.outputs[s][-1] for g in groups for s in g.running]
-        positions = torch.tensor([[g.length] for g in groups for _ in g.running], dtype=torch.long)
-        hidden = base.embed_tokens(torch.tensor(last, dtype=torch.long))  # [rows, hidden]
-        cos, sin = base.rotary_emb(hidden[:, None, :], positions)
-        for number, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = tiled_linear(attn.q_proj, x).view(-1, 1, heads, head_dim).transpose(1, 2)
-            k = tiled_linear(attn.k_proj, x).view(-1, 1, kv_heads, head_dim).transpose(1, 2)
-            v = tiled_linear(attn.v_proj, x).view(-1, 1, kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        positions = torch.tensor([g.length for g in groups for _ in g.running], dtype=torch.long)
+        hidden = stack.embed[torch.tensor(last, dtype=torch.long)]  # [rows, hidden] float32
+        for number, layer in enumerate(stack.layers):
+            q, k, v = stack.qkv(layer, hidden, positions)
             outputs = []
-            for group, gq, gk, gv in zip(groups, q.split(sizes), k.split(sizes), v.split(sizes), strict=True):
+            offset = 0
+            for group, size in zip(groups, sizes, strict=True):
                 cache_k, cache_v = group.keys[number], group.values[number]
-                cache_k[:, :, group.length : group.length + 1] = gk
-                cache_v[:, :, group.length : group.length + 1] = gv
+                cache_k[:, :, group.length] = k[offset : offset + size]
+                cache_v[:, :, group.length] = v[offset : offset + size]
                 span = group.length + 1
                 outputs.append(
                     torch.nn.functional.scaled_dot_product_attention(
-                        gq, cache_k[:, :, :span], cache_v[:, :, :span], scale=attn.scaling, enable_gqa=True
+                        q[offset : offset + size, :, None],
+                        cache_k[:, :, :span],
+                        cache_v[:, :, :span],
+                        scale=stack.scaling,
+                        enable_gqa=True,
                     )
                 )
-            attended = torch.cat(outputs).transpose(1, 2).reshape(-1, heads * head_dim)
-            hidden = hidden + tiled_linear(attn.o_proj, attended)
-            x = layer.post_attention_layernorm(hidden)
-            mlp = layer.mlp
-            gated = mlp.act_fn(tiled_linear(mlp.gate_proj, x)) * tiled_linear(mlp.up_proj, x)
-            hidden = hidden + tiled_linear(mlp.down_proj, gated)
-        logits = tiled_linear(model.lm_head, base.norm(hidden))
-        for group, group_logits in zip(groups, logits.split(sizes), strict=True):
+                offset += size
+            attended = torch.cat(outputs).reshape(-1, stack.heads * stack.head_dim)
+            hidden = stack.finish_layer(layer, hidden, attended)
+        logits = stack.logits(hidden)
+        for group in groups:
             group.length += 1
-            self._draw(group, group_logits, sampling, ends)
+        self._draw(groups, list(logits.split(sizes)), sampling, ends)
 
 
 # --------------------------------------------------------------------------- vLLM (GPU, optional)
@@ -328,6 +470,9 @@ class VllmBackend:
             ) from exc
         self._loader = model_loader
         self._llm: object | None = None
+
+    def model_eos_ids(self) -> int | list[int] | None:
+        return None  # vLLM stops at the model's own eos by itself; the tokenizer's end ids are passed as well
 
     def sample(
         self,
@@ -360,5 +505,8 @@ class VllmBackend:
 
 
 def default_backend_name() -> str:
-    """The backend named by ``POSTTRAIN_POLICY_BACKEND`` (default ``torch``)."""
-    return os.environ.get("POSTTRAIN_POLICY_BACKEND") or "torch"
+    """The backend named by ``POSTTRAIN_POLICY_BACKEND`` (default ``torch``): what ``RolloutConfig.backend``
+    uses when it is left empty."""
+    from posttrain_assets.settings import policy_backend
+
+    return policy_backend()

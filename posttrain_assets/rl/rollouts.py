@@ -40,6 +40,7 @@ from posttrain_assets.rl.policy_backends import (
     TorchDecoder,
     VllmBackend,
 )
+from posttrain_assets.settings import executor
 from posttrain_assets.sft.tokenizer import GGUF_FILENAME, default_gguf_path, gguf_sha256
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
 
 DEFAULT_POLICY_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct@" + GGUF_FILENAME
 # Bump when the rollout procedure itself changes (prompt rendering, seeding, sampling implementation).
-ROLLOUT_VERSION = "2"  # 2: batch-invariant KV-cached decoding, inverse-CDF nucleus draws
+# 2: batch-invariant KV-cached decoding, inverse-CDF nucleus draws. 3: bfloat16 matmuls on 64-row tiles, fused
+# q/k/v and gate/up projections, float32 attention and residual stream (other low bits, so other ids).
+ROLLOUT_VERSION = "3"
 DEFAULT_NUM_THREADS = 2
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -254,15 +257,31 @@ def _end_ids(tokenizer: PreTrainedTokenizerBase, configured: int | list[int] | N
     return sorted(ids)
 
 
-def policy_backend(
-    policy: PolicySpec, tokenizer: PreTrainedTokenizerBase, *, max_rows: int = DEFAULT_MAX_ROWS
-) -> PolicyBackend:
-    """The backend ``policy.backend`` names, for ``policy``: ``torch`` decodes :func:`load_policy_model`'s model
-    (``max_rows`` prompts x K together); ``vllm`` loads the same GGUF with the tokenizer's directory, and fails
-    here with a clear :class:`PolicyBackendError` when vLLM is not installed."""
+def local_policy_backend(policy: PolicySpec, tokenizer_dir: str, *, max_rows: int = DEFAULT_MAX_ROWS) -> PolicyBackend:
+    """The backend ``policy.backend`` names, in this process: ``torch`` decodes :func:`load_policy_model`'s model
+    (``max_rows`` prompts x K together); ``vllm`` loads the same GGUF with the tokenizer in ``tokenizer_dir``, and
+    fails here with a clear :class:`PolicyBackendError` when vLLM is not installed."""
     if policy.backend == "vllm":
-        return VllmBackend(lambda: (policy.model_path, tokenizer.name_or_path))
+        return VllmBackend(lambda: (policy.model_path, tokenizer_dir))
     return TorchDecoder(lambda: load_policy_model(policy), max_rows=max_rows)
+
+
+def policy_backend(
+    policy: PolicySpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    num_threads: int | None = DEFAULT_NUM_THREADS,
+) -> PolicyBackend:
+    """The backend for ``policy`` where ``POSTTRAIN_EXECUTOR`` says: ``local`` (the default),
+    :func:`local_policy_backend` in this process; ``ray``, a
+    :class:`~posttrain_assets.ray_executor.RayPolicyBackend` that runs it on every node of the cluster, one actor
+    per node with the model loaded once there (``num_threads`` torch threads each). Either gives the same ids."""
+    if executor() == "ray":
+        from posttrain_assets.ray_executor import RayPolicyBackend
+
+        return RayPolicyBackend(policy, str(tokenizer.name_or_path), max_rows=max_rows, num_threads=num_threads)
+    return local_policy_backend(policy, str(tokenizer.name_or_path), max_rows=max_rows)
 
 
 def _validate_seeds(seeds: Sequence[dict[str, Any]]) -> None:
@@ -292,14 +311,11 @@ def _iter_rollouts(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     backend = backend or policy_backend(policy, tokenizer)
-    configured = None
-    if isinstance(backend, TorchDecoder):
+    if isinstance(backend, TorchDecoder) and num_threads is not None:
         import torch
 
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        configured = backend.model().config.eos_token_id
-    end_ids = _end_ids(tokenizer, configured)
+        torch.set_num_threads(num_threads)
+    end_ids = _end_ids(tokenizer, backend.model_eos_ids())
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]
         prompts = [_prompt_ids(tokenizer, seed["messages"]) for seed in batch]
@@ -406,6 +422,7 @@ __all__ = [
     "estimate_difficulty",
     "lineage_key",
     "load_policy_model",
+    "local_policy_backend",
     "pending",
     "policy_backend",
     "prompt_seed",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from posttrain_assets import settings
 from posttrain_assets.defs.automation.jobs import estimate_rl_difficulty_job
 from posttrain_assets.defs.silver.rl import RolloutConfig, prompts_this_run
 
@@ -29,10 +30,15 @@ def test_a_token_budget_sizes_the_run(config: dict[str, int], expected: int) -> 
     assert prompts_this_run(RolloutConfig(**config)) == expected
 
 
-def test_the_difficulty_job_samples_a_token_budget_on_the_torch_backend() -> None:
-    """The job's own default: more prompts than the 16 of rollout version 1, sized by tokens, on CPU torch."""
+def test_the_difficulty_job_samples_a_token_budget_on_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's own default: more prompts than the 16 of rollout version 1, sized by tokens, on CPU torch unless
+    POSTTRAIN_POLICY_BACKEND names another backend (the config leaves it empty)."""
     run_config = estimate_rl_difficulty_job.config["ops"]["silver__rl_difficulty"]["config"]
     config = RolloutConfig(**run_config)
-    assert config.backend == "torch"
+    assert config.backend == ""
+    monkeypatch.delenv("POSTTRAIN_POLICY_BACKEND", raising=False)
+    assert (config.backend or settings.policy_backend()) == "torch"
+    monkeypatch.setenv("POSTTRAIN_POLICY_BACKEND", "vllm")
+    assert (config.backend or settings.policy_backend()) == "vllm"
     assert config.token_budget > 0
     assert prompts_this_run(config) > 16

@@ -13,7 +13,7 @@ import pytest
 
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.rl import policy_backends, rollouts
-from posttrain_assets.rl.policy_backends import ROW_TILE, TorchDecoder, nucleus_draw, tiled_linear
+from posttrain_assets.rl.policy_backends import ROW_TILE, TorchDecoder, nucleus_draw, tiled_matmul
 from posttrain_assets.rl.rollouts import (
     DifficultyEstimate,
     PolicyBackendError,
@@ -263,21 +263,29 @@ def test_a_wide_nucleus_is_sorted_whole() -> None:
     assert drawn[0] != drawn[2]
 
 
-def test_tiled_linear_gives_a_row_the_same_bits_whatever_shares_its_tile() -> None:
-    """The property batch invariance rests on, checked on this machine's GEMM kernels: a plain ``linear`` gives a
-    row different low bits for different numbers of rows, a tiled one does not."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiled_matmul_gives_a_row_the_same_bits_whatever_shares_its_tile(dtype: str) -> None:
+    """The property batch invariance rests on, checked on this machine's GEMM kernels in both matmul dtypes: a row's
+    result does not depend on the rows sharing its tile, nor on its position. A plain float32 ``linear`` gives a row
+    different low bits for different numbers of rows (bfloat16's kernel happens not to here; the tiles make that
+    independent of the kernel)."""
     generator = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(576, 1536, bias=False)
-    layer.weight.data = torch.randn(1536, 576, generator=generator) * 0.02
+    weight = (torch.randn(1536, 576, generator=generator) * 0.02).to(getattr(torch, dtype))
     rows = torch.randn(3 * ROW_TILE + 5, 576, generator=generator)
-    alone = tiled_linear(layer, rows[:1])
+    alone = tiled_matmul(rows[:1], weight)
+    assert alone.dtype == weight.dtype and alone.shape == (1, 1536)
     with torch.inference_mode():
         for count in (2, ROW_TILE - 1, ROW_TILE, ROW_TILE + 3, len(rows)):
-            assert torch.equal(tiled_linear(layer, rows[:count])[:1], alone), count
+            assert torch.equal(tiled_matmul(rows[:count], weight)[:1], alone), count
             shuffled = torch.cat([rows[1:count], rows[:1]])
-            assert torch.equal(tiled_linear(layer, shuffled)[-1:], alone), count
-        plain = [torch.equal(torch.nn.functional.linear(rows[:c], layer.weight)[:1], alone) for c in (2, 8, 64)]
-    assert not all(plain)  # otherwise the tiling would be pointless on this machine
+            assert torch.equal(tiled_matmul(shuffled, weight)[-1:], alone), count
+        # The product itself is right: within the dtype's rounding of the float64 result.
+        exact = rows.double() @ weight.double().T
+        tolerance = 1e-4 if dtype == "float32" else 3e-2
+        assert torch.allclose(tiled_matmul(rows, weight).double(), exact, atol=tolerance, rtol=tolerance)
+        if dtype == "float32":
+            plain = [torch.equal(torch.nn.functional.linear(rows[:c], weight)[:1], alone) for c in (2, 8, 64)]
+            assert not all(plain)  # otherwise the tiling would be pointless on this machine
 
 
 def _tiny_llama() -> Any:
@@ -471,3 +479,30 @@ def test_python_eval_samples_are_scored_against_the_seeds_tests(
         ("tested", 1, 0.5, {"tests_failed": 1}, 0),
         ("untested", 0, 1.0, {"no_tests": 2}, 0),
     ]
+
+
+def test_policy_backend_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POSTTRAIN_POLICY_BACKEND picks the backend a run config leaves empty; a wrong value names the variable."""
+    monkeypatch.delenv("POSTTRAIN_POLICY_BACKEND", raising=False)
+    assert policy_backends.default_backend_name() == "torch"
+    monkeypatch.setenv("POSTTRAIN_POLICY_BACKEND", "vllm")
+    assert policy_backends.default_backend_name() == "vllm"
+    monkeypatch.setenv("POSTTRAIN_POLICY_BACKEND", "jax")
+    with pytest.raises(ValueError, match="POSTTRAIN_POLICY_BACKEND='jax': expected one of torch, vllm"):
+        policy_backends.default_backend_name()
+
+
+def test_policy_backend_follows_the_executor(
+    tokenizer_cache_dir: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local: the torch decoder in this process. Ray: the Ray backend, which connects only when it first samples
+    (so nothing here needs a cluster), with the local backend's name since it gives the same ids."""
+    from posttrain_assets.ray_executor import RayPolicyBackend
+
+    spec = PolicySpec("m", "/m.gguf", "a" * 64)
+    monkeypatch.delenv("POSTTRAIN_EXECUTOR", raising=False)
+    local = rollouts.policy_backend(spec, smollm2_tokenizer, max_rows=32)
+    assert isinstance(local, TorchDecoder) and local.max_rows == 32
+    monkeypatch.setenv("POSTTRAIN_EXECUTOR", "ray")
+    on_ray = rollouts.policy_backend(spec, smollm2_tokenizer, max_rows=32)
+    assert isinstance(on_ray, RayPolicyBackend) and on_ray.name == "torch"

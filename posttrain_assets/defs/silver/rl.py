@@ -103,8 +103,10 @@ class RolloutConfig(dg.Config):
     """How difficulty is sampled. One run samples at most ``max_prompts`` prompts (0: none, the default, so the
     refresh never samples) and, when ``token_budget`` is set, at most ``token_budget // (k * max_new_tokens)``
     of them (the budget counts every sample at its longest). ``backend``: ``torch`` (CPU, extra ``policy``) or
-    ``vllm`` (extra ``vllm``, needs a GPU); ``max_rows``: prompts x K decoded together by the torch backend
-    (speed and memory only: the ids do not depend on it, nor on ``batch_size``, the prompts per backend call)."""
+    ``vllm`` (extra ``vllm``, needs a GPU); empty: ``POSTTRAIN_POLICY_BACKEND`` (``torch`` when unset). With
+    ``POSTTRAIN_EXECUTOR=ray`` the prompts are spread over the cluster's nodes (one policy actor per node).
+    ``max_rows``: prompts x K decoded together by the torch backend (speed and memory only: the ids do not depend
+    on it, nor on ``batch_size``, the prompts per backend call)."""
 
     max_prompts: int = 0
     token_budget: int = 0
@@ -114,8 +116,8 @@ class RolloutConfig(dg.Config):
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 16
-    backend: str = "torch"
-    max_rows: int = 64
+    backend: str = ""
+    max_rows: int = 128
 
 
 def prompts_this_run(config: RolloutConfig) -> int:
@@ -139,7 +141,7 @@ def silver_rl_difficulty(
     """Sample up to ``max_prompts`` certified seeds that have no estimate for this lineage yet."""
     from posttrain_assets.rl.rollouts import SamplingParams, default_policy, pending, seed_lineage
 
-    policy = default_policy(Path(tokenizer.cache_dir), backend=config.backend)
+    policy = default_policy(Path(tokenizer.cache_dir), backend=config.backend or settings.policy_backend())
     sampling = SamplingParams(
         k=config.k,
         temperature=config.temperature,
@@ -163,15 +165,21 @@ def silver_rl_difficulty(
             context.log.info(f"rollouts: {done}/{total} prompts")
 
         started = time.perf_counter()
-        estimates = estimate_difficulty(
-            batch,
-            policy,
-            sampling,
-            tokenizer=tokenizer.get(),
-            batch_size=config.batch_size,
-            progress=progress,
-            backend=policy_backend(policy, tokenizer.get(), max_rows=config.max_rows),
-        )
+        backend = policy_backend(policy, tokenizer.get(), max_rows=config.max_rows)
+        try:
+            estimates = estimate_difficulty(
+                batch,
+                policy,
+                sampling,
+                tokenizer=tokenizer.get(),
+                batch_size=config.batch_size,
+                progress=progress,
+                backend=backend,
+            )
+        finally:
+            close = getattr(backend, "close", None)  # the Ray backend's actors hold a model per node
+            if close is not None:
+                close()
         seconds = time.perf_counter() - started
     sampled_tokens = sum(e.sampled_tokens for e in estimates)
     now = dt.datetime.now(dt.UTC)
