@@ -20,18 +20,39 @@ class PairJob:
     tie_similarity: float = DEFAULT_TIE_SIMILARITY
 
 
-def pair_batch(job: PairJob, records: pa.Table) -> pa.Table:
-    """One audited pair per preference record, in order: the record's columns plus ``score_margin``,
-    ``chosen_tokens``, ``rejected_tokens``, ``length_diff`` and ``is_tie`` (the silver.preference_pairs columns).
+def pair_measures(job: PairJob, records: pa.Table) -> pa.Table:
+    """The per-row part of a pair, read from the ``id``, ``chosen`` and ``rejected`` columns of ``records`` only: a
+    table of ``id``, ``chosen_tokens``, ``rejected_tokens`` and ``is_tie``, one row per record, in order.
 
-    Arrow in, Arrow out, so a batch travels to a worker process and back (parallel.map_batches) without a
-    Python object per field; only the two response columns become Python strings (to count and compare them).
+    The record id is a hash of content that includes both responses, so these depend only on the id and ``job``:
+    :mod:`posttrain_assets.preference.pairs_stage` computes them once per id and keeps them. Only the two
+    response columns become Python strings (to count and compare them).
     """
     chosen_texts = records.column("chosen").to_pylist()
     rejected_texts = records.column("rejected").to_pylist()
     chosen = pa.array(text_token_counts(job.tokenizer, chosen_texts), pa.int32())
     rejected = pa.array(text_token_counts(job.tokenizer, rejected_texts), pa.int32())
     ties = [is_tie(c, r, job.tie_similarity) for c, r in zip(chosen_texts, rejected_texts, strict=True)]
+    return pa.table(
+        {
+            "id": records.column("id"),
+            "chosen_tokens": chosen,
+            "rejected_tokens": rejected,
+            "is_tie": pa.array(ties, pa.bool_()),
+        }
+    )
+
+
+def pair_batch(job: PairJob, records: pa.Table) -> pa.Table:
+    """One audited pair per preference record, in order: the record's columns plus ``score_margin``,
+    ``chosen_tokens``, ``rejected_tokens``, ``length_diff`` and ``is_tie`` (the silver.preference_pairs columns).
+
+    The definition of a pair in one place: :mod:`posttrain_assets.preference.pairs_stage` builds the same rows from
+    cached :func:`pair_measures` and the current record (its tests compare the two). Arrow in, Arrow out, so a
+    batch travels to a worker process and back (parallel.map_batches) without a Python object per field.
+    """
+    measures = pair_measures(job, records)
+    chosen, rejected = measures.column("chosen_tokens"), measures.column("rejected_tokens")
     return (
         records.append_column(
             "score_margin",
@@ -41,5 +62,5 @@ def pair_batch(job: PairJob, records: pa.Table) -> pa.Table:
         .append_column("chosen_tokens", chosen)
         .append_column("rejected_tokens", rejected)
         .append_column("length_diff", pc.subtract(chosen, rejected))
-        .append_column("is_tie", pa.array(ties, pa.bool_()))
+        .append_column("is_tie", measures.column("is_tie"))
     )

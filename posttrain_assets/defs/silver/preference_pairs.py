@@ -10,11 +10,12 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.defs.metadata import column_lineage, markdown_table, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
-from posttrain_assets.parallel import default_processes, map_batches, processes_for
+from posttrain_assets.parallel import default_processes
 from posttrain_assets.preference.audit import (
     DROP_REASONS,
     ConfoundThresholds,
@@ -31,7 +32,8 @@ from posttrain_assets.preference.labelling import (
     curation_drops,
     judge_bias_audit,
 )
-from posttrain_assets.preference.pairs import PairJob, pair_batch
+from posttrain_assets.preference.pairs import PairJob
+from posttrain_assets.preference.pairs_stage import building_preference_pairs
 from posttrain_assets.text import DEFAULT_TIE_SIMILARITY
 from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_AGREEMENT,
@@ -43,15 +45,7 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_RECORDS,
     audited_columns_sql,
 )
-from posttrain_assets.warehouse.io import (
-    building,
-    fetch_dicts,
-    insert_ordered,
-    ordered_arrow,
-    replace_table,
-    swap_in,
-    transaction,
-)
+from posttrain_assets.warehouse.io import fetch_dicts, insert_ordered, replace_table, swap_in, transaction
 
 PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
 AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
@@ -60,9 +54,6 @@ DROPS_KEY = dg.AssetKey(["silver", "preference_balance_drops"])
 JUDGE_AUDIT_KEY = dg.AssetKey(["silver", "preference_judge_audit"])
 AGREEMENT_KEY = dg.AssetKey(["silver", "preference_agreement"])
 
-# The silver.records columns a pair carries over (the rest of its columns are computed by pairs.pair_batch).
-_CARRIED = [name for name in SILVER_PREFERENCE_PAIRS.column_names if name in SILVER_RECORDS.column_names]
-PREFERENCE_ROWS = f"SELECT {', '.join(_CARRIED)} FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 PREFERENCE_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
 BALANCED_RANGE_ROWS = 32_768  # rows per sorted id range when the balanced pairs are written
@@ -82,6 +73,8 @@ class LengthConfoundConfig(dg.Config):
     tie_similarity: float = DEFAULT_TIE_SIMILARITY
     balance_seed: int = 0
     processes: int = 0  # worker processes that count tokens and flag ties; 0: one per core this process may use
+    # True: count tokens and flag ties of every pair again instead of reading earlier runs' from the pairs cache
+    full_rebuild: bool = False
     # Curation drops of the balanced set (preference/labelling.py): pairs whose score margin is below this (None:
     # no margin filter), and pairs whose annotators disagree (label agreement below min_pair_agreement).
     min_score_margin: float | None = None
@@ -203,18 +196,25 @@ def silver_preference_pairs(
     job = PairJob(tokenizer.get(), thresholds.tie_similarity)
     with duckdb.get_connection() as conn:
         (rows,) = conn.execute(PREFERENCE_ROW_COUNT).fetchone()
-        processes = processes_for(rows, BATCH_ROWS, config.processes or default_processes())
-        context.log.info(f"pairing {rows} preference rows, {BATCH_ROWS} at a time, in {processes} process(es)")
-        # Pairs are built a batch of records at a time into a twin with a commit per batch (io.building: one
-        # transaction over every batch would hold the whole table in memory); audit and balance read only the
-        # numeric columns; every table is replaced in one transaction at the end.
-        with building(conn, SILVER_PREFERENCE_PAIRS) as pairs_twin:
-            # in id ranges, so the pairs (one per record, same id) are stored in id order; token counting and
-            # tie flags (most of the stage's work) run in worker processes, results back in input order
-            batches = ordered_arrow(conn, PREFERENCE_ROWS, "id", BATCH_ROWS)
-            for pairs_batch in map_batches(pair_batch, job, batches, processes):
-                pairs_twin.append(pairs_batch)
-            pairs_twin.finish()
+        processes = config.processes or default_processes()
+        context.log.info(
+            f"pairing {rows} preference rows: token counts and tie flags of those not measured before (stage key: "
+            f"tokenizer, tie similarity, code), {BATCH_ROWS} at a time in id order, in up to {processes} process(es)"
+        )
+        # Token counts and tie flags (most of the stage's work) come from the pairs cache or are computed in worker
+        # processes (preference/pairs_stage.py); the twin holds every pair in id order, with the other columns from
+        # the current silver.records. Audit and balance read only its numeric columns, over all pairs; every table
+        # is replaced in one transaction at the end.
+        with building_preference_pairs(
+            conn,
+            job,
+            tokenizer.identity()["tokenizer_sha256"],
+            processes=processes,
+            batch_rows=BATCH_ROWS,
+            reuse=not (config.full_rebuild or settings.full_rebuild()),
+            progress=lambda done: context.log.info(f"measured {done} preference pairs"),
+        ) as built:
+            pairs_twin = built.twin
             pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
             audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
             # who labelled the pairs: set-based SQL over the twin (the texts never come to Python)
@@ -294,7 +294,8 @@ def silver_preference_pairs(
             for c in SILVER_PREFERENCE_PAIRS.columns
         }
     )
-    yield dg.MaterializeResult(asset_key=PAIRS_KEY, metadata={**pairs_meta, **stats})
+    reuse = {k: dg.MetadataValue.int(v) for k, v in built.reuse.metadata("preference_pairs").items()}
+    yield dg.MaterializeResult(asset_key=PAIRS_KEY, metadata={**pairs_meta, **stats, **reuse})
     yield dg.MaterializeResult(asset_key=AUDIT_KEY, metadata=audit_meta)
     yield dg.MaterializeResult(
         asset_key=BALANCED_KEY,
