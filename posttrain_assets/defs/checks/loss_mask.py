@@ -21,10 +21,13 @@ from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.settings import full_rebuild
 from posttrain_assets.sft.batches import ProofJob, TokenizerIdentity
+from posttrain_assets.sft.proof_cache import BATCH_ROWS as PROOF_BATCH_ROWS
 from posttrain_assets.sft.proof_cache import STAGE, prove_tokenized
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
 
 MAX_REPORTED = 20
+# Rows per proof batch, read when the check runs (a test makes it small to prove in many batches and processes).
+BATCH_ROWS = PROOF_BATCH_ROWS
 
 
 @warehouse_check(
@@ -47,7 +50,7 @@ def loss_mask_check(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.
         ).fetchone()[0]
         # Rows not proven before, streamed in id ranges and proven in worker processes, each batch with one batched
         # re-render, decode, and re-encode of its canonical sample; the others reuse their cached proof.
-        run = prove_tokenized(conn, prover, reuse=not full_rebuild())
+        run = prove_tokenized(conn, prover, reuse=not full_rebuild(), batch_rows=BATCH_ROWS)
     proof = run.proof
     failures, tokens_by_source, checked = proof.failures, proof.tokens_by_source, proof.checked
     total = sum(c[0] for c in tokens_by_source.values())
