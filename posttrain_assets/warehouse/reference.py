@@ -19,6 +19,7 @@ from posttrain_assets.cleaning.dedup_tables import SIGNATURE_CACHE
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
 from posttrain_assets.cleaning.silver_pass import DECONTAMINATION_CACHE_TABLES, GATE_CACHE_TABLES
 from posttrain_assets.curation.tables import CURATION_TABLES
+from posttrain_assets.preference import pairs_stage
 from posttrain_assets.records.formats import ADAPTERS
 from posttrain_assets.records.schema import REASONS
 from posttrain_assets.rl.certification_stage import CERTIFICATION_CACHE
@@ -38,6 +39,7 @@ CACHE_TABLES = (
     SIGNATURE_CACHE,
     *tokenize_stage.CACHE_TABLES,
     SFT_PROOFS,
+    *pairs_stage.CACHE_TABLES,
     CERTIFICATION_CACHE,
 )
 
