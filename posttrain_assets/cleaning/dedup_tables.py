@@ -58,7 +58,14 @@ from posttrain_assets.cleaning.dedup import (
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow
 from posttrain_assets.warehouse.model import Column, Table
-from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA, Reuse, code_fingerprint, library_versions, stage_key
+from posttrain_assets.warehouse.stage_cache import (
+    CACHE_SCHEMA,
+    Reuse,
+    code_fingerprint,
+    ensure_cache_table,
+    library_versions,
+    stage_key,
+)
 
 WORK_SCHEMA = "work"
 # The columns dedup units are built from (dedup.dedup_unit, guard_text, rl_same_key), with the row's key.
@@ -481,7 +488,7 @@ def deduplicate_regime_tables(
     key = {"key": signature_stage_key(cfg)}
     with timed("signatures"):
         # Signatures of survivors not in the signature cache, in worker processes, then into the cache...
-        conn.execute(SIGNATURE_CACHE.create_sql())
+        ensure_cache_table(conn, SIGNATURE_CACHE)
         computed = _count(conn, f"({_survivor_units(staged, cached=False)})", key)
         units = fetch_arrow(conn, _survivor_units(staged, cached=False), batch_rows, key)
         for signatures, bands in map_batches(

@@ -82,6 +82,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    ensure_cache_table,
     library_versions,
     stage_key,
 )
@@ -587,7 +588,7 @@ def normalise_and_gate(
     kept, the others go to the dedup table), so the result depends neither on the number of processes nor on which
     rows came from the cache. Returns how many rows were computed and how many reused."""
     for table in GATE_CACHE_TABLES:
-        conn.execute(table.create_sql())
+        ensure_cache_table(conn, table)
     if not cfg.reuse:
         conn.execute(GATE_CACHE_EMPTY)
     files = conn.execute(BRONZE_FILES, {"sources": registry.names}).fetchall()
@@ -665,7 +666,7 @@ def decontaminate(
     if not index.is_empty():
         key = {"key": decontamination_stage_key(eval_rows, cfg.decontamination_ngram)}
         for table in DECONTAMINATION_CACHE_TABLES:
-            conn.execute(table.create_sql())
+            ensure_cache_table(conn, table)
             if not cfg.reuse:
                 conn.execute(f"DELETE FROM {table.qualified}")
         [(todo,)] = conn.execute(f"SELECT count(*) FROM ({UNCHECKED})", key).fetchall()
@@ -725,7 +726,7 @@ def deduplicate_staged(
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    conn.execute(SIGNATURE_CACHE.create_sql())
+    ensure_cache_table(conn, SIGNATURE_CACHE)
     if not cfg.reuse:
         conn.execute(f"DELETE FROM {SIGNATURE_CACHE.qualified}")
     reuse = Reuse()

@@ -37,6 +37,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    ensure_cache_table,
     library_versions,
     stage_key,
 )
@@ -165,7 +166,7 @@ def build_rl_certification(
     order. ``progress(done, total)`` is called after each batch. Returns how many seeds were certified now and how
     many verdicts were reused."""
     params = {"key": certification_stage_key(settings)}
-    conn.execute(CERTIFICATION_CACHE.create_sql())
+    ensure_cache_table(conn, CERTIFICATION_CACHE)
     if not reuse:
         conn.execute(f"DELETE FROM {CERTIFICATION_CACHE.qualified}")
     conn.execute(TODO.create_sql(replace=True))

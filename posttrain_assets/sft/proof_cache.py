@@ -32,7 +32,14 @@ from posttrain_assets.sft.masking import IGNORE_INDEX
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import ordered_arrow, transaction
 from posttrain_assets.warehouse.model import Column, Table
-from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA, Reuse, code_fingerprint, library_versions, stage_key
+from posttrain_assets.warehouse.stage_cache import (
+    CACHE_SCHEMA,
+    Reuse,
+    code_fingerprint,
+    ensure_cache_table,
+    library_versions,
+    stage_key,
+)
 
 STAGE = "loss_mask_proof"
 BATCH_ROWS = 1024
@@ -146,16 +153,6 @@ WHERE c.stage_key <> $stage_key OR NOT EXISTS (
 """
 
 
-def _stored_columns(conn: duckdb.DuckDBPyConnection, table: Table) -> list[str]:
-    """The column names of ``table`` as stored, in order (none: the table does not exist)."""
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
-        "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-        [table.schema, table.name],
-    ).fetchall()
-    return [name for (name,) in rows]
-
-
 def proof_stage_key(job: ProofJob) -> str:
     """The proof's stage key: the tokenizer and chat template hashes, the canonical-encoding sample rate, the code
     of :data:`PROOF_CODE` and the versions of :data:`PROOF_LIBRARIES`."""
@@ -220,9 +217,7 @@ def prove_tokenized(
     Rows are streamed in id ranges of ``batch_rows`` (memory holds a few batches of token lists, not the table) and
     proven in ``processes`` worker processes (default: as many as the rows to prove call for)."""
     key = proof_stage_key(job)
-    if _stored_columns(conn, SFT_PROOFS) not in ([], SFT_PROOFS.column_names):
-        conn.execute(f"DROP TABLE {SFT_PROOFS.qualified}")  # a cache of another shape (older code): forgotten
-    conn.execute(SFT_PROOFS.create_sql())
+    ensure_cache_table(conn, SFT_PROOFS)  # a cache of another shape (older code) is forgotten
     if not reuse:
         conn.execute(FORGET_ALL)
     conn.execute(FINGERPRINT_ROWS, {"stage_key": key})

@@ -28,6 +28,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    ensure_cache_table,
     library_versions,
     stage_key,
 )
@@ -124,7 +125,7 @@ def build_sft_tokenized(
     silver.sft_tokenized and silver.sft_quarantine from the cache in one transaction, each stored in id order."""
     key = {"key": tokenize_stage_key(job)}
     for table in CACHE_TABLES:
-        conn.execute(table.create_sql())
+        ensure_cache_table(conn, table)
         if not reuse:
             conn.execute(f"DELETE FROM {table.qualified}")
     conn.execute(TODO.create_sql(replace=True))

@@ -11,7 +11,7 @@ import duckdb
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
 from posttrain_assets.warehouse.io import Twin, swap_in, transaction
 from posttrain_assets.warehouse.model import Column, Table
-from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA
+from posttrain_assets.warehouse.stage_cache import CACHE_SCHEMA, ensure_cache_table
 
 # bronze.records is a view over one table per source (bronze.records__source_<sha256(source)[:12]>): a source is
 # re-ingested into a fresh table that then replaces its old one by a rename, so the rows are written once
@@ -94,23 +94,25 @@ BRONZE_INGESTS = Table(
 
 
 def ingested_with(conn: duckdb.DuckDBPyConnection, source: str, fingerprint: str) -> bool:
-    """Whether ``source``'s bronze table exists and was read from landing files with this fingerprint."""
-    conn.execute(BRONZE_INGESTS.create_sql())
+    """Whether ``source``'s bronze table exists and was read from landing files with this fingerprint (reads only,
+    so a read-only connection will do)."""
     table = bronze_source_table(source)
-    exists = conn.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = $schema "
-        "AND table_name = $name",
-        {"schema": table.schema, "name": table.name},
-    ).fetchone()[0]
+    present = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND ((schema_name = $schema AND table_name = $name) OR (schema_name = $cache AND table_name = $ingests))",
+        {"schema": table.schema, "name": table.name, "cache": BRONZE_INGESTS.schema, "ingests": BRONZE_INGESTS.name},
+    ).fetchall()[0][0]
+    if present < 2:
+        return False
     held = conn.execute(
         f"SELECT fingerprint FROM {BRONZE_INGESTS.qualified} WHERE source = $source", {"source": source}
-    ).fetchone()
-    return bool(exists) and held is not None and held[0] == fingerprint
+    ).fetchall()
+    return held == [(fingerprint,)]
 
 
 def record_ingest(conn: duckdb.DuckDBPyConnection, source: str, fingerprint: str) -> None:
     """Remember the fingerprint ``source``'s bronze table was just read with."""
-    conn.execute(BRONZE_INGESTS.create_sql())
+    ensure_cache_table(conn, BRONZE_INGESTS)
     with transaction(conn):
         conn.execute(f"DELETE FROM {BRONZE_INGESTS.qualified} WHERE source = $source", {"source": source})
         conn.execute(

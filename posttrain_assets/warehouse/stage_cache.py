@@ -91,6 +91,22 @@ def cache_table(name: str, description: str, key_columns: tuple[Column, ...], ta
     )
 
 
+def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
+    """Create ``table`` if it does not exist; a stored table with other columns (written by older code) is dropped
+    first: its entries are forgotten and recomputed, never inserted into with the wrong shape."""
+    stored = [
+        name
+        for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() "
+            "AND table_schema = $schema AND table_name = $name ORDER BY ordinal_position",
+            {"schema": table.schema, "name": table.name},
+        ).fetchall()
+    ]
+    if stored and stored != table.column_names:
+        conn.execute(f"DROP TABLE {table.qualified}")
+    conn.execute(table.create_sql())
+
+
 def drop_caches(conn: duckdb.DuckDBPyConnection, *tables: Table) -> None:
     """Forget what ``tables`` hold (every cache when none is named): the next run computes every row."""
     if not tables:

@@ -153,7 +153,9 @@ def test_tiny_benchmark_end_to_end(
     assert refresh["reuse"]["normalise_and_gate"] == {"computed": refresh_plan["records"], "reused": N}
     assert refresh["reuse"]["sft_tokenize"]["reused"] > 0
     assert set(refresh["stages"]) >= {"bronze ingest", "silver canonical + cleaning", "silver sft_tokenized", "gold"}
-    assert refresh["stages"]["bronze ingest"]["steps"] == 2 * len(bench.SOURCES)  # this run's steps only
+    # this run's steps only: the new sources are ingested, the unchanged ones get no run (pipeline.run_all)
+    assert refresh["stages"]["bronze ingest"]["steps"] == len(bench.SOURCES)
+    assert refresh["reuse"]["bronze_ingest"] == {"computed": refresh_plan["records"], "reused": 0}
 
 
 @pytest.mark.slow  # starts the fork server and two workers: about 5 s (test_masking checks the masks fast)
