@@ -38,6 +38,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    ensure_cache_table,
     library_versions,
     stage_key,
 )
@@ -181,7 +182,7 @@ def building_preference_pairs(
     (``io.swap_in``) in its own transaction. The twin is dropped on the way out. ``progress(done)`` is called after
     each measured batch."""
     key = pairs_stage_key(job, tokenizer_sha256)
-    conn.execute(PAIRS_CACHE.create_sql())
+    ensure_cache_table(conn, PAIRS_CACHE)
     if not reuse:
         conn.execute(f"DELETE FROM {PAIRS_CACHE.qualified}")
     todo = _measure_missing(conn, key, job, processes=processes, batch_rows=batch_rows, progress=progress)

@@ -193,6 +193,16 @@ def test_a_changed_stage_key_measures_every_pair_again(conn, smollm2_tokenizer, 
     assert conn.execute(f"SELECT count(*), count(DISTINCT stage_key) FROM {PAIRS_CACHE.qualified}").fetchone() == (4, 1)
 
 
+def test_a_cache_of_another_shape_is_dropped_and_every_pair_measured(conn, smollm2_tokenizer, tokenizer_sha256) -> None:
+    conn.execute("CREATE SCHEMA cache")
+    conn.execute(f"CREATE TABLE {PAIRS_CACHE.qualified} (stage_key VARCHAR, id VARCHAR, chosen_tokens INTEGER)")
+    conn.execute(f"INSERT INTO {PAIRS_CACHE.qualified} VALUES ('old', 'a1', 99)")
+
+    assert build(conn, PairJob(smollm2_tokenizer), tokenizer_sha256) == Reuse(computed=4, reused=0)
+    assert cached_ids(conn) == ["a1", "b2", "c3", "d4"]
+    assert stored_pairs(conn) == reference_pairs(conn, PairJob(smollm2_tokenizer))
+
+
 def test_worker_processes_and_batch_sizes_do_not_change_the_table(conn, smollm2_tokenizer, tokenizer_sha256) -> None:
     job = PairJob(smollm2_tokenizer)
     assert build(conn, job, tokenizer_sha256, processes=1, batch_rows=3) == Reuse(computed=4, reused=0)
