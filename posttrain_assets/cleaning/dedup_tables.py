@@ -139,6 +139,16 @@ NEAR_CANDIDATES = Table(
     "Candidate near-duplicate pairs (a < b): in a listed bucket, signatures agreeing on the net's threshold.",
     (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
 )
+NEAR_VERDICTS = Table(
+    WORK_SCHEMA,
+    "near_verdicts",
+    "The candidate pairs compared this run, with their verdict (then added to the pair cache).",
+    (
+        Column("a", "BIGINT", "the staged row of lower seq", False),
+        Column("b", "BIGINT", "the other row", False),
+        Column("near", "BOOLEAN", "a near duplicate by the regime's rules", False),
+    ),
+)
 NEAR_CLUSTERS = Table(
     WORK_SCHEMA,
     "near_clusters",
@@ -164,6 +174,7 @@ TABLES = (
     NEAR_LEVEL,
     NEAR_SKETCH_PAIRS,
     NEAR_CANDIDATES,
+    NEAR_VERDICTS,
     NEAR_CLUSTERS,
     NEAR_DROPPED,
 )
@@ -195,6 +206,35 @@ SIGNATURE_CACHE = Table(
         Column("signature", "UINTEGER[]", "num_perm slot values", False),
     ),
 )
+
+
+# A pair's verdict depends on the two records' contents (their ids), the regime's rules and whether rows carry a
+# same key, and the code that compares them.
+PAIR_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
+PAIR_LIBRARIES = ("rapidfuzz", "numpy")
+PAIR_CACHE = Table(
+    CACHE_SCHEMA,
+    "near_pairs",
+    "Verdicts of compared candidate pairs by (stage key, the two record ids): a pair is compared once per rules.",
+    (
+        Column("stage_key", "VARCHAR", "pair stage key (dedup_tables.pair_stage_key)", False),
+        Column("id_low", "VARCHAR", "the lower of the two record ids", False),
+        Column("id_high", "VARCHAR", "the higher one", False),
+        Column("near", "BOOLEAN", "a near duplicate by the rules", False),
+    ),
+)
+
+
+def pair_stage_key(cfg: MinHashConfig, keyed: bool) -> str:
+    """Everything a pair's verdict depends on besides the two records: the whole MinHash config (thresholds and
+    rules), whether rows carry a same key (RL), the code and the libraries that compare them."""
+    return stage_key(
+        "near_dedup_pairs",
+        minhash=cfg,
+        keyed=keyed,
+        code=code_fingerprint(*PAIR_CODE),
+        libraries=library_versions(*PAIR_LIBRARIES),
+    )
 
 
 def signature_stage_key(cfg: MinHashConfig) -> str:
@@ -273,7 +313,27 @@ FROM pairs p
 JOIN {NEAR_SIGNATURES.qualified} sa ON sa.seq = p.a
 JOIN {NEAR_SIGNATURES.qualified} sb ON sb.seq = p.b
 """
-CANDIDATES_IN_ORDER = f"SELECT a, b FROM {NEAR_CANDIDATES.qualified} ORDER BY a, b"
+
+
+# The candidate pairs in order, each with the verdict the pair cache holds for its two records (null: none).
+def _candidates_in_order(staged: str) -> str:
+    return f"""
+    SELECT c.a, c.b, p.near FROM {NEAR_CANDIDATES.qualified} c
+    JOIN {staged} sa ON sa.seq = c.a JOIN {staged} sb ON sb.seq = c.b
+    LEFT JOIN {PAIR_CACHE.qualified} p
+      ON p.stage_key = $key AND p.id_low = least(sa.id, sb.id) AND p.id_high = greatest(sa.id, sb.id)
+    ORDER BY c.a, c.b
+    """
+
+
+# Pairs compared this run, by record ids (a pair's verdict depends only on the two contents and the stage key).
+def _cache_verdicts(staged: str) -> str:
+    return f"""
+    INSERT INTO {PAIR_CACHE.qualified}
+    SELECT DISTINCT $key, least(sa.id, sb.id), greatest(sa.id, sb.id), v.near FROM {NEAR_VERDICTS.qualified} v
+    JOIN {staged} sa ON sa.seq = v.a JOIN {staged} sb ON sb.seq = v.b
+    """
+
 
 # Every member of a cluster but its kept row (the lowest kept rank), with the kept row.
 CLUSTER_MEMBERS = f"""
@@ -381,7 +441,8 @@ def _words_by_seq(units: pa.Table, keyed: bool) -> tuple[dict[int, UnitWords], d
 
 
 def verify_batch(shared: tuple[MinHashConfig, bool], item: tuple[pa.Table, pa.Table]) -> pa.Table:
-    """The verified pairs of a chunk of candidate pairs ``(a, b)``, given the unit columns of their rows.
+    """The compared pairs of a chunk of candidate pairs ``(a, b)`` with their verdict ``near``, given the unit
+    columns of their rows.
 
     ``shared``: the regime's config, and whether rows carry a same key (RL, :func:`dedup.rl_same_key`): a keyed
     pair counts only with equal keys, and may pass the edit rule at any length. Pairs are checked in order, and
@@ -398,17 +459,20 @@ def verify_batch(shared: tuple[MinHashConfig, bool], item: tuple[pa.Table, pa.Ta
             x = parent[x]
         return x
 
-    verified_a: list[int] = []
-    verified_b: list[int] = []
+    compared: dict[str, list] = {"a": [], "b": [], "near": []}
     for a, b in zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True):
         ra, rb = find(a), find(b)
-        if ra == rb or (keyed and keys[a] != keys[b]):
+        if ra == rb:
             continue
-        if near_duplicate_words(words[a], words[b], cfg, keyed):
+        near = (not keyed or keys[a] == keys[b]) and near_duplicate_words(words[a], words[b], cfg, keyed)
+        if near:
             parent[max(ra, rb)] = min(ra, rb)
-            verified_a.append(a)
-            verified_b.append(b)
-    return pa.table({"a": pa.array(verified_a, pa.int64()), "b": pa.array(verified_b, pa.int64())})
+        compared["a"].append(a)
+        compared["b"].append(b)
+        compared["near"].append(near)
+    return pa.table(
+        {"a": pa.array(compared["a"], pa.int64()), "b": pa.array(compared["b"], pa.int64()), "near": compared["near"]}
+    )
 
 
 def similarity_batch(_shared: None, item: tuple[pa.Table, pa.Table]) -> pa.Table:
@@ -470,9 +534,10 @@ def deduplicate_regime_tables(
     batch_rows: int,
     processes: int,
     timed: Timed = lambda _part: nullcontext(),
-) -> Reuse:
+) -> tuple[Reuse, Reuse]:
     """Exact-normalised then near-duplicate dedup of one regime's rows; appends the dropped rows to ``dropped``.
-    Returns how many survivors' signatures were computed and how many read from the signature cache.
+    Returns how many survivors' signatures were computed and how many read from the signature cache, and how many
+    candidate pairs were compared and how many verdicts read from the pair cache.
 
     ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
     and ``kept_rank`` (unique; lowest is kept). ``staged``: the relation holding their ``UNIT_COLUMNS`` by seq
@@ -489,6 +554,7 @@ def deduplicate_regime_tables(
     with timed("signatures"):
         # Signatures of survivors not in the signature cache, in worker processes, then into the cache...
         ensure_cache_table(conn, SIGNATURE_CACHE)
+        ensure_cache_table(conn, PAIR_CACHE)
         computed = _count(conn, f"({_survivor_units(staged, cached=False)})", key)
         units = fetch_arrow(conn, _survivor_units(staged, cached=False), batch_rows, key)
         for signatures, bands in map_batches(
@@ -510,7 +576,7 @@ def deduplicate_regime_tables(
     with timed("candidates"):
         write_candidate_pairs(conn, cfg, batch_rows)
     with timed("verification"):
-        clusters = _verified_clusters(conn, staged, cfg, keyed, batch_rows, processes)
+        clusters, pairs = _verified_clusters(conn, staged, cfg, keyed, batch_rows, processes)
         rows = list(clusters.parent)
         for start in range(0, len(rows), batch_rows):
             part = rows[start : start + batch_rows]
@@ -521,7 +587,7 @@ def deduplicate_regime_tables(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
         {"near": METHOD_NEAR, "exact": METHOD_EXACT},
     )
-    return Reuse(computed=computed, reused=survivors - computed)
+    return Reuse(computed=computed, reused=survivors - computed), pairs
 
 
 def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
@@ -556,26 +622,43 @@ def _texts(conn: duckdb.DuckDBPyConnection, staged: str, seqs: list[int]) -> pa.
 
 def _verified_clusters(
     conn: duckdb.DuckDBPyConnection, staged: str, cfg: MinHashConfig, keyed: bool, batch_rows: int, processes: int
-) -> _UnionFind:
-    """Verify the candidate pairs in order, a chunk at a time in worker processes; join the verified ones."""
+) -> tuple[_UnionFind, Reuse]:
+    """Verify the candidate pairs in order, a chunk at a time in worker processes; join the verified ones.
+
+    A pair whose verdict the pair cache holds is not compared again (joined if near); the verdicts of the pairs
+    compared go to the cache. Which pairs get compared depends on the cache and the order results come back in,
+    not the clusters: they are the connected components of the near pairs. Returns how many pairs were compared
+    and how many verdicts were reused."""
     clusters = _UnionFind()
     chunk = min(CHUNK_PAIRS, batch_rows)
+    key = {"key": pair_stage_key(cfg, keyed)}
+    reused = 0
 
     def chunks() -> Iterator[tuple[pa.Table, pa.Table]]:
-        for batch in fetch_arrow(conn, CANDIDATES_IN_ORDER, chunk):
-            # pairs already joined through the verified pairs returned so far need no texts
-            a, b = batch.column("a").to_pylist(), batch.column("b").to_pylist()
-            open_pairs = [(x, y) for x, y in zip(a, b, strict=True) if clusters.find(x) != clusters.find(y)]
+        nonlocal reused
+        for batch in fetch_arrow(conn, _candidates_in_order(staged), chunk, key):
+            a, b, near = (batch.column(n).to_pylist() for n in ("a", "b", "near"))
+            open_pairs = []
+            for x, y, verdict in zip(a, b, near, strict=True):
+                if verdict is not None:
+                    reused += 1
+                    if verdict:
+                        clusters.union(x, y)
+                elif clusters.find(x) != clusters.find(y):  # pairs already joined need no texts
+                    open_pairs.append((x, y))
             if open_pairs:
                 pairs = pa.table({"a": [x for x, _ in open_pairs], "b": [y for _, y in open_pairs]})
                 yield pairs, _texts(conn, staged, sorted({s for pair in open_pairs for s in pair}))
 
     count = _count(conn, NEAR_CANDIDATES.qualified)
     workers = processes_for(count, chunk, processes)
-    for verified in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
-        for a, b in zip(verified.column("a").to_pylist(), verified.column("b").to_pylist(), strict=True):
+    for compared in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
+        insert_arrow(conn, NEAR_VERDICTS, compared)
+        near = compared.filter(compared.column("near"))
+        for a, b in zip(near.column("a").to_pylist(), near.column("b").to_pylist(), strict=True):
             clusters.union(a, b)
-    return clusters
+    conn.execute(_cache_verdicts(staged), key)
+    return clusters, Reuse(computed=_count(conn, NEAR_VERDICTS.qualified), reused=reused)
 
 
 def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int, processes: int) -> None:

@@ -46,7 +46,13 @@ import duckdb
 
 from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_matches, contamination_report
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
-from posttrain_assets.cleaning.dedup_tables import SIGNATURE_CACHE, deduplicate_regime_tables, signature_stage_key
+from posttrain_assets.cleaning.dedup_tables import (
+    PAIR_CACHE,
+    SIGNATURE_CACHE,
+    deduplicate_regime_tables,
+    pair_stage_key,
+    signature_stage_key,
+)
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdicts
 from posttrain_assets.ingest.registry import Registry
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
@@ -501,7 +507,9 @@ def run_silver_pass(
             with clock.stage("decontaminate"):
                 report, reuse["decontamination"] = decontaminate(conn, registry.names, cfg)
             with clock.stage("deduplicate"):
-                reuse["near_dedup_signatures"] = deduplicate_staged(conn, registry, cfg, clock)
+                reuse["near_dedup_signatures"], reuse["near_dedup_pairs"] = deduplicate_staged(
+                    conn, registry, cfg, clock
+                )
             with clock.stage("cross_regime_leaks"):
                 leaks = cross_regime_leaks(conn, cfg)
             with clock.stage("quarantine"):
@@ -714,25 +722,26 @@ def decontamination_stage_key(eval_rows: list[dict[str, Any]], ngram: int) -> st
 
 def deduplicate_staged(
     conn: duckdb.DuckDBPyConnection, registry: Registry, cfg: CleaningConfig, clock: StageClock | None = None
-) -> Reuse:
+) -> tuple[Reuse, Reuse]:
     """Stage 3, per regime: exact-normalised then near duplicates of the live rows, as set operations over work
     tables (``dedup_tables.deduplicate_regime_tables``): this process holds one batch in flight and the union-find
     over verified pairs, never a regime's rows. Dropped rows go to the dedup work table and leave the corpus.
-    MinHash signatures are read from the signature cache where it holds them (``cfg.reuse``); returns how many
-    were computed and how many reused.
+    MinHash signatures and the verdicts of candidate pairs are read from their caches where they hold them
+    (``cfg.reuse``); returns how many of each were computed and how many reused.
     """
     clock = clock or StageClock()
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    ensure_cache_table(conn, SIGNATURE_CACHE)
-    if not cfg.reuse:
-        conn.execute(f"DELETE FROM {SIGNATURE_CACHE.qualified}")
-    reuse = Reuse()
+    for table in (SIGNATURE_CACHE, PAIR_CACHE):
+        ensure_cache_table(conn, table)
+        if not cfg.reuse:
+            conn.execute(f"DELETE FROM {table.qualified}")
+    signatures, pairs = Reuse(), Reuse()
     try:
         for regime in REGIMES:
-            reuse += deduplicate_regime_tables(
+            regime_signatures, regime_pairs = deduplicate_regime_tables(
                 conn,
                 staged=STAGED.qualified,
                 ranked=RANKED_OF_REGIME,
@@ -744,20 +753,27 @@ def deduplicate_staged(
                 processes=cfg.processes,
                 timed=lambda part: clock.stage(f"deduplicate/{part}"),
             )
+            signatures, pairs = signatures + regime_signatures, pairs + regime_pairs
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
-    # Signatures of rows no longer staged, or under another MinHash config, are forgotten.
-    keys = [signature_stage_key(cfg.minhash.get(regime, DEFAULT_CONFIGS[regime])) for regime in REGIMES]
+    # Signatures and pair verdicts of rows no longer staged, or under another MinHash config, are forgotten.
+    configs = [(cfg.minhash.get(regime, DEFAULT_CONFIGS[regime]), regime == "rl") for regime in REGIMES]
     conn.execute(
         f"DELETE FROM {SIGNATURE_CACHE.qualified} c WHERE NOT list_contains($keys, c.stage_key) "
         f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id)",
-        {"keys": keys},
+        {"keys": [signature_stage_key(minhash) for minhash, _ in configs]},
+    )
+    conn.execute(
+        f"DELETE FROM {PAIR_CACHE.qualified} c WHERE NOT list_contains($keys, c.stage_key) "
+        f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id_low) "
+        f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id_high)",
+        {"keys": [pair_stage_key(minhash, keyed) for minhash, keyed in configs]},
     )
     conn.execute(DEDUP_FROM_STAGED)
     conn.execute(
         f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM {DROPPED_DUPLICATES.qualified}"
     )
-    return reuse
+    return signatures, pairs
 
 
 def cross_regime_leaks(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:

@@ -198,7 +198,8 @@ def candidates_in_tables(sigs: np.ndarray, cfg: MinHashConfig, batch_rows: int =
         conn.execute(table.insert_sql("rows"))
         conn.unregister("rows")
     dedup_tables.write_candidate_pairs(conn, cfg, batch_rows)
-    return [tuple(p) for p in conn.execute(f"{dedup_tables.CANDIDATES_IN_ORDER}").fetchall()]
+    pairs = conn.execute(f"SELECT a, b FROM {dedup_tables.NEAR_CANDIDATES.qualified} ORDER BY a, b").fetchall()
+    return [tuple(p) for p in pairs]
 
 
 def clumped_signatures(rng: np.random.Generator, n: int, cfg: MinHashConfig, values: int) -> np.ndarray:

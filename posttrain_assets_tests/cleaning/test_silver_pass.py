@@ -237,6 +237,10 @@ def test_a_rerun_gates_no_row_again_and_gives_the_same_tables(warehouse, smollm2
     # staged: rl row 0 and sft rows 0, 2, 3, 4, 5 (1 is an exact copy, 6 did not parse); row 5 is contaminated
     assert first.reuse["decontamination"] == cleaning.Reuse(computed=6, reused=0)
     assert second.reuse["decontamination"] == cleaning.Reuse(computed=0, reused=6)
+    # the candidate pairs (sft rows 3 and 4, a near copy) were compared once; the rerun reads their verdicts
+    compared = first.reuse["near_dedup_pairs"].computed
+    assert compared > 0 and first.reuse["near_dedup_pairs"].reused == 0
+    assert second.reuse["near_dedup_pairs"] == cleaning.Reuse(computed=0, reused=compared)
     assert silver(conn) == before
     assert len(before["silver.records"]) == 3  # sft rows 0 and 3 (1, 2, 4: duplicates; 5: contaminated), rl row 0
     assert gate_cache_rows(conn)[:2] == [("eval_gsm8k", 0, "eval"), ("rl_bank", 0, "staged")]
@@ -310,6 +314,8 @@ def test_a_new_dedup_threshold_reclusters_from_the_cached_signatures(warehouse, 
     survivors = first.reuse["near_dedup_signatures"].computed
     assert survivors > 0 and first.reuse["near_dedup_signatures"].reused == 0
     assert refreshed.reuse["near_dedup_signatures"] == cleaning.Reuse(computed=0, reused=survivors)
+    # new thresholds: the pairs' verdicts are not reused (they depend on them)
+    assert refreshed.reuse["near_dedup_pairs"].reused == 0 and refreshed.reuse["near_dedup_pairs"].computed > 0
     assert full.reuse["near_dedup_signatures"] == cleaning.Reuse(computed=survivors, reused=0)
     assert incremental == silver(conn)
     # at 0.99 the near copy of row 3 (one word changed in ~150) is kept: no near cluster any more
