@@ -99,38 +99,61 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile: int = ROW_TILE) ->
     return torch.cat([torch.nn.functional.linear(part, weight) for part in x.split(tile)])[:rows]
 
 
-# Tokens looked at before sorting the whole vocabulary: the nucleus of almost every row is inside them.
-NUCLEUS_CANDIDATES = 1024
+# Probability floors tried, largest first, before a row's whole vocabulary is sorted: a row's nucleus is inside the
+# tokens at or above a floor when they hold at least top_p + NUCLEUS_MARGIN of its probability (any token below the
+# floor has that much above it, so it cannot be kept). The margin covers the rounding between this sum and the
+# sorted cumulative sum. Sorting a few hundred candidates instead of a full top-k of 49k keeps sampling cheap.
+NUCLEUS_FLOORS = (1e-4, 1e-6)
+NUCLEUS_MARGIN = 1e-4
 
 
 def nucleus_draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row of ``logits``, by inverse CDF with ``uniforms`` (one in [0, 1) per row) over the row's
-    nucleus: the most likely tokens, in descending order, each kept while the tokens ranked above it hold less
-    than ``top_p`` of the probability (``logits / temperature``). Every row is computed on its own: the same row
-    and uniform give the same token whatever the other rows are."""
+    nucleus: the most likely tokens, in descending order (ties by token id), each kept while the tokens ranked
+    above it hold less than ``top_p`` of the probability (``logits / temperature``). Every row is computed on its
+    own: the same row and uniform give the same token whatever the other rows are (a stable sort's order is
+    unique, and the zeros a row is padded with sort after its candidates and add nothing to its sums)."""
+    import torch
 
-    probs = (logits.float() / temperature).softmax(dim=-1)
+    probs = logits.float()
+    if temperature != 1.0:
+        probs = probs / temperature
+    probs = probs.softmax(dim=-1)
     if top_p >= 1.0:
-        cdf = probs.cumsum(dim=-1)
-        order = None
-    else:
-        candidates = min(NUCLEUS_CANDIDATES, probs.shape[-1])
-        values, order = probs.topk(candidates, dim=-1, sorted=True)
-        before = values.cumsum(dim=-1) - values
-        overflow = (before[:, -1] < top_p).nonzero().flatten()
-        if overflow.numel():
-            # The nucleus may reach past the candidates: sort those rows' whole vocabulary.
-            full_values, full_order = probs[overflow].sort(dim=-1, descending=True)
-            full_before = full_values.cumsum(dim=-1) - full_values
-            full_values = full_values.masked_fill(full_before >= top_p, 0.0)
-            picked = _inverse_cdf(full_values.cumsum(dim=-1), uniforms[overflow])
-            values = values.masked_fill(before >= top_p, 0.0)
-            drawn = order.gather(-1, _inverse_cdf(values.cumsum(dim=-1), uniforms)[:, None]).squeeze(-1)
-            drawn[overflow] = full_order.gather(-1, picked[:, None]).squeeze(-1)
+        return _inverse_cdf(probs.cumsum(dim=-1), uniforms)
+    rows = probs.shape[0]
+    drawn = torch.empty(rows, dtype=torch.long)
+    pending = torch.arange(rows)
+    # Each floor in turn, largest first, takes the rows whose tokens at or above it hold enough mass; the rows no
+    # floor takes (flat ones) sort their whole vocabulary.
+    for floor in sorted(NUCLEUS_FLOORS, reverse=True):
+        part = probs if len(pending) == rows else probs[pending]
+        taken = part.masked_fill(part < floor, 0.0).sum(dim=-1) >= top_p + NUCLEUS_MARGIN
+        if taken.any():
+            part = part[taken]
+            where = (part >= floor).nonzero()  # (row, token) of every candidate, row by row
+            counts = torch.bincount(where[:, 0], minlength=part.shape[0])
+            slot = torch.arange(len(where)) - (counts.cumsum(0) - counts)[where[:, 0]]
+            values = torch.zeros(part.shape[0], int(counts.max()))
+            values[where[:, 0], slot] = part[where[:, 0], where[:, 1]]
+            tokens = torch.zeros(values.shape, dtype=torch.long)
+            tokens[where[:, 0], slot] = where[:, 1]
+            drawn[pending[taken]] = _nucleus_pick(values, tokens, uniforms[pending[taken]], top_p)
+        pending = pending[~taken]
+        if not len(pending):
             return drawn
-        cdf = values.masked_fill(before >= top_p, 0.0).cumsum(dim=-1)
-    picked = _inverse_cdf(cdf, uniforms)
-    return picked if order is None else order.gather(-1, picked[:, None]).squeeze(-1)
+    vocabulary = torch.arange(probs.shape[1])[None]
+    for row in pending.tolist():
+        drawn[row] = _nucleus_pick(probs[row : row + 1], vocabulary, uniforms[row : row + 1], top_p)[0]
+    return drawn
+
+
+def _nucleus_pick(values: torch.Tensor, tokens: torch.Tensor, uniforms: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The drawn token of each row of ``values`` (probabilities, zero-padded) and their ``tokens``."""
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    before = values.cumsum(dim=-1) - values
+    cdf = values.masked_fill(before >= top_p, 0.0).cumsum(dim=-1)
+    return tokens.gather(-1, order.gather(-1, _inverse_cdf(cdf, uniforms)[:, None])).squeeze(-1)
 
 
 def _inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

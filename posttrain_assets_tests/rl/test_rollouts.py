@@ -249,9 +249,10 @@ def test_nucleus_draw_stays_in_the_nucleus_and_each_row_stands_alone() -> None:
 
 
 def test_a_wide_nucleus_is_sorted_whole() -> None:
-    """A flat distribution puts the nucleus past the top-k candidates: that row falls back to a full sort and
-    still draws from (almost) anywhere, while a peaked row next to it keeps its fast path."""
-    vocab = policy_backends.NUCLEUS_CANDIDATES * 4
+    """A flat distribution puts the nucleus below every probability floor: that row falls back to sorting its whole
+    vocabulary and still draws from (almost) anywhere, while a peaked row next to it keeps its few candidates. A row
+    whose nucleus ends just above a floor draws exactly what the full sort gives."""
+    vocab = 4 * int(1 / min(policy_backends.NUCLEUS_FLOORS))
     flat = torch.zeros(1, vocab)
     peaked = torch.full((1, vocab), -30.0)
     peaked[0, 7] = 0.0
@@ -259,8 +260,24 @@ def test_a_wide_nucleus_is_sorted_whole() -> None:
     uniforms = torch.tensor([0.999, 0.5, 0.3], dtype=torch.float64)
     drawn = nucleus_draw(logits, uniforms, 1.0, 0.95).tolist()
     assert drawn[1] == 7
-    assert drawn[0] > policy_backends.NUCLEUS_CANDIDATES  # past the candidates: only the full sort reaches it
+    assert drawn[0] > vocab // 2  # far down the vocabulary: only the whole row's sort reaches it
     assert drawn[0] != drawn[2]
+
+    def by_full_sort(row: torch.Tensor, uniform: float, top_p: float) -> int:
+        probs = row.softmax(dim=-1)
+        values, order = probs.sort(descending=True, stable=True)
+        kept = values.masked_fill(values.cumsum(dim=-1) - values >= top_p, 0.0)
+        cdf = kept.cumsum(dim=-1)
+        return int(order[min(int(torch.searchsorted(cdf, uniform * cdf[-1], right=True)), int((cdf < cdf[-1]).sum()))])
+
+    # A long tail at every scale around the floors: the nucleus crosses them in some rows and not in others.
+    generator = torch.Generator().manual_seed(3)
+    tails = torch.randn(64, 50_000, generator=generator) * torch.linspace(0.5, 6.0, 64)[:, None]
+    uniforms = torch.rand(64, generator=generator, dtype=torch.float64)
+    for top_p in (0.5, 0.95):
+        drawn = nucleus_draw(tails, uniforms, 1.0, top_p).tolist()
+        expected = [by_full_sort(tails[r], float(uniforms[r]), top_p) for r in range(64)]
+        assert drawn == expected, top_p
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
