@@ -245,6 +245,10 @@ def compare_with_full_build(
     with deployed(incremental.registry, workdir, cache_dir) as full:
         _run_all(full, refresh_run_config)
         full_tables = snapshot(full)
+        full_metadata = materialisation_metadata(full)
+    # the fresh build is a full build: it had nothing to reuse (rows_reused/<stage>, docs/incremental.md)
+    reused = {f"{table} {key}": value for table, m in full_metadata.items() for key, value in m.items()}
+    assert {k: v for k, v in reused.items() if " rows_reused/" in k and v} == {}
     assert_same_tables(incremental_tables, full_tables)
     return Comparison(incremental_tables, full_tables, incremental_metadata)
 
@@ -532,8 +536,12 @@ def test_2_add_a_file_to_a_glob(incremental: Incremental) -> None:
 
 def test_3_modify_one_row_of_a_file(incremental: Incremental) -> None:
     incremental.advance_to(3)
-    incremental.compare()
+    comparison = incremental.compare()
     _assert_populated(incremental)
+    # The refresh parsed and gated the one changed row and reused the others.
+    records = comparison.incremental_metadata["silver.records"]
+    assert records["rows_computed/normalise_and_gate"] == 1
+    assert records["rows_reused/normalise_and_gate"] > 100
     (response,) = incremental.query(
         "SELECT response FROM silver.records WHERE source = 'alpaca_main' AND origin.row = ?", [MODIFIED_ROW]
     )[0]
@@ -629,8 +637,13 @@ def test_7_change_the_dedup_threshold(incremental: Incremental) -> None:
     # At the default threshold neither is dropped.
     assert [dropped for _, dropped in _threshold_pair_rows(incremental).values()] == [False, False]
 
-    incremental.compare(LOWERED_THRESHOLD_CONFIG)
+    comparison = incremental.compare(LOWERED_THRESHOLD_CONFIG)
     _assert_populated(incremental)
+    # No row changed, so nothing was parsed again; the threshold is part of the pair verdicts' key, so the
+    # candidate pairs were verified again.
+    records = comparison.incremental_metadata["silver.records"]
+    assert records["rows_computed/normalise_and_gate"] == 0
+    assert records["rows_computed/near_dedup_pairs"] > 0
     pair = _threshold_pair_rows(incremental)
     assert [dropped for _, dropped in pair.values()] == [False, True]
     kept_id, member_id = pair[20][0], pair[21][0]
