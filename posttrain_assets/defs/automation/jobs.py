@@ -45,13 +45,13 @@ estimate_rl_difficulty_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(["silver", "rl_difficulty"], ["gold", "rl_prompts"]),
     description="Sample a batch of pending RL seeds with the policy (SmolLM2-135M-Instruct, extra `policy`), then "
     "re-curate the bank. Run it repeatedly (or on a schedule): each run only samples seeds without an estimate.",
-    # Sized by tokens, not prompts: 49,152 tokens at K = 8 x 256 is 24 prompts, 1.5 times rollout version 1's 16
-    # per run, about the same wall time at the batched decoder's measured 1.6x on an idle machine (3.1x on a
-    # loaded one; benchmarks/rollouts.py, docs/rl-bank.md).
+    # Sized by tokens, not prompts: 131,072 tokens at K = 8 x 256 is 64 prompts, 4 times rollout version 1's 16 per
+    # run, about the same wall time at the batched decoder's measured speed-up (median 4.1x side by side on the
+    # shared 2-core machines; benchmarks/rollouts.py, docs/rl-bank.md).
     config={
         "ops": {
             "silver__rl_difficulty": {
-                "config": {"max_prompts": 100_000, "token_budget": 49_152, "k": 8, "max_new_tokens": 256}
+                "config": {"max_prompts": 100_000, "token_budget": 131_072, "k": 8, "max_new_tokens": 256}
             }
         }
     },
