@@ -224,18 +224,20 @@ def _call(item: Any) -> Any:
     return fn(shared, item)
 
 
+def _new_pool(fn: Callable[[Any, Any], Any], shared: Any, processes: int) -> tuple[ProcessPoolExecutor, _WorkerContext]:
+    context = _WorkerContext()
+    pool = ProcessPoolExecutor(
+        max(1, processes), mp_context=context, initializer=_install, initargs=(fn, shared, dict(os.environ))
+    )
+    return pool, context
+
+
 @contextmanager
 def _pool(
-    fn: Callable[[Any, Any], Any], shared: Any, processes: int, fresh_process_per_item: bool
+    fn: Callable[[Any, Any], Any], shared: Any, processes: int
 ) -> Iterator[tuple[ProcessPoolExecutor, _WorkerContext]]:
-    context = _WorkerContext()
-    with ProcessPoolExecutor(
-        max(1, processes),
-        mp_context=context,
-        initializer=_install,
-        initargs=(fn, shared, dict(os.environ)),
-        max_tasks_per_child=1 if fresh_process_per_item else None,
-    ) as pool:
+    pool, context = _new_pool(fn, shared, processes)
+    with pool:
         yield pool, context
 
 
@@ -279,20 +281,50 @@ def map_batches(
         for item in items:
             yield fn(shared, item)
         return
-    if time_limit is None:
-        yield from _map_in_pool(fn, shared, items, processes, fresh_process_per_item)
+    if fresh_process_per_item:
+        yield from _map_in_fresh_processes(fn, shared, items, processes)
+    elif time_limit is None:
+        yield from _map_in_pool(fn, shared, items, processes)
     else:
         yield from _map_with_time_limit(fn, shared, items, processes, time_limit)
 
 
-def _map_in_pool(
-    fn: Callable[[Shared, Item], Result],
-    shared: Shared,
-    items: Iterable[Item],
-    processes: int,
-    fresh_process_per_item: bool,
+def _map_in_fresh_processes(
+    fn: Callable[[Shared, Item], Result], shared: Shared, items: Iterable[Item], processes: int
 ) -> Iterator[Result]:
-    with _pool(fn, shared, processes, fresh_process_per_item) as (pool, _context):
+    """Each item in a one-worker pool started for it, at most ``processes`` at a time.
+
+    Not one pool with ``max_tasks_per_child=1``: its manager thread can die on a ``KeyError`` when a worker exits
+    (CPython gh-115634, gh-119592; seen here as an RL certification that never returned) and the caller then
+    waits forever. A pool per item starts the same one process per item and never replaces a worker."""
+    in_flight: deque[tuple[ProcessPoolExecutor, _WorkerContext, Future[Result]]] = deque()
+
+    def oldest() -> Result:
+        pool, _context, future = in_flight.popleft()
+        try:
+            return future.result()
+        finally:
+            pool.shutdown()
+
+    try:
+        for item in items:
+            pool, context = _new_pool(fn, shared, 1)
+            in_flight.append((pool, context, pool.submit(_call, item)))
+            if len(in_flight) >= max(1, processes):
+                yield oldest()
+        while in_flight:
+            yield oldest()
+    finally:
+        for pool, context, future in in_flight:  # the caller stopped early or an item failed
+            future.cancel()
+            context.kill_workers()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _map_in_pool(
+    fn: Callable[[Shared, Item], Result], shared: Shared, items: Iterable[Item], processes: int
+) -> Iterator[Result]:
+    with _pool(fn, shared, processes) as (pool, _context):
         in_flight: deque[Future[Result]] = deque()
         try:
             for item in items:
@@ -327,7 +359,7 @@ def _map_with_time_limit(
     rerun: deque[Item] = deque()  # items whose worker was killed for another item's overrun, in input order
     while True:
         in_flight: deque[tuple[Item, Future[Result], float]] = deque()
-        with _pool(fn, shared, processes, False) as (pool, context):
+        with _pool(fn, shared, processes) as (pool, context):
             try:
                 while True:
                     while len(in_flight) < max(1, processes):
