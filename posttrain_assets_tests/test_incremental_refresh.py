@@ -31,7 +31,6 @@ import pytest
 
 from posttrain_assets import pipeline
 from posttrain_assets.cleaning.dedup import dedup_unit, shingles
-from posttrain_assets.defs.silver import canonical
 from posttrain_assets.ingest.registry import load_registry, render_registry
 from posttrain_assets.publish.trace import TRACE_VIEW
 from posttrain_assets.warehouse.catalogue import ALL_TABLES, BRONZE_RECORDS, CHECK_VERDICTS
@@ -201,9 +200,6 @@ def assert_same_tables(incremental: Snapshot, full: Snapshot) -> None:
 
 
 def _run_all(graph: Graph, refresh_run_config: dict | None) -> None:
-    # _file_mtime (created_at) is memoised for the life of the process; each real run is a process of its own, so
-    # every run here starts without the memo, and a file rewritten between runs shows its new mtime.
-    canonical._file_mtime.cache_clear()
     pipeline.run_all(graph.instance, graph.definitions, refresh_run_config=refresh_run_config)
 
 

@@ -4,7 +4,6 @@ decontamination, dedup, cross-regime leaks); quarantine and duplicate tables kee
 import datetime as dt
 import json
 import os
-from functools import cache
 from typing import Literal
 
 import dagster as dg
@@ -55,8 +54,9 @@ RECORDS_LINEAGE = column_lineage(
 )
 
 
-@cache
 def _file_mtime(path: str) -> dt.datetime:
+    """A landing file's created_at: its modification time now (not cached: a code server lives across runs, and a
+    rewritten file must not keep its old time)."""
     return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.UTC)
 
 
