@@ -13,7 +13,7 @@ import duckdb
 from posttrain_assets import runs, settings
 from posttrain_assets.ingest.bronze import landing_fingerprint
 from posttrain_assets.ingest.registry import Source, load_registry
-from posttrain_assets.warehouse.bronze import ingested_with
+from posttrain_assets.warehouse.bronze import drop_unregistered_sources, ingested_with
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
 
 # Every platform table, in data-flow order (the declarations in posttrain_assets.warehouse.catalogue).
@@ -90,6 +90,9 @@ def run_all(
         runs.say(line)
     runs.check_warehouse_free(database)
     sync_source_partitions(instance, registry.names)
+    with duckdb.connect(database) as conn:  # a source removed from the registry leaves nothing behind
+        for name in drop_unregistered_sources(conn, registry.names):
+            print(f"removed {name} (no longer in the registry)")
     run_config = {} if verbose else QUIET
     ingest = definitions.resolve_job_def("ingest_source")
     for name in registry.names:

@@ -31,7 +31,7 @@ import pytest
 
 from posttrain_assets import pipeline
 from posttrain_assets.cleaning.dedup import dedup_unit, shingles
-from posttrain_assets.ingest.registry import load_registry, render_registry
+from posttrain_assets.ingest.registry import render_registry
 from posttrain_assets.publish.trace import TRACE_VIEW
 from posttrain_assets.warehouse.catalogue import ALL_TABLES, BRONZE_RECORDS, CHECK_VERDICTS
 from posttrain_assets_tests.graph import Graph, deployed
@@ -108,12 +108,8 @@ def _rows(graph: Graph, sql: str, params: dict[str, Any] | None = None) -> Rows:
 
 def snapshot(graph: Graph) -> Snapshot:
     """Every compared table's rows, ordered by all columns (run columns excluded); None for a table not there.
-
-    Bronze only for the registry's sources: the bronze partition of a source removed from the registry stays in
-    the warehouse it was ingested into (silver ignores it, with a warning), and a fresh build never had it.
-    """
+    Bronze whole: a source removed from the registry leaves no rows in it (pipeline.run_all drops them)."""
     existing = {name for (name,) in graph.query(EXISTING_RELATIONS)}
-    sources = load_registry(graph.registry).names
     tables: Snapshot = {}
     for name in COMPARED_TABLES:
         if name not in existing:
@@ -121,11 +117,7 @@ def snapshot(graph: Graph) -> Snapshot:
             continue
         excluded = RUN_COLUMNS.get(name)
         columns = f"* EXCLUDE ({', '.join(excluded)})" if excluded else "*"
-        if name == BRONZE_RECORDS.qualified:
-            sql = f"SELECT {columns} FROM {name} WHERE list_contains($sources, source) ORDER BY ALL"
-            tables[name] = _rows(graph, sql, {"sources": sources})
-        else:
-            tables[name] = _rows(graph, f"SELECT {columns} FROM {name} ORDER BY ALL")
+        tables[name] = _rows(graph, f"SELECT {columns} FROM {name} ORDER BY ALL")
     tables.update(exports_snapshot(graph.database.parent / "exports"))
     return tables
 
@@ -555,6 +547,7 @@ def test_4_delete_a_source(incremental: Incremental) -> None:
     _assert_populated(incremental)
     assert _count(incremental, "SELECT count(*) FROM silver.records WHERE source = 'alpaca_priority'") == 0
     assert _count(incremental, "SELECT count(*) FROM gold.sft WHERE source = 'alpaca_priority'") == 0
+    assert _count(incremental, "SELECT count(*) FROM bronze.records WHERE source = 'alpaca_priority'") == 0
     # The rows alpaca_priority had displaced are kept again.
     promoted = incremental.query(
         "SELECT origin.row FROM silver.records WHERE source = 'alpaca_main' AND origin.row < 3 ORDER BY 1"

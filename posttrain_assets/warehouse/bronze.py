@@ -119,3 +119,23 @@ def record_ingest(conn: duckdb.DuckDBPyConnection, source: str, fingerprint: str
             f"INSERT INTO {BRONZE_INGESTS.qualified} VALUES ($source, $fingerprint)",
             {"source": source, "fingerprint": fingerprint},
         )
+
+
+def drop_unregistered_sources(conn: duckdb.DuckDBPyConnection, names: list[str]) -> list[str]:
+    """Drop the bronze rows of every source not in ``names`` (the registry's), with its landing fingerprint, in one
+    transaction: a source removed from the registry leaves nothing behind. Returns the sources dropped."""
+    keep = {bronze_source_table(name).name for name in names}
+    gone = [t for (t,) in conn.execute(_BRONZE_SOURCE_TABLES).fetchall() if t not in keep]
+    if not gone:
+        return []
+    schema = BRONZE_RECORDS.schema
+    sources = sorted({s for t in gone for (s,) in conn.execute(f"SELECT DISTINCT source FROM {schema}.{t}").fetchall()})
+    ensure_cache_table(conn, BRONZE_INGESTS)
+    with transaction(conn):
+        for table in gone:
+            conn.execute(f"DROP TABLE {schema}.{table}")
+        conn.execute(_bronze_view_sql(conn))
+        conn.execute(
+            f"DELETE FROM {BRONZE_INGESTS.qualified} WHERE NOT list_contains($names, source)", {"names": names}
+        )
+    return sources
