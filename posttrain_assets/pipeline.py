@@ -12,7 +12,7 @@ import duckdb
 
 from posttrain_assets import runs, settings
 from posttrain_assets.ingest.bronze import landing_fingerprint
-from posttrain_assets.ingest.registry import Source, load_registry
+from posttrain_assets.ingest.registry import Registry, load_registry
 from posttrain_assets.warehouse.bronze import drop_unregistered_sources, ingested_with
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
 
@@ -93,10 +93,11 @@ def run_all(
     with duckdb.connect(database) as conn:  # a source removed from the registry leaves nothing behind
         for name in drop_unregistered_sources(conn, registry.names):
             print(f"removed {name} (no longer in the registry)")
+        unchanged = _unchanged_sources(conn, registry)
     run_config = {} if verbose else QUIET
     ingest = definitions.resolve_job_def("ingest_source")
     for name in registry.names:
-        if _landing_unchanged(database, registry.get(name)):  # no run: the partition's data version stays
+        if name in unchanged:  # no run: the partition's data version stays
             print(f"unchanged {name}")
             continue
         result = runs.run_job_in_process(
@@ -116,14 +117,16 @@ def run_all(
     return report
 
 
-def _landing_unchanged(database: str, source: Source) -> bool:
-    """Whether ``source``'s landing files are those its bronze table was read from (the test bronze_records makes
-    itself): then no ingest run is launched for it, saving a Dagster run per unchanged source on every refresh."""
-    files = source.files()
-    if settings.full_rebuild() or not files or not Path(database).exists():
-        return False
-    with duckdb.connect(database, read_only=True) as conn:
-        return ingested_with(conn, source.name, landing_fingerprint(source, files))
+def _unchanged_sources(conn: duckdb.DuckDBPyConnection, registry: Registry) -> set[str]:
+    """The sources whose landing files are those their bronze table was read from (the test bronze_records makes
+    itself): no ingest run is launched for them, saving a Dagster run per unchanged source on every refresh."""
+    if settings.full_rebuild():
+        return set()
+    return {
+        source.name
+        for source in registry.sources
+        if (files := source.files()) and ingested_with(conn, source.name, landing_fingerprint(source, files))
+    }
 
 
 class RunFailed(RuntimeError):
@@ -190,7 +193,6 @@ def format_counts(counts: list[tuple[str, int | None]]) -> str:
 
 def show_mask(database: str, record_id: str, *, color: bool = False) -> str:
     """One tokenised SFT row with its trained spans marked, for debugging a template."""
-    from pathlib import Path
 
     from posttrain_assets.sft.masking import render_mask
     from posttrain_assets.sft.tokenizer import load_tokenizer

@@ -88,8 +88,8 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
-    ensure_cache_table,
     library_versions,
+    open_caches,
     stage_key,
 )
 
@@ -234,22 +234,17 @@ def _same_row(a: str, b: str) -> str:
     )
 
 
-def _bronze_in_gate_cache(cached: str) -> str:
-    return f"""
-    JOIN {GATE_KEYS.qualified} k ON k.source = b.source
-    JOIN {cached} c ON c.stage_key = k.stage_key AND c.source = b.source AND c.file_path = b.file_path
-     AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256"""
-
+# A bronze row ``b`` of a source whose current stage key is ``k``'s, and its gate-cache entry ``c``.
+_CACHED_BRONZE_ROW = (
+    "c.stage_key = k.stage_key AND c.source = b.source AND c.file_path = b.file_path "
+    "AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256"
+)
 
 # Bronze rows of the registry's sources the gate cache does not hold under their source's current stage key.
 GATE_MISSES = f"""
 SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256
 FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
-WHERE NOT EXISTS (
-    SELECT 1 FROM {GATE_ROWS.qualified} c
-    WHERE c.stage_key = k.stage_key AND c.source = b.source AND c.file_path = b.file_path
-      AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256
-)
+WHERE NOT EXISTS (SELECT 1 FROM {GATE_ROWS.qualified} c WHERE {_CACHED_BRONZE_ROW})
 """
 GATE_MISSES_COUNT = f"SELECT count(*) FROM ({GATE_MISSES})"
 
@@ -262,7 +257,9 @@ SELECT c.stage_key, c.source, c.file_path, c.row_number, c.record_sha256, c.dest
        CASE WHEN c.key_id IS NULL THEN 1 ELSE row_number() OVER (
            PARTITION BY c.key_role, c.key_id ORDER BY list_position($sources, c.source), c.file_path, c.row_number
        ) END AS dup_rank
-FROM {BRONZE_RECORDS.qualified} b {_bronze_in_gate_cache(GATE_ROWS.qualified)}
+FROM {BRONZE_RECORDS.qualified} b
+JOIN {GATE_KEYS.qualified} k ON k.source = b.source
+JOIN {GATE_ROWS.qualified} c ON {_CACHED_BRONZE_ROW}
 JOIN {GATE_FILES.qualified} f ON f.source = b.source AND f.file_path = b.file_path
 """
 NUMBER_STAGED_ROWS = f"""
@@ -302,7 +299,6 @@ FILL_FROM_GATE_CACHE = (
     SELECT key_id, key_id, key_id, source, file_path, row_number, record_sha256, 'exact', 1.0
     FROM {PLACEMENT} WHERE dup_rank > 1""",
 )
-GATE_CACHE_EMPTY = ";\n".join(f"DELETE FROM {t.qualified}" for t in GATE_CACHE_TABLES)
 # Entries of bronze rows that are gone (a deleted source or file, a changed row) or of an old stage key.
 GATE_CACHE_FORGET_STALE = tuple(
     f"DELETE FROM {t.qualified} c WHERE NOT EXISTS (SELECT 1 FROM {PLACEMENT} p WHERE {_same_row('p', 'c')})"
@@ -595,10 +591,7 @@ def normalise_and_gate(
     in SQL over all rows in bronze priority order (source priority, file, row: the first row of a content key is
     kept, the others go to the dedup table), so the result depends neither on the number of processes nor on which
     rows came from the cache. Returns how many rows were computed and how many reused."""
-    for table in GATE_CACHE_TABLES:
-        ensure_cache_table(conn, table)
-    if not cfg.reuse:
-        conn.execute(GATE_CACHE_EMPTY)
+    open_caches(conn, *GATE_CACHE_TABLES, reuse=cfg.reuse)
     files = conn.execute(BRONZE_FILES, {"sources": registry.names}).fetchall()
     # The gate refuses the tokenizer's special tokens in every text field of every regime (unless given others).
     quality = dataclasses.replace(cfg.quality, special_tokens=cfg.quality.special_tokens or special_tokens(tokenizer))
@@ -673,10 +666,7 @@ def decontaminate(
     reuse = Reuse()
     if not index.is_empty():
         key = {"key": decontamination_stage_key(eval_rows, cfg.decontamination_ngram)}
-        for table in DECONTAMINATION_CACHE_TABLES:
-            ensure_cache_table(conn, table)
-            if not cfg.reuse:
-                conn.execute(f"DELETE FROM {table.qualified}")
+        open_caches(conn, *DECONTAMINATION_CACHE_TABLES, reuse=cfg.reuse)
         [(todo,)] = conn.execute(f"SELECT count(*) FROM ({UNCHECKED})", key).fetchall()
         for rows in fetch_batches(conn, UNCHECKED, cfg.batch_rows, key):
             found = contamination_matches(rows, index)
@@ -734,10 +724,7 @@ def deduplicate_staged(
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    for table in (SIGNATURE_CACHE, PAIR_CACHE):
-        ensure_cache_table(conn, table)
-        if not cfg.reuse:
-            conn.execute(f"DELETE FROM {table.qualified}")
+    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, reuse=cfg.reuse)
     signatures, pairs = Reuse(), Reuse()
     try:
         for regime in REGIMES:

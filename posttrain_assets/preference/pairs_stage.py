@@ -38,8 +38,8 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
-    ensure_cache_table,
     library_versions,
+    open_caches,
     stage_key,
 )
 
@@ -182,9 +182,7 @@ def building_preference_pairs(
     (``io.swap_in``) in its own transaction. The twin is dropped on the way out. ``progress(done)`` is called after
     each measured batch."""
     key = pairs_stage_key(job, tokenizer_sha256)
-    ensure_cache_table(conn, PAIRS_CACHE)
-    if not reuse:
-        conn.execute(f"DELETE FROM {PAIRS_CACHE.qualified}")
+    open_caches(conn, PAIRS_CACHE, reuse=reuse)
     todo = _measure_missing(conn, key, job, processes=processes, batch_rows=batch_rows, progress=progress)
     with building(conn, SILVER_PREFERENCE_PAIRS) as twin:
         insert_ordered(conn, twin.table, PAIRS, "id", PUBLISH_RANGE_ROWS, {"key": key})

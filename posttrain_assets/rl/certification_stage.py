@@ -37,8 +37,8 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
-    ensure_cache_table,
     library_versions,
+    open_caches,
     stage_key,
 )
 
@@ -166,9 +166,7 @@ def build_rl_certification(
     order. ``progress(done, total)`` is called after each batch. Returns how many seeds were certified now and how
     many verdicts were reused."""
     params = {"key": certification_stage_key(settings)}
-    ensure_cache_table(conn, CERTIFICATION_CACHE)
-    if not reuse:
-        conn.execute(f"DELETE FROM {CERTIFICATION_CACHE.qualified}")
+    open_caches(conn, CERTIFICATION_CACHE, reuse=reuse)
     conn.execute(TODO.create_sql(replace=True))
     try:
         conn.execute(FIND_TODO, {**params, "recomputed": list(RECOMPUTED_REASONS)})

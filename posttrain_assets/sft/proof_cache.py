@@ -36,8 +36,8 @@ from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
     Reuse,
     code_fingerprint,
-    ensure_cache_table,
     library_versions,
+    open_caches,
     stage_key,
 )
 
@@ -94,7 +94,6 @@ TOKENIZED_HASH = (
 RECORD_HASH = "hash(hash(r.messages), r.tools)"
 ROW_FINGERPRINT = f"hash({TOKENIZED_HASH}, {RECORD_HASH})"
 
-FORGET_ALL = f"DELETE FROM {SFT_PROOFS.qualified}"
 
 # Every tokenised row with a silver.records row, fingerprinted, and whether its proof is in the cache. The two
 # tables are reduced to narrow rows (id and hash) before they are joined, so the join never holds token lists or
@@ -217,9 +216,7 @@ def prove_tokenized(
     Rows are streamed in id ranges of ``batch_rows`` (memory holds a few batches of token lists, not the table) and
     proven in ``processes`` worker processes (default: as many as the rows to prove call for)."""
     key = proof_stage_key(job)
-    ensure_cache_table(conn, SFT_PROOFS)  # a cache of another shape (older code) is forgotten
-    if not reuse:
-        conn.execute(FORGET_ALL)
+    open_caches(conn, SFT_PROOFS, reuse=reuse)  # a cache of another shape (older code) is forgotten
     conn.execute(FINGERPRINT_ROWS, {"stage_key": key})
     try:
         proof = MaskProof()

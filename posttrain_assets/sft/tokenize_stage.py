@@ -28,8 +28,8 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
-    ensure_cache_table,
     library_versions,
+    open_caches,
     stage_key,
 )
 
@@ -124,10 +124,7 @@ def build_sft_tokenized(
     """Tokenise the SFT rows the cache does not hold (``reuse=False``: forget the cache first), then replace
     silver.sft_tokenized and silver.sft_quarantine from the cache in one transaction, each stored in id order."""
     key = {"key": tokenize_stage_key(job)}
-    for table in CACHE_TABLES:
-        ensure_cache_table(conn, table)
-        if not reuse:
-            conn.execute(f"DELETE FROM {table.qualified}")
+    open_caches(conn, *CACHE_TABLES, reuse=reuse)
     conn.execute(TODO.create_sql(replace=True))
     try:
         conn.execute(FIND_TODO, key)

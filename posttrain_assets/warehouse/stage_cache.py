@@ -107,12 +107,13 @@ def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
     conn.execute(table.create_sql())
 
 
-def drop_caches(conn: duckdb.DuckDBPyConnection, *tables: Table) -> None:
-    """Forget what ``tables`` hold (every cache when none is named): the next run computes every row."""
-    if not tables:
-        conn.execute(f"DROP SCHEMA IF EXISTS {CACHE_SCHEMA} CASCADE")
+def open_caches(conn: duckdb.DuckDBPyConnection, *tables: Table, reuse: bool = True) -> None:
+    """Make a stage's cache tables ready (:func:`ensure_cache_table`); emptied when ``reuse`` is False (a full
+    rebuild: every row is computed again)."""
     for table in tables:
-        conn.execute(f"DROP TABLE IF EXISTS {table.qualified}")
+        ensure_cache_table(conn, table)
+        if not reuse:
+            conn.execute(f"DELETE FROM {table.qualified}")
 
 
 @dataclass(frozen=True)
