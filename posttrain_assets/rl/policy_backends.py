@@ -11,18 +11,19 @@ three things, because CPU GEMM kernels give a row different low bits depending o
 - every matrix product runs on fixed tiles of :data:`ROW_TILE` rows (the last tile zero-padded): a row's result
   then depends only on its own input, whatever its position in the tile or the other rows (checked on this
   machine's kernels, in float32 and bfloat16, by ``test_rollouts.py``);
-- attention runs per prompt over that prompt's own cache (the K samples of one prompt always have the same
-  length), so there is no padding and no cross-prompt attention arithmetic;
+- attention runs per prompt: in the prefill over the prompt alone, in a decode step over the prompt's keys (one
+  copy, shared by its K rows) and the row's own generated keys, so there is no padding and no arithmetic shared
+  with other prompts (its shapes depend on the prompt's own length and running rows only);
 - each prompt draws from its own generator K uniforms per step (a finished row's is drawn and unused), so its
   random stream does not depend on which of its rows are still running or on the other prompts; the token is
   the uniform's inverse CDF over the row's nucleus (:func:`nucleus_draw`).
 
-A prompt is prefilled alone (its own length, batch 1) and its cache copied to K rows. Finished rows leave the
-batch at once (per-row stopping) and waiting prompts take their place, so the batch stays full. The model's own
-forward is not used: the decoder runs one weight layout (:class:`_Stack`: q/k/v and gate/up fused, matrices in
-:data:`MATMUL_DTYPE`) for both the prefill and the decode step, with the residual stream, norms, rotary
-embedding, attention and sampling in float32 (the logits are the bfloat16 products' output, as in bf16 inference
-engines).
+The prompts admitted together are prefilled together (their tokens share the matrix products' tiles). Finished
+rows leave the batch at once (per-row stopping) and waiting prompts take their place, so the batch stays full.
+The model's own forward is not used: the decoder runs one weight layout (:class:`_Stack`: q/k/v and gate/up
+fused, matrices in :data:`MATMUL_DTYPE`) for both the prefill and the decode step, with the residual stream,
+norms, rotary embedding, attention and sampling in float32 (the logits are the bfloat16 products' output, as in
+bf16 inference engines). The ids do not depend on torch's thread count either (checked on the real model).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
     from posttrain_assets.rl.rollouts import SamplingParams
 
 BACKENDS = ("torch", "vllm")
-# Rows per linear-layer call. Changing it changes the low bits of every logit, hence the sampled ids: it is part
-# of the rollout procedure (rollouts.ROLLOUT_VERSION).
-ROW_TILE = 64
+# Rows per linear-layer call (as many as DEFAULT_MAX_ROWS: the weights are read once per step; a 128-row product
+# runs at 350-400 GFLOP/s here, two 64-row ones at 250-330). Changing it changes the low bits of every logit, hence
+# the sampled ids: it is part of the rollout procedure (rollouts.ROLLOUT_VERSION).
+ROW_TILE = 128
 # Rows decoded together by default (prompts x K).
 DEFAULT_MAX_ROWS = 128
 # The dtype of every matrix product's operands (float32 accumulation): bfloat16 runs on the CPUs' AVX-512 BF16
@@ -281,16 +283,23 @@ class _Stack:
 
 @dataclass
 class _Group:
-    """One prompt being decoded: its K rows, the ones still running, and its KV cache."""
+    """One prompt being decoded: its K rows, the ones still running, and its KV cache in two parts: the prompt's
+    (``prefix_*``, once for all K rows) and each running row's own generated tokens (``keys``, ``values``)."""
 
     index: int
     generator: torch.Generator
     k: int
     length: int  # tokens in the cache (prompt + generated so far)
     running: list[int]  # sample indices still decoding, in order
-    keys: torch.Tensor  # [layers, running, kv_heads, capacity, head_dim]
+    prefix_keys: torch.Tensor  # [layers, kv_heads, prompt length, head_dim]
+    prefix_values: torch.Tensor
+    keys: torch.Tensor  # [layers, running, kv_heads, max_new_tokens, head_dim]
     values: torch.Tensor
     outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_keys.shape[2]
 
 
 _STACKS: dict[tuple[int, str], tuple[object, _Stack]] = {}
@@ -303,7 +312,7 @@ class TorchDecoder:
     ``max_rows``: rows (prompts x K) decoded together; a prompt is admitted only when all its K rows fit, and
     always when nothing else is running. It changes speed and memory, never the ids. ``matmul_dtype``: the dtype
     of the weights and activations in every matrix product (float32 accumulation; the residual stream, norms,
-    rotary embedding and sampling stay float32). It changes the ids (:data:`MATMUL_DTYPE` is rollout version 3's).
+    rotary embedding and sampling stay float32). It changes the ids (:data:`MATMUL_DTYPE` is rollout version 4's).
     """
 
     name = "torch"
@@ -358,11 +367,19 @@ class TorchDecoder:
         ends = set(int(i) for i in end_ids)
         with torch.inference_mode():
             while waiting or running:
-                while waiting and (not running or sum(len(g.running) for g in running) + sampling.k <= self.max_rows):
-                    index = waiting.pop(0)
-                    group, logits = self._prefill(stack, index, prompts[index], prompt_seeds[index], sampling)
-                    running.append(group)
-                    self._draw([group], [logits], sampling, ends)
+                # Admit every waiting prompt whose K rows fit (the first one always, when nothing runs), and
+                # prefill them together.
+                admitted: list[int] = []
+                rows = sum(len(g.running) for g in running)
+                while waiting and (not (running or admitted) or rows + sampling.k <= self.max_rows):
+                    admitted.append(waiting.pop(0))
+                    rows += sampling.k
+                if admitted:
+                    groups, logits = self._prefill(
+                        stack, admitted, [prompts[i] for i in admitted], [prompt_seeds[i] for i in admitted], sampling
+                    )
+                    running.extend(groups)
+                    self._draw(groups, logits, sampling, ends)
                     self._retire(running, results)
                 if running:
                     self._step(stack, running, sampling, ends)
@@ -375,47 +392,67 @@ class TorchDecoder:
             running.remove(group)
             results[group.index] = group.outputs
 
-    # One prompt alone through the model: its cache, copied to K rows, and the logits of its next token.
+    # The prompts through the model together (their tokens share the matrix products' tiles, each prompt attends
+    # causally to itself alone): each prompt's cache and the logits of its next token, repeated for its K rows.
     def _prefill(
-        self, stack: _Stack, index: int, prompt: Sequence[int], seed: int, sampling: SamplingParams
-    ) -> tuple[_Group, torch.Tensor]:
+        self,
+        stack: _Stack,
+        indices: list[int],
+        prompts: list[Sequence[int]],
+        seeds: list[int],
+        sampling: SamplingParams,
+    ) -> tuple[list[_Group], list[torch.Tensor]]:
         import torch
 
-        length = len(prompt)
-        capacity = length + sampling.max_new_tokens
-        if capacity > stack.cos.shape[0]:
-            raise PolicyBackendError(
-                f"prompt of {length} tokens + {sampling.max_new_tokens} new ones exceeds the model's "
-                f"{stack.cos.shape[0]} positions"
-            )
-        shape = (len(stack.layers), sampling.k, stack.kv_heads, capacity, stack.head_dim)
-        keys, values = torch.zeros(shape), torch.zeros(shape)
-        positions = torch.arange(length)
-        hidden = stack.embed[torch.tensor(list(prompt), dtype=torch.long)]
+        lengths = [len(prompt) for prompt in prompts]
+        for length in lengths:
+            if length + sampling.max_new_tokens > stack.cos.shape[0]:
+                raise PolicyBackendError(
+                    f"prompt of {length} tokens + {sampling.max_new_tokens} new ones exceeds the model's "
+                    f"{stack.cos.shape[0]} positions"
+                )
+        layers = len(stack.layers)
+        prefix_keys = [torch.empty(layers, stack.kv_heads, n, stack.head_dim) for n in lengths]
+        prefix_values = [torch.empty(layers, stack.kv_heads, n, stack.head_dim) for n in lengths]
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        hidden = stack.embed[torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long)]
         for number, layer in enumerate(stack.layers):
             q, k, v = stack.qkv(layer, hidden, positions)
-            keys[number, :, :, :length] = k.transpose(0, 1)
-            values[number, :, :, :length] = v.transpose(0, 1)
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                scale=stack.scaling,
-                enable_gqa=True,
+            attended = []
+            for slot, (pq, pk, pv) in enumerate(zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)):
+                prefix_keys[slot][number] = pk.transpose(0, 1)
+                prefix_values[slot][number] = pv.transpose(0, 1)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    pq.transpose(0, 1)[None],
+                    prefix_keys[slot][number][None],
+                    prefix_values[slot][number][None],
+                    is_causal=True,
+                    scale=stack.scaling,
+                    enable_gqa=True,
+                )
+                attended.append(out[0].transpose(0, 1).reshape(len(pq), -1))
+            hidden = stack.finish_layer(layer, hidden, torch.cat(attended))
+        last = torch.tensor(lengths).cumsum(0) - 1
+        logits = stack.logits(hidden[last])
+        suffix = (layers, sampling.k, stack.kv_heads, sampling.max_new_tokens, stack.head_dim)
+        groups = [
+            _Group(
+                index=index,
+                generator=torch.Generator().manual_seed(seed),
+                k=sampling.k,
+                length=length,
+                running=list(range(sampling.k)),
+                prefix_keys=keys,
+                prefix_values=values,
+                keys=torch.empty(suffix),
+                values=torch.empty(suffix),
+                outputs=[[] for _ in range(sampling.k)],
             )
-            hidden = stack.finish_layer(layer, hidden, attended[0].transpose(0, 1).reshape(length, -1))
-        group = _Group(
-            index=index,
-            generator=torch.Generator().manual_seed(seed),
-            k=sampling.k,
-            length=length,
-            running=list(range(sampling.k)),
-            keys=keys,
-            values=values,
-            outputs=[[] for _ in range(sampling.k)],
-        )
-        return group, stack.logits(hidden[-1:]).expand(sampling.k, -1)
+            for index, seed, length, keys, values in zip(
+                indices, seeds, lengths, prefix_keys, prefix_values, strict=True
+            )
+        ]
+        return groups, [row.expand(sampling.k, -1) for row in logits.split(1)]
 
     # Draw the next token of each running row of ``groups`` from their ``logits``; retire finished rows.
     def _draw(self, groups: list[_Group], logits: list[torch.Tensor], sampling: SamplingParams, ends: set[int]) -> None:
@@ -450,29 +487,47 @@ class TorchDecoder:
         hidden = stack.embed[torch.tensor(last, dtype=torch.long)]  # [rows, hidden] float32
         for number, layer in enumerate(stack.layers):
             q, k, v = stack.qkv(layer, hidden, positions)
-            outputs = []
-            offset = 0
-            for group, size in zip(groups, sizes, strict=True):
-                cache_k, cache_v = group.keys[number], group.values[number]
-                cache_k[:, :, group.length] = k[offset : offset + size]
-                cache_v[:, :, group.length] = v[offset : offset + size]
-                span = group.length + 1
-                outputs.append(
-                    torch.nn.functional.scaled_dot_product_attention(
-                        q[offset : offset + size, :, None],
-                        cache_k[:, :, :span],
-                        cache_v[:, :, :span],
-                        scale=stack.scaling,
-                        enable_gqa=True,
-                    )
+            attended = [
+                _attend(stack, group, number, rows_q, rows_k, rows_v)
+                for group, rows_q, rows_k, rows_v in zip(
+                    groups, q.split(sizes), k.split(sizes), v.split(sizes), strict=True
                 )
-                offset += size
-            attended = torch.cat(outputs).reshape(-1, stack.heads * stack.head_dim)
-            hidden = stack.finish_layer(layer, hidden, attended)
+            ]
+            hidden = stack.finish_layer(layer, hidden, torch.cat(attended))
         logits = stack.logits(hidden)
         for group in groups:
             group.length += 1
         self._draw(groups, list(logits.split(sizes)), sampling, ends)
+
+
+def _attend(
+    stack: _Stack, group: _Group, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """One decode step's attention for a prompt's running rows (``q`` [rows, heads, head_dim], this step's ``k``
+    and ``v`` [rows, kv_heads, head_dim], written to the rows' own caches first): softmax over the prompt's
+    shared keys and the row's own generated ones. The prompt's keys are read once for all its rows (one product
+    per kv head, its query heads and rows stacked), which is most of the memory traffic a step saves; each query
+    head h attends with kv head h // (heads / kv_heads), as in the model. Returns [rows, heads * head_dim]."""
+    import torch
+
+    rows, kv_heads, head_dim = len(q), stack.kv_heads, stack.head_dim
+    per_kv = stack.heads // kv_heads
+    prefix = group.prefix_length
+    written = group.length - prefix  # generated tokens already in the row caches
+    keys, values = group.keys[layer], group.values[layer]
+    keys[:, :, written] = k
+    values[:, :, written] = v
+    span = written + 1
+    grouped = q.view(rows, kv_heads, per_kv, head_dim)
+    stacked = grouped.transpose(0, 1).reshape(kv_heads, rows * per_kv, head_dim)
+    scores_prefix = torch.bmm(stacked, group.prefix_keys[layer].transpose(1, 2))  # [kv, rows * per_kv, prefix]
+    scores_prefix = scores_prefix.view(kv_heads, rows, per_kv, prefix).transpose(0, 1)
+    scores_own = torch.matmul(grouped, keys[:, :, :span].transpose(-1, -2))  # [rows, kv, per_kv, span]
+    weights = torch.cat([scores_prefix, scores_own], dim=-1).mul_(stack.scaling).softmax(dim=-1)
+    weights_prefix, weights_own = weights.split([prefix, span], dim=-1)
+    out = torch.bmm(weights_prefix.transpose(0, 1).reshape(kv_heads, rows * per_kv, prefix), group.prefix_values[layer])
+    out = out.view(kv_heads, rows, per_kv, head_dim).transpose(0, 1) + torch.matmul(weights_own, values[:, :, :span])
+    return out.reshape(rows, stack.heads * head_dim)
 
 
 # --------------------------------------------------------------------------- vLLM (GPU, optional)

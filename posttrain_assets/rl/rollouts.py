@@ -9,7 +9,7 @@ Sampling is deterministic given ``SamplingParams.seed``: every prompt draws from
 with ``sha256(seed, id)``. The policy backend (:mod:`posttrain_assets.rl.policy_backends`; ``PolicySpec.backend``,
 ``torch`` on CPU by default, ``vllm`` as an optional extra) decodes many prompts x K samples together with a KV
 cache, and a prompt's token ids do not depend on the batch: decoded alone or next to any other prompts, in any
-order, with any ``max_rows``, the same seed gives the same ids (same torch build and thread count).
+order, with any ``max_rows`` or torch thread count, the same seed gives the same ids (same torch build).
 
 Responses are scored with :func:`posttrain_assets.rl.verifiers.score` and thrown away: only counts and reason codes
 are returned. :func:`lineage_key` hashes everything an estimate depends on; :func:`pending` selects the prompts
@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 DEFAULT_POLICY_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct@" + GGUF_FILENAME
 # Bump when the rollout procedure itself changes (prompt rendering, seeding, sampling implementation).
 # 2: batch-invariant KV-cached decoding, inverse-CDF nucleus draws. 3: bfloat16 matmuls on 64-row tiles, fused
-# q/k/v and gate/up projections, float32 attention and residual stream (other low bits, so other ids).
-ROLLOUT_VERSION = "3"
+# q/k/v and gate/up projections, float32 attention and residual stream (other low bits, so other ids). 4: 128-row
+# tiles, prompts prefilled together, decode attention over the prompt's keys shared by its K rows (other low bits).
+ROLLOUT_VERSION = "4"
 DEFAULT_NUM_THREADS = 2
 _DTYPES = ("float32", "bfloat16", "float16")
 

@@ -143,6 +143,8 @@ def test_sampling_is_deterministic_for_a_seed(
         backend=rollouts.policy_backend(policy, smollm2_tokenizer, max_rows=short.k),
     )
     assert one_by_one == first
+    # Nor on torch's thread count (the default is two).
+    assert sample_token_ids(seeds, policy, short, tokenizer=smollm2_tokenizer, batch_size=2, num_threads=1) == first
     other = sample_token_ids(
         seeds, policy, dataclasses.replace(short, seed=1), tokenizer=smollm2_tokenizer, batch_size=2
     )
@@ -344,6 +346,33 @@ def test_decoding_is_the_same_alone_or_batched_in_any_company() -> None:
     assert decode(TINY_PROMPTS[1:3], TINY_SEEDS[1:3], 8) == together[1:3]
     # The seed matters: another seed for prompt 0 gives other samples.
     assert decode(TINY_PROMPTS[:1], [99], 4)[0] != together[0]
+
+
+def test_decoder_logits_are_the_models_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's own layout (fused projections, prompts prefilled together, each prompt's keys shared by its K
+    rows in the decode step, grouped-query heads) computes the model's forward: every distribution it samples from
+    equals the transformers model's logits for the same tokens (float32 products, so up to float32 rounding)."""
+    model = _tiny_llama()
+    sampling = SamplingParams(k=3, max_new_tokens=6, seed=0)
+    seen: list[torch.Tensor] = []
+    draw = policy_backends.nucleus_draw
+
+    def recording(logits: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(logits.clone())
+        return draw(logits, *args)
+
+    monkeypatch.setattr(policy_backends, "nucleus_draw", recording)
+    decoder = TorchDecoder(lambda: model, max_rows=7, matmul_dtype="float32")  # two prompts at a time, then one
+    decoded = decoder.sample(TINY_PROMPTS, TINY_SEEDS, sampling, TINY_ENDS)
+    recorded = torch.cat(seen)  # one row per drawn token
+    assert recorded.shape[0] == sum(len(sample) for samples in decoded for sample in samples)
+    with torch.inference_mode():
+        for prompt, samples in zip(TINY_PROMPTS, decoded, strict=True):
+            for sample in samples:
+                # The model's distribution before each token of the sample; the decoder drew from one within
+                # float32 rounding of it (another context's distribution is far from it).
+                for logits in model(torch.tensor([prompt + sample])).logits[0, len(prompt) - 1 : -1]:
+                    assert (recorded - logits).abs().amax(dim=-1).min() < 1e-4
 
 
 def test_each_row_stops_at_its_first_end_token() -> None:
