@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -52,6 +58,8 @@ def fetch_arrow(
 # never sorted whole. The narrow keys are sorted, cut into ranges of ``rows`` keys, and each range is read
 # or written with its own small ORDER BY. A table written this way is stored in key order, so the range
 # queries of the next stage are pruned by DuckDB's zone maps instead of scanning the table per range.
+# Writing (insert_ordered) first splits the rows into their ranges in one pass (a partitioned Parquet COPY),
+# since one query per range over an unsorted relation scanned all of it per range: N / rows scans of N rows.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -107,12 +115,131 @@ def insert_ordered(
     rows: int,
     params: dict[str, Any] | None = None,
 ) -> None:
-    """Append the rows of the query ``relation`` to ``table`` (columns by name) in ``key`` order, one range of
-    ``rows`` keys per INSERT, so ``table`` is stored in key order."""
+    """Append the rows of the query ``relation`` (named parameters ``params``) to ``table`` (columns by name) in
+    ``key`` order, so ``table`` is stored in key order: every row, also those with a null key (last) or a key
+    held by several rows (together, in no particular order among themselves), in time linear in the rows and
+    memory that does not grow with them.
+
+    The first key of each range of ``rows`` distinct keys is looked up (as :func:`key_ranges` cuts them, a narrow
+    sort); then one pass writes each row to its range's folder of a Hive-partitioned Parquet copy (DuckDB's ``COPY
+    ... (PARTITION_BY ...)``), the range found by a binary search over those keys in SQL (:func:`_range_number`);
+    then each range is read back, sorted and inserted on its own, in range order. The copy lives in a fresh folder
+    under the database's ``temp_directory`` (:func:`_scratch_folder`), removed on the way out, also when a step
+    raises. Runs on ``conn`` itself, so it sees (and writes within) the caller's open transaction."""
     params = dict(params or {})
-    sql = table.insert_sql(f"({_key_range(relation, key)})")
-    for first, last in key_ranges(conn, relation, key, rows, params):
-        conn.execute(sql, {**params, "range_first": first, "range_last": last})
+    firsts = conn.execute(
+        f"""
+        SELECT {key} FROM (
+            SELECT {key}, row_number() OVER (ORDER BY {key}) AS position
+            FROM (SELECT DISTINCT {key} FROM ({relation}) WHERE {key} IS NOT NULL)
+        )
+        WHERE position > 1 AND (position - 1) % $range_rows = 0
+        ORDER BY {key}
+        """,
+        {**params, "range_rows": rows},
+    ).fetchall()
+    bounds = {f"{_RANGE_COLUMN}_{number}": first for number, (first,) in enumerate(firsts, 1)}
+    number = f"CASE WHEN {key} IS NULL THEN {len(firsts) + 1} ELSE {_range_number(key, 0, len(firsts))} END"
+    with _scratch_folder(conn, "insert_ordered") as folder, _settings(conn, _PARTITIONED_WRITE_SETTINGS):
+        conn.execute(
+            f"""
+            COPY (SELECT *, {number} AS {_RANGE_COLUMN} FROM ({relation})) TO {_sql_string(str(folder))}
+            (FORMAT parquet, PARTITION_BY ({_RANGE_COLUMN}), ROW_GROUP_SIZE {_SCRATCH_ROW_GROUP_ROWS})
+            """,
+            {**params, **bounds},
+        )
+        written = folder.glob(f"{_RANGE_COLUMN}=*") if folder.exists() else ()  # no folder: no rows
+        ranges = sorted(int(path.name.partition("=")[2]) for path in written)
+        sql = table.insert_sql(f"(SELECT * FROM read_parquet($files, hive_partitioning = false) ORDER BY {key})")
+        for range_number in ranges:
+            conn.execute(sql, {"files": str(folder / f"{_RANGE_COLUMN}={range_number}" / "*.parquet")})
+
+
+def _range_number(key: str, low: int, high: int) -> str:
+    """SQL for the number (``low`` to ``high``) of the range holding a non-null ``key``: nested CASEs comparing it
+    with the bound parameter ``$<_RANGE_COLUMN>_<n>``, the first key of range n, about log2(ranges) comparisons
+    a row. (Numbering each distinct key with a window and joining it back cost twice as long at 1M rows.)"""
+    if low == high:
+        return str(low)
+    middle = (low + high + 1) // 2
+    below, above = _range_number(key, low, middle - 1), _range_number(key, middle, high)
+    return f"CASE WHEN {key} < ${_RANGE_COLUMN}_{middle} THEN {below} ELSE {above} END"
+
+
+# The column numbering a row's range in insert_ordered's Parquet copy (its partition folders' name).
+_RANGE_COLUMN = "insert_ordered_range"
+
+# Rows per row group of that copy (the least DuckDB takes): each open partition file holds one row group in
+# memory until it is full, and a range folder of wide rows is open for a whole pass.
+_SCRATCH_ROW_GROUP_ROWS = 2048
+
+# DuckDB's partitioned COPY keeps up to ``partitioned_write_flush_threshold`` rows per thread (524,288 by
+# default) before it hands them to the partition files, and up to ``partitioned_write_max_open_files`` files (100)
+# open, each with a row group in memory. These bound the rows held at once to about threads x 4,096 + 16 x 2,048
+# whatever the number of ranges (a bound by design; with rows of 8 KB the copy still needed a 256 MB limit, 128 MB
+# failed, duckdb 2.0.1). They are the database's settings, so another connection's COPY meanwhile gets them too.
+_PARTITIONED_WRITE_SETTINGS = {"partitioned_write_flush_threshold": 4096, "partitioned_write_max_open_files": 16}
+
+# Scratch folders are named posttrain-<purpose>-<pid>-<32 hex digits>: the pid tells a folder a killed process
+# left behind.
+_SCRATCH_FOLDER = re.compile(r"posttrain-[a-z_]+-(?P<pid>[0-9]+)-[0-9a-f]{32}")
+
+
+@contextmanager
+def _settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int]) -> Iterator[None]:
+    """The database's global DuckDB ``settings`` inside the block, restored on the way out, also when the block
+    raises. Set on a cursor of its own: a failed statement aborts the caller's open transaction on ``conn``, where
+    no SET runs until the caller rolls back."""
+    with conn.cursor() as cursor:
+        before = {
+            name: cursor.execute("SELECT current_setting($name)", {"name": name}).fetchone()[0] for name in settings
+        }
+        try:
+            for name, value in settings.items():
+                cursor.execute(f"SET GLOBAL {name} = $value", {"value": value})
+            yield
+        finally:
+            for name, value in before.items():
+                cursor.execute(f"SET GLOBAL {name} = $value", {"value": value})
+
+
+def _sql_string(text: str) -> str:
+    """``text`` as an SQL string literal (COPY ... TO takes no bound parameter for its target)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+@contextmanager
+def _scratch_folder(conn: duckdb.DuckDBPyConnection, purpose: str) -> Iterator[Path]:
+    """A path for a fresh folder (not created) under the database's ``temp_directory`` (where DuckDB spills, beside
+    the database file by default; the system's temporary folder if spilling is off or the database is in memory,
+    whose default is ``.tmp`` under the working directory), removed on the way out, also when the block raises.
+    Folders of processes that no longer run (a killed run) are removed first; a live process's are left alone."""
+    setting, in_memory = conn.execute(
+        "SELECT current_setting('temp_directory'), "
+        "(SELECT path IS NULL FROM duckdb_databases() WHERE database_name = current_database())"
+    ).fetchone()
+    parent = Path(tempfile.gettempdir() if not setting or (in_memory and setting == ".tmp") else setting).absolute()
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob("posttrain-*"):
+        named = _SCRATCH_FOLDER.fullmatch(stale.name)
+        if named and not _process_runs(int(named["pid"])):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = parent / f"posttrain-{purpose}-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 # Rows per DuckDB row group (its default ROW_GROUP_SIZE). A checkpoint compresses every row group that changed

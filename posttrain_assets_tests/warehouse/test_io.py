@@ -1,8 +1,13 @@
 """Reading and writing wide rows in key order without sorting them whole (io.key_ranges and friends); bronze
 as a view over one table per source."""
 
+import collections
+import dataclasses
 import datetime as dt
 import hashlib
+import os
+import subprocess
+import sys
 
 import duckdb
 import pyarrow as pa
@@ -98,22 +103,134 @@ def test_insert_ordered_sees_the_open_transaction(conn):
     ]
 
 
-# Needs its size (about 15 s): smaller limits leave no margin. At 32 MB the ordered insert itself runs out of
-# memory; at 48 MB it passes with 64 MB of payload but fails with 96 MB (duckdb 2.0.1, tried).
+# Needs its size (20-60 s, mostly disk): the payload has to outgrow the limit. Below a 256 MB limit the partitioned
+# Parquet COPY itself runs out of memory with rows this wide (128 MB failed, duckdb 2.0.1, tried).
 @pytest.mark.slow
 def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path):
-    """128 MB of payload in key order under a 64 MB DuckDB limit (a plain ORDER BY of it fails with duckdb
-    2.0.1's "could not allocate block"): only one range is ever sorted."""
-    with duckdb.connect(str(tmp_path / "big.duckdb"), config={"memory_limit": "64MB", "threads": 1}) as conn:
+    """384 MB of payload in key order under a 256 MB DuckDB limit (a plain ORDER BY of 512 MB fails with duckdb
+    2.0.1's "failed to pin block"): only one range is ever sorted."""
+    with duckdb.connect(str(tmp_path / "big.duckdb"), config={"memory_limit": "256MB", "threads": 2}) as conn:
         conn.execute(
             "CREATE TABLE src AS SELECT md5(range::VARCHAR) AS id, repeat(md5(range::VARCHAR), 250) AS payload "
-            "FROM range(16000)"
+            "FROM range(48000)"
         )
         conn.execute(WIDE.create_sql(replace=True))
-        insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 2000)
+        # in one transaction, as silver.records is published (a commit per range would checkpoint each time)
+        with transaction(conn):
+            insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 6000)
         ids = [r[0] for r in conn.execute("SELECT id FROM wide ORDER BY rowid").fetchall()]
-        assert len(ids) == 16000 and ids == sorted(ids)
-        assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 16000 * 32 * 250
+        assert len(ids) == 48000 and ids == sorted(ids)
+        assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 48000 * 32 * 250
+
+
+# Every column type the catalogue's tables hold, with the values that a Parquet round trip could lose: empty and
+# null lists, null structs and structs of nulls, instants with a zone, infinities.
+RICH = Table(
+    "main",
+    "rich",
+    "test rows",
+    (
+        Column("id", "VARCHAR", "key"),
+        Column("n", "BIGINT", "number"),
+        Column("score", "DOUBLE", "score"),
+        Column("ok", "BOOLEAN", "flag"),
+        Column("tokens", "INTEGER[]", "token ids"),
+        Column("weights", "DOUBLE[]", "weights"),
+        Column("origin", 'STRUCT(file VARCHAR, "row" BIGINT)', "provenance"),
+        Column("messages", "STRUCT(role VARCHAR, content VARCHAR)[]", "chat"),
+        Column("at", "TIMESTAMP WITH TIME ZONE", "instant"),
+    ),
+)
+
+RICH_SOURCE = """
+SELECT printf('k%04d', (range * 7919) % 1000 // 2) AS id,  -- every key twice, in scrambled order
+       range AS n,
+       CASE range % 5 WHEN 0 THEN NULL WHEN 1 THEN 'inf'::DOUBLE WHEN 2 THEN '-inf'::DOUBLE ELSE range / 7 END AS score,
+       CASE WHEN range % 3 = 0 THEN NULL ELSE range % 2 = 0 END AS ok,
+       CASE range % 4 WHEN 0 THEN NULL WHEN 1 THEN [] ELSE [range::INTEGER, NULL, -1] END AS tokens,
+       CASE WHEN range % 6 = 0 THEN [NULL, 0.5] ELSE [range * 0.25] END AS weights,
+       CASE range % 3 WHEN 0 THEN NULL WHEN 1 THEN {'file': NULL, 'row': NULL}
+            ELSE {'file': 'f' || range, 'row': range} END AS origin,
+       CASE WHEN range % 5 = 0 THEN [] ELSE [{'role': 'user', 'content': repeat('x', range % 40)},
+            {'role': NULL, 'content': NULL}] END AS messages,
+       CASE WHEN range % 7 = 0 THEN NULL
+            ELSE TIMESTAMPTZ '2026-11-26 10:00:00.123456+00' + to_microseconds(range) END AS at
+FROM range(1000)
+WHERE range % $skip <> 0
+"""
+
+
+def _stored(conn: duckdb.DuckDBPyConnection, table: Table) -> list[tuple]:
+    return conn.execute(f"SELECT * FROM {table.qualified} ORDER BY rowid").fetchall()
+
+
+def test_insert_ordered_keeps_every_row_and_value_across_many_ranges(conn):
+    """Several ranges, duplicate keys, a null key and bound parameters: the table holds exactly the source's rows,
+    with the same types and values, in key order (the duplicates of a key together, the null key last)."""
+    source = f"{RICH_SOURCE} UNION ALL SELECT NULL, -1, 0.0, TRUE, [], [], NULL, [], NULL"
+    conn.execute(RICH.create_sql(replace=True))
+    insert_ordered(conn, RICH, source, "id", 64, {"skip": 11})
+    stored = _stored(conn, RICH)
+    assert len(stored) == 1000 - 91 + 1  # 91 multiples of 11 below 1000 skipped, plus the null key
+    ids = [row[0] for row in stored]
+    keys = conn.execute(f"SELECT id FROM ({source}) WHERE id IS NOT NULL ORDER BY id", {"skip": 11}).fetchall()
+    assert ids[-1] is None and ids[:-1] == [k for (k,) in keys]
+    assert max(collections.Counter(ids[:-1]).values()) == 2
+    # same values, compared by DuckDB, both ways
+    for a, b in (("rich", f"({source})"), (f"({source})", "rich")):
+        (missing,) = conn.execute(f"SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})", {"skip": 11}).fetchone()
+        assert missing == 0
+    # the same keys in the same order whatever the range size (rows sharing a key: in no particular order)
+    conn.execute("CREATE TABLE again AS FROM rich LIMIT 0")
+    insert_ordered(conn, dataclasses.replace(RICH, name="again"), source, "id", 1000, {"skip": 11})
+    assert conn.execute("SELECT id FROM again ORDER BY rowid").fetchall() == [(i,) for i in ids]
+
+
+def _scratch(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "t.duckdb.tmp").glob("posttrain-*"))
+
+
+def _partition_settings(conn: duckdb.DuckDBPyConnection) -> tuple:
+    return conn.execute(
+        "SELECT current_setting('partitioned_write_flush_threshold'), "
+        "current_setting('partitioned_write_max_open_files')"
+    ).fetchone()
+
+
+def test_insert_ordered_leaves_no_scratch_files_also_when_it_fails(conn, tmp_path):
+    defaults = _partition_settings(conn)
+    conn.execute(WIDE.create_sql(replace=True))
+    insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 100)
+    assert conn.execute("SELECT count(*) FROM wide").fetchone() == (1000,)
+    assert (tmp_path / "t.duckdb.tmp").is_dir() and _scratch(tmp_path) == []
+    # the fifth range breaks the table's NOT NULL: the caller's transaction rolls back, the scratch copy is gone
+    strict = Table("main", "strict", "test rows", (Column("id", "VARCHAR", "key", False), WIDE.columns[1]))
+    conn.execute(strict.create_sql())
+    broken = "SELECT CASE WHEN id = 'k0450' THEN NULL ELSE id END AS id, id AS sort_key, payload FROM src"
+    with pytest.raises(duckdb.ConstraintException), transaction(conn):
+        insert_ordered(conn, strict, broken, "sort_key", 100)
+    assert conn.execute("SELECT count(*) FROM strict").fetchone() == (0,)
+    assert _scratch(tmp_path) == []
+    assert _partition_settings(conn) == defaults
+    # an empty source writes nothing (and leaves nothing)
+    insert_ordered(conn, WIDE, "SELECT * FROM src WHERE FALSE", "id", 100)
+    assert conn.execute("SELECT count(*) FROM wide").fetchone() == (1000,) and _scratch(tmp_path) == []
+
+
+def test_a_killed_runs_scratch_files_do_not_stay(conn, tmp_path):
+    """A folder left by a process that no longer runs is removed by the next insert_ordered; one of a process
+    that runs (another connection's insert under way) is left alone."""
+    scratch = tmp_path / "t.duckdb.tmp"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = scratch / f"posttrain-insert_ordered-{int(finished.stdout)}-{'0' * 32}" / "insert_ordered_range=0"
+    alive = scratch / f"posttrain-insert_ordered-{os.getppid()}-{'1' * 32}"
+    dead.mkdir(parents=True)
+    alive.mkdir()
+    (dead / "data_0.parquet").write_bytes(b"left by a killed run")
+    conn.execute(WIDE.create_sql(replace=True))
+    insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 300)
+    assert conn.execute("SELECT count(*) FROM wide").fetchone() == (1000,)
+    assert _scratch(tmp_path) == [alive.name]
 
 
 def test_a_transaction_commits_or_is_rolled_back_whole_and_the_connection_stays_usable(conn):
