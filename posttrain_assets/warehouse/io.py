@@ -117,15 +117,16 @@ def insert_ordered(
 ) -> None:
     """Append the rows of the query ``relation`` (named parameters ``params``) to ``table`` (columns by name) in
     ``key`` order, so ``table`` is stored in key order: every row, also those with a null key (last) or a key
-    held by several rows (together, in no particular order among themselves), in time linear in the rows and
-    memory that does not grow with them.
+    held by several rows (together, in no particular order among themselves), in memory that does not grow with
+    the rows and time about linear in them (a pass over the rows per factor of 16 in the number of ranges).
 
     The first key of each range of ``rows`` distinct keys is looked up (as :func:`key_ranges` cuts them, a narrow
-    sort); then one pass writes each row to its range's folder of a Hive-partitioned Parquet copy (DuckDB's ``COPY
-    ... (PARTITION_BY ...)``), the range found by a binary search over those keys in SQL (:func:`_range_number`);
-    then each range is read back, sorted and inserted on its own, in range order. The copy lives in a fresh folder
-    under the database's ``temp_directory`` (:func:`_scratch_folder`), removed on the way out, also when a step
-    raises. Runs on ``conn`` itself, so it sees (and writes within) the caller's open transaction."""
+    sort) and each row numbered with its range by a binary search over those keys in SQL (:func:`_range_number`);
+    then the rows are split into folders of a Hive-partitioned Parquet copy (DuckDB's ``COPY ... (PARTITION_BY
+    ...)``), at most 16 per pass, again until each folder holds one range (:func:`_split_and_insert`); each range
+    is read back, sorted and inserted on its own, in range order. The copies live in a fresh folder under the
+    database's ``temp_directory`` (:func:`_scratch_folder`), removed on the way out, also when a step raises. Runs
+    on ``conn`` itself, so it sees (and writes within) the caller's open transaction."""
     params = dict(params or {})
     firsts = conn.execute(
         f"""
@@ -139,20 +140,38 @@ def insert_ordered(
         {**params, "range_rows": rows},
     ).fetchall()
     bounds = {f"{_RANGE_COLUMN}_{number}": first for number, (first,) in enumerate(firsts, 1)}
-    number = f"CASE WHEN {key} IS NULL THEN {len(firsts) + 1} ELSE {_range_number(key, 0, len(firsts))} END"
+    # null keys sort last: in the last range
+    number = f"CASE WHEN {key} IS NULL THEN {len(firsts)} ELSE {_range_number(key, 0, len(firsts))} END"
+    ranges = len(firsts) + 1
+    step = 1
+    while step * _SPLIT_WAYS < ranges:
+        step *= _SPLIT_WAYS
+    numbered = f"SELECT *, {number} AS {_RANGE_COLUMN} FROM ({relation})"
     with _scratch_folder(conn, "insert_ordered") as folder, _settings(conn, _PARTITIONED_WRITE_SETTINGS):
-        conn.execute(
-            f"""
-            COPY (SELECT *, {number} AS {_RANGE_COLUMN} FROM ({relation})) TO {_sql_string(str(folder))}
-            (FORMAT parquet, PARTITION_BY ({_RANGE_COLUMN}), ROW_GROUP_SIZE {_SCRATCH_ROW_GROUP_ROWS})
-            """,
-            {**params, **bounds},
-        )
-        written = folder.glob(f"{_RANGE_COLUMN}=*") if folder.exists() else ()  # no folder: no rows
-        ranges = sorted(int(path.name.partition("=")[2]) for path in written)
-        sql = table.insert_sql(f"(SELECT * FROM read_parquet($files, hive_partitioning = false) ORDER BY {key})")
-        for range_number in ranges:
-            conn.execute(sql, {"files": str(folder / f"{_RANGE_COLUMN}={range_number}" / "*.parquet")})
+        _split_and_insert(conn, table, key, numbered, {**params, **bounds}, folder, step)
+
+
+def _split_and_insert(
+    conn: duckdb.DuckDBPyConnection, table: Table, key: str, rows: str, params: dict[str, Any], folder: Path, step: int
+) -> None:
+    """Write the query ``rows`` (with its range numbers) into one folder of ``folder`` per ``step`` ranges, then
+    each folder in range order: its rows sorted and inserted into ``table`` (one range each, ``step`` 1), or split
+    again by ``step / _SPLIT_WAYS`` ranges (each folder removed once it is split)."""
+    conn.execute(
+        f"""
+        COPY (SELECT *, {_RANGE_COLUMN} // {step} AS {_PART_COLUMN} FROM ({rows})) TO {_sql_string(str(folder))}
+        (FORMAT parquet, PARTITION_BY ({_PART_COLUMN}), ROW_GROUP_SIZE {_SCRATCH_ROW_GROUP_ROWS})
+        """,
+        params,
+    )
+    written = folder.glob(f"{_PART_COLUMN}=*") if folder.exists() else ()  # no folder: no rows
+    for part in sorted(written, key=lambda path: int(path.name.partition("=")[2])):
+        files = f"read_parquet({_sql_string(str(part / '*.parquet'))}, hive_partitioning = false)"
+        if step == 1:
+            conn.execute(table.insert_sql(f"(SELECT * FROM {files} ORDER BY {key})"))
+        else:
+            _split_and_insert(conn, table, key, f"SELECT * FROM {files}", {}, part / "split", step // _SPLIT_WAYS)
+        shutil.rmtree(part)
 
 
 def _range_number(key: str, low: int, high: int) -> str:
@@ -166,8 +185,16 @@ def _range_number(key: str, low: int, high: int) -> str:
     return f"CASE WHEN {key} < ${_RANGE_COLUMN}_{middle} THEN {below} ELSE {above} END"
 
 
-# The column numbering a row's range in insert_ordered's Parquet copy (its partition folders' name).
+# The column numbering a row's range in insert_ordered's Parquet copies, and the one naming their partition folders.
 _RANGE_COLUMN = "insert_ordered_range"
+_PART_COLUMN = "insert_ordered_part"
+
+# Folders one partitioned COPY writes at most: DuckDB's partitioned COPY holds a vector (2,048 rows) per folder
+# and thread before it writes (memory grows with the folders, whatever partitioned_write_max_open_files says:
+# rows of 4 KB failed at once with 64 folders under a 1 GB limit, 48 passed, duckdb 2.0.1). So the ranges are
+# split 16 ways per pass (16 x 2 threads x 2,048 rows: about as much memory as sorting 2 ranges of 32,768); more
+# than 16 ranges take a pass more per factor 16 (32,768 keys per range: 1 pass to 500k rows, 2 to 8M).
+_SPLIT_WAYS = 16
 
 # Rows per row group of that copy (the least DuckDB takes): each open partition file holds one row group in
 # memory until it is full, and a range folder of wide rows is open for a whole pass.
@@ -175,10 +202,9 @@ _SCRATCH_ROW_GROUP_ROWS = 2048
 
 # DuckDB's partitioned COPY keeps up to ``partitioned_write_flush_threshold`` rows per thread (524,288 by
 # default) before it hands them to the partition files, and up to ``partitioned_write_max_open_files`` files (100)
-# open, each with a row group in memory. These bound the rows held at once to about threads x 4,096 + 16 x 2,048
-# whatever the number of ranges (a bound by design; with rows of 8 KB the copy still needed a 256 MB limit, 128 MB
-# failed, duckdb 2.0.1). They are the database's settings, so another connection's COPY meanwhile gets them too.
-_PARTITIONED_WRITE_SETTINGS = {"partitioned_write_flush_threshold": 4096, "partitioned_write_max_open_files": 16}
+# open, each with a row group in memory; lowered to a vector and the folders of one pass. They are the database's
+# settings, so another connection's COPY meanwhile gets them too.
+_PARTITIONED_WRITE_SETTINGS = {"partitioned_write_flush_threshold": 2048, "partitioned_write_max_open_files": 16}
 
 # Scratch folders are named posttrain-<purpose>-<pid>-<32 hex digits>: the pid tells a folder a killed process
 # left behind.

@@ -103,24 +103,24 @@ def test_insert_ordered_sees_the_open_transaction(conn):
     ]
 
 
-# Needs its size (20-60 s, mostly disk): the payload has to outgrow the limit. Below a 256 MB limit the partitioned
-# Parquet COPY itself runs out of memory with rows this wide (128 MB failed, duckdb 2.0.1, tried).
+# Needs its size (20-60 s, mostly disk): the payload has to outgrow the limit, and the ranges be more than one
+# partitioned COPY writes (16), so the rows are split twice.
 @pytest.mark.slow
 def test_insert_ordered_writes_more_than_the_memory_limit_of_wide_rows(tmp_path):
-    """384 MB of payload in key order under a 256 MB DuckDB limit (a plain ORDER BY of 512 MB fails with duckdb
-    2.0.1's "failed to pin block"): only one range is ever sorted."""
-    with duckdb.connect(str(tmp_path / "big.duckdb"), config={"memory_limit": "256MB", "threads": 2}) as conn:
+    """384 MB of payload in key order under a 256 MB DuckDB limit (a plain ORDER BY of 512 MB of such rows fails
+    with duckdb 2.0.1's "failed to pin block"): only one range is ever sorted."""
+    with duckdb.connect(str(tmp_path / "big.duckdb"), config={"memory_limit": "256MB", "threads": 1}) as conn:
         conn.execute(
-            "CREATE TABLE src AS SELECT md5(range::VARCHAR) AS id, repeat(md5(range::VARCHAR), 250) AS payload "
-            "FROM range(48000)"
+            "CREATE TABLE src AS SELECT md5(range::VARCHAR) AS id, repeat(md5(range::VARCHAR), 64) AS payload "
+            "FROM range(192000)"
         )
         conn.execute(WIDE.create_sql(replace=True))
         # in one transaction, as silver.records is published (a commit per range would checkpoint each time)
         with transaction(conn):
-            insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 6000)
+            insert_ordered(conn, WIDE, "SELECT * FROM src", "id", 8000)
         ids = [r[0] for r in conn.execute("SELECT id FROM wide ORDER BY rowid").fetchall()]
-        assert len(ids) == 48000 and ids == sorted(ids)
-        assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 48000 * 32 * 250
+        assert len(ids) == 192000 and ids == sorted(ids)
+        assert conn.execute("SELECT sum(length(payload)) FROM wide").fetchone()[0] == 192000 * 32 * 64
 
 
 # Every column type the catalogue's tables hold, with the values that a Parquet round trip could lose: empty and
@@ -165,11 +165,11 @@ def _stored(conn: duckdb.DuckDBPyConnection, table: Table) -> list[tuple]:
 
 
 def test_insert_ordered_keeps_every_row_and_value_across_many_ranges(conn):
-    """Several ranges, duplicate keys, a null key and bound parameters: the table holds exactly the source's rows,
+    """Many ranges, duplicate keys, a null key and bound parameters: the table holds exactly the source's rows,
     with the same types and values, in key order (the duplicates of a key together, the null key last)."""
     source = f"{RICH_SOURCE} UNION ALL SELECT NULL, -1, 0.0, TRUE, [], [], NULL, [], NULL"
     conn.execute(RICH.create_sql(replace=True))
-    insert_ordered(conn, RICH, source, "id", 64, {"skip": 11})
+    insert_ordered(conn, RICH, source, "id", 2, {"skip": 11})  # 250 ranges: split in two passes (16 x 16)
     stored = _stored(conn, RICH)
     assert len(stored) == 1000 - 91 + 1  # 91 multiples of 11 below 1000 skipped, plus the null key
     ids = [row[0] for row in stored]
