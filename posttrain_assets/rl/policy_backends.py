@@ -131,19 +131,24 @@ def nucleus_draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     drawn = torch.empty(rows, dtype=torch.long)
     pending = torch.arange(rows)
     # Each floor in turn, largest first, takes the rows whose tokens at or above it hold enough mass; the rows no
-    # floor takes (flat ones) sort their whole vocabulary.
+    # floor takes (flat ones) sort their whole vocabulary. Which floor takes a row does not change its token: the
+    # nucleus is inside the candidates of every floor that takes it, and its sorted prefix sums are the same.
     for floor in sorted(NUCLEUS_FLOORS, reverse=True):
         part = probs if len(pending) == rows else probs[pending]
-        taken = part.masked_fill(part < floor, 0.0).sum(dim=-1) >= top_p + NUCLEUS_MARGIN
+        where = (part >= floor).nonzero()  # (row, token) of every candidate, row by row, tokens ascending
+        candidates = part[where[:, 0], where[:, 1]]
+        mass = torch.zeros(len(part), dtype=part.dtype).index_add_(0, where[:, 0], candidates)
+        taken = mass >= top_p + NUCLEUS_MARGIN
         if taken.any():
-            part = part[taken]
-            where = (part >= floor).nonzero()  # (row, token) of every candidate, row by row
-            counts = torch.bincount(where[:, 0], minlength=part.shape[0])
-            slot = torch.arange(len(where)) - (counts.cumsum(0) - counts)[where[:, 0]]
-            values = torch.zeros(part.shape[0], int(counts.max()))
-            values[where[:, 0], slot] = part[where[:, 0], where[:, 1]]
+            kept = taken[where[:, 0]]
+            rank = taken.cumsum(0) - 1  # a taken row's number among the taken rows
+            row, token, candidates = rank[where[kept, 0]], where[kept, 1], candidates[kept]
+            counts = torch.bincount(row, minlength=int(taken.sum()))
+            slot = torch.arange(len(row)) - (counts.cumsum(0) - counts)[row]
+            values = torch.zeros(len(counts), int(counts.max()))
+            values[row, slot] = candidates
             tokens = torch.zeros(values.shape, dtype=torch.long)
-            tokens[where[:, 0], slot] = where[:, 1]
+            tokens[row, slot] = token
             drawn[pending[taken]] = _nucleus_pick(values, tokens, uniforms[pending[taken]], top_p)
         pending = pending[~taken]
         if not len(pending):
@@ -293,7 +298,7 @@ class _Group:
     running: list[int]  # sample indices still decoding, in order
     prefix_keys: torch.Tensor  # [layers, kv_heads, prompt length, head_dim]
     prefix_values: torch.Tensor
-    keys: torch.Tensor  # [layers, running, kv_heads, max_new_tokens, head_dim]
+    keys: torch.Tensor  # [layers, kv_heads, running, max_new_tokens, head_dim]
     values: torch.Tensor
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -434,7 +439,7 @@ class TorchDecoder:
             hidden = stack.finish_layer(layer, hidden, torch.cat(attended))
         last = torch.tensor(lengths).cumsum(0) - 1
         logits = stack.logits(hidden[last])
-        suffix = (layers, sampling.k, stack.kv_heads, sampling.max_new_tokens, stack.head_dim)
+        suffix = (layers, stack.kv_heads, sampling.k, sampling.max_new_tokens, stack.head_dim)
         groups = [
             _Group(
                 index=index,
@@ -474,8 +479,8 @@ class TorchDecoder:
             if len(keep) < len(group.running):
                 group.running = [group.running[p] for p in keep]
                 rows = torch.tensor(keep, dtype=torch.long)
-                group.keys = group.keys.index_select(1, rows)
-                group.values = group.values.index_select(1, rows)
+                group.keys = group.keys.index_select(2, rows)
+                group.values = group.values.index_select(2, rows)
 
     # One decode step for every running row: each row feeds its last token.
     def _step(self, stack: _Stack, groups: list[_Group], sampling: SamplingParams, ends: set[int]) -> None:
@@ -507,27 +512,31 @@ def _attend(
     and ``v`` [rows, kv_heads, head_dim], written to the rows' own caches first): softmax over the prompt's
     shared keys and the row's own generated ones. The prompt's keys are read once for all its rows (one product
     per kv head, its query heads and rows stacked), which is most of the memory traffic a step saves; each query
-    head h attends with kv head h // (heads / kv_heads), as in the model. Returns [rows, heads * head_dim]."""
+    head h attends with kv head h // (heads / kv_heads), as in the model. Everything is laid out kv head first, so
+    the products take their operands as views. Returns [rows, heads * head_dim]."""
     import torch
 
     rows, kv_heads, head_dim = len(q), stack.kv_heads, stack.head_dim
     per_kv = stack.heads // kv_heads
     prefix = group.prefix_length
     written = group.length - prefix  # generated tokens already in the row caches
-    keys, values = group.keys[layer], group.values[layer]
-    keys[:, :, written] = k
-    values[:, :, written] = v
+    keys, values = group.keys[layer], group.values[layer]  # [kv_heads, rows, max_new_tokens, head_dim]
+    keys[:, :, written] = k.transpose(0, 1)
+    values[:, :, written] = v.transpose(0, 1)
     span = written + 1
-    grouped = q.view(rows, kv_heads, per_kv, head_dim)
-    stacked = grouped.transpose(0, 1).reshape(kv_heads, rows * per_kv, head_dim)
-    scores_prefix = torch.bmm(stacked, group.prefix_keys[layer].transpose(1, 2))  # [kv, rows * per_kv, prefix]
-    scores_prefix = scores_prefix.view(kv_heads, rows, per_kv, prefix).transpose(0, 1)
-    scores_own = torch.matmul(grouped, keys[:, :, :span].transpose(-1, -2))  # [rows, kv, per_kv, span]
-    weights = torch.cat([scores_prefix, scores_own], dim=-1).mul_(stack.scaling).softmax(dim=-1)
-    weights_prefix, weights_own = weights.split([prefix, span], dim=-1)
-    out = torch.bmm(weights_prefix.transpose(0, 1).reshape(kv_heads, rows * per_kv, prefix), group.prefix_values[layer])
-    out = out.view(kv_heads, rows, per_kv, head_dim).transpose(0, 1) + torch.matmul(weights_own, values[:, :, :span])
-    return out.reshape(rows, stack.heads * head_dim)
+    queries = q.view(rows, kv_heads, per_kv, head_dim).transpose(0, 1)  # [kv, rows, per_kv, head_dim]
+    stacked = queries.reshape(kv_heads, rows * per_kv, head_dim)
+    scores = torch.cat(
+        [
+            torch.bmm(stacked, group.prefix_keys[layer].transpose(1, 2)).view(kv_heads, rows, per_kv, prefix),
+            torch.matmul(queries, keys[:, :, :span].transpose(-1, -2)),  # [kv, rows, per_kv, span]
+        ],
+        dim=-1,
+    )
+    weights = scores.mul_(stack.scaling).softmax(dim=-1)
+    out = torch.matmul(weights[..., :prefix].reshape(kv_heads, rows * per_kv, prefix), group.prefix_values[layer])
+    out = out.view(kv_heads, rows, per_kv, head_dim) + torch.matmul(weights[..., prefix:], values[:, :, :span])
+    return out.transpose(0, 1).reshape(rows, stack.heads * head_dim)
 
 
 # --------------------------------------------------------------------------- vLLM (GPU, optional)
