@@ -9,9 +9,9 @@ thread count, one after the other in one process:
 
 - ``generate`` (rollout version 1, what the project shipped before): ``model.generate`` on 4 left-padded prompts
   x K rows, sampling by a logits processor (full-vocabulary sort, one ``torch.multinomial`` per prompt);
-- ``decoder`` (rollout version 4, the default): :class:`posttrain_assets.rl.policy_backends.TorchDecoder`, every
+- ``decoder`` (rollout version 5, the default): :class:`posttrain_assets.rl.policy_backends.TorchDecoder`, every
   prompt x K in one continuously batched, KV-cached decode loop (``max_rows`` rows), matrix products in bfloat16
-  on 128-row tiles, each prompt's cache shared by its K rows;
+  on 128-row tiles, each prompt's cache shared by its K rows, attention batched over prompts of one bucket;
 - ``decoder_float32`` (with ``--float32``): the same decoder with float32 matrix products, to show what the
   bfloat16 units give.
 

@@ -11,9 +11,11 @@ three things, because CPU GEMM kernels give a row different low bits depending o
 - every matrix product runs on fixed tiles of :data:`ROW_TILE` rows (the last tile zero-padded): a row's result
   then depends only on its own input, whatever its position in the tile or the other rows (checked on this
   machine's kernels, in float32 and bfloat16, by ``test_rollouts.py``);
-- attention runs per prompt: in the prefill over the prompt alone, in a decode step over the prompt's keys (one
-  copy, shared by its K rows) and the row's own generated keys, so there is no padding and no arithmetic shared
-  with other prompts (its shapes depend on the prompt's own length and running rows only);
+- attention never mixes prompts' arithmetic: in the prefill it runs per prompt over the prompt alone; in a decode
+  step, the prompts whose caches have the same padded length (the prompt's own length rounded up to
+  :data:`PREFIX_BUCKET`, the padding masked) and the same generated length share one set of products, each prompt
+  its own batch entries of them (its keys read once for its K rows, then each row's own generated keys), so every
+  shape a row's scores, softmax and sums see depends on its own prompt alone;
 - each prompt draws from its own generator K uniforms per step (a finished row's is drawn and unused), so its
   random stream does not depend on which of its rows are still running or on the other prompts; the token is
   the uniform's inverse CDF over the row's nucleus (:func:`nucleus_draw`).
@@ -28,6 +30,7 @@ bf16 inference engines). The ids do not depend on torch's thread count either (c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -104,6 +107,11 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile: int = ROW_TILE) ->
         return torch.nn.functional.linear(x, weight)[:rows]
     return torch.cat([torch.nn.functional.linear(part, weight) for part in x.split(tile)])[:rows]
 
+
+# Positions a prompt's cache is padded to a multiple of (masked): prompts whose padded lengths and generated
+# lengths are equal share one set of attention products in a decode step. Part of the rollout procedure (the
+# softmax's length changes a row's low bits).
+PREFIX_BUCKET = 64
 
 # Probability floors tried, largest first, before a row's whole vocabulary is sorted: a row's nucleus is inside the
 # tokens at or above a floor when they hold at least top_p + NUCLEUS_MARGIN of its probability (any token below the
@@ -288,23 +296,59 @@ class _Stack:
 
 @dataclass
 class _Group:
-    """One prompt being decoded: its K rows, the ones still running, and its KV cache in two parts: the prompt's
-    (``prefix_*``, once for all K rows) and each running row's own generated tokens (``keys``, ``values``)."""
+    """One prompt being decoded: its K rows, the ones still running, and where its KV cache is (``place`` in a
+    :class:`_Block`): the prompt's keys and values once for all K rows, zero-padded to a multiple of
+    :data:`PREFIX_BUCKET` positions, and each row's own generated ones (a finished row keeps its slot, unused)."""
 
     index: int
     generator: torch.Generator
     k: int
     length: int  # tokens in the cache (prompt + generated so far)
+    prefix_length: int  # the prompt's tokens
     running: list[int]  # sample indices still decoding, in order
-    prefix_keys: torch.Tensor  # [layers, kv_heads, prompt length, head_dim]
-    prefix_values: torch.Tensor
-    keys: torch.Tensor  # [layers, kv_heads, running, max_new_tokens, head_dim]
-    values: torch.Tensor
+    block: _Block  # where its caches are
+    place: int  # its position in the block
     outputs: list[list[int]] = field(default_factory=list)
 
     @property
-    def prefix_length(self) -> int:
-        return self.prefix_keys.shape[2]
+    def keys(self) -> torch.Tensor:
+        """The rows' own keys, [layers, kv_heads, K, max_new_tokens, head_dim] (a view into the block)."""
+        return self.block.keys[:, self.place]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.block.values[:, self.place]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """This step's keys and values of the running rows ([rows, kv_heads, head_dim]) into their own caches."""
+        import torch
+
+        written = self.length - self.prefix_length
+        rows = slice(None) if len(self.running) == self.k else torch.tensor(self.running, dtype=torch.long)
+        self.keys[layer][:, rows, written] = keys.transpose(0, 1)
+        self.values[layer][:, rows, written] = values.transpose(0, 1)
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """What the prompts whose attention runs together share: padded prompt length and generated length."""
+        return self.block.width, self.length - self.prefix_length
+
+
+class _Block:
+    """The caches of prompts prefilled together with the same padded length, side by side: the prompts' keys and
+    values [layers, prompts, kv_heads, padded length, head_dim] (zero padding) and their rows' own generated ones
+    [layers, prompts, kv_heads, K, max_new_tokens, head_dim]."""
+
+    def __init__(self, prompts: int, width: int, stack: _Stack, sampling: SamplingParams) -> None:
+        import torch
+
+        layers, kv_heads, head_dim = len(stack.layers), stack.kv_heads, stack.head_dim
+        self.width = width
+        self.prefix_keys = torch.zeros(layers, prompts, kv_heads, width, head_dim)
+        self.prefix_values = torch.zeros(layers, prompts, kv_heads, width, head_dim)
+        rows = (layers, prompts, kv_heads, sampling.k, sampling.max_new_tokens, head_dim)
+        self.keys = torch.zeros(rows)
+        self.values = torch.zeros(rows)
 
 
 _STACKS: dict[tuple[int, str], tuple[object, _Stack]] = {}
@@ -416,21 +460,31 @@ class TorchDecoder:
                     f"prompt of {length} tokens + {sampling.max_new_tokens} new ones exceeds the model's "
                     f"{stack.cos.shape[0]} positions"
                 )
-        layers = len(stack.layers)
-        prefix_keys = [torch.empty(layers, stack.kv_heads, n, stack.head_dim) for n in lengths]
-        prefix_values = [torch.empty(layers, stack.kv_heads, n, stack.head_dim) for n in lengths]
+        # One block of cache per padded length, holding its prompts side by side (in admission order), so the
+        # prompts of a bucket are usually one slice of a block and a step reads their caches without a copy.
+        padded = [-(-n // PREFIX_BUCKET) * PREFIX_BUCKET for n in lengths]
+        blocks: dict[int, _Block] = {}
+        places: list[tuple[_Block, int]] = []
+        for width in padded:
+            block = blocks.get(width)
+            if block is None:
+                block = blocks[width] = _Block(padded.count(width), width, stack, sampling)
+            places.append((block, sum(1 for b, _ in places if b is block)))
+        prefix_keys = [block.prefix_keys[:, position] for block, position in places]
+        prefix_values = [block.prefix_values[:, position] for block, position in places]
         positions = torch.cat([torch.arange(n) for n in lengths])
         hidden = stack.embed[torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long)]
         for number, layer in enumerate(stack.layers):
             q, k, v = stack.qkv(layer, hidden, positions)
             attended = []
             for slot, (pq, pk, pv) in enumerate(zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)):
-                prefix_keys[slot][number] = pk.transpose(0, 1)
-                prefix_values[slot][number] = pv.transpose(0, 1)
+                length = len(pq)
+                prefix_keys[slot][number, :, :length] = pk.transpose(0, 1)
+                prefix_values[slot][number, :, :length] = pv.transpose(0, 1)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     pq.transpose(0, 1)[None],
-                    prefix_keys[slot][number][None],
-                    prefix_values[slot][number][None],
+                    prefix_keys[slot][number, :, :length][None],
+                    prefix_values[slot][number, :, :length][None],
                     is_causal=True,
                     scale=stack.scaling,
                     enable_gqa=True,
@@ -439,23 +493,19 @@ class TorchDecoder:
             hidden = stack.finish_layer(layer, hidden, torch.cat(attended))
         last = torch.tensor(lengths).cumsum(0) - 1
         logits = stack.logits(hidden[last])
-        suffix = (layers, stack.kv_heads, sampling.k, sampling.max_new_tokens, stack.head_dim)
         groups = [
             _Group(
                 index=index,
                 generator=torch.Generator().manual_seed(seed),
                 k=sampling.k,
                 length=length,
+                prefix_length=length,
                 running=list(range(sampling.k)),
-                prefix_keys=keys,
-                prefix_values=values,
-                keys=torch.empty(suffix),
-                values=torch.empty(suffix),
+                block=block,
+                place=position,
                 outputs=[[] for _ in range(sampling.k)],
             )
-            for index, seed, length, keys, values in zip(
-                indices, seeds, lengths, prefix_keys, prefix_values, strict=True
-            )
+            for index, seed, length, (block, position) in zip(indices, seeds, lengths, places, strict=True)
         ]
         return groups, [row.expand(sampling.k, -1) for row in logits.split(1)]
 
@@ -478,26 +528,25 @@ class TorchDecoder:
             offset += len(group.running)
             if len(keep) < len(group.running):
                 group.running = [group.running[p] for p in keep]
-                rows = torch.tensor(keep, dtype=torch.long)
-                group.keys = group.keys.index_select(2, rows)
-                group.values = group.values.index_select(2, rows)
 
-    # One decode step for every running row: each row feeds its last token.
+    # One decode step for every running row: each row feeds its last token. The prompts are ordered by bucket, so
+    # each bucket's rows are one slice of the batch (the order of rows never changes a row's result).
     def _step(self, stack: _Stack, groups: list[_Group], sampling: SamplingParams, ends: set[int]) -> None:
         import torch
 
+        groups.sort(key=lambda g: (g.bucket, id(g.block), g.place))
+        buckets: list[_Bucket] = []
+        for _, members in itertools.groupby(groups, key=lambda g: g.bucket):
+            buckets.append(_Bucket.of(list(members), sum(b.rows for b in buckets)))
         sizes = [len(g.running) for g in groups]
         last = [g.outputs[s][-1] for g in groups for s in g.running]
         positions = torch.tensor([g.length for g in groups for _ in g.running], dtype=torch.long)
         hidden = stack.embed[torch.tensor(last, dtype=torch.long)]  # [rows, hidden] float32
         for number, layer in enumerate(stack.layers):
             q, k, v = stack.qkv(layer, hidden, positions)
-            attended = [
-                _attend(stack, group, number, rows_q, rows_k, rows_v)
-                for group, rows_q, rows_k, rows_v in zip(
-                    groups, q.split(sizes), k.split(sizes), v.split(sizes), strict=True
-                )
-            ]
+            for group, rows_k, rows_v in zip(groups, k.split(sizes), v.split(sizes), strict=True):
+                group.write(number, rows_k, rows_v)
+            attended = [bucket.attend(stack, number, q) for bucket in buckets]
             hidden = stack.finish_layer(layer, hidden, torch.cat(attended))
         logits = stack.logits(hidden)
         for group in groups:
@@ -505,38 +554,71 @@ class TorchDecoder:
         self._draw(groups, list(logits.split(sizes)), sampling, ends)
 
 
-def _attend(
-    stack: _Stack, group: _Group, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> torch.Tensor:
-    """One decode step's attention for a prompt's running rows (``q`` [rows, heads, head_dim], this step's ``k``
-    and ``v`` [rows, kv_heads, head_dim], written to the rows' own caches first): softmax over the prompt's
-    shared keys and the row's own generated ones. The prompt's keys are read once for all its rows (one product
-    per kv head, its query heads and rows stacked), which is most of the memory traffic a step saves; each query
-    head h attends with kv head h // (heads / kv_heads), as in the model. Everything is laid out kv head first, so
-    the products take their operands as views. Returns [rows, heads * head_dim]."""
-    import torch
+@dataclass
+class _Bucket:
+    """Prompts whose decode-step attention runs in one set of products: same padded prompt length P and generated
+    length S, so every row's scores, softmax and sums have shapes that depend on its own prompt alone (the padding
+    it sees is its own prompt's, masked). Each prompt takes K query slots (a finished row's are zeros, dropped)."""
 
-    rows, kv_heads, head_dim = len(q), stack.kv_heads, stack.head_dim
-    per_kv = stack.heads // kv_heads
-    prefix = group.prefix_length
-    written = group.length - prefix  # generated tokens already in the row caches
-    keys, values = group.keys[layer], group.values[layer]  # [kv_heads, rows, max_new_tokens, head_dim]
-    keys[:, :, written] = k.transpose(0, 1)
-    values[:, :, written] = v.transpose(0, 1)
-    span = written + 1
-    queries = q.view(rows, kv_heads, per_kv, head_dim).transpose(0, 1)  # [kv, rows, per_kv, head_dim]
-    stacked = queries.reshape(kv_heads, rows * per_kv, head_dim)
-    scores = torch.cat(
-        [
-            torch.bmm(stacked, group.prefix_keys[layer].transpose(1, 2)).view(kv_heads, rows, per_kv, prefix),
-            torch.matmul(queries, keys[:, :, :span].transpose(-1, -2)),  # [kv, rows, per_kv, span]
-        ],
-        dim=-1,
-    )
-    weights = scores.mul_(stack.scaling).softmax(dim=-1)
-    out = torch.matmul(weights[..., :prefix].reshape(kv_heads, rows * per_kv, prefix), group.prefix_values[layer])
-    out = out.view(kv_heads, rows, per_kv, head_dim) + torch.matmul(weights[..., prefix:], values[:, :, :span])
-    return out.transpose(0, 1).reshape(rows, stack.heads * head_dim)
+    groups: list[_Group]
+    first: int  # the bucket's first row in the step's batch
+    rows: int
+    slots: torch.Tensor  # each running row's query slot: prompt number * K + sample index
+    mask: torch.Tensor  # [prompts, 1, 1, 1, P]: 0 on a prompt's tokens, -inf on its padding
+
+    @classmethod
+    def of(cls, groups: list[_Group], first: int) -> _Bucket:
+        import torch
+
+        k = groups[0].k
+        padded = groups[0].block.width
+        slots = torch.tensor([n * k + s for n, g in enumerate(groups) for s in g.running], dtype=torch.long)
+        mask = torch.zeros(len(groups), 1, 1, 1, padded)
+        for n, group in enumerate(groups):
+            mask[n, ..., group.prefix_length :] = float("-inf")
+        return cls(groups, first, len(slots), slots, mask)
+
+    def attend(self, stack: _Stack, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The attention output [rows, heads * head_dim] of the bucket's running rows (queries: their rows of
+        ``q``, [batch rows, heads, head_dim]), over each prompt's keys (once for its K rows: one product per
+        prompt and kv head, query heads and rows stacked) and each row's own generated keys. Query head h
+        attends with kv head h // (heads / kv_heads), as in the model."""
+        import torch
+
+        groups, kv_heads, head_dim = self.groups, stack.kv_heads, stack.head_dim
+        per_kv, k, prompts = stack.heads // kv_heads, groups[0].k, len(groups)
+        padded, written = groups[0].bucket
+        span = written + 1
+        queries = q.new_zeros(prompts * k, stack.heads, head_dim)
+        queries.index_copy_(0, self.slots, q[self.first : self.first + self.rows])
+        # [prompts, kv, K * per_kv, head_dim]: a prompt's queries of one kv head, row by row.
+        queries = (
+            queries.view(prompts, k, kv_heads, per_kv, head_dim)
+            .transpose(1, 2)
+            .reshape(prompts, kv_heads, k * per_kv, head_dim)
+        )
+        block, first = groups[0].block, groups[0].place
+        if all(g.block is block and g.place == first + n for n, g in enumerate(groups)):  # one slice of a block
+            places = slice(first, first + prompts)
+            prefix_keys = block.prefix_keys[layer, places]  # [prompts, kv, P, head_dim]
+            prefix_values = block.prefix_values[layer, places]
+            own_keys = block.keys[layer, places, :, :, :span]  # [prompts, kv, K, S, head_dim]
+            own_values = block.values[layer, places, :, :, :span]
+        else:
+            prefix_keys = torch.stack([g.block.prefix_keys[layer, g.place] for g in groups])
+            prefix_values = torch.stack([g.block.prefix_values[layer, g.place] for g in groups])
+            own_keys = torch.stack([g.block.keys[layer, g.place, :, :, :span] for g in groups])
+            own_values = torch.stack([g.block.values[layer, g.place, :, :, :span] for g in groups])
+        scores_prefix = torch.matmul(queries, prefix_keys.transpose(-1, -2))  # [prompts, kv, K * per_kv, P]
+        scores_prefix = scores_prefix.view(prompts, kv_heads, k, per_kv, padded) + self.mask
+        scores_own = torch.matmul(
+            queries.view(prompts, kv_heads, k, per_kv, head_dim), own_keys.transpose(-1, -2)
+        )  # [prompts, kv, K, per_kv, S]
+        weights = torch.cat([scores_prefix, scores_own], dim=-1).mul_(stack.scaling).softmax(dim=-1)
+        out = torch.matmul(weights[..., :padded].reshape(prompts, kv_heads, k * per_kv, padded), prefix_values)
+        out = out.view(prompts, kv_heads, k, per_kv, head_dim) + torch.matmul(weights[..., padded:], own_values)
+        out = out.transpose(1, 2).reshape(prompts * k, stack.heads * head_dim)
+        return out.index_select(0, self.slots)
 
 
 # --------------------------------------------------------------------------- vLLM (GPU, optional)

@@ -51,7 +51,8 @@ DEFAULT_POLICY_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct@" + GGUF_FILENAME
 # 2: batch-invariant KV-cached decoding, inverse-CDF nucleus draws. 3: bfloat16 matmuls on 64-row tiles, fused
 # q/k/v and gate/up projections, float32 attention and residual stream (other low bits, so other ids). 4: 128-row
 # tiles, prompts prefilled together, decode attention over the prompt's keys shared by its K rows (other low bits).
-ROLLOUT_VERSION = "4"
+# 5: a decode step's attention in one set of products per bucket of prompts (caches padded to 64 positions, masked).
+ROLLOUT_VERSION = "5"
 DEFAULT_NUM_THREADS = 2
 _DTYPES = ("float32", "bfloat16", "float16")
 
