@@ -361,7 +361,7 @@ class TorchDecoder:
     ``max_rows``: rows (prompts x K) decoded together; a prompt is admitted only when all its K rows fit, and
     always when nothing else is running. It changes speed and memory, never the ids. ``matmul_dtype``: the dtype
     of the weights and activations in every matrix product (float32 accumulation; the residual stream, norms,
-    rotary embedding and sampling stay float32). It changes the ids (:data:`MATMUL_DTYPE` is rollout version 4's).
+    rotary embedding and sampling stay float32). It changes the ids (:data:`MATMUL_DTYPE` is rollout version 5's).
     """
 
     name = "torch"
@@ -450,7 +450,7 @@ class TorchDecoder:
         prompts: list[Sequence[int]],
         seeds: list[int],
         sampling: SamplingParams,
-    ) -> tuple[list[_Group], list[torch.Tensor]]:
+    ) -> tuple[list[_Group], torch.Tensor]:
         import torch
 
         lengths = [len(prompt) for prompt in prompts]
@@ -507,16 +507,17 @@ class TorchDecoder:
             )
             for index, seed, length, (block, position) in zip(indices, seeds, lengths, places, strict=True)
         ]
-        return groups, [row.expand(sampling.k, -1) for row in logits.split(1)]
+        return groups, logits.repeat_interleave(sampling.k, dim=0)
 
-    # Draw the next token of each running row of ``groups`` from their ``logits``; retire finished rows.
-    def _draw(self, groups: list[_Group], logits: list[torch.Tensor], sampling: SamplingParams, ends: set[int]) -> None:
+    # Draw the next token of each running row of ``groups`` from ``logits`` (one row each, in order); retire
+    # finished rows.
+    def _draw(self, groups: list[_Group], logits: torch.Tensor, sampling: SamplingParams, ends: set[int]) -> None:
         import torch
 
         # K uniforms per prompt and step, finished rows included, so the prompt's random stream is the same
         # whichever of its rows are still running.
         uniforms = torch.cat([torch.rand(g.k, generator=g.generator, dtype=torch.float64)[g.running] for g in groups])
-        drawn = nucleus_draw(torch.cat(logits), uniforms, sampling.temperature, sampling.top_p).tolist()
+        drawn = nucleus_draw(logits, uniforms, sampling.temperature, sampling.top_p).tolist()
         offset = 0
         for group in groups:
             keep = []
@@ -551,7 +552,7 @@ class TorchDecoder:
         logits = stack.logits(hidden)
         for group in groups:
             group.length += 1
-        self._draw(groups, list(logits.split(sizes)), sampling, ends)
+        self._draw(groups, logits, sampling, ends)
 
 
 @dataclass
