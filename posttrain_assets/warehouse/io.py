@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
 
 from posttrain_assets.warehouse.model import Table
 
@@ -66,18 +65,22 @@ def fetch_arrow(
 def key_ranges(
     conn: duckdb.DuckDBPyConnection, relation: str, key: str, rows: int, params: dict[str, Any] | None = None
 ) -> list[tuple]:
-    """Inclusive ``(first, last)`` bounds cutting the distinct values of column ``key`` of the query
-    ``relation`` (named parameters ``params``) into runs of at most ``rows`` values, in order.
+    """Inclusive ``(first, last)`` bounds cutting the distinct non-null values of column ``key`` of the query
+    ``relation`` (named parameters ``params``) into runs of at most ``rows`` values, in order. Only the bounds
+    leave DuckDB, so Python holds two keys per run, not every key.
 
     Runs on ``conn`` itself, so it sees what the caller's open transaction wrote."""
-    sql = f"SELECT DISTINCT {key} FROM ({relation}) ORDER BY 1"
-    keys = next(iter(conn.execute(sql, params or {}).fetchnumpy().values()))
-
-    def value(i: int) -> Any:
-        v = keys[i]
-        return v.item() if isinstance(v, np.generic) else v
-
-    return [(value(start), value(min(start + rows, len(keys)) - 1)) for start in range(0, len(keys), rows)]
+    return conn.execute(
+        f"""
+        SELECT min({key}), max({key}) FROM (
+            SELECT {key}, (row_number() OVER (ORDER BY {key}) - 1) // $range_rows AS run
+            FROM (SELECT DISTINCT {key} FROM ({relation}) WHERE {key} IS NOT NULL)
+        )
+        GROUP BY run
+        ORDER BY run
+        """,
+        {**(params or {}), "range_rows": rows},
+    ).fetchall()
 
 
 def _key_range(relation: str, key: str) -> str:
@@ -120,26 +123,16 @@ def insert_ordered(
     held by several rows (together, in no particular order among themselves), in memory that does not grow with
     the rows and time about linear in them (a pass over the rows per factor of 16 in the number of ranges).
 
-    The first key of each range of ``rows`` distinct keys is looked up (as :func:`key_ranges` cuts them, a narrow
-    sort) and each row numbered with its range by a binary search over those keys in SQL (:func:`_range_number`);
-    then the rows are split into folders of a Hive-partitioned Parquet copy (DuckDB's ``COPY ... (PARTITION_BY
+    The first key of each range of ``rows`` distinct keys is looked up (:func:`key_ranges`, a narrow sort) and
+    each row numbered with its range by a binary search over those keys in SQL (:func:`_range_number`); then the
+    rows are split into folders of a Hive-partitioned Parquet copy (DuckDB's ``COPY ... (PARTITION_BY
     ...)``), at most 16 per pass, again until each folder holds one range (:func:`_split_and_insert`); each range
     is read back, sorted and inserted on its own, in range order. The copies live in a fresh folder under the
     database's ``temp_directory`` (:func:`_scratch_folder`), removed on the way out, also when a step raises. Runs
     on ``conn`` itself, so it sees (and writes within) the caller's open transaction."""
     params = dict(params or {})
-    firsts = conn.execute(
-        f"""
-        SELECT {key} FROM (
-            SELECT {key}, row_number() OVER (ORDER BY {key}) AS position
-            FROM (SELECT DISTINCT {key} FROM ({relation}) WHERE {key} IS NOT NULL)
-        )
-        WHERE position > 1 AND (position - 1) % $range_rows = 0
-        ORDER BY {key}
-        """,
-        {**params, "range_rows": rows},
-    ).fetchall()
-    bounds = {f"{_RANGE_COLUMN}_{number}": first for number, (first,) in enumerate(firsts, 1)}
+    firsts = [first for first, _ in key_ranges(conn, relation, key, rows, params)[1:]]
+    bounds = {f"{_RANGE_COLUMN}_{number}": first for number, first in enumerate(firsts, 1)}
     # null keys sort last: in the last range
     number = f"CASE WHEN {key} IS NULL THEN {len(firsts)} ELSE {_range_number(key, 0, len(firsts))} END"
     ranges = len(firsts) + 1
