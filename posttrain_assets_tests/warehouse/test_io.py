@@ -17,6 +17,7 @@ from posttrain_assets.warehouse.bronze import bronze_source_table, ensure_bronze
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
 from posttrain_assets.warehouse.io import (
     ROW_GROUP_ROWS,
+    SyncCounts,
     Twin,
     building,
     insert_ordered,
@@ -26,6 +27,7 @@ from posttrain_assets.warehouse.io import (
     ordered_batches,
     replace_table,
     swap_in,
+    sync_table,
     transaction,
 )
 from posttrain_assets.warehouse.model import Column, Table
@@ -411,3 +413,137 @@ def test_a_bronze_table_of_an_older_warehouse_is_split_per_source_once(tmp_path)
         # each source's rows keep the old table's order
         stored = conn.execute(f"SELECT row_number FROM {bronze_source_table('hh').qualified}").fetchall()
         assert stored == [(0,), (1,)]
+
+
+# sync_table: a table brought to the rows of a query, compared with a fresh build of the same query
+SYNCED = Table(
+    "main",
+    "synced",
+    "test rows",
+    (
+        Column("id", "VARCHAR", "key", False),
+        Column("score", "DOUBLE", "a float, NULL or NaN"),
+        Column("text", "VARCHAR", "a string, NULL or empty"),
+        Column("ids", "INTEGER[]", "a flat list"),
+        Column("messages", "STRUCT(role VARCHAR, content VARCHAR, calls VARCHAR[])[]", "a nested list"),
+    ),
+)
+FRESH = dataclasses.replace(SYNCED, name="fresh")
+
+
+def sync_rows(conn: duckdb.DuckDBPyConnection, rows: list[dict], table: Table = SYNCED, range_rows: int = 1000):
+    """Sync ``table`` to ``rows`` (through a source table, the query's input) in one transaction."""
+    replace_table(conn, dataclasses.replace(SYNCED, name="sync_source"), rows)
+    with transaction(conn):
+        return sync_table(conn, table, "SELECT * FROM main.sync_source", "id", range_rows)
+
+
+def same_as_a_fresh_build(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Whether main.synced holds exactly the rows (every value, NaN and NULL included) a fresh table built from the
+    same query holds: both read in id order as JSON text, which tells NULL, [], NaN and "" apart."""
+    conn.execute("DROP TABLE IF EXISTS main.fresh")
+    sync_table(conn, FRESH, "SELECT * FROM main.sync_source", "id", 1000)
+    synced, fresh = (
+        conn.execute(f"SELECT to_json(list(t ORDER BY id)) FROM {name} t").fetchone()[0]
+        for name in ("main.synced", "main.fresh")
+    )
+    return synced == fresh
+
+
+def row(id_: str, **values) -> dict:
+    base = {"id": id_, "score": 1.0, "text": "t", "ids": [1, 2], "messages": [{"role": "user", "content": "hi"}]}
+    return {**base, **values}
+
+
+def test_sync_table_creates_a_missing_table_in_key_order(conn):
+    counts = sync_rows(conn, [row("c"), row("a"), row("b")])
+    assert counts == SyncCounts(inserted=3, deleted=0, kept=0, rebuilt=True)
+    assert conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall() == [("a",), ("b",), ("c",)]
+    assert same_as_a_fresh_build(conn)
+    assert counts.metadata("gold_x") == {"rows_computed/gold_x": 3, "rows_reused/gold_x": 0, "rows_deleted/gold_x": 0}
+
+
+def test_sync_table_with_nothing_changed_keeps_every_row(conn):
+    rows = [row("a", score=float("nan")), row("b", score=None, ids=None, messages=None), row("c", ids=[], text="")]
+    sync_rows(conn, rows)
+    assert sync_rows(conn, rows) == SyncCounts(inserted=0, deleted=0, kept=3, rebuilt=False)
+    assert same_as_a_fresh_build(conn)
+
+
+def test_sync_table_inserts_new_rows_deletes_gone_ones_and_replaces_changed_ones(conn):
+    sync_rows(conn, [row(k) for k in "abcdefgh"])
+    changed = [
+        row("a", score=None),  # value -> NULL
+        row("b", score=float("nan")),  # value -> NaN
+        row("c", text=""),  # value -> empty string
+        row("d", ids=[]),  # list -> empty list
+        row("e", ids=[0, 1, 2]),  # a zero at the head of the list (DuckDB's hash alone misses it)
+        row("f", messages=[{"role": "user", "content": "hi", "calls": []}]),  # nested NULL -> empty list
+        row("g"),  # unchanged
+        # "h" is gone; "i" and "j" are new
+        row("j", ids=None),
+        row("i"),
+    ]
+    counts = sync_rows(conn, changed)
+    assert counts == SyncCounts(inserted=8, deleted=7, kept=1, rebuilt=False)
+    assert same_as_a_fresh_build(conn)
+    # the kept row stays first; the inserted ones follow it in key order
+    stored = [k for (k,) in conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall()]
+    assert stored == ["g", "a", "b", "c", "d", "e", "f", "i", "j"]
+
+
+def test_sync_table_changes_null_back_to_values(conn):
+    sync_rows(conn, [row("a", score=None, text=None, ids=None, messages=None), row("b", ids=[None])])
+    counts = sync_rows(conn, [row("a"), row("b", ids=[])])
+    assert counts == SyncCounts(inserted=2, deleted=2, kept=0, rebuilt=False)
+    assert same_as_a_fresh_build(conn)
+
+
+def test_sync_table_inserts_many_new_rows_in_key_order_through_ranges(conn):
+    sync_rows(conn, [row("k050")])
+    rows = [row(f"k{n:03d}") for n in reversed(range(100))]
+    counts = sync_rows(conn, rows, range_rows=7)  # 99 new rows: 15 ranges of insert_ordered
+    assert counts == SyncCounts(inserted=99, deleted=0, kept=1, rebuilt=False)
+    stored = [k for (k,) in conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall()]
+    assert stored == ["k050"] + [f"k{n:03d}" for n in range(100) if n != 50]
+    assert same_as_a_fresh_build(conn)
+
+
+def test_sync_table_rebuilds_a_table_whose_columns_differ_from_its_declaration(conn):
+    conn.execute("CREATE TABLE main.synced (id VARCHAR NOT NULL, score FLOAT, extra INTEGER)")
+    conn.execute("INSERT INTO main.synced VALUES ('a', 1.0, 1), ('z', 2.0, 2)")
+    counts = sync_rows(conn, [row("b"), row("a")])
+    assert counts == SyncCounts(inserted=2, deleted=2, kept=0, rebuilt=True)
+    assert conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall() == [("a",), ("b",)]
+    assert same_as_a_fresh_build(conn)
+    # a type that differs, the names being the same, also rebuilds
+    conn.execute("ALTER TABLE main.synced ALTER score TYPE FLOAT")
+    assert sync_rows(conn, [row("b"), row("a")]) == SyncCounts(inserted=2, deleted=2, kept=0, rebuilt=True)
+    assert sync_rows(conn, [row("b"), row("a")]) == SyncCounts(inserted=0, deleted=0, kept=2, rebuilt=False)
+
+
+def test_sync_table_to_an_empty_query_deletes_every_row(conn):
+    sync_rows(conn, [row("a"), row("b")])
+    assert sync_rows(conn, []) == SyncCounts(inserted=0, deleted=2, kept=0, rebuilt=False)
+    assert conn.execute("SELECT count(*) FROM main.synced").fetchone() == (0,)
+    assert sync_rows(conn, [row("a")]) == SyncCounts(inserted=1, deleted=0, kept=0, rebuilt=False)
+
+
+def test_sync_table_refuses_a_duplicate_or_null_key_and_leaves_the_old_rows(conn):
+    sync_rows(conn, [row("a"), row("b")])
+    with pytest.raises(ValueError, match=r"main.synced: id must be unique and not null .* 'b' \(2 rows\)"):
+        sync_rows(conn, [row("a", score=5.0), row("b"), row("b", score=2.0), row("c")])
+    with pytest.raises(ValueError, match=r"None \(1 rows\)"):
+        conn.execute("DROP TABLE main.sync_source")  # a nullable key column, so the null reaches the query
+        conn.execute("CREATE TABLE main.sync_source (id VARCHAR, score DOUBLE, text VARCHAR, ids INTEGER[])")
+        conn.execute("INSERT INTO main.sync_source VALUES (NULL, 1.0, 't', [1])")
+        with transaction(conn):
+            sync_table(conn, SYNCED, "SELECT *, NULL AS messages FROM main.sync_source", "id", 1000)
+    # the failed syncs rolled back: the old rows, and no temporary table left behind
+    assert conn.execute("SELECT id, score FROM main.synced ORDER BY id").fetchall() == [("a", 1.0), ("b", 1.0)]
+    assert conn.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone() == (0,)
+    # a duplicate key in a fresh build is refused too
+    conn.execute("DROP TABLE main.synced")
+    with pytest.raises(ValueError, match="'b' \\(2 rows\\)"):
+        sync_rows(conn, [row("b"), row("b")])
+    assert conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'synced'").fetchone() == (0,)
