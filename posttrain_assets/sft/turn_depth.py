@@ -68,7 +68,25 @@ def turn_depth(
 
     ``relation`` is a table name or a parenthesised query (bound ``params`` allowed) over SFT rows with a
     ``messages`` column (``STRUCT(role, content)[]``) and optionally ``num_messages`` and ``labels`` (gold.sft has
-    all three). Everything is computed by DuckDB over the whole relation in two aggregate queries.
+    all three). Everything is computed by DuckDB over the whole relation in one aggregate query;
+    :func:`turn_depth_with_overall` gives the groups and the whole relation from that same one scan.
+    """
+    if group_by is None:
+        return turn_depth_with_overall(conn, relation, None, params)[1]
+    return turn_depth_with_overall(conn, relation, group_by, params)[0]
+
+
+def turn_depth_with_overall(
+    conn: duckdb.DuckDBPyConnection,
+    relation: str,
+    group_by: str | None = "source",
+    params: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, TurnDepth], dict[str, TurnDepth]]:
+    """``(turn_depth(conn, relation, group_by, params), turn_depth(conn, relation, None, params))`` from one scan
+    of ``relation`` (GROUPING SETS), with the same figures as the two calls; ``group_by=None`` gives ``({}, all)``.
+
+    The per-row work (assistant turns, trained tokens and turns from the labels) is what costs, so it is done
+    once per row for both groupings, and the turns histogram comes from the same aggregate.
     """
     bound = dict(params or {})
     columns = _columns(conn, relation, bound)
@@ -76,8 +94,11 @@ def turn_depth(
         raise ValueError(f"{relation} has no messages column; turn depth needs the conversation")
     if group_by is not None and group_by not in columns:
         raise ValueError(f"{relation} has no column {group_by!r} to group by")
-    group = f'CAST("{group_by}" AS VARCHAR)' if group_by else f"'{ALL}'"
-    rendered = "messages[1:num_messages]" if "num_messages" in columns else "messages"
+    group = f'CAST("{group_by}" AS VARCHAR)' if group_by else "NULL::VARCHAR"
+    # The roles alone, then the rendered slice: filtering the whole message structs (contents and tool calls
+    # included) costs five times as much for the same count.
+    roles = "list_transform(messages, lambda m: m.role)"
+    rendered = f"{roles}[1:num_messages]" if "num_messages" in columns else roles
     has_labels = "labels" in columns
     trained = (
         "len(list_filter(labels, lambda x: x <> -100))" if has_labels else "NULL::BIGINT",
@@ -85,50 +106,48 @@ def turn_depth(
         if has_labels
         else "NULL::BIGINT",
     )
-    per_row = f"""
-        SELECT {group} AS grp,
-               len(list_filter({rendered}, lambda m: m.role = 'assistant')) AS turns,
-               {trained[0]} AS trained_tokens,
-               {trained[1]} AS trained_turns
-        FROM {relation}
-    """
-    summary = conn.execute(
+    rows = conn.execute(
         f"""
-        WITH r AS ({per_row})
-        SELECT grp, count(*), count(*) FILTER (WHERE turns >= 2), avg(turns),
+        WITH r AS (
+            SELECT {group} AS grp,
+                   len(list_filter({rendered}, lambda role: role = 'assistant')) AS turns,
+                   {trained[0]} AS trained_tokens,
+                   {trained[1]} AS trained_turns
+            FROM {relation}
+        )
+        SELECT grouping(grp) = 1 AS overall, grp, count(*), count(*) FILTER (WHERE turns >= 2), avg(turns),
                sum(trained_turns), sum(trained_tokens) / nullif(sum(trained_turns), 0),
                quantile_cont(trained_tokens / trained_turns, 0.5) FILTER (WHERE trained_turns > 0),
-               quantile_cont(trained_tokens / trained_turns, 0.9) FILTER (WHERE trained_turns > 0)
-        FROM r GROUP BY grp ORDER BY grp
+               quantile_cont(trained_tokens / trained_turns, 0.9) FILTER (WHERE trained_turns > 0),
+               histogram(least(turns, {HISTOGRAM_CAP}))
+        FROM r GROUP BY GROUPING SETS ((grp), ()) ORDER BY overall, grp
         """,
         bound,
     ).fetchall()
-    buckets = conn.execute(
-        f"""
-        WITH r AS ({per_row})
-        SELECT grp, least(turns, {HISTOGRAM_CAP}) AS bucket, count(*) FROM r GROUP BY ALL ORDER BY grp, bucket
-        """,
-        bound,
-    ).fetchall()
-    histograms: dict[str, dict[str, int]] = {}
-    for grp, bucket, rows in buckets:
-        key = f"{bucket}+" if bucket >= HISTOGRAM_CAP else str(bucket)
-        histograms.setdefault(grp, {})[key] = rows
-    return {
-        grp: TurnDepth(
-            group=grp,
-            rows=rows,
-            turns_histogram=histograms[grp],
+    grouped: dict[str, TurnDepth] = {}
+    overall: dict[str, TurnDepth] = {}
+    for is_overall, grp, n, multi, mean_turns, trained_turns, per_turn, p50, p90, buckets in rows:
+        # The grand total of an empty relation is a row of zero rows (no group); without group_by the one group
+        # (a constant) is the total again.
+        if not n or (group_by is None and not is_overall):
+            continue
+        depth = TurnDepth(
+            group=ALL if is_overall else grp,
+            rows=n,
+            turns_histogram={
+                f"{bucket}+" if bucket >= HISTOGRAM_CAP else str(bucket): count
+                for bucket, count in sorted(buckets.items())
+            },
             multi_turn_rows=multi,
-            multi_turn_share=multi / rows,
+            multi_turn_share=multi / n,
             mean_turns=float(mean_turns),
             trained_turns=None if trained_turns is None else int(trained_turns),
             tokens_per_turn_mean=None if per_turn is None else float(per_turn),
             tokens_per_turn_p50=None if p50 is None else float(p50),
             tokens_per_turn_p90=None if p90 is None else float(p90),
         )
-        for grp, rows, multi, mean_turns, trained_turns, per_turn, p50, p90 in summary
-    }
+        (overall if is_overall else grouped)[depth.group] = depth
+    return grouped, overall
 
 
 def below_multi_turn_floor(depth: TurnDepth, floor: float, min_rows: int = 1) -> bool:
@@ -156,4 +175,12 @@ def markdown_turn_depth_table(depths: Mapping[str, TurnDepth]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ALL", "HISTOGRAM_CAP", "TurnDepth", "below_multi_turn_floor", "markdown_turn_depth_table", "turn_depth"]
+__all__ = [
+    "ALL",
+    "HISTOGRAM_CAP",
+    "TurnDepth",
+    "below_multi_turn_floor",
+    "markdown_turn_depth_table",
+    "turn_depth",
+    "turn_depth_with_overall",
+]

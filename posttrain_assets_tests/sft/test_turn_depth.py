@@ -17,7 +17,7 @@ from posttrain_assets.defs.checks.turn_depth import (
 )
 from posttrain_assets.defs.resources import WarehouseResource
 from posttrain_assets.records.adapters import sharegpt
-from posttrain_assets.sft.turn_depth import below_multi_turn_floor, turn_depth
+from posttrain_assets.sft.turn_depth import below_multi_turn_floor, turn_depth, turn_depth_with_overall
 from posttrain_assets_tests.real_data import REAL_DATA
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -75,6 +75,20 @@ def test_histogram_share_and_tokens_per_turn_by_hand() -> None:
     (overall,) = turn_depth(conn, "rows", None).values()
     assert (overall.group, overall.rows, overall.multi_turn_share) == ("all", 4, 0.5)
     assert overall.turns_histogram == {"1": 2, "2": 1, "8+": 1}
+
+
+def test_groups_and_overall_from_one_scan_equal_the_two_calls() -> None:
+    """What the check and gold.sft read: the groups and the whole relation in one query, with the very figures of
+    two separate calls; a row whose group is NULL is its own group, an empty relation has no group."""
+    conn = duckdb.connect()
+    sft_table(conn, [*ROWS, {**ROWS[0], "source": None}])
+    grouped, overall = turn_depth_with_overall(conn, "rows")
+    assert grouped == turn_depth(conn, "rows") and overall == turn_depth(conn, "rows", None)
+    assert list(grouped) == ["a", "b", None] and grouped[None].rows == 1
+    assert overall["all"].rows == 5 and overall["all"].turns_histogram == {"1": 3, "2": 1, "8+": 1}
+    assert overall["all"].trained_turns == 3 + 10 + 1
+    assert turn_depth_with_overall(conn, "rows", None) == ({}, overall)
+    assert turn_depth_with_overall(conn, "(SELECT * FROM rows WHERE false)") == ({}, {})
 
 
 def test_a_query_with_bound_parameters_and_rows_without_labels() -> None:

@@ -11,7 +11,13 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.curation.tables import GOLD_MIXTURES
 from posttrain_assets.defs.checks.verdicts import warehouse_check
-from posttrain_assets.sft.turn_depth import ALL, below_multi_turn_floor, markdown_turn_depth_table, turn_depth
+from posttrain_assets.sft.turn_depth import (
+    ALL,
+    below_multi_turn_floor,
+    markdown_turn_depth_table,
+    turn_depth,
+    turn_depth_with_overall,
+)
 from posttrain_assets.warehouse.catalogue import GOLD_SFT
 
 # The SFT rows of every mixture as drawn (a row up-sampled by epochs counts once per copy, as it is trained), with
@@ -34,8 +40,7 @@ def turn_depth_check_result(
 ) -> dg.AssetCheckResult:
     """The WARN verdict on the SFT rows of ``relation`` (a table or a parenthesised query); ``what`` names them."""
     with duckdb.get_connection() as conn:
-        by_source = turn_depth(conn, relation)
-        overall = turn_depth(conn, relation, None)
+        by_source, overall = turn_depth_with_overall(conn, relation)  # one scan for both
     metadata = {
         "turn_depth": dg.MetadataValue.md(markdown_turn_depth_table({**by_source, **overall})),
         "thresholds": dg.MetadataValue.json(config.model_dump()),
