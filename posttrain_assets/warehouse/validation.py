@@ -66,29 +66,47 @@ def schema_violations(
     out.extend(Violation(f"unexpected column {name}", 0) for name in actual.keys() - expected.keys())
     if out:
         return out
-    for column in required:
-        out.extend(_nulls(conn, table, column, "TRUE", []))
-    for regime, columns in (required_by_regime or {}).items():
-        for column in columns:
-            out.extend(_nulls(conn, table, column, "regime = ?", [regime], label=f"{regime} rows: "))
+    rules = [(column, "TRUE", [], "") for column in required] + [
+        (column, "regime = ?", [regime], f"{regime} rows: ")
+        for regime, columns in (required_by_regime or {}).items()
+        for column in columns
+    ]
+    # Every rule counted in one scan of the table; only a rule that some row breaks is queried again for its
+    # sample of ids (the failure path, so a passing table is read once).
+    if rules:
+        broken_rows = [
+            f"count(*) FILTER (WHERE {where} AND ({_empty(table, column)}))" for column, where, _, _ in rules
+        ]
+        counts = conn.execute(
+            f"SELECT {', '.join(broken_rows)} FROM {table.qualified}", [p for _, _, params, _ in rules for p in params]
+        ).fetchone()
+        for (column, where, params, label), broken in zip(rules, counts, strict=True):
+            if broken:
+                out.extend(_nulls(conn, table, column, where, params, label))
     dupes = conn.execute(f"SELECT id FROM {table.qualified} GROUP BY id HAVING count(*) > 1 ORDER BY id").fetchall()
     if dupes:
         out.append(Violation("id is not unique", len(dupes), tuple(d[0] for d in dupes[:SAMPLE])))
     return out
 
 
+def _empty(table: Table, column: str) -> str:
+    """SQL true when ``column`` is null or empty: a blank string (nothing but what ``trim`` removes) or an empty
+    list."""
+    type_ = table.column(column).type
+    if type_ == "VARCHAR":
+        # trim() copies the whole string; a blank string's first character trims to '' too, so testing that first
+        # (DuckDB evaluates AND on the rows the first term keeps) trims the whole text of almost no row. Same rows.
+        return f'"{column}" IS NULL OR (trim(left("{column}", 1)) = \'\' AND trim("{column}") = \'\')'
+    if type_.endswith("[]"):
+        return f'"{column}" IS NULL OR len("{column}") = 0'
+    return f'"{column}" IS NULL'
+
+
 def _nulls(
     conn: duckdb.DuckDBPyConnection, table: Table, column: str, where: str, params: list, label: str = ""
 ) -> list[Violation]:
-    type_ = table.column(column).type
-    if type_ == "VARCHAR":
-        empty = f" OR trim(\"{column}\") = ''"
-    elif type_.endswith("[]"):
-        empty = f' OR len("{column}") = 0'
-    else:
-        empty = ""
     ids = conn.execute(
-        f'SELECT id FROM {table.qualified} WHERE {where} AND ("{column}" IS NULL{empty}) ORDER BY id', params
+        f"SELECT id FROM {table.qualified} WHERE {where} AND ({_empty(table, column)}) ORDER BY id", params
     ).fetchall()
     if not ids:
         return []
