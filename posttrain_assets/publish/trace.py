@@ -199,10 +199,25 @@ AUDITED_COLUMNS = (
 AUDIT_BATCH_ROWS = 65_536
 
 
+# The trace rows that may break a rule of provenance_violations: a superset of them, decided in DuckDB so that only
+# these reach Python, where the rules are applied as written. A license or origin uri holding a printable ASCII
+# character is not blank to str.strip(); any other (null, empty, or only other characters) is looked at in Python.
+_SUSPECT_ROWS = """
+NOT in_silver
+OR license IS NULL OR NOT regexp_matches(license, '[!-~]')
+OR origin_uri IS NULL OR NOT regexp_matches(origin_uri, '[!-~]')
+OR origin_source IS DISTINCT FROM source
+OR NOT in_bronze
+OR bronze_record_sha256 IS DISTINCT FROM record_sha256
+OR bronze_file_sha256 IS DISTINCT FROM file_sha256
+"""
+
+
 def _audited_rows(conn: duckdb.DuckDBPyConnection) -> Iterator[dict[str, Any]]:
-    """Every trace row's audited columns, streamed in Arrow batches and unsorted: a million gold rows sorted with
-    their lists of dropped duplicates outgrow DuckDB's memory cap (the messages are sorted at the end instead)."""
-    sql = f"SELECT {', '.join(AUDITED_COLUMNS)} FROM ({trace_select(conn)})"
+    """The audited columns of every trace row that may break a rule (``_SUSPECT_ROWS``; none when provenance is
+    sound), streamed in Arrow batches and unsorted: a million gold rows sorted with their lists of dropped duplicates
+    outgrow DuckDB's memory cap (the messages are sorted at the end instead)."""
+    sql = f"SELECT {', '.join(AUDITED_COLUMNS)} FROM ({trace_select(conn)}) WHERE {_SUSPECT_ROWS}"
     for rows in fetch_batches(conn, sql, AUDIT_BATCH_ROWS):
         yield from rows
 
