@@ -95,8 +95,12 @@ def _empty(table: Table, column: str) -> str:
     type_ = table.column(column).type
     if type_ == "VARCHAR":
         # trim() copies the whole string; a blank string's first character trims to '' too, so testing that first
-        # (DuckDB evaluates AND on the rows the first term keeps) trims the whole text of almost no row. Same rows.
-        return f'"{column}" IS NULL OR (trim(left("{column}", 1)) = \'\' AND trim("{column}") = \'\')'
+        # trims the whole text of almost no row: the same rows. A CASE, because DuckDB evaluates both sides of an
+        # AND inside an aggregate's FILTER (it skips the second only in a WHERE clause).
+        return (
+            f'CASE WHEN "{column}" IS NULL THEN true WHEN trim(left("{column}", 1)) <> \'\' THEN false '
+            f"ELSE trim(\"{column}\") = '' END"
+        )
     if type_.endswith("[]"):
         return f'"{column}" IS NULL OR len("{column}") = 0'
     return f'"{column}" IS NULL'
