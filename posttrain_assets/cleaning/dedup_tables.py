@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -237,6 +238,35 @@ def pair_stage_key(cfg: MinHashConfig, keyed: bool) -> str:
     )
 
 
+# A dropped member's edit similarity to its kept row depends on the two records' contents (their ids) and the code
+# that builds their dedup units and measures the similarity; not on the thresholds (they decide who is clustered,
+# not how similar two given rows are).
+SIMILARITY_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
+SIMILARITY_LIBRARIES = ("rapidfuzz",)
+SIMILARITY_CACHE = Table(
+    CACHE_SCHEMA,
+    "near_similarities",
+    "Edit similarities of dropped near duplicates to their kept rows by (stage key, the two record ids): computed "
+    "once per pair of contents.",
+    (
+        Column("stage_key", "VARCHAR", "similarity stage key (dedup_tables.similarity_stage_key)", False),
+        Column("member_id", "VARCHAR", "the dropped record", False),
+        Column("kept_id", "VARCHAR", "the kept record", False),
+        Column("similarity", "DOUBLE", "token edit similarity (dedup.edit_similarity)", False),
+    ),
+)
+
+
+def similarity_stage_key() -> str:
+    """Everything a member's similarity to its kept row depends on besides the two records: the code and the
+    libraries that build the units and compare them."""
+    return stage_key(
+        "near_dedup_similarities",
+        code=code_fingerprint(*SIMILARITY_CODE),
+        libraries=library_versions(*SIMILARITY_LIBRARIES),
+    )
+
+
 def signature_stage_key(cfg: MinHashConfig) -> str:
     """Everything a signature depends on besides the record's content: the candidate shingles and the permutations
     (not the thresholds, so a new dedup threshold re-clusters from the same signatures)."""
@@ -342,6 +372,23 @@ WITH members AS (
     FROM {NEAR_CLUSTERS.qualified} c JOIN {DEDUP_ROWS.qualified} r USING (seq)
 )
 SELECT seq, kept_seq FROM members WHERE seq <> kept_seq ORDER BY kept_seq, seq
+"""
+# The cluster members with the similarity the similarity cache holds for their two records (null: none).
+MEMBERS_WITH_CACHED_SIMILARITY = f"""
+SELECT m.seq, m.kept_seq, c.similarity FROM ({CLUSTER_MEMBERS}) m
+JOIN {DEDUP_ROWS.qualified} r ON r.seq = m.seq
+JOIN {DEDUP_ROWS.qualified} k ON k.seq = m.kept_seq
+LEFT JOIN {SIMILARITY_CACHE.qualified} c ON c.stage_key = $key AND c.member_id = r.id AND c.kept_id = k.id
+"""
+# Similarities computed this run, by record ids.
+CACHE_SIMILARITIES = f"""
+INSERT INTO {SIMILARITY_CACHE.qualified}
+SELECT $key, r.id, k.id, n.similarity FROM {NEAR_DROPPED.qualified} n
+JOIN {DEDUP_ROWS.qualified} r ON r.seq = n.seq
+JOIN {DEDUP_ROWS.qualified} k ON k.seq = n.kept_seq
+WHERE NOT EXISTS (
+    SELECT 1 FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key = $key AND c.member_id = r.id AND c.kept_id = k.id
+)
 """
 # The dropped rows by id: near duplicates onto their cluster's kept row; exact twins onto their group's kept row,
 # or, when that row was dropped as a near duplicate, onto its kept row with its similarity (dedup.resolve_chains).
@@ -522,6 +569,21 @@ class _UnionFind:
 Timed = Callable[[str], AbstractContextManager[None]]
 
 
+@dataclass(frozen=True)
+class DedupReuse:
+    """What the near-dup stage's caches saved in a run: MinHash signatures of the exact survivors, verdicts of
+    candidate pairs, similarities of dropped members to their kept rows (each computed vs read from its cache)."""
+
+    signatures: Reuse = Reuse()
+    pairs: Reuse = Reuse()
+    similarities: Reuse = Reuse()
+
+    def __add__(self, other: DedupReuse) -> DedupReuse:
+        return DedupReuse(
+            self.signatures + other.signatures, self.pairs + other.pairs, self.similarities + other.similarities
+        )
+
+
 def deduplicate_regime_tables(
     conn: duckdb.DuckDBPyConnection,
     *,
@@ -534,10 +596,10 @@ def deduplicate_regime_tables(
     batch_rows: int,
     processes: int,
     timed: Timed = lambda _part: nullcontext(),
-) -> tuple[Reuse, Reuse]:
+) -> DedupReuse:
     """Exact-normalised then near-duplicate dedup of one regime's rows; appends the dropped rows to ``dropped``.
-    Returns how many survivors' signatures were computed and how many read from the signature cache, and how many
-    candidate pairs were compared and how many verdicts read from the pair cache.
+    Returns how many survivors' signatures, candidate pairs' verdicts and dropped members' similarities were
+    computed and how many read from their caches.
 
     ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
     and ``kept_rank`` (unique; lowest is kept). ``staged``: the relation holding their ``UNIT_COLUMNS`` by seq
@@ -582,12 +644,12 @@ def deduplicate_regime_tables(
             part = rows[start : start + batch_rows]
             insert_arrow(conn, NEAR_CLUSTERS, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
         del clusters, rows
-        _dropped_near(conn, staged, batch_rows, processes)
+        similarities = _dropped_near(conn, staged, batch_rows, processes)
     conn.execute(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
         {"near": METHOD_NEAR, "exact": METHOD_EXACT},
     )
-    return Reuse(computed=computed, reused=survivors - computed), pairs
+    return DedupReuse(Reuse(computed=computed, reused=survivors - computed), pairs, similarities)
 
 
 def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
@@ -661,16 +723,31 @@ def _verified_clusters(
     return clusters, Reuse(computed=_count(conn, NEAR_VERDICTS.qualified), reused=reused)
 
 
-def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int, processes: int) -> None:
-    """Fill ``near_dropped``: every cluster member but the kept one, with its edit similarity to the kept one."""
+def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int, processes: int) -> Reuse:
+    """Fill ``near_dropped``: every cluster member but the kept one, with its edit similarity to the kept one.
+
+    A similarity the similarity cache holds for the two records is read from it; the others are computed in worker
+    processes (with the texts of both rows) and go to the cache. Returns how many were computed and reused."""
+    key = {"key": similarity_stage_key()}
+    ensure_cache_table(conn, SIMILARITY_CACHE)
+    conn.execute(
+        f"INSERT INTO {NEAR_DROPPED.qualified} SELECT seq, kept_seq, similarity "
+        f"FROM ({MEMBERS_WITH_CACHED_SIMILARITY}) WHERE similarity IS NOT NULL",
+        key,
+    )
+    reused = _count(conn, NEAR_DROPPED.qualified)
+    missing = f"SELECT seq, kept_seq FROM ({MEMBERS_WITH_CACHED_SIMILARITY}) WHERE similarity IS NULL ORDER BY ALL"
+    computed = _count(conn, f"({missing})", key)
 
     def batches() -> Iterator[tuple[pa.Table, pa.Table]]:
-        for members in fetch_arrow(conn, CLUSTER_MEMBERS, min(CHUNK_PAIRS, batch_rows)):
+        for members in fetch_arrow(conn, missing, min(CHUNK_PAIRS, batch_rows), key):
             seqs = {*members.column("seq").to_pylist(), *members.column("kept_seq").to_pylist()}
             yield pa.table(members), _texts(conn, staged, sorted(seqs))
 
-    count = _count(conn, NEAR_CLUSTERS.qualified)
     for similarities in map_batches(
-        similarity_batch, None, batches(), processes_for(count, min(CHUNK_PAIRS, batch_rows), processes)
+        similarity_batch, None, batches(), processes_for(computed, min(CHUNK_PAIRS, batch_rows), processes)
     ):
         insert_arrow(conn, NEAR_DROPPED, similarities)
+    if computed:
+        conn.execute(CACHE_SIMILARITIES, key)
+    return Reuse(computed=computed, reused=reused)

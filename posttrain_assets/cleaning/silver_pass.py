@@ -49,9 +49,12 @@ from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exac
 from posttrain_assets.cleaning.dedup_tables import (
     PAIR_CACHE,
     SIGNATURE_CACHE,
+    SIMILARITY_CACHE,
+    DedupReuse,
     deduplicate_regime_tables,
     pair_stage_key,
     signature_stage_key,
+    similarity_stage_key,
 )
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, quality_verdicts
 from posttrain_assets.ingest.registry import Registry
@@ -503,9 +506,9 @@ def run_silver_pass(
             with clock.stage("decontaminate"):
                 report, reuse["decontamination"] = decontaminate(conn, registry.names, cfg)
             with clock.stage("deduplicate"):
-                reuse["near_dedup_signatures"], reuse["near_dedup_pairs"] = deduplicate_staged(
-                    conn, registry, cfg, clock
-                )
+                near = deduplicate_staged(conn, registry, cfg, clock)
+                reuse["near_dedup_signatures"], reuse["near_dedup_pairs"] = near.signatures, near.pairs
+                reuse["near_dedup_similarities"] = near.similarities
             with clock.stage("cross_regime_leaks"):
                 leaks = cross_regime_leaks(conn, cfg)
             with clock.stage("quarantine"):
@@ -712,23 +715,24 @@ def decontamination_stage_key(eval_rows: list[dict[str, Any]], ngram: int) -> st
 
 def deduplicate_staged(
     conn: duckdb.DuckDBPyConnection, registry: Registry, cfg: CleaningConfig, clock: StageClock | None = None
-) -> tuple[Reuse, Reuse]:
+) -> DedupReuse:
     """Stage 3, per regime: exact-normalised then near duplicates of the live rows, as set operations over work
     tables (``dedup_tables.deduplicate_regime_tables``): this process holds one batch in flight and the union-find
     over verified pairs, never a regime's rows. Dropped rows go to the dedup work table and leave the corpus.
-    MinHash signatures and the verdicts of candidate pairs are read from their caches where they hold them
-    (``cfg.reuse``); returns how many of each were computed and how many reused.
+    MinHash signatures, the verdicts of candidate pairs and the similarities of dropped rows to their kept rows are
+    read from their caches where they hold them (``cfg.reuse``); returns how many of each were computed and how
+    many reused.
     """
     clock = clock or StageClock()
     # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
     # other connections keep DuckDB's default).
     conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, reuse=cfg.reuse)
-    signatures, pairs = Reuse(), Reuse()
+    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, reuse=cfg.reuse)
+    near = DedupReuse()
     try:
         for regime in REGIMES:
-            regime_signatures, regime_pairs = deduplicate_regime_tables(
+            near += deduplicate_regime_tables(
                 conn,
                 staged=STAGED.qualified,
                 ranked=RANKED_OF_REGIME,
@@ -740,10 +744,10 @@ def deduplicate_staged(
                 processes=cfg.processes,
                 timed=lambda part: clock.stage(f"deduplicate/{part}"),
             )
-            signatures, pairs = signatures + regime_signatures, pairs + regime_pairs
     finally:
         conn.execute("RESET SESSION index_scan_max_count")
-    # Signatures and pair verdicts of rows no longer staged, or under another MinHash config, are forgotten.
+    # Signatures, pair verdicts and similarities of rows no longer staged, or under another config or code, are
+    # forgotten.
     configs = [(cfg.minhash.get(regime, DEFAULT_CONFIGS[regime]), regime == "rl") for regime in REGIMES]
     conn.execute(
         f"DELETE FROM {SIGNATURE_CACHE.qualified} c WHERE NOT list_contains($keys, c.stage_key) "
@@ -756,11 +760,17 @@ def deduplicate_staged(
         f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id_high)",
         {"keys": [pair_stage_key(minhash, keyed) for minhash, keyed in configs]},
     )
+    conn.execute(
+        f"DELETE FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key <> $key "
+        f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.member_id) "
+        f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.kept_id)",
+        {"key": similarity_stage_key()},
+    )
     conn.execute(DEDUP_FROM_STAGED)
     conn.execute(
         f"INSERT INTO {REMOVED.qualified} SELECT member_id, 'dedup', method, NULL FROM {DROPPED_DUPLICATES.qualified}"
     )
-    return signatures, pairs
+    return near
 
 
 def cross_regime_leaks(conn: duckdb.DuckDBPyConnection, cfg: CleaningConfig) -> list[dict[str, Any]]:

@@ -68,7 +68,13 @@ def dedup_in_tables(
 ) -> list[tuple[str, str, str, float]]:
     """The rows the tables path drops, as (member_id, kept_id, method, similarity), sorted. Rows are staged in
     input order (seq) with their kept rank within their regime (dedup.kept_sort_key)."""
-    configs = dedup.regime_configs(cfg)
+    conn = staged_connection(rows, priority)
+    dedup_staged(conn, {r["regime"] for r in rows}, processes=processes, batch_rows=batch_rows, cfg=cfg)
+    return sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall())
+
+
+def staged_connection(rows: list[dict[str, Any]], priority: dedup.Priority) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with ``rows`` staged in input order (seq), each with its kept rank within its regime."""
     ranks: dict[str, int] = {}
     for regime in {r["regime"] for r in rows}:
         members = sorted((r for r in rows if r["regime"] == regime), key=lambda r: dedup.kept_sort_key(r, priority))
@@ -88,9 +94,24 @@ def dedup_in_tables(
     conn = duckdb.connect()
     conn.register("staged_rows", staged)
     conn.execute("CREATE TABLE staged AS SELECT * FROM staged_rows")
-    conn.execute(DROPPED.create_sql())
-    for regime in sorted({r["regime"] for r in rows}):
-        dedup_tables.deduplicate_regime_tables(
+    conn.execute("CREATE SCHEMA IF NOT EXISTS cache")
+    return conn
+
+
+def dedup_staged(
+    conn: duckdb.DuckDBPyConnection,
+    regimes: set[str],
+    *,
+    processes: int,
+    batch_rows: int,
+    cfg: dict[str, MinHashConfig] | None = None,
+) -> dedup_tables.DedupReuse:
+    """Deduplicate the staged rows regime by regime into a fresh ``dropped`` table; what the caches saved."""
+    configs = dedup.regime_configs(cfg)
+    conn.execute(DROPPED.create_sql(replace=True))
+    reuse = dedup_tables.DedupReuse()
+    for regime in sorted(regimes):
+        reuse += dedup_tables.deduplicate_regime_tables(
             conn,
             staged="staged",
             ranked=RANKED,
@@ -101,7 +122,7 @@ def dedup_in_tables(
             batch_rows=batch_rows,
             processes=processes,
         )
-    return sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall())
+    return reuse
 
 
 def dedup_in_memory(
@@ -174,6 +195,41 @@ def test_generated_rows_without_the_edit_rule() -> None:
     expected = dedup_in_memory(rows, by_priority, old)
     assert expected != dedup_in_memory(rows, by_priority)
     assert dedup_in_tables(rows, by_priority, processes=1, batch_rows=50, cfg=old) == expected
+
+
+def test_similarities_of_dropped_rows_are_computed_once_per_pair_of_records() -> None:
+    """A second dedup over the same rows reads every dropped row's similarity from the similarity cache (and the
+    cache is what it reads: a planted value shows through); a member whose kept row changes is computed again."""
+    rows = generated_rows()
+    regimes = {r["regime"] for r in rows}
+    conn = staged_connection(rows, by_priority)
+    first = dedup_staged(conn, regimes, processes=1, batch_rows=500)
+    dropped = sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall())
+    near = [d for d in dropped if d[2] == "near"]
+    assert dropped == dedup_in_memory(rows, by_priority)
+    assert first.similarities.reused == 0 and first.similarities.computed >= len(near) > 50
+    cached = dedup_tables.SIMILARITY_CACHE.qualified
+    assert conn.execute(f"SELECT count(*) FROM {cached}").fetchall() == [(first.similarities.computed,)]
+
+    second = dedup_staged(conn, regimes, processes=1, batch_rows=500)
+    assert second.similarities == dedup_tables.Reuse(computed=0, reused=first.similarities.computed)
+    assert second.signatures.computed == 0 and second.pairs.computed == 0
+    assert sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall()) == dropped
+
+    member, kept = near[0][0], near[0][1]
+    conn.execute(f"UPDATE {cached} SET similarity = 0.125 WHERE member_id = ? AND kept_id = ?", [member, kept])
+    dedup_staged(conn, regimes, processes=1, batch_rows=500)
+    planted = conn.execute(f"SELECT similarity FROM {DROPPED.qualified} WHERE member_id = ?", [member]).fetchall()
+    assert planted == [(0.125,)]
+
+    # the kept row of that cluster leaves: its members are measured against the new kept row
+    conn.execute("DELETE FROM staged WHERE id = ?", [kept])
+    third = dedup_staged(conn, regimes, processes=1, batch_rows=500)
+    assert third.similarities.computed > 0
+    remaining = [r for r in rows if r["id"] != kept]
+    assert sorted(conn.execute(f"SELECT * FROM {DROPPED.qualified}").fetchall()) == dedup_in_memory(
+        remaining, by_priority
+    )
 
 
 @pytest.mark.slow  # the demo data in two worker processes: 4-6 s (test_dedup finds its planted pairs fast)

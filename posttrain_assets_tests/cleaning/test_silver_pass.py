@@ -241,6 +241,9 @@ def test_a_rerun_gates_no_row_again_and_gives_the_same_tables(warehouse, smollm2
     compared = first.reuse["near_dedup_pairs"].computed
     assert compared > 0 and first.reuse["near_dedup_pairs"].reused == 0
     assert second.reuse["near_dedup_pairs"] == cleaning.Reuse(computed=0, reused=compared)
+    # the near copy's similarity to its kept row was measured once
+    assert first.reuse["near_dedup_similarities"] == cleaning.Reuse(computed=1, reused=0)
+    assert second.reuse["near_dedup_similarities"] == cleaning.Reuse(computed=0, reused=1)
     assert silver(conn) == before
     assert len(before["silver.records"]) == 3  # sft rows 0 and 3 (1, 2, 4: duplicates; 5: contaminated), rl row 0
     assert gate_cache_rows(conn)[:2] == [("eval_gsm8k", 0, "eval"), ("rl_bank", 0, "staged")]
