@@ -91,6 +91,24 @@ def test_groups_and_overall_from_one_scan_equal_the_two_calls() -> None:
     assert turn_depth_with_overall(conn, "(SELECT * FROM rows WHERE false)") == ({}, {})
 
 
+def test_rows_without_labels_or_without_trained_labels() -> None:
+    """NULL labels give no token figures, empty or untrained labels zero; every row still counts its turns."""
+    conn = duckdb.connect()
+    rows = [
+        {"source": "c", "messages": chat(2), "num_messages": 4, "labels": None},
+        {"source": "c", "messages": chat(1), "num_messages": 2, "labels": []},
+        {"source": "c", "messages": chat(1), "num_messages": 2, "labels": [M, M]},
+        {"source": "c", "messages": chat(2), "num_messages": 4, "labels": [5, M, 6, 6]},  # trained first: 2 turns
+    ]
+    sft_table(conn, rows)
+    (c,) = turn_depth(conn, "rows").values()
+    assert (c.rows, c.multi_turn_rows, c.turns_histogram) == (4, 2, {"1": 2, "2": 2})
+    assert (c.trained_turns, c.tokens_per_turn_mean, c.tokens_per_turn_p50) == (2, 1.5, 1.5)
+    sft_table(conn, rows[:1])
+    (only_null,) = turn_depth(conn, "rows").values()
+    assert (only_null.rows, only_null.trained_turns, only_null.tokens_per_turn_mean) == (1, None, None)
+
+
 def test_a_query_with_bound_parameters_and_rows_without_labels() -> None:
     """What a mixture passes: any subquery of SFT rows; without labels there are no token figures."""
     conn = duckdb.connect()
