@@ -8,9 +8,17 @@ from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS
 from posttrain_assets.warehouse.catalogue import GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION, SILVER_RL_DIFFICULTY
 
-GOLD_CERTIFICATES = f"""
-SELECT g.id, g.verifier, g.verifier_version, c.certified, c.reason
+# Each seed in the bank with its certificate; ``$verifiers`` / ``$versions`` are VERIFIER_VERSIONS as two lists.
+_CERTIFIED_SEEDS = f"""
 FROM {GOLD_RL_PROMPTS.qualified} g LEFT JOIN {SILVER_RL_CERTIFICATION.qualified} c USING (id)
+LEFT JOIN (SELECT unnest($verifiers) AS verifier, unnest($versions) AS current_version) v USING (verifier)
+"""
+# The seeds not certified by the verifier version in use now (no certificate, certified false, or another version),
+# in id order; counted in DuckDB, so only these reach Python.
+GOLD_UNCERTIFIED = f"""
+SELECT g.id, g.verifier, g.verifier_version, c.reason
+{_CERTIFIED_SEEDS}
+WHERE NOT coalesce(c.certified, false) OR g.verifier_version IS DISTINCT FROM v.current_version
 ORDER BY g.id
 """
 
@@ -24,9 +32,9 @@ ORDER BY g.id
 )
 def rl_certification_check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     with duckdb.get_connection() as conn:
-        certificates = conn.execute(GOLD_CERTIFICATES).fetchall()
-        total = len(certificates)
-        bad = [row for row in certificates if not row[3] or row[2] != VERIFIER_VERSIONS.get(row[1])]
+        versions = {"verifiers": list(VERIFIER_VERSIONS), "versions": list(VERIFIER_VERSIONS.values())}
+        (total,) = conn.execute(f"SELECT count(*) {_CERTIFIED_SEEDS}", versions).fetchone()
+        bad = conn.execute(GOLD_UNCERTIFIED, versions).fetchall()
         failures = conn.execute(
             f"SELECT reason, count(*) FROM {SILVER_RL_CERTIFICATION.qualified} WHERE NOT certified GROUP BY ALL "
             "ORDER BY ALL"
@@ -36,7 +44,7 @@ def rl_certification_check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
         description=f"{total} seeds certified"
         if not bad
         else f"{len(bad)} seed(s) not certified by the current verifier: "
-        + "; ".join(f"{i} ({v} {ver}: {reason or 'stale version'})" for i, v, ver, _, reason in bad[:3]),
+        + "; ".join(f"{i} ({v} {ver}: {reason or 'stale version'})" for i, v, ver, reason in bad[:3]),
         metadata={
             "certified_seeds": dg.MetadataValue.int(total - len(bad)),
             "quarantined_in_silver": dg.MetadataValue.json(dict(failures)),
