@@ -19,7 +19,7 @@ column):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +155,49 @@ def _reasoning_tokens(
             total[0] += lengths[2 * k]
             total[1] += lengths[2 * k + 1]
     return {grp: (r, a) for grp, (r, a) in totals.items()}
+
+
+def agentic_stats_with_overall(
+    conn: duckdb.DuckDBPyConnection,
+    relation: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    group_by: str = "source",
+    params: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, AgenticStats], dict[str, AgenticStats]]:
+    """``(agentic_stats(... group_by ...), agentic_stats(... None ...))`` with the same figures, from one pass over
+    ``relation``: every figure of the whole relation is a sum of its groups' (:func:`combined`), so the rows are
+    read and their reasoning tokenised once, not twice."""
+    groups = agentic_stats(conn, relation, tokenizer, group_by, params)
+    return groups, ({ALL: combined(groups.values())} if groups else {})
+
+
+def combined(groups: Iterable[AgenticStats], name: str = ALL) -> AgenticStats:
+    """The statistics of the union of disjoint ``groups`` (what :func:`agentic_stats` gives for their rows as one
+    group): counts, token totals and histograms summed, shares computed again from the sums."""
+    groups = list(groups)
+    rows = sum(g.rows for g in groups)
+    with_tools = sum(g.rows_with_tools for g in groups)
+    with_reasoning = sum(g.rows_with_reasoning for g in groups)
+    reasoning = sum(g.reasoning_tokens for g in groups)
+    answer = sum(g.answer_tokens for g in groups)
+    buckets: dict[str, int] = {}
+    for g in groups:
+        for bucket, count in g.calls_per_turn_histogram.items():
+            buckets[bucket] = buckets.get(bucket, 0) + count
+    return AgenticStats(
+        group=name,
+        rows=rows,
+        rows_with_tools=with_tools,
+        tools_share=round(with_tools / rows, 4) if rows else 0.0,
+        tool_calls=sum(g.tool_calls for g in groups),
+        assistant_turns=sum(g.assistant_turns for g in groups),
+        # in bucket order, as the SQL of agentic_stats orders them ("0", "1", ..., "8+")
+        calls_per_turn_histogram={b: buckets[b] for b in sorted(buckets, key=lambda b: int(b.rstrip("+")))},
+        rows_with_reasoning=with_reasoning,
+        reasoning_tokens=reasoning,
+        answer_tokens=answer,
+        reasoning_share=round(reasoning / (reasoning + answer), 4) if with_reasoning and reasoning + answer else None,
+    )
 
 
 def markdown_agentic_table(stats: Mapping[str, AgenticStats]) -> str:

@@ -8,7 +8,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from posttrain_assets.sft.agentic_stats import AgenticStats, agentic_stats, markdown_agentic_table
+from posttrain_assets.sft.agentic_stats import (
+    AgenticStats,
+    agentic_stats,
+    agentic_stats_with_overall,
+    markdown_agentic_table,
+)
 from posttrain_assets.warehouse.catalogue import GOLD_SFT
 
 
@@ -87,3 +92,30 @@ def test_stats_per_source_and_overall(smollm2_tokenizer: Any) -> None:
         "| agents | 2 | 1 (50.0%) | 2 | 0: 2, 2: 1 | 1 |" in table
         and "| chat | 1 | 0 (0.0%) | 0 | 0: 2 | 0 |  |" in table
     )
+
+
+def test_groups_and_overall_in_one_pass_equal_the_two_calls(smollm2_tokenizer: Any) -> None:
+    conn = duckdb.connect()
+    conn.execute(
+        f"CREATE TABLE sft (source VARCHAR, num_messages INTEGER, messages {GOLD_SFT.column('messages').type})"
+    )
+    conn.register("rows", pa.Table.from_pylist(ROWS))
+    conn.execute("INSERT INTO sft SELECT source, num_messages, messages FROM rows")
+    # a row of no source (a NULL group), eight parallel calls (the capped bucket) and reasoning in a second group
+    many = [call(str(k)) for k in range(9)]
+    conn.execute(
+        "INSERT INTO sft SELECT NULL, 3, [{'role': 'user', 'content': 'x'}, "
+        "{'role': 'assistant', 'content': 'y', 'tool_calls': $many, 'reasoning_content': 'Think first.'}, "
+        "{'role': 'assistant', 'content': 'z'}]",
+        {"many": many},
+    )
+    groups, overall = agentic_stats_with_overall(conn, "sft", smollm2_tokenizer)
+    assert groups == agentic_stats(conn, "sft", smollm2_tokenizer)
+    assert overall == agentic_stats(conn, "sft", smollm2_tokenizer, group_by=None)
+    assert list(overall["all"].calls_per_turn_histogram) == ["0", "2", "8+"]
+    assert overall["all"].reasoning_tokens > groups["agents"].reasoning_tokens > 0
+    # one group; no row at all: no group and no overall
+    one_group = "(SELECT * FROM sft WHERE source = $source)"
+    _, chat = agentic_stats_with_overall(conn, one_group, smollm2_tokenizer, params={"source": "chat"})
+    assert chat == {"all": AgenticStats("all", 1, 0, 0.0, 0, 2, {"0": 2}, 0, 0, 0, None)}
+    assert agentic_stats_with_overall(conn, "(SELECT * FROM sft WHERE false)") == ({}, {})

@@ -6,12 +6,16 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.warehouse.io import transaction
+from posttrain_assets.warehouse.io import SyncCounts, sync_table, transaction
 from posttrain_assets.warehouse.model import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
 # `blocking=True` alone only holds inside one run.
 GOLD_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
+# Ids per sorted range when a gold table is filled anew or gets many new rows (io.insert_ordered): rows of a few
+# KB (a conversation and its scores), so a range stays far below the memory limit.
+PROJECTION_RANGE_ROWS = 32_768
 
 
 def same_name_lineage(table: Table, upstream: dg.AssetKey) -> dg.TableColumnLineage:
@@ -27,16 +31,21 @@ def write_projection(
     where: str = "TRUE",
     params: dict[str, Any] | None = None,
 ) -> dg.MaterializeResult:
-    """Create or replace ``table`` with the rows of ``upstream`` matching ``where`` (named ``params``), stored
-    in id order.
-
-    ``upstream`` is a silver table stored in id order, and DuckDB keeps a scan's order through a filter into
-    an INSERT (preserve_insertion_order), so the rows are copied in one statement and nothing is sorted."""
+    """Bring ``table`` to the rows of ``upstream`` matching ``where`` (named ``params``), projected onto its columns:
+    only the rows that changed since the last materialisation are deleted or inserted (:func:`sync_table`), the new
+    ones in id order after the rows kept, so the table is not stored in id order (readers order by id)."""
     columns = ", ".join(f'"{c}"' for c in table.column_names)
+    projection = f"SELECT {columns} FROM {upstream.qualified} WHERE {where}"
     with duckdb.get_connection() as conn:
         with transaction(conn):
-            conn.execute(table.create_sql(replace=True))
-            conn.execute(table.insert_sql(f"(SELECT {columns} FROM {upstream.qualified} WHERE {where})"), params or {})
+            counts = sync_table(conn, table, projection, "id", PROJECTION_RANGE_ROWS, params)
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
+    metadata.update(sync_metadata(table, counts))
     metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)
     return dg.MaterializeResult(metadata=metadata)
+
+
+def sync_metadata(table: Table, counts: SyncCounts) -> dict[str, int]:
+    """A gold table's ``rows_computed/gold_<name>`` (rows inserted), ``rows_reused/gold_<name>`` (rows kept) and
+    ``rows_deleted/gold_<name>``, read like the stage caches' (benchmarks/bench.py's stage_reuse)."""
+    return counts.metadata(f"gold_{table.name}")

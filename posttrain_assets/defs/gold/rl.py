@@ -8,7 +8,12 @@ estimate outside the band are left out; seeds with no estimate yet are kept, fla
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, same_name_lineage
+from posttrain_assets.defs.gold.projection import (
+    GOLD_AUTOMATION,
+    PROJECTION_RANGE_ROWS,
+    same_name_lineage,
+    sync_metadata,
+)
 from posttrain_assets.defs.metadata import table_metadata
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.rl import CERTIFICATION_KEY, DIFFICULTY_KEY
@@ -18,7 +23,7 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_RL_CERTIFICATION,
     SILVER_RL_DIFFICULTY,
 )
-from posttrain_assets.warehouse.io import transaction
+from posttrain_assets.warehouse.io import sync_table, transaction
 
 
 class DifficultyBandConfig(dg.Config):
@@ -46,7 +51,6 @@ LEFT JOIN latest l ON l.id = r.id
 WHERE r.regime = 'rl'
   AND CASE WHEN l.id IS NULL THEN $keep_unestimated
            ELSE l.pass_rate > $min_pass_rate AND l.pass_rate < $max_pass_rate END
-ORDER BY r.id
 """
 
 
@@ -60,23 +64,21 @@ ORDER BY r.id
     description=GOLD_RL_PROMPTS.description,
 )
 def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.MaterializeResult:
-    names = ", ".join(f'"{c}"' for c in GOLD_RL_PROMPTS.column_names)
+    """Bring gold.rl_prompts to the bank's rows: only seeds whose row changed are deleted or inserted."""
+    band = {
+        "keep_unestimated": config.keep_unestimated,
+        "min_pass_rate": config.min_pass_rate,
+        "max_pass_rate": config.max_pass_rate,
+    }
     with duckdb.get_connection() as conn:
         conn.execute(SILVER_RL_DIFFICULTY.create_sql())  # no estimates yet is a valid state
         with transaction(conn):
-            conn.execute(GOLD_RL_PROMPTS.create_sql(replace=True))
-            conn.execute(
-                f"INSERT INTO {GOLD_RL_PROMPTS.qualified} ({names}) {RL_BANK}",
-                {
-                    "keep_unestimated": config.keep_unestimated,
-                    "min_pass_rate": config.min_pass_rate,
-                    "max_pass_rate": config.max_pass_rate,
-                },
-            )
+            counts = sync_table(conn, GOLD_RL_PROMPTS, RL_BANK, "id", PROJECTION_RANGE_ROWS, band)
         metadata = table_metadata(conn, GOLD_RL_PROMPTS, preview_columns=["id", "source", "prompt"], group_by="source")
         estimated = conn.execute(
             f"SELECT count(*) FILTER (WHERE difficulty_estimated) FROM {GOLD_RL_PROMPTS.qualified}"
         ).fetchone()[0]
+    metadata.update(sync_metadata(GOLD_RL_PROMPTS, counts))
     metadata["estimated_seeds"] = dg.MetadataValue.int(estimated)
     metadata["band"] = dg.MetadataValue.json(config.model_dump())
     metadata["dagster/column_lineage"] = same_name_lineage(GOLD_RL_PROMPTS, SILVER_RECORDS_KEY)

@@ -3,14 +3,14 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION
+from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, sync_metadata
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
-from posttrain_assets.sft.agentic_stats import AgenticStats, agentic_stats, markdown_agentic_table
-from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table, turn_depth
+from posttrain_assets.sft.agentic_stats import AgenticStats, agentic_stats_with_overall, markdown_agentic_table
+from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table, turn_depth_with_overall
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import insert_ordered, transaction
+from posttrain_assets.warehouse.io import sync_table, transaction
 
 SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
@@ -71,28 +71,23 @@ def agentic_metadata(
     description=GOLD_SFT.description,
 )
 def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.MaterializeResult:
-    """Join each proven tokenised row with its silver record; rows with no trained token never reach gold."""
+    """Join each proven tokenised row with its silver record; rows with no trained token never reach gold. Only the
+    rows that changed since the last materialisation are deleted or inserted (io.sync_table)."""
     select = ", ".join(f't."{c}"' if c in FROM_TOKENIZED else f'r."{c}"' for c in GOLD_SFT.column_names)
+    proven = (
+        f"SELECT {select} FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
+        "WHERE t.num_trainable_tokens > 0"
+    )
     with duckdb.get_connection() as conn:
         with transaction(conn):
-            conn.execute(GOLD_SFT.create_sql(replace=True))
-            proven = (
-                f"SELECT {select} FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
-                "WHERE t.num_trainable_tokens > 0"
-            )
-            insert_ordered(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
+            counts = sync_table(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
         )
-        metadata.update(
-            turn_depth_metadata(turn_depth(conn, GOLD_SFT.qualified), turn_depth(conn, GOLD_SFT.qualified, None))
-        )
-        tok = tokenizer.get()
-        metadata.update(
-            agentic_metadata(
-                agentic_stats(conn, GOLD_SFT.qualified, tok), agentic_stats(conn, GOLD_SFT.qualified, tok, None)
-            )
-        )
+        # by source and overall from one pass over the rows each
+        metadata.update(turn_depth_metadata(*turn_depth_with_overall(conn, GOLD_SFT.qualified)))
+        metadata.update(agentic_metadata(*agentic_stats_with_overall(conn, GOLD_SFT.qualified, tokenizer.get())))
+    metadata.update(sync_metadata(GOLD_SFT, counts))
     metadata["dagster/column_lineage"] = column_lineage(
         {c: [(SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, c)] for c in GOLD_SFT.column_names}
     )
