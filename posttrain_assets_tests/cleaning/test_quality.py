@@ -16,6 +16,7 @@ from posttrain_assets.cleaning import quality
 from posttrain_assets.cleaning.quality import Drop, QualityConfig, apply_quality_gate, detect_language
 from posttrain_assets.cleaning.silver_pass import CleaningConfig, run_silver_pass
 from posttrain_assets.ingest.registry import Registry, Source, render_registry
+from posttrain_assets.publish.exports import shard_files
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.sft.masking import special_tokens
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
@@ -314,6 +315,66 @@ def test_refusal_alternation_shortcut_names_the_first_pattern() -> None:
     assert flagged._any_refusal is None and flagged.refusal_match("a\nb") == r"(?s)a.b"
 
 
+def python_refusal_match(cfg: QualityConfig, text: str) -> str | None:
+    """The first refusal pattern Python's re finds in ``text`` (the reference for the RE2 path)."""
+    return next((p.pattern for p in cfg._compiled if p.search(text)), None)
+
+
+# Edges of the default patterns: word boundaries, case, apostrophes, whitespace, the 300-character window.
+REFUSAL_EDGES = [
+    "As an AI model, I think so.",
+    "AS AN AI LANGUAGE MODEL",
+    "as an aim, we chose speed",
+    "bias an ai model",
+    "as an ai_model",
+    "as an ai2 model",
+    "I'm just an AI.",
+    "I a'm an ai",
+    "i am sorry but i won't",
+    "I'm sorry,but I cannot",
+    "I'm unable to help\tyou",
+    "I cannot assist with\nthat",
+    "I cannot\tassist with that",
+    "It is important to note that " + "x" * 280 + " consult a doctor",
+    "It is important to note that " + "x" * 320 + " consult a doctor",
+    "It is important to note that\n\nyou should consult with a qualified financial advisor",
+    "it is important to note thatconsult your lawyer",
+    "",
+]
+
+
+def test_refusal_verdicts_on_ascii_text_are_python_re_verdicts() -> None:
+    """RE2 scans ASCII texts (quality._ascii_refusal_matchers); on the edges of the default patterns and on real
+    assistant texts and HH-RLHF responses it names the same pattern Python's re does."""
+    cfg = QualityConfig()
+    assert quality._ascii_refusal_matchers(cfg.refusal_patterns) is not None
+    texts = [*REFUSAL_EDGES, *(t.upper() for t in REFUSAL_EDGES)]
+    for row in json.loads((REAL_DATA / "alpaca" / "alpaca_data_cleaned_1000.json").read_text(encoding="utf-8")):
+        texts.append(row["output"])
+    with gzip.open(REAL_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as lines:
+        for line in lines:
+            pair = json.loads(line)
+            texts += [pair["chosen"], pair["rejected"]]
+    ascii_texts = [t for t in texts if t.isascii()]
+    verdicts = [cfg.refusal_match(t) for t in ascii_texts]
+    assert verdicts == [python_refusal_match(cfg, t) for t in ascii_texts]
+    assert (len(ascii_texts), sum(v is not None for v in verdicts)) == (2193, 19)  # both outcomes
+
+
+def test_refusal_patterns_re2_reads_differently_stay_with_python() -> None:
+    # $ before a final newline, \s on a vertical tab, a POSIX-looking set: Python's meaning, not RE2's
+    for patterns, text in (
+        ((r"no more$",), "no more\n"),
+        ((r"as\san ai",), "as\x0ban ai"),
+        ((r"[[:x]]+ing",), "x]]ing"),
+    ):
+        cfg = QualityConfig(refusal_patterns=patterns)
+        assert quality._ascii_refusal_matchers(patterns) is None
+        assert cfg.refusal_match(text) == patterns[0] == python_refusal_match(cfg, text)
+    # a non-ASCII text goes to Python's re, whose case folding matches U+0130 to i
+    assert QualityConfig().refusal_match("AS AN A\u0130 MODEL") == quality.DEFAULT_REFUSAL_PATTERNS[0]
+
+
 def test_language_detection_only_where_used(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
     real = quality.detect_language
@@ -499,7 +560,10 @@ def test_special_tokens_never_reach_gold_or_the_trainer_exports(tmp_path: Path, 
         chosen = [c for (c,) in graph.query("SELECT chosen FROM gold.preference")]
         prompts = [p for (p,) in graph.query("SELECT prompt FROM gold.rl_prompts")]
         exports = graph.database.parent / "exports"
-        exported = [(exports / kind / "train.jsonl").read_text(encoding="utf-8") for kind in ("preference", "rl")]
+        exported = [
+            "".join(p.read_text(encoding="utf-8") for p in shard_files(exports / kind, ".jsonl"))
+            for kind in ("preference", "rl")
+        ]
     assert quarantined == [("bank", 3, "special_token_in_content"), ("prefs", 4, "special_token_in_content")]
     assert chosen and prompts and all(text.count("\n") >= 1 for text in exported)  # the clean rows made it
     assert all("<|im_end|>" not in text and "<|im_start|>" not in text for text in [*chosen, *prompts, *exported])
