@@ -65,7 +65,8 @@ class ExportsConfig(dg.Config):
     description="Every gold table as Parquet and JSONL in the layouts trainers read as they are (TRL SFT with "
     "input_ids/labels, TRL preference, verl RL with its reward.py), each with a dataset card (counts, sources and "
     "licenses, checks, tokenizer and template hashes, the trainer settings to use). RL prompts get their source's "
-    "answer-format instruction (registry answer_format).",
+    "answer-format instruction (registry answer_format). Files are sharded by source; a refresh rewrites only the "
+    "shards whose rows changed (fingerprints in manifest.json).",
 )
 def exports_trainer_files(
     config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource, registry: SourceRegistryResource
@@ -81,12 +82,18 @@ def exports_trainer_files(
             created_at=dt.datetime.now(dt.UTC),
             answer_formats=answer_formats,
         )
-    rows = [(t.name, t.table, t.layout, t.rows) for t in manifest.tables]
+    rows = [
+        (t.name, t.table, t.layout, t.rows, len(t.shards), len(t.written) // 2, t.rows_written) for t in manifest.tables
+    ]
+    header = ["folder", "gold table", "layout", "rows", "shards", "shards written", "rows written"]
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out_dir)),
-            "exports": dg.MetadataValue.md(markdown_table(["folder", "gold table", "layout", "rows"], rows)),
+            "exports": dg.MetadataValue.md(markdown_table(header, rows)),
             "skipped": dg.MetadataValue.json(list(manifest.skipped)),
             **{f"rows/{t.name}": dg.MetadataValue.int(t.rows) for t in manifest.tables},
+            # A refresh writes only the shards whose rows changed; the others are kept as they were.
+            "rows_written": dg.MetadataValue.int(sum(t.rows_written for t in manifest.tables)),
+            "rows_reused": dg.MetadataValue.int(sum(t.rows - t.rows_written for t in manifest.tables)),
         }
     )

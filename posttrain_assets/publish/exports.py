@@ -1,7 +1,8 @@
 """Trainer-ready exports of the gold tables, in the layouts trainers read as they are.
 
-``export_gold(conn, out_dir, ...)`` writes one folder per gold table under ``out_dir``, each with the same rows as
-Parquet (``train.parquet``) and JSON Lines (``train.jsonl``) and a dataset card (``README.md``):
+``export_gold(conn, out_dir, ...)`` writes one folder per gold table under ``out_dir``, each with its rows as
+Parquet and JSON Lines in shards (``data/<source>-<part>-of-<parts>.parquet`` and ``.jsonl``: the same rows in
+both) and a dataset card (``README.md``):
 
 - ``sft/``: TRL conversational language modelling, pre-tokenised: ``id``, ``messages`` (the rendered turns),
   ``input_ids``, ``labels`` (-100 on untrained positions, unshifted) and ``assistant_masks`` (1 where trained).
@@ -21,14 +22,30 @@ Each card also says how to train on its folder: the exact ``SFTConfig`` / ``DPOC
 that keeps every row, ``assistant_only_loss`` off because ``labels`` already carry the mask) or the verl config
 lines, the same settings ``manifest.json`` lists as ``trainer_settings``.
 
-The card's YAML header declares the Parquet file as the ``train`` split, so ``datasets.load_dataset(folder)``
-loads it; ``load_dataset("parquet" | "json", data_files=...)`` reads either file. Output is deterministic: rows
-sorted by id, a declared Arrow schema, fixed Parquet options, JSON lines from DuckDB's writer with keys in schema
-order; only ``created_at`` (an input) changes the card. Pure: a DuckDB connection and a directory, no Dagster.
+Shards: a folder's rows are split by source, and a source of more than ``SHARD_ROWS`` rows into 2, 4, 8, ...
+(at most 256) parts by the leading bits of the id (a sha256: the parts are even, and a part is an id range), so
+the rows a change touches sit in few shards: a new source adds its own shards and rewrites no other, a removed
+source's shards are deleted. (Not by landing file: ``origin.file`` is an absolute path, so a shard's name would
+change with the machine; and one landing file may hold a million rows.) Each shard's rows are sorted by id. The
+card's YAML header declares ``data/*.parquet`` as the ``train`` split, so ``datasets.load_dataset(folder)``
+loads every shard; ``load_dataset("parquet" | "json", data_files=...)`` reads either kind of file;
+``manifest.json`` lists each folder's files (verl takes the Parquet list as ``data.train_files``).
 
-Memory is bounded whatever the size of a gold table: rows are read in id order one range of ``EXPORT_BATCH_ROWS``
-ids at a time (``io.ordered_arrow``: a gold table is never sorted whole) and both files are written from the
-same ranges in one pass, so at most one range and one Parquet row group are held.
+Refresh: each shard's fingerprint (computed in DuckDB: an aggregate over its ids and a hash of each exported row,
+with the projection's text, schema, writer options and library versions) is stored in ``manifest.json`` with its
+files' sha256; a later export rewrites only the shards whose fingerprint differs from the manifest in ``out_dir``
+or whose file is missing or does not match its sha256 (a hand-edited or truncated file), deletes the shards no
+longer planned, and rewrites the cards and the manifest. So the files are the same as a fresh export into an
+empty folder, whatever was there before. Every file is written under a temporary name and renamed, so a killed
+export leaves whole files (and the next one finds the shards it had not finished by their sha256).
+
+Output is deterministic: rows sorted by id in each shard, a declared Arrow schema, fixed Parquet options, JSON
+lines from DuckDB's writer with keys in schema order; only ``created_at`` (an input) changes the card and the
+manifest. Pure: a DuckDB connection and a directory, no Dagster.
+
+Memory is bounded whatever the size of a gold table: a shard's rows are read in id order one range of
+``EXPORT_BATCH_ROWS`` ids at a time (``io.ordered_arrow``: a gold table is never sorted whole) and both files
+are written from the same ranges in one pass, so at most one range and one Parquet row group are held.
 """
 
 from __future__ import annotations
@@ -50,8 +67,21 @@ import pyarrow.parquet as pq
 from posttrain_assets.publish import verl_reward
 from posttrain_assets.warehouse.io import ordered_arrow
 
+# The single-file layout of a mixture folder (export_mixture); an export folder of an earlier version had them too.
 PARQUET_FILE = "train.parquet"
 JSONL_FILE = "train.jsonl"
+# An export folder's shards: SHARD_DIR/<source>-<part>-of-<parts>.parquet and .jsonl (EMPTY_SHARD for no rows).
+SHARD_DIR = "data"
+SHARD_GLOB = f"{SHARD_DIR}/*.parquet"
+EMPTY_SHARD = "no-rows"
+# A source of more rows than this is split into a power of two of parts (an sft part of 20,000 rows is about
+# 300 MB of JSON lines): a change within a large source rewrites the parts of the ids it touches.
+SHARD_ROWS = 20_000
+# The part of a row is the leading bits of its id's first byte, so a source has at most 256 parts.
+MAX_SHARD_BITS = 8
+# Part of every shard's fingerprint: raise it when the files' bytes for the same rows change by code that is not
+# the projection's text, the schema or the writer options (which the fingerprint holds as they are).
+EXPORT_FORMAT_VERSION = 1
 CARD_FILE = "README.md"
 REWARD_FILE = "reward.py"
 # What rl/reward.py holds: the source of a real module of this package (linted and tested as such).
@@ -211,10 +241,10 @@ FINAL_ANSWER_MARKERS = ("####", "\\boxed")
 class ExportSpec:
     """One export folder: which gold table, the projection into the trainer layout, and its documented schema.
 
-    ``query`` returns the schema's columns and a top-level ``id`` (the gold row's id), unsorted: it is read in id
-    order, range by range, and only the schema's columns are written. Its named parameters come from
-    :meth:`params`. ``kind`` (sft, preference, rl) says which trainer reads it, and so what its card says about
-    training.
+    ``query`` returns the schema's columns, a top-level ``id`` (the gold row's id) and ``source`` (the shard it
+    goes to), unsorted: it is read in id order, range by range, and only the schema's columns are written. Its
+    named parameters come from :meth:`params`. ``kind`` (sft, preference, rl) says which trainer reads it, and so
+    what its card says about training.
     """
 
     name: str
@@ -225,6 +255,9 @@ class ExportSpec:
     query: str
     columns: dict[str, str]
     bind: Callable[[Mapping[str, str]], dict[str, Any]] | None = None
+    # Columns the query computes from other exported columns only (sft's assistant_masks from labels): left out
+    # of the row hash of the fingerprint, which holds the query's text (hashing them cost as much as the rest).
+    derived: tuple[str, ...] = ()
 
     def params(self, answer_formats: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The named parameters of ``query``; ``answer_formats`` as :func:`export_gold` takes them."""
@@ -241,6 +274,7 @@ def _preference_spec(name: str, table: str) -> ExportSpec:
         PREFERENCE_SCHEMA,
         f"""
         SELECT id,
+               source,
                messages AS prompt,
                [struct_pack(role := 'assistant', content := chosen)] AS chosen,
                [struct_pack(role := 'assistant', content := rejected)] AS rejected,
@@ -293,6 +327,7 @@ WITH bank AS (
     FROM bank
 )
 SELECT id,
+       source,
        coalesce(
            list_extract($verl_names, list_position($alias_names, source_ref.data_source)),
            source_ref.data_source,
@@ -322,7 +357,7 @@ FROM instructed
 """
 
 
-# Each query returns the schema's columns (and id, when the schema has none at top level), in any order.
+# Each query returns the schema's columns, id (also when the schema has none at top level) and source, in any order.
 EXPORTS: tuple[ExportSpec, ...] = (
     ExportSpec(
         "sft",
@@ -332,6 +367,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
         SFT_SCHEMA,
         """
         SELECT id,
+               source,
                messages[1:num_messages] AS messages,
                tools,
                input_ids,
@@ -349,6 +385,7 @@ EXPORTS: tuple[ExportSpec, ...] = (
             "labels": "input id where trained (assistant content + end-of-turn marker), -100 elsewhere; unshifted",
             "assistant_masks": "1 where labels are trained, 0 elsewhere (TRL's assistant mask)",
         },
+        derived=("assistant_masks",),
     ),
     _preference_spec("preference", "gold.preference"),
     _preference_spec("preference_length_balanced", "gold.preference_length_balanced"),
@@ -386,8 +423,45 @@ class ExportedFile:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One shard of an export folder: the rows of ``source`` whose id's first byte, shifted right by
+    ``8 - bits``, is ``part`` (of ``2 ** bits`` parts). ``fingerprint`` changes whenever its files' bytes would
+    (:func:`_plan_shards`)."""
+
+    source: str
+    part: int
+    bits: int
+    rows: int
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        """The files' stem, stable across runs: ``<source>-<part>-of-<parts>`` (:data:`EMPTY_SHARD`: no rows)."""
+        if not self.source:
+            return EMPTY_SHARD
+        return f"{self.source}-{self.part:05d}-of-{2**self.bits:05d}"
+
+    def paths(self, export: str) -> tuple[str, str]:
+        """The Parquet and JSONL files, relative to the export root."""
+        return (f"{export}/{SHARD_DIR}/{self.name}.parquet", f"{export}/{SHARD_DIR}/{self.name}.jsonl")
+
+    def to_dict(self, export: str) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "part": self.part,
+            "parts": 2**self.bits,
+            "rows": self.rows,
+            "fingerprint": self.fingerprint,
+            "files": list(self.paths(export)),
+        }
+
+
+@dataclass(frozen=True)
 class ExportedTable:
-    """One export folder; ``trainer``: how to train on it (:class:`TrainerSettings` as a dict)."""
+    """One export folder; ``trainer``: how to train on it (:class:`TrainerSettings` as a dict). ``written``: the
+    data files this export wrote (the others were kept as the previous export left them), and ``rows_written``
+    their rows; neither goes into the manifest, which is the same however the files came to be."""
 
     name: str
     table: str
@@ -396,6 +470,13 @@ class ExportedTable:
     sources: tuple[dict[str, Any], ...]
     files: tuple[ExportedFile, ...]
     trainer: dict[str, Any] = field(default_factory=dict)
+    shards: tuple[Shard, ...] = ()
+    written: tuple[str, ...] = field(default=(), compare=False)
+    rows_written: int = field(default=0, compare=False)
+
+    def parquet_files(self) -> list[str]:
+        """The folder's Parquet files, relative to the export root, in shard order."""
+        return [shard.paths(self.name)[0] for shard in self.shards]
 
 
 @dataclass(frozen=True)
@@ -429,6 +510,7 @@ class ExportManifest:
                     "layout": t.layout,
                     "rows": t.rows,
                     "sources": [dict(s) for s in t.sources],
+                    "shards": [shard.to_dict(t.name) for shard in t.shards],
                     "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in t.files],
                     "trainer_settings": dict(t.trainer),
                 }
@@ -436,6 +518,12 @@ class ExportManifest:
             ],
             "skipped": list(self.skipped),
         }
+
+
+def shard_files(folder: Path, suffix: str = ".parquet") -> list[Path]:
+    """The Parquet (``suffix=".jsonl"``: JSON Lines) shards of the export folder ``folder`` in shard order (by
+    name, as ``manifest.json`` lists them and ``datasets`` globs them): together, the folder's rows."""
+    return sorted((Path(folder) / SHARD_DIR).glob(f"*{suffix}"))
 
 
 class ExportError(RuntimeError):
@@ -452,9 +540,12 @@ def export_gold(
     answer_formats: Mapping[str, str] | None = None,
 ) -> ExportManifest:
     """Write one folder per gold table under ``out_dir`` (``sft/``, ``preference/``,
-    ``preference_length_balanced/``, ``rl/``: Parquet + JSONL + dataset card each; ``rl/`` also ``reward.py``), plus
-    ``manifest.json`` listing every file with its sha256 and each folder's trainer settings.
+    ``preference_length_balanced/``, ``rl/``: Parquet + JSONL shards under ``data/`` and a dataset card each;
+    ``rl/`` also ``reward.py``), plus ``manifest.json`` listing every shard (source, rows, fingerprint) and file
+    with its sha256, and each folder's trainer settings.
 
+    Into a folder an earlier export wrote, only the shards whose fingerprint or files differ from its
+    ``manifest.json`` are written (see the module docstring); the result is the same as into an empty folder.
     A gold table that does not exist (never materialised, e.g. gold.preference while the length gate fails) is
     skipped: listed in ``ExportManifest.skipped``, and this function's files of an earlier export of it removed, so
     ``out_dir`` holds exactly what the manifest lists. ``ExportError`` if no gold table exists.
@@ -484,36 +575,200 @@ def export_gold(
         _require_tokenizer(conn, tokenizer_identity)
 
     for table in skipped:
-        name = next(spec.name for spec in EXPORTS if spec.table == table)
-        for stale in (PARQUET_FILE, JSONL_FILE, REWARD_FILE, CARD_FILE):
-            (out_dir / name / stale).unlink(missing_ok=True)
+        folder = out_dir / next(spec.name for spec in EXPORTS if spec.table == table)
+        _remove_stale_shards(folder, set())
+        for stale in (REWARD_FILE, CARD_FILE):
+            (folder / stale).unlink(missing_ok=True)
 
+    previous = _previous_files(out_dir)
     answer_formats = dict(answer_formats or {})
     tables = []
     for spec in present:
         folder = out_dir / spec.name
-        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         params = spec.params(answer_formats)
-        rows, files = _write_data(conn, spec, params, out_dir, folder)
+        shards = _plan_shards(conn, spec, params)
+        files: list[ExportedFile] = []
+        written: list[str] = []
+        rows_written = 0
+        for shard in shards:
+            kept = _kept_files(out_dir, shard, spec.name, previous)
+            if kept is None:
+                parquet, jsonl = (out_dir / path for path in shard.paths(spec.name))
+                rows, kept = _write_data(conn, spec, _shard_query(spec, shard), params, out_dir, parquet, jsonl)
+                if rows != shard.rows:  # the gold table changed under the export
+                    raise ExportError(f"{spec.table}: shard {shard.name} has {rows} rows, planned {shard.rows}")
+                written += [f.path for f in kept]
+                rows_written += rows
+            files += kept
+        _remove_stale_shards(folder, {Path(path).name for shard in shards for path in shard.paths(spec.name)})
+        rows = sum(shard.rows for shard in shards)
         if spec.kind == "rl":
-            files.append(
-                _write_file(out_dir, folder / REWARD_FILE, lambda path: path.write_text(REWARD_SOURCE, "utf-8"))
-            )
+            files.append(_write_text(out_dir, folder / REWARD_FILE, REWARD_SOURCE))
         sources = _sources(conn, spec.table)
         card_checks = [c for c in checks if _check_applies(c, spec.table)]
-        trainer = _trainer_settings(conn, spec, params, answer_formats)
+        trainer = _trainer_settings(conn, spec, params, answer_formats, [shard.paths(spec.name)[0] for shard in shards])
         card = _card(spec, rows, sources, card_checks, tokenizer_identity, stamp, files, trainer)
-        files.append(_write_file(out_dir, folder / CARD_FILE, lambda path, card=card: path.write_text(card, "utf-8")))
+        files.append(_write_text(out_dir, folder / CARD_FILE, card))
         tables.append(
             ExportedTable(
-                spec.name, spec.table, spec.layout, rows, tuple(sources), tuple(files), trainer.manifest_entry()
+                spec.name,
+                spec.table,
+                spec.layout,
+                rows,
+                tuple(sources),
+                tuple(files),
+                trainer.manifest_entry(),
+                tuple(shards),
+                tuple(written),
+                rows_written,
             )
         )
 
     manifest = ExportManifest(out_dir, stamp, dict(tokenizer_identity), tuple(checks), tuple(tables), skipped)
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    _write_file(out_dir, out_dir / MANIFEST_FILE, lambda path: path.write_text(text, "utf-8"))
+    _write_text(out_dir, out_dir / MANIFEST_FILE, text)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------------------------------------------
+
+# The first byte of an id (two lowercase hex digits) as an integer, in SQL; the part of a row is its leading bits.
+_ID_BYTE = """(CASE WHEN regexp_full_match(left(id, 2), '[0-9a-f]{2}')
+      THEN (strpos('0123456789abcdef', id[1]) - 1) * 16 + strpos('0123456789abcdef', id[2]) - 1
+      ELSE error('gold row id ' || coalesce(id, 'NULL') || ' does not start with two lowercase hex digits') END)"""
+# Source names become file names: registry names are [a-z0-9_]+ (ingest.registry.NAME_PATTERN).
+_SHARD_SOURCE = re.compile(r"[a-z0-9_]+")
+
+
+def _writer_identity(spec: ExportSpec) -> str:
+    """What the files' bytes depend on besides the rows: the projection, the schema, the writer options and the
+    libraries that write them (a new pyarrow or DuckDB rewrites every shard once)."""
+    identity = {
+        "format": EXPORT_FORMAT_VERSION,
+        "query": spec.query,
+        "schema": str(spec.schema),
+        "derived": list(spec.derived),
+        "parquet": PARQUET_OPTIONS,
+        "pyarrow": pa.__version__,
+        "duckdb": duckdb.__version__,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any]) -> list[Shard]:
+    """The shards of ``spec``'s rows, in name order, each with its row count and fingerprint; one empty shard
+    (:data:`EMPTY_SHARD`) when there are no rows, so the folder still holds the schema.
+
+    A source of ``n`` rows has ``2 ** bits`` parts, the fewest of at most ``SHARD_ROWS`` rows each on average
+    (at most 256). The fingerprint is the sha256 of the writer identity, the shard's name and rows, and the md5
+    of its ``id:row hash`` list in id order (DuckDB's ``hash`` of the exported columns but ``spec.derived``): one
+    aggregate query, no row leaves DuckDB."""
+    counts = conn.execute(
+        f"SELECT source, count(*) FROM ({spec.query}) GROUP BY source ORDER BY source", params
+    ).fetchall()
+    bits = {}
+    for source, rows in counts:
+        if source is None or not _SHARD_SOURCE.fullmatch(source):
+            raise ExportError(f"{spec.table}: source {source!r} cannot name a shard file (want [a-z0-9_]+)")
+        bits[source] = min(((rows - 1) // SHARD_ROWS).bit_length(), MAX_SHARD_BITS)
+    writer = _writer_identity(spec)
+    if not bits:
+        return [Shard("", 0, 0, 0, hashlib.sha256(f"{writer}:{EMPTY_SHARD}".encode()).hexdigest())]
+    hashed = ", ".join(f'"{name}"' for name in spec.schema.names if name not in spec.derived)
+    sources = sorted(bits)
+    planned = conn.execute(
+        f"""
+        WITH hashed AS (
+            SELECT source, id, {_ID_BYTE} AS id_byte, hash({hashed}) AS row_hash FROM ({spec.query})
+        ), parted AS (
+            SELECT *, list_extract($shard_bits, list_position($shard_sources, source)) AS bits FROM hashed
+        )
+        SELECT source, bits, id_byte >> (8 - bits) AS part, count(*) AS rows,
+               md5(string_agg(id || ':' || row_hash::VARCHAR, ',' ORDER BY id)) AS digest
+        FROM parted
+        GROUP BY ALL
+        ORDER BY source, part
+        """,
+        {**params, "shard_sources": sources, "shard_bits": [bits[s] for s in sources]},
+    ).fetchall()
+    shards = []
+    for source, source_bits, part, rows, digest in planned:
+        shard = Shard(source, part, source_bits, rows, "")
+        fingerprint = hashlib.sha256(f"{writer}:{shard.name}:{rows}:{digest}".encode()).hexdigest()
+        shards.append(replace(shard, fingerprint=fingerprint))
+    return shards
+
+
+def _shard_query(spec: ExportSpec, shard: Shard) -> str:
+    """``spec``'s query restricted to the rows of ``shard``, the part as an id range (the ids whose first byte
+    has the part's leading bits: :func:`_plan_shards` proved every id starts with two lowercase hex digits), which
+    DuckDB answers from the id column's min/max per row group. Literals, not parameters: the shard is ours (its
+    source matched ``[a-z0-9_]+``), not input."""
+    if not shard.source:
+        return f"SELECT * FROM ({spec.query}) WHERE false"
+    where = [f"source = '{shard.source}'"]
+    width = 1 << (8 - shard.bits)
+    if shard.part > 0:
+        where.append(f"id >= '{shard.part * width:02x}'")
+    if (shard.part + 1) * width < 256:
+        where.append(f"id < '{(shard.part + 1) * width:02x}'")
+    return f"SELECT * FROM ({spec.query}) WHERE {' AND '.join(where)}"
+
+
+def _previous_files(out_dir: Path) -> dict[str, tuple[str, dict[str, ExportedFile]]]:
+    """Per shard file path of the previous export into ``out_dir`` (its ``manifest.json``): the shard's
+    fingerprint and its files as the manifest lists them. Empty without a readable manifest (then every shard is
+    written)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        found: dict[str, tuple[str, dict[str, ExportedFile]]] = {}
+        for export in manifest["exports"]:
+            listed = {f["path"]: ExportedFile(f["path"], f["sha256"], f["bytes"]) for f in export["files"]}
+            for shard in export.get("shards", []):
+                files = {path: listed[path] for path in shard["files"]}
+                for path in shard["files"]:
+                    found[path] = (shard["fingerprint"], files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return found
+
+
+def _kept_files(
+    root: Path, shard: Shard, export: str, previous: dict[str, tuple[str, dict[str, ExportedFile]]]
+) -> list[ExportedFile] | None:
+    """The shard's files as the previous export wrote them, if that export planned the same fingerprint for it
+    and both files are still there with its size and sha256; else None (write the shard)."""
+    kept = []
+    for path in shard.paths(export):
+        fingerprint, files = previous.get(path, ("", {}))
+        listed = files.get(path)
+        if fingerprint != shard.fingerprint or listed is None:
+            return None
+        try:
+            if (root / path).stat().st_size != listed.bytes or _written(root, root / path) != listed:
+                return None
+        except OSError:
+            return None
+        kept.append(listed)
+    return kept
+
+
+def _remove_stale_shards(folder: Path, keep: set[str]) -> None:
+    """Delete the files under ``folder/data`` not named in ``keep`` (shards no longer planned, temporary files of
+    a killed export) and the single files of the earlier layout; ``data/`` itself when left empty."""
+    for legacy in (PARQUET_FILE, JSONL_FILE):
+        (folder / legacy).unlink(missing_ok=True)
+    shard_dir = folder / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for path in shard_dir.iterdir():
+        if path.name not in keep and path.is_file():
+            path.unlink()
+    if not keep and not any(shard_dir.iterdir()):
+        shard_dir.rmdir()
 
 
 def export_mixture(
@@ -539,7 +794,7 @@ def export_mixture(
     params = {**spec.params(answer_formats), "mixture_name": mixture}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _, files = _write_data(conn, replace(spec, query=query), params, folder, folder)
+    _, files = _write_data(conn, replace(spec, query=query), query, params, folder, *_single(folder))
     text = json.dumps(dict(mixture_manifest), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files.append(_write_file(folder, folder / "mixture_manifest.json", lambda path: path.write_text(text, "utf-8")))
     return files
@@ -548,6 +803,10 @@ def export_mixture(
 # ---------------------------------------------------------------------------------------------------------------
 # writers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _single(folder: Path) -> tuple[Path, Path]:
+    return folder / PARQUET_FILE, folder / JSONL_FILE
 
 
 def _tmp(path: Path) -> Path:
@@ -560,6 +819,17 @@ def _written(root: Path, path: Path) -> ExportedFile:
     return ExportedFile(path.relative_to(root).as_posix(), digest, path.stat().st_size)
 
 
+def _write_text(root: Path, path: Path, text: str) -> ExportedFile:
+    """``path`` holding ``text`` (UTF-8), written (atomically) only if it holds something else."""
+    data = text.encode("utf-8")
+    try:
+        if path.read_bytes() == data:
+            return ExportedFile(path.relative_to(root).as_posix(), hashlib.sha256(data).hexdigest(), len(data))
+    except OSError:
+        pass
+    return _write_file(root, path, lambda tmp: tmp.write_bytes(data))
+
+
 def _write_file(root: Path, path: Path, write: Callable[[Path], Any]) -> ExportedFile:
     """Write ``path`` through a temporary sibling and an atomic rename; return its sha256 and size."""
     tmp = _tmp(path)
@@ -569,16 +839,21 @@ def _write_file(root: Path, path: Path, write: Callable[[Path], Any]) -> Exporte
 
 
 def _write_data(
-    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], root: Path, folder: Path
+    conn: duckdb.DuckDBPyConnection,
+    spec: ExportSpec,
+    query: str,
+    params: dict[str, Any],
+    root: Path,
+    parquet: Path,
+    jsonl: Path,
 ) -> tuple[int, list[ExportedFile]]:
-    """Write ``spec``'s Parquet and JSONL files (its query with ``params``) in one pass over its rows in id order,
-    each through a temporary sibling renamed into place once both are complete; return the row count and the two
-    files.
+    """Write the rows of ``query`` (``spec``'s, or a part of it, with ``params``) in ``spec``'s schema as the
+    Parquet file ``parquet`` and the JSONL file ``jsonl``, in one pass over the rows in id order, each through a
+    temporary sibling renamed into place once both are complete; return the row count and the two files.
 
     The Parquet file is byte-identical to ``pq.write_table`` of the whole table: rows are handed to the writer in
     row groups of exactly ``row_group_size`` rows, each one contiguous array, as ``write_table`` slices them.
     """
-    parquet, jsonl = folder / PARQUET_FILE, folder / JSONL_FILE
     options = dict(PARQUET_OPTIONS)
     group_rows = options.pop("row_group_size")
     schema = spec.schema.remove_metadata()
@@ -591,7 +866,7 @@ def _write_data(
         ):
             pending: list[pa.Table] = []
             pending_rows = 0
-            for batch in ordered_arrow(conn, spec.query, "id", EXPORT_BATCH_ROWS, params):
+            for batch in ordered_arrow(conn, query, "id", EXPORT_BATCH_ROWS, params):
                 data = batch.select(schema.names).cast(schema)
                 rows += data.num_rows
                 _write_jsonl(spec, data, lines, json_writer)
@@ -747,13 +1022,18 @@ TRL_DEFAULT_MAX_LENGTH = 1024
 
 
 def _trainer_settings(
-    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], answer_formats: Mapping[str, str]
+    conn: duckdb.DuckDBPyConnection,
+    spec: ExportSpec,
+    params: dict[str, Any],
+    answer_formats: Mapping[str, str],
+    parquet_files: list[str],
 ) -> TrainerSettings:
+    """``parquet_files``: the folder's Parquet shards, relative to the export root (verl takes the list)."""
     if spec.kind == "sft":
         return _sft_settings(conn)
     if spec.kind == "preference":
         return _dpo_settings(conn, spec.table)
-    return _verl_settings(conn, spec, params, answer_formats)
+    return _verl_settings(conn, spec, params, answer_formats, parquet_files)
 
 
 def _sft_settings(conn: duckdb.DuckDBPyConnection) -> TrainerSettings:
@@ -810,11 +1090,16 @@ def _dpo_settings(conn: duckdb.DuckDBPyConnection, table: str) -> TrainerSetting
 
 
 def _verl_settings(
-    conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any], answer_formats: Mapping[str, str]
+    conn: duckdb.DuckDBPyConnection,
+    spec: ExportSpec,
+    params: dict[str, Any],
+    answer_formats: Mapping[str, str],
+    parquet_files: list[str],
 ) -> TrainerSettings:
-    """verl's config lines for the RL folder, and what the card says about rewards, answer formats and routing."""
-    settings = {
-        "data.train_files": f"{spec.name}/{PARQUET_FILE}",
+    """verl's config lines for the RL folder, and what the card says about rewards, answer formats and routing.
+    ``data.train_files`` is the list of the folder's Parquet shards (verl's RLHFDataset reads a list of files)."""
+    settings: dict[str, Any] = {
+        "data.train_files": list(parquet_files),
         "reward.custom_reward_function.path": f"{spec.name}/{REWARD_FILE}",
         "reward.custom_reward_function.name": "compute_score",
     }
@@ -837,13 +1122,13 @@ def _verl_settings(
         "verl computes rewards. With `$EXPORT` the export folder (the one holding `manifest.json`):",
         "",
         "```bash",
-        *(
-            f"{key}=$EXPORT/{value}" if key != "reward.custom_reward_function.name" else f"{key}={value}"
-            for key, value in settings.items()
-        ),
+        '"data.train_files=[' + ",".join(f"$EXPORT/{path}" for path in parquet_files) + ']"',
+        f"reward.custom_reward_function.path=$EXPORT/{settings['reward.custom_reward_function.path']}",
+        f"reward.custom_reward_function.name={settings['reward.custom_reward_function.name']}",
         "```",
         "",
-        "(The two `reward.custom_reward_function` lines; verl before 0.7 reads them without the `reward.` prefix.)",
+        "(`data.train_files` lists every Parquet shard of this folder, as `manifest.json` does. The two "
+        "`reward.custom_reward_function` lines; verl before 0.7 reads them without the `reward.` prefix.)",
         "",
         "| verifier | certified with version | rows |",
         "|---|---|---|",
@@ -908,13 +1193,15 @@ def _card(
     """The folder's README.md: a Hugging Face dataset card (YAML header with the data files) plus the facts."""
     licenses = _hf_license([s["license"] for s in sources])
     header = ["---", "configs:", "  - config_name: default", "    data_files:", "      - split: train"]
-    header += [f"        path: {PARQUET_FILE}", "license:"] + [f"  - {json.dumps(lic)}" for lic in licenses]
+    header += [f"        path: {json.dumps(SHARD_GLOB)}", "license:"] + [f"  - {json.dumps(lic)}" for lic in licenses]
     header += ["tags:", "  - posttrain-assets", f"  - {spec.name}", "---", ""]
     lines = [
         f"# posttrain-assets export: {spec.name}",
         "",
-        f"Rows of `{spec.table}` in the layout of {spec.layout}, sorted by id. The same rows are in "
-        f"`{PARQUET_FILE}` and `{JSONL_FILE}`.",
+        f"Rows of `{spec.table}` in the layout of {spec.layout}, in shards: `{SHARD_DIR}/<source>-<part>-of-"
+        "<parts>.parquet` and the same rows in the `.jsonl` of the same name, each shard sorted by id (a source of "
+        f"more than {SHARD_ROWS:,} rows is split into parts by id). `datasets.load_dataset` of this folder reads "
+        f"every Parquet shard (`{SHARD_GLOB}`); `manifest.json` lists the files.",
         "",
         f"- rows: {rows}",
         f"- created: {created_at}",

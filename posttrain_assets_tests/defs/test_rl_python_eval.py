@@ -19,7 +19,7 @@ import pytest
 
 from posttrain_assets.defs.silver.rl import CERTIFIED_SEEDS
 from posttrain_assets.ingest.registry import render_registry
-from posttrain_assets.publish.exports import PARQUET_FILE, REWARD_FILE
+from posttrain_assets.publish.exports import REWARD_FILE, shard_files
 from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS, perturb_answer
 from posttrain_assets.warehouse.io import fetch_dicts
 from posttrain_assets_tests.graph import Graph, deployed
@@ -142,7 +142,7 @@ def test_gold_and_the_verl_export_carry_the_tests(code_graph: Graph) -> None:
         "SELECT check_name, passed FROM checks.verdicts WHERE asset = 'gold/rl_prompts' AND severity = 'ERROR' "
         "ORDER BY check_name"
     ) == [("gold_rl_prompts_schema_check", True), ("rl_certification_check", True)]
-    exported = pq.read_table(code_graph.database.parent / "exports" / "rl" / PARQUET_FILE).to_pylist()
+    exported = pq.read_table(shard_files(code_graph.database.parent / "exports" / "rl")).to_pylist()
     assert {r["extra_info"]["id"]: r["extra_info"]["tests"] for r in exported} == gold
     assert {r["extra_info"]["verifier"] for r in exported} == {"python_eval"}
 
@@ -150,7 +150,7 @@ def test_gold_and_the_verl_export_carry_the_tests(code_graph: Graph) -> None:
 def test_the_shipped_reward_gives_the_certification_verdicts(code_graph: Graph) -> None:
     reward = load_shipped_reward(code_graph.database.parent / "exports" / "rl" / REWARD_FILE)
     seeds = seeds_by_name(code_graph)
-    exported = pq.read_table(code_graph.database.parent / "exports" / "rl" / PARQUET_FILE).to_pylist()
+    exported = pq.read_table(shard_files(code_graph.database.parent / "exports" / "rl")).to_pylist()
     for row in exported:
         info, gold = row["extra_info"], row["reward_model"]["ground_truth"]
         seed = next(s for s in seeds.values() if s["id"] == info["id"])

@@ -26,14 +26,15 @@ from posttrain_assets.demo.generator import generate_demo_data
 from posttrain_assets.publish import exports
 from posttrain_assets.publish.exports import (
     CARD_FILE,
+    EMPTY_SHARD,
     EXPORTS,
-    JSONL_FILE,
     MANIFEST_FILE,
-    PARQUET_FILE,
     PARQUET_OPTIONS,
+    SHARD_DIR,
     ExportError,
     ExportManifest,
     export_gold,
+    shard_files,
 )
 from posttrain_assets.sft.tokenizer import tokenizer_identity
 from posttrain_assets_tests.graph import deployed
@@ -99,13 +100,19 @@ class Offline:
     datasets: Any
     cache: Path
 
-    def load(self, path: Path, builder: str | None = None) -> Any:
-        """``load_dataset`` of one exported file (``parquet`` or ``json`` builder) or of an export folder."""
-        if builder is None and path.is_dir():
+    def load(self, path: Path | list[Path], schema: pa.Schema | None = None) -> Any:
+        """``load_dataset`` of an export folder (as its card declares it), or of a list of exported files (all
+        ``.parquet`` or all ``.jsonl``: the ``parquet`` or ``json`` builder). JSON Lines carry no types: ``schema``
+        gives them (a shard whose column is null throughout would otherwise be read as null-typed, and the next
+        shard's values would not cast to it)."""
+        if isinstance(path, Path):
             return self.datasets.load_dataset(str(path), split="train", cache_dir=str(self.cache))
-        builder = builder or ("parquet" if path.suffix == ".parquet" else "json")
-        files = {"train": str(path)}
-        return self.datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(self.cache))
+        builder = "parquet" if path[0].suffix == ".parquet" else "json"
+        files = {"train": [str(p) for p in path]}
+        features = self.datasets.Features.from_arrow_schema(schema) if schema is not None else None
+        return self.datasets.load_dataset(
+            builder, data_files=files, split="train", cache_dir=str(self.cache), features=features
+        )
 
 
 @pytest.fixture(scope="module")
@@ -148,22 +155,45 @@ def _preference_exports(exported: ExportManifest) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _shard_ids(path: Path, name: str) -> list[str]:
+    """The gold ids of one Parquet shard, in file order."""
+    column = pq.read_table(path).column("extra_info" if name == "rl" else "id").to_pylist()
+    return [row["id"] for row in column] if name == "rl" else column
+
+
 @pytest.mark.slow
-def test_every_folder_has_parquet_jsonl_and_a_card(exported: ExportManifest, warehouse: Path) -> None:
+def test_every_folder_has_a_shard_per_source_in_parquet_and_jsonl_and_a_card(
+    exported: ExportManifest, warehouse: Path
+) -> None:
     root = exported.out_dir
     # Every gold table that exists is exported (gold.preference is not while the length gate fails on it).
     names = {t.name for t in exported.tables}
     assert {"sft", "rl"} <= names and names & {"preference", "preference_length_balanced"}
     assert {spec.table for spec in EXPORTS} == {t.table for t in exported.tables} | set(exported.skipped)
-    for table in exported.tables:
+    listed = json.loads((root / MANIFEST_FILE).read_text())["exports"]
+    for table, entry in zip(exported.tables, listed, strict=True):
         assert table.rows == _count(warehouse, table.table) > 0
-        names = (PARQUET_FILE, JSONL_FILE, *((exports.REWARD_FILE,) if table.name == "rl" else ()), CARD_FILE)
-        assert [f.path for f in table.files] == [f"{table.name}/{n}" for n in names]
-        jsonl = (root / table.name / JSONL_FILE).read_text(encoding="utf-8").splitlines()
-        assert len(jsonl) == table.rows
-    assert json.loads((root / MANIFEST_FILE).read_text())["exports"][0]["files"][0]["sha256"] == (
-        exported.tables[0].files[0].sha256
-    )
+        # The demo sources are small: one shard per source, named after it, with that source's rows.
+        by_source = dict(_gold(warehouse, f"SELECT source, count(*) FROM {table.table} GROUP BY ALL"))
+        assert [(s.source, s.rows) for s in table.shards] == sorted(by_source.items())
+        assert [s.name for s in table.shards] == [f"{source}-00000-of-00001" for source in sorted(by_source)]
+        data = [f"{table.name}/{SHARD_DIR}/{s.name}{suffix}" for s in table.shards for suffix in (".parquet", ".jsonl")]
+        extra = (exports.REWARD_FILE,) if table.name == "rl" else ()
+        assert [f.path for f in table.files] == data + [f"{table.name}/{n}" for n in (*extra, CARD_FILE)]
+        assert sorted(p.relative_to(root).as_posix() for p in (root / table.name / SHARD_DIR).iterdir()) == sorted(data)
+        for shard in table.shards:
+            parquet, jsonl = (root / path for path in shard.paths(table.name))
+            ids = _shard_ids(parquet, table.name)
+            assert ids == sorted(ids) and len(ids) == shard.rows  # each shard sorted by id
+            of_source = _gold(warehouse, f"SELECT id FROM {table.table} WHERE source = '{shard.source}'")
+            assert {i for (i,) in of_source} == set(ids)
+            rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+            assert [r["extra_info"]["id"] if table.name == "rl" else r["id"] for r in rows] == ids
+        assert sum(s.rows for s in table.shards) == table.rows
+        # The manifest lists each shard (source, rows, fingerprint, files) and each file's sha256.
+        assert entry["shards"] == [s.to_dict(table.name) for s in table.shards]
+        assert [f["sha256"] for f in entry["files"]] == [f.sha256 for f in table.files]
+        assert len({s["fingerprint"] for s in entry["shards"]}) == len(table.shards)
 
 
 @pytest.mark.slow
@@ -206,6 +236,104 @@ def test_reexporting_gives_identical_files_except_the_creation_time(
         assert changed == name.endswith((CARD_FILE, MANIFEST_FILE)), name
     assert again.to_dict() == exported.to_dict()
     assert later.created_at == "2030-01-01T00:00:00+00:00" != exported.created_at
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too), relative path -> bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _without_source(warehouse: Path, tmp_path: Path, table: str, source: str) -> Path:
+    """A copy of the warehouse whose ``table`` lacks ``source``'s rows (what the warehouse was before that source
+    was added)."""
+    database = tmp_path / f"without_{source}.duckdb"
+    shutil.copy(warehouse, database)
+    with duckdb.connect(str(database)) as conn:
+        conn.execute(f"DELETE FROM {table} WHERE source = $source", {"source": source})
+    return database
+
+
+def _smallest_sft_source(warehouse: Path) -> str:
+    return _gold(warehouse, "SELECT source FROM gold.sft GROUP BY source ORDER BY count(*), source LIMIT 1")[0][0]
+
+
+@pytest.mark.slow
+def test_a_second_export_with_no_change_writes_no_data_file(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)
+    before, mtimes = _tree(out), _mtimes(out)
+    manifest = _export(warehouse, out, smollm2_tokenizer)
+    assert [(t.name, t.written, t.rows_written) for t in manifest.tables] == [(t.name, (), 0) for t in exported.tables]
+    assert _tree(out) == before
+    assert _mtimes(out) == mtimes  # not even rewritten with the same bytes (cards and manifest neither)
+
+
+@pytest.mark.slow
+def test_a_new_source_writes_its_own_shard_only_and_the_files_equal_a_fresh_export(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    source = _smallest_sft_source(warehouse)
+    out = tmp_path / "out"
+    earlier = _export(_without_source(warehouse, tmp_path, "gold.sft", source), out, smollm2_tokenizer)
+    assert source not in {s.source for s in earlier.table("sft").shards}
+    data_mtimes = {k: v for k, v in _mtimes(out).items() if f"/{SHARD_DIR}/" in k}
+    manifest = _export(warehouse, out, smollm2_tokenizer)  # the source arrives
+    shard = next(s for s in manifest.table("sft").shards if s.source == source)
+    assert {t.name: t.written for t in manifest.tables if t.written} == {"sft": shard.paths("sft")}
+    assert manifest.table("sft").rows_written == shard.rows == _count(warehouse, "gold.sft", f"source = '{source}'")
+    assert {k: v for k, v in _mtimes(out).items() if k in data_mtimes} == data_mtimes  # the others untouched
+    assert _tree(out) == _tree(exported.out_dir)  # byte for byte a fresh export (the same created_at)
+    assert manifest.to_dict() == exported.to_dict()
+
+
+@pytest.mark.slow
+def test_a_removed_source_deletes_its_shard_and_nothing_else_is_written(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    source = _smallest_sft_source(warehouse)
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)
+    gone = next(s for s in exported.table("sft").shards if s.source == source).paths("sft")
+    assert all((out / path).is_file() for path in gone)
+    database = _without_source(warehouse, tmp_path, "gold.sft", source)
+    manifest = _export(database, out, smollm2_tokenizer)
+    assert [t.written for t in manifest.tables] == [()] * len(manifest.tables)
+    assert not any((out / path).exists() for path in gone)
+    removed = _count(warehouse, "gold.sft", f"source = '{source}'")
+    assert manifest.table("sft").rows == exported.table("sft").rows - removed > 0
+    _export(database, tmp_path / "fresh", smollm2_tokenizer)
+    assert _tree(out) == _tree(tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_a_corrupted_or_missing_shard_file_is_rewritten_and_leftovers_removed(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)
+    truncated, edited = exported.table("sft").shards[0].paths("sft")[1], exported.table("rl").shards[-1].paths("rl")[0]
+    missing = exported.table("rl").shards[0].paths("rl")[1]
+    (out / truncated).write_bytes((out / truncated).read_bytes()[:100])
+    body = bytearray((out / edited).read_bytes())
+    body[200] ^= 1  # same size, other bytes: only the sha256 tells
+    (out / edited).write_bytes(bytes(body))
+    (out / missing).unlink()
+    # What a killed export leaves: a temporary file, and a shard of a source no longer in gold.
+    (out / "sft" / SHARD_DIR / ".x-00000-of-00001.parquet.tmp").write_bytes(b"partial")
+    (out / "sft" / SHARD_DIR / "gone_source-00000-of-00001.jsonl").write_text("{}\n")
+    (out / "sft" / "train.parquet").write_bytes(b"the single file of the earlier layout")
+    manifest = _export(warehouse, out, smollm2_tokenizer)
+    written = {path for t in manifest.tables for path in t.written}
+    # A shard is written whole: both of its files, from the gold rows.
+    shards = {Path(p).name.rsplit(".", 1)[0] for p in (truncated, edited, missing)}
+    assert {Path(p).name.rsplit(".", 1)[0] for p in written} == shards and len(written) == 6
+    assert _tree(out) == _tree(exported.out_dir)
 
 
 def test_json_lines_carry_every_value_as_written(tmp_path: Path) -> None:
@@ -276,11 +404,13 @@ def test_a_missing_gold_table_is_skipped_and_its_old_files_removed(
     assert json.loads((out / MANIFEST_FILE).read_text())["skipped"] == list(manifest.skipped)
 
 
-def _reference(database: Path, spec: Any) -> pa.Table:
-    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data)."""
+def _reference(database: Path, spec: Any) -> tuple[pa.Table, list[str]]:
+    """What the export of ``spec`` must hold: its query read whole with one ORDER BY id (fine on the demo data),
+    and each row's source."""
     with duckdb.connect(str(database), read_only=True) as conn:
         data = conn.sql(f"SELECT * FROM ({spec.query}) ORDER BY id", params=spec.params()).to_arrow_table()
-    return pa.Table.from_pylist(data.select(spec.schema.names).to_pylist(), schema=spec.schema)
+    rows = pa.Table.from_pylist(data.select(spec.schema.names).to_pylist(), schema=spec.schema)
+    return rows, data.column("source").to_pylist()
 
 
 def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
@@ -295,40 +425,55 @@ def _jsonl_rows(text: str, schema: pa.Schema) -> list[dict[str, Any]]:
 def test_export_reads_id_ranges_in_order_and_writes_what_one_sorted_read_would(
     warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Ranges of 7 ids and row groups of 10 rows: many of each, the row groups cutting across ranges.
+    # Ranges of 7 ids and row groups of 10 rows: many of each, the row groups cutting across ranges; sources of
+    # more than 40 rows split into parts by id.
     monkeypatch.setattr(exports, "EXPORT_BATCH_ROWS", 7)
     monkeypatch.setitem(PARQUET_OPTIONS, "row_group_size", 10)
+    monkeypatch.setattr(exports, "SHARD_ROWS", 40)
     ranges: dict[str, list[int]] = {}
     ordered_arrow = exports.ordered_arrow
 
     def counted(conn: Any, relation: str, key: str, rows: int, params: Any = None) -> Iterator[pa.Table]:
-        sizes = ranges.setdefault(next(s.table for s in EXPORTS if s.query == relation), [])
+        sizes = ranges.setdefault(next(s.table for s in EXPORTS if s.query in relation), [])
         for batch in ordered_arrow(conn, relation, key, rows, params):
             sizes.append(batch.num_rows)
             yield batch
 
     monkeypatch.setattr(exports, "ordered_arrow", counted)
     manifest = _export(warehouse, tmp_path, smollm2_tokenizer)
+    split = 0
     for table in manifest.tables:
         spec = next(s for s in EXPORTS if s.name == table.name)
         assert len(ranges[spec.table]) > 2 and max(ranges[spec.table]) <= 7 and sum(ranges[spec.table]) == table.rows
-        expected = _reference(warehouse, spec)
-        folder = tmp_path / table.name
-        written = pq.read_table(folder / PARQUET_FILE)
-        assert written.equals(expected), table.name
-        assert pq.ParquetFile(folder / PARQUET_FILE).metadata.num_row_groups == -(-table.rows // 10)
-        # Byte for byte what writing the sorted table whole gives, and the same rows as JSON lines.
-        pq.write_table(expected, tmp_path / "whole.parquet", **PARQUET_OPTIONS)
-        assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "whole.parquet").read_bytes(), table.name
-        assert _jsonl_rows((folder / JSONL_FILE).read_text(encoding="utf-8"), spec.schema) == expected.to_pylist()
-        assert table.rows == expected.num_rows
+        expected, sources = _reference(warehouse, spec)
         ids = expected.column("extra_info" if table.name == "rl" else "id").to_pylist()
         ids = [i["id"] for i in ids] if table.name == "rl" else ids
         assert ids == [r[0] for r in _gold(warehouse, f"SELECT id FROM {spec.table} ORDER BY id")]
-    # The range size never shows in the JSON lines (nor, at the same row group size, in the Parquet file).
-    for table in exported.tables:
-        jsonl = next(f for f in table.files if f.path.endswith(JSONL_FILE))
-        assert jsonl == next(f for f in manifest.table(table.name).files if f.path == jsonl.path)
+        per_source = {source: sources.count(source) for source in sources}
+        for shard in table.shards:
+            # 2, 4, 8 ... parts: the fewest of at most 40 rows on average; a part holds the ids whose first byte
+            # has the part's leading bits.
+            assert 2 ** (shard.bits - 1) < -(-per_source[shard.source] // 40) <= 2**shard.bits or shard.bits == 0
+            split += shard.bits > 0
+            mine = [
+                i
+                for i, (source, id_) in enumerate(zip(sources, ids, strict=True))
+                if source == shard.source and int(id_[:2], 16) >> (8 - shard.bits) == shard.part
+            ]
+            want = expected.take(mine)
+            parquet, jsonl = (tmp_path / path for path in shard.paths(table.name))
+            assert pq.read_table(parquet).equals(want), shard.name
+            assert pq.ParquetFile(parquet).metadata.num_row_groups == max(1, -(-shard.rows // 10))
+            # Byte for byte what writing the shard's sorted rows whole gives, and the same rows as JSON lines.
+            pq.write_table(want, tmp_path / "whole.parquet", **PARQUET_OPTIONS)
+            assert parquet.read_bytes() == (tmp_path / "whole.parquet").read_bytes(), shard.name
+            assert _jsonl_rows(jsonl.read_text(encoding="utf-8"), spec.schema) == want.to_pylist()
+        assert sum(s.rows for s in table.shards) == table.rows == expected.num_rows
+        # Parts are id ranges in part order: a folder's JSON lines in shard order are the same whatever the
+        # parts (and the range size never shows).
+        whole = b"".join(p.read_bytes() for p in shard_files(exported.out_dir / table.name, ".jsonl"))
+        assert b"".join(p.read_bytes() for p in shard_files(tmp_path / table.name, ".jsonl")) == whole
+    assert split > 2  # several sources were split into parts
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -344,10 +489,12 @@ def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
     spec = next(s for s in EXPORTS if s.name == "rl")
     folder = tmp_path / "out" / "rl"
     assert manifest.table("rl").rows == 0 and "- rows: 0\n" in (folder / CARD_FILE).read_text(encoding="utf-8")
-    assert pq.read_table(folder / PARQUET_FILE).equals(spec.schema.empty_table())
+    assert [s.name for s in manifest.table("rl").shards] == [EMPTY_SHARD]
+    assert shard_files(folder) == [folder / SHARD_DIR / f"{EMPTY_SHARD}.parquet"]
+    assert pq.read_table(shard_files(folder)[0]).equals(spec.schema.empty_table())
     pq.write_table(spec.schema.empty_table(), tmp_path / "empty.parquet", **PARQUET_OPTIONS)
-    assert (folder / PARQUET_FILE).read_bytes() == (tmp_path / "empty.parquet").read_bytes()
-    assert (folder / JSONL_FILE).read_bytes() == b""
+    assert shard_files(folder)[0].read_bytes() == (tmp_path / "empty.parquet").read_bytes()
+    assert (folder / SHARD_DIR / f"{EMPTY_SHARD}.jsonl").read_bytes() == b""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,17 +503,21 @@ def test_an_empty_gold_table_gives_files_with_the_schema_and_no_rows(
 
 
 @pytest.mark.slow
-def test_datasets_loads_parquet_jsonl_and_the_folder_alike(hf: Offline, exported: ExportManifest) -> None:
+def test_datasets_loads_parquet_jsonl_and_the_folder_alike(
+    hf: Offline, exported: ExportManifest, warehouse: Path
+) -> None:
     for table in exported.tables:
         folder = exported.out_dir / table.name
-        from_parquet = hf.load(folder / PARQUET_FILE)
-        from_jsonl = hf.load(folder / JSONL_FILE)
-        from_folder = hf.load(folder)  # the card's YAML header names train.parquet as the train split
+        from_parquet = hf.load(shard_files(folder))
+        from_jsonl = hf.load(shard_files(folder, ".jsonl"), pq.read_schema(shard_files(folder)[0]))
+        from_folder = hf.load(folder)  # the card's YAML header names data/*.parquet as the train split
         assert from_parquet.num_rows == from_jsonl.num_rows == from_folder.num_rows == table.rows
         assert from_parquet.column_names == from_jsonl.column_names == from_folder.column_names
         assert from_parquet.to_list() == from_jsonl.to_list() == from_folder.to_list()
-        ids = [r["id"] for r in from_parquet] if table.name != "rl" else [r["extra_info"]["id"] for r in from_parquet]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        ids = [r["id"] for r in from_folder] if table.name != "rl" else [r["extra_info"]["id"] for r in from_folder]
+        # Every row once, shard after shard in name order, each shard's rows by id.
+        assert ids == [i for path in shard_files(folder) for i in _shard_ids(path, table.name)]
+        assert len(set(ids)) == len(ids) == _count(warehouse, table.table)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,7 +557,7 @@ def test_trl_sft_takes_our_tokens_and_its_own_assistant_mask_agrees_with_our_lab
 ) -> None:
     from trl.data_utils import is_conversational
 
-    ours = hf.load(exported.out_dir / "sft" / PARQUET_FILE)
+    ours = hf.load(exported.out_dir / "sft")
     assert is_conversational(ours[0])
     assert all(
         m == [1 if label != -100 else 0 for label in r["labels"]]
@@ -449,7 +600,7 @@ def test_trl_dpo_prepares_the_preference_exports(
     tok = copy.deepcopy(smollm2_tokenizer)
     reference = LlamaForCausalLM(tiny_model.config)
     for name in _preference_exports(exported):
-        pairs = hf.load(exported.out_dir / name / PARQUET_FILE)
+        pairs = hf.load(exported.out_dir / name)
         assert is_conversational(pairs[0])
         args = DPOConfig(output_dir=str(tmp_path / name), report_to="none", use_cpu=True, max_length=None)
         trainer = DPOTrainer(
@@ -479,7 +630,7 @@ def test_trl_dpo_prepares_the_preference_exports(
 def test_rl_export_has_verls_layout_and_the_gold_answers(
     hf: Offline, exported: ExportManifest, warehouse: Path, smollm2_tokenizer: Any
 ) -> None:
-    rows = hf.load(exported.out_dir / "rl" / PARQUET_FILE)
+    rows = hf.load(exported.out_dir / "rl")
     assert rows.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
     gold = {
         r[0]: r[1:]

@@ -46,12 +46,12 @@ from posttrain_assets.publish.exports import (
     ANSWER_FORMAT_DEFAULTS,
     CARD_FILE,
     MANIFEST_FILE,
-    PARQUET_FILE,
     REWARD_FILE,
     REWARD_SOURCE,
     VERL_DATA_SOURCE_ALIASES,
     ExportManifest,
     export_gold,
+    shard_files,
     verl_routes,
 )
 from posttrain_assets.records.formats import get_adapter
@@ -256,7 +256,7 @@ def hand_built_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportM
             created_at=CREATED_AT,
             answer_formats={"custom_fmt": CUSTOM, "no_fmt": ""},
         )
-    rows = pq.read_table(manifest.out_dir / "rl" / PARQUET_FILE).to_pylist()
+    rows = pq.read_table(shard_files(manifest.out_dir / "rl")).to_pylist()
     return manifest, {r["extra_info"]["id"]: r for r in rows}
 
 
@@ -316,9 +316,10 @@ def test_rl_folder_ships_reward_py_and_the_verl_config_lines(
     manifest, _ = hand_built_export
     folder = manifest.out_dir / "rl"
     assert (folder / REWARD_FILE).read_text(encoding="utf-8") == REWARD_SOURCE
+    sources = ("code", "custom_fmt", "no_fmt", "plain_math", "verl_rows")
+    shards = [f"rl/data/{source}-00000-of-00001" for source in sources]
     assert [f.path for f in manifest.table("rl").files] == [
-        "rl/train.parquet",
-        "rl/train.jsonl",
+        *(f"{shard}{suffix}" for shard in shards for suffix in (".parquet", ".jsonl")),
         "rl/reward.py",
         "rl/README.md",
     ]
@@ -326,13 +327,13 @@ def test_rl_folder_ships_reward_py_and_the_verl_config_lines(
     assert settings_ == {
         "config": "verl",
         "settings": {
-            "data.train_files": "rl/train.parquet",
+            "data.train_files": [f"{shard}.parquet" for shard in shards],
             "reward.custom_reward_function.path": "rl/reward.py",
             "reward.custom_reward_function.name": "compute_score",
         },
     }
     assert card_bash_lines((folder / CARD_FILE).read_text(encoding="utf-8")) == [
-        "data.train_files=$EXPORT/rl/train.parquet",
+        '"data.train_files=[' + ",".join(f"$EXPORT/{shard}.parquet" for shard in shards) + ']"',
         "reward.custom_reward_function.path=$EXPORT/rl/reward.py",
         "reward.custom_reward_function.name=compute_score",
     ]
@@ -398,7 +399,7 @@ def test_the_demo_exports_rows_score_with_reward_py_as_they_were_certified(
     exported: ExportManifest, warehouse: Path
 ) -> None:
     reward = load_shipped_reward(exported.out_dir / "rl" / REWARD_FILE)
-    rows = pq.read_table(exported.out_dir / "rl" / PARQUET_FILE).to_pylist()
+    rows = pq.read_table(shard_files(exported.out_dir / "rl")).to_pylist()
     with duckdb.connect(str(warehouse), read_only=True) as conn:
         certified = {
             r["id"]: r
@@ -443,15 +444,18 @@ def test_verl_loads_the_rl_export_and_scores_gsm8k_rows_as_reward_py_does(
         {"prompt_key": "prompt", "max_prompt_length": 1024, "cache_dir": str(tmp_path / "verl")}
         | {"filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1}
     )
-    dataset = RLHFDataset(data_files=str(folder / PARQUET_FILE), tokenizer=smollm2_tokenizer, config=config)
+    # verl's dataset reads the Parquet shards the card's data.train_files line lists.
+    card = (folder / CARD_FILE).read_text(encoding="utf-8")
+    lines = [line.replace("$EXPORT", str(exported.out_dir)).strip('"') for line in card_bash_lines(card)]
+    train_files = OmegaConf.from_dotlist(lines).data.train_files
+    assert list(train_files) == [str(p) for p in shard_files(folder)] and len(train_files) > 1
+    dataset = RLHFDataset(data_files=train_files, tokenizer=smollm2_tokenizer, config=config)
     assert len(dataset) == exported.table("rl").rows  # no prompt filtered out, none lost
     items = [dataset[i] for i in range(len(dataset))]
     assert {i["data_source"] for i in items} == {"openai/gsm8k", "lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval"}
     assert all(i["raw_prompt"][-1]["role"] == "user" and i["index"] == i["extra_info"]["index"] for i in items)
 
     # verl's reward loader, configured with the card's lines, runs the shipped reward.py.
-    card = (folder / CARD_FILE).read_text(encoding="utf-8")
-    lines = [line.replace("$EXPORT", str(exported.out_dir)) for line in card_bash_lines(card)]
     shipped = get_custom_reward_fn(OmegaConf.from_dotlist([line for line in lines if line.startswith("reward.")]))
     assert shipped is not None
 
@@ -485,7 +489,7 @@ def test_verl_loads_the_rl_export_and_scores_gsm8k_rows_as_reward_py_does(
 
 @pytest.mark.slow
 def test_the_demo_rl_rows_carry_their_landing_data_source_and_index(exported: ExportManifest, warehouse: Path) -> None:
-    rows = {r["extra_info"]["id"]: r for r in pq.read_table(exported.out_dir / "rl" / PARQUET_FILE).to_pylist()}
+    rows = {r["extra_info"]["id"]: r for r in pq.read_table(shard_files(exported.out_dir / "rl")).to_pylist()}
     with duckdb.connect(str(warehouse), read_only=True) as conn:
         landing = fetch_dicts(
             conn,
@@ -573,7 +577,7 @@ def test_two_sft_steps_with_the_cards_settings_keep_every_row_and_our_labels(
     assert settings_ == exported.table("sft").trainer["settings"]
     assert settings_["assistant_only_loss"] is False
     assert "fit `max_seq_len` = 4096 tokens" in card and "`labels` already carry the assistant-only loss mask" in card
-    ours = datasets.load_dataset("parquet", data_files=str(folder / PARQUET_FILE), split="train")
+    ours = datasets.load_dataset(str(folder), split="train")  # the folder, as its card declares it
     assert settings_["max_length"] == 4096 >= max(len(ids) for ids in ours["input_ids"])
 
     trainer = SFTTrainer(
@@ -618,7 +622,7 @@ def test_two_dpo_steps_with_the_cards_settings_keep_every_pair_whole(
     folder = exported.out_dir / name
     settings_ = card_settings((folder / CARD_FILE).read_text(encoding="utf-8"), "DPOConfig")
     assert settings_ == exported.table(name).trainer["settings"] and settings_["max_length"] > 0
-    pairs = datasets.load_dataset("parquet", data_files=str(folder / PARQUET_FILE), split="train")
+    pairs = datasets.load_dataset(str(folder), split="train")
     model = tiny_llama(smollm2_tokenizer)
     reference = tiny_llama(smollm2_tokenizer)
     trainer = DPOTrainer(

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posttrain_assets import pipeline
-from posttrain_assets.publish.exports import CARD_FILE
+from posttrain_assets.publish.exports import CARD_FILE, shard_files
 from posttrain_assets.sft.masking import IGNORE_INDEX, MaskConfig, render_mask, verify_mask
 from posttrain_assets_tests.graph import Graph, deployed
 from posttrain_assets_tests.publish.test_trainer_handoff import offline  # noqa: F401 (the fixture)
@@ -193,7 +193,7 @@ def test_agentic_statistics_are_asset_metadata(agentic_graph: Any) -> None:
 
 def test_the_sft_export_keeps_structured_messages_next_to_the_labels(agentic_graph: Any) -> None:
     graph, _, _ = agentic_graph
-    table = pq.read_table(graph.database.parent / "exports" / "sft" / "train.parquet")
+    table = pq.read_table(shard_files(graph.database.parent / "exports" / "sft"))
     assert table.num_rows == 217
     rows = {r["id"]: r for r in table.to_pylist()}
     (gold,) = graph.dicts("SELECT id, labels, tools FROM gold.sft WHERE origin.row = 3")
@@ -218,7 +218,7 @@ def test_trl_takes_the_tool_calling_export_with_our_labels(agentic_graph: Any, t
     graph, _, tokenizer = agentic_graph
     folder = graph.database.parent / "exports" / "sft"
     settings = card_settings((folder / CARD_FILE).read_text(encoding="utf-8"), "SFTConfig")
-    ours = datasets.load_dataset("parquet", data_files=str(folder / "train.parquet"), split="train")
+    ours = datasets.load_dataset(str(folder), split="train")  # the folder, as its card declares it
     calling = next(r for r in ours if any(m["tool_calls"] for m in r["messages"]))
     assert isinstance(
         next(m for m in calling["messages"] if m["tool_calls"])["tool_calls"][0]["function"]["arguments"], str
