@@ -8,6 +8,7 @@ import duckdb
 from posttrain_assets.defs.checks.rl import rl_certification_check
 from posttrain_assets.defs.resources import WarehouseResource
 from posttrain_assets.rl.verifiers import VERIFIER_VERSIONS
+from posttrain_assets.warehouse.catalogue import GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION
 
 NUMERIC = VERIFIER_VERSIONS["numeric"]
 EXACT = VERIFIER_VERSIONS["exact_match"]
@@ -15,14 +16,13 @@ EXACT = VERIFIER_VERSIONS["exact_match"]
 
 def warehouse(path: Path, gold: list[tuple], certificates: list[tuple]) -> WarehouseResource:
     """gold.rl_prompts ``(id, verifier, verifier_version)`` and silver.rl_certification ``(id, certified,
-    reason)``: only the columns the check reads."""
+    reason)``, with every declared column of both tables (the others null: only these are read)."""
     with duckdb.connect(str(path)) as conn:
-        conn.execute("CREATE SCHEMA gold")
-        conn.execute("CREATE SCHEMA silver")
-        conn.execute("CREATE TABLE gold.rl_prompts (id VARCHAR, verifier VARCHAR, verifier_version VARCHAR)")
-        conn.execute("CREATE TABLE silver.rl_certification (id VARCHAR, certified BOOLEAN, reason VARCHAR)")
-        conn.executemany("INSERT INTO gold.rl_prompts VALUES (?, ?, ?)", gold)
-        conn.executemany("INSERT INTO silver.rl_certification VALUES (?, ?, ?)", certificates)
+        for table in (GOLD_RL_PROMPTS, SILVER_RL_CERTIFICATION):
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {table.schema}")
+            conn.execute(f"CREATE TABLE {table.qualified} ({', '.join(f'{c.name} {c.type}' for c in table.columns)})")
+        conn.executemany("INSERT INTO gold.rl_prompts (id, verifier, verifier_version) VALUES (?, ?, ?)", gold)
+        conn.executemany("INSERT INTO silver.rl_certification (id, certified, reason) VALUES (?, ?, ?)", certificates)
     return WarehouseResource(database=str(path))
 
 

@@ -11,14 +11,14 @@ from posttrain_assets.warehouse.catalogue import GOLD_RL_PROMPTS, SILVER_RL_CERT
 # Each seed in the bank with its certificate; ``$verifiers`` / ``$versions`` are VERIFIER_VERSIONS as two lists.
 _CERTIFIED_SEEDS = f"""
 FROM {GOLD_RL_PROMPTS.qualified} g LEFT JOIN {SILVER_RL_CERTIFICATION.qualified} c USING (id)
-LEFT JOIN (SELECT unnest($verifiers) AS verifier, unnest($versions) AS current_version) v USING (verifier)
+LEFT JOIN (SELECT unnest($verifiers) AS verifier, unnest($versions) AS version) v ON v.verifier = g.verifier
 """
 # The seeds not certified by the verifier version in use now (no certificate, certified false, or another version),
 # in id order; counted in DuckDB, so only these reach Python.
 GOLD_UNCERTIFIED = f"""
 SELECT g.id, g.verifier, g.verifier_version, c.reason
 {_CERTIFIED_SEEDS}
-WHERE NOT coalesce(c.certified, false) OR g.verifier_version IS DISTINCT FROM v.current_version
+WHERE NOT coalesce(c.certified, false) OR g.verifier_version IS DISTINCT FROM v.version
 ORDER BY g.id
 """
 
