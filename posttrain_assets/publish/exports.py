@@ -664,8 +664,8 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
 
     A source of ``n`` rows has ``2 ** bits`` parts, the fewest of at most ``SHARD_ROWS`` rows each on average
     (at most 256). The fingerprint is the sha256 of the writer identity, the shard's name and rows, and the md5
-    of its ``id:row hash`` list in id order (DuckDB's ``hash`` of the exported columns but ``spec.derived``): one
-    aggregate query, no row leaves DuckDB."""
+    of its ``id:row hash`` list in id order (DuckDB's ``hash`` of the exported columns but ``spec.derived``, each
+    as :func:`_hashed_column` says): one aggregate query, no row leaves DuckDB."""
     counts = conn.execute(
         f"SELECT source, count(*) FROM ({spec.query}) GROUP BY source ORDER BY source", params
     ).fetchall()
@@ -677,7 +677,7 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     writer = _writer_identity(spec)
     if not bits:
         return [Shard("", 0, 0, 0, hashlib.sha256(f"{writer}:{EMPTY_SHARD}".encode()).hexdigest())]
-    hashed = ", ".join(f'"{name}"' for name in spec.schema.names if name not in spec.derived)
+    hashed = ", ".join(_hashed_column(f) for f in spec.schema if f.name not in spec.derived)
     sources = sorted(bits)
     planned = conn.execute(
         f"""
@@ -700,6 +700,34 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
         fingerprint = hashlib.sha256(f"{writer}:{shard.name}:{rows}:{digest}".encode()).hexdigest()
         shards.append(replace(shard, fingerprint=fingerprint))
     return shards
+
+
+def _hashed_column(column: pa.Field) -> str:
+    """What of ``column`` goes into a row's hash, so that two values written differently hash differently:
+    the value and its :func:`_shape` (DuckDB's ``hash`` alone flattens nested values: ``[[1], [2]]`` and
+    ``[[1, 2]]``, ``NULL``, ``[]`` and ``[NULL]``, a null struct and one of nulls hash alike; and -0.0 as 0.0)."""
+    name = f'"{column.name}"'
+    return ", ".join([name, *_shape(name, column.type, 0)])
+
+
+def _shape(value: str, kind: pa.DataType, depth: int) -> list[str]:
+    """SQL terms that tell apart the values of type ``kind`` that ``hash(value)`` takes for the same: a list's
+    length (null for a null list) and, for a nested element type, each element's shape hashed; whether a struct is
+    null, and its fields' shapes; a float's text (-0.0). Cheaper than hashing the JSON text (the token id lists
+    are thousands of integers: their hash and length are enough)."""
+    if pa.types.is_floating(kind):
+        return [f"{value}::VARCHAR"]
+    if pa.types.is_struct(kind):
+        fields = [term for field in kind for term in _shape(f'{value}."{field.name}"', field.type, depth)]
+        return [f"{value} IS NULL", *fields]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        element = f"e{depth}"
+        inner = _shape(element, kind.value_type, depth + 1)
+        terms = [f"len({value})"]
+        if inner:
+            terms.append(f"list_transform({value}, lambda {element}: hash({', '.join(inner)}))")
+        return terms
+    return []
 
 
 def _shard_query(spec: ExportSpec, shard: Shard) -> str:

@@ -336,6 +336,37 @@ def test_a_corrupted_or_missing_shard_file_is_rewritten_and_leftovers_removed(
     assert _tree(out) == _tree(exported.out_dir)
 
 
+def _preference_fingerprints(prompt: str, score: str) -> list[str]:
+    """The shard fingerprints of a one-row gold.preference whose ``messages`` and ``score_chosen`` are the SQL
+    literals given."""
+    spec = next(s for s in EXPORTS if s.name == "preference")
+    with duckdb.connect() as conn:
+        conn.execute("CREATE SCHEMA gold")
+        conn.execute(
+            f"""CREATE TABLE gold.preference AS SELECT 'ab12' AS id, 'src' AS source,
+                ({prompt})::STRUCT(role VARCHAR, content VARCHAR)[] AS messages, 'yes' AS chosen, 'no' AS rejected,
+                ({score})::DOUBLE AS score_chosen, NULL::DOUBLE AS score_rejected"""
+        )
+        return [shard.fingerprint for shard in exports._plan_shards(conn, spec, {})]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (("[]", "1.0"), ("NULL", "1.0")),
+        (("[NULL]", "1.0"), ("[]", "1.0")),
+        (("[{'role': 'user', 'content': NULL}]", "1.0"), ("[NULL]", "1.0")),
+        (("[{'role': 'user', 'content': 'a'}]", "'0.0'"), ("[{'role': 'user', 'content': 'a'}]", "'-0.0'")),
+    ],
+)
+def test_a_fingerprint_tells_apart_values_that_duckdbs_hash_takes_for_the_same(
+    before: tuple[str, str], after: tuple[str, str]
+) -> None:
+    # Each pair is written differently (null, [], [null]; -0.0) though hash() gives both the same value.
+    assert _preference_fingerprints(*before) == _preference_fingerprints(*before)
+    assert _preference_fingerprints(*before) != _preference_fingerprints(*after)
+
+
 def test_json_lines_carry_every_value_as_written(tmp_path: Path) -> None:
     texts = ['quote" back\\slash /slash', "ctrl \x00\x01\x1f\x7f", "lines\n\r\t", "utf-8 é 中文 😀 \u2028", ""]
     data = pa.table(
