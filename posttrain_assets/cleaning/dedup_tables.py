@@ -281,12 +281,13 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
     )
 
 
-def _survivor_units(staged: str, cached: bool) -> str:
-    """The unit columns of the exact survivors whose signature the cache holds (``cached``) or does not hold under
-    ``$key``; cached rows only if this run did not compute them (they are not in near_signatures yet)."""
+def _survivor_units(staged: str, records: str, cached: bool) -> str:
+    """The unit columns (from ``records``) of the exact survivors whose signature the cache does not hold under
+    ``$key``; or (``cached``) the seq and cached signature of those it holds, if this run did not compute them
+    (they are not in near_signatures yet)."""
     holds = f"EXISTS (SELECT 1 FROM {SIGNATURE_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = s.id)"
     if not cached:
-        return f"SELECT {', '.join(UNIT_COLUMNS)} FROM {staged} s WHERE seq IN ({SURVIVORS}) AND NOT {holds}"
+        return f"SELECT {', '.join(UNIT_COLUMNS)} FROM {records} s WHERE seq IN ({SURVIVORS}) AND NOT {holds}"
     return f"""
     SELECT s.seq, c.signature FROM {staged} s JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = s.id
     WHERE s.seq IN ({SURVIVORS}) AND s.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
@@ -405,6 +406,11 @@ LEFT JOIN {NEAR_DROPPED.qualified} n ON n.seq = m.exact_kept
 LEFT JOIN {DEDUP_ROWS.qualified} nk ON nk.seq = n.kept_seq
 WHERE m.seq <> m.exact_kept
 """
+
+
+# The texts of the rows verification and the similarities need, gathered from the records before each step (one
+# scan each) and looked up by seq per chunk, through an ART index.
+NEAR_TEXTS = f"{WORK_SCHEMA}.near_texts"
 
 
 def units_of_seqs(relation: str) -> str:
@@ -588,6 +594,7 @@ def deduplicate_regime_tables(
     conn: duckdb.DuckDBPyConnection,
     *,
     staged: str,
+    records: str,
     ranked: str,
     params: dict[str, Any],
     keyed: bool,
@@ -602,8 +609,10 @@ def deduplicate_regime_tables(
     computed and how many read from their caches.
 
     ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
-    and ``kept_rank`` (unique; lowest is kept). ``staged``: the relation holding their ``UNIT_COLUMNS`` by seq
-    (an index on seq makes the look-ups of a chunk's texts point reads). ``keyed``: rows carry a same key
+    and ``kept_rank`` (unique; lowest is kept). ``staged``: a relation of the rows' ``seq`` and ``id`` (narrow:
+    joined on every candidate pair); ``records``: one holding their ``id`` and ``UNIT_COLUMNS`` by seq, read once
+    for the signatures the cache lacks and once each for the texts verification and the similarities need
+    (gathered into ``near_texts``, whose index makes a chunk's look-ups point reads). ``keyed``: rows carry a same key
     (RL). ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
     ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
     module are replaced; the caller drops the work schema.
@@ -617,8 +626,8 @@ def deduplicate_regime_tables(
         # Signatures of survivors not in the signature cache, in worker processes, then into the cache...
         ensure_cache_table(conn, SIGNATURE_CACHE)
         ensure_cache_table(conn, PAIR_CACHE)
-        computed = _count(conn, f"({_survivor_units(staged, cached=False)})", key)
-        units = fetch_arrow(conn, _survivor_units(staged, cached=False), batch_rows, key)
+        computed = _count(conn, f"({_survivor_units(staged, records, cached=False)})", key)
+        units = fetch_arrow(conn, _survivor_units(staged, records, cached=False), batch_rows, key)
         for signatures, bands in map_batches(
             signature_batch, cfg, units, processes_for(computed, batch_rows, processes)
         ):
@@ -630,7 +639,7 @@ def deduplicate_regime_tables(
             key,
         )
         # ... and the others' from the cache, with their band keys and sketches derived here (numpy, no shingling).
-        for cached in fetch_arrow(conn, _survivor_units(staged, cached=True), batch_rows, key):
+        for cached in fetch_arrow(conn, _survivor_units(staged, records, cached=True), batch_rows, key):
             seqs = np.asarray(cached.column("seq"), dtype=np.int64)
             signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
             insert_arrow(conn, NEAR_SIGNATURES, signatures)
@@ -638,13 +647,15 @@ def deduplicate_regime_tables(
     with timed("candidates"):
         write_candidate_pairs(conn, cfg, batch_rows)
     with timed("verification"):
-        clusters, pairs = _verified_clusters(conn, staged, cfg, keyed, batch_rows, processes)
+        conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
+        conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
+        clusters, pairs = _verified_clusters(conn, staged, records, cfg, keyed, batch_rows, processes)
         rows = list(clusters.parent)
         for start in range(0, len(rows), batch_rows):
             part = rows[start : start + batch_rows]
             insert_arrow(conn, NEAR_CLUSTERS, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
         del clusters, rows
-        similarities = _dropped_near(conn, staged, batch_rows, processes)
+        similarities = _dropped_near(conn, records, batch_rows, processes)
     conn.execute(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
         {"near": METHOD_NEAR, "exact": METHOD_EXACT},
@@ -678,12 +689,27 @@ def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, b
         insert_arrow(conn, NEAR_CANDIDATES, estimated_at_least(cfg, pairs))
 
 
-def _texts(conn: duckdb.DuckDBPyConnection, staged: str, seqs: list[int]) -> pa.Table:
-    return conn.sql(units_of_seqs(staged), params={"seqs": seqs}).to_arrow_table()
+def _gather_texts(conn: duckdb.DuckDBPyConnection, records: str, seqs: str, params: dict[str, Any]) -> None:
+    """Add to ``near_texts`` the unit columns of the rows of ``records`` whose seq the query ``seqs`` lists."""
+    conn.execute(
+        f"INSERT INTO {NEAR_TEXTS} SELECT {', '.join(UNIT_COLUMNS)} FROM {records} "
+        f"WHERE seq IN ({seqs}) AND seq NOT IN (SELECT seq FROM {NEAR_TEXTS})",
+        params,
+    )
+
+
+def _texts(conn: duckdb.DuckDBPyConnection, seqs: list[int]) -> pa.Table:
+    return conn.sql(units_of_seqs(NEAR_TEXTS), params={"seqs": seqs}).to_arrow_table()
 
 
 def _verified_clusters(
-    conn: duckdb.DuckDBPyConnection, staged: str, cfg: MinHashConfig, keyed: bool, batch_rows: int, processes: int
+    conn: duckdb.DuckDBPyConnection,
+    staged: str,
+    records: str,
+    cfg: MinHashConfig,
+    keyed: bool,
+    batch_rows: int,
+    processes: int,
 ) -> tuple[_UnionFind, Reuse]:
     """Verify the candidate pairs in order, a chunk at a time in worker processes; join the verified ones.
 
@@ -695,6 +721,9 @@ def _verified_clusters(
     chunk = min(CHUNK_PAIRS, batch_rows)
     key = {"key": pair_stage_key(cfg, keyed)}
     reused = 0
+    # the texts of the pairs without a cached verdict (a superset of those compared: joined pairs are skipped)
+    uncached = f"SELECT a, b FROM ({_candidates_in_order(staged)}) WHERE near IS NULL"
+    _gather_texts(conn, records, f"SELECT a FROM ({uncached}) UNION SELECT b FROM ({uncached})", key)
 
     def chunks() -> Iterator[tuple[pa.Table, pa.Table]]:
         nonlocal reused
@@ -710,7 +739,7 @@ def _verified_clusters(
                     open_pairs.append((x, y))
             if open_pairs:
                 pairs = pa.table({"a": [x for x, _ in open_pairs], "b": [y for _, y in open_pairs]})
-                yield pairs, _texts(conn, staged, sorted({s for pair in open_pairs for s in pair}))
+                yield pairs, _texts(conn, sorted({s for pair in open_pairs for s in pair}))
 
     count = _count(conn, NEAR_CANDIDATES.qualified)
     workers = processes_for(count, chunk, processes)
@@ -723,7 +752,7 @@ def _verified_clusters(
     return clusters, Reuse(computed=_count(conn, NEAR_VERDICTS.qualified), reused=reused)
 
 
-def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int, processes: int) -> Reuse:
+def _dropped_near(conn: duckdb.DuckDBPyConnection, records: str, batch_rows: int, processes: int) -> Reuse:
     """Fill ``near_dropped``: every cluster member but the kept one, with its edit similarity to the kept one.
 
     A similarity the similarity cache holds for the two records is read from it; the others are computed in worker
@@ -738,11 +767,12 @@ def _dropped_near(conn: duckdb.DuckDBPyConnection, staged: str, batch_rows: int,
     reused = _count(conn, NEAR_DROPPED.qualified)
     missing = f"SELECT seq, kept_seq FROM ({MEMBERS_WITH_CACHED_SIMILARITY}) WHERE similarity IS NULL ORDER BY ALL"
     computed = _count(conn, f"({missing})", key)
+    _gather_texts(conn, records, f"SELECT seq FROM ({missing}) UNION SELECT kept_seq FROM ({missing})", key)
 
     def batches() -> Iterator[tuple[pa.Table, pa.Table]]:
         for members in fetch_arrow(conn, missing, min(CHUNK_PAIRS, batch_rows), key):
             seqs = {*members.column("seq").to_pylist(), *members.column("kept_seq").to_pylist()}
-            yield pa.table(members), _texts(conn, staged, sorted(seqs))
+            yield pa.table(members), _texts(conn, sorted(seqs))
 
     for similarities in map_batches(
         similarity_batch, None, batches(), processes_for(computed, min(CHUNK_PAIRS, batch_rows), processes)

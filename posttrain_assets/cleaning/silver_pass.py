@@ -80,9 +80,9 @@ from posttrain_assets.warehouse.io import (
     fetch_arrow,
     fetch_batches,
     fetch_dicts,
-    insert_ordered,
     insert_rows,
     ordered_batches,
+    sync_table,
     transaction,
 )
 from posttrain_assets.warehouse.model import Column, Table
@@ -126,16 +126,37 @@ def _work(table: Table) -> Table:
     return dataclasses.replace(table, schema=WORK_SCHEMA)
 
 
-STAGED = Table(
+# What the gate makes of a training row: the record, with what the later stages group on.
+_GROUPING = (
+    Column("seq", "BIGINT", "position in bronze priority order", False),
+    Column("exact_key", "VARCHAR", "dedup.exact_key of the row", False),
+    Column("prompt_key", "VARCHAR", "dedup.prompt_key of the prompt; null for an empty prompt"),
+    Column("quality_score", "BIGINT", "dedup.quality_score (tie-break of the kept row)", False),
+)
+STAGED_RECORDS = Table(
     WORK_SCHEMA,
     "staged_records",
-    "Training rows that passed the quality gate, in bronze priority order, with what the later stages group on.",
+    "Training rows that passed the quality gate, in bronze priority order, with what the later stages group on: "
+    "a view joining the narrow staged rows with their records in the gate cache.",
+    (*RECORD_COLUMNS, *_GROUPING),
+)
+# The staged rows themselves are narrow: the columns the later stages order, group and join on, and the row's key
+# in the gate cache. Copying every staged record out of the gate cache into a work table (and checkpointing it)
+# was half of a refresh's silver pass at 100k rows (21 s + 9 s); the wide columns are read through the view
+# STAGED_RECORDS by the stages that need them (publishing, decontamination, MinHash, the near-dup texts).
+_NARROW_RECORD_COLUMNS = ("id", "source", "regime", "origin", "created_at")
+STAGED = Table(
+    WORK_SCHEMA,
+    "staged",
+    "Training rows that passed the quality gate, narrow: bronze priority order (seq), ids, grouping keys, current "
+    "provenance, and the row's key in the gate cache (gate_staged).",
     (
-        *RECORD_COLUMNS,
-        Column("seq", "BIGINT", "position in bronze priority order", False),
-        Column("exact_key", "VARCHAR", "dedup.exact_key of the row", False),
-        Column("prompt_key", "VARCHAR", "dedup.prompt_key of the prompt; null for an empty prompt"),
-        Column("quality_score", "BIGINT", "dedup.quality_score (tie-break of the kept row)", False),
+        *(c for c in RECORD_COLUMNS if c.name in _NARROW_RECORD_COLUMNS),
+        *_GROUPING,
+        Column("stage_key", "VARCHAR", "the gate's stage key of the row's source", False),
+        Column("file_path", "VARCHAR", "bronze landing file", False),
+        Column("row_number", "BIGINT", "bronze row number", False),
+        Column("record_sha256", "VARCHAR", "bronze row hash", False),
     ),
 )
 REMOVED = Table(
@@ -208,7 +229,9 @@ GATE_ROWS = Table(
 )
 # origin.file_sha256 and created_at are those of the run that computed the row: the work tables take the current
 # ones from bronze and the file's modification time, so an edit elsewhere in a file does not recompute its rows.
-GATE_STAGED = cache_table("gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED, "seq")
+GATE_STAGED = cache_table(
+    "gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED_RECORDS, "seq"
+)
 GATE_EVAL = cache_table("gate_eval", "Records of evaluation sources, per bronze row.", _GATE_LOCATOR, WORK_EVAL)
 GATE_QUARANTINE = cache_table(
     "gate_quarantine", "Quarantine entries of stages 0-1, per bronze row.", _GATE_LOCATOR, WORK_QUARANTINE
@@ -295,6 +318,13 @@ def _fill_from_gate_cache(target: Table, cached: Table, placed: str) -> str:
     return f"INSERT INTO {target.qualified} ({names}) SELECT {values} FROM {joined}"
 
 
+# The staged rows with their records from the gate cache (the current provenance and seq from the staged row).
+CREATE_STAGED_RECORDS = f"""
+CREATE OR REPLACE VIEW {STAGED_RECORDS.qualified} AS
+SELECT {", ".join(f's."{n}"' if n in STAGED.column_names else f'c."{n}"' for n in STAGED_RECORDS.column_names)}
+FROM {STAGED.qualified} s JOIN {GATE_STAGED.qualified} c ON {_same_row("c", "s")}
+"""
+
 FILL_FROM_GATE_CACHE = (
     _fill_from_gate_cache(STAGED, GATE_STAGED, STAGED_SEQ),
     _fill_from_gate_cache(
@@ -345,7 +375,7 @@ CONTAMINATION_MATCHES = cache_table(
 )
 DECONTAMINATION_CACHE_TABLES = (CONTAMINATION_CHECKED, CONTAMINATION_MATCHES)
 UNCHECKED = f"""
-SELECT * FROM {STAGED.qualified} s
+SELECT * FROM {STAGED_RECORDS.qualified} s
 WHERE NOT EXISTS (SELECT 1 FROM {CONTAMINATION_CHECKED.qualified} c WHERE c.stage_key = $key AND c.id = s.id)
 """
 MATCHES_OF_STAGED = f"""
@@ -365,9 +395,13 @@ EVAL_IN_BRONZE_ORDER = f"""
 SELECT * FROM {WORK_EVAL.qualified} ORDER BY list_position($sources, source), origin.file, origin."row"
 """
 
-# Staged rows still in the corpus (not removed by a later stage), in bronze priority order.
+# Staged rows still in the corpus (not removed by a later stage): narrow, and with their records.
 LIVE = f"""
 SELECT * FROM {STAGED.qualified}
+WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
+"""
+LIVE_RECORDS = f"""
+SELECT * FROM {STAGED_RECORDS.qualified}
 WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
 """
 
@@ -389,14 +423,13 @@ TEXT_LOOKUP_ROWS = 16_384
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
 # The leaking keys are found on the narrow columns first, so only their rows are aggregated with prompts.
 LEAKS = f"""
-WITH live AS ({LIVE}),
-leaking AS (
-    SELECT prompt_key FROM live WHERE prompt_key IS NOT NULL
+WITH leaking AS (
+    SELECT prompt_key FROM ({LIVE}) WHERE prompt_key IS NOT NULL
     GROUP BY prompt_key HAVING min(regime) <> max(regime)
 )
 SELECT prompt_key, arg_min(prompt, seq) AS prompt, list(DISTINCT regime ORDER BY regime) AS regimes,
        list(id ORDER BY id) AS ids
-FROM live WHERE prompt_key IN (SELECT prompt_key FROM leaking)
+FROM ({LIVE_RECORDS}) WHERE prompt_key IN (SELECT prompt_key FROM leaking)
 GROUP BY prompt_key
 ORDER BY prompt_key
 """
@@ -504,11 +537,12 @@ def run_silver_pass(
         try:
             with clock.stage("normalise_and_gate"):
                 reuse = {"normalise_and_gate": normalise_and_gate(conn, registry, tokenizer, created_at, cfg)}
-                # Every later stage scans the staged rows. Without automatic checkpoints they sit in DuckDB's
-                # buffer pool uncompressed, and once they outgrow the memory cap each scan reads them back from
-                # its temp files: publishing a million rows took 319 s, growing with the square of the corpus.
-                # Written to the database file once, compressed, they are scanned from there (at 300k rows: the
-                # checkpoint 13 s, dedup 79 -> 61 s, publish 47 -> 26 s).
+                # Every later stage scans the staged records (the gate cache's rows the batches above appended).
+                # Without automatic checkpoints they sit in DuckDB's buffer pool uncompressed, and once they
+                # outgrow the memory cap each scan reads them back from its temp files: publishing a million rows
+                # took 319 s, growing with the square of the corpus. Written to the database file once,
+                # compressed, they are scanned from there (at 300k rows: the checkpoint 13 s, dedup 79 -> 61 s,
+                # publish 47 -> 26 s). A refresh appends few rows: its checkpoint writes little.
                 with clock.stage("normalise_and_gate/checkpoint"):
                     conn.execute("CHECKPOINT")
             with clock.stage("decontaminate"):
@@ -522,7 +556,7 @@ def run_silver_pass(
             with clock.stage("quarantine"):
                 quarantine_removed(conn)
             with clock.stage("publish"):
-                publish(conn, leaks)
+                reuse["silver_records"] = publish(conn, leaks)
         finally:
             conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
     return PassResult(report, clock.seconds, reuse)
@@ -631,6 +665,7 @@ def normalise_and_gate(
     conn.execute(NUMBER_STAGED_ROWS)
     for statement in FILL_FROM_GATE_CACHE:
         conn.execute(statement)
+    conn.execute(CREATE_STAGED_RECORDS)
     (placed,) = conn.execute(f"SELECT count(*) FROM {PLACEMENT}").fetchone()
     (held,) = conn.execute(f"SELECT count(*) FROM {GATE_ROWS.qualified}").fetchone()
     if held > placed:  # entries of rows no longer in bronze, or of an old stage key: forgotten
@@ -732,9 +767,8 @@ def deduplicate_staged(
     many reused.
     """
     clock = clock or StageClock()
-    # Point look-ups by seq instead of a scan of the work table per chunk of candidate pairs (session setting:
-    # other connections keep DuckDB's default).
-    conn.execute(f"CREATE INDEX staged_seq ON {STAGED.qualified} (seq)")
+    # Point look-ups of texts by seq instead of a scan per chunk of candidate pairs (session setting: other
+    # connections keep DuckDB's default).
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
     open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, reuse=cfg.reuse)
     near = DedupReuse()
@@ -743,6 +777,7 @@ def deduplicate_staged(
             near += deduplicate_regime_tables(
                 conn,
                 staged=STAGED.qualified,
+                records=STAGED_RECORDS.qualified,
                 ranked=RANKED_OF_REGIME,
                 params={"sources": registry.names, "regime": regime},
                 keyed=regime == "rl",  # RL prompts must also share numbers and answer (dedup.rl_same_key)
@@ -797,12 +832,12 @@ def quarantine_removed(conn: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]]) -> None:
-    """Replace the six silver tables from the work tables, in one transaction; silver.records is stored in id
-    order (the order every later stage reads it in)."""
+def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]]) -> Reuse:
+    """Bring the six silver tables to the work tables' rows, in one transaction. silver.records is synced (only
+    rows that changed are deleted or inserted: a refresh does not rewrite every record; a first build stores it in
+    id order); the five small tables are replaced. Returns silver.records' rows inserted and kept."""
     with transaction(conn):
-        conn.execute(SILVER_RECORDS.create_sql(replace=True))
-        insert_ordered(conn, SILVER_RECORDS, LIVE, "id", PUBLISH_RANGE_ROWS)
+        records = sync_table(conn, SILVER_RECORDS, LIVE_RECORDS, "id", PUBLISH_RANGE_ROWS)
         for table, relation in (
             (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
             (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),
@@ -813,3 +848,4 @@ def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]]) -> Non
             conn.execute(table.insert_sql(relation))
         conn.execute(SILVER_CROSS_REGIME_LEAKS.create_sql(replace=True))
         insert_rows(conn, SILVER_CROSS_REGIME_LEAKS, leaks)
+    return Reuse(computed=records.inserted, reused=records.kept)

@@ -114,6 +114,7 @@ def dedup_staged(
         reuse += dedup_tables.deduplicate_regime_tables(
             conn,
             staged="staged",
+            records="staged",
             ranked=RANKED,
             params={"regime": regime},
             keyed=regime == "rl",
