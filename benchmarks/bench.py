@@ -1494,6 +1494,11 @@ CACHE_STAGE = {
     "sft_tokenize": "silver sft_tokenized",
     "loss_mask_proof": "loss_mask_check",
     "rl_certification": "silver RL certification",
+    "silver_records": "silver canonical + cleaning",
+    "gold_sft": "gold",
+    "gold_preference": "gold",
+    "gold_preference_length_balanced": "gold",
+    "gold_rl_prompts": "gold",
 }
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import building, insert_arrow, insert_ordered, ordered_arrow, swap_in, transaction
+from posttrain_assets.warehouse.io import insert_arrow, ordered_arrow, sync_table, transaction
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -121,8 +121,9 @@ def build_sft_tokenized(
     reuse: bool = True,
     progress: Callable[[int], None] = lambda done: None,
 ) -> TokenizeTotals:
-    """Tokenise the SFT rows the cache does not hold (``reuse=False``: forget the cache first), then replace
-    silver.sft_tokenized and silver.sft_quarantine from the cache in one transaction, each stored in id order."""
+    """Tokenise the SFT rows the cache does not hold (``reuse=False``: forget the cache first), then bring
+    silver.sft_tokenized and silver.sft_quarantine to the cache's rows in one transaction (``io.sync_table``: only
+    changed rows are written; a first build stores them in id order)."""
     key = {"key": tokenize_stage_key(job)}
     open_caches(conn, *CACHE_TABLES, reuse=reuse)
     conn.execute(TODO.create_sql(replace=True))
@@ -145,21 +146,19 @@ def build_sft_tokenized(
             progress(done)
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {TODO.qualified}")
-    with building(conn, SILVER_SFT_TOKENIZED) as tokenized, building(conn, SILVER_SFT_QUARANTINE) as rejected:
-        for twin, cached in ((tokenized, TOKENIZED_CACHE), (rejected, REJECTED_CACHE)):
-            insert_ordered(conn, twin.table, _current(cached), "id", PUBLISH_RANGE_ROWS, key)
-            twin.rows = conn.execute(f"SELECT count(*) FROM {twin.table.qualified}").fetchone()[0]
-            twin.finish()
+    # Synced, not rebuilt: a refresh deletes and inserts only the rows whose id or content changed.
+    with transaction(conn):
+        synced = [
+            sync_table(conn, table, _current(cached), "id", PUBLISH_RANGE_ROWS, key)
+            for table, cached in ((SILVER_SFT_TOKENIZED, TOKENIZED_CACHE), (SILVER_SFT_QUARANTINE, REJECTED_CACHE))
+        ]
+        built = sum(counts.inserted + counts.kept for counts in synced)
         held = sum(conn.execute(f"SELECT count(*) FROM {t.qualified}").fetchone()[0] for t in CACHE_TABLES)
-        tokens, trained, truncated = conn.execute(
-            f"SELECT coalesce(sum(num_tokens), 0), coalesce(sum(num_trainable_tokens), 0), count(*) FILTER (truncated) "
-            f"FROM {tokenized.table.qualified}"
-        ).fetchone()
-        with transaction(conn):
-            swap_in(conn, tokenized, SILVER_SFT_TOKENIZED)
-            swap_in(conn, rejected, SILVER_SFT_QUARANTINE)
-            if held > tokenized.rows + rejected.rows:  # entries of rows gone from silver or of an old stage key
-                for cached in CACHE_TABLES:
-                    conn.execute(_forget_stale(cached), key)
-    built = tokenized.rows + rejected.rows
+        if held > built:  # entries of rows gone from silver or of an old stage key
+            for cached in CACHE_TABLES:
+                conn.execute(_forget_stale(cached), key)
+    tokens, trained, truncated = conn.execute(
+        f"SELECT coalesce(sum(num_tokens), 0), coalesce(sum(num_trainable_tokens), 0), count(*) FILTER (truncated) "
+        f"FROM {SILVER_SFT_TOKENIZED.qualified}"
+    ).fetchone()
     return TokenizeTotals(tokens, trained, truncated, Reuse(computed=todo, reused=built - todo))
