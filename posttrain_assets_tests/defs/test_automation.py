@@ -54,10 +54,13 @@ def landing(tmp_path: Path) -> Path:
 
 
 def evaluate(instance: dg.DagsterInstance, registry: Path, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(
+    # Opened as a context manager, as Dagster asks: a context that opens an instance from the ref sets the current
+    # defs-state storage to it and resets it only on exit; left open, the next test's definitions would load
+    # against that instance once it is collected ("undefined DagsterInstance weakref").
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, resources={"registry": SourceRegistryResource(path=str(registry))}
-    )
-    return landing_files_sensor(context)
+    ) as context:
+        return landing_files_sensor(context)
 
 
 def test_sensor_requests_new_and_changed_sources_only(landing: Path) -> None:
@@ -97,12 +100,12 @@ def test_sensor_requests_new_and_changed_sources_only(landing: Path) -> None:
 def test_daily_schedule_reingests_every_known_source(landing: Path) -> None:
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("source", ["chats", "math"])
-        context = dg.build_schedule_context(
+        with dg.build_schedule_context(  # a context manager: see evaluate
             instance=instance,
             scheduled_execution_time=datetime.datetime(2026, 11, 25, 3, 0),
             resources={"registry": SourceRegistryResource(path=str(landing / "sources.yaml"))},
-        )
-        requests = daily_refresh_schedule(context)
+        ) as context:
+            requests = daily_refresh_schedule(context)
         assert [(r.partition_key, r.run_key) for r in requests] == [
             ("chats", "daily:2026-11-25:chats"),
             ("math", "daily:2026-11-25:math"),
