@@ -15,7 +15,10 @@ process: the per-regime state lives in work tables, the Python work runs one bat
    ``dedup.candidate_pairs`` splits it. The pairs of the listed buckets whose signatures agree on at least the
    net's threshold of their slots are the candidates (``near_candidates``): DuckDB lists the pairs of one start
    band at a time and drops those whose one-character-per-slot sketches (:func:`sketch_of`) already fall short;
-   the few left get the exact estimate (:func:`estimated_at_least`).
+   the few left get the exact estimate (:func:`estimated_at_least`). The survivors' band keys and the candidate
+   pairs are kept between runs (:data:`BAND_STATE`, :data:`PAIR_STATE`): a bucket's pairs depend only on its rows,
+   so a run lists again only the buckets of survivors added or removed since, and takes the others' pairs from
+   the state (the full listing when there is no state for the config).
 4. **Verification** (workers, :func:`verify_batch`): candidate pairs in order, a chunk at a time with the texts
    of their rows, checked by the rules of ``MinHashConfig``; verified pairs are joined in a union-find over their
    rows. A pair whose rows are already joined is not compared (a cluster of k copies costs about k comparisons).
@@ -57,7 +60,7 @@ from posttrain_assets.cleaning.dedup import (
     unit_words,
 )
 from posttrain_assets.parallel import map_batches, processes_for
-from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow
+from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow, transaction
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -131,13 +134,45 @@ NEAR_LEVEL = Table(
 NEAR_SKETCH_PAIRS = Table(
     WORK_SCHEMA,
     "near_sketch_pairs",
-    "Pairs (a < b) of a listed bucket whose sketches agree on enough slots (per start band: may repeat).",
-    (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
+    "Pairs (a < b) of a listed bucket whose sketches agree on enough slots, per start band (a pair may repeat "
+    "under other start bands).",
+    (
+        Column("start_band", "INTEGER", "the band of the bucket the pair was listed in", False),
+        Column("a", "BIGINT", "the staged row of lower seq", False),
+        Column("b", "BIGINT", "the other row", False),
+    ),
 )
 NEAR_CANDIDATES = Table(
     WORK_SCHEMA,
     "near_candidates",
     "Candidate near-duplicate pairs (a < b): in a listed bucket, signatures agreeing on the net's threshold.",
+    (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
+)
+NEAR_ADDED = Table(
+    WORK_SCHEMA,
+    "near_added",
+    "Exact survivors the candidate state does not hold (new contents, or rows no longer an exact twin's copy).",
+    (Column("seq", "BIGINT", "the staged row", False), Column("id", "VARCHAR", "its record id", False)),
+)
+NEAR_REMOVED = Table(
+    WORK_SCHEMA,
+    "near_removed",
+    "Records of the candidate state that are no longer exact survivors (removed, or now an exact twin's copy).",
+    (Column("id", "VARCHAR", "record id", False),),
+)
+NEAR_TOUCHED = Table(
+    WORK_SCHEMA,
+    "near_touched",
+    "LSH buckets (band, band key) holding an added or removed row: the only buckets whose pairs are listed again.",
+    (
+        Column("band", "INTEGER", "band number", False),
+        Column("band_key", "BLOB", "the band's key", False),
+    ),
+)
+NEAR_KEPT_PAIRS = Table(
+    WORK_SCHEMA,
+    "near_kept_pairs",
+    "Candidate pairs (a < b) of the state listed in buckets that no added or removed row touches: still candidates.",
     (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
 )
 NEAR_VERDICTS = Table(
@@ -155,6 +190,17 @@ NEAR_CLUSTERS = Table(
     "near_clusters",
     "Rows of verified near-duplicate pairs with their cluster (a union-find root; a seq of the cluster).",
     (Column("seq", "BIGINT", "the staged row", False), Column("cluster", "BIGINT", "its cluster", False)),
+)
+NEAR_MEMBERS = Table(
+    WORK_SCHEMA,
+    "near_members",
+    "Every member of a near-duplicate cluster but its kept row, with the kept row and the similarity the similarity "
+    "cache holds for the two records (null: to compute).",
+    (
+        Column("seq", "BIGINT", "the member", False),
+        Column("kept_seq", "BIGINT", "the lowest-ranked row of its cluster", False),
+        Column("similarity", "DOUBLE", "cached token edit similarity to the kept row, or null"),
+    ),
 )
 NEAR_DROPPED = Table(
     WORK_SCHEMA,
@@ -175,8 +221,13 @@ TABLES = (
     NEAR_LEVEL,
     NEAR_SKETCH_PAIRS,
     NEAR_CANDIDATES,
+    NEAR_ADDED,
+    NEAR_REMOVED,
+    NEAR_TOUCHED,
+    NEAR_KEPT_PAIRS,
     NEAR_VERDICTS,
     NEAR_CLUSTERS,
+    NEAR_MEMBERS,
     NEAR_DROPPED,
 )
 
@@ -281,28 +332,138 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
     )
 
 
-def _survivor_units(staged: str, records: str, cached: bool) -> str:
+# The candidate state: the band keys of a regime's exact survivors and the candidate pairs of its buckets, as the
+# last run left them. Candidates are a function of the survivors' signatures and the bucket rules alone, and a
+# bucket's pairs depend only on the rows that share its start band key, so a run lists again only the buckets an
+# added or removed survivor is in; the pairs of every other bucket are the state's (issue 23: new rows' band keys
+# joined against the persisted band table). Both tables are replaced together in one transaction, so the state
+# always describes one survivor set, whichever run wrote it.
+CANDIDATE_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
+BAND_STATE = Table(
+    CACHE_SCHEMA,
+    "near_band_state",
+    "LSH band keys of each regime's exact survivors as of the last run's candidates: one row per (record, band).",
+    (
+        Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
+        Column("id", "VARCHAR", "record id of an exact survivor", False),
+        Column("band", "INTEGER", "band number", False),
+        Column("band_key", "BLOB", "the band's r signature values, 4 bytes each", False),
+    ),
+)
+PAIR_STATE = Table(
+    CACHE_SCHEMA,
+    "near_candidate_state",
+    "Candidate pairs of each regime as of the last run, with the start bucket each was listed in (once per bucket).",
+    (
+        Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
+        Column("start_band", "INTEGER", "band of the bucket the pair was listed in", False),
+        Column("band_key", "BLOB", "that bucket's key (both rows' key in start_band)", False),
+        Column("id_low", "VARCHAR", "the lower of the two record ids", False),
+        Column("id_high", "VARCHAR", "the higher one", False),
+    ),
+)
+
+
+def candidate_state_key(regime: str, cfg: MinHashConfig) -> str:
+    """What a regime's candidate pairs depend on besides its survivors: their signatures (the signature stage
+    key), the net's threshold and bands, the bucket limits and the code that lists the pairs."""
+    return stage_key(
+        "near_dedup_candidates",
+        regime=regime,
+        signatures=signature_stage_key(cfg),
+        minhash=cfg,
+        max_bucket=dedup.MAX_BUCKET,
+        max_split_bands=dedup.MAX_SPLIT_BANDS,
+        code=code_fingerprint(*CANDIDATE_CODE),
+    )
+
+
+def _uncached_units(records: str) -> str:
     """The unit columns (from ``records``) of the exact survivors whose signature the cache does not hold under
-    ``$key``; or (``cached``) the seq and cached signature of those it holds, if this run did not compute them
-    (they are not in near_signatures yet)."""
-    holds = f"EXISTS (SELECT 1 FROM {SIGNATURE_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = s.id)"
-    if not cached:
-        return f"SELECT {', '.join(UNIT_COLUMNS)} FROM {records} s WHERE seq IN ({SURVIVORS}) AND NOT {holds}"
+    ``$key``."""
     return f"""
-    SELECT s.seq, c.signature FROM {staged} s JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = s.id
-    WHERE s.seq IN ({SURVIVORS}) AND s.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
+    SELECT {", ".join(UNIT_COLUMNS)} FROM {records} s
+    WHERE seq IN ({SURVIVORS})
+      AND NOT EXISTS (SELECT 1 FROM {SIGNATURE_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = s.id)
     """
 
 
-# The rows of every LSH bucket of two or more rows at depth 0 (one band), with its size.
-BAND_BUCKET_ROWS = f"""
-WITH sizes AS (
-    SELECT band, band_key, count(*) AS size FROM {NEAR_BANDS.qualified}
-    GROUP BY band, band_key HAVING count(*) > 1
+def _cached_signatures(rows: str) -> str:
+    """The seq and cached signature (under ``$key``) of the rows the query ``rows`` lists, unless this run already
+    placed them in near_signatures."""
+    return f"""
+    SELECT d.seq, c.signature FROM {DEDUP_ROWS.qualified} d
+    JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = d.id
+    WHERE d.seq IN ({rows}) AND d.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
+    """
+
+
+# The state's diff with this run's survivors: survivors it lacks, and its records no longer survivors.
+STATE_HOLDS = f"SELECT count(*) FROM {BAND_STATE.qualified} WHERE stage_key = $state AND band = 0"
+ADDED_SURVIVORS = f"""
+INSERT INTO {NEAR_ADDED.qualified}
+SELECT d.seq, d.id FROM {DEDUP_ROWS.qualified} d
+WHERE d.seq = d.exact_kept AND NOT EXISTS (
+    SELECT 1 FROM {BAND_STATE.qualified} b WHERE b.stage_key = $state AND b.band = 0 AND b.id = d.id
 )
-SELECT n.band AS start_band, n.band_key AS path, n.seq, s.size
-FROM {NEAR_BANDS.qualified} n JOIN sizes s USING (band, band_key)
 """
+REMOVED_SURVIVORS = f"""
+INSERT INTO {NEAR_REMOVED.qualified}
+SELECT b.id FROM {BAND_STATE.qualified} b
+WHERE b.stage_key = $state AND b.band = 0 AND NOT EXISTS (
+    SELECT 1 FROM {DEDUP_ROWS.qualified} d WHERE d.seq = d.exact_kept AND d.id = b.id
+)
+"""
+# The buckets of the added rows (their bands are in near_bands by now) and of the removed ones (in the state).
+TOUCHED_BUCKETS = f"""
+INSERT INTO {NEAR_TOUCHED.qualified}
+SELECT band, band_key FROM {NEAR_BANDS.qualified} WHERE seq IN (SELECT seq FROM {NEAR_ADDED.qualified})
+UNION
+SELECT b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN {NEAR_REMOVED.qualified} r USING (id)
+WHERE b.stage_key = $state
+"""
+# The surviving rows of the state that share a touched bucket: with the added rows, every member of those buckets.
+STATE_ROWS_OF_TOUCHED_BUCKETS = f"""
+SELECT d.seq FROM {DEDUP_ROWS.qualified} d
+WHERE d.seq = d.exact_kept AND d.id IN (
+    SELECT b.id FROM {BAND_STATE.qualified} b JOIN {NEAR_TOUCHED.qualified} t USING (band, band_key)
+    WHERE b.stage_key = $state
+)
+"""
+# The state's pairs listed in buckets no added or removed row is in, by this run's rows (a < b).
+STATE_PAIRS_OF_UNTOUCHED_BUCKETS = f"""
+INSERT INTO {NEAR_KEPT_PAIRS.qualified}
+SELECT DISTINCT least(da.seq, db.seq), greatest(da.seq, db.seq)
+FROM {PAIR_STATE.qualified} p
+JOIN {DEDUP_ROWS.qualified} da ON da.id = p.id_low AND da.seq = da.exact_kept
+JOIN {DEDUP_ROWS.qualified} db ON db.id = p.id_high AND db.seq = db.exact_kept
+WHERE p.stage_key = $state
+  AND NOT EXISTS (SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = p.start_band AND t.band_key = p.band_key)
+"""
+# The pairs this run listed that passed the estimate, once per start bucket, by record ids.
+LISTED_PAIRS_BY_ID = f"""
+SELECT $state, p.start_band, n.band_key, least(da.id, db.id), greatest(da.id, db.id)
+FROM {NEAR_SKETCH_PAIRS.qualified} p
+SEMI JOIN {NEAR_CANDIDATES.qualified} c ON c.a = p.a AND c.b = p.b
+JOIN {NEAR_BANDS.qualified} n ON n.seq = p.a AND n.band = p.start_band
+JOIN {DEDUP_ROWS.qualified} da ON da.seq = p.a
+JOIN {DEDUP_ROWS.qualified} db ON db.seq = p.b
+"""
+
+
+def band_bucket_rows(touched_only: bool) -> str:
+    """The rows of every LSH bucket of two or more rows at depth 0 (one band), with its size; ``touched_only``:
+    of the buckets in near_touched only (near_bands then holds their rows, and others' rows in part)."""
+    bands = NEAR_BANDS.qualified
+    if touched_only:
+        bands = f"(SELECT n.* FROM {NEAR_BANDS.qualified} n SEMI JOIN {NEAR_TOUCHED.qualified} USING (band, band_key))"
+    return f"""
+    WITH rows AS (SELECT * FROM {bands}),
+    sizes AS (SELECT band, band_key, count(*) AS size FROM rows GROUP BY band, band_key HAVING count(*) > 1)
+    SELECT n.band AS start_band, n.band_key AS path, n.seq, s.size FROM rows n JOIN sizes s USING (band, band_key)
+    """
+
+
 # The rows being split, each with the key of the next band appended to its path, in buckets of two or more, with
 # their size.
 SPLIT_BUCKET_ROWS = f"""
@@ -332,7 +493,7 @@ WITH listed AS (
     FROM {NEAR_LISTED.qualified} l JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
     WHERE l.start_band = $band
 )
-SELECT DISTINCT x.seq, y.seq
+SELECT DISTINCT $band, x.seq, y.seq
 FROM listed x JOIN listed y ON x.path = y.path AND x.seq < y.seq
 WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
 """
@@ -346,24 +507,19 @@ JOIN {NEAR_SIGNATURES.qualified} sb ON sb.seq = p.b
 """
 
 
-# The candidate pairs in order, each with the verdict the pair cache holds for its two records (null: none).
-def _candidates_in_order(staged: str) -> str:
-    return f"""
-    SELECT c.a, c.b, p.near FROM {NEAR_CANDIDATES.qualified} c
-    JOIN {staged} sa ON sa.seq = c.a JOIN {staged} sb ON sb.seq = c.b
-    LEFT JOIN {PAIR_CACHE.qualified} p
-      ON p.stage_key = $key AND p.id_low = least(sa.id, sb.id) AND p.id_high = greatest(sa.id, sb.id)
-    ORDER BY c.a, c.b
-    """
-
-
+# The candidate pairs, each with the verdict the pair cache holds for its two records (null: none).
+CANDIDATES_WITH_CACHED_VERDICT = f"""
+SELECT c.a, c.b, p.near FROM {NEAR_CANDIDATES.qualified} c
+JOIN {DEDUP_ROWS.qualified} sa ON sa.seq = c.a JOIN {DEDUP_ROWS.qualified} sb ON sb.seq = c.b
+LEFT JOIN {PAIR_CACHE.qualified} p
+  ON p.stage_key = $key AND p.id_low = least(sa.id, sb.id) AND p.id_high = greatest(sa.id, sb.id)
+"""
 # Pairs compared this run, by record ids (a pair's verdict depends only on the two contents and the stage key).
-def _cache_verdicts(staged: str) -> str:
-    return f"""
-    INSERT INTO {PAIR_CACHE.qualified}
-    SELECT DISTINCT $key, least(sa.id, sb.id), greatest(sa.id, sb.id), v.near FROM {NEAR_VERDICTS.qualified} v
-    JOIN {staged} sa ON sa.seq = v.a JOIN {staged} sb ON sb.seq = v.b
-    """
+CACHE_VERDICTS = f"""
+INSERT INTO {PAIR_CACHE.qualified}
+SELECT DISTINCT $key, least(sa.id, sb.id), greatest(sa.id, sb.id), v.near FROM {NEAR_VERDICTS.qualified} v
+JOIN {DEDUP_ROWS.qualified} sa ON sa.seq = v.a JOIN {DEDUP_ROWS.qualified} sb ON sb.seq = v.b
+"""
 
 
 # Every member of a cluster but its kept row (the lowest kept rank), with the kept row.
@@ -376,20 +532,19 @@ SELECT seq, kept_seq FROM members WHERE seq <> kept_seq ORDER BY kept_seq, seq
 """
 # The cluster members with the similarity the similarity cache holds for their two records (null: none).
 MEMBERS_WITH_CACHED_SIMILARITY = f"""
+INSERT INTO {NEAR_MEMBERS.qualified}
 SELECT m.seq, m.kept_seq, c.similarity FROM ({CLUSTER_MEMBERS}) m
 JOIN {DEDUP_ROWS.qualified} r ON r.seq = m.seq
 JOIN {DEDUP_ROWS.qualified} k ON k.seq = m.kept_seq
 LEFT JOIN {SIMILARITY_CACHE.qualified} c ON c.stage_key = $key AND c.member_id = r.id AND c.kept_id = k.id
 """
-# Similarities computed this run, by record ids.
+# Similarities computed this run (their members had none cached), by record ids.
 CACHE_SIMILARITIES = f"""
 INSERT INTO {SIMILARITY_CACHE.qualified}
 SELECT $key, r.id, k.id, n.similarity FROM {NEAR_DROPPED.qualified} n
+SEMI JOIN {NEAR_MEMBERS.qualified} m ON m.seq = n.seq AND m.similarity IS NULL
 JOIN {DEDUP_ROWS.qualified} r ON r.seq = n.seq
 JOIN {DEDUP_ROWS.qualified} k ON k.seq = n.kept_seq
-WHERE NOT EXISTS (
-    SELECT 1 FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key = $key AND c.member_id = r.id AND c.kept_id = k.id
-)
 """
 # The dropped rows by id: near duplicates onto their cluster's kept row; exact twins onto their group's kept row,
 # or, when that row was dropped as a near duplicate, onto its kept row with its similarity (dedup.resolve_chains).
@@ -593,7 +748,7 @@ class DedupReuse:
 def deduplicate_regime_tables(
     conn: duckdb.DuckDBPyConnection,
     *,
-    staged: str,
+    regime: str,
     records: str,
     ranked: str,
     params: dict[str, Any],
@@ -609,47 +764,42 @@ def deduplicate_regime_tables(
     computed and how many read from their caches.
 
     ``ranked``: a query (with ``params``) of the regime's rows: ``seq``, ``id``, ``exact_key`` (dedup.exact_key)
-    and ``kept_rank`` (unique; lowest is kept). ``staged``: a relation of the rows' ``seq`` and ``id`` (narrow:
-    joined on every candidate pair); ``records``: one holding their ``id`` and ``UNIT_COLUMNS`` by seq, read once
-    for the signatures the cache lacks and once each for the texts verification and the similarities need
-    (gathered into ``near_texts``, whose index makes a chunk's look-ups point reads). ``keyed``: rows carry a same key
-    (RL). ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
+    and ``kept_rank`` (unique; lowest is kept). ``records``: a relation holding their ``id`` and ``UNIT_COLUMNS``
+    by seq, read once for the signatures the cache lacks and once each for the texts verification and the
+    similarities need (gathered into ``near_texts``, whose index makes a chunk's look-ups point reads). ``keyed``:
+    rows carry a same key (RL). ``regime`` names the candidate state (:data:`BAND_STATE`, :data:`PAIR_STATE`):
+    when it holds this config's state, only the buckets of survivors added or removed since are listed again.
+    ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
     ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
     module are replaced; the caller drops the work schema.
     """
     for table in TABLES:
         conn.execute(table.create_sql(replace=True))
+    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE):
+        ensure_cache_table(conn, table)
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     survivors = _count(conn, f"({SURVIVORS})")
-    key = {"key": signature_stage_key(cfg)}
+    state = {"state": candidate_state_key(regime, cfg)}
     with timed("signatures"):
-        # Signatures of survivors not in the signature cache, in worker processes, then into the cache...
-        ensure_cache_table(conn, SIGNATURE_CACHE)
-        ensure_cache_table(conn, PAIR_CACHE)
-        computed = _count(conn, f"({_survivor_units(staged, records, cached=False)})", key)
-        units = fetch_arrow(conn, _survivor_units(staged, records, cached=False), batch_rows, key)
-        for signatures, bands in map_batches(
-            signature_batch, cfg, units, processes_for(computed, batch_rows, processes)
-        ):
-            insert_arrow(conn, NEAR_SIGNATURES, signatures)
-            insert_arrow(conn, NEAR_BANDS, bands)
-        conn.execute(
-            f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, s.id, n.signature "
-            f"FROM {NEAR_SIGNATURES.qualified} n JOIN {staged} s USING (seq)",
-            key,
-        )
-        # ... and the others' from the cache, with their band keys and sketches derived here (numpy, no shingling).
-        for cached in fetch_arrow(conn, _survivor_units(staged, records, cached=True), batch_rows, key):
-            seqs = np.asarray(cached.column("seq"), dtype=np.int64)
-            signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
-            insert_arrow(conn, NEAR_SIGNATURES, signatures)
-            insert_arrow(conn, NEAR_BANDS, bands)
+        incremental = conn.execute(STATE_HOLDS, state).fetchall()[0][0] > 0
+        if incremental:
+            conn.execute(ADDED_SURVIVORS, state)
+            conn.execute(REMOVED_SURVIVORS, state)
+        computed = _signatures_of_uncached(conn, records, cfg, batch_rows, processes)
+        if incremental:
+            # the added rows' bands, then every row of the buckets they and the removed rows are in
+            _signatures_from_cache(conn, cfg, batch_rows, f"SELECT seq FROM {NEAR_ADDED.qualified}")
+            conn.execute(TOUCHED_BUCKETS, state)
+            _signatures_from_cache(conn, cfg, batch_rows, STATE_ROWS_OF_TOUCHED_BUCKETS, state)
+        else:
+            _signatures_from_cache(conn, cfg, batch_rows, SURVIVORS)
     with timed("candidates"):
-        write_candidate_pairs(conn, cfg, batch_rows)
+        write_candidate_pairs(conn, cfg, batch_rows, touched_only=incremental)
+        _save_candidate_state(conn, state, incremental)
     with timed("verification"):
         conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
         conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
-        clusters, pairs = _verified_clusters(conn, staged, records, cfg, keyed, batch_rows, processes)
+        clusters, pairs = _verified_clusters(conn, records, cfg, keyed, batch_rows, processes)
         rows = list(clusters.parent)
         for start in range(0, len(rows), batch_rows):
             part = rows[start : start + batch_rows]
@@ -663,15 +813,95 @@ def deduplicate_regime_tables(
     return DedupReuse(Reuse(computed=computed, reused=survivors - computed), pairs, similarities)
 
 
-def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
-    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3).
+def _signatures_of_uncached(
+    conn: duckdb.DuckDBPyConnection, records: str, cfg: MinHashConfig, batch_rows: int, processes: int
+) -> int:
+    """Signatures and band keys of the survivors the signature cache lacks, computed in worker processes into
+    near_signatures and near_bands, then into the cache. Returns how many."""
+    key = {"key": signature_stage_key(cfg)}
+    computed = _count(conn, f"({_uncached_units(records)})", key)
+    units = fetch_arrow(conn, _uncached_units(records), batch_rows, key)
+    for signatures, bands in map_batches(signature_batch, cfg, units, processes_for(computed, batch_rows, processes)):
+        insert_arrow(conn, NEAR_SIGNATURES, signatures)
+        insert_arrow(conn, NEAR_BANDS, bands)
+    conn.execute(
+        f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, d.id, n.signature "
+        f"FROM {NEAR_SIGNATURES.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
+        key,
+    )
+    return computed
 
-    Depth 0 groups the rows by one band; a bucket of more than ``dedup.MAX_BUCKET`` rows goes on to depth 1, where
-    its rows are grouped by the next band as well, and so on up to depth ``dedup.MAX_SPLIT_BANDS``, where every
-    bucket is listed whole (as ``dedup.candidate_pairs``)."""
+
+def _signatures_from_cache(
+    conn: duckdb.DuckDBPyConnection,
+    cfg: MinHashConfig,
+    batch_rows: int,
+    rows: str,
+    params: dict[str, Any] | None = None,
+) -> None:
+    """Place the cached signatures of the rows the query ``rows`` lists (with ``params``) in near_signatures, with
+    their band keys and sketches derived here (numpy, no shingling); rows already placed are skipped."""
+    query_params = {**(params or {}), "key": signature_stage_key(cfg)}
+    for cached in fetch_arrow(conn, _cached_signatures(rows), batch_rows, query_params):
+        seqs = np.asarray(cached.column("seq"), dtype=np.int64)
+        signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
+        insert_arrow(conn, NEAR_SIGNATURES, signatures)
+        insert_arrow(conn, NEAR_BANDS, bands)
+
+
+def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str], incremental: bool) -> None:
+    """Bring the candidate state to this run's survivors and add the state's still-valid pairs to the candidates.
+
+    A full listing replaces the state. Otherwise the pairs of the buckets nothing touched are taken from the state
+    (by this run's rows) before it changes; then the removed rows' bands and the touched buckets' pairs leave it
+    and the added rows' bands and the pairs listed this run enter it, in one transaction."""
+    if incremental:
+        conn.execute(STATE_PAIRS_OF_UNTOUCHED_BUCKETS, state)
+    with transaction(conn):
+        if incremental:
+            conn.execute(
+                f"DELETE FROM {BAND_STATE.qualified} WHERE stage_key = $state "
+                f"AND id IN (SELECT id FROM {NEAR_REMOVED.qualified})",
+                state,
+            )
+            conn.execute(
+                f"INSERT INTO {BAND_STATE.qualified} SELECT $state, a.id, n.band, n.band_key "
+                f"FROM {NEAR_BANDS.qualified} n JOIN {NEAR_ADDED.qualified} a USING (seq)",
+                state,
+            )
+            conn.execute(
+                f"DELETE FROM {PAIR_STATE.qualified} p WHERE stage_key = $state AND EXISTS ("
+                f"SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = p.start_band AND t.band_key = p.band_key)",
+                state,
+            )
+        else:
+            for table in (BAND_STATE, PAIR_STATE):
+                conn.execute(f"DELETE FROM {table.qualified} WHERE stage_key = $state", state)
+            conn.execute(
+                f"INSERT INTO {BAND_STATE.qualified} SELECT $state, d.id, n.band, n.band_key "
+                f"FROM {NEAR_BANDS.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
+                state,
+            )
+        conn.execute(f"INSERT INTO {PAIR_STATE.qualified} {LISTED_PAIRS_BY_ID}", state)
+    if incremental:
+        conn.execute(
+            f"INSERT INTO {NEAR_CANDIDATES.qualified} SELECT a, b FROM {NEAR_KEPT_PAIRS.qualified} "
+            f"EXCEPT SELECT a, b FROM {NEAR_CANDIDATES.qualified}"
+        )
+
+
+def write_candidate_pairs(
+    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, *, touched_only: bool = False
+) -> None:
+    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3),
+    and ``near_sketch_pairs`` with the pairs listed per start band.
+
+    Depth 0 groups the rows by one band (``touched_only``: the buckets of near_touched only); a bucket of more
+    than ``dedup.MAX_BUCKET`` rows goes on to depth 1, where its rows are grouped by the next band as well, and so
+    on up to depth ``dedup.MAX_SPLIT_BANDS``, where every bucket is listed whole (as ``dedup.candidate_pairs``)."""
     bands, _rows = lsh_bands(cfg)
     limits = {"max_bucket": dedup.MAX_BUCKET, "max_depth": dedup.MAX_SPLIT_BANDS}
-    conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {BAND_BUCKET_ROWS}")
+    conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {band_bucket_rows(touched_only)}")
     for depth in range(dedup.MAX_SPLIT_BANDS + 1):
         if depth > 0:
             conn.execute(f"DELETE FROM {NEAR_LEVEL.qualified}")
@@ -704,7 +934,6 @@ def _texts(conn: duckdb.DuckDBPyConnection, seqs: list[int]) -> pa.Table:
 
 def _verified_clusters(
     conn: duckdb.DuckDBPyConnection,
-    staged: str,
     records: str,
     cfg: MinHashConfig,
     keyed: bool,
@@ -722,12 +951,12 @@ def _verified_clusters(
     key = {"key": pair_stage_key(cfg, keyed)}
     reused = 0
     # the texts of the pairs without a cached verdict (a superset of those compared: joined pairs are skipped)
-    uncached = f"SELECT a, b FROM ({_candidates_in_order(staged)}) WHERE near IS NULL"
-    _gather_texts(conn, records, f"SELECT a FROM ({uncached}) UNION SELECT b FROM ({uncached})", key)
+    uncached = f"SELECT unnest([a, b]) FROM ({CANDIDATES_WITH_CACHED_VERDICT}) WHERE near IS NULL"
+    _gather_texts(conn, records, uncached, key)
 
     def chunks() -> Iterator[tuple[pa.Table, pa.Table]]:
         nonlocal reused
-        for batch in fetch_arrow(conn, _candidates_in_order(staged), chunk, key):
+        for batch in fetch_arrow(conn, f"{CANDIDATES_WITH_CACHED_VERDICT} ORDER BY c.a, c.b", chunk, key):
             a, b, near = (batch.column(n).to_pylist() for n in ("a", "b", "near"))
             open_pairs = []
             for x, y, verdict in zip(a, b, near, strict=True):
@@ -748,7 +977,7 @@ def _verified_clusters(
         near = compared.filter(compared.column("near"))
         for a, b in zip(near.column("a").to_pylist(), near.column("b").to_pylist(), strict=True):
             clusters.union(a, b)
-    conn.execute(_cache_verdicts(staged), key)
+    conn.execute(CACHE_VERDICTS, key)
     return clusters, Reuse(computed=_count(conn, NEAR_VERDICTS.qualified), reused=reused)
 
 
@@ -759,18 +988,18 @@ def _dropped_near(conn: duckdb.DuckDBPyConnection, records: str, batch_rows: int
     processes (with the texts of both rows) and go to the cache. Returns how many were computed and reused."""
     key = {"key": similarity_stage_key()}
     ensure_cache_table(conn, SIMILARITY_CACHE)
+    conn.execute(MEMBERS_WITH_CACHED_SIMILARITY, key)
     conn.execute(
-        f"INSERT INTO {NEAR_DROPPED.qualified} SELECT seq, kept_seq, similarity "
-        f"FROM ({MEMBERS_WITH_CACHED_SIMILARITY}) WHERE similarity IS NOT NULL",
-        key,
+        f"INSERT INTO {NEAR_DROPPED.qualified} SELECT seq, kept_seq, similarity FROM {NEAR_MEMBERS.qualified} "
+        "WHERE similarity IS NOT NULL"
     )
     reused = _count(conn, NEAR_DROPPED.qualified)
-    missing = f"SELECT seq, kept_seq FROM ({MEMBERS_WITH_CACHED_SIMILARITY}) WHERE similarity IS NULL ORDER BY ALL"
-    computed = _count(conn, f"({missing})", key)
-    _gather_texts(conn, records, f"SELECT seq FROM ({missing}) UNION SELECT kept_seq FROM ({missing})", key)
+    missing = f"SELECT seq, kept_seq FROM {NEAR_MEMBERS.qualified} WHERE similarity IS NULL"
+    computed = _count(conn, f"({missing})")
+    _gather_texts(conn, records, f"SELECT unnest([seq, kept_seq]) FROM ({missing})", {})
 
     def batches() -> Iterator[tuple[pa.Table, pa.Table]]:
-        for members in fetch_arrow(conn, missing, min(CHUNK_PAIRS, batch_rows), key):
+        for members in fetch_arrow(conn, f"{missing} ORDER BY kept_seq, seq", min(CHUNK_PAIRS, batch_rows)):
             seqs = {*members.column("seq").to_pylist(), *members.column("kept_seq").to_pylist()}
             yield pa.table(members), _texts(conn, sorted(seqs))
 

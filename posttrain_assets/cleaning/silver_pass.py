@@ -21,7 +21,9 @@ Quality runs first so a kept duplicate twin is always a row that survives the ga
 Stages 0-1 are per-row work and are cached between runs (schema ``cache``, keyed by the bronze row and the
 gate's stage key: ``posttrain_assets.warehouse.stage_cache``): a refresh parses and gates only the rows it has not
 seen, and places every row, cached or new, into the work tables with set operations. Stages 2-4 are global
-decisions, recomputed over all rows each run, so a refresh gives what a full build gives.
+decisions, taken again over all rows each run from cached per-row and per-pair work (signatures, the candidate
+pairs of buckets no added or removed row is in, pair verdicts, similarities), so a refresh gives what a full build
+gives.
 
 Memory stays bounded as the corpus grows: bronze is read in Arrow batches, stages 0-1 run per batch (in
 worker processes, ``posttrain_assets.parallel``) and write into the gate cache, then the work tables (schema
@@ -47,10 +49,13 @@ import duckdb
 from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_matches, contamination_report
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
 from posttrain_assets.cleaning.dedup_tables import (
+    BAND_STATE,
     PAIR_CACHE,
+    PAIR_STATE,
     SIGNATURE_CACHE,
     SIMILARITY_CACHE,
     DedupReuse,
+    candidate_state_key,
     deduplicate_regime_tables,
     pair_stage_key,
     signature_stage_key,
@@ -770,13 +775,13 @@ def deduplicate_staged(
     # Point look-ups of texts by seq instead of a scan per chunk of candidate pairs (session setting: other
     # connections keep DuckDB's default).
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, reuse=cfg.reuse)
+    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, BAND_STATE, PAIR_STATE, reuse=cfg.reuse)
     near = DedupReuse()
     try:
         for regime in REGIMES:
             near += deduplicate_regime_tables(
                 conn,
-                staged=STAGED.qualified,
+                regime=regime,
                 records=STAGED_RECORDS.qualified,
                 ranked=RANKED_OF_REGIME,
                 params={"sources": registry.names, "regime": regime},
@@ -803,6 +808,10 @@ def deduplicate_staged(
         f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.id_high)",
         {"keys": [pair_stage_key(minhash, keyed) for minhash, keyed in configs]},
     )
+    # The candidate states of other configs or code (a regime's current state is brought to its survivors above).
+    states = [candidate_state_key(regime, minhash) for regime, (minhash, _) in zip(REGIMES, configs, strict=True)]
+    for table in (BAND_STATE, PAIR_STATE):
+        conn.execute(f"DELETE FROM {table.qualified} WHERE NOT list_contains($keys, stage_key)", {"keys": states})
     conn.execute(
         f"DELETE FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key <> $key "
         f"OR NOT EXISTS (SELECT 1 FROM {STAGED.qualified} s WHERE s.id = c.member_id) "

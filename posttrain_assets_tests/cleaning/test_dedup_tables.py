@@ -113,7 +113,7 @@ def dedup_staged(
     for regime in sorted(regimes):
         reuse += dedup_tables.deduplicate_regime_tables(
             conn,
-            staged="staged",
+            regime=regime,
             records="staged",
             ranked=RANKED,
             params={"regime": regime},
@@ -316,3 +316,82 @@ def test_band_keys_are_the_bands_signature_values() -> None:
     row = band_rows.slice(bands + 2, 1).to_pylist()[0]  # the second row's band 2: its r slot values as bytes
     assert (row["seq"], row["band"]) == (11, 2)
     assert row["band_key"] == sigs[1, 2 * r : 3 * r].astype(np.uint32).tobytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the candidate state: a run lists again only the buckets of added and removed survivors
+
+
+def candidate_ids(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """The last run's candidate pairs as (lower id, higher id), sorted."""
+    pairs = conn.execute(
+        f"SELECT least(x.id, y.id), greatest(x.id, y.id) FROM {dedup_tables.NEAR_CANDIDATES.qualified} c "
+        f"JOIN {dedup_tables.DEDUP_ROWS.qualified} x ON x.seq = c.a JOIN {dedup_tables.DEDUP_ROWS.qualified} y "
+        "ON y.seq = c.b ORDER BY ALL"
+    ).fetchall()
+    return [tuple(p) for p in pairs]
+
+
+def expected_candidate_ids(rows: list[dict[str, Any]], sigs: dict[str, np.ndarray], cfg: MinHashConfig) -> list:
+    """dedup.candidate_pairs over the rows' signatures, as sorted id pairs."""
+    matrix = np.stack([sigs[r["id"]] for r in rows])
+    pairs = dedup.candidate_pairs(matrix, cfg).tolist()
+    return sorted(tuple(sorted((rows[i]["id"], rows[j]["id"]))) for i, j in pairs)
+
+
+@pytest.mark.parametrize("max_bucket", [3, 8])
+def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_bucket: int) -> None:
+    """Signatures planted in the signature cache: a clump whose buckets split at every depth, and rows of their
+    own. Added and removed rows change bucket sizes (a bucket split before may be listed whole now, and the other
+    way round); the candidates are dedup.candidate_pairs' every time, and a run lists only the touched buckets."""
+    monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
+    cfg = MinHashConfig()
+    bands, _r = dedup.lsh_bands(cfg)
+    rng = np.random.default_rng(max_bucket)
+    clump = clumped_signatures(rng, 120, cfg, 2)
+    unique = rng.integers(0, 2**32, size=(120, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
+    unique[60:] = np.where(
+        rng.random((60, cfg.num_perm)) < 0.1, rng.integers(0, 2**32, (60, cfg.num_perm)), unique[:60]
+    )
+    rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(240)]
+    sigs = {r["id"]: s for r, s in zip(rows, np.concatenate([clump, unique]), strict=True)}
+    first = [r for i, r in enumerate(rows) if i % 10 != 3]  # 24 rows held back, from the clump and the others
+
+    conn = staged_connection(first, by_priority)
+    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+    key = dedup_tables.signature_stage_key(cfg)
+    conn.executemany(
+        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?)",
+        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
+    )
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
+    assert candidate_ids(conn) == expected_candidate_ids(first, sigs, cfg)
+    listed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()
+    assert listed == [(len(first),)]  # no state yet: every survivor's buckets
+
+    # the held-back rows arrive, and ten of the first rows (clump and unique) leave
+    second = [r for i, r in enumerate(rows) if i % 24 != 5]
+    restage(conn, second)
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
+    expected = expected_candidate_ids(second, sigs, cfg)
+    assert candidate_ids(conn) == expected and len(expected) > 100
+    listed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()[0][0]
+    assert 24 < listed < len(second)  # the added rows and the rows sharing a bucket with an added or removed row
+    kept = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_KEPT_PAIRS.qualified}").fetchall()[0][0]
+    assert kept > 0  # pairs of untouched buckets came from the state
+
+    # nothing changed: nothing listed, every candidate from the state
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
+    assert candidate_ids(conn) == expected
+    assert conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall() == [(0,)]
+    state = conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {dedup_tables.BAND_STATE.qualified}").fetchall()
+    assert state == [(len(second) * bands, len(second))]
+
+
+def restage(conn: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+    """Replace the staged rows of ``conn`` (as staged_connection stages them)."""
+    fresh = staged_connection(rows, by_priority)
+    staged = fresh.sql("SELECT * FROM staged").to_arrow_table()
+    conn.register("restaged", staged)
+    conn.execute("CREATE OR REPLACE TABLE staged AS SELECT * FROM restaged")
+    conn.unregister("restaged")
