@@ -62,6 +62,11 @@ MATH_WORKER_MEMORY_MB = 4096
 # Most seeds one certification batch (one worker process per run) scores: larger banks are split into more
 # batches, so what travels to a worker and back stays bounded as the bank grows.
 SEEDS_PER_BATCH = 25_000
+# Math comparisons sent to a math worker at a time: a round trip to the worker costs about as much as one
+# comparison (about 1 ms against 1-3 ms for the benchmark's integer answers), while a task runs under the time limit
+# of one comparison, so it should stay far below that (32 typical comparisons: well under 0.2 s). Even, so a seed's
+# gold and perturbed comparisons land in the same worker, where math-verify's own cache parses the gold once.
+MATH_PAIRS_PER_TASK = 32
 
 
 @dataclass(frozen=True)
@@ -279,15 +284,44 @@ def _math_verdict(_shared: None, pair: tuple[str, str]) -> Score:
     return Score(1.0) if ok else Score(0.0, reason)
 
 
+def _math_task_verdicts(_shared: None, pairs: tuple[tuple[str, str], ...]) -> list[Score]:
+    """The ``math`` verdicts on one task's ``(candidate, gold)`` pairs, in order, in a math worker process."""
+    return [_math_verdict(None, pair) for pair in pairs]
+
+
 def _math_verdicts(pairs: Sequence[tuple[str, str]], timeout_seconds: float, processes: int) -> list[Score]:
     """The ``math`` verdicts on ``(candidate, gold)`` pairs, in order, compared in ``processes`` worker processes
     started for this call. A comparison still running after ``timeout_seconds`` scores ``timeout``: its worker is
     killed, which bounds it wherever this is called from (math-verify's own SIGALRM timeout works only in a
     process's main thread, and not at all while sympy is inside C code such as a huge integer power). A worker
-    that dies of anything else raises ``BrokenProcessPool``."""
-    return list(
-        map_batches(_math_verdict, None, pairs, processes, time_limit=TimeLimit(timeout_seconds, Score(0.0, "timeout")))
+    that dies of anything else raises ``BrokenProcessPool``.
+
+    The pairs travel to the workers :data:`MATH_PAIRS_PER_TASK` at a time (one round trip to a worker costs about
+    as much as comparing a pair), each task under the time limit of ONE comparison. A task done in time did each
+    of its comparisons in less than the limit, so its verdicts are the ones each pair gets alone; the pairs of a
+    task that overruns are compared again one per task, each under the limit, so a pair scores ``timeout`` exactly
+    when it overruns alone. Verdicts therefore do not depend on the task size (a timeout costs up to twice the
+    limit's wait)."""
+    tasks = [tuple(pairs[first : first + MATH_PAIRS_PER_TASK]) for first in range(0, len(pairs), MATH_PAIRS_PER_TASK)]
+    task_limit: TimeLimit[list[Score] | None] = TimeLimit(timeout_seconds, None)
+    done = list(map_batches(_math_task_verdicts, None, tasks, processes, time_limit=task_limit))
+    again = [
+        pair for task, verdicts in zip(tasks, done, strict=True) if verdicts is None and len(task) > 1 for pair in task
+    ]
+    alone = iter(
+        map_batches(_math_verdict, None, again, processes, time_limit=TimeLimit(timeout_seconds, Score(0.0, "timeout")))
+        if again
+        else ()
     )
+    verdicts: list[Score] = []
+    for task, task_verdicts in zip(tasks, done, strict=True):
+        if task_verdicts is not None:
+            verdicts += task_verdicts
+        elif len(task) == 1:  # it ran alone: its overrun is its own
+            verdicts.append(Score(0.0, "timeout"))
+        else:
+            verdicts += [next(alone) for _pair in task]
+    return verdicts
 
 
 def _score_math(candidate: str, gold: str, tests: str | None, timeout_seconds: float | None) -> Score:

@@ -201,6 +201,37 @@ def test_math_hang_inside_c_code_is_bounded_too() -> None:
     assert score("math", r"\boxed{\frac{1}{2}}", "0.5") == Score(1.0)
 
 
+@pytest.mark.slow  # waits out a wall-clock limit several times: seconds by design
+def test_math_pairs_get_the_verdicts_they_get_alone_whatever_the_task_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hanging comparison makes its task overrun; the task's pairs are then compared again one per task, so only
+    # the hanging one times out and the others keep their own verdicts, with tasks of any size.
+    pairs = [
+        (r"\boxed{\frac{1}{2}}", "0.5"),
+        (rf"\boxed{{{HANGING_LATEX}}}", "3"),
+        (r"\boxed{2\sqrt{3}}", r"\sqrt{8}"),
+        (r"\boxed{12}", "12"),
+        ("I have no idea", "4"),
+    ]
+    expected = [Score(1.0), Score(0.0, "timeout"), Score(0.0, "wrong_answer"), Score(1.0), Score(0.0, "no_answer")]
+    map_batches = v.map_batches
+    sent: list[int] = []  # the pairs sent to the workers in each call
+
+    def counting(fn: Callable[[Any, Any], Any], shared: Any, items: Any, workers: int, **options: Any) -> Any:
+        items = list(items)
+        sent.append(sum(len(item) if fn is v._math_task_verdicts else 1 for item in items))
+        return map_batches(fn, shared, items, workers, **options)
+
+    monkeypatch.setattr(v, "map_batches", counting)
+    for pairs_per_task, compared in ((1, [5]), (2, [5, 2]), (32, [5, 5])):
+        sent.clear()
+        monkeypatch.setattr(v, "MATH_PAIRS_PER_TASK", pairs_per_task)
+        assert v._math_verdicts(pairs, 1.0, 2) == expected, pairs_per_task
+        assert sent == compared, pairs_per_task
+    sent.clear()
+    assert v._math_verdicts(pairs[2:], 1.0, 2) == expected[2:]
+    assert sent == [3]  # no overrun: every pair compared once
+
+
 def test_math_from_threads() -> None:
     cases = [(rf"\boxed{{\frac{{{i}}}{{2}}}}", str(i / 2)) for i in range(6)]
     with ThreadPoolExecutor(max_workers=3) as pool:
