@@ -446,3 +446,36 @@ def test_a_waiting_run_stops_on_sigterm_and_a_new_one_waits_out_loud(pool_scene:
     assert scene.holder.wait(timeout=SAFETY_SECONDS) == 0
     assert scene.status(scene.holder_run_id) == dg.DagsterRunStatus.SUCCESS
     assert scene.pool_run_ids() == []
+
+
+# A watch whose poll never times out within the safety net: it ends only if its run's end wakes it.
+WATCH_ENDS = """
+import sys
+import dagster as dg
+from posttrain_assets import runs
+
+runs.POLL_SECONDS = float(sys.argv[1])
+instance = dg.DagsterInstance.get()
+watch = runs.PoolWatch(instance, "a-run-that-holds-nothing")
+with watch:
+    print("watching", watch._thread.is_alive(), flush=True)
+print("ended", watch._thread.is_alive(), flush=True)
+"""
+
+
+def test_a_pool_watch_ends_with_its_run_not_at_its_next_poll(tmp_path: Path, landing: Path) -> None:
+    """Every run ``posttrain`` starts in process is watched from a thread that polls the pool; ending the run wakes
+    the thread, so the run returns when it ends instead of up to a poll period later (0.7 s a run on average)."""
+    deployment = make_deployment(tmp_path, landing, tmp_path / "no_tokenizer")
+    with deployment.instance():  # creates the storage
+        pass
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH_ENDS, str(10 * SAFETY_SECONDS)],
+        env=deployment.env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_SECONDS,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["watching True", "ended False"]
