@@ -453,6 +453,30 @@ def _balance_source(members: Sequence[Pair], k: int | None, rng: random.Random) 
     return kept, dropped
 
 
+def balance_offending_source(
+    source: str, members: Sequence[Pair], thresholds: ConfoundThresholds, seed: int
+) -> tuple[dict[str, str], int | str | None]:
+    """Step 3 of :func:`balance_pairs` for one source whose remaining pairs (no ties, no excluded pairs; sorted by
+    id) break the thresholds: the reason of each pair it drops (``length_balance``, or ``cannot_balance`` for every
+    pair) and the stratification used (None when the source cannot be balanced). Reads ``id``, ``chosen_tokens``
+    and ``rejected_tokens`` of the members only."""
+    distinct = len({abs(int(p["chosen_tokens"]) - int(p["rejected_tokens"])) for p in members})
+    k: int | None = 10
+    while True:
+        if k is not None and k >= distinct:
+            k = None
+        kept, dropped = _balance_source(members, k, random.Random(f"{seed}:{source}"))
+        ok = len(kept) >= thresholds.min_pairs and not group_violations(
+            "source", source, _audit_group(kept, [False] * len(kept)), thresholds
+        )
+        if ok or k is None:
+            break
+        k *= 2
+    if ok:
+        return {str(p["id"]): "length_balance" for p in dropped}, "exact" if k is None else k
+    return {str(p["id"]): "cannot_balance" for p in members}, None
+
+
 def balance_pairs(
     pairs: Iterable[Pair],
     thresholds: ConfoundThresholds | None = None,
@@ -502,23 +526,10 @@ def balance_pairs(
         current = _audit_group(members, [False] * len(members))  # the ties went in step 1
         if not group_violations("source", source, current, thresholds):
             continue
-        distinct = len({abs(int(p["chosen_tokens"]) - int(p["rejected_tokens"])) for p in members})
-        k: int | None = 10
-        while True:
-            if k is not None and k >= distinct:
-                k = None
-            kept, dropped = _balance_source(members, k, random.Random(f"{seed}:{source}"))
-            ok = len(kept) >= thresholds.min_pairs and not group_violations(
-                "source", source, _audit_group(kept, [False] * len(kept)), thresholds
-            )
-            if ok or k is None:
-                break
-            k *= 2
-        if ok:
-            strata_used[source] = "exact" if k is None else k
-            reasons.update((str(p["id"]), "length_balance") for p in dropped)
-        else:
-            reasons.update((str(p["id"]), "cannot_balance") for p in members)
+        source_reasons, strata = balance_offending_source(source, members, thresholds, seed)
+        reasons.update(source_reasons)
+        if strata is not None:
+            strata_used[source] = strata
 
     kept_ids = [str(p["id"]) for p in pairs if str(p["id"]) not in reasons]
     dropped_list = [(str(p["id"]), reasons[str(p["id"])]) for p in pairs if str(p["id"]) in reasons]
@@ -536,8 +547,28 @@ def length_histogram_png(
     """Overlaid histograms of chosen and rejected lengths (tokens) as a ``width`` x ``height`` PNG.
 
     Shared bins up to the 99th percentile of all lengths; longer responses are counted in the last bin (the
-    x label says so). Uses matplotlib's Agg canvas directly (no pyplot, no global state), imported lazily.
+    x label says so). :func:`histogram_png` draws it.
     """
+    both = np.asarray([*chosen_tokens, *rejected_tokens], dtype=float)
+    cap = max(float(np.quantile(both, 0.99)), 1.0) if both.size else None
+    return histogram_png(
+        (np.asarray(chosen_tokens), None), (np.asarray(rejected_tokens), None), cap, title, width, height
+    )
+
+
+def histogram_png(
+    chosen: tuple[np.ndarray, np.ndarray | None],
+    rejected: tuple[np.ndarray, np.ndarray | None],
+    cap: float | None,
+    title: str,
+    width: int = 640,
+    height: int = 360,
+) -> bytes:
+    """The PNG of :func:`length_histogram_png` from each side's lengths and their counts (``(values, None)``: each
+    value once), capped at ``cap`` (None: no lengths). Counting distinct lengths with weights puts every response in
+    the same bin as counting each response (the same values meet the same edges), so the caller can send a
+    histogram of lengths instead of one length per pair. Uses matplotlib's Agg canvas directly (no pyplot, no
+    global state), imported lazily."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -545,12 +576,11 @@ def length_histogram_png(
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    both = np.asarray([*chosen_tokens, *rejected_tokens], dtype=float)
-    if both.size:
-        cap = max(float(np.quantile(both, 0.99)), 1.0)
+    if cap is not None:
         bins = np.linspace(0.0, cap, 41)
-        ax.hist(np.minimum(chosen_tokens, cap), bins=bins, alpha=0.55, label=f"chosen (n={len(chosen_tokens)})")
-        ax.hist(np.minimum(rejected_tokens, cap), bins=bins, alpha=0.55, label=f"rejected (n={len(rejected_tokens)})")
+        for (values, counts), label in ((chosen, "chosen"), (rejected, "rejected")):
+            n = len(values) if counts is None else int(counts.sum())
+            ax.hist(np.minimum(values, cap), bins=bins, weights=counts, alpha=0.55, label=f"{label} (n={n})")
         ax.legend(loc="upper right", fontsize=8)
         ax.set_xlabel(f"tokens (longer than p99 = {cap:.0f} counted in the last bin)", fontsize=8)
     else:
@@ -597,10 +627,12 @@ __all__ = [
     "Violation",
     "audit",
     "audit_group",
+    "balance_offending_source",
     "balance_pairs",
     "confound_violations",
     "group_pairs",
     "group_violations",
+    "histogram_png",
     "length_histogram_png",
     "markdown_audit_table",
     "pair_is_tie",

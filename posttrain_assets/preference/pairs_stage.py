@@ -13,16 +13,16 @@ whole batches, which the next run reuses). silver.preference_pairs is then writt
 current silver.records, in id order: every column that is not a measure comes from the current record, so a pair
 whose source, scores, annotations or provenance changed under the same id (a duplicate displacing another, a
 re-scored file) is not measured again and still gets its current values; ``score_margin`` and ``length_diff`` are
-computed in the same SELECT. Cache entries of ids no longer among the preference rows or of an old stage key are
-then forgotten. The global tables (audit, balance, judge audit, agreement) are computed from the whole table by the
-caller, as in a full build.
+computed in the same SELECT. The table is synced to that query, not rebuilt (``io.sync_table``: only pairs whose id
+or content changed are deleted or inserted), in the caller's transaction. Cache entries of ids no longer among the
+preference rows or of an old stage key are then forgotten. The global tables (audit, balance, judge audit,
+agreement) are computed from the whole table by the caller, in SQL, as in a full build.
 """
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -31,7 +31,7 @@ import pyarrow as pa
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.preference.pairs import PairJob, pair_measures
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_RECORDS
-from posttrain_assets.warehouse.io import Twin, building, insert_arrow, insert_ordered, ordered_arrow, transaction
+from posttrain_assets.warehouse.io import SyncCounts, insert_arrow, ordered_arrow, sync_table, transaction
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -108,7 +108,7 @@ DELETE FROM {PAIRS_CACHE.qualified} c
 WHERE c.stage_key <> $key OR NOT EXISTS (SELECT 1 FROM ({PREFERENCE_IDS}) r WHERE r.id = c.id)
 """
 
-# Rows per sorted id range when silver.preference_pairs is written from the cache.
+# Rows per sorted id range when silver.preference_pairs is written (or synced) from the cache.
 PUBLISH_RANGE_ROWS = 32_768
 
 
@@ -128,11 +128,20 @@ def pairs_stage_key(job: PairJob, tokenizer_sha256: str) -> str:
 
 
 @dataclass(frozen=True)
-class PairsBuild:
-    """A filled twin of silver.preference_pairs (:func:`posttrain_assets.warehouse.io.building`) for the caller to
-    publish, and how many pairs were measured now or read from the cache."""
+class MeasuredPairs:
+    """What :func:`measure_preference_pairs` left for :func:`sync_preference_pairs`: the stage key the cache now holds
+    every current pair under, and how many pairs it measured (the rest were read from the cache)."""
 
-    twin: Twin
+    key: str
+    measured: int
+
+
+@dataclass(frozen=True)
+class PairsSync:
+    """What :func:`sync_preference_pairs` did: silver.preference_pairs' rows inserted, deleted and kept
+    (``io.SyncCounts``), and how many pairs were measured now or read from the cache."""
+
+    synced: SyncCounts
     reuse: Reuse
 
 
@@ -165,8 +174,7 @@ def _measure_missing(
     return todo
 
 
-@contextmanager
-def building_preference_pairs(
+def measure_preference_pairs(
     conn: duckdb.DuckDBPyConnection,
     job: PairJob,
     tokenizer_sha256: str,
@@ -175,24 +183,29 @@ def building_preference_pairs(
     batch_rows: int,
     reuse: bool = True,
     progress: Callable[[int], None] = lambda done: None,
-) -> Iterator[PairsBuild]:
+) -> MeasuredPairs:
     """Measure the preference rows of silver.records the cache does not hold (``reuse=False``: forget the cache
-    first) in up to ``processes`` worker processes, ``batch_rows`` at a time; then yield a twin of
-    silver.preference_pairs holding every current pair, stored in id order, which the caller audits and publishes
-    (``io.swap_in``) in its own transaction. The twin is dropped on the way out. ``progress(done)`` is called after
-    each measured batch."""
+    first) in up to ``processes`` worker processes, ``batch_rows`` at a time, each batch appended to the cache in its
+    own transaction. ``progress(done)`` is called after each measured batch."""
     key = pairs_stage_key(job, tokenizer_sha256)
     open_caches(conn, PAIRS_CACHE, reuse=reuse)
-    todo = _measure_missing(conn, key, job, processes=processes, batch_rows=batch_rows, progress=progress)
-    with building(conn, SILVER_PREFERENCE_PAIRS) as twin:
-        insert_ordered(conn, twin.table, PAIRS, "id", PUBLISH_RANGE_ROWS, {"key": key})
-        (twin.rows,) = conn.execute(f"SELECT count(*) FROM {twin.table.qualified}").fetchone()
-        twin.finish()
-        (pairs,) = conn.execute(f"SELECT count(*) FROM ({PREFERENCE_IDS})").fetchone()
-        if twin.rows != pairs:  # every row was measured above or held in the cache: a bug if not
-            raise RuntimeError(f"silver.preference_pairs would hold {twin.rows} pairs for {pairs} preference rows")
-        (held,) = conn.execute(f"SELECT count(*) FROM {PAIRS_CACHE.qualified}").fetchone()
-        if held > pairs:  # entries of rows gone from silver or of an old stage key
-            with transaction(conn):
-                conn.execute(FORGET_STALE, {"key": key})
-        yield PairsBuild(twin, Reuse(computed=todo, reused=pairs - todo))
+    measured = _measure_missing(conn, key, job, processes=processes, batch_rows=batch_rows, progress=progress)
+    return MeasuredPairs(key, measured)
+
+
+def sync_preference_pairs(conn: duckdb.DuckDBPyConnection, measured: MeasuredPairs) -> PairsSync:
+    """Bring silver.preference_pairs to every current pair (the cache joined with the current silver.records), then
+    forget the cache entries of rows gone from silver or of an old stage key. Synced, not rebuilt
+    (``io.sync_table``): a refresh deletes and inserts only the pairs whose id or content changed; a first build
+    stores the table in id order. Runs on ``conn`` itself, inside the caller's transaction (the audit tables are
+    written in the same one)."""
+    params = {"key": measured.key}
+    synced = sync_table(conn, SILVER_PREFERENCE_PAIRS, PAIRS, "id", PUBLISH_RANGE_ROWS, params)
+    built = synced.inserted + synced.kept
+    (pairs,) = conn.execute(f"SELECT count(*) FROM ({PREFERENCE_IDS})").fetchone()
+    if built != pairs:  # every row was measured before or held in the cache: a bug if not
+        raise RuntimeError(f"silver.preference_pairs would hold {built} pairs for {pairs} preference rows")
+    (held,) = conn.execute(f"SELECT count(*) FROM {PAIRS_CACHE.qualified}").fetchone()
+    if held > pairs:  # entries of rows gone from silver or of an old stage key
+        conn.execute(FORGET_STALE, params)
+    return PairsSync(synced, Reuse(computed=measured.measured, reused=pairs - measured.measured))

@@ -11,10 +11,15 @@ import duckdb
 import pytest
 
 from posttrain_assets.preference.pairs import PairJob, pair_batch
-from posttrain_assets.preference.pairs_stage import PAIRS_CACHE, building_preference_pairs
+from posttrain_assets.preference.pairs_stage import (
+    PAIRS_CACHE,
+    PairsSync,
+    measure_preference_pairs,
+    sync_preference_pairs,
+)
 from posttrain_assets.sft.tokenizer import tokenizer_identity
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_RECORDS
-from posttrain_assets.warehouse.io import insert_rows, swap_in, transaction
+from posttrain_assets.warehouse.io import SyncCounts, insert_rows, transaction
 from posttrain_assets.warehouse.stage_cache import Reuse
 
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -67,23 +72,24 @@ def conn(tmp_path: Path) -> duckdb.DuckDBPyConnection:
     return conn
 
 
-def build(
+def build_synced(
     conn: duckdb.DuckDBPyConnection,
     job: PairJob,
     tokenizer_sha256: str,
     reuse: bool = True,
     processes: int = 1,
     batch_rows: int = 2,
-) -> Reuse:
-    """Build and publish silver.preference_pairs as the asset does."""
-    with (
-        building_preference_pairs(
-            conn, job, tokenizer_sha256, processes=processes, batch_rows=batch_rows, reuse=reuse
-        ) as built,
-        transaction(conn),
-    ):
-        swap_in(conn, built.twin, SILVER_PREFERENCE_PAIRS)
-    return built.reuse
+) -> PairsSync:
+    """Measure and sync silver.preference_pairs as the asset does."""
+    measured = measure_preference_pairs(
+        conn, job, tokenizer_sha256, processes=processes, batch_rows=batch_rows, reuse=reuse
+    )
+    with transaction(conn):
+        return sync_preference_pairs(conn, measured)
+
+
+def build(conn: duckdb.DuckDBPyConnection, job: PairJob, tokenizer_sha256: str, **options: Any) -> Reuse:
+    return build_synced(conn, job, tokenizer_sha256, **options).reuse
 
 
 def pairs(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
@@ -157,11 +163,13 @@ def test_only_new_rows_are_measured_and_changed_columns_come_from_the_current_re
         "annotations = {'judge': 'claude'} WHERE id = 'a1'"
     )
     insert_rows(conn, SILVER_RECORDS, [record("e5", "Four.", "Five, I think.", scores=(1.0, 0.0))])
-    refreshed = build(conn, job, tokenizer_sha256)
+    refreshed = build_synced(conn, job, tokenizer_sha256)
     incremental = pairs(conn)
     full = build(conn, job, tokenizer_sha256, reuse=False)
 
-    assert refreshed == Reuse(computed=1, reused=3)
+    assert refreshed.reuse == Reuse(computed=1, reused=3)
+    # synced, not rebuilt: c3 and the old a1 deleted, the new a1 and e5 inserted, b2 and d4 left as they were
+    assert refreshed.synced == SyncCounts(inserted=2, deleted=2, kept=2, rebuilt=False)
     assert full == Reuse(computed=4, reused=0)
     assert incremental == pairs(conn)
     assert stored_pairs(conn) == reference_pairs(conn, job)

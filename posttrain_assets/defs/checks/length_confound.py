@@ -1,8 +1,9 @@
 """length_confound_check: chosen must not simply be the longer side; ties must be rare.
 
-Re-audits the stored pairs table per source and fails when a source with enough pairs is outside the
-thresholds (chosen-longer share, |point-biserial r|, tie rate). The message names the source, the
-statistic and its value. Blocking: gold.preference is not written past a failure.
+Re-audits the stored pairs table per source with the very audit silver.preference_pairs reports
+(:func:`posttrain_assets.preference.audit_sql.audit_relation`: set-based SQL over the table) and fails when a
+source with enough pairs is outside the thresholds (chosen-longer share, |point-biserial r|, tie rate). The message
+names the source, the statistic and its value. Blocking: gold.preference is not written past a failure.
 """
 
 import dagster as dg
@@ -11,23 +12,19 @@ from dagster_duckdb import DuckDBResource
 from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
-from posttrain_assets.preference.audit import audit, confound_violations, markdown_audit_table
-from posttrain_assets.warehouse.catalogue import (
-    SILVER_PREFERENCE_PAIRS,
-    SILVER_PREFERENCE_PAIRS_BALANCED,
-    audited_columns_sql,
-)
-from posttrain_assets.warehouse.io import fetch_dicts
+from posttrain_assets.preference.audit import confound_violations, markdown_audit_table
+from posttrain_assets.preference.audit_sql import audit_relation
+from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_PREFERENCE_PAIRS_BALANCED
 from posttrain_assets.warehouse.model import Table
 
 
 def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthConfoundConfig) -> dg.AssetCheckResult:
     thresholds = config.thresholds()
     with duckdb.get_connection() as conn:
-        pairs = fetch_dicts(conn, audited_columns_sql(table))
-    if not pairs:
+        audits = audit_relation(conn, table.qualified)
+    if not audits:
         return dg.AssetCheckResult(passed=True, description=f"{table.qualified} has no pairs", metadata={"pairs": 0})
-    audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
+    pairs = audits[("overall", "all")].pairs
     violations = confound_violations(audits, thresholds)
     judged = sorted(n for (k, n), a in audits.items() if k == "source" and a.pairs >= thresholds.min_pairs)
     return dg.AssetCheckResult(
@@ -36,7 +33,7 @@ def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthCo
         if violations
         else f"{len(judged)} source(s) within thresholds: {', '.join(judged)}",
         metadata={
-            "pairs": dg.MetadataValue.int(len(pairs)),
+            "pairs": dg.MetadataValue.int(pairs),
             "sources_judged": dg.MetadataValue.int(len(judged)),
             "violations": dg.MetadataValue.md(
                 markdown_table(

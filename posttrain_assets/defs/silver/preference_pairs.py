@@ -16,14 +16,8 @@ from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes
-from posttrain_assets.preference.audit import (
-    DROP_REASONS,
-    ConfoundThresholds,
-    audit,
-    balance_pairs,
-    length_histogram_png,
-    markdown_audit_table,
-)
+from posttrain_assets.preference.audit import DROP_REASONS, ConfoundThresholds, markdown_audit_table
+from posttrain_assets.preference.audit_sql import audit_relation, balance_relation, length_histogram_png_of
 from posttrain_assets.preference.labelling import (
     DEFAULT_MIN_PAIR_AGREEMENT,
     Agreement,
@@ -33,7 +27,7 @@ from posttrain_assets.preference.labelling import (
     judge_bias_audit,
 )
 from posttrain_assets.preference.pairs import PairJob
-from posttrain_assets.preference.pairs_stage import building_preference_pairs
+from posttrain_assets.preference.pairs_stage import measure_preference_pairs, sync_preference_pairs
 from posttrain_assets.text import DEFAULT_TIE_SIMILARITY
 from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_AGREEMENT,
@@ -43,9 +37,8 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_PREFERENCE_PAIRS,
     SILVER_PREFERENCE_PAIRS_BALANCED,
     SILVER_RECORDS,
-    audited_columns_sql,
 )
-from posttrain_assets.warehouse.io import fetch_dicts, insert_ordered, replace_table, swap_in, transaction
+from posttrain_assets.warehouse.io import replace_table, sync_table, transaction
 
 PAIRS_KEY = dg.AssetKey(["silver", "preference_pairs"])
 AUDIT_KEY = dg.AssetKey(["silver", "preference_audit"])
@@ -57,6 +50,19 @@ AGREEMENT_KEY = dg.AssetKey(["silver", "preference_agreement"])
 PREFERENCE_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
 BALANCED_RANGE_ROWS = 32_768  # rows per sorted id range when the balanced pairs are written
+# The balance drops (id, reason) in id order, each with its pair's source.
+INSERT_DROPS = f"""
+INSERT INTO {SILVER_PREFERENCE_BALANCE_DROPS.qualified} (id, source, reason)
+SELECT d.id, p.source, d.reason
+FROM (SELECT unnest(CAST($ids AS VARCHAR[])) AS id, unnest(CAST($reasons AS VARCHAR[])) AS reason) d
+JOIN {SILVER_PREFERENCE_PAIRS.qualified} p USING (id)
+ORDER BY d.id
+"""
+# The balanced set: every pair the balancing did not drop (synced, so a refresh writes only the changes).
+BALANCED_PAIRS = (
+    f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} "
+    f"WHERE id NOT IN (SELECT id FROM {SILVER_PREFERENCE_BALANCE_DROPS.qualified})"
+)
 AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
 # Statistics plotted per source across materialisations.
 PLOTTED = ("chosen_longer_share", "point_biserial_r", "tie_rate", "median_length_ratio", "pairs")
@@ -202,10 +208,11 @@ def silver_preference_pairs(
             f"tokenizer, tie similarity, code), {BATCH_ROWS} at a time in id order, in up to {processes} process(es)"
         )
         # Token counts and tie flags (most of the stage's work) come from the pairs cache or are computed in worker
-        # processes (preference/pairs_stage.py); the twin holds every pair in id order, with the other columns from
-        # the current silver.records. Audit and balance read only its numeric columns, over all pairs; every table
-        # is replaced in one transaction at the end.
-        with building_preference_pairs(
+        # processes (preference/pairs_stage.py). Then, in one transaction, silver.preference_pairs is synced to the
+        # cache joined with the current silver.records (only changed pairs written) and every audit is computed in
+        # SQL over the whole table, as in a full build: only aggregates and the offending sources' pairs (the remedy)
+        # come to Python; the balanced set is synced too.
+        measured = measure_preference_pairs(
             conn,
             job,
             tokenizer.identity()["tokenizer_sha256"],
@@ -213,45 +220,31 @@ def silver_preference_pairs(
             batch_rows=BATCH_ROWS,
             reuse=not (config.full_rebuild or settings.full_rebuild()),
             progress=lambda done: context.log.info(f"measured {done} preference pairs"),
-        ) as built:
-            pairs_twin = built.twin
-            pairs = fetch_dicts(conn, audited_columns_sql(pairs_twin.table))
-            audits = audit(pairs, tie_similarity=thresholds.tie_similarity)
-            # who labelled the pairs: set-based SQL over the twin (the texts never come to Python)
-            twin = pairs_twin.table.qualified
-            judge_bias = judge_bias_audit(conn, twin)
-            agreement = annotator_agreement(conn, twin, config.min_pair_agreement)
+        )
+        pairs_table = SILVER_PREFERENCE_PAIRS.qualified
+        with transaction(conn):
+            built = sync_preference_pairs(conn, measured)
+            audits = audit_relation(conn, pairs_table)
+            # who labelled the pairs: set-based SQL over the table (the texts never come to Python)
+            judge_bias = judge_bias_audit(conn, pairs_table)
+            agreement = annotator_agreement(conn, pairs_table, config.min_pair_agreement)
             drops = curation_drops(
-                conn, twin, config.min_score_margin, config.min_pair_agreement, config.disagreement_policy
+                conn, pairs_table, config.min_score_margin, config.min_pair_agreement, config.disagreement_policy
             )
-            balance = balance_pairs(pairs, thresholds, seed=config.balance_seed, excluded=drops)
-            by_id = {p["id"]: p for p in pairs}
+            balance = balance_relation(conn, pairs_table, thresholds, seed=config.balance_seed, excluded=drops)
             audit_rows = [
                 {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
                 for (kind, name), result in audits.items()
             ]
-            with transaction(conn):
-                swap_in(conn, pairs_twin, SILVER_PREFERENCE_PAIRS)
-                replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
-                replace_table(conn, SILVER_PREFERENCE_JUDGE_AUDIT, [b.as_dict() for b in judge_bias], transaction=False)
-                replace_table(conn, SILVER_PREFERENCE_AGREEMENT, [a.as_dict() for a in agreement], transaction=False)
-                conn.execute(SILVER_PREFERENCE_PAIRS_BALANCED.create_sql(replace=True))
-                # in id ranges (a semi-join keeps no order of its own, and the wide rows are never sorted whole)
-                insert_ordered(
-                    conn,
-                    SILVER_PREFERENCE_PAIRS_BALANCED,
-                    f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} WHERE id IN (SELECT unnest($kept))",
-                    "id",
-                    BALANCED_RANGE_ROWS,
-                    {"kept": balance.kept_ids},
-                )
-                replace_table(
-                    conn,
-                    SILVER_PREFERENCE_BALANCE_DROPS,
-                    [{"id": i, "source": by_id[i]["source"], "reason": reason} for i, reason in balance.dropped],
-                    transaction=False,
-                )
-        kept = len(balance.kept_ids)
+            replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
+            replace_table(conn, SILVER_PREFERENCE_JUDGE_AUDIT, [b.as_dict() for b in judge_bias], transaction=False)
+            replace_table(conn, SILVER_PREFERENCE_AGREEMENT, [a.as_dict() for a in agreement], transaction=False)
+            conn.execute(SILVER_PREFERENCE_BALANCE_DROPS.create_sql(replace=True))
+            conn.execute(
+                INSERT_DROPS, {"ids": [i for i, _ in balance.dropped], "reasons": [r for _, r in balance.dropped]}
+            )
+            balanced = sync_table(conn, SILVER_PREFERENCE_PAIRS_BALANCED, BALANCED_PAIRS, "id", BALANCED_RANGE_ROWS)
+        kept = balance.kept
         preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
         pairs_meta = table_metadata(conn, SILVER_PREFERENCE_PAIRS, preview_columns=preview, group_by="source")
         audit_meta = table_metadata(
@@ -269,18 +262,15 @@ def silver_preference_pairs(
         agreement_meta = table_metadata(
             conn, SILVER_PREFERENCE_AGREEMENT, preview_columns=["source", "rated_pairs", "order_alpha"]
         )
+        png = length_histogram_png_of(conn, pairs_table, "chosen vs rejected tokens (all pairs)")
     stats: dict[str, dg.MetadataValue] = {"audit": dg.MetadataValue.md(markdown_audit_table(audits))}
     for (kind, name), result in audits.items():
         for field in PLOTTED:
             stats[f"{kind}/{name}/{field}"] = dg.MetadataValue.float(float(getattr(result, field)))
     artifacts = Path(duckdb.database).resolve().parent / "artifacts"
-    png = length_histogram_png(
-        [p["chosen_tokens"] for p in pairs],
-        [p["rejected_tokens"] for p in pairs],
-        "chosen vs rejected tokens (all pairs)",
-    )
     stats.update(histogram_metadata(png, artifacts / "preference_length_histogram.png"))
-    context.log.info(f"{len(pairs)} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts()}")
+    pairs = audits[("overall", "all")].pairs if audits else 0
+    context.log.info(f"{pairs} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts()}")
     derived = {
         "chosen_tokens": ["chosen"],
         "rejected_tokens": ["rejected"],
@@ -294,13 +284,20 @@ def silver_preference_pairs(
             for c in SILVER_PREFERENCE_PAIRS.columns
         }
     )
-    reuse = {k: dg.MetadataValue.int(v) for k, v in built.reuse.metadata("preference_pairs").items()}
+    reuse = {
+        k: dg.MetadataValue.int(v)
+        for k, v in {
+            **built.reuse.metadata("preference_pairs"),
+            **built.synced.metadata("silver_preference_pairs"),
+        }.items()
+    }
     yield dg.MaterializeResult(asset_key=PAIRS_KEY, metadata={**pairs_meta, **stats, **reuse})
     yield dg.MaterializeResult(asset_key=AUDIT_KEY, metadata=audit_meta)
     yield dg.MaterializeResult(
         asset_key=BALANCED_KEY,
         metadata={
             **balanced_meta,
+            **{k: dg.MetadataValue.int(v) for k, v in balanced.metadata("silver_preference_pairs_balanced").items()},
             "dropped": dg.MetadataValue.json(balance.dropped_counts()),
             "strata": dg.MetadataValue.json(balance.strata),
         },
