@@ -50,6 +50,7 @@ are written from the same ranges in one pass, so at most one range and one Parqu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posttrain_assets.publish import verl_reward
-from posttrain_assets.warehouse.io import ordered_arrow
+from posttrain_assets.warehouse.io import fingerprint_sql, ordered_arrow
 
 # The single-file layout of a mixture folder (export_mixture); an export folder of an earlier version had them too.
 PARQUET_FILE = "train.parquet"
@@ -664,8 +665,8 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
 
     A source of ``n`` rows has ``2 ** bits`` parts, the fewest of at most ``SHARD_ROWS`` rows each on average
     (at most 256). The fingerprint is the sha256 of the writer identity, the shard's name and rows, and the md5
-    of its ``id:row hash`` list in id order (DuckDB's ``hash`` of the exported columns but ``spec.derived``, each
-    as :func:`_hashed_column` says): one aggregate query, no row leaves DuckDB."""
+    of its ``id:row hash`` list in id order (the warehouse's row fingerprint, ``io.fingerprint_sql``, of the exported
+    columns but ``spec.derived``): one aggregate query, no row leaves DuckDB."""
     counts = conn.execute(
         f"SELECT source, count(*) FROM ({spec.query}) GROUP BY source ORDER BY source", params
     ).fetchall()
@@ -677,12 +678,12 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     writer = _writer_identity(spec)
     if not bits:
         return [Shard("", 0, 0, 0, hashlib.sha256(f"{writer}:{EMPTY_SHARD}".encode()).hexdigest())]
-    hashed = ", ".join(_hashed_column(f) for f in spec.schema if f.name not in spec.derived)
+    row_hash = fingerprint_sql((name, kind) for name, kind in _duckdb_columns(spec.schema) if name not in spec.derived)
     sources = sorted(bits)
     planned = conn.execute(
         f"""
         WITH hashed AS (
-            SELECT source, id, {_ID_BYTE} AS id_byte, hash({hashed}) AS row_hash FROM ({spec.query})
+            SELECT source, id, {_ID_BYTE} AS id_byte, {row_hash} AS row_hash FROM ({spec.query})
         ), parted AS (
             SELECT *, list_extract($shard_bits, list_position($shard_sources, source)) AS bits FROM hashed
         )
@@ -702,32 +703,13 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     return shards
 
 
-def _hashed_column(column: pa.Field) -> str:
-    """What of ``column`` goes into a row's hash, so that two values written differently hash differently:
-    the value and its :func:`_shape` (DuckDB's ``hash`` alone flattens nested values: ``[[1], [2]]`` and
-    ``[[1, 2]]``, ``NULL``, ``[]`` and ``[NULL]``, a null struct and one of nulls hash alike; and -0.0 as 0.0)."""
-    name = f'"{column.name}"'
-    return ", ".join([name, *_shape(name, column.type, 0)])
-
-
-def _shape(value: str, kind: pa.DataType, depth: int) -> list[str]:
-    """SQL terms that tell apart the values of type ``kind`` that ``hash(value)`` takes for the same: a list's
-    length (null for a null list) and, for a nested element type, each element's shape hashed; whether a struct is
-    null, and its fields' shapes; a float's text (-0.0). Cheaper than hashing the JSON text (the token id lists
-    are thousands of integers: their hash and length are enough)."""
-    if pa.types.is_floating(kind):
-        return [f"{value}::VARCHAR"]
-    if pa.types.is_struct(kind):
-        fields = [term for field in kind for term in _shape(f'{value}."{field.name}"', field.type, depth)]
-        return [f"{value} IS NULL", *fields]
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        element = f"e{depth}"
-        inner = _shape(element, kind.value_type, depth + 1)
-        terms = [f"len({value})"]
-        if inner:
-            terms.append(f"list_transform({value}, lambda {element}: hash({', '.join(inner)}))")
-        return terms
-    return []
+@functools.cache
+def _duckdb_columns(schema: pa.Schema) -> tuple[tuple[str, duckdb.DuckDBPyType], ...]:
+    """(name, DuckDB type) of each column of ``schema``, as DuckDB reads the Arrow types (asked of a private
+    in-memory database, once per schema)."""
+    with duckdb.connect() as scratch:
+        relation = scratch.from_arrow(schema.empty_table())
+        return tuple(zip(relation.columns, relation.types, strict=True))
 
 
 def _shard_query(spec: ExportSpec, shard: Shard) -> str:

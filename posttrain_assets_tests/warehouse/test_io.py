@@ -20,6 +20,8 @@ from posttrain_assets.warehouse.io import (
     SyncCounts,
     Twin,
     building,
+    fingerprint_sql,
+    insert_key_ranges,
     insert_ordered,
     insert_rows,
     key_ranges,
@@ -547,3 +549,159 @@ def test_sync_table_refuses_a_duplicate_or_null_key_and_leaves_the_old_rows(conn
     with pytest.raises(ValueError, match="'b' \\(2 rows\\)"):
         sync_rows(conn, [row("b"), row("b")])
     assert conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'synced'").fetchone() == (0,)
+
+
+# fingerprint_sql: the row fingerprint sync_table and the exports compare rows by
+
+
+def fingerprints(data_type: str, *literals: str) -> list[int]:
+    """The fingerprint of a one-column row holding each SQL literal, cast to ``data_type``."""
+    with duckdb.connect() as conn:
+        return [
+            conn.execute(
+                f"SELECT {fingerprint_sql([('v', data_type)])} FROM (SELECT ({lit})::{data_type} AS v)"
+            ).fetchone()[0]
+            for lit in literals
+        ]
+
+
+def bare_hashes(data_type: str, *literals: str) -> list[int]:
+    with duckdb.connect() as conn:
+        return [conn.execute(f"SELECT hash(({lit})::{data_type})").fetchone()[0] for lit in literals]
+
+
+@pytest.mark.parametrize(
+    ("data_type", "literals"),
+    [
+        ("INTEGER[]", ("NULL", "[]", "[NULL]")),
+        ("INTEGER[]", ("[0, 1]", "[1]")),  # zeros at the head of a list
+        ("DOUBLE", ("0.0", "'-0.0'")),
+        ("INTEGER[][]", ("[[1], [2]]", "[[1, 2]]", "[[1, 2], []]")),  # lists of lists
+        ("STRUCT(a INTEGER, b VARCHAR)", ("NULL", "{'a': NULL, 'b': NULL}")),  # a null struct, a struct of nulls
+        ("STRUCT(a INTEGER)[]", ("[NULL]", "[{'a': NULL}]", "[]", "NULL")),
+        ("STRUCT(r DOUBLE)[]", ("[{'r': 0.0}]", "[{'r': '-0.0'}]")),  # a float inside a list of structs
+        (
+            "STRUCT(role VARCHAR, calls STRUCT(name VARCHAR)[])[]",  # a message's tool calls: null, none, moved
+            (
+                "[{'role': 'a', 'calls': NULL}]",
+                "[{'role': 'a', 'calls': []}]",
+                "[{'role': 'a', 'calls': [{'name': 'f'}]}, {'role': 'b', 'calls': []}]",
+                "[{'role': 'a', 'calls': []}, {'role': 'b', 'calls': [{'name': 'f'}]}]",
+            ),
+        ),
+    ],
+)
+def test_fingerprint_tells_apart_values_that_duckdbs_hash_takes_for_the_same(data_type, literals):
+    assert len(set(bare_hashes(data_type, *literals))) < len(literals)  # hash() alone confuses some of them
+    assert len(set(fingerprints(data_type, *literals))) == len(literals)
+    assert fingerprints(data_type, *literals) == fingerprints(data_type, *literals)  # and is deterministic
+
+
+def test_fingerprint_takes_duckdb_types_parsed_or_spelled_and_quotes_names():
+    kind = 'STRUCT("the ""x""" DOUBLE)[]'
+    with duckdb.connect() as conn:
+        conn.execute(f"""CREATE TABLE t AS SELECT [{{'the "x"': '-0.0'}}]::{kind} AS "a b", 1 AS c""")
+        spelled = conn.execute(f"SELECT {fingerprint_sql([('a b', kind), ('c', 'INTEGER')])} FROM t").fetchone()
+        parsed = conn.execute(
+            f"SELECT {fingerprint_sql(zip(conn.table('t').columns, conn.table('t').types, strict=True))} FROM t"
+        ).fetchone()
+        conn.execute("""UPDATE t SET "a b" = [{'the "x"': 0.0}]""")
+        changed = conn.execute(f"SELECT {fingerprint_sql([('a b', kind), ('c', 'INTEGER')])} FROM t").fetchone()
+    assert spelled == parsed != changed
+
+
+NESTED = Table(
+    "main",
+    "nested",
+    "rows whose changes DuckDB's hash alone misses",
+    (
+        Column("id", "VARCHAR", "key", False),
+        Column("x", "DOUBLE", "a float"),
+        Column("grid", "INTEGER[][]", "a list of lists"),
+        Column("pair", "STRUCT(a INTEGER, b VARCHAR)", "a struct"),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"x": 0.0}, {"x": -0.0}),
+        ({"grid": [[1], [2]]}, {"grid": [[1, 2]]}),
+        ({"pair": None}, {"pair": {"a": None, "b": None}}),
+    ],
+)
+def test_sync_table_replaces_a_row_whose_change_the_bare_hash_misses(conn, before, after):
+    base = {"id": "a", "x": 1.0, "grid": [[3]], "pair": {"a": 1, "b": "b"}}
+    source = dataclasses.replace(NESTED, name="nested_source")
+    for values, expected in [
+        (before, SyncCounts(inserted=1, deleted=0, kept=0, rebuilt=True)),
+        (after, SyncCounts(inserted=1, deleted=1, kept=0, rebuilt=False)),
+        (after, SyncCounts(inserted=0, deleted=0, kept=1, rebuilt=False)),
+    ]:
+        replace_table(conn, source, [{**base, **values}])
+        with transaction(conn):
+            assert sync_table(conn, NESTED, "SELECT * FROM main.nested_source", "id", 10) == expected
+        stored = conn.execute("SELECT to_json(t)::VARCHAR FROM main.nested t").fetchone()[0]
+        assert stored == conn.execute("SELECT to_json(t)::VARCHAR FROM main.nested_source t").fetchone()[0]
+
+
+def test_sync_table_fills_an_empty_table_in_key_order_without_comparing_rows(conn):
+    conn.execute(SYNCED.create_sql())
+    rows = [row(f"k{n:03d}") for n in reversed(range(50))]
+    counts = sync_rows(conn, rows, range_rows=7)
+    assert counts == SyncCounts(inserted=50, deleted=0, kept=0, rebuilt=False)
+    stored = [k for (k,) in conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall()]
+    assert stored == [f"k{n:03d}" for n in range(50)]
+    assert same_as_a_fresh_build(conn)
+    with pytest.raises(ValueError, match=r"'k001' \(2 rows\)"):  # a duplicate key is still refused
+        conn.execute("DELETE FROM main.synced")
+        sync_rows(conn, [row("k001"), row("k001", score=2.0)])
+
+
+@pytest.mark.parametrize("first_build", [True, False])
+def test_sync_table_over_key_ordered_tables_reads_each_range_by_its_own_query(conn, first_build):
+    if not first_build:
+        sync_rows(conn, [row("k050", score=7.0), row("gone")])
+    rows = [row(f"k{n:03d}") for n in reversed(range(100))]
+    replace_table(conn, dataclasses.replace(SYNCED, name="sync_source"), rows)
+    with transaction(conn):
+        counts = sync_table(conn, SYNCED, "SELECT * FROM main.sync_source", "id", 7, key_ordered=True)
+    expected = (100, 0, True) if first_build else (100, 2, False)
+    assert (counts.inserted, counts.deleted, counts.rebuilt) == expected
+    stored = [k for (k,) in conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall()]
+    assert stored == [f"k{n:03d}" for n in range(100)]
+    assert same_as_a_fresh_build(conn)
+
+
+def test_insert_key_ranges_appends_every_row_in_key_order_nulls_last(conn):
+    conn.execute(WIDE.create_sql())
+    relation = "SELECT CASE WHEN id = 'k0500' THEN NULL ELSE id END AS id, payload FROM src"
+    insert_key_ranges(conn, WIDE, relation, "id", 64)
+    stored = conn.execute("SELECT id, payload FROM main.wide ORDER BY rowid").fetchall()
+    expected = conn.execute(f"SELECT id, payload FROM ({relation}) ORDER BY id NULLS LAST").fetchall()
+    assert stored == expected and len(stored) == 1000
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_transaction_can_checkpoint_at_commit_instead_of_writing_the_wal(tmp_path, checkpoint):
+    path = tmp_path / "wal.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute("CREATE TABLE t (id INTEGER, ids INTEGER[])")
+        conn.execute("CHECKPOINT")
+        (before,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
+        with transaction(conn, checkpoint=checkpoint):
+            conn.execute("INSERT INTO t SELECT range, [range, range + 1, range + 2] FROM range(50000)")
+        wal = path.with_name(path.name + ".wal")
+        wal_bytes = wal.stat().st_size if wal.exists() else 0
+        # DuckDB's estimate leaves the lists out: without checkpoint the rows went to the WAL (over 16 MB is not
+        # reached by the estimate, so no automatic checkpoint); with it, straight into the database file
+        assert (wal_bytes == 0) is checkpoint
+        assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() == (before,)
+        assert conn.execute("SELECT count(*), sum(len(ids)) FROM t").fetchone() == (50000, 150000)
+        with pytest.raises(duckdb.Error), transaction(conn, checkpoint=checkpoint):
+            conn.execute("INSERT INTO t VALUES (1, [1])")
+            conn.execute("SELECT error('boom')")
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (50000,)
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (50000, 49999)

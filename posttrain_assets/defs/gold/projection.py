@@ -37,7 +37,7 @@ def write_projection(
     columns = ", ".join(f'"{c}"' for c in table.column_names)
     projection = f"SELECT {columns} FROM {upstream.qualified} WHERE {where}"
     with duckdb.get_connection() as conn:
-        with transaction(conn):
+        with transaction(conn, checkpoint=True):
             counts = sync_table(conn, table, projection, "id", PROJECTION_RANGE_ROWS, params)
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata.update(sync_metadata(table, counts))

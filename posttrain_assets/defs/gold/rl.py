@@ -72,7 +72,7 @@ def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.
     }
     with duckdb.get_connection() as conn:
         conn.execute(SILVER_RL_DIFFICULTY.create_sql())  # no estimates yet is a valid state
-        with transaction(conn):
+        with transaction(conn, checkpoint=True):
             counts = sync_table(conn, GOLD_RL_PROMPTS, RL_BANK, "id", PROJECTION_RANGE_ROWS, band)
         metadata = table_metadata(conn, GOLD_RL_PROMPTS, preview_columns=["id", "source", "prompt"], group_by="source")
         estimated = conn.execute(

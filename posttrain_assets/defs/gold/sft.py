@@ -79,8 +79,10 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
         "WHERE t.num_trainable_tokens > 0"
     )
     with duckdb.get_connection() as conn:
-        with transaction(conn):
-            counts = sync_table(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS)
+        # both silver tables are stored in id order, so each id range of a (first) build is read by its own query;
+        # the commit checkpoints rather than writing the token lists to the WAL first
+        with transaction(conn, checkpoint=True):
+            counts = sync_table(conn, GOLD_SFT, proven, "id", GOLD_SFT_RANGE_ROWS, key_ordered=True)
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
         )
