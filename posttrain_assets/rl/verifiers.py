@@ -35,6 +35,7 @@ import json
 import math
 import re
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -62,11 +63,14 @@ MATH_WORKER_MEMORY_MB = 4096
 # Most seeds one certification batch (one worker process per run) scores: larger banks are split into more
 # batches, so what travels to a worker and back stays bounded as the bank grows.
 SEEDS_PER_BATCH = 25_000
-# Math comparisons sent to a math worker at a time: a round trip to the worker costs about as much as one
-# comparison (about 1 ms against 1-3 ms for the benchmark's integer answers), while a task runs under the time limit
-# of one comparison, so it should stay far below that (32 typical comparisons: well under 0.2 s). Even, so a seed's
-# gold and perturbed comparisons land in the same worker, where math-verify's own cache parses the gold once.
+# Math comparisons sent to a math worker at a time: a round trip to the worker costs about as much as comparing
+# an integer answer (about 1 ms against 2 ms). Even, so a seed's gold and perturbed comparisons land in the same
+# worker, where math-verify's own cache parses the gold once.
 MATH_PAIRS_PER_TASK = 32
+# A math task runs under the time limit of ONE comparison, so it stops taking its next pair once it has run this
+# share of the limit (the rest goes to the next round): a cold worker's first comparisons cost up to 50x later ones
+# (math-verify's LaTeX parser learns as it goes), and a task that overruns costs a wait of the whole limit.
+MATH_TASK_BUDGET_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -284,9 +288,16 @@ def _math_verdict(_shared: None, pair: tuple[str, str]) -> Score:
     return Score(1.0) if ok else Score(0.0, reason)
 
 
-def _math_task_verdicts(_shared: None, pairs: tuple[tuple[str, str], ...]) -> list[Score]:
-    """The ``math`` verdicts on one task's ``(candidate, gold)`` pairs, in order, in a math worker process."""
-    return [_math_verdict(None, pair) for pair in pairs]
+def _math_task_verdicts(budget_seconds: float, pairs: tuple[tuple[str, str], ...]) -> list[Score]:
+    """The ``math`` verdicts on the first of a task's ``(candidate, gold)`` pairs, in order, in a math worker
+    process: the pairs it compared before it had run ``budget_seconds`` (at least one)."""
+    started = time.monotonic()
+    verdicts: list[Score] = []
+    for pair in pairs:
+        if verdicts and time.monotonic() - started >= budget_seconds:
+            break
+        verdicts.append(_math_verdict(None, pair))
+    return verdicts
 
 
 def _math_verdicts(pairs: Sequence[tuple[str, str]], timeout_seconds: float, processes: int) -> list[Score]:
@@ -296,32 +307,43 @@ def _math_verdicts(pairs: Sequence[tuple[str, str]], timeout_seconds: float, pro
     process's main thread, and not at all while sympy is inside C code such as a huge integer power). A worker
     that dies of anything else raises ``BrokenProcessPool``.
 
-    The pairs travel to the workers :data:`MATH_PAIRS_PER_TASK` at a time (one round trip to a worker costs about
-    as much as comparing a pair), each task under the time limit of ONE comparison. A task done in time did each
-    of its comparisons in less than the limit, so its verdicts are the ones each pair gets alone; the pairs of a
-    task that overruns are compared again one per task, each under the limit, so a pair scores ``timeout`` exactly
-    when it overruns alone. Verdicts therefore do not depend on the task size (a timeout costs up to twice the
+    The pairs travel to the workers in tasks of up to :data:`MATH_PAIRS_PER_TASK` (one round trip to a worker per
+    pair would cost about as much as comparing it), each task under the time limit of ONE comparison. A task
+    compares pairs until it has run :data:`MATH_TASK_BUDGET_SHARE` of the limit. A task done in time did each of its
+    comparisons in less than the limit, so its verdicts are the ones each pair gets alone. The pairs a task did not
+    reach, and every pair of a task that overran (one comparison ran into the limit), are then compared one per
+    task, each under the limit, in a second pool, so a pair scores ``timeout`` exactly when it overruns alone.
+    Verdicts therefore do not depend on how the pairs are grouped into tasks (a timeout costs up to twice the
     limit's wait)."""
-    tasks = [tuple(pairs[first : first + MATH_PAIRS_PER_TASK]) for first in range(0, len(pairs), MATH_PAIRS_PER_TASK)]
-    task_limit: TimeLimit[list[Score] | None] = TimeLimit(timeout_seconds, None)
-    done = list(map_batches(_math_task_verdicts, None, tasks, processes, time_limit=task_limit))
-    again = [
-        pair for task, verdicts in zip(tasks, done, strict=True) if verdicts is None and len(task) > 1 for pair in task
+    verdicts: list[Score | None] = [None] * len(pairs)
+    alone: list[int] = []  # the pairs left to compare one per task, by position
+    tasks = [
+        range(first, min(first + MATH_PAIRS_PER_TASK, len(pairs)))
+        for first in range(0, len(pairs), MATH_PAIRS_PER_TASK)
     ]
-    alone = iter(
-        map_batches(_math_verdict, None, again, processes, time_limit=TimeLimit(timeout_seconds, Score(0.0, "timeout")))
-        if again
-        else ()
+    task_limit: TimeLimit[list[Score] | None] = TimeLimit(timeout_seconds, None)
+    compared_in_tasks = map_batches(
+        _math_task_verdicts,
+        timeout_seconds * MATH_TASK_BUDGET_SHARE,
+        [tuple(pairs[i] for i in task) for task in tasks],
+        processes,
+        time_limit=task_limit,
     )
-    verdicts: list[Score] = []
-    for task, task_verdicts in zip(tasks, done, strict=True):
-        if task_verdicts is not None:
-            verdicts += task_verdicts
-        elif len(task) == 1:  # it ran alone: its overrun is its own
-            verdicts.append(Score(0.0, "timeout"))
-        else:
-            verdicts += [next(alone) for _pair in task]
-    return verdicts
+    for task, compared in zip(tasks, compared_in_tasks, strict=True):
+        if compared is None and len(task) == 1:  # it ran alone: its overrun is its own
+            verdicts[task[0]] = Score(0.0, "timeout")
+            continue
+        done = [] if compared is None else compared  # an overrun: each of its pairs again, alone
+        verdicts[task[0] : task[0] + len(done)] = done
+        alone += task[len(done) :]
+    if alone:
+        alone_limit = TimeLimit(timeout_seconds, Score(0.0, "timeout"))
+        compared_alone = map_batches(_math_verdict, None, [pairs[i] for i in alone], processes, time_limit=alone_limit)
+        for i, verdict in zip(alone, compared_alone, strict=True):
+            verdicts[i] = verdict
+    scored = [verdict for verdict in verdicts if verdict is not None]
+    assert len(scored) == len(pairs), "every pair was compared in a task or alone"
+    return scored
 
 
 def _score_math(candidate: str, gold: str, tests: str | None, timeout_seconds: float | None) -> Score:

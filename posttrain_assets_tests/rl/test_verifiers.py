@@ -222,14 +222,24 @@ def test_math_pairs_get_the_verdicts_they_get_alone_whatever_the_task_size(monke
         return map_batches(fn, shared, items, workers, **options)
 
     monkeypatch.setattr(v, "map_batches", counting)
-    for pairs_per_task, compared in ((1, [5]), (2, [5, 2]), (32, [5, 5])):
+    for pairs_per_task in (1, 2, 32):
         sent.clear()
         monkeypatch.setattr(v, "MATH_PAIRS_PER_TASK", pairs_per_task)
         assert v._math_verdicts(pairs, 1.0, 2) == expected, pairs_per_task
-        assert sent == compared, pairs_per_task
+        assert sent[0] == 5, pairs_per_task
+        # The hanging pair's task overran: its pairs were compared again, alone (a task of one pair is alone).
+        assert len(sent) == (1 if pairs_per_task == 1 else 2), pairs_per_task
+    # Without a hang and with a limit no task nears, every pair is compared once, in its task...
     sent.clear()
-    assert v._math_verdicts(pairs[2:], 1.0, 2) == expected[2:]
-    assert sent == [3]  # no overrun: every pair compared once
+    monkeypatch.setattr(v, "MATH_TASK_BUDGET_SHARE", 1.0)
+    assert v._math_verdicts(pairs[2:], 60.0, 2) == expected[2:]
+    assert sent == [3]
+    # ... and a task that has used its share of the limit leaves its other pairs to be compared alone: with no
+    # share at all, a task compares its first pair only, and the verdicts are the same.
+    sent.clear()
+    monkeypatch.setattr(v, "MATH_TASK_BUDGET_SHARE", 0.0)
+    assert v._math_verdicts(pairs[2:], 60.0, 2) == expected[2:]
+    assert sent == [3, 2]
 
 
 def test_math_from_threads() -> None:
