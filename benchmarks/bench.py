@@ -1491,6 +1491,8 @@ CACHE_STAGE = {
     "near_dedup_similarities": "silver canonical + cleaning",
     "decontamination": "silver canonical + cleaning",
     "preference_pairs": "silver preference pairs",
+    "silver_preference_pairs": "silver preference pairs",
+    "silver_preference_pairs_balanced": "silver preference pairs",
     "sft_tokenize": "silver sft_tokenized",
     "loss_mask_proof": "loss_mask_check",
     "rl_certification": "silver RL certification",
