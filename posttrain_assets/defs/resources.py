@@ -81,11 +81,13 @@ class TokenizerResource(dg.ConfigurableResource):
         return self._tokenizer
 
     def identity(self) -> dict[str, str]:
-        """Name and hashes of the tokenizer files and chat template, recorded with every row set."""
+        """Name and hashes of the tokenizer files and chat template, recorded with every row set. Known without
+        loading the tokenizer (nor importing transformers) once computed for the same files and libraries
+        (``stored_tokenizer_identity``): a step that only records it does not pay for a load."""
         if self._identity is None:
-            from posttrain_assets.sft.tokenizer import tokenizer_identity
+            from posttrain_assets.sft.tokenizer import stored_tokenizer_identity
 
-            self._identity = tokenizer_identity(self.get())
+            self._identity = stored_tokenizer_identity(self.spec, Path(self.cache_dir))
         return self._identity
 
 

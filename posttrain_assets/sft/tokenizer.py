@@ -223,21 +223,105 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerFast
     return _require_chat_template(tok, spec)
 
 
+# Identities already computed in this process, by a digest of everything tokenizer_identity reads (the raw backend
+# state, special tokens, template, name): canonicalising the 1.5 MB state as sorted JSON costs 0.3-0.6 s a call,
+# and several stages of one run ask for the identity of the same tokenizer.
+_IDENTITY_BY_STATE: dict[str, dict[str, str]] = {}
+
+
 def tokenizer_identity(tok: PreTrainedTokenizerBase) -> dict[str, str]:
     """Identify a tokenizer: ``name``, ``tokenizer_sha256`` (vocab, merges, added tokens, pipeline, special tokens)
     and ``chat_template_sha256``. Padding/truncation state is excluded, so the hash is stable across calls."""
-    state = json.loads(tok.backend_tokenizer.to_str())
-    state.pop("padding", None)
-    state.pop("truncation", None)
+    raw_state = tok.backend_tokenizer.to_str()
     specials = {key: str(value) for key, value in sorted(tok.special_tokens_map.items())}
-    payload = json.dumps({"tokenizer": state, "special_tokens": specials}, sort_keys=True, ensure_ascii=False)
     template = tok.chat_template
     template_text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     name = str(getattr(tok, "name_or_path", "") or "")
     if name and Path(name).is_dir():
         name = Path(name).name
-    return {
-        "name": name or type(tok).__name__,
+    name = name or type(tok).__name__
+    inputs = json.dumps([specials, template_text, name], ensure_ascii=False)
+    memo_key = hashlib.sha256(raw_state.encode("utf-8") + b"\0" + inputs.encode("utf-8")).hexdigest()
+    if (known := _IDENTITY_BY_STATE.get(memo_key)) is not None:
+        return dict(known)
+    state = json.loads(raw_state)
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    payload = json.dumps({"tokenizer": state, "special_tokens": specials}, sort_keys=True, ensure_ascii=False)
+    identity = {
+        "name": name,
         "tokenizer_sha256": hashlib.sha256(payload.encode("utf-8")).hexdigest(),
         "chat_template_sha256": hashlib.sha256((template_text or "").encode("utf-8")).hexdigest(),
     }
+    _IDENTITY_BY_STATE[memo_key] = identity
+    return dict(identity)
+
+
+# Files of a tokenizer directory that are not read to load a tokenizer: model weights, which may be gigabytes.
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack", ".ckpt"})
+_IDENTITY_INDEX = "tokenizer-identity.json"
+
+
+def tokenizer_directory(spec: str | None, cache_dir: Path) -> Path | None:
+    """The local directory ``load_tokenizer(spec, cache_dir)`` loads from, as it passes it to ``from_pretrained``;
+    None for a Hugging Face model id (resolved inside transformers' cache). Builds the default tokenizer when it is
+    not cached yet."""
+    if spec is None or spec == DEFAULT_TOKENIZER_SPEC:
+        return build_smollm2_tokenizer(Path(cache_dir))
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def _directory_digest(directory: Path) -> str:
+    """sha256 over the relative path and content of every file under ``directory`` but weights."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES):
+        digest.update(str(file.relative_to(directory)).encode("utf-8") + b"\0")
+        digest.update(file_sha256(file).encode("ascii"))
+    return digest.hexdigest()
+
+
+def stored_tokenizer_identity(spec: str | None, cache_dir: Path) -> dict[str, str]:
+    """``tokenizer_identity(load_tokenizer(spec, cache_dir))``, without importing transformers when it is known.
+
+    The identity of a tokenizer loaded from a local directory depends only on that directory's files (as the
+    loader names them), the versions of ``transformers`` and ``tokenizers`` that load them, and this module's
+    code: under a digest of these, the identity computed once is kept in ``cache_dir/tokenizer-identity.json``.
+    Digesting the files takes milliseconds; loading transformers and the tokenizer takes 2 to 7 s in a fresh
+    process, which a step that only records the identity (exports, checks) no longer pays. A Hugging Face model
+    id is loaded every time (its files are resolved inside transformers' cache).
+    """
+    from importlib.metadata import version
+
+    directory = tokenizer_directory(spec, cache_dir)
+    if directory is None:
+        return tokenizer_identity(load_tokenizer(spec, cache_dir))
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "directory": str(directory),
+                "files": _directory_digest(directory),
+                "libraries": {name: version(name) for name in ("transformers", "tokenizers")},
+                "code": file_sha256(Path(__file__)),
+            },
+            sort_keys=True,
+        ).encode("utf-8")
+    ).hexdigest()
+    index_path = Path(cache_dir) / _IDENTITY_INDEX
+    index: dict[str, Any] = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {}
+    known = index.get(key)
+    if isinstance(known, dict) and set(known) == {"name", "tokenizer_sha256", "chat_template_sha256"}:
+        return {k: str(v) for k, v in known.items()}
+    identity = tokenizer_identity(load_tokenizer(spec, cache_dir))
+    index[key] = identity
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True))
+    except OSError:  # a read-only cache: the identity is right, only not remembered
+        pass
+    return identity

@@ -15,6 +15,7 @@ from posttrain_assets.sft.tokenizer import (
     build_smollm2_tokenizer,
     default_gguf_path,
     load_tokenizer,
+    stored_tokenizer_identity,
     tokenizer_identity,
 )
 
@@ -177,3 +178,58 @@ def test_tokenizer_identity(smollm2_tokenizer: Any, smollm2_tokenizer_dir: Path,
     assert other["chat_template_sha256"] != identity["chat_template_sha256"]
     extra_token = make_tokenizer(SMOLLM2_TEMPLATE, special_tokens=("<extra>",))
     assert tokenizer_identity(extra_token)["tokenizer_sha256"] != identity["tokenizer_sha256"]
+
+
+def test_identity_follows_a_tokenizer_changed_after_it_was_taken(
+    smollm2_tokenizer_dir: Path, make_tokenizer: Any
+) -> None:
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    before = tokenizer_identity(tok)
+    tok.add_tokens([AddedToken("<extra>", special=True, normalized=False)], special_tokens=True)
+    after = tokenizer_identity(tok)  # the same object: remembered identities are by state, not by object
+    assert after["tokenizer_sha256"] != before["tokenizer_sha256"]
+    assert after == tokenizer_identity(make_tokenizer(SMOLLM2_TEMPLATE, special_tokens=("<extra>",)))
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer_identity(tok)["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
+
+
+def test_stored_identity_is_the_loaded_tokenizers_and_needs_no_load(
+    smollm2_tokenizer: Any,
+    tokenizer_cache_dir: Path,
+    smollm2_tokenizer_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    import posttrain_assets.sft.tokenizer as tokenizer_module
+
+    assert stored_tokenizer_identity("smollm2", tokenizer_cache_dir) == tokenizer_identity(smollm2_tokenizer)
+
+    directory = tmp_path / "my_tokenizer"
+    shutil.copytree(smollm2_tokenizer_dir, directory)
+    cache = tmp_path / "cache"
+    first = stored_tokenizer_identity(str(directory), cache)
+    assert first == tokenizer_identity(load_tokenizer(str(directory), cache))
+    assert first["name"] == "my_tokenizer"
+    assert (cache / "tokenizer-identity.json").is_file()
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the tokenizer was loaded")
+
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", no_load)
+    assert stored_tokenizer_identity(str(directory), cache) == first  # from the index: nothing loaded
+
+    # Another chat template in the directory's files: a new key, so the identity is computed again, from a load.
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (directory / "chat_template.jinja").write_text(template)
+    with pytest.raises(AssertionError, match="the tokenizer was loaded"):
+        stored_tokenizer_identity(str(directory), cache)
+    monkeypatch.undo()
+    changed = stored_tokenizer_identity(str(directory), cache)
+    assert changed["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+    assert changed == tokenizer_identity(load_tokenizer(str(directory), cache))
+    assert changed["tokenizer_sha256"] == first["tokenizer_sha256"]
