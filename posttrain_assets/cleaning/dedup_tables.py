@@ -175,6 +175,22 @@ NEAR_KEPT_PAIRS = Table(
     "Candidate pairs (a < b) of the state listed in buckets that no added or removed row touches: still candidates.",
     (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
 )
+NEAR_CACHED_VERDICTS = Table(
+    WORK_SCHEMA,
+    "near_cached_verdicts",
+    "The candidate pairs with the verdict the pair cache holds for their two records (null: none).",
+    (
+        Column("a", "BIGINT", "the staged row of lower seq", False),
+        Column("b", "BIGINT", "the other row", False),
+        Column("near", "BOOLEAN", "the cached verdict, or null"),
+    ),
+)
+NEAR_JOINED = Table(
+    WORK_SCHEMA,
+    "near_joined",
+    "Rows joined by the cached near verdicts, with their cluster so far (before this run's comparisons).",
+    (Column("seq", "BIGINT", "the staged row", False), Column("cluster", "BIGINT", "its cluster so far", False)),
+)
 NEAR_VERDICTS = Table(
     WORK_SCHEMA,
     "near_verdicts",
@@ -225,6 +241,8 @@ TABLES = (
     NEAR_REMOVED,
     NEAR_TOUCHED,
     NEAR_KEPT_PAIRS,
+    NEAR_CACHED_VERDICTS,
+    NEAR_JOINED,
     NEAR_VERDICTS,
     NEAR_CLUSTERS,
     NEAR_MEMBERS,
@@ -509,6 +527,7 @@ JOIN {NEAR_SIGNATURES.qualified} sb ON sb.seq = p.b
 
 # The candidate pairs, each with the verdict the pair cache holds for its two records (null: none).
 CANDIDATES_WITH_CACHED_VERDICT = f"""
+INSERT INTO {NEAR_CACHED_VERDICTS.qualified}
 SELECT c.a, c.b, p.near FROM {NEAR_CANDIDATES.qualified} c
 JOIN {DEDUP_ROWS.qualified} sa ON sa.seq = c.a JOIN {DEDUP_ROWS.qualified} sb ON sb.seq = c.b
 LEFT JOIN {PAIR_CACHE.qualified} p
@@ -566,6 +585,7 @@ WHERE m.seq <> m.exact_kept
 # The texts of the rows verification and the similarities need, gathered from the records before each step (one
 # scan each) and looked up by seq per chunk, through an ART index.
 NEAR_TEXTS = f"{WORK_SCHEMA}.near_texts"
+NEAR_WANTED = f"{WORK_SCHEMA}.near_wanted"  # the seqs a gathering adds to near_texts
 
 
 def units_of_seqs(relation: str) -> str:
@@ -920,12 +940,19 @@ def write_candidate_pairs(
 
 
 def _gather_texts(conn: duckdb.DuckDBPyConnection, records: str, seqs: str, params: dict[str, Any]) -> None:
-    """Add to ``near_texts`` the unit columns of the rows of ``records`` whose seq the query ``seqs`` lists."""
+    """Add to ``near_texts`` the unit columns of the rows of ``records`` whose seq the query ``seqs`` lists (its one
+    column). The seqs are listed first: when near_texts holds them all (a run that adds nothing), ``records`` (a
+    join over every staged row in the silver pass) is not read."""
     conn.execute(
-        f"INSERT INTO {NEAR_TEXTS} SELECT {', '.join(UNIT_COLUMNS)} FROM {records} "
-        f"WHERE seq IN ({seqs}) AND seq NOT IN (SELECT seq FROM {NEAR_TEXTS})",
+        f"CREATE OR REPLACE TABLE {NEAR_WANTED} AS SELECT DISTINCT seq FROM ({seqs}) wanted(seq) "
+        f"WHERE seq NOT IN (SELECT seq FROM {NEAR_TEXTS})",
         params,
     )
+    if _count(conn, NEAR_WANTED):
+        conn.execute(
+            f"INSERT INTO {NEAR_TEXTS} SELECT {', '.join(UNIT_COLUMNS)} FROM {records} "
+            f"WHERE seq IN (SELECT seq FROM {NEAR_WANTED})"
+        )
 
 
 def _texts(conn: duckdb.DuckDBPyConnection, seqs: list[int]) -> pa.Table:
@@ -940,37 +967,44 @@ def _verified_clusters(
     batch_rows: int,
     processes: int,
 ) -> tuple[_UnionFind, Reuse]:
-    """Verify the candidate pairs in order, a chunk at a time in worker processes; join the verified ones.
+    """Join the candidate pairs the pair cache holds as near; then verify the others in order, a chunk at a time in
+    worker processes, and join the verified ones.
 
-    A pair whose verdict the pair cache holds is not compared again (joined if near); the verdicts of the pairs
-    compared go to the cache. Which pairs get compared depends on the cache and the order results come back in,
-    not the clusters: they are the connected components of the near pairs. Returns how many pairs were compared
-    and how many verdicts were reused."""
+    A pair whose rows are already joined is not compared (it adds nothing to the clusters), so neither are its
+    texts read. Which pairs get compared depends on the cache and the order results come back in, not the
+    clusters: they are the connected components of the near pairs. The verdicts of the pairs compared go to the
+    cache. Returns how many pairs were compared and how many verdicts were reused."""
     clusters = _UnionFind()
     chunk = min(CHUNK_PAIRS, batch_rows)
     key = {"key": pair_stage_key(cfg, keyed)}
-    reused = 0
-    # the texts of the pairs without a cached verdict (a superset of those compared: joined pairs are skipped)
-    uncached = f"SELECT unnest([a, b]) FROM ({CANDIDATES_WITH_CACHED_VERDICT}) WHERE near IS NULL"
-    _gather_texts(conn, records, uncached, key)
+    conn.execute(CANDIDATES_WITH_CACHED_VERDICT, key)
+    reused = _count(conn, f"{NEAR_CACHED_VERDICTS.qualified} WHERE near IS NOT NULL")
+    for batch in fetch_arrow(conn, f"SELECT a, b FROM {NEAR_CACHED_VERDICTS.qualified} WHERE near", batch_rows):
+        for a, b in zip(batch.column("a").to_pylist(), batch.column("b").to_pylist(), strict=True):
+            clusters.union(a, b)
+    rows = list(clusters.parent)
+    for start in range(0, len(rows), batch_rows):
+        part = rows[start : start + batch_rows]
+        insert_arrow(conn, NEAR_JOINED, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
+    del rows
+    # the texts of the pairs without a cached verdict whose rows the cached verdicts did not join (a superset of
+    # those compared: a pair joined by an earlier comparison of this run is skipped too)
+    open_pairs = f"""
+    SELECT v.a, v.b FROM {NEAR_CACHED_VERDICTS.qualified} v
+    LEFT JOIN {NEAR_JOINED.qualified} ja ON ja.seq = v.a LEFT JOIN {NEAR_JOINED.qualified} jb ON jb.seq = v.b
+    WHERE v.near IS NULL AND (ja.cluster IS NULL OR ja.cluster IS DISTINCT FROM jb.cluster)
+    """
+    _gather_texts(conn, records, f"SELECT unnest([a, b]) FROM ({open_pairs})", {})
 
     def chunks() -> Iterator[tuple[pa.Table, pa.Table]]:
-        nonlocal reused
-        for batch in fetch_arrow(conn, f"{CANDIDATES_WITH_CACHED_VERDICT} ORDER BY c.a, c.b", chunk, key):
-            a, b, near = (batch.column(n).to_pylist() for n in ("a", "b", "near"))
-            open_pairs = []
-            for x, y, verdict in zip(a, b, near, strict=True):
-                if verdict is not None:
-                    reused += 1
-                    if verdict:
-                        clusters.union(x, y)
-                elif clusters.find(x) != clusters.find(y):  # pairs already joined need no texts
-                    open_pairs.append((x, y))
-            if open_pairs:
-                pairs = pa.table({"a": [x for x, _ in open_pairs], "b": [y for _, y in open_pairs]})
-                yield pairs, _texts(conn, sorted({s for pair in open_pairs for s in pair}))
+        for batch in fetch_arrow(conn, f"{open_pairs} ORDER BY v.a, v.b", chunk):
+            a, b = batch.column("a").to_pylist(), batch.column("b").to_pylist()
+            pairs = [(x, y) for x, y in zip(a, b, strict=True) if clusters.find(x) != clusters.find(y)]
+            if pairs:
+                table = pa.table({"a": [x for x, _ in pairs], "b": [y for _, y in pairs]})
+                yield table, _texts(conn, sorted({s for pair in pairs for s in pair}))
 
-    count = _count(conn, NEAR_CANDIDATES.qualified)
+    count = _count(conn, f"({open_pairs})")
     workers = processes_for(count, chunk, processes)
     for compared in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
         insert_arrow(conn, NEAR_VERDICTS, compared)
