@@ -1487,6 +1487,7 @@ CACHE_STAGE = {
     "bronze_ingest": "bronze ingest",
     "normalise_and_gate": "silver canonical + cleaning",
     "near_dedup_signatures": "silver canonical + cleaning",
+    "near_dedup_candidates": "silver canonical + cleaning",
     "near_dedup_pairs": "silver canonical + cleaning",
     "near_dedup_similarities": "silver canonical + cleaning",
     "decontamination": "silver canonical + cleaning",

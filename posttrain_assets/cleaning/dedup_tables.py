@@ -752,16 +752,21 @@ Timed = Callable[[str], AbstractContextManager[None]]
 
 @dataclass(frozen=True)
 class DedupReuse:
-    """What the near-dup stage's caches saved in a run: MinHash signatures of the exact survivors, verdicts of
-    candidate pairs, similarities of dropped members to their kept rows (each computed vs read from its cache)."""
+    """What the near-dup stage's caches saved in a run: MinHash signatures of the exact survivors, their candidate
+    pairs (survivors whose buckets were listed again vs taken from the candidate state), verdicts of candidate
+    pairs, similarities of dropped members to their kept rows (each computed vs read from its cache)."""
 
     signatures: Reuse = Reuse()
     pairs: Reuse = Reuse()
     similarities: Reuse = Reuse()
+    candidates: Reuse = Reuse()
 
     def __add__(self, other: DedupReuse) -> DedupReuse:
         return DedupReuse(
-            self.signatures + other.signatures, self.pairs + other.pairs, self.similarities + other.similarities
+            self.signatures + other.signatures,
+            self.pairs + other.pairs,
+            self.similarities + other.similarities,
+            self.candidates + other.candidates,
         )
 
 
@@ -816,6 +821,7 @@ def deduplicate_regime_tables(
     with timed("candidates"):
         write_candidate_pairs(conn, cfg, batch_rows, touched_only=incremental)
         _save_candidate_state(conn, state, incremental)
+        listed = _count(conn, f"(SELECT DISTINCT seq FROM {NEAR_BANDS.qualified})")
     with timed("verification"):
         conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
         conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
@@ -830,7 +836,12 @@ def deduplicate_regime_tables(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
         {"near": METHOD_NEAR, "exact": METHOD_EXACT},
     )
-    return DedupReuse(Reuse(computed=computed, reused=survivors - computed), pairs, similarities)
+    return DedupReuse(
+        Reuse(computed=computed, reused=survivors - computed),
+        pairs,
+        similarities,
+        Reuse(computed=listed, reused=survivors - listed),
+    )
 
 
 def _signatures_of_uncached(

@@ -424,6 +424,9 @@ ORDER BY seq
 # Near-dup verification reads the texts of up to 2 x 4096 rows at a time (dedup_tables.CHUNK_PAIRS pairs), by seq;
 # DuckDB answers such a look-up from an ART index only when it matches fewer rows than index_scan_max_count.
 TEXT_LOOKUP_ROWS = 16_384
+# Rows gated in a run from which the gate cache's appended rows are checkpointed into the database file before the
+# later stages scan them (about 100 MB of records in memory, uncompressed, below it).
+CHECKPOINT_AFTER_GATED_ROWS = 25_000
 
 # Normalised prompts carried by live rows of more than one regime; the prompt as written in the first row.
 # The leaking keys are found on the narrow columns first, so only their rows are aggregated with prompts.
@@ -547,15 +550,18 @@ def run_silver_pass(
                 # outgrow the memory cap each scan reads them back from its temp files: publishing a million rows
                 # took 319 s, growing with the square of the corpus. Written to the database file once,
                 # compressed, they are scanned from there (at 300k rows: the checkpoint 13 s, dedup 79 -> 61 s,
-                # publish 47 -> 26 s). A refresh appends few rows: its checkpoint writes little.
+                # publish 47 -> 26 s). A refresh that gates few rows skips it: the checkpoint would mostly write
+                # the work tables (every staged row's keys), which the pass drops at its end.
                 with clock.stage("normalise_and_gate/checkpoint"):
-                    conn.execute("CHECKPOINT")
+                    if reuse["normalise_and_gate"].computed >= CHECKPOINT_AFTER_GATED_ROWS:
+                        conn.execute("CHECKPOINT")
             with clock.stage("decontaminate"):
                 report, reuse["decontamination"] = decontaminate(conn, registry.names, cfg)
             with clock.stage("deduplicate"):
                 near = deduplicate_staged(conn, registry, cfg, clock)
                 reuse["near_dedup_signatures"], reuse["near_dedup_pairs"] = near.signatures, near.pairs
                 reuse["near_dedup_similarities"] = near.similarities
+                reuse["near_dedup_candidates"] = near.candidates
             with clock.stage("cross_regime_leaks"):
                 leaks = cross_regime_leaks(conn, cfg)
             with clock.stage("quarantine"):

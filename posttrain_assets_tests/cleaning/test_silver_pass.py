@@ -150,10 +150,14 @@ def test_the_pass_reports_the_seconds_of_each_stage(warehouse, smollm2_tokenizer
     assert seconds["normalise_and_gate/checkpoint"] <= seconds["normalise_and_gate"]
 
 
+@pytest.mark.parametrize(("checkpoint_after", "in_file"), [(1, True), (10, False)])
 def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_them(
-    warehouse, smollm2_tokenizer, monkeypatch: pytest.MonkeyPatch
+    warehouse, smollm2_tokenizer, monkeypatch: pytest.MonkeyPatch, checkpoint_after: int, in_file: bool
 ) -> None:
+    """After gating many rows the pass checkpoints, so the later stages scan the staged rows from the file; after
+    gating few (here 9 rows: a threshold of 10) it does not, and the work tables are never written to the file."""
     conn, registry = warehouse
+    monkeypatch.setattr(cleaning, "CHECKPOINT_AFTER_GATED_ROWS", checkpoint_after)
     seen: list[tuple[int, int]] = []
     decontaminate = cleaning.decontaminate
 
@@ -170,7 +174,7 @@ def test_the_staged_rows_are_in_the_database_file_when_the_later_stages_scan_the
     monkeypatch.setattr(cleaning, "decontaminate", storage_then_decontaminate)
     run(conn, registry, smollm2_tokenizer)
     [(segments, persistent)] = seen
-    assert segments > 0 and persistent == segments
+    assert segments > 0 and persistent == (segments if in_file else 0)
 
 
 def test_cross_regime_leaks_reported_then_removed_under_prefer_rl(warehouse, smollm2_tokenizer) -> None:
@@ -241,6 +245,10 @@ def test_a_rerun_gates_no_row_again_and_gives_the_same_tables(warehouse, smollm2
     compared = first.reuse["near_dedup_pairs"].computed
     assert compared > 0 and first.reuse["near_dedup_pairs"].reused == 0
     assert second.reuse["near_dedup_pairs"] == cleaning.Reuse(computed=0, reused=compared)
+    # the exact survivors (rl row 0, sft rows 0, 3 and 4) were listed in their LSH buckets once; the rerun takes
+    # their candidate pairs from the candidate state
+    assert first.reuse["near_dedup_candidates"] == cleaning.Reuse(computed=4, reused=0)
+    assert second.reuse["near_dedup_candidates"] == cleaning.Reuse(computed=0, reused=4)
     # the near copy's similarity to its kept row was measured once
     assert first.reuse["near_dedup_similarities"] == cleaning.Reuse(computed=1, reused=0)
     assert second.reuse["near_dedup_similarities"] == cleaning.Reuse(computed=0, reused=1)
