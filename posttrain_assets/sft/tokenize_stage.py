@@ -146,8 +146,10 @@ def build_sft_tokenized(
             progress(done)
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {TODO.qualified}")
-    # Synced, not rebuilt: a refresh deletes and inserts only the rows whose id or content changed.
-    with transaction(conn):
+    # Synced, not rebuilt: a refresh deletes and inserts only the rows whose id or content changed. The commit
+    # checkpoints: a first build's token lists would otherwise go to the WAL first and be compressed into the file
+    # at the next checkpoint (at 100k rows 7.3 -> 6.4 s of CPU for the two tables, io.transaction says why).
+    with transaction(conn, checkpoint=True):
         synced = [
             sync_table(conn, table, _current(cached), "id", PUBLISH_RANGE_ROWS, key)
             for table, cached in ((SILVER_SFT_TOKENIZED, TOKENIZED_CACHE), (SILVER_SFT_QUARANTINE, REJECTED_CACHE))
