@@ -821,7 +821,14 @@ def deduplicate_regime_tables(
     with timed("candidates"):
         write_candidate_pairs(conn, cfg, batch_rows, touched_only=incremental)
         _save_candidate_state(conn, state, incremental)
-        listed = _count(conn, f"(SELECT DISTINCT seq FROM {NEAR_BANDS.qualified})")
+        # survivors whose buckets were listed: all, or (from a state) the rows of the touched buckets
+        listed = survivors
+        if incremental:
+            listed = _count(
+                conn,
+                f"(SELECT DISTINCT seq FROM {NEAR_BANDS.qualified} SEMI JOIN {NEAR_TOUCHED.qualified} "
+                "USING (band, band_key))",
+            )
     with timed("verification"):
         conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
         conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")

@@ -459,7 +459,7 @@ def _quoted(name: str) -> str:
 
 
 @contextmanager
-def _settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int]) -> Iterator[None]:
+def _settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int | str]) -> Iterator[None]:
     """The database's global DuckDB ``settings`` inside the block, restored on the way out, also when the block
     raises. Set on a cursor of its own: a failed statement aborts the caller's open transaction on ``conn``, where
     no SET runs until the caller rolls back."""
