@@ -66,7 +66,8 @@ class ExportsConfig(dg.Config):
     "input_ids/labels, TRL preference, verl RL with its reward.py), each with a dataset card (counts, sources and "
     "licenses, checks, tokenizer and template hashes, the trainer settings to use). RL prompts get their source's "
     "answer-format instruction (registry answer_format). Files are sharded by source; a refresh rewrites only the "
-    "shards whose rows changed (fingerprints in manifest.json).",
+    "shards whose rows changed (fingerprints in manifest.json) and re-hashes only kept files whose size or mtime "
+    "changed.",
 )
 def exports_trainer_files(
     config: ExportsConfig, duckdb: DuckDBResource, tokenizer: TokenizerResource, registry: SourceRegistryResource
@@ -81,6 +82,8 @@ def exports_trainer_files(
             checks=latest_verdicts(conn),
             created_at=dt.datetime.now(dt.UTC),
             answer_formats=answer_formats,
+            # This machine's size/mtime record of the data files: a kept shard is not read again to prove it.
+            stat_cache=Path(tokenizer.cache_dir),
         )
     rows = [
         (t.name, t.table, t.layout, t.rows, len(t.shards), len(t.written) // 2, t.rows_written) for t in manifest.tables
@@ -95,5 +98,7 @@ def exports_trainer_files(
             # A refresh writes only the shards whose rows changed; the others are kept as they were.
             "rows_written": dg.MetadataValue.int(sum(t.rows_written for t in manifest.tables)),
             "rows_reused": dg.MetadataValue.int(sum(t.rows - t.rows_written for t in manifest.tables)),
+            # Kept files hashed again (no stat record, or their size or mtime changed): 0 when nothing changed.
+            "files_hashed": dg.MetadataValue.int(sum(t.files_hashed for t in manifest.tables)),
         }
     )

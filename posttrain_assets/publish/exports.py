@@ -35,7 +35,12 @@ Refresh: each shard's fingerprint (computed in DuckDB: an aggregate over its ids
 with the projection's text, schema, writer options and library versions) is stored in ``manifest.json`` with its
 files' sha256; a later export rewrites only the shards whose fingerprint differs from the manifest in ``out_dir``
 or whose file is missing or does not match its sha256 (a hand-edited or truncated file), deletes the shards no
-longer planned, and rewrites the cards and the manifest. So the files are the same as a fresh export into an
+longer planned, and rewrites the cards and the manifest. Whether a kept file still matches its sha256 is decided
+from its size and modification time (ns) where a file-stat record (``stat_cache``: a local directory, not the
+export) holds them for that sha256, as ``make`` and ``rsync`` decide (and the bronze ingest): only a file whose size
+or mtime differs from its record, or has none, is read and hashed again (``ExportedTable.files_hashed``). So a
+refresh reads only what it writes; the manifest stays free of the stat (a fresh export's manifest is byte for byte
+a refreshed one's). So the files are the same as a fresh export into an
 empty folder, whatever was there before. Every file is written under a temporary name and renamed, so a killed
 export leaves whole files (and the next one finds the shards it had not finished by their sha256).
 
@@ -474,6 +479,9 @@ class ExportedTable:
     shards: tuple[Shard, ...] = ()
     written: tuple[str, ...] = field(default=(), compare=False)
     rows_written: int = field(default=0, compare=False)
+    # Kept data files read and hashed again to prove they still match the manifest (no stat record, or their size
+    # or mtime differs from it); 0 on a refresh that changed nothing, with a ``stat_cache``.
+    files_hashed: int = field(default=0, compare=False)
 
     def parquet_files(self) -> list[str]:
         """The folder's Parquet files, relative to the export root, in shard order."""
@@ -539,6 +547,7 @@ def export_gold(
     checks: list[dict[str, Any]] | None = None,
     created_at: datetime,
     answer_formats: Mapping[str, str] | None = None,
+    stat_cache: Path | None = None,
 ) -> ExportManifest:
     """Write one folder per gold table under ``out_dir`` (``sft/``, ``preference/``,
     ``preference_length_balanced/``, ``rl/``: Parquet + JSONL shards under ``data/`` and a dataset card each;
@@ -559,6 +568,9 @@ def export_gold(
     ``answer_formats`` maps a registry source to the answer-format instruction for its RL prompts (its registry
     ``answer_format``; "" for none); a source not in it gets its verifier's default (:data:`ANSWER_FORMAT_DEFAULTS`)
     unless its prompt already names a final-answer marker (:data:`FINAL_ANSWER_MARKERS`).
+    ``stat_cache`` is a directory (``POSTTRAIN_CACHE_DIR``) for this machine's record of each data file's size,
+    mtime (ns) and sha256 (:class:`FileStats`): a kept file that matches its record is not hashed again. None:
+    every kept file is hashed.
     """
     for key in ("name", "tokenizer_sha256", "chat_template_sha256"):
         if not tokenizer_identity.get(key):
@@ -582,6 +594,7 @@ def export_gold(
             (folder / stale).unlink(missing_ok=True)
 
     previous = _previous_files(out_dir)
+    stats = FileStats.load(stat_cache, out_dir)
     answer_formats = dict(answer_formats or {})
     tables = []
     for spec in present:
@@ -592,8 +605,9 @@ def export_gold(
         files: list[ExportedFile] = []
         written: list[str] = []
         rows_written = 0
+        hashed_before = stats.hashed
         for shard in shards:
-            kept = _kept_files(out_dir, shard, spec.name, previous)
+            kept = _kept_files(out_dir, shard, spec.name, previous, stats)
             if kept is None:
                 parquet, jsonl = (out_dir / path for path in shard.paths(spec.name))
                 rows, kept = _write_data(conn, spec, _shard_query(spec, shard), params, out_dir, parquet, jsonl)
@@ -601,6 +615,7 @@ def export_gold(
                     raise ExportError(f"{spec.table}: shard {shard.name} has {rows} rows, planned {shard.rows}")
                 written += [f.path for f in kept]
                 rows_written += rows
+                stats.record(out_dir, kept)
             files += kept
         _remove_stale_shards(folder, {Path(path).name for shard in shards for path in shard.paths(spec.name)})
         rows = sum(shard.rows for shard in shards)
@@ -623,12 +638,14 @@ def export_gold(
                 tuple(shards),
                 tuple(written),
                 rows_written,
+                stats.hashed - hashed_before,
             )
         )
 
     manifest = ExportManifest(out_dir, stamp, dict(tokenizer_identity), tuple(checks), tuple(tables), skipped)
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
     _write_text(out_dir, out_dir / MANIFEST_FILE, text)
+    stats.save({f.path for t in tables for f in t.files})
     return manifest
 
 
@@ -747,10 +764,15 @@ def _previous_files(out_dir: Path) -> dict[str, tuple[str, dict[str, ExportedFil
 
 
 def _kept_files(
-    root: Path, shard: Shard, export: str, previous: dict[str, tuple[str, dict[str, ExportedFile]]]
+    root: Path,
+    shard: Shard,
+    export: str,
+    previous: dict[str, tuple[str, dict[str, ExportedFile]]],
+    stats: FileStats,
 ) -> list[ExportedFile] | None:
     """The shard's files as the previous export wrote them, if that export planned the same fingerprint for it
-    and both files are still there with its size and sha256; else None (write the shard)."""
+    and both files are still there with its size and sha256 (taken from ``stats`` when the file's size and mtime
+    are those recorded with that sha256, else hashed); else None (write the shard)."""
     kept = []
     for path in shard.paths(export):
         fingerprint, files = previous.get(path, ("", {}))
@@ -758,12 +780,77 @@ def _kept_files(
         if fingerprint != shard.fingerprint or listed is None:
             return None
         try:
-            if (root / path).stat().st_size != listed.bytes or _written(root, root / path) != listed:
+            if not stats.matches(root, listed):
                 return None
         except OSError:
             return None
         kept.append(listed)
     return kept
+
+
+class FileStats:
+    """This machine's record of the data files of one export folder: path (relative to the export root) ->
+    [size, mtime_ns, sha256] as last written or hashed, kept in ``<stat_cache>/export_file_stats/`` under a hash of
+    the folder's resolved path (the rule ``make``, ``rsync`` and the bronze ingest use: a file whose size and
+    modification time are unchanged holds the same bytes).
+
+    Not in ``manifest.json``: the mtimes differ from one machine and one export to the next, and the manifest is
+    byte for byte the same however its files came to be. A missing or unreadable record only costs a re-hash; an
+    edit that keeps a file's size and mtime (a tool that restores the mtime, or one within the file system's
+    timestamp granularity of our own write) is not seen: delete the record (or pass no ``stat_cache``) to hash
+    every file."""
+
+    def __init__(self, path: Path | None, root: str, records: dict[str, list[Any]]) -> None:
+        self.path = path
+        self.root = root
+        self.records = records
+        self.loaded = dict(records)
+        self.hashed = 0
+
+    @classmethod
+    def load(cls, stat_cache: Path | None, out_dir: Path) -> FileStats:
+        if stat_cache is None:
+            return cls(None, "", {})
+        root = str(out_dir.resolve())
+        path = Path(stat_cache) / "export_file_stats" / f"{hashlib.sha256(root.encode()).hexdigest()[:32]}.json"
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            records = stored["files"] if stored.get("out_dir") == root else {}
+            if not isinstance(records, dict):
+                records = {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            records = {}
+        return cls(path, root, records)
+
+    def matches(self, root: Path, listed: ExportedFile) -> bool:
+        """Whether the file ``listed`` names holds its sha256 and size: by its record when its size and mtime are
+        the recorded ones for that sha256, else by hashing it (recorded then). OSError when it is missing."""
+        stat = (root / listed.path).stat()
+        if stat.st_size != listed.bytes:
+            return False
+        if self.records.get(listed.path) == [stat.st_size, stat.st_mtime_ns, listed.sha256]:
+            return True
+        self.hashed += 1
+        if _written(root, root / listed.path) != listed:
+            return False
+        self.records[listed.path] = [stat.st_size, stat.st_mtime_ns, listed.sha256]
+        return True
+
+    def record(self, root: Path, files: Sequence[ExportedFile]) -> None:
+        """Record the files just written (their sha256 computed from what was written)."""
+        for written in files:
+            stat = (root / written.path).stat()
+            self.records[written.path] = [stat.st_size, stat.st_mtime_ns, written.sha256]
+
+    def save(self, current: set[str]) -> None:
+        """Keep the records of ``current`` files only; written (atomically) when they changed."""
+        self.records = {path: record for path, record in self.records.items() if path in current}
+        if self.path is None or self.records == self.loaded:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"out_dir": self.root, "files": self.records}, sort_keys=True)
+        _tmp(self.path).write_text(text, encoding="utf-8")
+        os.replace(_tmp(self.path), self.path)
 
 
 def _remove_stale_shards(folder: Path, keep: set[str]) -> None:

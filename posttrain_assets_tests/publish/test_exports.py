@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,9 +84,18 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Pat
     return demo_warehouse(tmp_path_factory, tokenizer_cache_dir)
 
 
-def _export(database: Path, out: Path, tok: Any, created_at: datetime = CREATED_AT) -> ExportManifest:
+def _export(
+    database: Path, out: Path, tok: Any, created_at: datetime = CREATED_AT, stat_cache: Path | None = None
+) -> ExportManifest:
     with duckdb.connect(str(database), read_only=True) as conn:
-        return export_gold(conn, out, tokenizer_identity=tokenizer_identity(tok), checks=CHECKS, created_at=created_at)
+        return export_gold(
+            conn,
+            out,
+            tokenizer_identity=tokenizer_identity(tok),
+            checks=CHECKS,
+            created_at=created_at,
+            stat_cache=stat_cache,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +344,70 @@ def test_a_corrupted_or_missing_shard_file_is_rewritten_and_leftovers_removed(
     shards = {Path(p).name.rsplit(".", 1)[0] for p in (truncated, edited, missing)}
     assert {Path(p).name.rsplit(".", 1)[0] for p in written} == shards and len(written) == 6
     assert _tree(out) == _tree(exported.out_dir)
+
+
+def _data_files(manifest: ExportManifest) -> list[str]:
+    return [path for t in manifest.tables for shard in t.shards for path in shard.paths(t.name)]
+
+
+def _hashed(manifest: ExportManifest) -> int:
+    return sum(t.files_hashed for t in manifest.tables)
+
+
+@pytest.mark.slow
+def test_kept_files_are_proven_by_their_recorded_size_and_mtime_and_rehashed_only_when_those_change(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    out, cache = tmp_path / "out", tmp_path / "stat_cache"
+    shutil.copytree(exported.out_dir, out)
+    data = _data_files(exported)
+    # A folder with no stat record (an export of an earlier version, or another machine's): every kept file is
+    # hashed once, and recorded.
+    first = _export(warehouse, out, smollm2_tokenizer, stat_cache=cache)
+    assert (_hashed(first), sum(len(t.written) for t in first.tables)) == (len(data), 0)
+    # Nothing changed: nothing is read again, nothing written, the manifest and files as a fresh export's.
+    mtimes = _mtimes(out)
+    again = _export(warehouse, out, smollm2_tokenizer, stat_cache=cache)
+    assert (_hashed(again), [t.written for t in again.tables]) == (0, [()] * len(again.tables))
+    assert _mtimes(out) == mtimes and _tree(out) == _tree(exported.out_dir)
+    assert again.to_dict() == exported.to_dict()
+
+    # One file of each of four shards (data lists each shard's Parquet file, then its JSONL file).
+    same_size, appended, touched, missing = data[0], data[3], data[4], data[7]
+    body = bytearray((out / same_size).read_bytes())
+    body[200] ^= 1  # same size, other bytes, a later mtime
+    (out / same_size).write_bytes(bytes(body))
+    os.utime(out / same_size, ns=(mtimes[same_size] + 1_000_000, mtimes[same_size] + 1_000_000))
+    with (out / appended).open("ab") as edited:
+        edited.write(b"\n")
+    os.utime(out / touched, ns=(mtimes[touched] + 1_000_000, mtimes[touched] + 1_000_000))  # same bytes
+    (out / missing).unlink()
+    repaired = _export(warehouse, out, smollm2_tokenizer, stat_cache=cache)
+    # The same-size edit and the touched file are hashed (the appended one fails on its size, the missing one on
+    # its stat); the edited shards are rewritten whole, the touched one kept.
+    assert _hashed(repaired) == 2
+    rewritten = {Path(p).name.rsplit(".", 1)[0] for t in repaired.tables for p in t.written}
+    assert rewritten == {Path(p).name.rsplit(".", 1)[0] for p in (same_size, appended, missing)}
+    assert (out / touched).stat().st_mtime_ns == mtimes[touched] + 1_000_000
+    assert _tree(out) == _tree(exported.out_dir)
+    # What was rewritten or re-hashed is recorded: the next export reads nothing.
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache)) == 0
+
+
+@pytest.mark.slow
+def test_without_a_stat_record_every_kept_file_is_hashed(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer)) == len(_data_files(exported))
+    # A record of another folder, or a corrupt one, is no record.
+    cache = tmp_path / "stat_cache"
+    _export(warehouse, tmp_path / "elsewhere", smollm2_tokenizer, stat_cache=cache)
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache)) == len(_data_files(exported))
+    for record in (cache / "export_file_stats").iterdir():
+        record.write_text("{not json")
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache)) == len(_data_files(exported))
 
 
 def _preference_fingerprints(prompt: str, score: str) -> list[str]:
