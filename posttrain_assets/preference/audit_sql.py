@@ -20,13 +20,17 @@ null: silver.preference_pairs always carries it), ``score_chosen`` and ``score_r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -43,6 +47,7 @@ from posttrain_assets.preference.audit import (
     wilson_interval,
 )
 from posttrain_assets.warehouse.io import fetch_dicts
+from posttrain_assets.warehouse.stage_cache import code_fingerprint, library_versions
 
 # One row per (group, pair): each pair once per group kind and once in ("overall", "all").
 _ROWS = """
@@ -349,6 +354,61 @@ def length_histogram_png_of(conn: duckdb.DuckDBPyConnection, relation: str, titl
     """:func:`posttrain_assets.preference.audit.length_histogram_png` of every pair of ``relation``, the same PNG,
     from the distinct chosen and rejected lengths and their counts (the cap, the 99th percentile of all lengths, by
     :meth:`ValueCounts.quantile`)."""
+    chosen, rejected, cap = _histogram_inputs(conn, relation)
+    return histogram_png(chosen, rejected, cap, title)
+
+
+@dataclass(frozen=True)
+class StoredHistogram:
+    """The length histogram's PNG and whether it was drawn by this call (False: the stored file was reused)."""
+
+    png: bytes
+    drawn: bool
+
+
+def stored_length_histogram(
+    conn: duckdb.DuckDBPyConnection, relation: str, title: str, path: Path, *, redraw: bool = False
+) -> StoredHistogram:
+    """:func:`length_histogram_png_of`, kept in the file ``path``: drawn (and written there) only when what it is
+    drawn from differs from the last drawing's, else read back; the bytes are the same either way.
+
+    Drawing costs about a second, most of it importing matplotlib, on every run of the preference stage even when
+    no pair changed. The key, stored next to the PNG (``.<name>.key``) with the PNG's sha256, is a sha256 of the
+    histogram's inputs (each side's distinct lengths and their counts, the cap, the title), the drawing code
+    (``preference/audit.py``, where :func:`histogram_png` is) and the matplotlib version; a PNG whose sha256 is not
+    the stored one (edited, truncated) is drawn again, and so is every PNG with ``redraw`` (a full rebuild)."""
+    chosen, rejected, cap = _histogram_inputs(conn, relation)
+    inputs = {
+        "sides": [[side[0].tolist(), side[1].tolist()] for side in (chosen, rejected)],
+        "cap": cap,
+        "title": title,
+        "code": code_fingerprint("posttrain_assets.preference.audit"),
+        "libraries": library_versions("matplotlib", "numpy"),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    key_path = path.with_name(f".{path.name}.key")
+    with suppress(OSError, ValueError, KeyError, TypeError):
+        stored = json.loads(key_path.read_text(encoding="utf-8"))
+        png = path.read_bytes()
+        if not redraw and stored["inputs"] == key and stored["png_sha256"] == hashlib.sha256(png).hexdigest():
+            return StoredHistogram(png, drawn=False)
+    png = histogram_png(chosen, rejected, cap, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, data in (
+        (path, png),
+        (key_path, json.dumps({"inputs": key, "png_sha256": hashlib.sha256(png).hexdigest()}).encode()),
+    ):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return StoredHistogram(png, drawn=True)
+
+
+def _histogram_inputs(
+    conn: duckdb.DuckDBPyConnection, relation: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], float | None]:
+    """Each side's distinct lengths and their counts (chosen, rejected), and the cap: the 99th percentile of all
+    lengths (None: no pairs)."""
     relation = _query(relation)
     sides = []
     for column in ("chosen_tokens", "rejected_tokens"):
@@ -361,14 +421,16 @@ def length_histogram_png_of(conn: duckdb.DuckDBPyConnection, relation: str, titl
     union = _value_counts(sorted(both.items()))
     cap = max(union.quantile(0.99), 1.0) if union.size else None
     (chosen, rejected) = ((side.values, side.counts) for side in sides)
-    return histogram_png(chosen, rejected, cap, title)
+    return chosen, rejected, cap
 
 
 __all__ = [
     "RelationBalance",
+    "StoredHistogram",
     "ValueCounts",
     "audit_relation",
     "balance_relation",
     "length_histogram_png_of",
     "rank_biserial_from_counts",
+    "stored_length_histogram",
 ]

@@ -40,14 +40,17 @@ def materialise(warehouse: DuckDBResource, tokenizer_cache_dir: Path, **config: 
         )
     )
     (pairs,) = [r for r in results if r.asset_key == PAIRS_KEY]
-    wanted = ("rows_computed/", "rows_reused/", "rows_deleted/", "dagster/row_count")
+    wanted = ("rows_computed/", "rows_reused/", "rows_deleted/", "dagster/row_count", "length_histogram_drawn")
     return {k: v.value if hasattr(v, "value") else v for k, v in pairs.metadata.items() if k.startswith(wanted)}
 
 
 def test_metadata_says_rows_computed_and_reused_and_a_full_rebuild_recomputes(
     warehouse, monkeypatch, tokenizer_cache_dir, smollm2_tokenizer_dir
 ) -> None:
-    every = {"dagster/row_count": 4}
+    every = {"dagster/row_count": 4, "length_histogram_drawn": False}
+    # the length histogram is drawn by the first run (and a full rebuild); later runs, whose lengths are the same,
+    # reuse the stored PNG
+    drawn = {"length_histogram_drawn": True}
     # measures: computed now or read from the pairs cache; the table: rows inserted, kept and deleted by the sync
     measured = {"rows_computed/preference_pairs": 4, "rows_reused/preference_pairs": 0}
     read = {"rows_computed/preference_pairs": 0, "rows_reused/preference_pairs": 4}
@@ -62,13 +65,13 @@ def test_metadata_says_rows_computed_and_reused_and_a_full_rebuild_recomputes(
         "rows_deleted/silver_preference_pairs": 0,
     }
 
-    assert materialise(warehouse, tokenizer_cache_dir) == {**measured, **inserted, **every}
+    assert materialise(warehouse, tokenizer_cache_dir) == {**measured, **inserted, **every, **drawn}
     assert materialise(warehouse, tokenizer_cache_dir) == {**read, **kept, **every}
     # measured again, but the same pairs: not one row of the table is written
     monkeypatch.setenv(settings.FULL_REBUILD, "1")
-    assert materialise(warehouse, tokenizer_cache_dir) == {**measured, **kept, **every}
+    assert materialise(warehouse, tokenizer_cache_dir) == {**measured, **kept, **every, **drawn}
     monkeypatch.setenv(settings.FULL_REBUILD, "0")
-    assert materialise(warehouse, tokenizer_cache_dir, full_rebuild=True) == {**measured, **kept, **every}
+    assert materialise(warehouse, tokenizer_cache_dir, full_rebuild=True) == {**measured, **kept, **every, **drawn}
     # a new tie similarity is a new stage key: every pair measured again; at 0.5 no flag changes, so no row is
     # written; at 0.2 "Blue." vs "Green." (folded similarity 2/9) becomes a tie, so d4 alone is replaced
     assert materialise(warehouse, tokenizer_cache_dir, tie_similarity=0.5) == {**measured, **kept, **every}

@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
 import pytest
 
+from posttrain_assets.preference import audit_sql
 from posttrain_assets.preference.audit import (
     ConfoundThresholds,
     audit,
@@ -28,6 +30,7 @@ from posttrain_assets.preference.audit_sql import (
     balance_relation,
     length_histogram_png_of,
     rank_biserial_from_counts,
+    stored_length_histogram,
 )
 from posttrain_assets.text import is_tie
 from posttrain_assets_tests.preference.test_audit import (  # noqa: F401 (hh_harmless_pairs is a fixture)
@@ -180,3 +183,37 @@ def test_the_histogram_png_from_counts_is_the_same_png() -> None:
     assert length_histogram_png_of(table_of(pairs), "SELECT * FROM pairs WHERE false", "none") == length_histogram_png(
         [], [], "none"
     )
+
+
+def test_the_stored_histogram_is_drawn_again_only_when_its_inputs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = stored(mixed_sources())
+    path = tmp_path / "artifacts" / "histogram.png"
+    first = stored_length_histogram(table_of(pairs), "pairs", "lengths", path)
+    fresh = length_histogram_png_of(table_of(pairs), "pairs", "lengths")
+    assert first.drawn and first.png == path.read_bytes() == fresh
+
+    # Nothing changed (the same lengths in another order, other ids and scores): read back, not drawn.
+    reordered = [{**p, "id": f"x{i}", "score_chosen": None} for i, p in enumerate(reversed(pairs))]
+    drawn = []
+    real_draw = audit_sql.histogram_png
+    monkeypatch.setattr(audit_sql, "histogram_png", lambda *args: drawn.append(args) or real_draw(*args))
+    again = stored_length_histogram(table_of(reordered), "pairs", "lengths", path)
+    assert (again.drawn, again.png, drawn) == (False, first.png, [])
+
+    # Other lengths, another title, or a damaged file: drawn again, the bytes of a fresh drawing.
+    longer = [{**p, "chosen_tokens": p["chosen_tokens"] + 50} if i < 300 else p for i, p in enumerate(pairs)]
+    changed = stored_length_histogram(table_of(longer), "pairs", "lengths", path)
+    assert len(drawn) == 1
+    fresh = length_histogram_png_of(table_of(longer), "pairs", "lengths")
+    assert (changed.drawn, changed.png, path.read_bytes()) == (True, fresh, fresh)
+    assert fresh != first.png
+    retitled = stored_length_histogram(table_of(longer), "pairs", "other title", path)
+    assert retitled.drawn and retitled.png == length_histogram_png_of(table_of(longer), "pairs", "other title")
+    path.write_bytes(path.read_bytes()[:50])
+    repaired = stored_length_histogram(table_of(longer), "pairs", "other title", path)
+    assert (repaired.drawn, repaired.png, path.read_bytes()) == (True, retitled.png, retitled.png)
+    assert not stored_length_histogram(table_of(longer), "pairs", "other title", path).drawn
+    forced = stored_length_histogram(table_of(longer), "pairs", "other title", path, redraw=True)  # a full rebuild
+    assert (forced.drawn, forced.png) == (True, retitled.png)

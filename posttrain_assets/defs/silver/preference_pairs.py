@@ -17,7 +17,12 @@ from posttrain_assets.defs.silver.canonical import SILVER_RECORDS_KEY
 from posttrain_assets.defs.silver.common import silver_spec
 from posttrain_assets.parallel import default_processes
 from posttrain_assets.preference.audit import DROP_REASONS, ConfoundThresholds, markdown_audit_table
-from posttrain_assets.preference.audit_sql import audit_relation, balance_relation, length_histogram_png_of
+from posttrain_assets.preference.audit_sql import (
+    StoredHistogram,
+    audit_relation,
+    balance_relation,
+    stored_length_histogram,
+)
 from posttrain_assets.preference.labelling import (
     DEFAULT_MIN_PAIR_AGREEMENT,
     Agreement,
@@ -102,13 +107,14 @@ class LengthConfoundConfig(dg.Config):
         )
 
 
-def histogram_metadata(png: bytes, path: Path) -> dict[str, dg.MetadataValue]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
-    encoded = base64.b64encode(png).decode()
+def histogram_metadata(histogram: StoredHistogram, path: Path) -> dict[str, dg.MetadataValue]:
+    """The histogram inline and its file (``path``, written by :func:`stored_length_histogram`); whether this run
+    drew it (False: no length changed, the file was reused)."""
+    encoded = base64.b64encode(histogram.png).decode()
     return {
         "length_histogram": dg.MetadataValue.md(f"![chosen vs rejected lengths](data:image/png;base64,{encoded})"),
         "length_histogram_file": dg.MetadataValue.path(str(path)),
+        "length_histogram_drawn": dg.MetadataValue.bool(histogram.drawn),
     }
 
 
@@ -262,13 +268,19 @@ def silver_preference_pairs(
         agreement_meta = table_metadata(
             conn, SILVER_PREFERENCE_AGREEMENT, preview_columns=["source", "rated_pairs", "order_alpha"]
         )
-        png = length_histogram_png_of(conn, pairs_table, "chosen vs rejected tokens (all pairs)")
+        histogram_file = Path(duckdb.database).resolve().parent / "artifacts" / "preference_length_histogram.png"
+        histogram = stored_length_histogram(
+            conn,
+            pairs_table,
+            "chosen vs rejected tokens (all pairs)",
+            histogram_file,
+            redraw=config.full_rebuild or settings.full_rebuild(),
+        )
     stats: dict[str, dg.MetadataValue] = {"audit": dg.MetadataValue.md(markdown_audit_table(audits))}
     for (kind, name), result in audits.items():
         for field in PLOTTED:
             stats[f"{kind}/{name}/{field}"] = dg.MetadataValue.float(float(getattr(result, field)))
-    artifacts = Path(duckdb.database).resolve().parent / "artifacts"
-    stats.update(histogram_metadata(png, artifacts / "preference_length_histogram.png"))
+    stats.update(histogram_metadata(histogram, histogram_file))
     pairs = audits[("overall", "all")].pairs if audits else 0
     context.log.info(f"{pairs} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts()}")
     derived = {
