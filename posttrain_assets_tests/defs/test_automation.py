@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,23 +201,3 @@ def test_multiprocess_refresh_never_fails_on_the_duckdb_lock(small_graph: Graph)
     assert any("loss_mask_check" in s for s in steps)
     assert small_graph.query("SELECT * FROM gold.rl_prompts ORDER BY ALL") == before
     assert small_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(40,)]
-
-
-def _publish_job() -> dg.JobDefinition:
-    return pipeline.load_definitions().resolve_job_def("publish")
-
-
-@pytest.mark.slow  # builds the small graph, then publishes it again as the daemon would: 12-100 s
-def test_a_run_executes_its_steps_in_its_own_process_by_default(small_graph: Graph) -> None:
-    # No execution config, as the daemon, sensors, schedules and the launchpad launch runs: the steps run one at a
-    # time in the run's process (the pool admits one anyway), not in a process each that loads everything again.
-    with dg.execute_job(dg.reconstructable(_publish_job), instance=small_graph.instance) as result:
-        assert result.success, [e.message for e in result.all_events if e.is_failure]
-        events = result.all_events
-    started = {e.step_key: e.pid for e in events if e.event_type_value == "STEP_START"}
-    assert set(started) == {"gold__trace", "gold__trace_provenance_audit_check", "exports__trainer_files"}
-    assert set(started.values()) == {os.getpid()}
-    assert not [e for e in events if e.event_type_value == "STEP_WORKER_STARTING"]
-    # The job automation conditions and the launchpad's asset selections run (it cannot be reconstructed by name).
-    asset_job = small_graph.definitions.resolve_implicit_global_asset_job_def()
-    assert asset_job.executor_def.config_schema.default_value == {"in_process": {}}
