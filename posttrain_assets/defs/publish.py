@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.publish.exports import export_gold
@@ -84,6 +85,8 @@ def exports_trainer_files(
             answer_formats=answer_formats,
             # This machine's size/mtime record of the data files: a kept shard is not read again to prove it.
             stat_cache=Path(tokenizer.cache_dir),
+            # A full rebuild (posttrain run --full) distrusts the record too: every kept file is hashed.
+            rehash=settings.full_rebuild(),
         )
     rows = [
         (t.name, t.table, t.layout, t.rows, len(t.shards), len(t.written) // 2, t.rows_written) for t in manifest.tables

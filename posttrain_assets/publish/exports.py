@@ -548,6 +548,7 @@ def export_gold(
     created_at: datetime,
     answer_formats: Mapping[str, str] | None = None,
     stat_cache: Path | None = None,
+    rehash: bool = False,
 ) -> ExportManifest:
     """Write one folder per gold table under ``out_dir`` (``sft/``, ``preference/``,
     ``preference_length_balanced/``, ``rl/``: Parquet + JSONL shards under ``data/`` and a dataset card each;
@@ -569,8 +570,8 @@ def export_gold(
     ``answer_format``; "" for none); a source not in it gets its verifier's default (:data:`ANSWER_FORMAT_DEFAULTS`)
     unless its prompt already names a final-answer marker (:data:`FINAL_ANSWER_MARKERS`).
     ``stat_cache`` is a directory (``POSTTRAIN_CACHE_DIR``) for this machine's record of each data file's size,
-    mtime (ns) and sha256 (:class:`FileStats`): a kept file that matches its record is not hashed again. None:
-    every kept file is hashed.
+    mtime (ns) and sha256 (:class:`FileStats`): a kept file that matches its record is not hashed again. None, or
+    ``rehash`` (a full rebuild): every kept file is hashed (and, with ``stat_cache``, recorded).
     """
     for key in ("name", "tokenizer_sha256", "chat_template_sha256"):
         if not tokenizer_identity.get(key):
@@ -594,7 +595,7 @@ def export_gold(
             (folder / stale).unlink(missing_ok=True)
 
     previous = _previous_files(out_dir)
-    stats = FileStats.load(stat_cache, out_dir)
+    stats = FileStats.load(stat_cache, out_dir, trust=not rehash)
     answer_formats = dict(answer_formats or {})
     tables = []
     for spec in present:
@@ -808,7 +809,9 @@ class FileStats:
         self.hashed = 0
 
     @classmethod
-    def load(cls, stat_cache: Path | None, out_dir: Path) -> FileStats:
+    def load(cls, stat_cache: Path | None, out_dir: Path, *, trust: bool = True) -> FileStats:
+        """The record of ``out_dir`` in ``stat_cache``; ``trust=False``: start from none (every kept file is
+        hashed), and replace it when saved."""
         if stat_cache is None:
             return cls(None, "", {})
         root = str(out_dir.resolve())
@@ -820,7 +823,7 @@ class FileStats:
                 records = {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             records = {}
-        return cls(path, root, records)
+        return cls(path, root, records if trust else {})
 
     def matches(self, root: Path, listed: ExportedFile) -> bool:
         """Whether the file ``listed`` names holds its sha256 and size: by its record when its size and mtime are

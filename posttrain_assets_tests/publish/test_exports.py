@@ -85,7 +85,12 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache_dir: Pat
 
 
 def _export(
-    database: Path, out: Path, tok: Any, created_at: datetime = CREATED_AT, stat_cache: Path | None = None
+    database: Path,
+    out: Path,
+    tok: Any,
+    created_at: datetime = CREATED_AT,
+    stat_cache: Path | None = None,
+    rehash: bool = False,
 ) -> ExportManifest:
     with duckdb.connect(str(database), read_only=True) as conn:
         return export_gold(
@@ -95,6 +100,7 @@ def _export(
             checks=CHECKS,
             created_at=created_at,
             stat_cache=stat_cache,
+            rehash=rehash,
         )
 
 
@@ -391,6 +397,9 @@ def test_kept_files_are_proven_by_their_recorded_size_and_mtime_and_rehashed_onl
     assert (out / touched).stat().st_mtime_ns == mtimes[touched] + 1_000_000
     assert _tree(out) == _tree(exported.out_dir)
     # What was rewritten or re-hashed is recorded: the next export reads nothing.
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache)) == 0
+    # A full rebuild distrusts the record: every kept file is hashed (and recorded again).
+    assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache, rehash=True)) == len(data)
     assert _hashed(_export(warehouse, out, smollm2_tokenizer, stat_cache=cache)) == 0
 
 
