@@ -660,7 +660,7 @@ def test_sync_table_fills_an_empty_table_in_key_order_without_comparing_rows(con
 
 
 @pytest.mark.parametrize("first_build", [True, False])
-def test_sync_table_over_key_ordered_tables_reads_each_range_by_its_own_query(conn, first_build):
+def test_sync_table_over_key_ordered_tables_stores_rows_in_key_order_with_exact_counts(conn, first_build):
     if not first_build:
         sync_rows(conn, [row("k050", score=7.0), row("gone")])
     rows = [row(f"k{n:03d}") for n in reversed(range(100))]
