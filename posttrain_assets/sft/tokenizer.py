@@ -62,6 +62,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _read_index(path: Path) -> dict[str, Any]:
+    """A memo file of this module (a JSON object); empty when missing, unreadable or not an object (it is then
+    rebuilt: a memo only saves work)."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def gguf_sha256(path: Path, cache_dir: Path) -> str:
     """SHA-256 of a GGUF file, memoised in ``cache_dir`` keyed on (resolved path, size, mtime_ns).
 
@@ -71,12 +81,7 @@ def gguf_sha256(path: Path, cache_dir: Path) -> str:
     path = path.resolve()
     stat = path.stat()
     index_path = cache_dir / _HASH_INDEX
-    index: dict[str, Any] = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            index = {}
+    index = _read_index(index_path)
     entry = index.get(str(path))
     if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
         sha = entry.get("sha256")
@@ -308,12 +313,7 @@ def stored_tokenizer_identity(spec: str | None, cache_dir: Path) -> dict[str, st
         ).encode("utf-8")
     ).hexdigest()
     index_path = Path(cache_dir) / _IDENTITY_INDEX
-    index: dict[str, Any] = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            index = {}
+    index = _read_index(index_path)
     known = index.get(key)
     if isinstance(known, dict) and set(known) == {"name", "tokenizer_sha256", "chat_template_sha256"}:
         return {k: str(v) for k, v in known.items()}
