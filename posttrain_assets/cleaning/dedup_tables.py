@@ -800,7 +800,7 @@ def deduplicate_regime_tables(
     """
     for table in TABLES:
         conn.execute(table.create_sql(replace=True))
-    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE):
+    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, SIMILARITY_CACHE):
         ensure_cache_table(conn, table)
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     survivors = _count(conn, f"({SURVIVORS})")
@@ -833,11 +833,8 @@ def deduplicate_regime_tables(
         conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
         conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
         clusters, pairs = _verified_clusters(conn, records, cfg, keyed, batch_rows, processes)
-        rows = list(clusters.parent)
-        for start in range(0, len(rows), batch_rows):
-            part = rows[start : start + batch_rows]
-            insert_arrow(conn, NEAR_CLUSTERS, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
-        del clusters, rows
+        _insert_clusters(conn, NEAR_CLUSTERS, clusters, batch_rows)
+        del clusters
         similarities = _dropped_near(conn, records, batch_rows, processes)
     conn.execute(
         f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
@@ -977,6 +974,14 @@ def _texts(conn: duckdb.DuckDBPyConnection, seqs: list[int]) -> pa.Table:
     return conn.sql(units_of_seqs(NEAR_TEXTS), params={"seqs": seqs}).to_arrow_table()
 
 
+def _insert_clusters(conn: duckdb.DuckDBPyConnection, table: Table, clusters: _UnionFind, batch_rows: int) -> None:
+    """Append every row the union-find holds, with its cluster (root), to ``table`` (``seq``, ``cluster``)."""
+    rows = list(clusters.parent)
+    for start in range(0, len(rows), batch_rows):
+        part = rows[start : start + batch_rows]
+        insert_arrow(conn, table, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
+
+
 def _verified_clusters(
     conn: duckdb.DuckDBPyConnection,
     records: str,
@@ -1000,11 +1005,7 @@ def _verified_clusters(
     for batch in fetch_arrow(conn, f"SELECT a, b FROM {NEAR_CACHED_VERDICTS.qualified} WHERE near", batch_rows):
         for a, b in zip(batch.column("a").to_pylist(), batch.column("b").to_pylist(), strict=True):
             clusters.union(a, b)
-    rows = list(clusters.parent)
-    for start in range(0, len(rows), batch_rows):
-        part = rows[start : start + batch_rows]
-        insert_arrow(conn, NEAR_JOINED, pa.table({"seq": part, "cluster": [clusters.find(s) for s in part]}))
-    del rows
+    _insert_clusters(conn, NEAR_JOINED, clusters, batch_rows)
     # the texts of the pairs without a cached verdict whose rows the cached verdicts did not join (a superset of
     # those compared: a pair joined by an earlier comparison of this run is skipped too)
     open_pairs = f"""
@@ -1039,7 +1040,6 @@ def _dropped_near(conn: duckdb.DuckDBPyConnection, records: str, batch_rows: int
     A similarity the similarity cache holds for the two records is read from it; the others are computed in worker
     processes (with the texts of both rows) and go to the cache. Returns how many were computed and reused."""
     key = {"key": similarity_stage_key()}
-    ensure_cache_table(conn, SIMILARITY_CACHE)
     conn.execute(MEMBERS_WITH_CACHED_SIMILARITY, key)
     conn.execute(
         f"INSERT INTO {NEAR_DROPPED.qualified} SELECT seq, kept_seq, similarity FROM {NEAR_MEMBERS.qualified} "
