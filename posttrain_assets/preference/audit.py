@@ -415,10 +415,15 @@ class BalanceResult:
 
     def dropped_counts(self) -> dict[str, int]:
         """Number of dropped pairs per reason."""
-        counts: dict[str, int] = defaultdict(int)
-        for _, reason in self.dropped:
-            counts[reason] += 1
-        return dict(counts)
+        return dropped_counts(self.dropped)
+
+
+def dropped_counts(dropped: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """Number of dropped pairs per reason of ``(id, reason)`` drops, reasons in first-seen order."""
+    counts: dict[str, int] = defaultdict(int)
+    for _, reason in dropped:
+        counts[reason] += 1
+    return dict(counts)
 
 
 def _strata(abs_diffs: Sequence[int], k: int | None) -> list[int | float]:

@@ -42,6 +42,7 @@ from posttrain_assets.preference.audit import (
     GroupKey,
     LengthAudit,
     balance_offending_source,
+    dropped_counts,
     group_violations,
     histogram_png,
     wilson_interval,
@@ -300,10 +301,7 @@ class RelationBalance:
 
     def dropped_counts(self) -> dict[str, int]:
         """Number of dropped pairs per reason."""
-        counts: dict[str, int] = defaultdict(int)
-        for _, reason in self.dropped:
-            counts[reason] += 1
-        return dict(counts)
+        return dropped_counts(self.dropped)
 
 
 def balance_relation(
