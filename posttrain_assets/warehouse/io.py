@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from posttrain_assets.processes import process_gone
 from posttrain_assets.warehouse.model import Table
 
 
@@ -261,9 +262,19 @@ def sync_table(
     params: dict[str, Any] | None = None,
     *,
     key_ordered: bool = False,
+    fingerprints: str | None = None,
 ) -> SyncCounts:
     """Bring ``table`` to exactly the rows of the query ``relation`` (named parameters ``params``; its columns by
     name, ``key`` unique and not null in it), touching only the rows that changed.
+
+    Each row's fingerprint is kept beside the table (:func:`fingerprint_table`), so a sync reads the stored
+    fingerprints, not the stored rows; they are trusted while the table's row count and key checksum
+    (:func:`_key_checksum`, a pass over the key column alone) agree with them, and read from the rows again when
+    not (a table edited outside this function). ``fingerprints``: a query (same ``params``) giving each row of
+    ``relation`` as ``sync_key`` and a ``sync_fingerprint`` that changes whenever the row's content does, cheaper
+    than hashing the rows (e.g. from the stored fingerprints of the tables ``relation`` reads,
+    :func:`trusted_fingerprints`); the stored ones are then of that kind, and a table whose stored fingerprints
+    cannot be trusted, or are of another kind, is filled anew.
 
     A missing ``table``, or one whose columns (names, types, nullability, order) differ from its declaration, is
     created anew and filled in ``key`` order, ``rows`` keys per range; so is an empty one, with no fingerprint read
@@ -277,13 +288,41 @@ def sync_table(
     midway leaves the previous rows. Raises ValueError when the query yields a null or duplicate ``key`` (the
     caller's transaction then rolls back)."""
     params = dict(params or {})
+    kind = _fingerprint_kind(table, relation, fingerprints, params)
     stored = _stored_columns(conn, table)
     if stored != declared_columns(table):
-        return _rebuild(conn, table, relation, key, rows, params, had_table=bool(stored), key_ordered=key_ordered)
+        return _rebuild(
+            conn,
+            table,
+            relation,
+            key,
+            rows,
+            params,
+            had_table=bool(stored),
+            key_ordered=key_ordered,
+            fingerprints=fingerprints,
+            kind=kind,
+        )
     if conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table.qualified} LIMIT 1)").fetchone() == (0,):
         inserted = _fill(conn, table, relation, key, rows, params, key_ordered=key_ordered)
+        _store_fingerprints(conn, table, key, params, fingerprints, kind)
         return SyncCounts(inserted=inserted, deleted=0, kept=0, rebuilt=False)
     columns = declared_columns(table)
+    side = fingerprint_table(table)
+    trusted = _stored_kind(conn, table) == kind and _agrees(conn, table, key)
+    if not trusted and fingerprints is not None:  # fingerprints of this kind cannot be read from the rows
+        return _rebuild(
+            conn,
+            table,
+            relation,
+            key,
+            rows,
+            params,
+            had_table=True,
+            key_ordered=key_ordered,
+            fingerprints=fingerprints,
+            kind=kind,
+        )
     fingerprint = fingerprint_sql((name, data_type) for name, data_type, _ in columns)
     # the query's columns cast to the declared types, so its rows hash as the table will store them
     casts = ", ".join(f"CAST({_quoted(name)} AS {data_type}) AS {_quoted(name)}" for name, data_type, _ in columns)
@@ -291,17 +330,33 @@ def sync_table(
     wanted, kept, gone, fresh = (f"sync_{name}_{tag}" for name in ("wanted", "stored", "gone", "fresh"))
     try:
         conn.execute(
-            f"CREATE TEMP TABLE {wanted} AS SELECT sync_key, {fingerprint} AS sync_fingerprint "
+            f"CREATE TEMP TABLE {wanted} AS SELECT sync_key, sync_fingerprint FROM ({fingerprints})"
+            if fingerprints is not None
+            else f"CREATE TEMP TABLE {wanted} AS SELECT sync_key, {fingerprint} AS sync_fingerprint "
             f"FROM (SELECT {key} AS sync_key, {casts} FROM ({relation}))",
             params,
         )
         _require_unique_keys(conn, wanted, table, key, "the rows to sync")
-        conn.execute(
-            f"CREATE TEMP TABLE {kept} AS SELECT {key} AS sync_key, {fingerprint} AS sync_fingerprint "
-            f"FROM {table.qualified}"
-        )
-        if _duplicate_keys(conn, kept):  # not written by this function: start again from the declaration
-            return _rebuild(conn, table, relation, key, rows, params, had_table=True, key_ordered=key_ordered)
+        if trusted:
+            kept = side
+        else:
+            conn.execute(
+                f"CREATE TEMP TABLE {kept} AS SELECT {key} AS sync_key, {fingerprint} AS sync_fingerprint "
+                f"FROM {table.qualified}"
+            )
+            if _duplicate_keys(conn, kept):  # not written by this function: start again from the declaration
+                return _rebuild(
+                    conn,
+                    table,
+                    relation,
+                    key,
+                    rows,
+                    params,
+                    had_table=True,
+                    key_ordered=key_ordered,
+                    fingerprints=fingerprints,
+                    kind=kind,
+                )
         conn.execute(
             f"CREATE TEMP TABLE {gone} AS SELECT sync_key FROM {kept} "
             f"ANTI JOIN {wanted} USING (sync_key, sync_fingerprint)"
@@ -320,12 +375,107 @@ def sync_table(
             (insert_key_ranges if key_ordered else insert_ordered)(conn, table, changed, key, rows, params)
         elif inserted:  # one range's worth: sorted whole, as insert_ordered sorts each range
             conn.execute(table.insert_sql(f"({changed} ORDER BY {key})"), params)
+        if trusted:  # the stored fingerprints follow the rows deleted and inserted
+            if deleted:
+                conn.execute(f"DELETE FROM {side} WHERE sync_key IN (SELECT sync_key FROM {gone})")
+            if inserted:
+                conn.execute(f"INSERT INTO {side} SELECT * FROM {wanted} SEMI JOIN {fresh} USING (sync_key)")
+        else:  # the table now holds exactly the query's rows: their fingerprints are the stored ones
+            _write_fingerprints(conn, table, f"SELECT sync_key, sync_fingerprint FROM {wanted}", {}, kind)
         return SyncCounts(inserted=inserted, deleted=deleted, kept=stored_rows - deleted, rebuilt=False)
     finally:
         # After a failed statement the caller's transaction is aborted and takes the temporary tables with it
         # when it rolls back; dropping them then fails, and must not hide the error.
         with suppress(duckdb.Error):
-            conn.execute(";".join(f"DROP TABLE IF EXISTS temp.main.{name}" for name in (wanted, kept, gone, fresh)))
+            conn.execute(
+                ";".join(
+                    f"DROP TABLE IF EXISTS temp.main.{name}" for name in (wanted, kept, gone, fresh) if name != side
+                )
+            )
+
+
+# The schema of the stored row fingerprints of the tables sync_table writes, one table per synced table
+# (``<schema>__<name>``: ``sync_key``, ``sync_fingerprint``), its comment naming the fingerprints' kind.
+FINGERPRINT_SCHEMA = "sync"
+
+
+def fingerprint_table(table: Table) -> str:
+    """The qualified name of the table holding ``table``'s stored row fingerprints (see :func:`sync_table`)."""
+    return f"{FINGERPRINT_SCHEMA}.{_quoted(f'{table.schema}__{table.name}')}"
+
+
+def trusted_fingerprints(conn: duckdb.DuckDBPyConnection, table: Table, key: str = "id") -> str | None:
+    """The qualified name of ``table``'s stored row fingerprints (``sync_key``, ``sync_fingerprint``: one row per
+    row of ``table``, the fingerprint changing with the row's content) when they agree with ``table``'s rows in count
+    and key checksum; None when there are none or they do not (the table was written or edited outside
+    :func:`sync_table`). For a query over synced tables to fingerprint its rows by theirs (``sync_table``'s
+    ``fingerprints``) instead of hashing them."""
+    if _stored_kind(conn, table) is None or not _stored_columns(conn, table):
+        return None
+    return fingerprint_table(table) if _agrees(conn, table, key) else None
+
+
+def _fingerprint_kind(table: Table, relation: str, fingerprints: str | None, params: dict[str, Any]) -> str:
+    """What the stored fingerprints of ``table`` are: the hash of its declared columns' content
+    (:func:`fingerprint_sql`), or those of a ``fingerprints`` query, which stand for the rows of ``relation`` only as
+    long as both queries and their parameters are the same (a changed query changes the kind: the table is filled
+    anew)."""
+    import hashlib
+
+    if fingerprints is None:
+        what = repr(("content", declared_columns(table)))
+    else:
+        what = repr(("derived", declared_columns(table), relation, fingerprints, sorted(params.items(), key=str)))
+    return hashlib.sha256(what.encode()).hexdigest()
+
+
+def _stored_kind(conn: duckdb.DuckDBPyConnection, table: Table) -> str | None:
+    """The kind of ``table``'s stored fingerprints (the comment on their table); None when there are none."""
+    found = conn.execute(
+        "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = $schema AND table_name = $name",
+        {"schema": FINGERPRINT_SCHEMA, "name": f"{table.schema}__{table.name}"},
+    ).fetchone()
+    return None if found is None else found[0]
+
+
+def _key_checksum(conn: duckdb.DuckDBPyConnection, relation: str, key: str) -> tuple[int, int]:
+    """(rows, bit_xor of the hashes of column ``key``) of the table ``relation``: a pass over one column."""
+    return conn.execute(f"SELECT count(*), coalesce(bit_xor(hash({key})), 0) FROM {relation}").fetchone()
+
+
+def _agrees(conn: duckdb.DuckDBPyConnection, table: Table, key: str) -> bool:
+    """Whether ``table``'s stored fingerprints have its rows' count and key checksum."""
+    return _key_checksum(conn, table.qualified, key) == _key_checksum(conn, fingerprint_table(table), "sync_key")
+
+
+def _write_fingerprints(
+    conn: duckdb.DuckDBPyConnection, table: Table, rows: str, params: dict[str, Any], kind: str
+) -> None:
+    """Replace ``table``'s stored fingerprints by the rows of the query ``rows`` (``sync_key``,
+    ``sync_fingerprint``), of kind ``kind``."""
+    side = fingerprint_table(table)
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {FINGERPRINT_SCHEMA}")
+    conn.execute(f"CREATE OR REPLACE TABLE {side} AS {rows}", params)
+    conn.execute(f"COMMENT ON TABLE {side} IS {_sql_string(kind)}")
+
+
+def _store_fingerprints(
+    conn: duckdb.DuckDBPyConnection,
+    table: Table,
+    key: str,
+    params: dict[str, Any],
+    fingerprints: str | None,
+    kind: str,
+) -> None:
+    """Store the fingerprints of ``table``'s rows just filled: those of the ``fingerprints`` query, or each stored
+    row's content hashed (one pass over the rows)."""
+    if fingerprints is not None:
+        _write_fingerprints(conn, table, f"SELECT sync_key, sync_fingerprint FROM ({fingerprints})", params, kind)
+        return
+    fingerprint = fingerprint_sql((name, data_type) for name, data_type, _ in declared_columns(table))
+    rows = f"SELECT {key} AS sync_key, {fingerprint} AS sync_fingerprint FROM {table.qualified}"
+    _write_fingerprints(conn, table, rows, {}, kind)
 
 
 def _rebuild(
@@ -338,11 +488,15 @@ def _rebuild(
     *,
     had_table: bool,
     key_ordered: bool,
+    fingerprints: str | None,
+    kind: str,
 ) -> SyncCounts:
-    """``table`` created anew (replacing a stored one) and filled with the rows of ``relation`` in ``key`` order."""
+    """``table`` created anew (replacing a stored one) and filled with the rows of ``relation`` in ``key`` order,
+    its fingerprints stored."""
     deleted = conn.execute(f"SELECT count(*) FROM {table.qualified}").fetchone()[0] if had_table else 0
     conn.execute(table.create_sql(replace=True))
     inserted = _fill(conn, table, relation, key, rows, params, key_ordered=key_ordered)
+    _store_fingerprints(conn, table, key, params, fingerprints, kind)
     return SyncCounts(inserted=inserted, deleted=deleted, kept=0, rebuilt=True)
 
 
@@ -495,24 +649,13 @@ def _scratch_folder(conn: duckdb.DuckDBPyConnection, purpose: str) -> Iterator[P
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob("posttrain-*"):
         named = _SCRATCH_FOLDER.fullmatch(stale.name)
-        if named and not _process_runs(int(named["pid"])):
+        if named and process_gone(int(named["pid"])):
             shutil.rmtree(stale, ignore_errors=True)
     folder = parent / f"posttrain-{purpose}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_runs(pid: int) -> bool:
-    """Whether a process ``pid`` exists (on this machine)."""
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
 
 
 # Rows per DuckDB row group (its default ROW_GROUP_SIZE). A checkpoint compresses every row group that changed

@@ -21,6 +21,7 @@ from posttrain_assets.warehouse.io import (
     Twin,
     building,
     fingerprint_sql,
+    fingerprint_table,
     insert_key_ranges,
     insert_ordered,
     insert_rows,
@@ -31,6 +32,7 @@ from posttrain_assets.warehouse.io import (
     swap_in,
     sync_table,
     transaction,
+    trusted_fingerprints,
 )
 from posttrain_assets.warehouse.model import Column, Table
 
@@ -672,6 +674,73 @@ def test_sync_table_over_key_ordered_tables_stores_rows_in_key_order_with_exact_
     stored = [k for (k,) in conn.execute("SELECT id FROM main.synced ORDER BY rowid").fetchall()]
     assert stored == [f"k{n:03d}" for n in range(100)]
     assert same_as_a_fresh_build(conn)
+
+
+def stored_fingerprints(conn: duckdb.DuckDBPyConnection, table: Table = SYNCED) -> dict[str, int]:
+    return dict(conn.execute(f"SELECT sync_key, sync_fingerprint FROM {fingerprint_table(table)}").fetchall())
+
+
+def content_fingerprints(conn: duckdb.DuckDBPyConnection, table: Table = SYNCED) -> dict[str, int]:
+    columns = [(c.name, c.type) for c in table.columns]
+    return dict(conn.execute(f"SELECT id, {fingerprint_sql(columns)} FROM {table.qualified}").fetchall())
+
+
+def test_sync_table_keeps_each_rows_fingerprint_beside_the_table_and_compares_with_those(conn):
+    sync_rows(conn, [row("a"), row("b"), row("c")])
+    assert stored_fingerprints(conn) == content_fingerprints(conn) and len(content_fingerprints(conn)) == 3
+    sync_rows(conn, [row("a"), row("b", score=2.0), row("d")])  # b changed, c gone, d new
+    assert stored_fingerprints(conn) == content_fingerprints(conn)
+    assert sorted(stored_fingerprints(conn)) == ["a", "b", "d"]
+    # the sync compares the query's rows with the stored fingerprints, not with the stored rows: a stored
+    # fingerprint that no longer matches its row makes the row be written again
+    conn.execute(f"UPDATE {fingerprint_table(SYNCED)} SET sync_fingerprint = 0 WHERE sync_key = 'a'")
+    counts = sync_rows(conn, [row("a"), row("b", score=2.0), row("d")])
+    assert counts == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    assert stored_fingerprints(conn) == content_fingerprints(conn)
+    assert trusted_fingerprints(conn, SYNCED) == fingerprint_table(SYNCED)
+
+
+def test_sync_table_repairs_its_fingerprints_after_rows_were_written_outside_it(conn):
+    rows = [row("a"), row("b"), row("c")]
+    sync_rows(conn, rows)
+    conn.execute("DELETE FROM main.synced WHERE id = 'b'")
+    insert_rows(conn, SYNCED, [row("z")])
+    assert trusted_fingerprints(conn, SYNCED) is None  # the row count agrees, the key checksum does not
+    counts = sync_rows(conn, rows)
+    assert counts == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    assert same_as_a_fresh_build(conn)
+    assert stored_fingerprints(conn) == content_fingerprints(conn)
+    assert trusted_fingerprints(conn, SYNCED) == fingerprint_table(SYNCED)
+
+
+PROJECTED = Table(
+    "main", "projected", "test rows", (Column("id", "VARCHAR", "key", False), Column("score", "DOUBLE", "a float"))
+)
+
+
+def sync_projection(conn: duckdb.DuckDBPyConnection, salt: int = 0) -> SyncCounts:
+    """Sync main.projected to main.synced's ids and scores, fingerprinted by main.synced's stored fingerprints."""
+    upstream = trusted_fingerprints(conn, SYNCED)
+    assert upstream is not None
+    derived = f"SELECT sync_key, hash(sync_fingerprint, {salt}) AS sync_fingerprint FROM {upstream}"
+    with transaction(conn):
+        return sync_table(conn, PROJECTED, "SELECT id, score FROM main.synced", "id", 1000, fingerprints=derived)
+
+
+def test_sync_table_with_derived_fingerprints_follows_the_rows_they_stand_for(conn):
+    sync_rows(conn, [row("a"), row("b"), row("c")])
+    assert sync_projection(conn) == SyncCounts(inserted=3, deleted=0, kept=0, rebuilt=True)
+    assert sync_projection(conn) == SyncCounts(inserted=0, deleted=0, kept=3, rebuilt=False)
+    sync_rows(conn, [row("a", score=5.0), row("b"), row("d")])
+    assert sync_projection(conn) == SyncCounts(inserted=2, deleted=2, kept=1, rebuilt=False)
+    projected = conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall()
+    assert projected == [("a", 5.0), ("b", 1.0), ("d", 1.0)]
+    # another fingerprint query (another kind), or rows edited outside the sync: derived fingerprints cannot be
+    # read from the rows, so the table is filled anew
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=3, kept=0, rebuilt=True)
+    conn.execute("DELETE FROM main.projected WHERE id = 'a'")
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=2, kept=0, rebuilt=True)
+    assert conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall() == projected
 
 
 def test_insert_key_ranges_appends_every_row_in_key_order_nulls_last(conn):
