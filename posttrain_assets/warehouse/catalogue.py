@@ -481,21 +481,3 @@ ALL_TABLES = (
     SILVER_RL_DIFFICULTY,
     GOLD_RL_PROMPTS,
 )
-
-
-# What the length audit and the balancing read of a pairs table (never the texts: a pairs table can be large).
-AUDITED_COLUMNS = (
-    "id",
-    "source",
-    "source_kind",
-    "chosen_tokens",
-    "rejected_tokens",
-    "is_tie",
-    "score_chosen",
-    "score_rejected",
-)
-
-
-def audited_columns_sql(table: Table) -> str:
-    """SELECT of :data:`AUDITED_COLUMNS` of a pairs table, ordered by id."""
-    return f"SELECT {', '.join(AUDITED_COLUMNS)} FROM {table.qualified} ORDER BY id"
