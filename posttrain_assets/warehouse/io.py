@@ -274,7 +274,8 @@ def sync_table(
     ``relation`` as ``sync_key`` and a ``sync_fingerprint`` that changes whenever the row's content does, cheaper
     than hashing the rows (e.g. from the stored fingerprints of the tables ``relation`` reads,
     :func:`trusted_fingerprints`); the stored ones are then of that kind, and a table whose stored fingerprints
-    cannot be trusted, or are of another kind, is filled anew.
+    are of another kind (or missing) is filled anew. Rows deleted or inserted outside this function are found by
+    key and set right (:func:`_reconcile`); a row edited in place outside it is not seen.
 
     A missing ``table``, or one whose columns (names, types, nullability, order) differ from its declaration, is
     created anew and filled in ``key`` order, ``rows`` keys per range; so is an empty one, with no fingerprint read
@@ -309,7 +310,12 @@ def sync_table(
         return SyncCounts(inserted=inserted, deleted=0, kept=0, rebuilt=False)
     columns = declared_columns(table)
     side = fingerprint_table(table)
-    trusted = _stored_kind(conn, table) == kind and _agrees(conn, table, key)
+    same_kind = _stored_kind(conn, table) == kind
+    strays = 0
+    if same_kind and not _agrees(conn, table, key):
+        strays = _reconcile(conn, table, key)
+    trusted = same_kind and strays is not None
+    strays = strays or 0
     if not trusted and fingerprints is not None:  # fingerprints of this kind cannot be read from the rows
         return _rebuild(
             conn,
@@ -382,7 +388,7 @@ def sync_table(
                 conn.execute(f"INSERT INTO {side} SELECT * FROM {wanted} SEMI JOIN {fresh} USING (sync_key)")
         else:  # the table now holds exactly the query's rows: their fingerprints are the stored ones
             _write_fingerprints(conn, table, f"SELECT sync_key, sync_fingerprint FROM {wanted}", {}, kind)
-        return SyncCounts(inserted=inserted, deleted=deleted, kept=stored_rows - deleted, rebuilt=False)
+        return SyncCounts(inserted=inserted, deleted=deleted + strays, kept=stored_rows - deleted, rebuilt=False)
     finally:
         # After a failed statement the caller's transaction is aborted and takes the temporary tables with it
         # when it rolls back; dropping them then fails, and must not hide the error.
@@ -447,6 +453,31 @@ def _key_checksum(conn: duckdb.DuckDBPyConnection, relation: str, key: str) -> t
 def _agrees(conn: duckdb.DuckDBPyConnection, table: Table, key: str) -> bool:
     """Whether ``table``'s stored fingerprints have its rows' count and key checksum."""
     return _key_checksum(conn, table.qualified, key) == _key_checksum(conn, fingerprint_table(table), "sync_key")
+
+
+def _reconcile(conn: duckdb.DuckDBPyConnection, table: Table, key: str) -> int | None:
+    """Bring ``table``'s rows and its stored fingerprints back to the same keys after rows were deleted or inserted
+    outside :func:`sync_table`: a stored row with no stored fingerprint is deleted (what it holds is unknown; the
+    sync inserts it again if the query has it) and a fingerprint with no row is dropped (the sync inserts the row).
+    The rows deleted; None when ``table`` holds a key twice (the caller starts again from the query). Narrow anti
+    joins over the keys: a row edited in place outside ``sync_table`` keeps its fingerprint and goes unnoticed."""
+    side = fingerprint_table(table)
+    tag = uuid.uuid4().hex
+    keys = f"sync_repair_{tag}"
+    conn.execute(f"CREATE TEMP TABLE {keys} AS SELECT {key} AS sync_key FROM {table.qualified}")
+    try:
+        if _duplicate_keys(conn, keys):
+            return None
+        (strays,) = conn.execute(
+            f"SELECT count(*) FROM {keys} WHERE sync_key NOT IN (SELECT sync_key FROM {side})"
+        ).fetchone()
+        if strays:
+            conn.execute(f"DELETE FROM {table.qualified} WHERE {key} NOT IN (SELECT sync_key FROM {side})")
+        conn.execute(f"DELETE FROM {side} WHERE sync_key NOT IN (SELECT sync_key FROM {keys})")
+        return strays
+    finally:
+        with suppress(duckdb.Error):  # see sync_table
+            conn.execute(f"DROP TABLE IF EXISTS temp.main.{keys}")
 
 
 def _write_fingerprints(

@@ -735,11 +735,17 @@ def test_sync_table_with_derived_fingerprints_follows_the_rows_they_stand_for(co
     assert sync_projection(conn) == SyncCounts(inserted=2, deleted=2, kept=1, rebuilt=False)
     projected = conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall()
     assert projected == [("a", 5.0), ("b", 1.0), ("d", 1.0)]
-    # another fingerprint query (another kind), or rows edited outside the sync: derived fingerprints cannot be
-    # read from the rows, so the table is filled anew
+    # another fingerprint query (another kind): derived fingerprints cannot be read from the rows, so the table is
+    # filled anew
     assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=3, kept=0, rebuilt=True)
+    # rows deleted and inserted outside the sync are found by key: the stray row goes, the deleted one comes back
     conn.execute("DELETE FROM main.projected WHERE id = 'a'")
-    assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=2, kept=0, rebuilt=True)
+    conn.execute("INSERT INTO main.projected VALUES ('stray', 9.0)")
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    assert conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall() == projected
+    assert trusted_fingerprints(conn, PROJECTED) == fingerprint_table(PROJECTED)
+    conn.execute("INSERT INTO main.projected VALUES ('b', 9.0)")  # a key twice: filled anew
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=4, kept=0, rebuilt=True)
     assert conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall() == projected
 
 

@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.warehouse.io import SyncCounts, sync_table, transaction
+from posttrain_assets.warehouse.io import SyncCounts, sync_table, transaction, trusted_fingerprints
 from posttrain_assets.warehouse.model import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
@@ -33,12 +33,21 @@ def write_projection(
 ) -> dg.MaterializeResult:
     """Bring ``table`` to the rows of ``upstream`` matching ``where`` (named ``params``), projected onto its columns:
     only the rows that changed since the last materialisation are deleted or inserted (:func:`sync_table`), the new
-    ones in id order after the rows kept, so the table is not stored in id order (readers order by id)."""
+    ones in id order after the rows kept, so the table is not stored in id order (readers order by id). A gold row
+    changes only with its upstream row, so when ``upstream``'s stored fingerprints are trusted the rows are compared
+    by those (``io.trusted_fingerprints``), not hashed."""
     columns = ", ".join(f'"{c}"' for c in table.column_names)
     projection = f"SELECT {columns} FROM {upstream.qualified} WHERE {where}"
     with duckdb.get_connection() as conn:
         with transaction(conn, checkpoint=True):
-            counts = sync_table(conn, table, projection, "id", PROJECTION_RANGE_ROWS, params)
+            upstream_fingerprints = trusted_fingerprints(conn, upstream)
+            fingerprints = (
+                f"SELECT u.id AS sync_key, f.sync_fingerprint FROM {upstream.qualified} u "
+                f"JOIN {upstream_fingerprints} f ON f.sync_key = u.id WHERE {where}"
+                if upstream_fingerprints
+                else None
+            )
+            counts = sync_table(conn, table, projection, "id", PROJECTION_RANGE_ROWS, params, fingerprints=fingerprints)
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata.update(sync_metadata(table, counts))
     metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)
