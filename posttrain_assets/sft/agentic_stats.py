@@ -19,6 +19,7 @@ column):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,27 +78,61 @@ def agentic_stats(
             SELECT {group} AS grp, row_number() OVER () AS row_id, {rendered} AS msgs FROM {relation}
         )
     """
-    per_row = conn.execute(
-        f"""
-        WITH turns AS ({turns}), assistant AS (
-            SELECT grp, row_id, coalesce(len(m.tool_calls), 0) AS calls,
-                   m.reasoning_content IS NOT NULL AND m.reasoning_content <> '' AS reasons
-            FROM turns WHERE m.role = 'assistant'
-        ), rows AS (
-            SELECT grp, row_id, sum(calls) AS calls, bool_or(reasons) AS reasons, count(*) AS turns
-            FROM assistant GROUP BY grp, row_id
+    per_row = f"SELECT *, 0 AS reasoning_tokens, 0 AS answer_tokens FROM ({agentic_rows_sql(columns, relation, group)})"
+    stats = agentic_stats_from_rows(conn, per_row, bound)
+    if tokenizer is None:
+        return stats
+    tokens = _reasoning_tokens(conn, turns, bound, tokenizer)
+    return {grp: _with_tokens(s, *tokens.get(grp, (0, 0))) for grp, s in stats.items()}
+
+
+def agentic_rows_sql(columns: set[str], relation: str, group: str, key: str | None = None) -> str:
+    """SQL for the per-row figures of the rows of ``relation`` (whose columns are ``columns``) that have messages:
+    ``row_key`` (column ``key``, or a row number without one), ``grp`` (the SQL expression ``group``), ``turns``
+    (assistant turns rendered), ``calls`` (their tool calls), ``reasons`` (one has reasoning) and ``call_buckets``
+    (each turn's tool calls, capped at :data:`CALLS_HISTOGRAM_CAP`, in order). A row with no message is left out
+    (it has no assistant turn, so no figure). What :func:`agentic_stats_from_rows` aggregates, with the rows'
+    ``reasoning_tokens`` and ``answer_tokens`` (:func:`reasoning_tokens_by_row`)."""
+    rendered = "messages[1:num_messages]" if "num_messages" in columns else "messages"
+    row_key = key or "row_number() OVER ()"
+    assistant = "FILTER (WHERE m.role = 'assistant')"
+    return f"""
+        SELECT row_key, any_value(grp) AS grp, count(*) {assistant} AS turns,
+               CAST(coalesce(sum(coalesce(len(m.tool_calls), 0)) {assistant}, 0) AS BIGINT) AS calls,
+               coalesce(bool_or(m.reasoning_content IS NOT NULL AND m.reasoning_content <> '') {assistant}, false)
+                   AS reasons,
+               coalesce(list(least(coalesce(len(m.tool_calls), 0), {CALLS_HISTOGRAM_CAP})) {assistant}, [])
+                   AS call_buckets
+        FROM (
+            SELECT row_key, grp, unnest(msgs) AS m
+            FROM (SELECT {row_key} AS row_key, {group} AS grp, {rendered} AS msgs FROM {relation})
         )
-        SELECT grp, count(*), count(*) FILTER (WHERE calls > 0), sum(calls), sum(turns),
-               count(*) FILTER (WHERE reasons)
-        FROM rows GROUP BY grp ORDER BY grp
+        GROUP BY row_key
+    """
+
+
+def agentic_stats_from_rows(
+    conn: duckdb.DuckDBPyConnection, per_row: str, params: Mapping[str, Any] | None = None
+) -> dict[str, AgenticStats]:
+    """:class:`AgenticStats` per ``grp`` of the query ``per_row`` (bound ``params``) of per-row figures (``grp``,
+    ``turns``, ``calls``, ``reasons``, ``call_buckets``: :func:`agentic_rows_sql`; ``reasoning_tokens``,
+    ``answer_tokens``), ordered by group; the rows without an assistant turn are not counted, and a group with none
+    is left out."""
+    bound = dict(params or {})
+    totals = conn.execute(
+        f"""
+        WITH r AS ({per_row})
+        SELECT grp, count(*) FILTER (WHERE turns > 0), count(*) FILTER (WHERE calls > 0), sum(calls), sum(turns),
+               count(*) FILTER (WHERE reasons), sum(reasoning_tokens), sum(answer_tokens)
+        FROM r GROUP BY grp HAVING count(*) FILTER (WHERE turns > 0) > 0 ORDER BY grp
         """,
         bound,
     ).fetchall()
     histogram_rows = conn.execute(
         f"""
-        WITH turns AS ({turns})
-        SELECT grp, least(coalesce(len(m.tool_calls), 0), {CALLS_HISTOGRAM_CAP}) AS bucket, count(*)
-        FROM turns WHERE m.role = 'assistant' GROUP BY ALL ORDER BY ALL
+        WITH r AS ({per_row})
+        SELECT grp, bucket, count(*) FROM (SELECT grp, unnest(call_buckets) AS bucket FROM r)
+        GROUP BY ALL ORDER BY ALL
         """,
         bound,
     ).fetchall()
@@ -105,11 +140,9 @@ def agentic_stats(
     for grp, bucket, count in histogram_rows:
         key = f"{bucket}+" if bucket == CALLS_HISTOGRAM_CAP else str(bucket)
         histograms.setdefault(grp, {})[key] = count
-    tokens = _reasoning_tokens(conn, turns, bound, tokenizer) if tokenizer is not None else {}
     out: dict[str, AgenticStats] = {}
-    for grp, rows, with_tools, calls, assistant_turns, with_reasoning in per_row:
-        reasoning, answer = tokens.get(grp, (0, 0))
-        out[grp] = AgenticStats(
+    for grp, rows, with_tools, calls, assistant_turns, with_reasoning, reasoning, answer in totals:
+        stats = AgenticStats(
             group=grp,
             rows=rows,
             rows_with_tools=with_tools,
@@ -118,13 +151,18 @@ def agentic_stats(
             assistant_turns=int(assistant_turns or 0),
             calls_per_turn_histogram=histograms.get(grp, {}),
             rows_with_reasoning=with_reasoning,
-            reasoning_tokens=reasoning,
-            answer_tokens=answer,
-            reasoning_share=round(reasoning / (reasoning + answer), 4)
-            if with_reasoning and reasoning + answer
-            else None,
+            reasoning_tokens=0,
+            answer_tokens=0,
+            reasoning_share=None,
         )
+        out[grp] = _with_tokens(stats, int(reasoning or 0), int(answer or 0))
     return out
+
+
+def _with_tokens(stats: AgenticStats, reasoning: int, answer: int) -> AgenticStats:
+    """``stats`` with its reasoning and answer tokens, and the reasoning share computed from them."""
+    share = round(reasoning / (reasoning + answer), 4) if stats.rows_with_reasoning and reasoning + answer else None
+    return dataclasses.replace(stats, reasoning_tokens=reasoning, answer_tokens=answer, reasoning_share=share)
 
 
 def _reasoning_tokens(

@@ -95,18 +95,28 @@ def turn_depth_with_overall(
     if group_by is not None and group_by not in columns:
         raise ValueError(f"{relation} has no column {group_by!r} to group by")
     group = f'CAST("{group_by}" AS VARCHAR)' if group_by else "NULL::VARCHAR"
+    per_row = turn_depth_rows_sql(columns, relation, group)
+    return turn_depth_from_rows(conn, per_row, group_by is not None, bound)
+
+
+def turn_depth_rows_sql(columns: set[str], relation: str, group: str, key: str | None = None) -> str:
+    """SQL for the per-row figures of the rows of ``relation`` (whose columns are ``columns``): ``row_key`` (column
+    ``key``, or a row number without one), ``grp`` (the SQL expression ``group``), ``turns`` (assistant turns),
+    ``trained_tokens`` and ``trained_turns`` (null without labels). What :func:`turn_depth_from_rows` aggregates;
+    kept per row, a table's figures need only its changed rows' (gold.sft's row statistics)."""
     # The roles alone, then the rendered slice: filtering the whole message structs (contents and tool calls
     # included) costs five times as much for the same count.
     roles = "list_transform(messages, lambda m: m.role)"
     rendered = f"{roles}[1:num_messages]" if "num_messages" in columns else roles
     turns = f"len(list_filter({rendered}, lambda role: role = 'assistant'))"
+    row_key = key or "row_number() OVER ()"
     if "labels" in columns:
         # Each label next to the one before it (-100 before the first), from two unnests that DuckDB runs in step;
         # a trained label after an untrained one starts a trained turn. Counted per row (row_key) in one hash
         # aggregate: half the CPU of list lambdas that look back at labels[i - 1]. The unnested list has at least
         # one element, so every row is kept; a row without labels (NULL) has no token figures.
-        per_row = f"""
-            SELECT any_value(grp) AS grp, any_value(turns) AS turns,
+        return f"""
+            SELECT row_key, any_value(grp) AS grp, any_value(turns) AS turns,
                    CASE WHEN NOT any_value(no_labels) THEN count(*) FILTER (WHERE label <> -100) END AS trained_tokens,
                    CASE WHEN NOT any_value(no_labels)
                         THEN count(*) FILTER (WHERE label <> -100 AND previous = -100) END AS trained_turns
@@ -114,15 +124,22 @@ def turn_depth_with_overall(
                 SELECT row_key, grp, turns, labels IS NULL AS no_labels,
                        unnest(coalesce(labels, [])) AS label,
                        unnest(list_prepend(-100, coalesce(labels, []))) AS previous
-                FROM (SELECT row_number() OVER () AS row_key, {group} AS grp, {turns} AS turns, labels FROM {relation})
+                FROM (SELECT {row_key} AS row_key, {group} AS grp, {turns} AS turns, labels FROM {relation})
             )
             GROUP BY row_key
         """
-    else:
-        per_row = (
-            f"SELECT {group} AS grp, {turns} AS turns, NULL::BIGINT AS trained_tokens, "
-            f"NULL::BIGINT AS trained_turns FROM {relation}"
-        )
+    return (
+        f"SELECT {row_key} AS row_key, {group} AS grp, {turns} AS turns, NULL::BIGINT AS trained_tokens, "
+        f"NULL::BIGINT AS trained_turns FROM {relation}"
+    )
+
+
+def turn_depth_from_rows(
+    conn: duckdb.DuckDBPyConnection, per_row: str, by_group: bool, params: Mapping[str, Any] | None = None
+) -> tuple[dict[str, TurnDepth], dict[str, TurnDepth]]:
+    """``(by group, overall)`` :class:`TurnDepth` from the query ``per_row`` (bound ``params``) of per-row figures
+    (``grp``, ``turns``, ``trained_tokens``, ``trained_turns``: :func:`turn_depth_rows_sql`), ``by_group`` False when
+    ``grp`` is one constant (then ``({}, overall)``)."""
     rows = conn.execute(
         f"""
         WITH r AS ({per_row})
@@ -133,14 +150,14 @@ def turn_depth_with_overall(
                histogram(least(turns, {HISTOGRAM_CAP}))
         FROM r GROUP BY GROUPING SETS ((grp), ()) ORDER BY overall, grp
         """,
-        bound,
+        dict(params or {}),
     ).fetchall()
     grouped: dict[str, TurnDepth] = {}
     overall: dict[str, TurnDepth] = {}
     for is_overall, grp, n, multi, mean_turns, trained_turns, per_turn, p50, p90, buckets in rows:
         # The grand total of an empty relation is a row of zero rows (no group); without group_by the one group
         # (a constant) is the total again.
-        if not n or (group_by is None and not is_overall):
+        if not n or (not by_group and not is_overall):
             continue
         depth = TurnDepth(
             group=ALL if is_overall else grp,
@@ -193,5 +210,7 @@ __all__ = [
     "below_multi_turn_floor",
     "markdown_turn_depth_table",
     "turn_depth",
+    "turn_depth_from_rows",
+    "turn_depth_rows_sql",
     "turn_depth_with_overall",
 ]
