@@ -1,17 +1,22 @@
-"""Run bookkeeping for the runs our code starts in process (``posttrain run``, :func:`pipeline.run_all`), so that
-a run that died never blocks the next one.
+"""Run bookkeeping, so that a run that died never blocks the next one.
 
-- Who runs a run: every run we start carries its process's identity as tags (:class:`RunProcess`: pid, host and
-  the process's start time, which tells a reused pid from the original).
+- Who runs a run: every run whose steps execute in its run worker's process carries that process's identity as
+  tags (:class:`RunProcess`: pid, host, the process's start time, which tells a reused pid from the original, and
+  the run it was recorded for). ``posttrain run`` (:func:`pipeline.run_all`) tags the runs it starts; a run the
+  daemon, a sensor, a schedule or the UI launches is tagged by its run worker when it starts executing, as long as
+  its executor is in process, the default (``posttrain_assets/definitions.py``). A multiprocess run is not tagged:
+  its steps run in processes of their own, and one of them may still be writing when the run worker is gone.
 - Recovery (:func:`recover_dead_runs`): a run still marked in progress whose process is gone is marked failed and
   its slots in the ``duckdb`` concurrency pool are freed; so are the slots still held by runs that already ended.
+  ``posttrain run`` recovers before each run; the ``dead_run_sensor`` recovers every 30 s in the daemon.
 - Waiting out loud (:func:`run_job_in_process`): before a job starts, and while it runs, a run that waits for the
   pool prints which run holds the slot, frees it if that run's process died meanwhile, and stops on SIGINT/SIGTERM.
 - The warehouse lock (:func:`check_warehouse_free`): DuckDB admits one writing process per file; a run fails fast,
   before it ingests or rewrites anything, when another process holds the file.
 
-Runs launched by the Dagster daemon or UI are Dagster's to watch: ``dagster.yaml``'s ``run_monitoring`` frees the
-slots of runs that ended. This is Dagster operational code; the stage packages never import it.
+Dagster watches runs too: the code server that launched a run (the default run launcher) marks it failed when its
+run worker exits unfinished, while that server lives; ``dagster.yaml``'s ``run_monitoring`` frees the slots of runs
+that ended. This is Dagster operational code; the stage packages never import it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import dagster as dg
 import duckdb
 import psutil
 
+from posttrain_assets.processes import process_gone
+
 if TYPE_CHECKING:  # what EventLogStorage.get_concurrency_info returns; dagster does not export the class
     from dagster._core.storage.event_log.base import ConcurrencyKeyInfo
 
@@ -44,6 +51,9 @@ DUCKDB_POOL = "duckdb"
 TAG_PID = "posttrain/pid"
 TAG_HOST = "posttrain/host"
 TAG_PROCESS_STARTED = "posttrain/process_started"
+# The run the process identity was recorded for: a re-execution copies its parent's tags, and so the identity of
+# the parent's process, until its own run worker records its own.
+TAG_RUN_ID = "posttrain/run_id"
 
 IN_PROGRESS = (
     dg.DagsterRunStatus.NOT_STARTED,
@@ -66,7 +76,7 @@ def say(line: str) -> None:
 
 @dataclass(frozen=True)
 class RunProcess:
-    """The process that executes a run in process, as recorded in the run's tags when our code starts it."""
+    """The process that executes a run's steps in process (its run worker), as recorded in the run's tags."""
 
     pid: int
     host: str
@@ -78,28 +88,29 @@ class RunProcess:
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> RunProcess | None:
-        """The process of a run we started; None for a run started otherwise (the daemon, the UI, a test)."""
+        """The process recorded in these tags; None when none is (a multiprocess run, a test)."""
         try:
             return cls(int(tags[TAG_PID]), tags[TAG_HOST], float(tags[TAG_PROCESS_STARTED]))
         except (KeyError, ValueError):
             return None
 
-    def tags(self) -> dict[str, str]:
-        return {TAG_PID: str(self.pid), TAG_HOST: self.host, TAG_PROCESS_STARTED: f"{self.started:.3f}"}
+    @classmethod
+    def of_run(cls, run: dg.DagsterRun) -> RunProcess | None:
+        """The process that executes ``run``; None when none is recorded, or the one recorded is another run's (a
+        re-execution still carrying its parent's tags)."""
+        if run.tags.get(TAG_RUN_ID, run.run_id) != run.run_id:
+            return None
+        return cls.from_tags(run.tags)
+
+    def tags(self, run_id: str | None = None) -> dict[str, str]:
+        """The tags that record this process, as the process of the run ``run_id`` when given."""
+        tags = {TAG_PID: str(self.pid), TAG_HOST: self.host, TAG_PROCESS_STARTED: f"{self.started:.3f}"}
+        return tags | ({TAG_RUN_ID: run_id} if run_id is not None else {})
 
     def is_gone(self) -> bool:
         """True when this process certainly no longer runs: it is on this host and its pid is free, a zombie, or
         taken by a process started at another time. A process on another host is never judged gone."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            process = psutil.Process(self.pid)
-            # create_time is derived from the boot time and the process's start tick; 1 s absorbs rounding only.
-            return abs(process.create_time() - self.started) > 1.0 or process.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-        except psutil.AccessDenied:
-            return False
+        return self.host == socket.gethostname() and process_gone(self.pid, self.started)
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}"
@@ -110,8 +121,10 @@ def describe_run(instance: dg.DagsterInstance, run_id: str) -> str:
     run = instance.get_run_by_id(run_id)
     if run is None:
         return f"run {run_id} (deleted)"
-    process = RunProcess.from_tags(run.tags)
-    where = f"posttrain {process}" if process else "launched by Dagster; if its process is gone, terminate it in the UI"
+    process = RunProcess.of_run(run)
+    where = (
+        f"run worker {process}" if process else "launched by Dagster; if its process is gone, terminate it in the UI"
+    )
     return f"run {run_id} ({run.job_name}, {run.status.value}, {where})"
 
 
@@ -131,13 +144,13 @@ def release_if_stale(instance: dg.DagsterInstance, run_id: str) -> str | None:
     if run.status in ENDED:
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)
         return f"freed the pool slots still held by run {run_id} ({run.job_name}), which ended {run.status.value}"
-    process = RunProcess.from_tags(run.tags)
+    process = RunProcess.of_run(run)
     if run.status in IN_PROGRESS and process is not None and process.is_gone():
         _fail_and_free(
             instance,
             run,
             f"The process that ran this run ({process}) is gone (killed or crashed); marked failed and its "
-            f"pool slots freed by posttrain (pid {os.getpid()}).",
+            f"pool slots freed by pid {os.getpid()} (posttrain_assets/runs.py).",
         )
         return (
             f"run {run_id} ({run.job_name}) was left {run.status.value} by {process}, which is gone: "
@@ -147,12 +160,13 @@ def release_if_stale(instance: dg.DagsterInstance, run_id: str) -> str | None:
 
 
 def recover_dead_runs(instance: dg.DagsterInstance, pools: tuple[str, ...] = (DUCKDB_POOL,)) -> list[str]:
-    """Mark failed every run our code started on this host that is still marked in progress while its process is
-    gone, free its pool slots, and free the slots still held by runs that ended. Lines saying what was done."""
+    """Mark failed every run of this host still marked in progress while the process recorded as executing it
+    (:meth:`RunProcess.of_run`) is gone, free its pool slots, and free the slots still held by runs that ended.
+    Lines saying what was done; a run whose process lives, or whose process is not recorded, is left alone."""
     done = []
     ours_here = dg.RunsFilter(statuses=list(IN_PROGRESS), tags={TAG_HOST: socket.gethostname()})
     for record in instance.get_run_records(filters=ours_here):
-        process = RunProcess.from_tags(record.dagster_run.tags)
+        process = RunProcess.of_run(record.dagster_run)
         if process is not None and process.is_gone():
             done.append(release_if_stale(instance, record.dagster_run.run_id))
     if instance.event_log_storage.supports_global_concurrency_limits:
@@ -348,7 +362,7 @@ def run_job_in_process(
                 partition_key=partition_key,
                 raise_on_error=raise_on_error,
                 run_id=run_id,
-                tags=RunProcess.current().tags(),
+                tags=RunProcess.current().tags(run_id),
             )
         except BaseException as exc:  # re-raised below; as the interruption it was when a signal came
             error = exc

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import psutil
 import pytest
 
 from posttrain_assets import runs
+from posttrain_assets.defs.automation.sensors import dead_run_sensor
 from posttrain_assets_tests.real_data import PROJECT_ROOT, REAL_DATA
 
 # Long enough for any run on a loaded 2-CPU machine; reached only if something hangs.
@@ -389,7 +392,7 @@ def test_a_waiting_run_names_the_holder_and_goes_on_when_the_holder_dies(pool_sc
     scene = pool_scene
     waiting = (
         f"is waiting for the 'duckdb' pool (1 slot(s), one DuckDB writer at a time): held by run {scene.holder_run_id} "
-        f"(holder, STARTED, posttrain pid {scene.holder.pid} on "
+        f"(holder, STARTED, run worker pid {scene.holder.pid} on "
     )
     wait_until(lambda: waiting in scene.output("waiter"), "the waiter says what it waits for", scene.waiter)
     assert not scene.exists("waiter", "second_ran")
@@ -479,3 +482,236 @@ def test_a_pool_watch_ends_with_its_run_not_at_its_next_poll(tmp_path: Path, lan
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["watching True", "ended False"]
+
+
+# Runs as the daemon, a sensor, a schedule or the UI launch them: execute_job, in a process of its own (the run
+# worker), with the project's default executor (posttrain_assets/definitions.py) unless told `multiprocess`. The
+# "hold" job's step takes the duckdb pool's only slot and keeps it until released; the "count" job's asset, in the
+# same pool, appends its run id to a DuckDB table. Markers are files: <name>.<marker>. A file of its own, not `-c`,
+# so that execute_job can reconstruct the jobs.
+LAUNCHED_JOBS = """
+import sys, time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from posttrain_assets import runs
+from posttrain_assets.definitions import IN_PROCESS_BY_DEFAULT
+
+name, workdir = sys.argv[2], Path(sys.argv[3])
+
+
+def mark(marker):
+    (workdir / f"{name}.{marker}").touch()
+
+
+@dg.op(pool=runs.DUCKDB_POOL)
+def hold():
+    mark("holding")
+    while not (workdir / f"{name}.release").exists():
+        time.sleep(0.02)
+
+
+@dg.asset(pool=runs.DUCKDB_POOL)
+def counted(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    with duckdb.connect(str(workdir / "count.duckdb")) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS counted (run_id VARCHAR)")
+        conn.execute("INSERT INTO counted VALUES (?)", [context.run_id])
+        (rows,) = conn.execute("SELECT count(*) FROM counted").fetchone()
+    return dg.MaterializeResult(metadata={"rows": rows})
+
+
+def hold_job():
+    return dg.JobDefinition(
+        graph_def=dg.GraphDefinition(name="hold", node_defs=[hold]), executor_def=IN_PROCESS_BY_DEFAULT
+    )
+
+
+def count_job():
+    return dg.Definitions(
+        assets=[counted],
+        jobs=[dg.define_asset_job("count", selection=[counted])],
+        executor=IN_PROCESS_BY_DEFAULT,
+    ).resolve_job_def("count")
+
+
+if __name__ == "__main__":  # not again when execute_job imports this file to reconstruct the job
+    job_name, executor = sys.argv[1], sys.argv[4]
+    config = {"execution": {"config": {"multiprocess": {}}}} if executor == "multiprocess" else None
+    with dg.execute_job(
+        dg.reconstructable({"hold": hold_job, "count": count_job}[job_name]),
+        instance=dg.DagsterInstance.get(),
+        run_config=config,
+    ) as result:
+        print("success" if result.success else "failure", result.run_id, flush=True)
+"""
+
+
+@dataclass
+class Launcher:
+    """Starts LAUNCHED_JOBS runs in their own processes, on one deployment."""
+
+    deployment: Deployment
+    instance: dg.DagsterInstance
+    workdir: Path
+    started: list[subprocess.Popen[str]]
+
+    def start(self, job: str, name: str, executor: str = "default") -> subprocess.Popen[str]:
+        process = self.deployment.start(
+            str(self.workdir / "launched_jobs.py"),
+            job,
+            name,
+            str(self.workdir),
+            executor,
+            stdout=self.workdir / f"{name}.out",
+        )
+        self.started.append(process)
+        return process
+
+    def exists(self, name: str, marker: str) -> bool:
+        return (self.workdir / f"{name}.{marker}").exists()
+
+    def output(self, name: str) -> str:
+        return (self.workdir / f"{name}.out").read_text()
+
+    def run_ids(self, job_name: str) -> list[str]:
+        return [r.dagster_run.run_id for r in self.instance.get_run_records(dg.RunsFilter(job_name=job_name))]
+
+    def run(self, job_name: str) -> dg.DagsterRun:
+        (record,) = self.instance.get_run_records(dg.RunsFilter(job_name=job_name))
+        return record.dagster_run
+
+    def pool(self) -> tuple[list[str], list[str]]:
+        """(run ids of the slots claimed, run ids of the steps queued for a slot) in the duckdb pool."""
+        info = self.instance.event_log_storage.get_concurrency_info(runs.DUCKDB_POOL)
+        queued = [p.run_id for p in info.pending_steps if p.assigned_timestamp is None]
+        return [s.run_id for s in info.claimed_slots], queued
+
+    def evaluate_sensor(self) -> str:
+        """The dead_run_sensor evaluated once, as the daemon would on this host: its skip message."""
+        return dead_run_sensor(dg.build_sensor_context(instance=self.instance)).skip_message
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, landing: Path) -> Iterator[Launcher]:
+    deployment = make_deployment(tmp_path, landing, tmp_path / "no_tokenizer")  # these jobs tokenize nothing
+    workdir = tmp_path / "launched"
+    workdir.mkdir()
+    (workdir / "launched_jobs.py").write_text(LAUNCHED_JOBS)
+    with deployment.instance() as instance:
+        scene = Launcher(deployment, instance, workdir, [])
+        try:
+            yield scene
+        finally:
+            for process in scene.started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.mark.slow  # three run worker processes: about 20 s
+def test_a_killed_run_worker_is_failed_by_the_sensor_and_the_queued_run_goes_on(launcher: Launcher) -> None:
+    holder = launcher.start("hold", "holder")
+    wait_until(lambda: launcher.exists("holder", "holding"), "the holder's step holds the slot", holder)
+    held = launcher.run("hold")
+    # The run worker recorded itself: this process, for this run.
+    assert held.tags[runs.TAG_PID] == str(holder.pid)
+    assert held.tags[runs.TAG_RUN_ID] == held.run_id
+    recorded = runs.RunProcess.of_run(held)
+    assert recorded.host == socket.gethostname()
+    assert recorded.started == pytest.approx(psutil.Process(holder.pid).create_time(), abs=0.001)
+    counter = launcher.start("count", "counter")
+    wait_until(
+        lambda: (queued := launcher.run_ids("count")) and launcher.pool() == ([held.run_id], queued),
+        "the count run queues for the slot",
+        counter,
+    )
+    counted_run_id = launcher.run("count").run_id
+
+    holder.send_signal(signal.SIGKILL)  # as the out-of-memory killer would: nothing of the run can clean up
+    holder.wait()
+    # What blocked every later run: the dead run still STARTED, holding the pool's only slot, the next one queued.
+    assert launcher.run("hold").status == dg.DagsterRunStatus.STARTED
+    assert launcher.pool() == ([held.run_id], [counted_run_id])
+    assert not (launcher.workdir / "count.duckdb").exists()
+
+    message = launcher.evaluate_sensor()
+    assert message.startswith(f"run {held.run_id} (hold) was left STARTED by pid {holder.pid} on ")
+    assert message.endswith(", which is gone: marked failed, pool slots freed")
+    assert launcher.run("hold").status == dg.DagsterRunStatus.FAILURE
+    failure = launcher.instance.get_records_for_run(held.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    assert f"The process that ran this run (pid {holder.pid} on " in failure[0].event_log_entry.message
+
+    # The queued run goes on and materialises its asset.
+    assert counter.wait(timeout=SAFETY_SECONDS) == 0, launcher.output("counter")
+    assert launcher.output("counter").splitlines()[-1] == f"success {counted_run_id}"
+    assert launcher.run("count").status == dg.DagsterRunStatus.SUCCESS
+    event = launcher.instance.get_latest_materialization_event(dg.AssetKey("counted"))
+    assert event.run_id == counted_run_id
+    assert event.asset_materialization.metadata["rows"] == dg.IntMetadataValue(1)
+    with duckdb.connect(str(launcher.workdir / "count.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT run_id FROM counted").fetchall() == [(counted_run_id,)]
+    assert launcher.pool() == ([], [])
+    assert launcher.evaluate_sensor() == "no run in progress has lost its process"
+
+
+@pytest.mark.slow  # two run worker processes, one with a step process: about 20 s
+def test_the_sensor_never_fails_a_live_run(launcher: Launcher) -> None:
+    holder = launcher.start("hold", "holder")
+    wait_until(lambda: launcher.exists("holder", "holding"), "the holder's step holds the slot", holder)
+    held = launcher.run("hold")
+    assert held.tags[runs.TAG_PID] == str(holder.pid)
+    for _ in range(3):
+        assert launcher.evaluate_sensor() == "no run in progress has lost its process"
+    assert launcher.run("hold").status == dg.DagsterRunStatus.STARTED
+    assert launcher.pool() == ([held.run_id], [])
+    (launcher.workdir / "holder.release").touch()
+    assert holder.wait(timeout=SAFETY_SECONDS) == 0, launcher.output("holder")
+    assert launcher.output("holder").splitlines()[-1] == f"success {held.run_id}"
+    assert launcher.run("hold").status == dg.DagsterRunStatus.SUCCESS
+
+    # A multiprocess run is not recorded: its run worker is not the process that runs its step, which could still
+    # be writing when the run worker is gone. The sensor leaves it alone.
+    step_holder = launcher.start("hold", "step_holder", executor="multiprocess")
+    wait_until(lambda: launcher.exists("step_holder", "holding"), "the multiprocess step holds the slot", step_holder)
+    (multiprocess_run,) = [
+        r.dagster_run
+        for r in launcher.instance.get_run_records(dg.RunsFilter(job_name="hold"))
+        if r.dagster_run.run_id != held.run_id
+    ]
+    assert runs.TAG_PID not in multiprocess_run.tags
+    assert launcher.evaluate_sensor() == "no run in progress has lost its process"
+    assert launcher.instance.get_run_by_id(multiprocess_run.run_id).status == dg.DagsterRunStatus.STARTED
+    (launcher.workdir / "step_holder.release").touch()
+    assert step_holder.wait(timeout=SAFETY_SECONDS) == 0, launcher.output("step_holder")
+    assert launcher.instance.get_run_by_id(multiprocess_run.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
+@dg.op
+def nothing() -> None:
+    pass
+
+
+@dg.job
+def one_step() -> None:
+    nothing()
+
+
+def test_a_process_recorded_for_another_run_is_not_this_runs(tmp_path: Path, landing: Path) -> None:
+    """A re-execution copies its parent's tags, the parent's process among them, until its own run worker records
+    itself; recovery must not fail it for its parent's dead process."""
+    deployment = make_deployment(tmp_path, landing, tmp_path / "no_tokenizer")
+    gone = runs.RunProcess(2**22 + 1, socket.gethostname(), 0.0)  # above Linux's highest pid: no such process
+    assert gone.is_gone()
+    with deployment.instance() as instance:
+        copied = instance.create_run_for_job(one_step, tags=gone.tags("the-parent-run-id"))
+        own = instance.create_run_for_job(one_step)
+        instance.add_run_tags(own.run_id, gone.tags(own.run_id))
+        assert runs.RunProcess.of_run(instance.get_run_by_id(copied.run_id)) is None
+        assert runs.recover_dead_runs(instance) == [
+            f"run {own.run_id} (one_step) was left NOT_STARTED by {gone}, which is gone: marked failed, "
+            "pool slots freed"
+        ]
+        assert instance.get_run_by_id(copied.run_id).status == dg.DagsterRunStatus.NOT_STARTED
+        assert instance.get_run_by_id(own.run_id).status == dg.DagsterRunStatus.FAILURE

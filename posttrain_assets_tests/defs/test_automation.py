@@ -2,13 +2,14 @@
 
 import datetime
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from posttrain_assets import pipeline
+from posttrain_assets import pipeline, runs
 from posttrain_assets.defs.automation.sensors import daily_refresh_schedule, landing_files_sensor
 from posttrain_assets.defs.resources import SourceRegistryResource
 from posttrain_assets_tests.graph import Graph, deployed
@@ -201,3 +202,27 @@ def test_multiprocess_refresh_never_fails_on_the_duckdb_lock(small_graph: Graph)
     assert any("loss_mask_check" in s for s in steps)
     assert small_graph.query("SELECT * FROM gold.rl_prompts ORDER BY ALL") == before
     assert small_graph.query("SELECT count(*) FROM gold.rl_prompts") == [(40,)]
+
+
+def _publish_job() -> dg.JobDefinition:
+    return pipeline.load_definitions().resolve_job_def("publish")
+
+
+@pytest.mark.slow  # builds the small graph, then publishes it again as the daemon would: 12-100 s
+def test_a_run_executes_its_steps_in_its_own_process_by_default(small_graph: Graph) -> None:
+    # No execution config, as the daemon, sensors, schedules and the launchpad launch runs: the steps run one at a
+    # time in the run's process (the pool admits one anyway), not in a process each that loads everything again.
+    with dg.execute_job(dg.reconstructable(_publish_job), instance=small_graph.instance) as result:
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        events = result.all_events
+        run = small_graph.instance.get_run_by_id(result.run_id)
+    started = {e.step_key: e.pid for e in events if e.event_type_value == "STEP_START"}
+    assert set(started) == {"gold__trace", "gold__trace_provenance_audit_check", "exports__trainer_files"}
+    assert set(started.values()) == {os.getpid()}
+    assert not [e for e in events if e.event_type_value == "STEP_WORKER_STARTING"]
+    # The run worker recorded itself, so that the dead_run_sensor recovers the run if this process is killed.
+    recorded = runs.RunProcess.of_run(run)
+    assert recorded.pid == os.getpid() and not recorded.is_gone()  # this process, by its pid and start time
+    # The job automation conditions and the launchpad's asset selections run (it cannot be reconstructed by name).
+    asset_job = small_graph.definitions.resolve_implicit_global_asset_job_def()
+    assert asset_job.executor_def.config_schema.default_value == {"in_process": {}}

@@ -55,4 +55,8 @@ def test_jobs_sensors_and_schedules_are_registered() -> None:
             k.to_user_string() for k in jobs["refresh_corpus"].asset_layer.executable_asset_keys
         }
         assert defs.resolve_sensor_def("landing_files_sensor").default_status.value == "RUNNING"
+        assert defs.resolve_sensor_def("dead_run_sensor").default_status.value == "RUNNING"
+        # Every job, and the asset job the automation and the launchpad run, executes in its run worker by default.
+        for job in [*jobs.values(), defs.resolve_implicit_global_asset_job_def()]:
+            assert job.executor_def.config_schema.default_value == {"in_process": {}}, job.name
         assert defs.resolve_schedule_def("daily_refresh_schedule").cron_schedule == "0 3 * * *"

@@ -1,4 +1,5 @@
-"""Automation: new or changed landing files re-ingest their source; a daily schedule refreshes everything.
+"""Automation: new or changed landing files re-ingest their source; a daily schedule refreshes everything; runs
+whose process was killed are recovered so they never block the next one.
 
 Only bronze is requested here. Silver follows bronze through its eager automation condition, and gold
 follows silver once every blocking check upstream has passed, so gold stays current with no hand-run.
@@ -8,6 +9,7 @@ import json
 
 import dagster as dg
 
+from posttrain_assets import runs
 from posttrain_assets.defs.automation.jobs import ingest_source_job
 from posttrain_assets.defs.resources import SourceRegistryResource
 from posttrain_assets.ingest.landing import files_fingerprint
@@ -71,3 +73,20 @@ def daily_refresh_schedule(context: dg.ScheduleEvaluationContext, registry: Sour
         for name in registry.load().names
         if name in known
     ]
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks failed every run still in progress whose run worker process is gone (killed, out of memory, "
+    "the machine restarted) and frees its duckdb pool slot, so that it never blocks the next run.",
+)
+def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    # The code server that launched a run marks it failed when its run worker exits, but only while that server
+    # lives; a run left STARTED otherwise (the server or `dagster dev` killed with it) would hold the pool's only
+    # slot for ever. Sensors are evaluated on the host of the code server, where the default run launcher starts
+    # run workers, so the recorded processes are judged on their own host.
+    recovered = runs.recover_dead_runs(context.instance)
+    for line in recovered:
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(recovered) or "no run in progress has lost its process")
