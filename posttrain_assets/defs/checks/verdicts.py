@@ -28,9 +28,13 @@ def warehouse_check(*, asset: Sequence[str], **spec: Any) -> Callable[[CheckFn],
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> dg.AssetCheckResult:
-            result = fn(*args, **kwargs)
             warehouse: DuckDBResource = signature.bind(*args, **kwargs).arguments["duckdb"]
+            # Opened before the check runs and kept open until its verdict is written: the check's own connections
+            # (same file, same config) then share this open database instead of opening it a second time, and the
+            # file is checkpointed once, when this one closes (100k warehouse: about 0.05 s of wall and 0.02 s of
+            # CPU less per check; docs/performance.md).
             with warehouse.get_connection() as conn:
+                result = fn(*args, **kwargs)
                 record_verdict(
                     conn,
                     asset="/".join(asset),
