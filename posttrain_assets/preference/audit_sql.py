@@ -1,21 +1,18 @@
-"""The length audit and the balancing of :mod:`posttrain_assets.preference.audit` as set-based SQL over a pairs table.
+"""The length audit and the balancing of preference pairs as set-based DuckDB SQL over a pairs query.
 
-:func:`audit_relation` gives the same :class:`~posttrain_assets.preference.audit.LengthAudit` per group as
-:func:`~posttrain_assets.preference.audit.audit` over the same pairs, equal to the last bit, without bringing the
-pairs to Python: DuckDB computes per group the exact integer sums and counts (pairs, chosen longer, equal length,
-token sums, sums of d and d², ties, scored pairs, score ties), the rank sums behind the unpaired AUC, the exact sum of
-the length ratios (each ratio's 53-bit mantissa summed per binary exponent as a 128-bit integer) and the two middle
-ratios; Python gets those and the distinct values of d and of the score margin with their counts (a few thousand
-rows whatever the number of pairs) and does the last divisions, the medians and quantiles (numpy's linear
-interpolation, reproduced operation for operation), the rank-biserial r and the Wilson interval on them. The means
-are correctly rounded sums divided by the count, as ``statistics.fmean`` (``math.fsum``) gives them.
+:func:`audit_relation` gives a :class:`~posttrain_assets.preference.audit.LengthAudit` per group (the statistics are
+defined in :mod:`posttrain_assets.preference.audit`) without bringing the pairs to Python: DuckDB computes per group
+the integer counts and sums (pairs, chosen longer, equal length, token sums, sums of d and d², ties, scored pairs,
+score ties), the rank sums behind the unpaired AUC and the rank-biserial r, the medians and quantiles
+(``median``, ``quantile_cont``) and the sums of the length ratios and score margins (``fsum`` in ascending order:
+the same double whatever the thread count); Python divides and computes the Wilson interval on them.
 
-:func:`balance_relation` is :func:`~posttrain_assets.preference.audit.balance_pairs` over a pairs table: the ties and
-curation drops come from SQL, the remaining pairs of each source are audited with :func:`audit_relation`, and only the
-pairs of a source that breaks the thresholds (the remedy, rare) come to Python, to be subsampled by the same code.
+:func:`balance_relation` writes the drops of the balanced set (ties, curation drops, the length balancing of the
+sources that break the thresholds) into a table, in SQL: no pair id passes through Python.
 
 Both read the columns ``id``, ``source``, ``source_kind``, ``chosen_tokens``, ``rejected_tokens``, ``is_tie`` (not
-null: silver.preference_pairs always carries it), ``score_chosen`` and ``score_rejected`` of ``relation``.
+null: silver.preference_pairs always carries it), ``score_chosen`` and ``score_rejected`` of ``query``: a SELECT
+(``SELECT * FROM silver.preference_pairs`` for the table) with named parameters ``params``.
 """
 
 from __future__ import annotations
@@ -25,47 +22,53 @@ import json
 import math
 import os
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import duckdb
 import numpy as np
 
 from posttrain_assets.preference.audit import (
+    DROP_REASONS,
     QUANTILES,
     SCORE_TIE_TOLERANCE,
     ConfoundThresholds,
     GroupKey,
     LengthAudit,
-    balance_offending_source,
-    dropped_counts,
     group_violations,
     histogram_png,
     wilson_interval,
 )
 from posttrain_assets.warehouse.io import fetch_dicts
+from posttrain_assets.warehouse.model import Table
 from posttrain_assets.warehouse.stage_cache import code_fingerprint, library_versions
 
-# One row per (group, pair): each pair once per group kind and once in ("overall", "all").
+# One row per (group, pair): each pair once per group kind and once in ("overall", "all"). ratio is the length ratio
+# (a zero denominator counts as 1 token, 0/0 is 1.0), margin the score margin where both scores are finite.
 _ROWS = """
 CREATE TEMP TABLE {rows} AS
 WITH p AS (
     SELECT id, source, source_kind, CAST(chosen_tokens AS BIGINT) AS c, CAST(rejected_tokens AS BIGINT) AS r, is_tie,
         CASE WHEN isfinite(score_chosen) AND isfinite(score_rejected) THEN score_chosen - score_rejected END AS margin
-    FROM ({relation})
+    FROM ({query})
 )
-{groups}
+SELECT *, CASE WHEN c = r THEN 1.0 ELSE CAST(c AS DOUBLE) / greatest(r, 1) END AS ratio
+FROM ({groups})
 """
-_MOMENTS = """
+_QUANTILE_LIST = "[" + ", ".join(str(q) for _, q in QUANTILES) + "]"
+# The sums of doubles are fsum (compensated) over the values in ascending order: one fixed order, so the same bits
+# whatever the number of threads DuckDB scans with.
+_STATISTICS = f"""
 SELECT kind, name, count(*) AS n, count(*) FILTER (c > r) AS longer, count(*) FILTER (c = r) AS equal,
     sum(c) AS sum_c, sum(r) AS sum_r, sum(c - r) AS sum_d, sum((c - r) * (c - r)) AS sum_dd,
+    median(c - r) AS median_d, quantile_cont(c - r, {_QUANTILE_LIST}) AS quantiles_d,
+    fsum(ratio ORDER BY ratio) AS sum_ratio, median(ratio) AS median_ratio,
     count(*) FILTER (is_tie) AS ties, count(margin) AS scored,
-    count(*) FILTER (abs(margin) <= $tolerance) AS score_ties
-FROM {rows} GROUP BY kind, name
+    count(*) FILTER (abs(margin) <= $tolerance) AS score_ties, fsum(margin ORDER BY margin) AS sum_margin,
+    median(margin) AS median_margin, quantile_cont(margin, {_QUANTILE_LIST}) AS quantiles_margin
+FROM {{rows}} GROUP BY kind, name
 """
 # Twice the rank sum of the chosen lengths among all lengths of the group (mid-ranks), an exact integer.
 _RANK_SUMS = """
@@ -77,191 +80,82 @@ WITH v AS (
 w AS (SELECT *, sum(cp + cn) OVER (PARTITION BY kind, name ORDER BY x) - (cp + cn) AS before FROM v)
 SELECT kind, name, sum(cp * (2 * before + cp + cn + 1)) AS twice_rank_sum FROM w GROUP BY kind, name
 """
-_DIFFS = "SELECT kind, name, c - r AS value, count(*) AS n FROM {rows} GROUP BY ALL ORDER BY kind, name, value"
-_MARGINS = (
-    "SELECT kind, name, margin AS value, count(*) AS n FROM {rows} WHERE margin IS NOT NULL "
-    "GROUP BY ALL ORDER BY kind, name, value"
-)
-# audit.length_ratio in SQL (IEEE division of the same integers: the same doubles).
-_RATIO = "CASE WHEN c = r THEN 1.0 ELSE CAST(c AS DOUBLE) / greatest(r, 1) END"
-# Each positive ratio x as m * 2^(e - 52) with m an integer: e is floor(log2(x)) lowered by one so an inexact log2
-# can only make m larger (an integer below 2^55), never fractional; m is summed per e as a 128-bit integer.
-_RATIO_SUMS = f"""
-WITH x AS (SELECT kind, name, {_RATIO} AS ratio FROM {{rows}}),
-e AS (SELECT kind, name, ratio, CAST(floor(log2(ratio)) AS INTEGER) - 1 AS e FROM x WHERE ratio > 0),
-m AS (SELECT kind, name, e, ratio * pow(2.0, 52 - e) AS m FROM e)
-SELECT kind, name, e, sum(CAST(m AS BIGINT)) AS mantissas, count(*) FILTER (m <> floor(m) OR m >= 2.0 ^ 62) AS bad
-FROM m GROUP BY kind, name, e
+# The matched-pairs rank-biserial r's parts: twice T+ (the mid-ranks of |d| over pairs with d > 0; twice a mid-rank
+# is an integer) and the number of pairs with d != 0; groups where every d is 0 have no row.
+_SIGNED_RANKS = """
+WITH v AS (
+    SELECT kind, name, abs(c - r) AS a, count(*) FILTER (c > r) AS positive, count(*) AS tied
+    FROM {rows} WHERE c <> r GROUP BY kind, name, a
+),
+w AS (SELECT *, sum(tied) OVER (PARTITION BY kind, name ORDER BY a) - tied AS before FROM v)
+SELECT kind, name, sum(positive * (2 * before + tied + 1)) AS twice_t_plus, sum(tied) AS nonzero
+FROM w GROUP BY kind, name
 """
-# The ratios at 0-based sorted positions (n - 1) // 2 and n // 2 of each group (statistics.median's two middles).
-_RATIO_MIDDLES = f"""
-WITH x AS (
-    SELECT kind, name, {_RATIO} AS ratio,
-        row_number() OVER (PARTITION BY kind, name ORDER BY {_RATIO}) - 1 AS position,
-        count(*) OVER (PARTITION BY kind, name) AS n
-    FROM {{rows}}
-)
-SELECT kind, name, position, ratio FROM x WHERE position IN ((n - 1) // 2, n // 2)
-"""
-
-
-@dataclass(frozen=True)
-class ValueCounts:
-    """A multiset of numbers as its distinct values in ascending order and their counts (both numpy arrays)."""
-
-    values: np.ndarray
-    counts: np.ndarray
-
-    @property
-    def size(self) -> int:
-        return int(self.counts.sum())
-
-    def at(self, position: int) -> float | int:
-        """The value at 0-based ``position`` of the sorted multiset."""
-        index = int(np.searchsorted(np.cumsum(self.counts), position, side="right"))
-        return self.values[index].item()
-
-    def exact_sum(self) -> float:
-        """The correctly rounded sum of every element (what ``math.fsum`` of the elements gives)."""
-        return float(sum((Fraction(v) * int(k) for v, k in zip(self.values.tolist(), self.counts, strict=True)), 0))
-
-    def median(self) -> float:
-        """``float(statistics.median(elements))``: the middle element, or the mean of the two middle ones."""
-        n = self.size
-        if n % 2:
-            return float(self.at(n // 2))
-        return float((self.at(n // 2 - 1) + self.at(n // 2)) / 2)
-
-    def quantile(self, q: float) -> float:
-        """``float(np.quantile(elements, q))`` with numpy's default (linear) method, operation for operation."""
-        n = self.size
-        virtual = (n - 1) * q
-        if virtual >= n - 1:
-            return float(self.at(n - 1))
-        previous = math.floor(virtual)
-        gamma = virtual - previous
-        a, b = float(self.at(previous)), float(self.at(previous + 1))
-        difference = b - a
-        # numpy's _lerp: from the nearer end, so an interpolation at gamma 1 gives b exactly
-        return b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma
-
-    def quantiles(self) -> dict[str, float]:
-        """:func:`posttrain_assets.preference.audit.quantiles` of the elements (empty dict when there are none)."""
-        return {name: self.quantile(q) for name, q in QUANTILES} if self.size else {}
-
-
-def _value_counts(rows: list[tuple]) -> ValueCounts:
-    return ValueCounts(np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows], dtype=np.int64))
-
-
-def rank_biserial_from_counts(diffs: ValueCounts) -> float:
-    """:func:`posttrain_assets.preference.audit.rank_biserial` of the elements: mid-ranks of |d| over d != 0, in
-    exact integer arithmetic (twice each mid-rank is an integer) before the last division."""
-    by_magnitude: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # |d| -> [pairs with d > 0, with d < 0]
-    for value, count in zip(diffs.values.tolist(), diffs.counts.tolist(), strict=True):
-        if value:
-            by_magnitude[abs(value)][0 if value > 0 else 1] += count
-    if not by_magnitude:
-        return 0.0
-    before, twice_t_plus = 0, 0
-    for magnitude in sorted(by_magnitude):
-        positive, negative = by_magnitude[magnitude]
-        tied = positive + negative
-        twice_t_plus += positive * (2 * before + tied + 1)
-        before += tied
-    t_plus = twice_t_plus / 2  # exact: a half-integer far below 2^52
-    total = before * (before + 1) / 2
-    return (2.0 * t_plus - total) / total
-
-
-def _query(relation: str) -> str:
-    """``relation`` as a query: a table name becomes ``SELECT * FROM`` it."""
-    return relation if relation.lstrip().upper().startswith(("SELECT", "WITH", "FROM")) else f"SELECT * FROM {relation}"
 
 
 @contextmanager
-def _group_rows(
-    conn: duckdb.DuckDBPyConnection, relation: str, group_keys: Sequence[str], params: Mapping | None
-) -> Iterator[str]:
-    """A temporary table of (kind, name, id, c, r, is_tie, margin): each pair of ``relation`` once per group kind of
-    ``group_keys`` and once in the overall group; dropped on the way out."""
-    rows = f"audit_rows_{uuid.uuid4().hex}"
-    groups = "\nUNION ALL\n".join(
-        [
-            f"SELECT '{key}' AS kind, CAST({key} AS VARCHAR) AS name, id, c, r, is_tie, margin FROM p"
-            for key in group_keys
-        ]
-        + ["SELECT 'overall' AS kind, 'all' AS name, id, c, r, is_tie, margin FROM p"]
-    )
-    conn.execute(_ROWS.format(rows=rows, relation=_query(relation), groups=groups), dict(params or {}))
+def _temp_table(conn: duckdb.DuckDBPyConnection, prefix: str) -> Iterator[str]:
+    """A fresh temporary table name, the table dropped on the way out."""
+    name = f"{prefix}_{uuid.uuid4().hex}"
     try:
-        yield rows
+        yield name
     finally:
         with suppress(duckdb.Error):  # an aborted transaction drops it on rollback (see io.sync_table)
-            conn.execute(f"DROP TABLE IF EXISTS temp.main.{rows}")
-
-
-def _by_group(rows: list[tuple]) -> dict[GroupKey, list[tuple]]:
-    out: dict[GroupKey, list[tuple]] = defaultdict(list)
-    for kind, name, *rest in rows:
-        out[(kind, name)].append(tuple(rest))
-    return out
+            conn.execute(f"DROP TABLE IF EXISTS temp.main.{name}")
 
 
 def audit_relation(
     conn: duckdb.DuckDBPyConnection,
-    relation: str,
+    query: str,
     group_keys: Sequence[str] = ("source", "source_kind"),
-    params: Mapping | None = None,
+    params: Mapping[str, object] | None = None,
 ) -> dict[GroupKey, LengthAudit]:
-    """:func:`posttrain_assets.preference.audit.audit` of the pairs of the query or table ``relation`` (named
-    parameters ``params``), computed in DuckDB: a :class:`LengthAudit` per ``(kind, name)`` group, ordered by
-    ``group_keys`` then name, the overall group last; an empty dict when there are no pairs. Ties are the pairs'
-    ``is_tie``. Runs on ``conn`` itself, so it sees what the caller's open transaction wrote."""
-    with _group_rows(conn, relation, group_keys, params) as rows:
-        moments = {
-            (m["kind"], m["name"]): m
-            for m in fetch_dicts(conn, _MOMENTS.format(rows=rows), {"tolerance": SCORE_TIE_TOLERANCE})
+    """A :class:`LengthAudit` per ``(kind, name)`` group of the pairs of the SELECT ``query`` (named parameters
+    ``params``): one group per value of each column of ``group_keys``, ordered by ``group_keys`` then name, and the
+    overall group ``("overall", "all")`` last; an empty dict when there are no pairs. Ties are the pairs' ``is_tie``.
+    Runs on ``conn`` itself, so it sees what the caller's open transaction wrote."""
+    groups = "\nUNION ALL\n".join(
+        [f"SELECT '{key}' AS kind, CAST({key} AS VARCHAR) AS name, * FROM p" for key in group_keys]
+        + ["SELECT 'overall' AS kind, 'all' AS name, * FROM p"]
+    )
+    with _temp_table(conn, "audit_rows") as rows:
+        conn.execute(_ROWS.format(rows=rows, query=query, groups=groups), dict(params or {}))
+        statistics = {
+            (s["kind"], s["name"]): s
+            for s in fetch_dicts(conn, _STATISTICS.format(rows=rows), {"tolerance": SCORE_TIE_TOLERANCE})
         }
-        if not moments:
+        if not statistics:
             return {}
         rank_sums = {(k, n): int(s) for k, n, s in conn.execute(_RANK_SUMS.format(rows=rows)).fetchall()}
-        diffs = _by_group(conn.execute(_DIFFS.format(rows=rows)).fetchall())
-        margins = _by_group(conn.execute(_MARGINS.format(rows=rows)).fetchall())
-        ratio_sums = _by_group(conn.execute(_RATIO_SUMS.format(rows=rows)).fetchall())
-        middles = _by_group(conn.execute(_RATIO_MIDDLES.format(rows=rows)).fetchall())
-    if any(bad for parts in ratio_sums.values() for _, _, bad in parts):  # cannot happen with IEEE doubles
-        raise RuntimeError("a length ratio did not split into an integer mantissa and a binary exponent")
+        signed = {(k, n): (int(t), int(m)) for k, n, t, m in conn.execute(_SIGNED_RANKS.format(rows=rows)).fetchall()}
     rank = {key: i for i, key in enumerate(group_keys)}
-    ordered = sorted((k for k in moments if k[0] != "overall"), key=lambda k: (rank[k[0]], k[1]))
+    ordered = sorted((k for k in statistics if k[0] != "overall"), key=lambda k: (rank[k[0]], k[1]))
     return {
-        key: _audit(
-            moments[key],
-            rank_sums[key],
-            _value_counts(diffs[key]),
-            _value_counts(margins.get(key, [])),
-            ratio_sums.get(key, []),
-            dict(middles[key]),
-        )
-        for key in [*ordered, ("overall", "all")]
+        key: _audit(statistics[key], rank_sums[key], signed.get(key, (0, 0))) for key in [*ordered, ("overall", "all")]
     }
 
 
-def _audit(
-    m: Mapping, twice_rank_sum: int, diffs: ValueCounts, margins: ValueCounts, ratio_sums: list[tuple], middles: dict
-) -> LengthAudit:
-    """One group's :class:`LengthAudit` from its SQL aggregates, each figure by the same float operations as
-    :func:`posttrain_assets.preference.audit._audit_group` on exact inputs."""
-    n, longer, equal = int(m["n"]), int(m["longer"]), int(m["equal"])
-    share = (longer + 0.5 * equal) / n
+def _quantiles(values: list[float] | None) -> dict[str, float]:
+    """``{"p10": ..., "p90": ...}`` from quantile_cont's list (None, no values: an empty dict)."""
+    return {} if values is None else {name: float(v) for (name, _), v in zip(QUANTILES, values, strict=True)}
+
+
+def _audit(s: Mapping, twice_rank_sum: int, signed: tuple[int, int]) -> LengthAudit:
+    """One group's :class:`LengthAudit` from its SQL aggregates. Divisions of integers are Python's correctly rounded
+    ``int / int``."""
+    n, longer, equal = int(s["n"]), int(s["longer"]), int(s["equal"])
+    share = (2 * longer + equal) / (2 * n)
     low, high = wilson_interval(share, n)
-    ratio_total = float(sum((Fraction(int(s)) * Fraction(2) ** (e - 52) for e, s, _ in ratio_sums), Fraction(0)))
-    ratio_median = middles[(n - 1) // 2] if n % 2 else (middles[n // 2 - 1] + middles[n // 2]) / 2
-    # np.mean of integer-valued float64 (as symmetrised_point_biserial takes it) is the exact sum over n
-    mean_d, rms = float(m["sum_d"]) / n, math.sqrt(float(m["sum_dd"]) / n)
-    # mann_whitney_auc: the rank sum (a half-integer, exact as a float) less n(n+1)/2, over n * n
-    auc_unpaired = (twice_rank_sum / 2 - n * (n + 1) / 2.0) / (n * n)
-    scored, ties = int(m["scored"]), int(m["ties"])
+    sum_d, sum_dd = int(s["sum_d"]), int(s["sum_dd"])
+    # point-biserial r over both orientations: mean(d) / rms(d) = sum_d / sqrt(n * sum_dd)
+    point_biserial = sum_d / n / math.sqrt(sum_dd / n) if sum_dd else 0.0
+    # Mann-Whitney: the rank sum less n(n+1)/2, over n * n (twice both sides: integers)
+    auc_unpaired = (twice_rank_sum - n * (n + 1)) / (2 * n * n)
+    # rank-biserial: (T+ - T-) / (T+ + T-) = (2 T+ - total) / total, total = m(m+1)/2 over the m pairs with d != 0
+    twice_t_plus, nonzero = signed
+    total = nonzero * (nonzero + 1) // 2
+    rank_biserial = (twice_t_plus - total) / total if total else 0.0
+    scored, ties = int(s["scored"]), int(s["ties"])
     return LengthAudit(
         pairs=n,
         chosen_longer_pairs=longer,
@@ -269,91 +163,183 @@ def _audit(
         chosen_longer_share=share,
         share_ci_low=low,
         share_ci_high=high,
-        mean_chosen_tokens=float(m["sum_c"]) / n,
-        mean_rejected_tokens=float(m["sum_r"]) / n,
-        mean_length_ratio=ratio_total / n,
-        median_length_ratio=float(ratio_median),
-        length_diff_mean=mean_d,
-        length_diff_median=diffs.median(),
-        length_diff_quantiles=diffs.quantiles(),
+        mean_chosen_tokens=int(s["sum_c"]) / n,
+        mean_rejected_tokens=int(s["sum_r"]) / n,
+        mean_length_ratio=float(s["sum_ratio"]) / n,
+        median_length_ratio=float(s["median_ratio"]),
+        length_diff_mean=sum_d / n,
+        length_diff_median=float(s["median_d"]),
+        length_diff_quantiles=_quantiles(s["quantiles_d"]),
         length_auc=share,
         length_auc_unpaired=auc_unpaired,
-        point_biserial_r=mean_d / rms if rms > 0 else 0.0,
-        rank_biserial_r=rank_biserial_from_counts(diffs),
+        point_biserial_r=point_biserial,
+        rank_biserial_r=rank_biserial,
         tie_pairs=ties,
         tie_rate=ties / n,
         scored_pairs=scored,
-        score_tie_rate=int(m["score_ties"]) / scored if scored else None,
-        score_margin_mean=margins.exact_sum() / scored if scored else None,
-        score_margin_median=margins.median() if scored else None,
-        score_margin_quantiles=margins.quantiles(),
+        score_tie_rate=int(s["score_ties"]) / scored if scored else None,
+        score_margin_mean=float(s["sum_margin"]) / scored if scored else None,
+        score_margin_median=float(s["median_margin"]) if scored else None,
+        score_margin_quantiles=_quantiles(s["quantiles_margin"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# balancing
+# ---------------------------------------------------------------------------------------------------------------
+
+# Every pair of the query once (the audited columns, never the texts), with its drop reason so far: tie first, then
+# the curation drop (excluded), else null.
+_BALANCE_ROWS = """
+CREATE TEMP TABLE {work} AS
+SELECT p.id, p.source, p.source_kind, p.chosen_tokens, p.rejected_tokens, p.is_tie, p.score_chosen, p.score_rejected,
+    CAST(p.chosen_tokens AS BIGINT) - CAST(p.rejected_tokens AS BIGINT) AS d,
+    CASE WHEN p.is_tie THEN 'tie' ELSE x.reason END AS reason
+FROM ({query}) p LEFT JOIN ({excluded}) x ON x.id = p.id
+"""
+# The pairs one stratification drops from a source: its remaining pairs with d != 0 are put in strata of |d| (with
+# $k: quantile stratum floor(k * (midrank - 1/2) / n) of the mid-rank of |d|, in integers; without: one stratum per
+# distinct |d|), and in each stratum the larger side (chosen longer or shorter) loses its surplus: the pairs last in
+# the order of md5("seed:source:id"), a seeded shuffle that does not depend on the order or number of pairs read.
+_BALANCE_DROPS = """
+CREATE OR REPLACE TEMP TABLE {candidates} AS
+WITH m AS (
+    SELECT id, abs(d) AS a, d > 0 AS longer,
+        2 * (rank() OVER (ORDER BY abs(d)) - 1) + count(*) OVER (PARTITION BY abs(d)) + 1 AS twice_midrank,
+        count(*) OVER () AS n
+    FROM {work} WHERE reason IS NULL AND source = $source AND d <> 0
+),
+s AS (SELECT id, longer, {stratum} AS stratum FROM m),
+c AS (
+    SELECT id, longer, stratum,
+        row_number() OVER (
+            PARTITION BY stratum, longer ORDER BY md5(concat($seed, ':', $source, ':', id)), id
+        ) AS place,
+        count(*) FILTER (longer) OVER (PARTITION BY stratum) AS longer_pairs,
+        count(*) FILTER (NOT longer) OVER (PARTITION BY stratum) AS shorter_pairs
+    FROM s
+)
+SELECT id FROM c WHERE place > least(longer_pairs, shorter_pairs)
+"""
+_QUANTILE_STRATUM = "least($k - 1, ($k * (twice_midrank - 1)) // (2 * n))"
+_EXACT_STRATUM = "a"
+_NO_EXCLUSIONS = "SELECT CAST(NULL AS VARCHAR) AS id, CAST(NULL AS VARCHAR) AS reason WHERE false"
 
 
 @dataclass
 class RelationBalance:
-    """What :func:`balance_relation` dropped, ``(id, reason)`` in id order, how many pairs it kept, and per balanced
-    source how |d| was stratified (as :class:`posttrain_assets.preference.audit.BalanceResult`)."""
+    """What :func:`balance_relation` wrote: how many pairs it kept, the number of dropped pairs per reason (in the
+    order of :data:`~posttrain_assets.preference.audit.DROP_REASONS`), and per balanced source how |d| was
+    stratified (a number of quantile strata, or ``"exact"`` for one stratum per distinct |d|)."""
 
-    dropped: list[tuple[str, str]]
     kept: int
+    dropped_counts: dict[str, int]
     strata: dict[str, int | str] = field(default_factory=dict)
-
-    def dropped_counts(self) -> dict[str, int]:
-        """Number of dropped pairs per reason."""
-        return dropped_counts(self.dropped)
 
 
 def balance_relation(
     conn: duckdb.DuckDBPyConnection,
-    relation: str,
+    query: str,
+    drops: Table,
     thresholds: ConfoundThresholds | None = None,
     seed: int = 0,
-    excluded: Mapping[str, str] | None = None,
+    excluded: str | None = None,
+    params: Mapping[str, object] | None = None,
 ) -> RelationBalance:
-    """:func:`posttrain_assets.preference.audit.balance_pairs` of the pairs of ``relation``: the same drops and
-    reasons. Ties (``is_tie``) go first, then the ``excluded`` ids with their reason; each source's remaining pairs
-    are audited in SQL, and only a source with at least ``min_pairs`` of them that breaks the thresholds has its pairs
-    (id and token counts, in id order) read into Python and subsampled."""
+    """Replace the table ``drops`` (``id``, ``source``, ``reason``; in id order) with every pair of the SELECT ``query``
+    left out of the balanced set, and why:
+
+    1. every tie (``is_tie``), reason ``tie``: a pair with the same answer on both sides teaches nothing but noise;
+    2. every other pair the SELECT ``excluded`` (``id``, ``reason``) lists, with its reason (the curation drops of
+       :func:`posttrain_assets.preference.labelling.curation_drops_query`); ids that are not pairs are ignored;
+    3. in each source whose remaining pairs number at least ``min_pairs`` and break the thresholds, the pairs with
+       d != 0 are stratified by |d| into quantile strata (10, then 20, 40, ... and finally one stratum per distinct
+       |d|), and in each stratum the surplus of the larger side (chosen longer or shorter) is dropped, reason
+       ``length_balance``, so both sides are equal; equal-length pairs stay. The share is then exactly 0.5 and |r|
+       shrinks with the strata's width; the coarsest stratification that passes (:func:`audit_relation` of what is
+       kept) is used: it drops the fewest pairs. With one stratum per distinct |d| every stratum's mean d is 0, so r
+       is 0 and the source passes -- unless fewer than ``min_pairs`` pairs survive (e.g. chosen is always longer),
+       and then every remaining pair of the source is dropped, reason ``cannot_balance``, rather than kept as an
+       unjudged sliver.
+
+    Which pairs of a stratum go is a shuffle seeded by ``seed``, the source and the pair id (md5), so the drops do
+    not depend on the order in which the pairs are stored. ``params`` are the named parameters of ``query`` and
+    ``excluded``. Runs on ``conn`` inside the caller's transaction, if any."""
     thresholds = thresholds or ConfoundThresholds()
-    excluded = dict(excluded or {})
-    relation = _query(relation)
-    reasons: dict[str, str] = {
-        pair_id: "tie" for (pair_id,) in conn.execute(f"SELECT id FROM ({relation}) WHERE is_tie").fetchall()
-    }
-    (pairs,) = conn.execute(f"SELECT count(*) FROM ({relation})").fetchone()
-    present = {
-        pair_id
-        for (pair_id,) in conn.execute(
-            f"SELECT id FROM ({relation}) WHERE NOT is_tie AND id IN (SELECT unnest(CAST($ids AS VARCHAR[])))",
-            {"ids": list(excluded)},
-        ).fetchall()
-    }
-    reasons.update((pair_id, excluded[pair_id]) for pair_id in present)
-    remaining = f"SELECT * FROM ({relation}) WHERE NOT is_tie AND id NOT IN (SELECT unnest(CAST($ids AS VARCHAR[])))"
+    params = dict(params or {})
     strata: dict[str, int | str] = {}
-    for (kind, source), result in audit_relation(conn, remaining, ("source",), {"ids": sorted(present)}).items():
-        if kind == "overall" or not group_violations("source", source, result, thresholds):
-            continue
-        members = fetch_dicts(
-            conn,
-            f"SELECT id, chosen_tokens, rejected_tokens FROM ({remaining}) WHERE source = $source ORDER BY id",
-            {"ids": sorted(present), "source": source},
+    with _temp_table(conn, "balance_rows") as work, _temp_table(conn, "balance_candidates") as candidates:
+        conn.execute(_BALANCE_ROWS.format(work=work, query=query, excluded=excluded or _NO_EXCLUSIONS), params)
+        remaining = f"SELECT * FROM {work} WHERE reason IS NULL"
+        for (kind, source), result in audit_relation(conn, remaining, ("source",)).items():
+            if kind == "overall" or not group_violations("source", source, result, thresholds):
+                continue
+            (distinct,) = conn.execute(
+                f"SELECT count(DISTINCT abs(d)) FROM {work} WHERE reason IS NULL AND source = $source",
+                {"source": source},
+            ).fetchone()
+            stratified = _balance_source(conn, work, candidates, source, int(distinct), thresholds, seed)
+            if stratified is None:
+                conn.execute(
+                    f"UPDATE {work} SET reason = 'cannot_balance' WHERE reason IS NULL AND source = $source",
+                    {"source": source},
+                )
+            else:
+                conn.execute(f"UPDATE {work} SET reason = 'length_balance' WHERE id IN (SELECT id FROM {candidates})")
+                strata[source] = stratified
+        conn.execute(drops.create_sql(replace=True))
+        conn.execute(
+            f"INSERT INTO {drops.qualified} (id, source, reason) "
+            f"SELECT id, source, reason FROM {work} WHERE reason IS NOT NULL ORDER BY id"
         )
-        source_reasons, stratified = balance_offending_source(source, members, thresholds, seed)
-        reasons.update(source_reasons)
-        if stratified is not None:
-            strata[source] = stratified
-    dropped = sorted(reasons.items())
-    return RelationBalance(dropped=dropped, kept=pairs - len(dropped), strata=strata)
+        counts = dict(conn.execute(f"SELECT reason, count(*) FROM {work} GROUP BY reason").fetchall())
+    kept = counts.pop(None, 0)
+    order = {reason: i for i, reason in enumerate(DROP_REASONS)}
+    dropped_counts = {reason: counts[reason] for reason in sorted(counts, key=lambda r: (order.get(r, len(order)), r))}
+    return RelationBalance(kept=kept, dropped_counts=dropped_counts, strata=strata)
 
 
-def length_histogram_png_of(conn: duckdb.DuckDBPyConnection, relation: str, title: str) -> bytes:
-    """:func:`posttrain_assets.preference.audit.length_histogram_png` of every pair of ``relation``, the same PNG,
-    from the distinct chosen and rejected lengths and their counts (the cap, the 99th percentile of all lengths, by
-    :meth:`ValueCounts.quantile`)."""
-    chosen, rejected, cap = _histogram_inputs(conn, relation)
-    return histogram_png(chosen, rejected, cap, title)
+def _balance_source(
+    conn: duckdb.DuckDBPyConnection,
+    work: str,
+    candidates: str,
+    source: str,
+    distinct: int,
+    thresholds: ConfoundThresholds,
+    seed: int,
+) -> int | str | None:
+    """Leave in ``candidates`` the ids the coarsest passing stratification of ``source`` drops and return it (a
+    number of strata or ``"exact"``); None when not even one stratum per distinct |d| passes."""
+    k: int | None = 10
+    while True:
+        if k is not None and k >= distinct:
+            k = None
+        stratum = _EXACT_STRATUM if k is None else _QUANTILE_STRATUM
+        conn.execute(
+            _BALANCE_DROPS.format(candidates=candidates, work=work, stratum=stratum),
+            {"source": source, "seed": str(seed), **({} if k is None else {"k": k})},
+        )
+        kept = audit_relation(
+            conn,
+            f"SELECT * FROM {work} WHERE reason IS NULL AND source = $source "
+            f"AND id NOT IN (SELECT id FROM {candidates})",
+            ("source",),
+            {"source": source},
+        ).get(("source", source))
+        if (
+            kept is not None
+            and kept.pairs >= thresholds.min_pairs
+            and not group_violations("source", source, kept, thresholds)
+        ):
+            return "exact" if k is None else k
+        if k is None:
+            return None
+        k *= 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the length histogram
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -365,17 +351,18 @@ class StoredHistogram:
 
 
 def stored_length_histogram(
-    conn: duckdb.DuckDBPyConnection, relation: str, title: str, path: Path, *, redraw: bool = False
+    conn: duckdb.DuckDBPyConnection, query: str, title: str, path: Path, *, redraw: bool = False
 ) -> StoredHistogram:
-    """:func:`length_histogram_png_of`, kept in the file ``path``: drawn (and written there) only when what it is
-    drawn from differs from the last drawing's, else read back; the bytes are the same either way.
+    """:func:`~posttrain_assets.preference.audit.histogram_png` of the chosen and rejected lengths of every pair of the
+    SELECT ``query``, kept in the file ``path``: drawn (and written there) only when what it is drawn from differs
+    from the last drawing's, else read back; the bytes are the same either way.
 
     Drawing costs about a second, most of it importing matplotlib, on every run of the preference stage even when
     no pair changed. The key, stored next to the PNG (``.<name>.key``) with the PNG's sha256, is a sha256 of the
     histogram's inputs (each side's distinct lengths and their counts, the cap, the title), the drawing code
     (``preference/audit.py``, where :func:`histogram_png` is) and the matplotlib version; a PNG whose sha256 is not
     the stored one (edited, truncated) is drawn again, and so is every PNG with ``redraw`` (a full rebuild)."""
-    chosen, rejected, cap = _histogram_inputs(conn, relation)
+    chosen, rejected, cap = _histogram_inputs(conn, query)
     inputs = {
         "sides": [[side[0].tolist(), side[1].tolist()] for side in (chosen, rejected)],
         "cap": cap,
@@ -403,32 +390,28 @@ def stored_length_histogram(
 
 
 def _histogram_inputs(
-    conn: duckdb.DuckDBPyConnection, relation: str
+    conn: duckdb.DuckDBPyConnection, query: str
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], float | None]:
     """Each side's distinct lengths and their counts (chosen, rejected), and the cap: the 99th percentile of all
-    lengths (None: no pairs)."""
-    relation = _query(relation)
+    lengths, at least 1 (DuckDB's quantile_cont; None: no pairs)."""
     sides = []
     for column in ("chosen_tokens", "rejected_tokens"):
-        rows = conn.execute(f"SELECT {column}, count(*) FROM ({relation}) GROUP BY 1 ORDER BY 1").fetchall()
-        sides.append(_value_counts(rows))
-    both: dict[int, int] = defaultdict(int)
-    for side in sides:
-        for value, count in zip(side.values.tolist(), side.counts.tolist(), strict=True):
-            both[value] += count
-    union = _value_counts(sorted(both.items()))
-    cap = max(union.quantile(0.99), 1.0) if union.size else None
-    (chosen, rejected) = ((side.values, side.counts) for side in sides)
-    return chosen, rejected, cap
+        rows = conn.execute(f"SELECT {column}, count(*) FROM ({query}) GROUP BY 1 ORDER BY 1").fetchall()
+        sides.append(
+            (np.asarray([v for v, _ in rows], dtype=np.int64), np.asarray([k for _, k in rows], dtype=np.int64))
+        )
+    (p99,) = conn.execute(
+        f"SELECT quantile_cont(x, 0.99) FROM (SELECT chosen_tokens AS x FROM ({query}) "
+        f"UNION ALL SELECT rejected_tokens FROM ({query}))"
+    ).fetchone()
+    cap = None if p99 is None else max(float(p99), 1.0)
+    return sides[0], sides[1], cap
 
 
 __all__ = [
     "RelationBalance",
     "StoredHistogram",
-    "ValueCounts",
     "audit_relation",
     "balance_relation",
-    "length_histogram_png_of",
-    "rank_biserial_from_counts",
     "stored_length_histogram",
 ]

@@ -43,10 +43,11 @@ Alpha is 1 for perfect agreement, 0 for agreement at chance level, negative belo
 two rated units, or a single value throughout). Computed by the ``krippendorff`` package from value counts per
 unit, which DuckDB aggregates, so no rater-by-unit matrix is ever built.
 
-**Curation drops** (:func:`curation_drops`): ``low_margin`` for a pair whose ``score_margin`` is below
+**Curation drops** (:func:`curation_drops_query`): ``low_margin`` for a pair whose ``score_margin`` is below
 ``min_score_margin`` (pairs without both scores are never dropped for their margin), then
 ``annotator_disagreement`` for a rated pair whose label agreement is below ``min_pair_agreement`` (when the policy
-drops them). :func:`posttrain_assets.preference.audit.balance_pairs` takes them as drops of the balanced set.
+drops them). :func:`posttrain_assets.preference.audit_sql.balance_relation` takes them (the SELECT of
+:func:`curation_drops_query`) as drops of the balanced set.
 """
 
 from __future__ import annotations
@@ -269,36 +270,34 @@ def annotator_agreement(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def curation_drops(
-    conn: duckdb.DuckDBPyConnection,
+def curation_drops_query(
     relation: str,
     min_score_margin: float | None = None,
     min_pair_agreement: float = DEFAULT_MIN_PAIR_AGREEMENT,
     disagreement_policy: str = "drop",
-) -> dict[str, str]:
-    """Pair id -> reason for every pair of ``relation`` the labels disqualify: ``low_margin`` (score_margin below
-    ``min_score_margin``; None: no margin filter) before ``annotator_disagreement`` (two or more annotators, label
-    agreement below ``min_pair_agreement``; only when ``disagreement_policy`` is ``drop``)."""
+) -> tuple[str, dict[str, object]]:
+    """A SELECT of ``(id, reason)`` for every pair of ``relation`` the labels disqualify, and its named parameters:
+    ``low_margin`` (score_margin below ``min_score_margin``; None: no margin filter) before ``annotator_disagreement``
+    (two or more annotators, label agreement below ``min_pair_agreement``; only when ``disagreement_policy`` is
+    ``drop``)."""
     if disagreement_policy not in DISAGREEMENT_POLICIES:
         raise ValueError(f"disagreement_policy must be one of {DISAGREEMENT_POLICIES}, got {disagreement_policy!r}")
     votes = _VOTES.format(relation=relation)
-    rows = conn.execute(
-        f"""
+    query = f"""
         WITH votes AS ({votes}), per_pair AS ({_PER_PAIR})
         SELECT p.id,
                CASE WHEN p.score_margin < $min_score_margin THEN 'low_margin' ELSE 'annotator_disagreement' END
+               AS reason
         FROM {relation} p LEFT JOIN per_pair a USING (source, id)
         WHERE p.score_margin < $min_score_margin
            OR ($drop_disagreement AND a.n >= 2 AND a.label_agreement < $min_pair_agreement)
-        ORDER BY p.id
-        """,
-        {
-            "min_score_margin": min_score_margin,
-            "min_pair_agreement": min_pair_agreement,
-            "drop_disagreement": disagreement_policy == "drop",
-        },
-    ).fetchall()
-    return dict(rows)
+        """
+    params: dict[str, object] = {
+        "min_score_margin": min_score_margin,
+        "min_pair_agreement": min_pair_agreement,
+        "drop_disagreement": disagreement_policy == "drop",
+    }
+    return query, params
 
 
 __all__ = [
@@ -308,7 +307,7 @@ __all__ = [
     "Agreement",
     "JudgeBias",
     "annotator_agreement",
-    "curation_drops",
+    "curation_drops_query",
     "judge_bias_audit",
     "krippendorff_alpha",
 ]

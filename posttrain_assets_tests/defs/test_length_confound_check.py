@@ -1,6 +1,7 @@
 """length_confound_check and balanced_length_confound_check, called directly on a warehouse: a confounded source
-fails with the source, statistic and value named; a fair source passes; the verdicts and figures are those of the
-audit silver.preference_pairs reports (one implementation, audit_sql.audit_relation, equal to the Python audit)."""
+fails with the source, statistic and value named; a fair source passes; a biased source slipped into the balanced
+table fails the balanced check; ties are the stored flags. The figures are those of the audit silver.preference_pairs
+reports (one implementation, audit_sql.audit_relation), checked here against values computed by hand."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import pytest
 
 from posttrain_assets.defs.checks.length_confound import balanced_length_confound_check, length_confound_check
 from posttrain_assets.defs.resources import WarehouseResource
-from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
-from posttrain_assets.preference.audit import audit, markdown_audit_table
+from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig, LengthConfoundGateConfig
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_PREFERENCE_PAIRS_BALANCED
 from posttrain_assets.warehouse.io import insert_rows
 from posttrain_assets.warehouse.model import Table
@@ -61,7 +61,7 @@ def warehouse(tmp_path: Path, table: Table, rows: list[dict[str, Any]]) -> Wareh
 
 def test_a_confounded_source_fails_with_its_statistics_named(tmp_path: Path) -> None:
     result = length_confound_check(
-        config=LengthConfoundConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, CONFOUNDED + FAIR)
+        config=LengthConfoundGateConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, CONFOUNDED + FAIR)
     )
     assert not result.passed
     assert result.description == (
@@ -71,14 +71,53 @@ def test_a_confounded_source_fails_with_its_statistics_named(tmp_path: Path) -> 
     )
     assert result.metadata["pairs"].value == 160
     assert result.metadata["sources_judged"].value == 2
-    # the figures are the Python audit's, exactly (the table rendered from either is the same text)
-    assert result.metadata["audit"].value == markdown_audit_table(audit(CONFOUNDED + FAIR))
+    # the audit table's rows, by hand. confounded: share 90/100, Wilson 95% [0.8256, 0.9448]; unpaired AUC: chosen
+    # {30 x 90, 20 x 10} vs rejected {20 x 90, 30 x 10}: (90 * 90 + 0.5 * 90 * 10 + 0.5 * 10 * 90) / 100^2 = 0.9;
+    # r 0.8; rank r: every |d| is 10 (mid-rank 50.5), T+ = 90 * 50.5, T- = 10 * 50.5 -> 0.8; ratios 1.5 x 90 and
+    # 2/3 x 10: mean 1.4167, median 1.5; d = -10 x 10, 10 x 90: median 10, p10 at position 9.9: -10 + 0.9 * 20 = 8.
+    # fair: share 0.5, Wilson [0.3774, 0.6226], AUC 0.5, r 0, ratios 2/3 and 1.5 x 30 each: mean = median = 1.0833.
+    rows = result.metadata["audit"].value.splitlines()
+    assert rows[2] == (
+        "| source `confounded` | 100 | 0.900 (0.826–0.945) | 0.900 | 0.800 | 0.800 | 1.42 / 1.50 | 10 [8, 10] "
+        "| 0.0200 | 0 | — | — |"
+    )
+    assert rows[3] == (
+        "| source `fair` | 60 | 0.500 (0.377–0.623) | 0.500 | 0.000 | 0.000 | 1.08 / 1.08 | 0 [-10, 10] "
+        "| 0.0000 | 0 | — | — |"
+    )
+
+
+def test_a_biased_source_in_the_balanced_table_fails_the_balanced_check(tmp_path: Path) -> None:
+    # a corrupted remedy: the confounded pairs (ties flagged off) written into the balanced table with the fair ones
+    biased = [{**p, "is_tie": False} for p in CONFOUNDED]
+    result = balanced_length_confound_check(
+        config=LengthConfoundGateConfig(),
+        duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS_BALANCED, FAIR + biased),
+    )
+    assert not result.passed
+    assert result.description == (
+        "source confounded: chosen_longer_share = 0.900 outside [0.35, 0.65] (n=100); "
+        "source confounded: point_biserial_r = 0.800 outside [-0.20, 0.20] (n=100)"
+    )
+
+
+def test_ties_are_the_stored_flags_and_the_check_has_no_tie_similarity(tmp_path: Path) -> None:
+    # identical texts not flagged are not ties to the check (the stage's flags decide, at the stage's similarity);
+    # 2 flagged pairs of 60 are 0.033 > 0.01
+    flagged = [{**p, "chosen": "same", "rejected": "same", "is_tie": p["id"] in ("f000", "f001")} for p in FAIR]
+    result = length_confound_check(
+        config=LengthConfoundGateConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, flagged)
+    )
+    assert result.description == "source fair: tie_rate = 0.033 outside [0.00, 0.01] (n=60)"
+    # the tie similarity is the stage's setting (it decides the flags), not the checks'
+    assert "tie_similarity" not in LengthConfoundGateConfig.model_fields
+    assert "tie_similarity" in LengthConfoundConfig.model_fields
 
 
 def test_a_fair_source_passes_and_small_sources_are_not_judged(tmp_path: Path) -> None:
     small = [stored_pair(f"s{i}", "small", 50, 10) for i in range(10)]  # always longer, but n=10 < min_pairs
     result = balanced_length_confound_check(
-        config=LengthConfoundConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS_BALANCED, FAIR + small)
+        config=LengthConfoundGateConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS_BALANCED, FAIR + small)
     )
     assert result.passed
     assert result.description == "1 source(s) within thresholds: fair"
@@ -88,13 +127,13 @@ def test_a_fair_source_passes_and_small_sources_are_not_judged(tmp_path: Path) -
 @pytest.mark.parametrize("threshold, passed", [(0.8, True), (0.79, False)])  # r = 0.8, bounds inclusive
 def test_the_thresholds_come_from_the_config(tmp_path: Path, threshold: float, passed: bool) -> None:
     no_ties = [{**p, "is_tie": False} for p in CONFOUNDED]
-    config = LengthConfoundConfig(share_high=0.95, max_abs_r=threshold)
+    config = LengthConfoundGateConfig(share_high=0.95, max_abs_r=threshold)
     result = length_confound_check(config=config, duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, no_ties))
     assert result.passed is passed
 
 
 def test_an_empty_table_passes(tmp_path: Path) -> None:
     result = length_confound_check(
-        config=LengthConfoundConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, [])
+        config=LengthConfoundGateConfig(), duckdb=warehouse(tmp_path, SILVER_PREFERENCE_PAIRS, [])
     )
     assert result.passed and result.description == "silver.preference_pairs has no pairs"

@@ -1,5 +1,6 @@
-"""The preference length-confound and tie audit (posttrain_assets.preference.audit): hand-computed statistics, judging,
-balancing, the PNG histogram, and a worked example on the real HH-RLHF harmless test set."""
+"""The preference length-confound and tie audit (posttrain_assets.preference.audit, computed by
+audit_sql.audit_relation): hand-computed statistics, judging, the PNG histogram, and a worked example on the real
+HH-RLHF harmless test set. The balancing is tested in test_audit_sql.py."""
 
 from __future__ import annotations
 
@@ -7,32 +8,27 @@ import gzip
 import io
 import json
 import math
-import random
 from typing import Any
 
+import duckdb
 import numpy as np
 import pytest
 
 from posttrain_assets.preference.audit import (
-    BalanceResult,
     ConfoundThresholds,
+    GroupKey,
+    LengthAudit,
     Violation,
-    audit,
-    audit_group,
-    balance_pairs,
     confound_violations,
-    length_histogram_png,
-    length_ratio,
-    mann_whitney_auc,
+    histogram_png,
     markdown_audit_table,
-    pair_is_tie,
-    rank_biserial,
-    symmetrised_point_biserial,
     wilson_interval,
 )
+from posttrain_assets.preference.audit_sql import audit_relation
 from posttrain_assets.records.formats import get_adapter
 from posttrain_assets.records.schema import RecordError
 from posttrain_assets.text import is_tie
+from posttrain_assets_tests.preference.test_labelling import pairs_table
 from posttrain_assets_tests.real_data import REAL_DATA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,18 +46,47 @@ def pair(
     score_chosen: float | None = None,
     score_rejected: float | None = None,
 ) -> dict[str, Any]:
-    """A preference pair dict as the audit takes it; texts default to clearly different strings."""
+    """A preference pair as silver.preference_pairs holds it, with ``is_tie`` flagged by the project's tie rule from
+    the texts (which default to clearly different strings), as the preference stage flags it."""
+    chosen = chosen if chosen is not None else f"the chosen answer, number {id_}"
+    rejected = rejected if rejected is not None else f"a rejected reply #{id_} that says something else"
     return {
         "id": id_,
         "source": source,
         "source_kind": kind,
-        "chosen": chosen if chosen is not None else f"the chosen answer, number {id_}",
-        "rejected": rejected if rejected is not None else f"a rejected reply #{id_} that says something else",
+        "chosen": chosen,
+        "rejected": rejected,
         "chosen_tokens": chosen_tokens,
         "rejected_tokens": rejected_tokens,
+        "is_tie": is_tie(chosen, rejected),
         "score_chosen": score_chosen,
         "score_rejected": score_rejected,
     }
+
+
+def table_of(pairs: list[dict[str, Any]]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the pairs in the table ``pairs`` (the columns of silver.preference_pairs the
+    preference code reads; those a pair lacks are null)."""
+    conn = duckdb.connect()
+    pairs_table(conn, pairs)
+    return conn
+
+
+def audit(
+    pairs: list[dict[str, Any]], group_keys: tuple[str, ...] = ("source", "source_kind")
+) -> dict[GroupKey, LengthAudit]:
+    """audit_relation of the pairs."""
+    return audit_relation(table_of(pairs), "SELECT * FROM pairs", group_keys)
+
+
+def audit_group(pairs: list[dict[str, Any]]) -> LengthAudit:
+    """The audit of the pairs as one group."""
+    return audit(pairs, ())[("overall", "all")]
+
+
+def diffs(*values: int) -> list[dict[str, Any]]:
+    """Pairs with these length differences (chosen 1000 + d tokens, rejected 1000)."""
+    return [pair(f"d{i}", 1000 + d, 1000) for i, d in enumerate(values)]
 
 
 # Four pairs, (chosen_tokens, rejected_tokens) = (10, 5), (6, 6), (4, 8), (20, 10): d = 5, 0, -4, 10.
@@ -119,8 +144,9 @@ def test_length_ratios_and_differences() -> None:
     # p10 h=0.3 -> -4 + 0.3*4 = -2.8; p25 h=0.75 -> -4 + 0.75*4 = -1; p75 h=2.25 -> 5 + 0.25*5 = 6.25;
     # p90 h=2.7 -> 5 + 0.7*5 = 8.5
     assert a.length_diff_quantiles == pytest.approx({"p10": -2.8, "p25": -1.0, "p75": 6.25, "p90": 8.5})
-    # zero guard: x/0 counts the denominator as 1 token, 0/0 is 1
-    assert (length_ratio(7, 0), length_ratio(0, 0), length_ratio(0, 4)) == (7.0, 1.0, 0.0)
+    # zero guard: x/0 counts the denominator as 1 token, 0/0 is 1: ratios 7, 1, 0 -> mean 8 / 3, median 1
+    zeros = audit_group([pair("x", 7, 0), pair("y", 0, 0), pair("z", 0, 4)])
+    assert (zeros.mean_length_ratio, zeros.median_length_ratio) == (8 / 3, 1.0)
 
 
 def test_unpaired_mann_whitney_auc() -> None:
@@ -128,9 +154,9 @@ def test_unpaired_mann_whitney_auc() -> None:
     # chosen {10, 6, 4, 20} vs rejected {5, 6, 8, 10}, counting rejected below (+ half of equal) each chosen:
     # 10 -> 5,6,8 + half of 10 = 3.5; 6 -> 5 + half of 6 = 1.5; 4 -> 0; 20 -> 4. (3.5+1.5+0+4) / 16 = 0.5625
     assert a.length_auc_unpaired == 0.5625
-    assert mann_whitney_auc([1, 2], [1, 2]) == 0.5  # same distribution
-    assert mann_whitney_auc([5, 6], [1, 2]) == 1.0
-    assert mann_whitney_auc([], [1]) == 0.5
+    # chosen {1, 2} vs rejected {2, 1}: the same distribution -> (0.5 + 0 + 1 + 0.5) / 4 = 0.5
+    assert audit_group([pair("x", 1, 2), pair("y", 2, 1)]).length_auc_unpaired == 0.5
+    assert audit_group([pair("x", 5, 1), pair("y", 6, 2)]).length_auc_unpaired == 1.0
     # paired vs unpaired: every chosen is longer than its own rejected by 1, but prompts differ a lot, so across
     # the group chosen lengths are barely above rejected ones: paired 1.0, unpaired
     # chosen {11, 101, 1001} vs rejected {10, 100, 1000}: 11 > 10; 101 > 10, 100; 1001 > all -> 6 / 9
@@ -151,20 +177,21 @@ def test_point_biserial_r_is_the_symmetrised_correlation() -> None:
     assert a.point_biserial_r == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
     # no signal: differences symmetric around 0 -> 0; always longer by the same amount -> 1; by variable amounts
     # d = 1..100: mean 50.5, mean(d^2) = 101 * 201 / 6 = 3383.5 -> 50.5 / 58.1679 = 0.868177; mirrored -> -1
-    assert symmetrised_point_biserial([3, -3, 7, -7, 0]) == 0.0
-    assert symmetrised_point_biserial([4, 4, 4]) == 1.0
-    assert symmetrised_point_biserial(list(range(1, 101))) == pytest.approx(0.868177, abs=1e-6)
-    assert symmetrised_point_biserial([-4, -4]) == -1.0
-    assert symmetrised_point_biserial([0, 0]) == 0.0
+    assert audit_group(diffs(3, -3, 7, -7, 0)).point_biserial_r == 0.0
+    assert audit_group(diffs(4, 4, 4)).point_biserial_r == 1.0
+    assert audit_group(diffs(*range(1, 101))).point_biserial_r == pytest.approx(0.868177, abs=1e-6)
+    assert audit_group(diffs(-4, -4)).point_biserial_r == -1.0
+    assert audit_group(diffs(0, 0)).point_biserial_r == 0.0
 
 
 def test_rank_biserial_r() -> None:
     # HAND: nonzero d = 5, -4, 10; |d| ranks 4 -> 1, 5 -> 2, 10 -> 3; T+ = 2 + 3 = 5, T- = 1 -> (5 - 1) / 6
     assert audit_group(HAND).rank_biserial_r == pytest.approx(4 / 6)
     # ties in |d| share the mid-rank: d = 2, -2, 5: ranks 1.5, 1.5, 3 -> (4.5 - 1.5) / 6 = 0.5
-    assert rank_biserial([2, -2, 5]) == 0.5
-    assert rank_biserial([1, 50, 3000]) == 1.0  # always longer, whatever the amounts
-    assert rank_biserial([0, 0]) == 0.0
+    assert audit_group(diffs(2, -2, 5)).rank_biserial_r == 0.5
+    assert audit_group(diffs(1, 50, 3000)).rank_biserial_r == 1.0  # always longer, whatever the amounts
+    assert audit_group(diffs(-1, -50, 0)).rank_biserial_r == -1.0  # d = 0 is left out
+    assert audit_group(diffs(0, 0)).rank_biserial_r == 0.0
 
 
 def test_tie_normalisation_and_rate() -> None:
@@ -176,10 +203,11 @@ def test_tie_normalisation_and_rate() -> None:
     assert not is_tie("Hello, World!", "  hello world ", similarity=0.96)
     assert not is_tie("Yes, absolutely.", "No.")
     a = audit_group(HAND)
-    # pairs a (similar) and b (normalised equal) are ties: 2 / 4
+    # pairs a (similar) and b (normalised equal) are flagged ties: 2 / 4
     assert (a.tie_pairs, a.tie_rate) == (2, 0.5)
-    # configurable: at 0.96 only pair b stays a tie
-    assert audit_group(HAND, tie_similarity=0.96).tie_rate == 0.25
+    # the audit counts the stored flags: flagged at similarity 0.96, only pair b is a tie
+    strict = [{**p, "is_tie": is_tie(p["chosen"], p["rejected"], similarity=0.96)} for p in HAND]
+    assert audit_group(strict).tie_rate == 0.25
 
 
 def test_score_statistics() -> None:
@@ -217,8 +245,6 @@ def test_audit_groups_by_source_kind_and_overall() -> None:
     assert audit([]) == {}
     assert list(audit(pairs, group_keys=("source",))) == [("source", "s_a"), ("source", "s_b"), ("overall", "all")]
     assert result[("source", "s_a")].as_dict()["pairs"] == 1
-    with pytest.raises(ValueError, match="empty"):
-        audit_group([])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,7 +257,7 @@ def biased_source(name: str = "demo_pref_ultrafeedback", kind: str = "ai") -> li
     pairs = [pair(f"{name}-{i}", 30, 20, source=name, kind=kind) for i in range(270)]
     pairs += [pair(f"{name}-s{i}", 20, 30, source=name, kind=kind) for i in range(30)]
     for p in pairs[264:270]:
-        p["rejected"] = p["chosen"]
+        p["rejected"], p["is_tie"] = p["chosen"], True
     return pairs
 
 
@@ -270,96 +296,24 @@ def test_no_violations_when_lengths_carry_no_signal() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# balancing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def synthetic_biased(n: int = 400, seed: int = 7) -> list[dict[str, Any]]:
-    """``n`` pairs, 90% chosen longer, length differences of variable size; plus 5 ties by text."""
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(n):
-        base = rng.randint(20, 400)
-        diff = rng.randint(1, 150)
-        longer = rng.random() < 0.9
-        chosen, rejected = (base + diff, base) if longer else (base, base + diff)
-        pairs.append(pair(f"b{i:03d}", chosen, rejected, source="biased", kind="ai"))
-    for i in range(5):
-        pairs.append(pair(f"t{i}", 12, 11, source="biased", kind="ai", chosen="Sure!", rejected="sure."))
-    return pairs
-
-
-def test_balancing_a_biased_source_passes_and_reports_every_drop() -> None:
-    pairs = synthetic_biased()
-    before = audit(pairs)[("source", "biased")]
-    assert before.chosen_longer_share > 0.85 and before.point_biserial_r > 0.6
-    result = balance_pairs(pairs, ConfoundThresholds(), seed=0)
-    assert isinstance(result, BalanceResult)
-    all_ids = [p["id"] for p in pairs]
-    dropped_ids = [i for i, _ in result.dropped]
-    assert sorted(result.kept_ids + dropped_ids) == sorted(all_ids)
-    assert not set(result.kept_ids) & set(dropped_ids)
-    assert {r for _, r in result.dropped} == {"tie", "length_balance"}
-    assert sorted(i for i, r in result.dropped if r == "tie") == [f"t{i}" for i in range(5)]
-    kept = [p for p in pairs if p["id"] in set(result.kept_ids)]
-    after = audit(kept)
-    assert confound_violations(after) == []
-    assert after[("source", "biased")].chosen_longer_share == 0.5  # equal sides in every stratum
-    assert after[("source", "biased")].pairs >= 50
-    assert result.strata["biased"] in (10, 20, 40, 80, 160, "exact")
-    # deterministic: same seed, shuffled input -> same sets; another seed -> another sample, still passing
-    shuffled = pairs[:]
-    random.Random(1).shuffle(shuffled)
-    again = balance_pairs(shuffled, ConfoundThresholds(), seed=0)
-    assert set(again.kept_ids) == set(result.kept_ids)
-    other = balance_pairs(pairs, ConfoundThresholds(), seed=1)
-    assert set(other.kept_ids) != set(result.kept_ids)
-    assert confound_violations(audit([p for p in pairs if p["id"] in set(other.kept_ids)])) == []
-
-
-def test_balancing_fixes_a_magnitude_confound_with_a_fair_share() -> None:
-    # half the pairs chosen longer by 1..200 tokens, half chosen shorter by 1..40: share 0.5 but r ~ 0.5
-    rng = random.Random(3)
-    pairs = [pair(f"p{i}", 100 + rng.randint(1, 200), 100, source="skew") for i in range(200)]
-    pairs += [pair(f"q{i}", 100, 100 + rng.randint(1, 40), source="skew") for i in range(200)]
-    before = audit(pairs)[("source", "skew")]
-    assert before.chosen_longer_share == 0.5 and before.point_biserial_r > 0.2
-    result = balance_pairs(pairs)
-    kept = [p for p in pairs if p["id"] in set(result.kept_ids)]
-    assert confound_violations(audit(kept)) == []
-    assert {r for _, r in result.dropped} == {"length_balance"}
-
-
-def test_balanced_set_is_left_whole() -> None:
-    pairs = [pair(f"f{i}", 20 + (i % 7) + 1, 20, source="fair") for i in range(60)]
-    pairs += [pair(f"g{i}", 20, 20 + (i % 7) + 1, source="fair") for i in range(60)]
-    result = balance_pairs(pairs)
-    assert result.kept_ids == [p["id"] for p in pairs]
-    assert result.dropped == [] and result.strata == {}
-
-
-def test_unbalanceable_and_small_sources() -> None:
-    always = [pair(f"a{i}", 30 + i, 10, source="always_longer") for i in range(80)]
-    small = [pair(f"s{i}", 30, 10, source="small") for i in range(20)]  # offending but under min_pairs
-    result = balance_pairs(always + small)
-    assert result.kept_ids == [p["id"] for p in small]
-    assert result.dropped == [(p["id"], "cannot_balance") for p in always]
-    assert result.dropped_counts() == {"cannot_balance": 80}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # presentation
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_length_histogram_png() -> None:
+def value_counts(*values: int) -> tuple[np.ndarray, np.ndarray]:
+    distinct, counts = np.unique(np.asarray(values), return_counts=True)
+    return distinct, counts
+
+
+def test_histogram_png() -> None:
     from PIL import Image
 
-    png = length_histogram_png([10, 20, 30, 500], [5, 15, 25, 35], "demo source")
+    png = histogram_png(value_counts(10, 20, 30, 500), value_counts(5, 15, 25, 35), 480.0, "demo source")
     assert png.startswith(PNG_SIGNATURE)
     with Image.open(io.BytesIO(png)) as image:
         assert image.format == "PNG" and image.size == (640, 360)
-    small = length_histogram_png([], [], "empty", width=320, height=200)
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    small = histogram_png(empty, empty, None, "empty", width=320, height=200)
     assert small.startswith(PNG_SIGNATURE)
     with Image.open(io.BytesIO(small)) as image:
         assert image.size == (320, 200)
@@ -399,6 +353,7 @@ def hh_harmless_pairs(smollm2_tokenizer: Any) -> list[dict[str, Any]]:
                     "rejected": record.rejected,
                     "chosen_tokens": len(smollm2_tokenizer(record.chosen, add_special_tokens=False).input_ids),
                     "rejected_tokens": len(smollm2_tokenizer(record.rejected, add_special_tokens=False).input_ids),
+                    "is_tie": is_tie(record.chosen, record.rejected),
                 }
             )
     return pairs
@@ -422,28 +377,15 @@ def test_hh_rlhf_harmless_is_not_length_confounded(hh_harmless_pairs: list[dict[
     assert a.scored_pairs == 0 and a.score_tie_rate is None
     assert not math.isnan(a.length_auc)
     assert confound_violations(result, ConfoundThresholds()) == []
-    # nothing to balance: only the 3 ties go
-    balanced = balance_pairs(hh_harmless_pairs)
-    assert balanced.dropped_counts() == {"tie": 3} and len(balanced.kept_ids) == 2300
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# precomputed tie verdicts (the rule itself is tested in test_text.py)
+# tie verdicts are the stored flags (the rule itself is tested in test_text.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_precomputed_is_tie_is_reused_when_present() -> None:
-    # the stored flag wins over the texts: audit, audit_group and balance_pairs trust it, None means "compute"
+def test_the_stored_is_tie_decides_not_the_texts() -> None:
+    # the audit never reads the texts: a flag the stage set is what counts
     flagged = [{**p, "is_tie": p["id"] == "c"} for p in HAND]
     assert audit_group(flagged).tie_pairs == 1
     assert audit(flagged)[("overall", "all")].tie_pairs == 1
-    assert audit([{**p, "is_tie": None} for p in HAND])[("overall", "all")].tie_pairs == 2
-    assert pair_is_tie({"chosen": "a", "rejected": "b", "is_tie": True})
-    assert not pair_is_tie({"chosen": "same", "rejected": "same", "is_tie": False})
-    assert pair_is_tie({"chosen": "same", "rejected": "same"})
-    assert balance_pairs(flagged).dropped == [("c", "tie")]
-    # with the flags pair_batch stores, the results equal those computed from the texts
-    pairs = synthetic_biased()
-    stored = [{**p, "is_tie": is_tie(p["chosen"], p["rejected"])} for p in pairs]
-    assert audit(stored) == audit(pairs)
-    assert balance_pairs(stored) == balance_pairs(pairs)

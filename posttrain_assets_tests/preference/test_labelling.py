@@ -13,14 +13,15 @@ import pytest
 from posttrain_assets.defs.checks.annotator_agreement import annotator_agreement_check
 from posttrain_assets.defs.resources import WarehouseResource
 from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
-from posttrain_assets.preference.audit import ConfoundThresholds, balance_pairs
+from posttrain_assets.preference.audit_sql import balance_relation
 from posttrain_assets.preference.labelling import (
     JudgeBias,
     annotator_agreement,
-    curation_drops,
+    curation_drops_query,
     judge_bias_audit,
     krippendorff_alpha,
 )
+from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_BALANCE_DROPS
 
 SCORES = pa.list_(pa.struct([("rater", pa.string()), ("chosen", pa.float64()), ("rejected", pa.float64())]))
 ANNOTATIONS = pa.struct(
@@ -175,6 +176,12 @@ def test_judge_bias_audit_stratified_by_judge_and_chosen_model() -> None:
     assert [b.feature for b in judge_bias_audit(conn, "pairs")[:4]] == ["tokens", "list", "header", "hedge"]
 
 
+def curation_drops(conn: duckdb.DuckDBPyConnection, relation: str, *args: Any, **kwargs: Any) -> dict[str, str]:
+    """Pair id -> reason of the curation drops query."""
+    query, params = curation_drops_query(relation, *args, **kwargs)
+    return dict(conn.execute(f"SELECT id, reason FROM ({query}) ORDER BY id", params).fetchall())
+
+
 def test_margin_and_disagreement_drops_reach_the_drop_list_with_their_reason() -> None:
     rows = [
         pair("m1", "scored", scores=(8.0, 7.5)),  # margin 0.5
@@ -191,11 +198,19 @@ def test_margin_and_disagreement_drops_reach_the_drop_list_with_their_reason() -
     assert curation_drops(conn, "pairs", 1.0, min_pair_agreement=0.75) == {**drops, "h2": "annotator_disagreement"}
     with pytest.raises(ValueError, match="disagreement_policy"):
         curation_drops(conn, "pairs", disagreement_policy="ignore")
-    # balance_pairs records them as drops of the balanced set, after ties
-    result = balance_pairs(rows, ConfoundThresholds(), excluded=drops)
-    assert result.dropped == [("m1", "low_margin"), ("h3", "annotator_disagreement")]
-    assert result.kept_ids == ["m2", "m3", "h1", "h2"]
-    assert result.dropped_counts() == {"low_margin": 1, "annotator_disagreement": 1}
+    # the balancing records them as drops of the balanced set, with the ties (m2 here)
+    conn.execute("UPDATE pairs SET is_tie = id = 'm2'")
+    conn.execute("CREATE SCHEMA silver")
+    excluded, params = curation_drops_query("pairs", min_score_margin=1.0)
+    result = balance_relation(
+        conn, "SELECT * FROM pairs", SILVER_PREFERENCE_BALANCE_DROPS, excluded=excluded, params=params
+    )
+    assert conn.execute("SELECT id, source, reason FROM silver.preference_balance_drops").fetchall() == [
+        ("h3", "humans", "annotator_disagreement"),
+        ("m1", "scored", "low_margin"),
+        ("m2", "scored", "tie"),
+    ]
+    assert (result.kept, result.dropped_counts) == (3, {"tie": 1, "low_margin": 1, "annotator_disagreement": 1})
 
 
 def warehouse_with_pairs(path: Path, rows: list[dict[str, Any]]) -> WarehouseResource:

@@ -4,6 +4,10 @@ Re-audits the stored pairs table per source with the very audit silver.preferenc
 (:func:`posttrain_assets.preference.audit_sql.audit_relation`: set-based SQL over the table) and fails when a
 source with enough pairs is outside the thresholds (chosen-longer share, |point-biserial r|, tie rate). The message
 names the source, the statistic and its value. Blocking: gold.preference is not written past a failure.
+
+Ties are the stored ``is_tie`` flags, set by the preference stage at its ``LengthConfoundConfig.tie_similarity``
+(the texts are not compared again here), so the checks' config, :class:`LengthConfoundGateConfig`, has the
+thresholds only.
 """
 
 import dagster as dg
@@ -11,17 +15,20 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.defs.checks.verdicts import warehouse_check
 from posttrain_assets.defs.metadata import markdown_table
-from posttrain_assets.defs.silver.preference_pairs import LengthConfoundConfig
+from posttrain_assets.defs.silver.preference_pairs import LengthConfoundGateConfig
 from posttrain_assets.preference.audit import confound_violations, markdown_audit_table
 from posttrain_assets.preference.audit_sql import audit_relation
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_PREFERENCE_PAIRS_BALANCED
 from posttrain_assets.warehouse.model import Table
 
 
-def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthConfoundConfig) -> dg.AssetCheckResult:
+def confound_check_result(
+    duckdb: DuckDBResource, table: Table, config: LengthConfoundGateConfig
+) -> dg.AssetCheckResult:
+    """The verdict of the gate on the pairs stored in ``table``."""
     thresholds = config.thresholds()
     with duckdb.get_connection() as conn:
-        audits = audit_relation(conn, table.qualified)
+        audits = audit_relation(conn, f"SELECT * FROM {table.qualified}")
     if not audits:
         return dg.AssetCheckResult(passed=True, description=f"{table.qualified} has no pairs", metadata={"pairs": 0})
     pairs = audits[("overall", "all")].pairs
@@ -52,7 +59,7 @@ def confound_check_result(duckdb: DuckDBResource, table: Table, config: LengthCo
     blocking=True,
     description="Per source: chosen-longer share within bounds, |point-biserial r| small, ties rare.",
 )
-def length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def length_confound_check(config: LengthConfoundGateConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return confound_check_result(duckdb, SILVER_PREFERENCE_PAIRS, config)
 
 
@@ -61,5 +68,5 @@ def length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) 
     blocking=True,
     description="The balanced remedy passes the same length-confound thresholds.",
 )
-def balanced_length_confound_check(config: LengthConfoundConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def balanced_length_confound_check(config: LengthConfoundGateConfig, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return confound_check_result(duckdb, SILVER_PREFERENCE_PAIRS_BALANCED, config)

@@ -28,7 +28,7 @@ from posttrain_assets.preference.labelling import (
     Agreement,
     JudgeBias,
     annotator_agreement,
-    curation_drops,
+    curation_drops_query,
     judge_bias_audit,
 )
 from posttrain_assets.preference.pairs import PairJob
@@ -55,14 +55,7 @@ AGREEMENT_KEY = dg.AssetKey(["silver", "preference_agreement"])
 PREFERENCE_ROW_COUNT = f"SELECT count(*) FROM {SILVER_RECORDS.qualified} WHERE regime = 'preference'"
 BATCH_ROWS = 4096
 BALANCED_RANGE_ROWS = 32_768  # rows per sorted id range when the balanced pairs are written
-# The balance drops (id, reason) in id order, each with its pair's source.
-INSERT_DROPS = f"""
-INSERT INTO {SILVER_PREFERENCE_BALANCE_DROPS.qualified} (id, source, reason)
-SELECT d.id, p.source, d.reason
-FROM (SELECT unnest(CAST($ids AS VARCHAR[])) AS id, unnest(CAST($reasons AS VARCHAR[])) AS reason) d
-JOIN {SILVER_PREFERENCE_PAIRS.qualified} p USING (id)
-ORDER BY d.id
-"""
+PAIRS_QUERY = f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified}"
 # The balanced set: every pair the balancing did not drop (synced, so a refresh writes only the changes).
 BALANCED_PAIRS = (
     f"SELECT * FROM {SILVER_PREFERENCE_PAIRS.qualified} "
@@ -73,14 +66,31 @@ AUDIT_FIELDS = [c.name for c in SILVER_PREFERENCE_AUDIT.columns[2:]]
 PLOTTED = ("chosen_longer_share", "point_biserial_r", "tie_rate", "median_length_ratio", "pairs")
 
 
-class LengthConfoundConfig(dg.Config):
-    """Thresholds of the length-confound gate (documented defaults); also used to balance."""
+class LengthConfoundGateConfig(dg.Config):
+    """Thresholds of the length-confound gate (documented defaults): the config of both length-confound checks. The
+    checks judge the stored pairs, ties by their ``is_tie`` flag, so the tie similarity is not theirs to set: it is
+    :class:`LengthConfoundConfig`'s, which decides the flags."""
 
     share_low: float = 0.35
     share_high: float = 0.65
     max_abs_r: float = 0.2
     max_tie_rate: float = 0.01
     min_pairs: int = 50
+
+    def thresholds(self) -> ConfoundThresholds:
+        return ConfoundThresholds(
+            share_low=self.share_low,
+            share_high=self.share_high,
+            max_abs_r=self.max_abs_r,
+            max_tie_rate=self.max_tie_rate,
+            min_pairs=self.min_pairs,
+        )
+
+
+class LengthConfoundConfig(LengthConfoundGateConfig):
+    """The preference stage: the gate's thresholds (the balancing aims at them), the tie similarity that flags ties
+    (``is_tie``; part of the pairs' stage key), the balancing seed, the curation drops and the agreement warning."""
+
     tie_similarity: float = DEFAULT_TIE_SIMILARITY
     balance_seed: int = 0
     processes: int = 0  # worker processes that count tokens and flag ties; 0: one per core this process may use
@@ -95,16 +105,6 @@ class LengthConfoundConfig(dg.Config):
     # warns when its order alpha is below min_order_alpha (Krippendorff's 0.667: the lowest for tentative use).
     min_order_alpha: float = 0.667
     min_rated_pairs: int = 20
-
-    def thresholds(self) -> ConfoundThresholds:
-        return ConfoundThresholds(
-            share_low=self.share_low,
-            share_high=self.share_high,
-            max_abs_r=self.max_abs_r,
-            max_tie_rate=self.max_tie_rate,
-            min_pairs=self.min_pairs,
-            tie_similarity=self.tie_similarity,
-        )
 
 
 def histogram_metadata(histogram: StoredHistogram, path: Path) -> dict[str, dg.MetadataValue]:
@@ -205,7 +205,7 @@ def silver_preference_pairs(
 ):
     """Count response tokens, flag ties, audit per source / kind / overall, and balance offending sources."""
     thresholds = config.thresholds()
-    job = PairJob(tokenizer.get(), thresholds.tie_similarity)
+    job = PairJob(tokenizer.get(), config.tie_similarity)
     with duckdb.get_connection() as conn:
         (rows,) = conn.execute(PREFERENCE_ROW_COUNT).fetchone()
         processes = config.processes or default_processes()
@@ -230,14 +230,23 @@ def silver_preference_pairs(
         pairs_table = SILVER_PREFERENCE_PAIRS.qualified
         with transaction(conn):
             built = sync_preference_pairs(conn, measured)
-            audits = audit_relation(conn, pairs_table)
+            audits = audit_relation(conn, PAIRS_QUERY)
             # who labelled the pairs: set-based SQL over the table (the texts never come to Python)
             judge_bias = judge_bias_audit(conn, pairs_table)
             agreement = annotator_agreement(conn, pairs_table, config.min_pair_agreement)
-            drops = curation_drops(
-                conn, pairs_table, config.min_score_margin, config.min_pair_agreement, config.disagreement_policy
+            excluded, excluded_params = curation_drops_query(
+                pairs_table, config.min_score_margin, config.min_pair_agreement, config.disagreement_policy
             )
-            balance = balance_relation(conn, pairs_table, thresholds, seed=config.balance_seed, excluded=drops)
+            # writes silver.preference_balance_drops (ties, curation drops, length balancing) in SQL
+            balance = balance_relation(
+                conn,
+                PAIRS_QUERY,
+                SILVER_PREFERENCE_BALANCE_DROPS,
+                thresholds,
+                seed=config.balance_seed,
+                excluded=excluded,
+                params=excluded_params,
+            )
             audit_rows = [
                 {"group_kind": kind, "group_name": name, **{f: getattr(result, f) for f in AUDIT_FIELDS}}
                 for (kind, name), result in audits.items()
@@ -245,10 +254,6 @@ def silver_preference_pairs(
             replace_table(conn, SILVER_PREFERENCE_AUDIT, audit_rows, transaction=False)
             replace_table(conn, SILVER_PREFERENCE_JUDGE_AUDIT, [b.as_dict() for b in judge_bias], transaction=False)
             replace_table(conn, SILVER_PREFERENCE_AGREEMENT, [a.as_dict() for a in agreement], transaction=False)
-            conn.execute(SILVER_PREFERENCE_BALANCE_DROPS.create_sql(replace=True))
-            conn.execute(
-                INSERT_DROPS, {"ids": [i for i, _ in balance.dropped], "reasons": [r for _, r in balance.dropped]}
-            )
             balanced = sync_table(conn, SILVER_PREFERENCE_PAIRS_BALANCED, BALANCED_PAIRS, "id", BALANCED_RANGE_ROWS)
         kept = balance.kept
         preview = ["id", "source", "chosen_tokens", "rejected_tokens", "is_tie"]
@@ -271,7 +276,7 @@ def silver_preference_pairs(
         histogram_file = Path(duckdb.database).resolve().parent / "artifacts" / "preference_length_histogram.png"
         histogram = stored_length_histogram(
             conn,
-            pairs_table,
+            PAIRS_QUERY,
             "chosen vs rejected tokens (all pairs)",
             histogram_file,
             redraw=config.full_rebuild or settings.full_rebuild(),
@@ -282,7 +287,7 @@ def silver_preference_pairs(
             stats[f"{kind}/{name}/{field}"] = dg.MetadataValue.float(float(getattr(result, field)))
     stats.update(histogram_metadata(histogram, histogram_file))
     pairs = audits[("overall", "all")].pairs if audits else 0
-    context.log.info(f"{pairs} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts()}")
+    context.log.info(f"{pairs} pairs audited; balancing kept {kept}, dropped {balance.dropped_counts}")
     derived = {
         "chosen_tokens": ["chosen"],
         "rejected_tokens": ["rejected"],
@@ -310,7 +315,7 @@ def silver_preference_pairs(
         metadata={
             **balanced_meta,
             **{k: dg.MetadataValue.int(v) for k, v in balanced.metadata("silver_preference_pairs_balanced").items()},
-            "dropped": dg.MetadataValue.json(balance.dropped_counts()),
+            "dropped": dg.MetadataValue.json(balance.dropped_counts),
             "strata": dg.MetadataValue.json(balance.strata),
         },
     )
