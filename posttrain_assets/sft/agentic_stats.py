@@ -165,9 +165,19 @@ def _with_tokens(stats: AgenticStats, reasoning: int, answer: int) -> AgenticSta
     return dataclasses.replace(stats, reasoning_tokens=reasoning, answer_tokens=answer, reasoning_share=share)
 
 
+def reasoning_tokens_by_row(
+    conn: duckdb.DuckDBPyConnection, columns: set[str], relation: str, key: str, tokenizer: PreTrainedTokenizerBase
+) -> dict[Any, tuple[int, int]]:
+    """(reasoning tokens, answer tokens) per row of ``relation`` (whose columns are ``columns``) that has reasoning,
+    by its column ``key``: the rows' shares of :func:`agentic_stats`'s token counts."""
+    rendered = "messages[1:num_messages]" if "num_messages" in columns else "messages"
+    turns = f"SELECT {key} AS grp, {key} AS row_id, unnest({rendered}) AS m FROM {relation}"
+    return _reasoning_tokens(conn, turns, {}, tokenizer)
+
+
 def _reasoning_tokens(
     conn: duckdb.DuckDBPyConnection, turns: str, params: dict[str, Any], tokenizer: PreTrainedTokenizerBase
-) -> dict[str, tuple[int, int]]:
+) -> dict[Any, tuple[int, int]]:
     """(reasoning tokens, answer tokens) per group, over the assistant turns of rows that have reasoning."""
     cursor = conn.execute(
         f"""

@@ -8,8 +8,9 @@ from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, sync_metadata
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
 from posttrain_assets.defs.silver.sft_tokenized import SFT_TOKENIZED_KEY
-from posttrain_assets.sft.agentic_stats import AgenticStats, agentic_stats_with_overall, markdown_agentic_table
-from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table, turn_depth_with_overall
+from posttrain_assets.sft.agentic_stats import ALL, AgenticStats, combined, markdown_agentic_table
+from posttrain_assets.sft.row_stats import stats_from_rows, update_row_stats
+from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import sync_table, transaction, trusted_fingerprints
 
@@ -62,19 +63,6 @@ def agentic_metadata(
     return metadata
 
 
-def agentic_stats_loading_the_tokenizer_if_needed(
-    conn: DuckDBPyConnection, relation: str, tokenizer: TokenizerResource
-) -> tuple[dict[str, AgenticStats], dict[str, AgenticStats]]:
-    """``agentic_stats_with_overall`` of ``relation`` (by source, overall), the tokenizer loaded only when some row has
-    reasoning: it counts the reasoning and answer tokens of those rows alone, so without them the figures are the
-    same without it. Loading it in a fresh process (transformers imported) cost 3.3 s of CPU, a third of gold.sft's
-    refresh on the 100k copy; with reasoning rows the cheap pass is repeated with it (0.2-1 s)."""
-    stats = agentic_stats_with_overall(conn, relation)
-    if any(s.rows_with_reasoning for s in stats[0].values()):
-        stats = agentic_stats_with_overall(conn, relation, tokenizer.get())
-    return stats
-
-
 def upstream_fingerprints(conn: DuckDBPyConnection) -> str | None:
     """A query giving each gold.sft row (``sync_key``) a fingerprint made of its silver.sft_tokenized and
     silver.records rows' stored fingerprints, which change whenever either row does: reading them costs a pass over
@@ -121,15 +109,17 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
                 key_ordered=True,
                 fingerprints=upstream_fingerprints(conn),
             )
+            # each row's turn depth and agentic figures are kept beside it: only the rows inserted are read, and
+            # the tokenizer is loaded only when one of them has reasoning to count
+            computed = update_row_stats(conn, GOLD_SFT, tokenizer.get)
         metadata = table_metadata(
             conn, GOLD_SFT, preview_columns=["id", "source", "num_tokens", "num_trainable_tokens"], group_by="source"
         )
-        # by source and overall from one pass over the rows each
-        metadata.update(turn_depth_metadata(*turn_depth_with_overall(conn, GOLD_SFT.qualified)))
-        metadata.update(
-            agentic_metadata(*agentic_stats_loading_the_tokenizer_if_needed(conn, GOLD_SFT.qualified, tokenizer))
-        )
+        depth, agentic = stats_from_rows(conn, GOLD_SFT)
+        metadata.update(turn_depth_metadata(*depth))
+        metadata.update(agentic_metadata(agentic, {ALL: combined(agentic.values())} if agentic else {}))
     metadata.update(sync_metadata(GOLD_SFT, counts))
+    metadata["rows_computed/gold_sft_row_stats"] = computed
     metadata["dagster/column_lineage"] = column_lineage(
         {c: [(SFT_TOKENIZED_KEY if c in FROM_TOKENIZED else SILVER_KEY, c)] for c in GOLD_SFT.column_names}
     )
