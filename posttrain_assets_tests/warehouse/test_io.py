@@ -29,6 +29,7 @@ from posttrain_assets.warehouse.io import (
     ordered_arrow,
     ordered_batches,
     replace_table,
+    stored_in_key_order,
     swap_in,
     sync_table,
     transaction,
@@ -711,6 +712,13 @@ def test_sync_table_repairs_its_fingerprints_after_rows_were_written_outside_it(
     assert same_as_a_fresh_build(conn)
     assert stored_fingerprints(conn) == content_fingerprints(conn)
     assert trusted_fingerprints(conn, SYNCED) == fingerprint_table(SYNCED)
+    # a row edited in place keeps its key: not seen while the stored fingerprints are trusted, set right when not
+    conn.execute("UPDATE main.synced SET score = 9.0 WHERE id = 'a'")
+    assert sync_rows(conn, rows) == SyncCounts(inserted=0, deleted=0, kept=3, rebuilt=False)
+    with transaction(conn):
+        counts = sync_table(conn, SYNCED, "SELECT * FROM main.sync_source", "id", 1000, trust_stored=False)
+    assert counts == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    assert same_as_a_fresh_build(conn)
 
 
 PROJECTED = Table(
@@ -747,6 +755,24 @@ def test_sync_table_with_derived_fingerprints_follows_the_rows_they_stand_for(co
     conn.execute("INSERT INTO main.projected VALUES ('b', 9.0)")  # a key twice: filled anew
     assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=4, kept=0, rebuilt=True)
     assert conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall() == projected
+
+
+def test_key_order_is_asked_only_when_rows_go_in_by_ranges_and_a_sync_erodes_it(conn):
+    asked = []
+
+    def in_order() -> bool:
+        asked.append(True)
+        return stored_in_key_order(conn, SYNCED)
+
+    rows = [row(f"k{n:03d}") for n in range(1, 40, 2)]
+    replace_table(conn, dataclasses.replace(SYNCED, name="sync_source"), rows)
+    with transaction(conn):  # a first build: the callable decides how the ranges are read
+        sync_table(conn, SYNCED, "SELECT * FROM main.sync_source", "id", 7, key_ordered=in_order)
+    assert len(asked) == 1 and stored_in_key_order(conn, SYNCED)
+    sync_rows(conn, [*rows, row("k000")])  # one new row: appended after the kept ones, not asked
+    assert len(asked) == 1
+    assert not stored_in_key_order(conn, SYNCED)
+    assert same_as_a_fresh_build(conn)
 
 
 def test_insert_key_ranges_appends_every_row_in_key_order_nulls_last(conn):

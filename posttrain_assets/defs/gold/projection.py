@@ -5,6 +5,7 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from posttrain_assets import settings
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.warehouse.io import SyncCounts, sync_table, transaction, trusted_fingerprints
 from posttrain_assets.warehouse.model import Table
@@ -47,7 +48,16 @@ def write_projection(
                 if upstream_fingerprints
                 else None
             )
-            counts = sync_table(conn, table, projection, "id", PROJECTION_RANGE_ROWS, params, fingerprints=fingerprints)
+            counts = sync_table(
+                conn,
+                table,
+                projection,
+                "id",
+                PROJECTION_RANGE_ROWS,
+                params,
+                fingerprints=fingerprints,
+                trust_stored=not settings.full_rebuild(),  # a full rebuild distrusts every kept result
+            )
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata.update(sync_metadata(table, counts))
     metadata["dagster/column_lineage"] = same_name_lineage(table, upstream_key)

@@ -4,6 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from duckdb import DuckDBPyConnection
 
+from posttrain_assets import settings
 from posttrain_assets.defs.gold.projection import GOLD_AUTOMATION, sync_metadata
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
 from posttrain_assets.defs.resources import TokenizerResource
@@ -12,7 +13,7 @@ from posttrain_assets.sft.agentic_stats import ALL, AgenticStats, combined, mark
 from posttrain_assets.sft.row_stats import stats_from_rows, update_row_stats
 from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import sync_table, transaction, trusted_fingerprints
+from posttrain_assets.warehouse.io import stored_in_key_order, sync_table, transaction, trusted_fingerprints
 
 SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
@@ -97,8 +98,8 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
         "WHERE t.num_trainable_tokens > 0"
     )
     with duckdb.get_connection() as conn:
-        # both silver tables are stored in id order, so each id range of a (first) build is read by its own query;
-        # the commit checkpoints rather than writing the token lists to the WAL first
+        # while both silver tables are stored in id order, each id range of a (first) build is read by its own
+        # query; the commit checkpoints rather than writing the token lists to the WAL first
         with transaction(conn, checkpoint=True):
             counts = sync_table(
                 conn,
@@ -106,8 +107,10 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
                 proven,
                 "id",
                 GOLD_SFT_RANGE_ROWS,
-                key_ordered=True,
+                # a sync appends new rows after the kept ones: the silver tables are in id order only until then
+                key_ordered=lambda: all(stored_in_key_order(conn, t) for t in (SILVER_SFT_TOKENIZED, SILVER_RECORDS)),
                 fingerprints=upstream_fingerprints(conn),
+                trust_stored=not settings.full_rebuild(),
             )
             # each row's turn depth and agentic figures are kept beside it: only the rows inserted are read, and
             # the tokenizer is loaded only when one of them has reasoning to count
