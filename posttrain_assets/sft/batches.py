@@ -25,7 +25,7 @@ from posttrain_assets.sft.masking import (
     decode_rows,
     independent_markers,
     template_renderings,
-    tokenize_conversations,
+    tokenized_chunks,
     verify_mask,
 )
 
@@ -87,42 +87,59 @@ def _arrow(rows: list[dict[str, Any]]) -> pa.Table | None:
 
 def tokenize_batch(job: TokenizeJob, batch: pa.Table) -> TokenizedBatch:
     """Tokenise a batch of SFT rows (``id, source, messages``), in order: a tokenised row with assistant-only
-    labels each, or a quarantine row saying why its mask cannot be exact."""
+    labels each, or a quarantine row saying why its mask cannot be exact.
+
+    The rows are packed into Arrow chunk by chunk as ``masking.tokenized_chunks`` yields them, so a worker holds
+    one chunk's token lists as Python ints (about 70 bytes a token) at a time, not its whole batch's."""
     rows = batch.to_pylist()
     cfg, hashes = job.mask, job.identity.hashes()
     tools = [r.get("tools") for r in rows]
-    results = tokenize_conversations(job.identity.tokenizer, [r["messages"] for r in rows], cfg, tools)
-    tokenized, rejected = [], []
-    for row, result in zip(rows, results, strict=True):
-        if isinstance(result, MaskError):
-            rejected.append(
-                {"id": row["id"], "source": row["source"], "reason": result.reason, "message": result.message, **hashes}
+    chunks = tokenized_chunks(job.identity.tokenizer, [r["messages"] for r in rows], cfg, tools)
+    tokenized_parts, rejected_parts = [], []
+    tokens = trained = truncated = 0
+    done = 0
+    for results in chunks:
+        tokenized, rejected = [], []
+        for row, result in zip(rows[done : done + len(results)], results, strict=True):
+            if isinstance(result, MaskError):
+                rejected.append(
+                    {"id": row["id"], "source": row["source"], "reason": result.reason, "message": result.message}
+                    | hashes
+                )
+                continue
+            tokenized.append(
+                {
+                    "id": row["id"],
+                    "source": row["source"],
+                    "input_ids": result.input_ids,
+                    "labels": result.labels,
+                    "num_tokens": result.num_tokens,
+                    "num_trainable_tokens": result.num_trainable_tokens,
+                    "num_messages": result.num_messages,
+                    "truncated": result.truncated,
+                    "train_on": cfg.train_on,
+                    "train_reasoning": cfg.train_reasoning,
+                    "end_of_turn": cfg.end_of_turn,
+                    **hashes,
+                    "max_seq_len": cfg.max_seq_len,
+                }
             )
-            continue
-        tokenized.append(
-            {
-                "id": row["id"],
-                "source": row["source"],
-                "input_ids": result.input_ids,
-                "labels": result.labels,
-                "num_tokens": result.num_tokens,
-                "num_trainable_tokens": result.num_trainable_tokens,
-                "num_messages": result.num_messages,
-                "truncated": result.truncated,
-                "train_on": cfg.train_on,
-                "train_reasoning": cfg.train_reasoning,
-                "end_of_turn": cfg.end_of_turn,
-                **hashes,
-                "max_seq_len": cfg.max_seq_len,
-            }
-        )
+            tokens += result.num_tokens
+            trained += result.num_trainable_tokens
+            truncated += result.truncated
+        done += len(results)
+        for parts, packed in ((tokenized_parts, _arrow(tokenized)), (rejected_parts, _arrow(rejected))):
+            if packed is not None:
+                parts.append(packed)
+    if done != len(rows):
+        raise RuntimeError(f"tokenised {done} of {len(rows)} rows")
     return TokenizedBatch(
-        tokenized=_arrow(tokenized),
-        rejected=_arrow(rejected),
+        tokenized=pa.concat_tables(tokenized_parts, promote_options="default") if tokenized_parts else None,
+        rejected=pa.concat_tables(rejected_parts, promote_options="default") if rejected_parts else None,
         rows=len(rows),
-        tokens=sum(r["num_tokens"] for r in tokenized),
-        trained=sum(r["num_trainable_tokens"] for r in tokenized),
-        truncated=sum(r["truncated"] for r in tokenized),
+        tokens=tokens,
+        trained=trained,
+        truncated=truncated,
     )
 
 

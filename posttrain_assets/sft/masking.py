@@ -36,7 +36,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -821,6 +821,19 @@ def tokenize_conversations(
 
     Returns one entry per conversation, in order: a :class:`TokenizedConversation` or a :class:`MaskError`.
     """
+    return [result for chunk in tokenized_chunks(tok, conversations, cfg, tools) for result in chunk]
+
+
+def tokenized_chunks(
+    tok: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, Any]]],
+    cfg: MaskConfig,
+    tools: Sequence[str | list[dict[str, Any]] | None] | None = None,
+) -> Iterator[list[TokenizedConversation | MaskError]]:
+    """:func:`tokenize_conversations` in consecutive chunks of at most :data:`_CHUNK_ROWS` conversations, each
+    yielded as soon as it is done, so a caller that packs each chunk (``sft.batches``) holds one chunk's token lists
+    as Python ints at a time, and at most two chunks' encodings (with their offsets and token strings, about 100
+    bytes a token) are alive: a worker's memory is bounded by the chunk, not by its batch."""
     if cfg.overflow not in ("quarantine", "truncate"):
         raise ValueError(f"unknown overflow {cfg.overflow!r}")
     if cfg.max_seq_len <= 0:
@@ -833,44 +846,64 @@ def tokenize_conversations(
     special_re = _special_token_pattern(tok)
     backend = _offset_backend(tok)
     skeletons = _Skeletons(tok)
-    results: list[TokenizedConversation | MaskError | None] = [None] * len(conversations)
-    too_long: list[int] = []
+
+    def finish(chunk: _Chunk) -> list[TokenizedConversation | MaskError]:
+        """The chunk's rows in order, once its encodings are back (and its too long rows truncated if asked)."""
+        encodings = chunk.encoded.result() if chunk.encoded is not None else []
+        for (row, rendered), enc in zip(chunk.pending, encodings, strict=True):
+            if len(enc) > cfg.max_seq_len:
+                chunk.too_long.append(row)
+                chunk.results[row] = MaskError("too_long", f"{len(enc)} tokens > max_seq_len {cfg.max_seq_len}")
+                continue
+            chunk.results[row] = _finish(rendered, enc, truncated=False)
+        if cfg.overflow == "truncate":
+            for row in chunk.too_long:
+                messages = template_conversation(conversations[row])
+                original = chunk.results[row]
+                chunk.results[row] = _truncate(skeletons, messages, cfg, special_re, backend, original, row_tools[row])
+        chunk.pending, chunk.encoded = [], None  # the renderings and encodings are done with
+        return [chunk.results[row] for row in chunk.rows]
+
     # Rendering is Python and encoding is Rust, which releases the GIL and spreads a batch over all cores (unless
-    # TOKENIZERS_PARALLELISM=false), so the rows go in chunks: one worker encodes a chunk while this thread renders
-    # the next, then labels the encoded ones while the last chunks encode.
+    # TOKENIZERS_PARALLELISM=false), so one thread encodes a chunk while this one renders the next, then labels the
+    # encoded one while the next encodes.
     with ThreadPoolExecutor(max_workers=1) as encoder:
-        chunks: list[tuple[list[tuple[int, _Rendered]], Future[list[Encoding]]]] = []
+        previous: _Chunk | None = None
         for begin in range(0, len(conversations), _CHUNK_ROWS):
-            pending: list[tuple[int, _Rendered]] = []
-            for row in range(begin, min(begin + _CHUNK_ROWS, len(conversations))):
+            chunk = _Chunk(range(begin, min(begin + _CHUNK_ROWS, len(conversations))))
+            for row in chunk.rows:
                 try:
                     messages = template_conversation(conversations[row])
                     rendered = _render_with_spans(skeletons, messages, cfg, special_re, tools=row_tools[row])
                 except MaskError as err:
-                    results[row] = err
+                    chunk.results[row] = err
                     continue
                 overflow = _too_long_in_pieces(backend, rendered.text, cfg.max_seq_len)
                 if overflow is not None:  # not encoded whole: bounded memory for a huge row
-                    too_long.append(row)
-                    results[row] = MaskError("too_long", overflow)
+                    chunk.too_long.append(row)
+                    chunk.results[row] = MaskError("too_long", overflow)
                     continue
-                pending.append((row, rendered))
-            if pending:
-                texts = [rendered.text for _, rendered in pending]
-                chunks.append((pending, encoder.submit(backend.encode_batch, texts, add_special_tokens=False)))
-        for pending, encoded in chunks:
-            for (row, rendered), enc in zip(pending, encoded.result(), strict=True):
-                if len(enc) > cfg.max_seq_len:
-                    too_long.append(row)
-                    results[row] = MaskError("too_long", f"{len(enc)} tokens > max_seq_len {cfg.max_seq_len}")
-                    continue
-                results[row] = _finish(rendered, enc, truncated=False)
+                chunk.pending.append((row, rendered))
+            if chunk.pending:
+                texts = [rendered.text for _, rendered in chunk.pending]
+                chunk.encoded = encoder.submit(backend.encode_batch, texts, add_special_tokens=False)
+            if previous is not None:
+                yield finish(previous)
+            previous = chunk
+        if previous is not None:
+            yield finish(previous)
 
-    if cfg.overflow == "truncate":
-        for row in too_long:
-            messages = template_conversation(conversations[row])
-            results[row] = _truncate(skeletons, messages, cfg, special_re, backend, results[row], row_tools[row])
-    return [r for r in results if r is not None]
+
+@dataclass
+class _Chunk:
+    """Consecutive rows of one :func:`tokenized_chunks` call: results known so far by row, the rows rendered for
+    encoding (with their encodings once submitted), and the rows too long for ``max_seq_len``."""
+
+    rows: range
+    results: dict[int, TokenizedConversation | MaskError] = field(default_factory=dict)
+    pending: list[tuple[int, _Rendered]] = field(default_factory=list)
+    encoded: Future[list[Encoding]] | None = None
+    too_long: list[int] = field(default_factory=list)
 
 
 def _finish(rendered: _Rendered, enc: Encoding, truncated: bool) -> TokenizedConversation | MaskError:

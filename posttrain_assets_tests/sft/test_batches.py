@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from posttrain_assets.sft import masking
 from posttrain_assets.sft.batches import (
     CANONICAL_SAMPLE_EVERY,
     ProofJob,
@@ -148,3 +149,28 @@ def test_int32_lists_match_arrows_own_conversion() -> None:
     assert converted.equals(pa.array(lists, type=pa.list_(pa.int32())))
     assert converted.to_pylist() == lists
     assert int32_lists([]).to_pylist() == []
+
+
+def test_tokenize_batch_is_the_same_whatever_the_chunk_size(smollm2_tokenizer: Any, monkeypatch: Any) -> None:
+    # Chunks of 1, 2 and 3 rows split the batch across a rejected row and a truncated one (overflow="truncate"
+    # truncates a too long row within its chunk): the same rows, in the same order, as one chunk of all of them.
+    long_chat = [*chat("Short question?", "Short answer."), *chat("Long question?", "word " * 300)]
+    conversations = [*CONVERSATIONS, long_chat, chat("Last?", "Yes.")]
+    batch = pa.Table.from_pylist(
+        [{"id": f"r{i}", "source": "chats", "messages": m} for i, m in enumerate(conversations)]
+    )
+    job = TokenizeJob(
+        TokenizerIdentity(smollm2_tokenizer, "tok-hash", "template-hash"),
+        MaskConfig(max_seq_len=120, overflow="truncate"),
+    )
+    results = {}
+    for chunk_rows in (1, 2, 3, 256):
+        monkeypatch.setattr(masking, "_CHUNK_ROWS", chunk_rows)
+        result = tokenize_batch(job, batch)
+        tokenized, rejected = result.tokenized.to_pylist(), result.rejected.to_pylist()
+        results[chunk_rows] = (tokenized, rejected, result.tokens, result.truncated)
+    tokenized, rejected, tokens, truncated = results[256]
+    assert [r["id"] for r in tokenized] == ["r0", "r1", "r3", "r4", "r5"] and [r["id"] for r in rejected] == ["r2"]
+    assert truncated == 1 and tokenized[3]["truncated"] and tokenized[3]["num_messages"] == 2
+    assert tokens == sum(r["num_tokens"] for r in tokenized)
+    assert results[1] == results[2] == results[3] == results[256]
