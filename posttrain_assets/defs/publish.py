@@ -15,7 +15,7 @@ from posttrain_assets import settings
 from posttrain_assets.defs.metadata import markdown_table
 from posttrain_assets.defs.resources import SourceRegistryResource, TokenizerResource
 from posttrain_assets.publish.exports import export_gold
-from posttrain_assets.publish.trace import GOLD_TABLES, create_trace_view, gold_tables
+from posttrain_assets.publish.trace import GOLD_TABLES, create_trace_view, gold_tables, trace_row_counts
 from posttrain_assets.warehouse.verdicts import latest_verdicts
 
 GOLD_KEYS = [dg.AssetKey(t.split(".")) for t in GOLD_TABLES]
@@ -40,7 +40,7 @@ def gold_trace(duckdb: DuckDBResource) -> dg.MaterializeResult:
     with duckdb.get_connection() as conn:
         create_trace_view(conn)
         tables = gold_tables(conn)
-        counts = conn.execute("SELECT gold_table, count(*) FROM gold.trace GROUP BY ALL ORDER BY ALL").fetchall()
+        counts = trace_row_counts(conn)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": dg.MetadataValue.int(sum(n for _, n in counts)),

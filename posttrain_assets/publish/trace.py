@@ -90,6 +90,14 @@ def create_trace_view(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute(f"CREATE OR REPLACE VIEW {TRACE_VIEW} AS {trace_select(conn)}")
 
 
+def trace_row_counts(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """``(gold table, rows)`` of ``gold.trace``, in table name order: one trace row per gold row (its joins are left
+    joins on keys unique in silver.records, bronze.records and the grouped clusters), so counted from the gold tables
+    alone rather than by joining bronze and silver for every row."""
+    tables = sorted(gold_tables(conn))
+    return [(t, conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables]
+
+
 def _trace_rows(conn: duckdb.DuckDBPyConnection, where: str, params: list[Any]) -> list[dict[str, Any]]:
     """Rows of the trace query (the view's SQL inline, so tracing works before the view exists)."""
     cursor = conn.execute(f"SELECT * FROM ({trace_select(conn)}) WHERE {where} ORDER BY id, gold_table", params)

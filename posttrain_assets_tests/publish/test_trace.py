@@ -18,6 +18,7 @@ from posttrain_assets.publish.trace import (
     gold_tables,
     provenance_violations,
     trace,
+    trace_row_counts,
 )
 from posttrain_assets.warehouse.bronze import bronze_source_table
 from posttrain_assets.warehouse.catalogue import ALL_TABLES
@@ -59,6 +60,7 @@ def test_the_view_has_every_gold_row_once_resolved_to_silver_and_bronze(conn: du
     assert {"gold.sft", "gold.rl_prompts"} <= set(tables)
     counts = dict(conn.execute("SELECT gold_table, count(*) FROM gold.trace GROUP BY ALL").fetchall())
     assert counts == {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+    assert trace_row_counts(conn) == sorted(counts.items())  # what gold.trace's materialisation reports
     assert conn.execute("SELECT count(*) FROM (SELECT DISTINCT gold_table, id FROM gold.trace)").fetchone() == (
         sum(counts.values()),
     )
