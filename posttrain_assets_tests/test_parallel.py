@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from posttrain_assets.parallel import PRELOAD, TimeLimit, map_batches, prefetched, processes_for
+from posttrain_assets.parallel import TimeLimit, map_batches, prefetched, preload_for, processes_for
 
 
 def slow_then_fast(offset: int, batch: list[int]) -> tuple[int, list[int]]:
@@ -57,7 +57,7 @@ def worker_facts(_shared: None, _item: int) -> tuple[int, int, list[str]]:
     """The worker's parent process, the process multiprocessing says started it, and the preloaded modules it has."""
     parent = multiprocessing.parent_process()
     assert parent is not None
-    return os.getppid(), parent.pid, [m for m in PRELOAD if m in sys.modules]
+    return os.getppid(), parent.pid, [m for m in preload_for(worker_facts) if m in sys.modules]
 
 
 FACTS = """
@@ -88,8 +88,52 @@ def test_workers_are_forked_from_a_server_with_the_stage_modules_loaded(tmp_path
     for parent, started_by, loaded in run["facts"]:
         assert started_by == run["caller"]
         assert parent != run["caller"]  # the fork server
-        assert loaded == list(PRELOAD)
+        assert loaded == list(preload_for(worker_facts))
     assert not run["shared_server"]
+
+
+STAGE_MODULE = """
+import os
+import sys
+
+
+def facts(_shared: None, _item: int) -> tuple[int, list[str]]:
+    return os.getppid(), sorted(m for m in ("colorsys", "wave") if m in sys.modules)
+"""
+
+SWITCH = """
+import json
+import sys
+from posttrain_assets import parallel
+from posttrain_assets.parallel import map_batches
+
+if __name__ == "__main__":
+    parallel.PRELOADS["colours"] = ("colorsys",)
+    parallel.PRELOADS["sounds"] = ("wave",)
+    from colours import facts as colour_facts
+    from sounds import facts as sound_facts
+
+    runs = [list(map_batches(f, None, range(2), processes=2)) for f in (colour_facts, colour_facts, sound_facts)]
+    print(json.dumps({"runs": runs, "colorsys": "colorsys" in sys.modules, "wave": "wave" in sys.modules}))
+"""
+
+
+@pytest.mark.slow  # fresh interpreters and fork servers: seconds
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
+def test_a_stage_with_other_modules_gets_a_fork_server_of_its_own(tmp_path: Path) -> None:
+    """Pools of one stage share a server that imported the stage's modules; a stage that needs other modules gets
+    a server that imported those only (not the last stage's: they would be resident in every worker)."""
+    for name in ("colours", "sounds"):
+        (tmp_path / f"{name}.py").write_text(STAGE_MODULE)
+    done = subprocess.run(**_script_run(tmp_path, "switch.py", SWITCH), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    (first, second, third) = [{parent for parent, _ in facts} for facts in run["runs"]]
+    assert len(first) == 1 and first == second  # one server for both pools of the colour stage
+    assert len(third) == 1 and third != first  # the sound stage's own
+    assert all(loaded == ["colorsys"] for _, loaded in run["runs"][0] + run["runs"][1])
+    assert all(loaded == ["wave"] for _, loaded in run["runs"][2])
+    assert not run["colorsys"] and not run["wave"]  # imported by the servers, not by the caller
 
 
 def environment_variable(name: str, _item: int) -> str | None:
