@@ -112,10 +112,14 @@ NEAR_BANDS = Table(
 NEAR_LISTED = Table(
     WORK_SCHEMA,
     "near_listed",
-    "Rows of the LSH buckets whose pairs are listed: a bucket of two to MAX_BUCKET rows, or a split one.",
+    "Rows of the LSH buckets whose pairs are listed: a bucket of two to MAX_BUCKET rows, or a split one. A bucket "
+    "is (start_band, start_key, suffix): its path is start_key || suffix.",
     (
         Column("start_band", "INTEGER", "the band the bucket was first formed in", False),
-        Column("path", "BLOB", "band keys of the start band and of each band it was split by, concatenated", False),
+        Column("start_key", "BLOB", "the rows' band key in the start band", False),
+        Column(
+            "suffix", "BLOB", "band keys of each band the bucket was split by, concatenated (empty: not split)", False
+        ),
         Column("seq", "BIGINT", "the staged row", False),
     ),
 )
@@ -163,10 +167,22 @@ NEAR_REMOVED = Table(
 NEAR_TOUCHED = Table(
     WORK_SCHEMA,
     "near_touched",
-    "LSH buckets (band, band key) holding an added or removed row: the only buckets whose pairs are listed again.",
+    "LSH buckets at depth 0 (band, band key) holding an added or removed row: the only buckets whose split is "
+    "worked out again.",
     (
         Column("band", "INTEGER", "band number", False),
         Column("band_key", "BLOB", "the band's key", False),
+    ),
+)
+NEAR_RELISTED = Table(
+    WORK_SCHEMA,
+    "near_relisted",
+    "Listed buckets of the touched start buckets whose pairs are listed again: they hold an added row, or the "
+    "state did not list them (a split that changed).",
+    (
+        Column("start_band", "INTEGER", "the band the bucket was first formed in", False),
+        Column("start_key", "BLOB", "the rows' band key in the start band", False),
+        Column("suffix", "BLOB", "band keys of the bands it was split by", False),
     ),
 )
 NEAR_KEPT_PAIRS = Table(
@@ -240,6 +256,7 @@ TABLES = (
     NEAR_ADDED,
     NEAR_REMOVED,
     NEAR_TOUCHED,
+    NEAR_RELISTED,
     NEAR_KEPT_PAIRS,
     NEAR_CACHED_VERDICTS,
     NEAR_JOINED,
@@ -350,11 +367,14 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
     )
 
 
-# The candidate state: the band keys of a regime's exact survivors and the candidate pairs of its buckets, as the
-# last run left them. Candidates are a function of the survivors' signatures and the bucket rules alone, and a
-# bucket's pairs depend only on the rows that share its start band key, so a run lists again only the buckets an
-# added or removed survivor is in; the pairs of every other bucket are the state's (issue 23: new rows' band keys
-# joined against the persisted band table). Both tables are replaced together in one transaction, so the state
+# The candidate state: the band keys of a regime's exact survivors, its listed buckets and their candidate pairs,
+# as the last run left them. Candidates are a function of the survivors' signatures and the bucket rules alone. A
+# start bucket's split depends only on the rows that share its start band key, so a run works the split out again
+# (from the state's band keys, in SQL) only for the start buckets an added or removed survivor is in (issue 23:
+# new rows' band keys joined against the persisted band table). Of their listed buckets, only those holding an
+# added row, or which the state did not list (the split changed), are listed again: a listed bucket's pairs are
+# the pairs of its rows, so one with no added row keeps the state's pairs less those of removed rows. The pairs of
+# every other start bucket are the state's. The tables are replaced together in one transaction, so the state
 # always describes one survivor set, whichever run wrote it.
 CANDIDATE_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
 BAND_STATE = Table(
@@ -371,13 +391,26 @@ BAND_STATE = Table(
 PAIR_STATE = Table(
     CACHE_SCHEMA,
     "near_candidate_state",
-    "Candidate pairs of each regime as of the last run, with the start bucket each was listed in (once per bucket).",
+    "Candidate pairs of each regime as of the last run, with the listed bucket each was listed in (once per bucket).",
     (
         Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
         Column("start_band", "INTEGER", "band of the bucket the pair was listed in", False),
-        Column("band_key", "BLOB", "that bucket's key (both rows' key in start_band)", False),
+        Column("band_key", "BLOB", "the start bucket's key (both rows' key in start_band)", False),
+        Column("suffix", "BLOB", "the keys of the bands the bucket was split by (empty: listed unsplit)", False),
         Column("id_low", "VARCHAR", "the lower of the two record ids", False),
         Column("id_high", "VARCHAR", "the higher one", False),
+    ),
+)
+BUCKET_STATE = Table(
+    CACHE_SCHEMA,
+    "near_bucket_state",
+    "The listed LSH buckets (two rows or more) of each regime as of the last run: a bucket listed again with no "
+    "added row has the state's pairs, less those of removed rows.",
+    (
+        Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
+        Column("start_band", "INTEGER", "band the bucket was first formed in", False),
+        Column("band_key", "BLOB", "its rows' key in start_band", False),
+        Column("suffix", "BLOB", "the keys of the bands it was split by (empty: listed unsplit)", False),
     ),
 )
 
@@ -440,30 +473,65 @@ UNION
 SELECT b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN {NEAR_REMOVED.qualified} r USING (id)
 WHERE b.stage_key = $state
 """
-# The surviving rows of the state that share a touched bucket: with the added rows, every member of those buckets.
-STATE_ROWS_OF_TOUCHED_BUCKETS = f"""
-SELECT d.seq FROM {DEDUP_ROWS.qualified} d
-WHERE d.seq = d.exact_kept AND d.id IN (
-    SELECT b.id FROM {BAND_STATE.qualified} b JOIN {NEAR_TOUCHED.qualified} t USING (band, band_key)
+# Every band key of the state's surviving rows that share a touched start bucket (their splits are worked out
+# again), unless this run placed the row's bands already (an added row, or one whose signature was recomputed).
+STATE_BANDS_OF_TOUCHED_BUCKETS = f"""
+INSERT INTO {NEAR_BANDS.qualified}
+WITH touched_rows AS (
+    SELECT DISTINCT d.seq, d.id FROM {BAND_STATE.qualified} b
+    JOIN {NEAR_TOUCHED.qualified} t USING (band, band_key)
+    JOIN {DEDUP_ROWS.qualified} d ON d.id = b.id AND d.seq = d.exact_kept
     WHERE b.stage_key = $state
+      AND NOT EXISTS (SELECT 1 FROM {NEAR_BANDS.qualified} n WHERE n.seq = d.seq)
+)
+SELECT r.seq, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN touched_rows r USING (id)
+WHERE b.stage_key = $state
+"""
+# The listed buckets of the touched start buckets whose pairs are listed again: holding an added row, or unknown to
+# the state's listed buckets.
+RELISTED_BUCKETS = f"""
+INSERT INTO {NEAR_RELISTED.qualified}
+SELECT DISTINCT l.start_band, l.start_key, l.suffix FROM {NEAR_LISTED.qualified} l
+WHERE l.seq IN (SELECT seq FROM {NEAR_ADDED.qualified}) OR NOT EXISTS (
+    SELECT 1 FROM {BUCKET_STATE.qualified} b WHERE b.stage_key = $state AND b.start_band = l.start_band
+      AND b.band_key = l.start_key AND b.suffix = l.suffix
 )
 """
-# The state's pairs listed in buckets no added or removed row is in, by this run's rows (a < b).
-STATE_PAIRS_OF_UNTOUCHED_BUCKETS = f"""
+# The rows of the buckets listed again (their signatures and sketches are needed).
+ROWS_OF_RELISTED_BUCKETS = f"""
+SELECT DISTINCT seq FROM {NEAR_LISTED.qualified}
+SEMI JOIN {NEAR_RELISTED.qualified} USING (start_band, start_key, suffix)
+"""
+# Of a state row ``s`` (pair or listed bucket): its start bucket is touched; its listed bucket is listed again;
+# its listed bucket is a listed bucket of this run's (of a touched start bucket).
+STATE_BUCKET_TOUCHED = f"""EXISTS (
+    SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = s.start_band AND t.band_key = s.band_key
+)"""
+STATE_BUCKET_RELISTED = f"""EXISTS (
+    SELECT 1 FROM {NEAR_RELISTED.qualified} r
+    WHERE r.start_band = s.start_band AND r.start_key = s.band_key AND r.suffix = s.suffix
+)"""
+STATE_BUCKET_LISTED = f"""EXISTS (
+    SELECT 1 FROM {NEAR_LISTED.qualified} l
+    WHERE l.start_band = s.start_band AND l.start_key = s.band_key AND l.suffix = s.suffix
+)"""
+# The state's pairs that stay candidates, by this run's rows (a < b): both rows survive and the pair's start bucket
+# is untouched, or its listed bucket is listed this run too but not relisted (no added row, split unchanged).
+STATE_PAIRS_STILL_LISTED = f"""
 INSERT INTO {NEAR_KEPT_PAIRS.qualified}
 SELECT DISTINCT least(da.seq, db.seq), greatest(da.seq, db.seq)
-FROM {PAIR_STATE.qualified} p
-JOIN {DEDUP_ROWS.qualified} da ON da.id = p.id_low AND da.seq = da.exact_kept
-JOIN {DEDUP_ROWS.qualified} db ON db.id = p.id_high AND db.seq = db.exact_kept
-WHERE p.stage_key = $state
-  AND NOT EXISTS (SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = p.start_band AND t.band_key = p.band_key)
+FROM {PAIR_STATE.qualified} s
+JOIN {DEDUP_ROWS.qualified} da ON da.id = s.id_low AND da.seq = da.exact_kept
+JOIN {DEDUP_ROWS.qualified} db ON db.id = s.id_high AND db.seq = db.exact_kept
+WHERE s.stage_key = $state
+  AND (NOT {STATE_BUCKET_TOUCHED} OR ({STATE_BUCKET_LISTED} AND NOT {STATE_BUCKET_RELISTED}))
 """
-# The pairs this run listed that passed the estimate, once per start bucket, by record ids.
+# The pairs this run listed that passed the estimate, once per listed bucket, by record ids.
 LISTED_PAIRS_BY_ID = f"""
-SELECT $state, p.start_band, n.band_key, least(da.id, db.id), greatest(da.id, db.id)
+SELECT $state, p.start_band, l.start_key, l.suffix, least(da.id, db.id), greatest(da.id, db.id)
 FROM {NEAR_SKETCH_PAIRS.qualified} p
 SEMI JOIN {NEAR_CANDIDATES.qualified} c ON c.a = p.a AND c.b = p.b
-JOIN {NEAR_BANDS.qualified} n ON n.seq = p.a AND n.band = p.start_band
+JOIN {NEAR_LISTED.qualified} l ON l.start_band = p.start_band AND l.seq = p.a
 JOIN {DEDUP_ROWS.qualified} da ON da.seq = p.a
 JOIN {DEDUP_ROWS.qualified} db ON db.seq = p.b
 """
@@ -478,43 +546,55 @@ def band_bucket_rows(touched_only: bool) -> str:
     return f"""
     WITH rows AS (SELECT * FROM {bands}),
     sizes AS (SELECT band, band_key, count(*) AS size FROM rows GROUP BY band, band_key HAVING count(*) > 1)
-    SELECT n.band AS start_band, n.band_key AS path, n.seq, s.size FROM rows n JOIN sizes s USING (band, band_key)
+    SELECT n.band AS start_band, n.band_key AS start_key, ''::BLOB AS suffix, n.seq, s.size
+    FROM rows n JOIN sizes s USING (band, band_key)
     """
 
 
-# The rows being split, each with the key of the next band appended to its path, in buckets of two or more, with
-# their size.
+# The rows being split, each with the key of the next band appended to its suffix, in buckets of two or more,
+# with their size.
 SPLIT_BUCKET_ROWS = f"""
 WITH rows AS (
-    SELECT s.start_band, s.path || n.band_key AS path, s.seq
+    SELECT s.start_band, s.start_key, s.suffix || n.band_key AS suffix, s.seq
     FROM {NEAR_SPLIT.qualified} s
     JOIN {NEAR_BANDS.qualified} n ON n.seq = s.seq AND n.band = (s.start_band + $depth) % $bands
 )
-SELECT * FROM (SELECT *, count(*) OVER (PARTITION BY start_band, path) AS size FROM rows) WHERE size > 1
+SELECT * FROM (SELECT *, count(*) OVER (PARTITION BY start_band, start_key, suffix) AS size FROM rows)
+WHERE size > 1
 """
 # Of the buckets at one depth, the rows listed (small enough, or at the last depth) and the rows split further.
 LISTED_AT_DEPTH = f"""
 INSERT INTO {NEAR_LISTED.qualified}
-SELECT start_band, path, seq FROM {NEAR_LEVEL.qualified} WHERE size <= $max_bucket OR $depth >= $max_depth
+SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified}
+WHERE size <= $max_bucket OR $depth >= $max_depth
 """
 SPLIT_AT_DEPTH = f"""
 INSERT INTO {NEAR_SPLIT.qualified}
-SELECT start_band, path, seq FROM {NEAR_LEVEL.qualified} WHERE size > $max_bucket AND $depth < $max_depth
+SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE size > $max_bucket AND $depth < $max_depth
 """
-# The pairs of the listed buckets of one start band whose sketches agree on at least $min_equal slots (a superset
-# of the pairs whose signatures do: see sketch_of). The sketches are compared on the pairs as they are listed, so
-# the pairs that fail (nearly all) are never stored; one start band at a time keeps DuckDB's join small.
-SKETCH_PAIRS_OF_BAND = f"""
-INSERT INTO {NEAR_SKETCH_PAIRS.qualified}
-WITH listed AS (
-    SELECT l.path, l.seq, s.sketch
-    FROM {NEAR_LISTED.qualified} l JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
-    WHERE l.start_band = $band
-)
-SELECT DISTINCT $band, x.seq, y.seq
-FROM listed x JOIN listed y ON x.path = y.path AND x.seq < y.seq
-WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
-"""
+
+
+def sketch_pairs_of_band(relisted_only: bool) -> str:
+    """The pairs of the listed buckets of one start band whose sketches agree on at least $min_equal slots (a
+    superset of the pairs whose signatures do: see sketch_of); ``relisted_only``: of the buckets in near_relisted.
+    The sketches are compared on the pairs as they are listed, so the pairs that fail (nearly all) are never
+    stored; one start band at a time keeps DuckDB's join small."""
+    listed = f"{NEAR_LISTED.qualified} l"
+    if relisted_only:
+        listed += f" SEMI JOIN {NEAR_RELISTED.qualified} r USING (start_band, start_key, suffix)"
+    return f"""
+    INSERT INTO {NEAR_SKETCH_PAIRS.qualified}
+    WITH listed AS (
+        SELECT l.start_key, l.suffix, l.seq, s.sketch
+        FROM {listed} JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
+        WHERE l.start_band = $band
+    )
+    SELECT DISTINCT $band, x.seq, y.seq
+    FROM listed x JOIN listed y ON x.start_key = y.start_key AND x.suffix = y.suffix AND x.seq < y.seq
+    WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
+    """
+
+
 # Each pair whose sketches could reach the floor, once, with both signatures for the exact estimate.
 SKETCH_PAIRS_WITH_SIGNATURES = f"""
 WITH pairs AS (SELECT DISTINCT a, b FROM {NEAR_SKETCH_PAIRS.qualified})
@@ -800,7 +880,7 @@ def deduplicate_regime_tables(
     """
     for table in TABLES:
         conn.execute(table.create_sql(replace=True))
-    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, SIMILARITY_CACHE):
+    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, SIMILARITY_CACHE):
         ensure_cache_table(conn, table)
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     survivors = _count(conn, f"({SURVIVORS})")
@@ -812,23 +892,23 @@ def deduplicate_regime_tables(
             conn.execute(REMOVED_SURVIVORS, state)
         computed = _signatures_of_uncached(conn, records, cfg, batch_rows, processes)
         if incremental:
-            # the added rows' bands, then every row of the buckets they and the removed rows are in
+            # the added rows' signatures and bands, then the state's band keys of every row of the start buckets
+            # they and the removed rows are in (their splits are worked out again)
             _signatures_from_cache(conn, cfg, batch_rows, f"SELECT seq FROM {NEAR_ADDED.qualified}")
             conn.execute(TOUCHED_BUCKETS, state)
-            _signatures_from_cache(conn, cfg, batch_rows, STATE_ROWS_OF_TOUCHED_BUCKETS, state)
+            conn.execute(STATE_BANDS_OF_TOUCHED_BUCKETS, state)
         else:
             _signatures_from_cache(conn, cfg, batch_rows, SURVIVORS)
     with timed("candidates"):
-        write_candidate_pairs(conn, cfg, batch_rows, touched_only=incremental)
-        _save_candidate_state(conn, state, incremental)
-        # survivors whose buckets were listed: all, or (from a state) the rows of the touched buckets
-        listed = survivors
+        list_buckets(conn, cfg, touched_only=incremental)
         if incremental:
-            listed = _count(
-                conn,
-                f"(SELECT DISTINCT seq FROM {NEAR_BANDS.qualified} SEMI JOIN {NEAR_TOUCHED.qualified} "
-                "USING (band, band_key))",
-            )
+            # the listed buckets whose pairs change, and the signatures of their rows
+            conn.execute(RELISTED_BUCKETS, state)
+            _signatures_from_cache(conn, cfg, batch_rows, ROWS_OF_RELISTED_BUCKETS, with_bands=False)
+        write_listed_pairs(conn, cfg, batch_rows, relisted_only=incremental)
+        _save_candidate_state(conn, state, incremental)
+        # survivors whose buckets were listed: all, or (from a state) the rows of the buckets listed again
+        listed = _count(conn, f"({ROWS_OF_RELISTED_BUCKETS})") if incremental else survivors
     with timed("verification"):
         conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
         conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
@@ -868,30 +948,28 @@ def _signatures_of_uncached(
 
 
 def _signatures_from_cache(
-    conn: duckdb.DuckDBPyConnection,
-    cfg: MinHashConfig,
-    batch_rows: int,
-    rows: str,
-    params: dict[str, Any] | None = None,
+    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, rows: str, *, with_bands: bool = True
 ) -> None:
-    """Place the cached signatures of the rows the query ``rows`` lists (with ``params``) in near_signatures, with
-    their band keys and sketches derived here (numpy, no shingling); rows already placed are skipped."""
-    query_params = {**(params or {}), "key": signature_stage_key(cfg)}
-    for cached in fetch_arrow(conn, _cached_signatures(rows), batch_rows, query_params):
+    """Place the cached signatures of the rows the query ``rows`` lists in near_signatures, with their sketches
+    and (``with_bands``: near_bands does not hold them yet) band keys derived here (numpy, no shingling); rows
+    already placed are skipped."""
+    for cached in fetch_arrow(conn, _cached_signatures(rows), batch_rows, {"key": signature_stage_key(cfg)}):
         seqs = np.asarray(cached.column("seq"), dtype=np.int64)
         signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
         insert_arrow(conn, NEAR_SIGNATURES, signatures)
-        insert_arrow(conn, NEAR_BANDS, bands)
+        if with_bands:
+            insert_arrow(conn, NEAR_BANDS, bands)
 
 
 def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str], incremental: bool) -> None:
     """Bring the candidate state to this run's survivors and add the state's still-valid pairs to the candidates.
 
-    A full listing replaces the state. Otherwise the pairs of the buckets nothing touched are taken from the state
-    (by this run's rows) before it changes; then the removed rows' bands and the touched buckets' pairs leave it
-    and the added rows' bands and the pairs listed this run enter it, in one transaction."""
+    A full listing replaces the state. Otherwise the pairs of the buckets not listed again are taken from the state
+    (by this run's rows) before it changes; then the removed rows' bands and pairs, the touched start buckets'
+    listed buckets and the relisted buckets' pairs leave it, and the added rows' bands, the touched start buckets'
+    listed buckets now and the pairs listed this run enter it, in one transaction."""
     if incremental:
-        conn.execute(STATE_PAIRS_OF_UNTOUCHED_BUCKETS, state)
+        conn.execute(STATE_PAIRS_STILL_LISTED, state)
     with transaction(conn):
         if incremental:
             conn.execute(
@@ -904,19 +982,31 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
                 f"FROM {NEAR_BANDS.qualified} n JOIN {NEAR_ADDED.qualified} a USING (seq)",
                 state,
             )
+            # pairs of a removed row; of a touched start bucket's bucket listed again, or listed no more
             conn.execute(
-                f"DELETE FROM {PAIR_STATE.qualified} p WHERE stage_key = $state AND EXISTS ("
-                f"SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = p.start_band AND t.band_key = p.band_key)",
+                f"DELETE FROM {PAIR_STATE.qualified} s WHERE stage_key = $state AND ("
+                f"id_low IN (SELECT id FROM {NEAR_REMOVED.qualified}) "
+                f"OR id_high IN (SELECT id FROM {NEAR_REMOVED.qualified}) "
+                f"OR ({STATE_BUCKET_TOUCHED} AND ({STATE_BUCKET_RELISTED} OR NOT {STATE_BUCKET_LISTED})))",
                 state,
             )
+            conn.execute(
+                f"DELETE FROM {BUCKET_STATE.qualified} s WHERE stage_key = $state AND {STATE_BUCKET_TOUCHED}", state
+            )
         else:
-            for table in (BAND_STATE, PAIR_STATE):
+            for table in (BAND_STATE, PAIR_STATE, BUCKET_STATE):
                 conn.execute(f"DELETE FROM {table.qualified} WHERE stage_key = $state", state)
             conn.execute(
                 f"INSERT INTO {BAND_STATE.qualified} SELECT $state, d.id, n.band, n.band_key "
                 f"FROM {NEAR_BANDS.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
                 state,
             )
+        # near_listed holds every listed bucket of the touched start buckets (of all, in a full listing)
+        conn.execute(
+            f"INSERT INTO {BUCKET_STATE.qualified} SELECT DISTINCT $state, start_band, start_key, suffix "
+            f"FROM {NEAR_LISTED.qualified}",
+            state,
+        )
         conn.execute(f"INSERT INTO {PAIR_STATE.qualified} {LISTED_PAIRS_BY_ID}", state)
     if incremental:
         conn.execute(
@@ -925,11 +1015,15 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
         )
 
 
-def write_candidate_pairs(
-    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, *, touched_only: bool = False
-) -> None:
-    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3),
-    and ``near_sketch_pairs`` with the pairs listed per start band.
+def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
+    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3):
+    every bucket listed (:func:`list_buckets`), then its pairs (:func:`write_listed_pairs`)."""
+    list_buckets(conn, cfg)
+    write_listed_pairs(conn, cfg, batch_rows)
+
+
+def list_buckets(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, *, touched_only: bool = False) -> None:
+    """Fill ``near_listed`` with the rows of every bucket whose pairs are listed, from ``near_bands``.
 
     Depth 0 groups the rows by one band (``touched_only``: the buckets of near_touched only); a bucket of more
     than ``dedup.MAX_BUCKET`` rows goes on to depth 1, where its rows are grouped by the next band as well, and so
@@ -946,10 +1040,20 @@ def write_candidate_pairs(
         conn.execute(SPLIT_AT_DEPTH, {**limits, "depth": depth})
         if not _count(conn, NEAR_SPLIT.qualified):
             break
+
+
+def write_listed_pairs(
+    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, *, relisted_only: bool = False
+) -> None:
+    """Fill ``near_sketch_pairs`` with the pairs of the listed buckets (``relisted_only``: of those in
+    near_relisted) per start band and ``near_candidates`` with those whose signatures pass the estimate; their rows'
+    signatures are in ``near_signatures``."""
+    bands, _rows = lsh_bands(cfg)
     # the sketch of a candidate agrees on at least the slots its signature does: count / num_perm >= floor
     min_equal = math.floor(cfg.effective_lsh_threshold() * cfg.num_perm) - 1  # - 1: whatever the float rounding
+    sketch_pairs = sketch_pairs_of_band(relisted_only)
     for band in range(bands):
-        conn.execute(SKETCH_PAIRS_OF_BAND, {"band": band, "min_equal": min_equal})
+        conn.execute(sketch_pairs, {"band": band, "min_equal": min_equal})
     for pairs in fetch_arrow(conn, SKETCH_PAIRS_WITH_SIGNATURES, batch_rows):
         insert_arrow(conn, NEAR_CANDIDATES, estimated_at_least(cfg, pairs))
 

@@ -50,6 +50,7 @@ from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_m
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
 from posttrain_assets.cleaning.dedup_tables import (
     BAND_STATE,
+    BUCKET_STATE,
     PAIR_CACHE,
     PAIR_STATE,
     SIGNATURE_CACHE,
@@ -781,7 +782,9 @@ def deduplicate_staged(
     # Point look-ups of texts by seq instead of a scan per chunk of candidate pairs (session setting: other
     # connections keep DuckDB's default).
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, BAND_STATE, PAIR_STATE, reuse=cfg.reuse)
+    open_caches(
+        conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, reuse=cfg.reuse
+    )
     near = DedupReuse()
     try:
         for regime in REGIMES:
@@ -816,7 +819,7 @@ def deduplicate_staged(
     )
     # The candidate states of other configs or code (a regime's current state is brought to its survivors above).
     states = [candidate_state_key(regime, minhash) for regime, (minhash, _) in zip(REGIMES, configs, strict=True)]
-    for table in (BAND_STATE, PAIR_STATE):
+    for table in (BAND_STATE, PAIR_STATE, BUCKET_STATE):
         conn.execute(f"DELETE FROM {table.qualified} WHERE NOT list_contains($keys, stage_key)", {"keys": states})
     conn.execute(
         f"DELETE FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key <> $key "

@@ -15,7 +15,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain_assets.cleaning.dedup_tables import BAND_STATE, PAIR_CACHE, PAIR_STATE, SIGNATURE_CACHE, SIMILARITY_CACHE
+from posttrain_assets.cleaning.dedup_tables import (
+    BAND_STATE,
+    BUCKET_STATE,
+    PAIR_CACHE,
+    PAIR_STATE,
+    SIGNATURE_CACHE,
+    SIMILARITY_CACHE,
+)
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
 from posttrain_assets.cleaning.silver_pass import DECONTAMINATION_CACHE_TABLES, GATE_CACHE_TABLES
 from posttrain_assets.curation.tables import CURATION_TABLES
@@ -38,6 +45,7 @@ CACHE_TABLES = (
     *DECONTAMINATION_CACHE_TABLES,
     SIGNATURE_CACHE,
     BAND_STATE,
+    BUCKET_STATE,
     PAIR_STATE,
     PAIR_CACHE,
     SIMILARITY_CACHE,

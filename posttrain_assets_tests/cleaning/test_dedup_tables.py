@@ -343,7 +343,8 @@ def expected_candidate_ids(rows: list[dict[str, Any]], sigs: dict[str, np.ndarra
 def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_bucket: int) -> None:
     """Signatures planted in the signature cache: a clump whose buckets split at every depth, and rows of their
     own. Added and removed rows change bucket sizes (a bucket split before may be listed whole now, and the other
-    way round); the candidates are dedup.candidate_pairs' every time, and a run lists only the touched buckets."""
+    way round); the candidates are dedup.candidate_pairs' every time, a run works out again only the splits of the
+    touched start buckets, and lists again only the split buckets that changed."""
     monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
     cfg = MinHashConfig()
     bands, _r = dedup.lsh_bands(cfg)
@@ -376,7 +377,9 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     expected = expected_candidate_ids(second, sigs, cfg)
     assert candidate_ids(conn) == expected and len(expected) > 100
     listed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()[0][0]
-    assert 24 < listed < len(second)  # the added rows and the rows sharing a bucket with an added or removed row
+    assert 24 < listed < len(second)  # the added rows and the rows sharing a start bucket with an added or removed row
+    signed = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_SIGNATURES.qualified}").fetchall()[0][0]
+    assert signed < listed  # of those, only the rows of the split buckets holding an added row (or a new split)
     kept = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_KEPT_PAIRS.qualified}").fetchall()[0][0]
     assert kept > 0  # pairs of untouched buckets came from the state
 
