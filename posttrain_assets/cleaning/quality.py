@@ -406,7 +406,7 @@ def tool_result_unmatched(record: Record, cfg: QualityConfig) -> Drop | None:
 def tie_pair(record: Record, cfg: QualityConfig) -> Drop | None:
     """A preference pair whose chosen and rejected are equal after :func:`posttrain_assets.text.fold` (no signal).
 
-    The project's tie rule (:func:`posttrain_assets.preference.audit.is_tie`) at similarity 1.0 and with end
+    The project's tie rule (:func:`posttrain_assets.text.is_tie`) at similarity 1.0 and with end
     punctuation kept: only identical pairs carry no signal at all. Near-identical pairs stay; the preference
     stage flags them ``is_tie`` and the length gate bounds their rate.
     """

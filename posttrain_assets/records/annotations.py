@@ -1,7 +1,7 @@
 """Who labelled a preference pair: the judge, the models that wrote the responses, per-aspect ratings and, where
 several annotators rated a pair, each one's scores. Read from the landing row by the preference adapters and
 carried to silver and gold as the ``annotations`` column (where the judge-bias audit and the inter-annotator
-agreement of :mod:`posttrain_assets.preference.audit` read them). No Dagster imports here.
+agreement of :mod:`posttrain_assets.preference.labelling` read them). No Dagster imports here.
 
 Optional row fields every preference format accepts (absent or null: not known):
 
