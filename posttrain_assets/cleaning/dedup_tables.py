@@ -15,10 +15,11 @@ process: the per-regime state lives in work tables, the Python work runs one bat
    ``dedup.candidate_pairs`` splits it. The pairs of the listed buckets whose signatures agree on at least the
    net's threshold of their slots are the candidates (``near_candidates``): DuckDB lists the pairs of one start
    band at a time and drops those whose one-character-per-slot sketches (:func:`sketch_of`) already fall short;
-   the few left get the exact estimate (:func:`estimated_at_least`). The survivors' band keys and the candidate
-   pairs are kept between runs (:data:`BAND_STATE`, :data:`PAIR_STATE`): a bucket's pairs depend only on its rows,
-   so a run lists again only the buckets of survivors added or removed since, and takes the others' pairs from
-   the state (the full listing when there is no state for the config).
+   the few left get the exact estimate (:func:`estimated_at_least`). The survivors' band keys, the listed buckets
+   and their candidate pairs are kept between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`, :data:`PAIR_STATE`):
+   a bucket's pairs depend only on its rows, so a run splits again only the start buckets of survivors added or
+   removed since, lists only the pairs of added rows in the buckets it knows (whole buckets it does not), and
+   takes the other pairs from the state (the full listing when there is no state for the config).
 4. **Verification** (workers, :func:`verify_batch`): candidate pairs in order, a chunk at a time with the texts
    of their rows, checked by the rules of ``MinHashConfig``; verified pairs are joined in a union-find over their
    rows. A pair whose rows are already joined is not compared (a cluster of k copies costs about k comparisons).
@@ -177,12 +178,13 @@ NEAR_TOUCHED = Table(
 NEAR_RELISTED = Table(
     WORK_SCHEMA,
     "near_relisted",
-    "Listed buckets of the touched start buckets whose pairs are listed again: they hold an added row, or the "
-    "state did not list them (a split that changed).",
+    "Listed buckets of the touched start buckets whose pairs are listed again: whole, when the state did not list "
+    "them (a split that changed); else the pairs of their added rows.",
     (
         Column("start_band", "INTEGER", "the band the bucket was first formed in", False),
         Column("start_key", "BLOB", "the rows' band key in the start band", False),
         Column("suffix", "BLOB", "band keys of the bands it was split by", False),
+        Column("whole", "BOOLEAN", "every pair listed (a bucket new to the state), not only an added row's", False),
     ),
 )
 NEAR_KEPT_PAIRS = Table(
@@ -371,11 +373,11 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
 # as the last run left them. Candidates are a function of the survivors' signatures and the bucket rules alone. A
 # start bucket's split depends only on the rows that share its start band key, so a run works the split out again
 # (from the state's band keys, in SQL) only for the start buckets an added or removed survivor is in (issue 23:
-# new rows' band keys joined against the persisted band table). Of their listed buckets, only those holding an
-# added row, or which the state did not list (the split changed), are listed again: a listed bucket's pairs are
-# the pairs of its rows, so one with no added row keeps the state's pairs less those of removed rows. The pairs of
-# every other start bucket are the state's. The tables are replaced together in one transaction, so the state
-# always describes one survivor set, whichever run wrote it.
+# new rows' band keys joined against the persisted band table). A listed bucket's pairs are the candidate pairs of
+# its rows, so one the state listed too keeps the state's pairs less those of removed rows and gets the pairs of its
+# added rows (an added row against every row of the bucket); one the state did not list (the split changed) is
+# listed whole. The pairs of every other start bucket are the state's. The tables are replaced together in one
+# transaction, so the state always describes one survivor set, whichever run wrote it.
 CANDIDATE_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
 BAND_STATE = Table(
     CACHE_SCHEMA,
@@ -487,36 +489,43 @@ WITH touched_rows AS (
 SELECT r.seq, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN touched_rows r USING (id)
 WHERE b.stage_key = $state
 """
-# The listed buckets of the touched start buckets whose pairs are listed again: holding an added row, or unknown to
-# the state's listed buckets.
+# The listed buckets of the touched start buckets whose pairs are listed again: whole when unknown to the state's
+# listed buckets; else, when holding an added row, the pairs of their added rows (the others are the state's).
 RELISTED_BUCKETS = f"""
 INSERT INTO {NEAR_RELISTED.qualified}
-SELECT DISTINCT l.start_band, l.start_key, l.suffix FROM {NEAR_LISTED.qualified} l
-WHERE l.seq IN (SELECT seq FROM {NEAR_ADDED.qualified}) OR NOT EXISTS (
-    SELECT 1 FROM {BUCKET_STATE.qualified} b WHERE b.stage_key = $state AND b.start_band = l.start_band
-      AND b.band_key = l.start_key AND b.suffix = l.suffix
+WITH buckets AS (
+    SELECT start_band, start_key, suffix, bool_or(seq IN (SELECT seq FROM {NEAR_ADDED.qualified})) AS grown
+    FROM {NEAR_LISTED.qualified} GROUP BY ALL
+),
+known AS (
+    SELECT b.*, EXISTS (
+        SELECT 1 FROM {BUCKET_STATE.qualified} s WHERE s.stage_key = $state AND s.start_band = b.start_band
+          AND s.band_key = b.start_key AND s.suffix = b.suffix
+    ) AS known
+    FROM buckets b
 )
+SELECT start_band, start_key, suffix, NOT known FROM known WHERE grown OR NOT known
 """
 # The rows of the buckets listed again (their signatures and sketches are needed).
 ROWS_OF_RELISTED_BUCKETS = f"""
 SELECT DISTINCT seq FROM {NEAR_LISTED.qualified}
 SEMI JOIN {NEAR_RELISTED.qualified} USING (start_band, start_key, suffix)
 """
-# Of a state row ``s`` (pair or listed bucket): its start bucket is touched; its listed bucket is listed again;
-# its listed bucket is a listed bucket of this run's (of a touched start bucket).
+# Of a state row ``s`` (pair or listed bucket): its start bucket is touched; its listed bucket is listed again
+# whole; its listed bucket is a listed bucket of this run's (of a touched start bucket).
 STATE_BUCKET_TOUCHED = f"""EXISTS (
     SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = s.start_band AND t.band_key = s.band_key
 )"""
 STATE_BUCKET_RELISTED = f"""EXISTS (
     SELECT 1 FROM {NEAR_RELISTED.qualified} r
-    WHERE r.start_band = s.start_band AND r.start_key = s.band_key AND r.suffix = s.suffix
+    WHERE r.whole AND r.start_band = s.start_band AND r.start_key = s.band_key AND r.suffix = s.suffix
 )"""
 STATE_BUCKET_LISTED = f"""EXISTS (
     SELECT 1 FROM {NEAR_LISTED.qualified} l
     WHERE l.start_band = s.start_band AND l.start_key = s.band_key AND l.suffix = s.suffix
 )"""
 # The state's pairs that stay candidates, by this run's rows (a < b): both rows survive and the pair's start bucket
-# is untouched, or its listed bucket is listed this run too but not relisted (no added row, split unchanged).
+# is untouched, or its listed bucket is listed this run too but not again whole (split unchanged).
 STATE_PAIRS_STILL_LISTED = f"""
 INSERT INTO {NEAR_KEPT_PAIRS.qualified}
 SELECT DISTINCT least(da.seq, db.seq), greatest(da.seq, db.seq)
@@ -576,21 +585,30 @@ SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE size
 
 def sketch_pairs_of_band(relisted_only: bool) -> str:
     """The pairs of the listed buckets of one start band whose sketches agree on at least $min_equal slots (a
-    superset of the pairs whose signatures do: see sketch_of); ``relisted_only``: of the buckets in near_relisted.
-    The sketches are compared on the pairs as they are listed, so the pairs that fail (nearly all) are never
-    stored; one start band at a time keeps DuckDB's join small."""
+    superset of the pairs whose signatures do: see sketch_of); ``relisted_only``: of the buckets in near_relisted,
+    all their pairs (``whole``) or those with an added row. The sketches are compared on the pairs as they are
+    listed, so the pairs that fail (nearly all) are never stored; one start band at a time keeps DuckDB's join
+    small."""
     listed = f"{NEAR_LISTED.qualified} l"
     if relisted_only:
-        listed += f" SEMI JOIN {NEAR_RELISTED.qualified} r USING (start_band, start_key, suffix)"
+        listed += f" JOIN {NEAR_RELISTED.qualified} r USING (start_band, start_key, suffix)"
+    whole = "r.whole" if relisted_only else "true"
+    added = f"l.seq IN (SELECT seq FROM {NEAR_ADDED.qualified})" if relisted_only else "false"
+    # the added rows of a bucket listed in part are paired with every row of it (an added pair twice: DISTINCT)
     return f"""
     INSERT INTO {NEAR_SKETCH_PAIRS.qualified}
     WITH listed AS (
-        SELECT l.start_key, l.suffix, l.seq, s.sketch
+        SELECT l.start_key, l.suffix, l.seq, s.sketch, {whole} AS whole, {added} AS added
         FROM {listed} JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
         WHERE l.start_band = $band
     )
     SELECT DISTINCT $band, x.seq, y.seq
     FROM listed x JOIN listed y ON x.start_key = y.start_key AND x.suffix = y.suffix AND x.seq < y.seq
+    WHERE x.whole AND length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
+    UNION
+    SELECT $band, least(x.seq, y.seq), greatest(x.seq, y.seq)
+    FROM (SELECT * FROM listed WHERE added AND NOT whole) x
+    JOIN listed y ON x.start_key = y.start_key AND x.suffix = y.suffix AND x.seq <> y.seq
     WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
     """
 
