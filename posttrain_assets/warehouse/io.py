@@ -144,7 +144,7 @@ def insert_ordered(
     while step * _SPLIT_WAYS < ranges:
         step *= _SPLIT_WAYS
     numbered = f"SELECT *, {number} AS {_RANGE_COLUMN} FROM ({relation})"
-    with _scratch_folder(conn, "insert_ordered") as folder, _settings(conn, _PARTITIONED_WRITE_SETTINGS):
+    with _scratch_folder(conn, "insert_ordered") as folder:
         _split_and_insert(conn, table, key, numbered, {**params, **bounds}, folder, step)
 
 
@@ -175,13 +175,14 @@ def _split_and_insert(
     """Write the query ``rows`` (with its range numbers) into one folder of ``folder`` per ``step`` ranges, then
     each folder in range order: its rows sorted and inserted into ``table`` (one range each, ``step`` 1), or split
     again by ``step / _SPLIT_WAYS`` ranges (each folder removed once it is split)."""
-    conn.execute(
-        f"""
-        COPY (SELECT *, {_RANGE_COLUMN} // {step} AS {_PART_COLUMN} FROM ({rows})) TO {_sql_string(str(folder))}
-        (FORMAT parquet, PARTITION_BY ({_PART_COLUMN}), ROW_GROUP_SIZE {_SCRATCH_ROW_GROUP_ROWS})
-        """,
-        params,
-    )
+    with _settings(conn, _PARTITIONED_WRITE_SETTINGS):
+        conn.execute(
+            f"""
+            COPY (SELECT *, {_RANGE_COLUMN} // {step} AS {_PART_COLUMN} FROM ({rows})) TO {_sql_string(str(folder))}
+            (FORMAT parquet, PARTITION_BY ({_PART_COLUMN}), ROW_GROUP_SIZE {_SCRATCH_ROW_GROUP_ROWS})
+            """,
+            params,
+        )
     written = folder.glob(f"{_PART_COLUMN}=*") if folder.exists() else ()  # no folder: no rows
     for part in sorted(written, key=lambda path: int(path.name.partition("=")[2])):
         files = f"read_parquet({_sql_string(str(part / '*.parquet'))}, hive_partitioning = false)"
@@ -220,9 +221,17 @@ _SCRATCH_ROW_GROUP_ROWS = 2048
 
 # DuckDB's partitioned COPY keeps up to ``partitioned_write_flush_threshold`` rows per thread (524,288 by
 # default) before it hands them to the partition files, and up to ``partitioned_write_max_open_files`` files (100)
-# open, each with a row group in memory; lowered to a vector and the folders of one pass. They are the database's
-# settings, so another connection's COPY meanwhile gets them too.
-_PARTITIONED_WRITE_SETTINGS = {"partitioned_write_flush_threshold": 2048, "partitioned_write_max_open_files": 16}
+# open, each with a row group in memory; lowered to a vector and the folders of one pass. Each thread keeps its own
+# partition buffers besides: at 1M rows silver.records' copy (a join of the narrow staged rows with the gate
+# cache's wide rows) ran out of the 1 GB cap with DuckDB's two threads and passed with one (peak RSS 1.5 GB); the
+# order of rows within a folder is not needed (each range is sorted when read back). They are the database's
+# settings, so another connection's COPY meanwhile gets them too; only the copy runs under them.
+_PARTITIONED_WRITE_SETTINGS = {
+    "partitioned_write_flush_threshold": 2048,
+    "partitioned_write_max_open_files": 16,
+    "preserve_insertion_order": False,
+    "threads": 1,
+}
 
 # Scratch folders are named posttrain-<purpose>-<pid>-<32 hex digits>: the pid tells a folder a killed process
 # left behind.
@@ -319,7 +328,8 @@ def sync_table(
         strays = _reconcile(conn, table, key)
     trusted = same_kind and strays is not None
     strays = strays or 0
-    if not trusted and fingerprints is not None:  # fingerprints of this kind cannot be read from the rows
+
+    def rebuild() -> SyncCounts:
         return _rebuild(
             conn,
             table,
@@ -332,6 +342,9 @@ def sync_table(
             fingerprints=fingerprints,
             kind=kind,
         )
+
+    if not trusted and fingerprints is not None:  # fingerprints of this kind cannot be read from the rows
+        return rebuild()
     fingerprint = fingerprint_sql((name, data_type) for name, data_type, _ in columns)
     # the query's columns cast to the declared types, so its rows hash as the table will store them
     casts = ", ".join(f"CAST({_quoted(name)} AS {data_type}) AS {_quoted(name)}" for name, data_type, _ in columns)
@@ -354,18 +367,7 @@ def sync_table(
                 f"FROM {table.qualified}"
             )
             if _duplicate_keys(conn, kept):  # not written by this function: start again from the declaration
-                return _rebuild(
-                    conn,
-                    table,
-                    relation,
-                    key,
-                    rows,
-                    params,
-                    had_table=True,
-                    key_ordered=key_ordered,
-                    fingerprints=fingerprints,
-                    kind=kind,
-                )
+                return rebuild()
         conn.execute(
             f"CREATE TEMP TABLE {gone} AS SELECT sync_key FROM {kept} "
             f"ANTI JOIN {wanted} USING (sync_key, sync_fingerprint)"
