@@ -195,12 +195,17 @@ def test_rerunning_the_whole_graph_gives_identical_tables(demo_graph: Graph) -> 
     assert len(per_source) == 11
     caches = {t for t in stored if t.startswith("cache.")}  # the per-row stage caches (warehouse.stage_cache)
     assert {"cache.gate_rows", "cache.sft_tokenized", "cache.near_signatures"} <= caches
+    # the synced tables' stored row fingerprints (io.sync_table) and gold.sft's per-row statistics, beside them
+    syncs = {t for t in stored if t.startswith("sync.")}
+    assert {"sync.silver__records", "sync.gold__sft", "sync.gold__sft__row_stats"} <= syncs
+    assert all(".".join(t.removeprefix("sync.").split("__")[:2]) in stored for t in syncs)
     assert (
         stored
         == {t.qualified for t in ALL_TABLES} - {"gold.preference"}
         | {TRACE_VIEW, "checks.verdicts"}
         | per_source
         | caches
+        | syncs
     )
     # silver.records says where its pass spent its time, as numbers the UI plots per run
     event = demo_graph.instance.get_latest_materialization_event(dg.AssetKey(["silver", "records"]))
@@ -276,18 +281,19 @@ def test_corrupted_mask_fails_loss_mask_check_and_blocks_gold_sft(
     broken_graph: tuple[Graph, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph, good = broken_graph
-    real_tokenize = sft.tokenize_conversations  # one batch of 950 rows: tokenised in this process
+    real_chunks = sft.tokenized_chunks  # one batch of 950 rows: tokenised in this process
     corrupted: dict[str, int] = {}
 
-    def tokenize_with_a_trained_header(tok, conversations, cfg, tools=None):
-        results = real_tokenize(tok, conversations, cfg, tools)
-        first: TokenizedConversation = results[0]
-        position = first.labels.index(IGNORE_INDEX)  # position 0: `<|im_start|>` of the system header
-        first.labels[position] = first.input_ids[position]
-        corrupted["position"] = position
-        return results
+    def chunks_with_a_trained_header(tok, conversations, cfg, tools=None):
+        for number, results in enumerate(real_chunks(tok, conversations, cfg, tools)):
+            if number == 0:
+                first: TokenizedConversation = results[0]
+                position = first.labels.index(IGNORE_INDEX)  # position 0: `<|im_start|>` of the system header
+                first.labels[position] = first.input_ids[position]
+                corrupted["position"] = position
+            yield results
 
-    monkeypatch.setattr(sft, "tokenize_conversations", tokenize_with_a_trained_header)
+    monkeypatch.setattr(sft, "tokenized_chunks", chunks_with_a_trained_header)
     monkeypatch.setenv("POSTTRAIN_FULL_REBUILD", "1")  # the caches hold every row: tokenise them again
     result = graph.refresh()
 
