@@ -302,8 +302,8 @@ def sync_table(
     caller's transaction then rolls back)."""
     params = dict(params or {})
     kind = _fingerprint_kind(table, relation, fingerprints, params)
-    stored = _stored_columns(conn, table)
-    if stored != declared_columns(table):
+
+    def rebuild(had_table: bool = True) -> SyncCounts:
         return _rebuild(
             conn,
             table,
@@ -311,11 +311,15 @@ def sync_table(
             key,
             rows,
             params,
-            had_table=bool(stored),
+            had_table=had_table,
             key_ordered=key_ordered,
             fingerprints=fingerprints,
             kind=kind,
         )
+
+    stored = _stored_columns(conn, table)
+    if stored != declared_columns(table):
+        return rebuild(had_table=bool(stored))
     if conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table.qualified} LIMIT 1)").fetchone() == (0,):
         inserted = _fill(conn, table, relation, key, rows, params, key_ordered=key_ordered)
         _store_fingerprints(conn, table, key, params, fingerprints, kind)
@@ -328,20 +332,6 @@ def sync_table(
         strays = _reconcile(conn, table, key)
     trusted = same_kind and strays is not None
     strays = strays or 0
-
-    def rebuild() -> SyncCounts:
-        return _rebuild(
-            conn,
-            table,
-            relation,
-            key,
-            rows,
-            params,
-            had_table=True,
-            key_ordered=key_ordered,
-            fingerprints=fingerprints,
-            kind=kind,
-        )
 
     if not trusted and fingerprints is not None:  # fingerprints of this kind cannot be read from the rows
         return rebuild()
