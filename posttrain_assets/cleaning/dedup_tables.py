@@ -1033,13 +1033,6 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
         )
 
 
-def write_candidate_pairs(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int) -> None:
-    """Fill ``near_candidates`` from ``near_bands`` and ``near_signatures`` (see the module docstring, step 3):
-    every bucket listed (:func:`list_buckets`), then its pairs (:func:`write_listed_pairs`)."""
-    list_buckets(conn, cfg)
-    write_listed_pairs(conn, cfg, batch_rows)
-
-
 def list_buckets(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, *, touched_only: bool = False) -> None:
     """Fill ``near_listed`` with the rows of every bucket whose pairs are listed, from ``near_bands``.
 

@@ -254,7 +254,8 @@ def candidates_in_tables(sigs: np.ndarray, cfg: MinHashConfig, batch_rows: int =
         conn.register("rows", rows)
         conn.execute(table.insert_sql("rows"))
         conn.unregister("rows")
-    dedup_tables.write_candidate_pairs(conn, cfg, batch_rows)
+    dedup_tables.list_buckets(conn, cfg)
+    dedup_tables.write_listed_pairs(conn, cfg, batch_rows)
     pairs = conn.execute(f"SELECT a, b FROM {dedup_tables.NEAR_CANDIDATES.qualified} ORDER BY a, b").fetchall()
     return [tuple(p) for p in pairs]
 
