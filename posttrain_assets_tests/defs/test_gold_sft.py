@@ -1,6 +1,7 @@
 """gold.sft's statistics kept per row (posttrain_assets.sft.row_stats, written by the gold.sft asset): after each
 sync their aggregates equal turn depth and agentic statistics computed over the whole table, only the rows the sync
-inserted are read, and the tokenizer is loaded only when one of those has reasoning to count."""
+inserted are read, the tokenizer is loaded only when one of those has reasoning to count, and sft_turn_depth_check
+reads them while they cover the table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from posttrain_assets.defs.checks.turn_depth import gold_sft_turn_depth
 from posttrain_assets.sft.agentic_stats import agentic_stats
 from posttrain_assets.sft.row_stats import row_stats_table, stats_from_rows, update_row_stats
 from posttrain_assets.sft.turn_depth import turn_depth_with_overall
@@ -113,3 +115,25 @@ def test_an_empty_table_has_no_figures() -> None:
     conn = duckdb.connect()
     assert sync(conn, [], CountingTokenizer()) == 0
     assert stats_from_rows(conn, SFT) == (({}, {}), {})
+
+
+def test_the_turn_depth_check_reads_the_row_stats_while_they_cover_the_table() -> None:
+    conn = duckdb.connect()
+    conn.execute("CREATE SCHEMA gold")
+    gold = dataclasses.replace(SFT, schema="gold")
+    assert row_stats_table(gold).qualified == row_stats_table(GOLD_SFT).qualified
+    rows = [chat("a1", "a", 1), chat("a2", "a", 3), chat("b1", "b", 2)]
+    replace_table(conn, gold, rows)
+    # no statistics stored yet: the table itself
+    assert gold_sft_turn_depth(conn) == turn_depth_with_overall(conn, gold.qualified)
+    with transaction(conn):
+        sync_table(conn, gold, f"SELECT * FROM {gold.qualified}", "id", 100)
+        assert update_row_stats(conn, gold, CountingTokenizer().get) == 3
+    # the statistics: the table's figures; a statistic changed on purpose shows which of the two was read
+    conn.execute(f"UPDATE {row_stats_table(gold).qualified} SET turns = 5 WHERE sync_key = 'a1'")
+    by_source, overall = gold_sft_turn_depth(conn)
+    assert by_source["a"].turns_histogram == {"3": 1, "5": 1} and overall["all"].multi_turn_rows == 3
+    # a row deleted behind the statistics' back: they no longer cover the table, which is read instead
+    conn.execute(f"DELETE FROM {gold.qualified} WHERE id = 'b1'")
+    assert gold_sft_turn_depth(conn) == turn_depth_with_overall(conn, gold.qualified)
+    assert gold_sft_turn_depth(conn)[1]["all"].rows == 2
