@@ -29,9 +29,8 @@ import pyarrow.compute as pc
 from posttrain_assets.parallel import default_processes, map_batches, processes_for
 from posttrain_assets.sft.batches import MaskProof, ProofJob, prove_batch
 from posttrain_assets.sft.masking import IGNORE_INDEX
-from posttrain_assets.sft.tokenize_stage import streaming_memory_limit
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import ordered_arrow, transaction
+from posttrain_assets.warehouse.io import memory_limit_at_most, ordered_arrow, transaction
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -224,7 +223,7 @@ def prove_tokenized(
         (missing,) = conn.execute(ROWS_TO_PROVE_COUNT).fetchone()
         workers = processes_for(missing, batch_rows, default_processes() if processes is None else processes)
         batches = ordered_arrow(conn, ROWS_TO_PROVE, "id", batch_rows)
-        with streaming_memory_limit(conn):  # DuckDB's cache beside the workers stays small, whatever the corpus
+        with memory_limit_at_most(conn):  # DuckDB's cache beside the workers stays small, whatever the corpus
             for proven in map_batches(prove_and_keep_passed, job, batches, workers):
                 proof.add(proven.proof)
                 with transaction(conn):  # a killed run leaves whole batches, which the next run reuses

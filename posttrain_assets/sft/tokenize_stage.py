@@ -12,9 +12,7 @@ source when a duplicate displaces it). A refresh after adding 1% of rows tokenis
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -23,7 +21,7 @@ import pyarrow as pa
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import insert_arrow, ordered_arrow, sync_table, transaction
+from posttrain_assets.warehouse.io import insert_arrow, memory_limit_at_most, ordered_arrow, sync_table, transaction
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -91,46 +89,6 @@ def _forget_stale(cached: Table) -> str:
 # Rows per sorted range when the silver tables are written from the cache in id order.
 PUBLISH_RANGE_ROWS = 32_768
 
-# DuckDB's memory cap while a stage streams batches through worker processes (this one and the mask proof): a range
-# read and a batch's insert need little, but under the warehouse's cap (defs.resources.DUCKDB_MEMORY_LIMIT, 1 GB)
-# the buffer pool keeps every block the loop reads or writes, so the process grew with the corpus towards the cap
-# while the workers hold their own memory beside it (100k rows: 600-900 MiB of DuckDB in this loop).
-STREAMING_MEMORY_LIMIT = "256MiB"
-_UNITS = {"bytes": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
-_UNITS |= {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-
-
-def _bytes(size: str) -> float:
-    """A DuckDB memory size (``953.6 MiB``, ``1GB``) in bytes."""
-    found = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|bytes)\s*", size)
-    if found is None:
-        raise ValueError(f"not a DuckDB memory size: {size!r}")
-    return float(found[1]) * _UNITS[found[2]]
-
-
-def _restorable(shown: str) -> str:
-    """The size DuckDB shows as ``shown`` (truncated to 0.1 of its unit), to within 0.05 of that unit."""
-    number, unit = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|bytes)\s*", shown).groups()
-    return shown if unit == "bytes" else f"{float(number) + 0.05:.2f} {unit}"
-
-
-@contextmanager
-def streaming_memory_limit(conn: duckdb.DuckDBPyConnection, limit: str = STREAMING_MEMORY_LIMIT) -> Iterator[None]:
-    """DuckDB's ``memory_limit`` at most ``limit`` inside the block (never raised), restored on the way out, also
-    when the block raises. Set on a cursor of its own, outside the caller's transactions; lowering it evicts cached
-    blocks, raising it back lets later statements use the warehouse's cap again (to within 0.05 of the unit DuckDB
-    reports it in: it shows 1 GB as 953.6 MiB, truncated, and the cap restored is 953.65 MiB, shown alike)."""
-    with conn.cursor() as cursor:
-        (before,) = cursor.execute("SELECT current_setting('memory_limit')").fetchone()
-        if _bytes(limit) >= _bytes(before):
-            yield
-            return
-        cursor.execute("SET GLOBAL memory_limit = $limit", {"limit": limit})
-        try:
-            yield
-        finally:
-            cursor.execute("SET GLOBAL memory_limit = $limit", {"limit": _restorable(before)})
-
 
 def tokenize_stage_key(job: TokenizeJob) -> str:
     """Everything a tokenised row depends on besides its content: tokenizer and template hashes, mask config, the
@@ -176,7 +134,7 @@ def build_sft_tokenized(
         # Batches come back in id order, so a first build stores the cache in id order and the ranges below are
         # pruned by zone maps; a refresh appends its new ids after them.
         batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows)
-        with streaming_memory_limit(conn):
+        with memory_limit_at_most(conn):
             for batch in map_batches(tokenize_batch, job, batches, processes_for(todo, batch_rows, processes)):
                 with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
                     for cached, rows in ((TOKENIZED_CACHE, batch.tokenized), (REJECTED_CACHE, batch.rejected)):

@@ -175,7 +175,7 @@ def _split_and_insert(
     """Write the query ``rows`` (with its range numbers) into one folder of ``folder`` per ``step`` ranges, then
     each folder in range order: its rows sorted and inserted into ``table`` (one range each, ``step`` 1), or split
     again by ``step / _SPLIT_WAYS`` ranges (each folder removed once it is split)."""
-    with _settings(conn, _PARTITIONED_WRITE_SETTINGS):
+    with duckdb_settings(conn, _PARTITIONED_WRITE_SETTINGS):
         conn.execute(
             f"""
             COPY (SELECT *, {_RANGE_COLUMN} // {step} AS {_PART_COLUMN} FROM ({rows})) TO {_sql_string(str(folder))}
@@ -655,8 +655,35 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# DuckDB's memory cap while a stage streams batches through worker processes (SFT tokenisation, the mask proof): a
+# range read and a batch's insert need little, but under the warehouse's cap (defs.resources.DUCKDB_MEMORY_LIMIT,
+# 1 GB) the buffer pool keeps every block the loop reads or writes, so the process grew with the corpus towards the
+# cap while the workers hold their own memory beside it (100k rows: 600-900 MiB of DuckDB in that loop).
+STREAMING_MEMORY_LIMIT = "256MiB"
+_MEMORY_SIZE = re.compile(r"\s*([\d.]+)\s*([KMGT]i?B|bytes)\s*")
+_UNITS = {"bytes": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_UNITS |= {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def memory_bytes(size: str) -> float:
+    """A DuckDB memory size (``953.6 MiB``, ``1GB``) in bytes."""
+    found = _MEMORY_SIZE.fullmatch(size)
+    if found is None:
+        raise ValueError(f"not a DuckDB memory size: {size!r}")
+    return float(found[1]) * _UNITS[found[2]]
+
+
+def _restorable(shown: str) -> str:
+    """A setting's value as DuckDB shows it, to set it back: a memory size is shown truncated to 0.1 of its unit
+    (1 GB as 953.6 MiB), so it is set to within 0.05 of that unit (953.65 MiB, shown alike); anything else as is."""
+    found = _MEMORY_SIZE.fullmatch(shown)
+    if found is None or found[2] == "bytes":
+        return shown
+    return f"{float(found[1]) + 0.05:.2f} {found[2]}"
+
+
 @contextmanager
-def _settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int | str]) -> Iterator[None]:
+def duckdb_settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int | str]) -> Iterator[None]:
     """The database's global DuckDB ``settings`` inside the block, restored on the way out, also when the block
     raises. Set on a cursor of its own: a failed statement aborts the caller's open transaction on ``conn``, where
     no SET runs until the caller rolls back."""
@@ -670,7 +697,19 @@ def _settings(conn: duckdb.DuckDBPyConnection, settings: dict[str, int | str]) -
             yield
         finally:
             for name, value in before.items():
-                cursor.execute(f"SET GLOBAL {name} = $value", {"value": value})
+                cursor.execute(f"SET GLOBAL {name} = $value", {"value": _restorable(str(value))})
+
+
+@contextmanager
+def memory_limit_at_most(conn: duckdb.DuckDBPyConnection, limit: str = STREAMING_MEMORY_LIMIT) -> Iterator[None]:
+    """DuckDB's ``memory_limit`` at most ``limit`` inside the block (a lower cap is never raised), the warehouse's
+    cap again after it (:func:`duckdb_settings`). Lowering it evicts cached blocks."""
+    with conn.cursor() as cursor:
+        (before,) = cursor.execute("SELECT current_setting('memory_limit')").fetchone()
+    with (
+        duckdb_settings(conn, {"memory_limit": limit}) if memory_bytes(limit) < memory_bytes(before) else nullcontext()
+    ):
+        yield
 
 
 def _sql_string(text: str) -> str:
@@ -831,7 +870,7 @@ def transaction(conn: duckdb.DuckDBPyConnection, *, checkpoint: bool = False) ->
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    with _settings(conn, {"wal_autocheckpoint": CHECKPOINT_AT_COMMIT}) if checkpoint else nullcontext():
+    with duckdb_settings(conn, {"wal_autocheckpoint": CHECKPOINT_AT_COMMIT}) if checkpoint else nullcontext():
         conn.execute("COMMIT")
 
 

@@ -16,9 +16,7 @@ from posttrain_assets.sft.masking import MaskConfig
 from posttrain_assets.sft.tokenize_stage import (
     TOKENIZED_CACHE,
     TokenizeTotals,
-    _bytes,
     build_sft_tokenized,
-    streaming_memory_limit,
 )
 from posttrain_assets.sft.tokenizer import tokenizer_identity
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS
@@ -122,22 +120,3 @@ def test_a_changed_mask_config_tokenises_every_row_again(conn, smollm2_tokenizer
     assert conn.execute("SELECT count(*) FROM silver.sft_tokenized").fetchone() == (0,)
     reasons = conn.execute("SELECT id, reason FROM silver.sft_quarantine ORDER BY id").fetchall()
     assert reasons == [("a1", "too_long"), ("b2", "too_long"), ("c3", "special_token_in_content"), ("d4", "too_long")]
-
-
-def memory_limit(conn: duckdb.DuckDBPyConnection) -> str:
-    return conn.execute("SELECT current_setting('memory_limit')").fetchone()[0]
-
-
-def test_the_streaming_loop_caps_duckdb_memory_and_restores_the_warehouse_cap(tmp_path: Path) -> None:
-    conn = duckdb.connect(str(tmp_path / "w.duckdb"), config={"memory_limit": "1GB"})
-    with streaming_memory_limit(conn, "256MiB"):
-        assert memory_limit(conn) == "256.0 MiB"
-    assert memory_limit(conn) == "953.6 MiB"  # 1 GB
-    with pytest.raises(RuntimeError, match="stage failed"), streaming_memory_limit(conn, "128MiB"):
-        assert memory_limit(conn) == "128.0 MiB"
-        raise RuntimeError("stage failed")
-    assert memory_limit(conn) == "953.6 MiB" and abs(_bytes("953.65 MiB") - 1e9) < 0.05 * 2**20
-    conn.execute("SET memory_limit = '100MB'")  # a cap already below the streaming one is never raised
-    with streaming_memory_limit(conn, "256MiB"):
-        assert memory_limit(conn) == "95.3 MiB"
-    assert memory_limit(conn) == "95.3 MiB"

@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -26,6 +27,8 @@ from posttrain_assets.warehouse.io import (
     insert_ordered,
     insert_rows,
     key_ranges,
+    memory_bytes,
+    memory_limit_at_most,
     ordered_arrow,
     ordered_batches,
     replace_table,
@@ -806,3 +809,22 @@ def test_a_transaction_can_checkpoint_at_commit_instead_of_writing_the_wal(tmp_p
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (50000,)
     with duckdb.connect(str(path), read_only=True) as conn:
         assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (50000, 49999)
+
+
+def memory_limit(conn: duckdb.DuckDBPyConnection) -> str:
+    return conn.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+
+def test_memory_limit_at_most_caps_duckdb_memory_and_restores_the_warehouse_cap(tmp_path: Path) -> None:
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"), config={"memory_limit": "1GB"})
+    with memory_limit_at_most(conn, "256MiB"):
+        assert memory_limit(conn) == "256.0 MiB"
+    assert memory_limit(conn) == "953.6 MiB"  # 1 GB
+    with pytest.raises(RuntimeError, match="stage failed"), memory_limit_at_most(conn, "128MiB"):
+        assert memory_limit(conn) == "128.0 MiB"
+        raise RuntimeError("stage failed")
+    assert memory_limit(conn) == "953.6 MiB" and abs(memory_bytes("953.65 MiB") - 1e9) < 0.05 * 2**20
+    conn.execute("SET memory_limit = '100MB'")  # a cap already below the streaming one is never raised
+    with memory_limit_at_most(conn, "256MiB"):
+        assert memory_limit(conn) == "95.3 MiB"
+    assert memory_limit(conn) == "95.3 MiB"
