@@ -557,7 +557,9 @@ def _buckets(sigs: np.ndarray, members: np.ndarray, columns: slice) -> tuple[np.
     return members[order], starts[sizes > 1], sizes[sizes > 1]
 
 
-def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.ndarray:
+def candidate_pairs(
+    sigs: np.ndarray, cfg: MinHashConfig | None = None, same_key: Sequence[Hashable | None] | None = None
+) -> np.ndarray:
     """Candidate near-duplicate pairs: (k, 2) int64 indices ``i < j``, sorted and unique.
 
     A pair is a candidate when the two signatures are equal on all ``r`` rows of at least one of the ``b``
@@ -565,6 +567,11 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
     estimated Jaccard similarity reaches the net's threshold (LSH false positives below it are dropped
     before any text is compared). Each band is one ``np.lexsort`` over all rows; the pairs of its buckets
     are listed a bucket size at a time (:func:`_pairs_in_buckets`), without a Python step per bucket.
+    ``same_key`` (per row, as :func:`verified_clusters` takes it): a pair whose first row has a key the
+    second does not share is no candidate, since verification would never join it. Buckets are formed and
+    split without the keys, so the pairs left are exactly those verification would compare: templated RL
+    prompts that differ only in their numbers share most buckets, and their pairs grow with the square of
+    the rows of a template.
 
     A bucket of more than :data:`MAX_BUCKET` rows is split by the rows of the next band (up to
     :data:`MAX_SPLIT_BANDS` of them) before its pairs are listed. Listing it whole costs the square of its
@@ -585,9 +592,18 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
         return slice(band * rows, (band + 1) * rows)
 
     found: list[np.ndarray] = []
+    codes = _same_key_codes(same_key)
+
+    def comparable(pairs: np.ndarray) -> np.ndarray:
+        if codes is None:
+            return pairs
+        first, second = codes[pairs[:, 0]], codes[pairs[:, 1]]
+        return pairs[(first < 0) | (first == second)]
 
     def listed(ordered: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> None:
-        found.extend(_estimated_at_least(sigs, part, floor) for part in _pairs_in_buckets(ordered, starts, sizes))
+        found.extend(
+            _estimated_at_least(sigs, comparable(part), floor) for part in _pairs_in_buckets(ordered, starts, sizes)
+        )
 
     everyone = np.arange(n)
     for band in range(bands):
@@ -603,6 +619,25 @@ def candidate_pairs(sigs: np.ndarray, cfg: MinHashConfig | None = None) -> np.nd
         return np.empty((0, 2), dtype=np.int64)
     codes = np.unique(np.concatenate([p[:, 0].astype(np.int64) * n + p[:, 1] for p in found]))
     return np.stack([codes // n, codes % n], axis=1)
+
+
+def _same_key_codes(same_key: Sequence[Hashable | None] | None) -> np.ndarray | None:
+    """Per row, a number for its same key (equal keys, equal numbers), -1 for a row without one; None without keys."""
+    if same_key is None:
+        return None
+    numbers: dict[Hashable, int] = {}
+    return np.array([-1 if k is None else numbers.setdefault(k, len(numbers)) for k in same_key], dtype=np.int64)
+
+
+def same_key_hash(record: Record) -> int | None:
+    """A 64-bit signed hash of :func:`rl_same_key` (None for a row without a same key), the same in every process:
+    the DuckDB path pairs only rows whose hashes are equal (a rare collision only lets verification compare a pair
+    it then rejects on the keys themselves)."""
+    key = rl_same_key(record)
+    if key is None:
+        return None
+    digest = hashlib.blake2b(repr(key).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 # Texts of rows by index, for verification: index -> (dedup unit, guard text or None).
@@ -653,7 +688,7 @@ def verified_clusters(
     n = len(ids)
     if n < 2:
         return []
-    pairs = candidate_pairs(sigs, cfg)
+    pairs = candidate_pairs(sigs, cfg, same_key)
 
     def keyed(i: int) -> bool:
         return same_key is not None and same_key[i] is not None

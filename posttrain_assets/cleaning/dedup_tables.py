@@ -13,10 +13,12 @@ process: the per-regime state lives in work tables, the Python work runs one bat
 3. **Candidates** (SQL): rows sharing a bucket (``GROUP BY band, band_key``); a bucket of more than
    ``dedup.MAX_BUCKET`` rows is split by the keys of the next bands, up to ``dedup.MAX_SPLIT_BANDS`` of them, as
    ``dedup.candidate_pairs`` splits it. The pairs of the listed buckets whose signatures agree on at least the
-   net's threshold of their slots are the candidates (``near_candidates``): DuckDB lists the pairs of one start
-   band at a time and drops those whose one-character-per-slot sketches (:func:`sketch_of`) already fall short;
-   the few left get the exact estimate (:func:`estimated_at_least`). The survivors' band keys, the listed buckets
-   and their candidate pairs are kept between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`, :data:`PAIR_STATE`):
+   net's threshold of their slots, and whose same keys agree (RL: ``dedup.same_key_hash``; verification never
+   joins rows whose keys differ, and ``dedup.candidate_pairs`` leaves them out), are the candidates
+   (``near_candidates``): DuckDB lists the pairs of one start band at a time and drops those whose
+   one-character-per-slot sketches (:func:`sketch_of`) already fall short; the few left get the exact estimate
+   (:func:`estimated_at_least`). The survivors' band keys, the listed buckets and their candidate pairs are kept
+   between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`, :data:`PAIR_STATE`):
    a bucket's pairs depend only on its rows, so a run splits again only the start buckets of survivors added or
    removed since, lists only the pairs of added rows in the buckets it knows (whole buckets it does not), and
    takes the other pairs from the state (the full listing when there is no state for the config).
@@ -57,6 +59,7 @@ from posttrain_assets.cleaning.dedup import (
     minhash_signatures,
     near_duplicate_words,
     rl_same_key,
+    same_key_hash,
     tokens,
     unit_words,
 )
@@ -98,6 +101,7 @@ NEAR_SIGNATURES = Table(
         Column("seq", "BIGINT", "the staged row", False),
         Column("signature", "UINTEGER[]", "num_perm slot values (32-bit in either permutation scheme)", False),
         Column("sketch", "VARCHAR", "one ASCII character per slot (sketch_of): equal slots, equal characters", False),
+        Column("same_key", "BIGINT", "dedup.same_key_hash of the row (RL); null in a regime without same keys"),
     ),
 )
 NEAR_BANDS = Table(
@@ -281,8 +285,9 @@ SURVIVORS = f"SELECT seq FROM {DEDUP_ROWS.qualified} WHERE seq = exact_kept"
 # ---------------------------------------------------------------------------------------------------------------
 
 # A dedup unit is built from the record's content (its id is a hash of it), so its signature depends on the id, the
-# MinHash config and the code that shingles and hashes it. Band keys and sketches are cheap functions of the
-# signature and are derived again each run (signature_tables).
+# MinHash config and the code that shingles and hashes it; so does its same key (the hash of dedup.rl_same_key),
+# kept beside it. Band keys and sketches are cheap functions of the signature and are derived again each run
+# (signature_tables).
 SIGNATURE_CODE = ("posttrain_assets.cleaning.dedup", "posttrain_assets.text")
 SIGNATURE_LIBRARIES = ("datasketch", "numpy")
 SIGNATURE_CACHE = Table(
@@ -293,6 +298,7 @@ SIGNATURE_CACHE = Table(
         Column("stage_key", "VARCHAR", "signature stage key (dedup_tables.signature_stage_key)", False),
         Column("id", "VARCHAR", "record id", False),
         Column("signature", "UINTEGER[]", "num_perm slot values", False),
+        Column("same_key", "BIGINT", "dedup.same_key_hash of the record (RL); null without a same key"),
     ),
 )
 
@@ -445,7 +451,7 @@ def _cached_signatures(rows: str) -> str:
     """The seq and cached signature (under ``$key``) of the rows the query ``rows`` lists, unless this run already
     placed them in near_signatures."""
     return f"""
-    SELECT d.seq, c.signature FROM {DEDUP_ROWS.qualified} d
+    SELECT d.seq, c.signature, c.same_key FROM {DEDUP_ROWS.qualified} d
     JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = d.id
     WHERE d.seq IN ({rows}) AND d.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
     """
@@ -585,8 +591,10 @@ SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE size
 
 def sketch_pairs_of_band(relisted_only: bool) -> str:
     """The pairs of the listed buckets of one start band whose sketches agree on at least $min_equal slots (a
-    superset of the pairs whose signatures do: see sketch_of); ``relisted_only``: of the buckets in near_relisted,
-    all their pairs (``whole``) or those with an added row. The sketches are compared on the pairs as they are
+    superset of the pairs whose signatures do: see sketch_of) and whose same keys agree (dedup.candidate_pairs:
+    verification never joins rows with different keys, so their pairs are not listed; in the join's condition,
+    DuckDB never forms them); ``relisted_only``: of the buckets in near_relisted, all their pairs (``whole``) or
+    those with an added row. The sketches are compared on the pairs as they are
     listed, so the pairs that fail (nearly all) are never stored; one start band at a time keeps DuckDB's join
     small."""
     listed = f"{NEAR_LISTED.qualified} l"
@@ -598,17 +606,19 @@ def sketch_pairs_of_band(relisted_only: bool) -> str:
     return f"""
     INSERT INTO {NEAR_SKETCH_PAIRS.qualified}
     WITH listed AS (
-        SELECT l.start_key, l.suffix, l.seq, s.sketch, {whole} AS whole, {added} AS added
+        SELECT l.start_key, l.suffix, l.seq, s.sketch, s.same_key, {whole} AS whole, {added} AS added
         FROM {listed} JOIN {NEAR_SIGNATURES.qualified} s USING (seq)
         WHERE l.start_band = $band
     )
     SELECT DISTINCT $band, x.seq, y.seq
     FROM listed x JOIN listed y ON x.start_key = y.start_key AND x.suffix = y.suffix AND x.seq < y.seq
+        AND x.same_key IS NOT DISTINCT FROM y.same_key
     WHERE x.whole AND length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
     UNION
     SELECT $band, least(x.seq, y.seq), greatest(x.seq, y.seq)
     FROM (SELECT * FROM listed WHERE added AND NOT whole) x
     JOIN listed y ON x.start_key = y.start_key AND x.suffix = y.suffix AND x.seq <> y.seq
+        AND x.same_key IS NOT DISTINCT FROM y.same_key
     WHERE length(x.sketch) - hamming(x.sketch, y.sketch) >= $min_equal
     """
 
@@ -700,13 +710,21 @@ def units_of_seqs(relation: str) -> str:
 def signature_batch(cfg: MinHashConfig, units: pa.RecordBatch) -> tuple[pa.Table, pa.Table]:
     """MinHash signatures and LSH band keys of a batch of rows (``UNIT_COLUMNS``): see :func:`signature_tables`."""
     seqs = np.asarray(units.column("seq"), dtype=np.int64)
-    return signature_tables(seqs, minhash_signatures([dedup_unit(r) for r in units.to_pylist()], cfg), cfg)
+    rows = units.to_pylist()
+    same_keys = pa.array([same_key_hash(r) for r in rows], pa.int64())
+    return signature_tables(seqs, minhash_signatures([dedup_unit(r) for r in rows], cfg), cfg, same_keys)
 
 
-def signature_tables(seqs: np.ndarray, sigs: np.ndarray, cfg: MinHashConfig) -> tuple[pa.Table, pa.Table]:
+def signature_tables(
+    seqs: np.ndarray,
+    sigs: np.ndarray,
+    cfg: MinHashConfig,
+    same_keys: pa.Array | pa.ChunkedArray | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """``(signatures, bands)``: the rows of ``near_signatures`` and ``near_bands`` for rows ``seqs`` with
-    signatures ``sigs`` (one row each). Slot values are 32-bit in both permutation schemes (the legacy scheme
-    stores them in uint64), so they are kept as uint32; a band key is the band's ``r`` values as bytes."""
+    signatures ``sigs`` (one row each) and same-key hashes ``same_keys`` (dedup.same_key_hash; None: no row has
+    one). Slot values are 32-bit in both permutation schemes (the legacy scheme stores them in uint64), so they
+    are kept as uint32; a band key is the band's ``r`` values as bytes."""
     sigs = np.ascontiguousarray(sigs, dtype=np.uint32)
     bands, r = lsh_bands(cfg)
     n = len(seqs)
@@ -716,6 +734,7 @@ def signature_tables(seqs: np.ndarray, sigs: np.ndarray, cfg: MinHashConfig) -> 
             "seq": seqs,
             "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel()), cfg.num_perm),
             "sketch": sketch_of(sigs),
+            "same_key": pa.nulls(n, pa.int64()) if same_keys is None else same_keys,
         }
     )
     band_keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * r), n * bands, [None, pa.py_buffer(keys)])
@@ -958,7 +977,7 @@ def _signatures_of_uncached(
         insert_arrow(conn, NEAR_SIGNATURES, signatures)
         insert_arrow(conn, NEAR_BANDS, bands)
     conn.execute(
-        f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, d.id, n.signature "
+        f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, d.id, n.signature, n.same_key "
         f"FROM {NEAR_SIGNATURES.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
         key,
     )
@@ -973,7 +992,8 @@ def _signatures_from_cache(
     already placed are skipped."""
     for cached in fetch_arrow(conn, _cached_signatures(rows), batch_rows, {"key": signature_stage_key(cfg)}):
         seqs = np.asarray(cached.column("seq"), dtype=np.int64)
-        signatures, bands = signature_tables(seqs, _signature_matrix(cached.column("signature"), cfg.num_perm), cfg)
+        sigs = _signature_matrix(cached.column("signature"), cfg.num_perm)
+        signatures, bands = signature_tables(seqs, sigs, cfg, cached.column("same_key"))
         insert_arrow(conn, NEAR_SIGNATURES, signatures)
         if with_bands:
             insert_arrow(conn, NEAR_BANDS, bands)

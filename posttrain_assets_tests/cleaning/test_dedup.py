@@ -212,6 +212,22 @@ def test_shingle_hash_combines_word_hashes() -> None:
     assert dedup.shingle_hash32("alpha beta") != dedup.shingle_hash32("beta alpha")  # word order matters
 
 
+def test_candidate_pairs_leave_out_pairs_whose_same_keys_differ() -> None:
+    """Six rows with one signature (every pair in every bucket); a pair counts only when its first row has no key
+    or shares it, as verification judges it, so those are the candidates."""
+    cfg = MinHashConfig()
+    sigs = np.tile(np.arange(cfg.num_perm, dtype=np.uint32), (6, 1))
+    everything = [(i, j) for i in range(6) for j in range(i + 1, 6)]
+    assert [tuple(p) for p in dedup.candidate_pairs(sigs, cfg).tolist()] == everything
+    same_key = [None, "a", "a", "b", "b", "b"]
+    expected = [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 2), (3, 4), (3, 5), (4, 5)]
+    assert [tuple(p) for p in dedup.candidate_pairs(sigs, cfg, same_key).tolist()] == expected
+    # the hash the DuckDB path pairs on: equal keys, equal hashes; none without a same key
+    t1, t2 = rl("t1", "Legs 3 and 4: the area?", "6"), rl("t2", "Legs 3 and 4: the  AREA?", "6")
+    assert dedup.same_key_hash(t1) == dedup.same_key_hash(t2) != dedup.same_key_hash(rl("t3", "Legs 3 and 5", "6"))
+    assert dedup.same_key_hash(sft("s", "Legs 3 and 4", "x")) is None
+
+
 def test_candidate_pairs_are_the_pairs_minhash_lsh_returns() -> None:
     rng = random.Random(5)
     bases = [text_of(rng, 120) for _ in range(30)]

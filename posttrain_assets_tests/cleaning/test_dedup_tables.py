@@ -306,6 +306,30 @@ def test_the_large_bucket_test_of_test_dedup_in_sql() -> None:
     )
 
 
+def test_rl_pairs_whose_same_keys_differ_are_never_listed() -> None:
+    """Templated RL prompts that differ in their numbers share most buckets, and their pairs grow with the square of
+    a template's rows; verification never joins two whose same keys differ (dedup.rl_same_key), so the SQL listing
+    leaves them out as dedup.candidate_pairs does, and the dedup outcome is the in-memory one."""
+    words = ["kindly", "please", "now", "quickly", "carefully", "simply", "exactly", "briefly"]
+    rows = []
+    for k in range(64):
+        a, b = 3 + k % 4, 5 + k // 16  # 16 keys of four rows
+        text = f"{words[k % 8]} {words[k // 8]} answer: a right triangle has legs {a} and {b}. What is its area?"
+        rows.append(rl(f"t{k:02d}", text, str(a * b)))
+    conn = staged_connection(rows, by_priority)
+    dedup_staged(conn, {"rl"}, processes=1, batch_rows=20)
+    cfg = dedup.regime_configs(None)["rl"]
+    sigs = dedup.minhash_signatures([dedup.dedup_unit(r) for r in rows], cfg)
+    keys = [dedup.rl_same_key(r) for r in rows]
+    unkeyed = dedup.candidate_pairs(sigs, cfg).tolist()
+    keyed = dedup.candidate_pairs(sigs, cfg, keys).tolist()
+    assert len(unkeyed) > 4 * len(keyed) > 0  # most pairs of the template have other numbers
+    assert all(keys[i] == keys[j] for i, j in keyed)
+    assert candidate_ids(conn) == sorted((rows[i]["id"], rows[j]["id"]) for i, j in keyed)
+    dropped = dedup_in_tables(rows, by_priority, processes=1, batch_rows=20)
+    assert dropped == dedup_in_memory(rows, by_priority) and len(dropped) > 16
+
+
 def test_band_keys_are_the_bands_signature_values() -> None:
     cfg = MinHashConfig()
     bands, r = dedup.lsh_bands(cfg)
@@ -363,7 +387,7 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
     key = dedup_tables.signature_stage_key(cfg)
     conn.executemany(
-        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?)",
+        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
         [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
     )
     dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
