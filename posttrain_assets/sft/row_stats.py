@@ -128,5 +128,13 @@ def stats_from_rows(
     """``(turn depth by group and overall, agentic statistics by group)`` of ``table`` from its per-row statistics
     (:func:`update_row_stats`): the figures of ``turn_depth_with_overall`` and ``agentic_stats`` over its rows."""
     stats = row_stats_table(table).qualified
-    depth = turn_depth_from_rows(conn, f"SELECT grp, turns, trained_tokens, trained_turns FROM {stats}", True)
-    return depth, agentic_stats_from_rows(conn, f"SELECT * FROM {stats}")
+    return turn_depth_from_row_stats(conn, table), agentic_stats_from_rows(conn, f"SELECT * FROM {stats}")
+
+
+def turn_depth_from_row_stats(
+    conn: duckdb.DuckDBPyConnection, table: Table
+) -> tuple[dict[str, TurnDepth], dict[str, TurnDepth]]:
+    """Turn depth by group and overall of ``table`` from its per-row statistics (:func:`update_row_stats`): the
+    figures of ``turn_depth_with_overall`` over its rows."""
+    stats = row_stats_table(table).qualified
+    return turn_depth_from_rows(conn, f"SELECT grp, turns, trained_tokens, trained_turns FROM {stats}", True)

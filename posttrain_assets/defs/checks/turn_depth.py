@@ -14,7 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets.curation.tables import GOLD_MIXTURES
 from posttrain_assets.defs.checks.verdicts import warehouse_check
-from posttrain_assets.sft.row_stats import row_stats_table, stats_from_rows
+from posttrain_assets.sft.row_stats import row_stats_table, turn_depth_from_row_stats
 from posttrain_assets.sft.turn_depth import (
     ALL,
     TurnDepth,
@@ -50,7 +50,7 @@ def gold_sft_turn_depth(conn: duckdb.DuckDBPyConnection) -> tuple[dict[str, Turn
             f"SELECT (SELECT count(*) FROM {GOLD_SFT.qualified}), (SELECT count(*) FROM {stats})"
         ).fetchone()
         if table_rows == stats_rows:
-            return stats_from_rows(conn, GOLD_SFT)[0]
+            return turn_depth_from_row_stats(conn, GOLD_SFT)
     return turn_depth_with_overall(conn, GOLD_SFT.qualified)
 
 
