@@ -82,6 +82,7 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_RECORDS,
 )
 from posttrain_assets.warehouse.io import (
+    appending,
     checkpoints_held_off,
     fetch_arrow,
     fetch_batches,
@@ -661,18 +662,25 @@ def normalise_and_gate(
     (missing,) = conn.execute(GATE_MISSES_COUNT).fetchone()
     processes = processes_for(missing, cfg.batch_rows, cfg.processes)
     batches = fetch_arrow(conn, GATE_MISSES, cfg.batch_rows)
-    for gated in map_batches(normalise_and_gate_batch, context, batches, processes):
-        cached: dict[str, list[Record]] = {"staged": [], "eval": [], "quarantine": [], "rows": []}
-        for g in gated:
-            locator = {"stage_key": keys[g.provenance["source"]], **g.provenance}
-            cached[g.table].append({**g.row, **locator})
-            role, content_id = g.key if g.key is not None else (None, None)
-            cached["rows"].append({**locator, "destination": g.table, "key_role": role, "key_id": content_id})
-        with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
-            insert_rows(conn, GATE_STAGED, cached["staged"])
-            insert_rows(conn, GATE_EVAL, cached["eval"])
-            insert_rows(conn, GATE_QUARANTINE, cached["quarantine"])
-            insert_rows(conn, GATE_ROWS, cached["rows"])
+    # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per full
+    # row group of a cache table (io.Appends): the rows are compressed into the file as they come, not held in
+    # DuckDB's memory (spilled past its cap) until one checkpoint after the last batch
+    with appending(conn) as appends:
+        for gated in map_batches(normalise_and_gate_batch, context, batches, processes):
+            cached: dict[str, list[Record]] = {"staged": [], "eval": [], "quarantine": [], "rows": []}
+            for g in gated:
+                locator = {"stage_key": keys[g.provenance["source"]], **g.provenance}
+                cached[g.table].append({**g.row, **locator})
+                role, content_id = g.key if g.key is not None else (None, None)
+                cached["rows"].append({**locator, "destination": g.table, "key_role": role, "key_id": content_id})
+            appends.commit(
+                {
+                    GATE_STAGED: cached["staged"],
+                    GATE_EVAL: cached["eval"],
+                    GATE_QUARANTINE: cached["quarantine"],
+                    GATE_ROWS: cached["rows"],
+                }
+            )
     conn.execute(PLACE_GATED_ROWS, {"sources": registry.names})
     conn.execute(NUMBER_STAGED_ROWS)
     for statement in FILL_FROM_GATE_CACHE:

@@ -31,7 +31,7 @@ import pyarrow as pa
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.preference.pairs import PairJob, pair_measures
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_RECORDS
-from posttrain_assets.warehouse.io import SyncCounts, insert_arrow, ordered_arrow, sync_table, transaction
+from posttrain_assets.warehouse.io import SyncCounts, appending, ordered_arrow, sync_table
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -164,11 +164,13 @@ def _measure_missing(
         # Batches come back in id order, so a first build stores the cache in id order (the publishing ranges are
         # pruned by zone maps); a refresh appends its new ids after them.
         batches = ordered_arrow(conn, ROWS_TO_MEASURE, "id", batch_rows)
-        for measures in map_batches(pair_measures, job, batches, processes_for(todo, batch_rows, processes)):
-            with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
-                insert_arrow(conn, PAIRS_CACHE, measures.append_column("stage_key", pa.repeat(key, measures.num_rows)))
-            done += measures.num_rows
-            progress(done)
+        # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per
+        # full row group of the cache (io.Appends)
+        with appending(conn) as appends:
+            for measures in map_batches(pair_measures, job, batches, processes_for(todo, batch_rows, processes)):
+                appends.commit({PAIRS_CACHE: measures.append_column("stage_key", pa.repeat(key, measures.num_rows))})
+                done += measures.num_rows
+                progress(done)
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {TODO.qualified}")
     return todo

@@ -30,7 +30,7 @@ from posttrain_assets.parallel import default_processes, map_batches, processes_
 from posttrain_assets.sft.batches import MaskProof, ProofJob, prove_batch
 from posttrain_assets.sft.masking import IGNORE_INDEX
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import memory_limit_at_most, ordered_arrow, transaction
+from posttrain_assets.warehouse.io import appending, memory_limit_at_most, ordered_arrow
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -130,11 +130,6 @@ WHERE NOT p.reused
 """
 ROWS_TO_PROVE_COUNT = f"SELECT count(*) FROM {PROOF_ROWS.qualified} WHERE NOT reused"
 
-APPEND_PROVEN = (
-    f"INSERT INTO {SFT_PROOFS.qualified} (stage_key, id, row_fingerprint, num_tokens, num_trainable_tokens) "
-    "SELECT $stage_key, id, row_fingerprint, num_tokens, num_trainable_tokens FROM proven_rows"
-)
-
 # Rows and [tokens, trained tokens] per source of the reused rows, the source being the current row's.
 REUSED_TOKENS = f"""
 SELECT p.source, count(*), sum(c.num_tokens), sum(c.num_trainable_tokens)
@@ -223,13 +218,13 @@ def prove_tokenized(
         (missing,) = conn.execute(ROWS_TO_PROVE_COUNT).fetchone()
         workers = processes_for(missing, batch_rows, default_processes() if processes is None else processes)
         batches = ordered_arrow(conn, ROWS_TO_PROVE, "id", batch_rows)
-        with memory_limit_at_most(conn):  # DuckDB's cache beside the workers stays small, whatever the corpus
+        # DuckDB's cache beside the workers stays small, whatever the corpus; one commit per batch (a killed run
+        # leaves whole batches, which the next run reuses), one checkpoint per full row group (io.Appends)
+        with memory_limit_at_most(conn), appending(conn) as appends:
             for proven in map_batches(prove_and_keep_passed, job, batches, workers):
                 proof.add(proven.proof)
-                with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
-                    conn.register("proven_rows", proven.passed)
-                    conn.execute(APPEND_PROVEN, {"stage_key": key})
-                    conn.unregister("proven_rows")
+                passed = proven.passed
+                appends.commit({SFT_PROOFS: passed.append_column("stage_key", pa.repeat(key, passed.num_rows))})
         reused = MaskProof()
         for source, rows, tokens, trained in conn.execute(REUSED_TOKENS, {"stage_key": key}).fetchall():
             reused.checked += rows

@@ -23,7 +23,7 @@ from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import (
-    insert_arrow,
+    appending,
     memory_limit_at_most,
     ordered_arrow,
     stored_in_key_order,
@@ -142,15 +142,19 @@ def build_sft_tokenized(
         # Batches come back in id order, so a first build stores the cache in id order and the ranges below are
         # pruned by zone maps; a refresh appends its new ids after them.
         batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows)
-        with memory_limit_at_most(conn):
+        # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per
+        # full row group of the cache (io.Appends)
+        with memory_limit_at_most(conn), appending(conn) as appends:
             for batch in map_batches(tokenize_batch, job, batches, processes_for(todo, batch_rows, processes)):
-                with transaction(conn):  # a killed run leaves whole batches, which the next run reuses
-                    for cached, rows in ((TOKENIZED_CACHE, batch.tokenized), (REJECTED_CACHE, batch.rejected)):
-                        if rows is not None:
-                            keyed = rows.drop_columns(["source"]).append_column(
-                                "stage_key", pa.repeat(key["key"], rows.num_rows)
-                            )
-                            insert_arrow(conn, cached, keyed)
+                appends.commit(
+                    {
+                        cached: rows.drop_columns(["source"]).append_column(
+                            "stage_key", pa.repeat(key["key"], rows.num_rows)
+                        )
+                        for cached, rows in ((TOKENIZED_CACHE, batch.tokenized), (REJECTED_CACHE, batch.rejected))
+                        if rows is not None
+                    }
+                )
                 done += batch.rows
                 progress(done)
     finally:

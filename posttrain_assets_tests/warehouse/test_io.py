@@ -20,6 +20,7 @@ from posttrain_assets.warehouse.io import (
     ROW_GROUP_ROWS,
     SyncCounts,
     Twin,
+    appending,
     building,
     fingerprint_sql,
     fingerprint_table,
@@ -327,6 +328,41 @@ def test_a_twin_is_checkpointed_once_per_full_row_group_not_every_16_mb(tmp_path
             twin.finish()
             assert segments(twin)[1] == segments(twin)[0]
         assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() == (default,)
+
+
+def test_appends_checkpoint_when_a_tables_row_group_fills_counting_the_rows_it_held(tmp_path):
+    """A cache already holding 100,000 rows gets batches of 10,000, a second table batches of 10: the third batch
+    takes the cache past its first row group's boundary (122,880), so that commit checkpoints both tables; the
+    rows after it stay in memory until the block ends. Automatic checkpoints are off inside, restored after."""
+    narrow = dataclasses.replace(WIDE, name="narrow")
+
+    def unwritten(table: Table) -> int:
+        [(count,)] = conn.execute(
+            "SELECT count(*) FILTER (NOT persistent) FROM pragma_storage_info($table)", {"table": table.qualified}
+        ).fetchall()
+        return count
+
+    def batch(first: int, rows: int) -> pa.Table:
+        return pa.table({"id": [f"k{n:07d}" for n in range(first, first + rows)], "payload": ["x"] * rows})
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        conn.execute(WIDE.create_sql())
+        conn.execute(narrow.create_sql())
+        conn.register("held", batch(0, 100_000))
+        conn.execute("INSERT INTO wide SELECT * FROM held")
+        conn.execute("CHECKPOINT")
+        (default,) = conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone()
+        seen = []
+        with appending(conn) as appends:
+            assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() != (default,)
+            for b in range(4):
+                appends.commit({WIDE: batch(100_000 + b * 10_000, 10_000), narrow: [{"id": f"n{b}"}] * 10})
+                seen.append((unwritten(WIDE) > 0, unwritten(narrow) > 0))
+            assert appends.rows == {"main.wide": 140_000, "main.narrow": 40}
+        assert seen == [(True, True), (True, True), (False, False), (True, True)]
+        assert (unwritten(WIDE), unwritten(narrow)) == (0, 0)  # the block's end wrote the last batch
+        assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() == (default,)
+        assert conn.execute("SELECT count(*), count(DISTINCT id) FROM wide").fetchone() == (140_000, 140_000)
 
 
 def _bronze_row(source: str, row: int, payload: str) -> dict:
