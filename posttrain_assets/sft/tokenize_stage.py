@@ -143,8 +143,9 @@ def build_sft_tokenized(
         # pruned by zone maps; a refresh appends its new ids after them.
         batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows)
         # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per
-        # full row group of the cache (io.Appends)
-        with memory_limit_at_most(conn), appending(conn) as appends:
+        # full row group of the cache (io.Appends); the rows after the last one are written by the publishing
+        # commit below, which checkpoints
+        with memory_limit_at_most(conn), appending(conn, checkpoint_tail=False) as appends:
             for batch in map_batches(tokenize_batch, job, batches, processes_for(todo, batch_rows, processes)):
                 appends.commit(
                     {

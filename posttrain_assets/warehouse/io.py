@@ -813,14 +813,16 @@ class Appends:
 
 
 @contextmanager
-def appending(conn: duckdb.DuckDBPyConnection) -> Iterator[Appends]:
+def appending(conn: duckdb.DuckDBPyConnection, *, checkpoint_tail: bool = True) -> Iterator[Appends]:
     """:class:`Appends` on ``conn``, with automatic checkpoints held off inside the block and the rows appended
     since the last full row group checkpointed when it ends (not when it raises: a killed or failed run leaves
-    its committed batches to the next automatic checkpoint)."""
+    its committed batches to the next automatic checkpoint). ``checkpoint_tail=False``: not at the end either,
+    for a caller that checkpoints right after (a refresh's few rows then cost one checkpoint, not two)."""
     with checkpoints_held_off(conn):
         appends = Appends(conn)
         yield appends
-        appends.finish()
+        if checkpoint_tail:
+            appends.finish()
 
 
 @dataclass

@@ -363,6 +363,10 @@ def test_appends_checkpoint_when_a_tables_row_group_fills_counting_the_rows_it_h
         assert (unwritten(WIDE), unwritten(narrow)) == (0, 0)  # the block's end wrote the last batch
         assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() == (default,)
         assert conn.execute("SELECT count(*), count(DISTINCT id) FROM wide").fetchone() == (140_000, 140_000)
+        # checkpoint_tail=False: a caller that checkpoints next leaves the rows after the last full row group
+        with appending(conn, checkpoint_tail=False) as appends:
+            appends.commit({narrow: [{"id": "tail"}]})
+        assert unwritten(narrow) > 0
 
 
 def _bronze_row(source: str, row: int, payload: str) -> dict:
