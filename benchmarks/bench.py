@@ -25,7 +25,9 @@
 
 Before the run, the floor (:func:`measure_floor`: DuckDB reading every landing file plus one batched encode with
 offsets of every record's text) is measured in the same process, and the report prints end to end / floor, the
-figure the throughput goal is stated in.
+figure the throughput goal is stated in. A speed probe (:func:`encode_probe`: the floor's encode of the same
+16,384 records) runs before the floor and again after the pipeline, so the report says how far the machine's
+speed moved during the run.
 
 Prints one table per part and writes everything to a JSON file so runs can be compared.
 """
@@ -1372,6 +1374,19 @@ def _floor_relation(s: BenchSource) -> str:
     return "read_json_auto(?, ignore_errors = true)"
 
 
+def _record_texts(conn: duckdb.DuckDBPyConnection, path: Path, relation: str) -> Iterator[list[str]]:
+    """The text of each record of one landing file, a batch of :data:`FLOOR_BATCH_ROWS` at a time: its strings
+    (nested lists and structs walked) joined by newlines."""
+    reader = conn.sql(f"SELECT * FROM {relation}", params=[str(path)]).to_arrow_reader(FLOOR_BATCH_ROWS)
+    for batch in reader:
+        texts = []
+        for row in batch.to_pylist():
+            leaves: list[str] = []
+            _text_leaves(row, leaves)
+            texts.append("\n".join(leaves))
+        yield texts
+
+
 def measure_floor(corpus_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """The floor of a refresh, on this machine, now: DuckDB reading every landing file (``read_json_auto``, Parquet
     with ``read_parquet``) plus one batched encode with offsets of every record's text by the project's Rust
@@ -1391,15 +1406,7 @@ def measure_floor(corpus_dir: Path, cache_dir: Path) -> dict[str, Any]:
             with timed() as t:
                 conn.sql(f"SELECT * FROM {_floor_relation(s)}", params=[str(path)]).to_arrow_table()
             read_seconds += t["seconds"]
-            reader = conn.sql(f"SELECT * FROM {_floor_relation(s)}", params=[str(path)]).to_arrow_reader(
-                FLOOR_BATCH_ROWS
-            )
-            for batch in reader:
-                texts = []
-                for row in batch.to_pylist():
-                    leaves: list[str] = []
-                    _text_leaves(row, leaves)
-                    texts.append("\n".join(leaves))
+            for texts in _record_texts(conn, path, _floor_relation(s)):
                 with timed() as t:
                     encodings = backend.encode_batch(texts, add_special_tokens=False)
                 encode_seconds += t["seconds"]
@@ -1414,6 +1421,52 @@ def measure_floor(corpus_dir: Path, cache_dir: Path) -> dict[str, Any]:
         "records": records,
         "tokens": tokens,
     }
+
+
+# Records of the speed probe: the first of the corpus's first landing file (the same texts at every N for a seed).
+PROBE_RECORDS = 16_384
+
+
+def encode_probe(corpus_dir: Path, cache_dir: Path, records: int = PROBE_RECORDS) -> dict[str, Any]:
+    """The floor's encode (batched, with offsets) of the same fixed texts, timed: run before the floor and again
+    after the pipeline, the two say how far the machine's speed moved during the run (these machines are shared,
+    and the floor, measured once, carries whatever speed the machine had then)."""
+    from posttrain_assets.sft.tokenizer import load_tokenizer
+
+    backend = load_tokenizer(None, cache_dir).backend_tokenizer
+    first = next(s for s in SOURCES if (Path(corpus_dir) / s.path).exists())
+    texts: list[str] = []
+    with duckdb.connect() as conn:
+        for batch in _record_texts(conn, Path(corpus_dir) / first.path, _floor_relation(first)):
+            texts += batch[: records - len(texts)]
+            if len(texts) >= records:
+                break
+    tokens = 0
+    with timed() as t:
+        for start in range(0, len(texts), FLOOR_BATCH_ROWS):
+            batch = texts[start : start + FLOOR_BATCH_ROWS]
+            tokens += sum(len(e) for e in backend.encode_batch(batch, add_special_tokens=False))
+    seconds = t["seconds"]
+    return {
+        "records": len(texts),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "us_per_token": round(seconds / tokens * 1e6, 4) if tokens else None,
+    }
+
+
+def _probe_line(p: dict[str, Any]) -> str | None:
+    """The speed probe's line: the same encode before the floor and after the pipeline, and how far it moved."""
+    probe = p.get("encode_probe")
+    if not probe or not probe.get("before", {}).get("us_per_token") or not probe.get("after", {}).get("us_per_token"):
+        return None
+    before, after = probe["before"], probe["after"]
+    drift = after["us_per_token"] / before["us_per_token"] - 1
+    return (
+        f"machine speed during the run: the floor's encode of the same {before['tokens']:,} tokens took "
+        f"{before['us_per_token']} us/token before the floor and {after['us_per_token']} after the pipeline "
+        f"({drift:+.0%}); a ratio is only as steady as this"
+    )
 
 
 def linearity(results: list[dict[str, Any]]) -> str:
@@ -1564,6 +1617,7 @@ def report_text(result: dict[str, Any]) -> str:
         "silver pass by stage (s): "
         + (", ".join(f"{k} {v:.1f}" for k, v in p.get("silver_pass_seconds", {}).items()) or "did not run"),
         _floor_line(p),
+        *filter(None, [_probe_line(p)]),
         "",
         f"near-dedup vs plan: recall {p['dedup']['recall']} ({p['dedup']['recalled']}/{p['dedup']['planted']}), "
         f"precision {p['dedup']['precision']} ({p['dedup']['true_positives']}/{p['dedup']['detected']}); "
@@ -1677,10 +1731,13 @@ def run_benchmark(
         },
         "corpus": plan,
     }
-    # The floor is measured first, in the same run: the files are as warm as they are for bronze ingest.
+    # The floor is measured first, in the same run: the files are as warm as they are for bronze ingest. The speed
+    # probe before it and after the pipeline says how far the machine's speed moved in between.
+    probe_before = encode_probe(corpus_dir, cache_dir)
     floor = measure_floor(corpus_dir, cache_dir)
     result["pipeline"] = run_pipeline(Path(plan["registry"]), run_dir, cache_dir, plan, refresh)
     result["pipeline"]["floor"] = floor
+    result["pipeline"]["encode_probe"] = {"before": probe_before, "after": encode_probe(corpus_dir, cache_dir)}
     if floor["seconds"]:
         result["pipeline"]["end_to_end_over_floor"] = round(
             result["pipeline"]["end_to_end"]["seconds"] / floor["seconds"], 2

@@ -254,6 +254,24 @@ def test_floor_reads_every_file_and_encodes_every_record_text(tmp_path: Path, to
     assert floor["seconds"] > 0
 
 
+def test_encode_probe_times_the_same_texts_and_the_report_says_how_far_the_speed_moved(
+    tmp_path: Path, tokenizer_cache_dir: Path
+) -> None:
+    bench.generate_corpus(tmp_path / "corpus", 200, seed=3)
+    first = bench.encode_probe(tmp_path / "corpus", tokenizer_cache_dir, records=50)
+    again = bench.encode_probe(tmp_path / "corpus", tokenizer_cache_dir, records=50)
+    # the same fifty texts each time (the first landing file's first records), so the same tokens
+    assert first["records"] == again["records"] == 50
+    assert first["tokens"] == again["tokens"] > 50 * 10
+    assert first["us_per_token"] > 0
+    pipeline = {"encode_probe": {"before": {"tokens": 1000, "us_per_token": 0.5}, "after": {"us_per_token": 0.6}}}
+    assert bench._probe_line(pipeline) == (
+        "machine speed during the run: the floor's encode of the same 1,000 tokens took 0.5 us/token before the "
+        "floor and 0.6 after the pipeline (+20%); a ratio is only as steady as this"
+    )
+    assert bench._probe_line({}) is None
+
+
 def test_linearity_prints_each_stage_growth_over_the_growth_of_n() -> None:
     def result(n: int, silver: float, gold: float, floor: float) -> dict:
         stages = {"silver": {"seconds": silver}, "gold": {"seconds": gold}}
