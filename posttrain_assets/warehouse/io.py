@@ -791,7 +791,8 @@ class Appends:
             if not added:
                 continue
             if table.qualified not in self.rows:
-                (held,) = self.conn.execute(f"SELECT count(*) FROM {table.qualified}").fetchone()
+                # fetchall: a result left unfinished (fetchone) would refuse the caller's next conn.sql()
+                [(held,)] = self.conn.execute(f"SELECT count(*) FROM {table.qualified}").fetchall()
                 self.rows[table.qualified] = held - added
             before = self.rows[table.qualified]
             self.rows[table.qualified] = before + added

@@ -357,6 +357,8 @@ def test_appends_checkpoint_when_a_tables_row_group_fills_counting_the_rows_it_h
             assert conn.execute("SELECT current_setting('wal_autocheckpoint')").fetchone() != (default,)
             for b in range(4):
                 appends.commit({WIDE: batch(100_000 + b * 10_000, 10_000), narrow: [{"id": f"n{b}"}] * 10})
+                # no result left open on the connection: a relation query (not only execute) runs next
+                assert conn.sql("SELECT count(*) FROM narrow").fetchall() == [(10 * (b + 1),)]
                 seen.append((unwritten(WIDE) > 0, unwritten(narrow) > 0))
             assert appends.rows == {"main.wide": 140_000, "main.narrow": 40}
         assert seen == [(True, True), (True, True), (False, False), (True, True)]
