@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
-import pyarrow as pa
 
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.preference.pairs import PairJob, pair_measures
@@ -38,6 +37,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    keyed_rows,
     library_versions,
     open_caches,
     stage_key,
@@ -168,7 +168,7 @@ def _measure_missing(
         # full row group of the cache (io.Appends)
         with appending(conn) as appends:
             for measures in map_batches(pair_measures, job, batches, processes_for(todo, batch_rows, processes)):
-                appends.commit({PAIRS_CACHE: measures.append_column("stage_key", pa.repeat(key, measures.num_rows))})
+                appends.commit({PAIRS_CACHE: keyed_rows(measures, key)})
                 done += measures.num_rows
                 progress(done)
     finally:

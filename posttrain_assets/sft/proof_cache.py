@@ -36,6 +36,7 @@ from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
     Reuse,
     code_fingerprint,
+    keyed_rows,
     library_versions,
     open_caches,
     stage_key,
@@ -223,8 +224,7 @@ def prove_tokenized(
         with memory_limit_at_most(conn), appending(conn) as appends:
             for proven in map_batches(prove_and_keep_passed, job, batches, workers):
                 proof.add(proven.proof)
-                passed = proven.passed
-                appends.commit({SFT_PROOFS: passed.append_column("stage_key", pa.repeat(key, passed.num_rows))})
+                appends.commit({SFT_PROOFS: keyed_rows(proven.passed, key)})
         reused = MaskProof()
         for source, rows, tokens, trained in conn.execute(REUSED_TOKENS, {"stage_key": key}).fetchall():
             reused.checked += rows

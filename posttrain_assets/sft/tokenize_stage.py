@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
-import pyarrow as pa
 
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
@@ -36,6 +35,7 @@ from posttrain_assets.warehouse.stage_cache import (
     Reuse,
     cache_table,
     code_fingerprint,
+    keyed_rows,
     library_versions,
     open_caches,
     stage_key,
@@ -149,9 +149,7 @@ def build_sft_tokenized(
             for batch in map_batches(tokenize_batch, job, batches, processes_for(todo, batch_rows, processes)):
                 appends.commit(
                     {
-                        cached: rows.drop_columns(["source"]).append_column(
-                            "stage_key", pa.repeat(key["key"], rows.num_rows)
-                        )
+                        cached: keyed_rows(rows.drop_columns(["source"]), key["key"])
                         for cached, rows in ((TOKENIZED_CACHE, batch.tokenized), (REJECTED_CACHE, batch.rejected))
                         if rows is not None
                     }

@@ -832,18 +832,21 @@ class Twin:
 
     appends: Appends
     table: Table
-    rows: int = 0
 
     @property
     def conn(self) -> duckdb.DuckDBPyConnection:
         return self.appends.conn
+
+    @property
+    def rows(self) -> int:
+        """Rows appended so far (the twin starts empty)."""
+        return self.appends.rows.get(self.table.qualified, 0)
 
     def append(self, rows: Any) -> None:
         """Append an Arrow table (None or empty: nothing); checkpoint each time a row group is full."""
         if rows is None or not rows.num_rows:
             return
         self.appends.commit({self.table: rows})
-        self.rows += rows.num_rows
 
     def finish(self) -> None:
         """Checkpoint the rows appended since the last full row group (:meth:`Appends.finish`)."""
@@ -867,8 +870,8 @@ def building(conn: duckdb.DuckDBPyConnection, table: Table, suffix: str = "") ->
     conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
     conn.execute(twin.create_sql())
     try:
-        with checkpoints_held_off(conn):
-            yield Twin(Appends(conn), twin)
+        with appending(conn, checkpoint_tail=False) as appends:  # the caller checkpoints with twin.finish()
+            yield Twin(appends, twin)
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {twin.qualified}")
 

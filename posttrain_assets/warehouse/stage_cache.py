@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from posttrain_assets.warehouse.model import Column, Table
 
@@ -89,6 +90,11 @@ def cache_table(name: str, description: str, key_columns: tuple[Column, ...], ta
     return dataclasses.replace(
         table, schema=CACHE_SCHEMA, name=name, description=description, columns=key_columns + columns
     )
+
+
+def keyed_rows(rows: pa.Table, key: str) -> pa.Table:
+    """``rows`` (a worker's results for a cache table) with the ``stage_key`` column the cache keeps them under."""
+    return rows.append_column("stage_key", pa.repeat(key, rows.num_rows))
 
 
 def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
