@@ -37,6 +37,7 @@ or the batch sizes.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -169,21 +170,64 @@ NEAR_REMOVED = Table(
     "Records of the candidate state that are no longer exact survivors (removed, or now an exact twin's copy).",
     (Column("id", "VARCHAR", "record id", False),),
 )
-NEAR_TOUCHED = Table(
+NEAR_CHANGED = Table(
     WORK_SCHEMA,
-    "near_touched",
-    "LSH buckets at depth 0 (band, band key) holding an added or removed row: the only buckets whose split is "
-    "worked out again.",
+    "near_changed",
+    "Band keys of the rows added to or removed from the candidate state: one row per (row, band).",
     (
+        Column("id", "VARCHAR", "record id", False),
+        Column("delta", "INTEGER", "1: added, -1: removed", False),
         Column("band", "INTEGER", "band number", False),
         Column("band_key", "BLOB", "the band's key", False),
     ),
 )
+NEAR_PATHS = Table(
+    WORK_SCHEMA,
+    "near_paths",
+    "The buckets an added or removed row is in, per start band, from depth 0 down while the bucket above stays "
+    "split: (start_band, start_key, suffix) as in near_listed.",
+    (
+        Column("id", "VARCHAR", "record id", False),
+        Column("delta", "INTEGER", "1: added, -1: removed", False),
+        *NEAR_LISTED.columns[:3],
+    ),
+)
+NEAR_WALK = Table(
+    WORK_SCHEMA,
+    "near_walk",
+    "Buckets on the paths of added and removed rows, with their size in the state and now: a bucket split before "
+    "and after is walked through (only the bucket below on each path changes); any other is listed again.",
+    (
+        *NEAR_LISTED.columns[:3],
+        Column("old_size", "BIGINT", "its rows in the state (null: the state has no bucket of two rows there)"),
+        Column("new_size", "BIGINT", "its rows now (null when old_size is)"),
+        Column("added", "BIGINT", "added rows in it", False),
+        Column("descend", "BOOLEAN", "split in the state and now: the buckets below on the paths are walked", False),
+    ),
+)
+NEAR_OLD_NODES = Table(
+    WORK_SCHEMA,
+    "near_old_nodes",
+    "The state's buckets at and below the buckets listed again: replaced by this run's.",
+    (*NEAR_LISTED.columns[:3], Column("listed", "BOOLEAN", "its pairs were listed (not split)", False)),
+)
+NEAR_STALE = Table(
+    WORK_SCHEMA,
+    "near_stale",
+    "The state's listed buckets below the buckets listed again that are not listed now: their pairs are dropped.",
+    NEAR_LISTED.columns[:3],
+)
+NEAR_NODES = Table(
+    WORK_SCHEMA,
+    "near_nodes",
+    "Every LSH bucket of two rows or more this run formed, at every split depth, with its size.",
+    (*NEAR_LISTED.columns[:3], Column("size", "BIGINT", "rows in the bucket", False)),
+)
 NEAR_RELISTED = Table(
     WORK_SCHEMA,
     "near_relisted",
-    "Listed buckets of the touched start buckets whose pairs are listed again: whole, when the state did not list "
-    "them (a split that changed); else the pairs of their added rows.",
+    "Listed buckets whose pairs are listed this run: whole, when the state did not list them; else the pairs of "
+    "their added rows (the others are the state's).",
     (
         Column("start_band", "INTEGER", "the band the bucket was first formed in", False),
         Column("start_key", "BLOB", "the rows' band key in the start band", False),
@@ -194,7 +238,7 @@ NEAR_RELISTED = Table(
 NEAR_KEPT_PAIRS = Table(
     WORK_SCHEMA,
     "near_kept_pairs",
-    "Candidate pairs (a < b) of the state listed in buckets that no added or removed row touches: still candidates.",
+    "Candidate pairs (a < b) of the state whose bucket is not listed again whole and whose rows both survive.",
     (Column("a", "BIGINT", "the staged row of lower seq", False), Column("b", "BIGINT", "the other row", False)),
 )
 NEAR_CACHED_VERDICTS = Table(
@@ -261,7 +305,12 @@ TABLES = (
     NEAR_CANDIDATES,
     NEAR_ADDED,
     NEAR_REMOVED,
-    NEAR_TOUCHED,
+    NEAR_CHANGED,
+    NEAR_PATHS,
+    NEAR_WALK,
+    NEAR_OLD_NODES,
+    NEAR_STALE,
+    NEAR_NODES,
     NEAR_RELISTED,
     NEAR_KEPT_PAIRS,
     NEAR_CACHED_VERDICTS,
@@ -375,15 +424,17 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
     )
 
 
-# The candidate state: the band keys of a regime's exact survivors, its listed buckets and their candidate pairs,
-# as the last run left them. Candidates are a function of the survivors' signatures and the bucket rules alone. A
-# start bucket's split depends only on the rows that share its start band key, so a run works the split out again
-# (from the state's band keys, in SQL) only for the start buckets an added or removed survivor is in (issue 23:
-# new rows' band keys joined against the persisted band table). A listed bucket's pairs are the candidate pairs of
-# its rows, so one the state listed too keeps the state's pairs less those of removed rows and gets the pairs of its
-# added rows (an added row against every row of the bucket); one the state did not list (the split changed) is
-# listed whole. The pairs of every other start bucket are the state's. The tables are replaced together in one
-# transaction, so the state always describes one survivor set, whichever run wrote it.
+# The candidate state: the band keys of a regime's exact survivors, every bucket of two rows or more at every
+# split depth with its size, and the candidate pairs of the listed buckets, as the last run left them. Candidates
+# are a function of the survivors' signatures and the bucket rules alone, and a bucket's pairs depend only on its
+# rows. So a run follows each added or removed survivor down its path in each start band (issue 23): a bucket split
+# in the state and still split now (its size stays above MAX_BUCKET) is walked through, since only the bucket
+# below on the row's path changes; the first bucket on a path that is not (listed before or now, or new) is
+# listed again from its rows, found through the state's band keys. A bucket listed before and now keeps the
+# state's pairs less those of removed rows and gets the pairs of its added rows; any other is listed whole. The
+# pairs of every bucket off the paths are the state's. A giant start bucket (short bands of common words hold
+# tens of thousands of rows at a million chats) thus costs the buckets on a changed row's path, not its rows.
+# The tables are replaced together in one transaction, so the state always describes one survivor set.
 CANDIDATE_CODE = SIGNATURE_CODE + ("posttrain_assets.cleaning.dedup_tables",)
 BAND_STATE = Table(
     CACHE_SCHEMA,
@@ -412,13 +463,14 @@ PAIR_STATE = Table(
 BUCKET_STATE = Table(
     CACHE_SCHEMA,
     "near_bucket_state",
-    "The listed LSH buckets (two rows or more) of each regime as of the last run: a bucket listed again with no "
-    "added row has the state's pairs, less those of removed rows.",
+    "Every LSH bucket of two rows or more of each regime as of the last run, at every split depth, with its size: "
+    "a bucket of more than MAX_BUCKET rows above the last depth was split, any other listed.",
     (
         Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
         Column("start_band", "INTEGER", "band the bucket was first formed in", False),
         Column("band_key", "BLOB", "its rows' key in start_band", False),
-        Column("suffix", "BLOB", "the keys of the bands it was split by (empty: listed unsplit)", False),
+        Column("suffix", "BLOB", "the keys of the bands it was split by (empty: a bucket of start_band)", False),
+        Column("size", "BIGINT", "its rows", False),
     ),
 )
 
@@ -473,30 +525,116 @@ WHERE b.stage_key = $state AND b.band = 0 AND NOT EXISTS (
     SELECT 1 FROM {DEDUP_ROWS.qualified} d WHERE d.seq = d.exact_kept AND d.id = b.id
 )
 """
-# The buckets of the added rows (their bands are in near_bands by now) and of the removed ones (in the state).
-TOUCHED_BUCKETS = f"""
-INSERT INTO {NEAR_TOUCHED.qualified}
-SELECT band, band_key FROM {NEAR_BANDS.qualified} WHERE seq IN (SELECT seq FROM {NEAR_ADDED.qualified})
-UNION
-SELECT b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN {NEAR_REMOVED.qualified} r USING (id)
+# The band keys of the added rows (in near_bands by now) and of the removed ones (in the state).
+CHANGED_BANDS = f"""
+INSERT INTO {NEAR_CHANGED.qualified}
+SELECT a.id, 1, n.band, n.band_key FROM {NEAR_BANDS.qualified} n JOIN {NEAR_ADDED.qualified} a USING (seq)
+UNION ALL
+SELECT b.id, -1, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN {NEAR_REMOVED.qualified} r USING (id)
 WHERE b.stage_key = $state
 """
-# Every band key of the state's surviving rows that share a touched start bucket (their splits are worked out
-# again), unless this run placed the row's bands already (an added row, or one whose signature was recomputed).
-STATE_BANDS_OF_TOUCHED_BUCKETS = f"""
-INSERT INTO {NEAR_BANDS.qualified}
-WITH touched_rows AS (
-    SELECT DISTINCT d.seq, d.id FROM {BAND_STATE.qualified} b
-    JOIN {NEAR_TOUCHED.qualified} t USING (band, band_key)
-    JOIN {DEDUP_ROWS.qualified} d ON d.id = b.id AND d.seq = d.exact_kept
-    WHERE b.stage_key = $state
-      AND NOT EXISTS (SELECT 1 FROM {NEAR_BANDS.qualified} n WHERE n.seq = d.seq)
+# The bucket of each changed row at depth 0 in every start band; then, below each bucket walked through at depth
+# $depth - 1, the bucket at $depth (the key of band start_band + $depth appended to the suffix).
+PATHS_AT_START = f"""
+INSERT INTO {NEAR_PATHS.qualified} SELECT id, delta, band, band_key, ''::BLOB FROM {NEAR_CHANGED.qualified}
+"""
+PATHS_BELOW = f"""
+INSERT INTO {NEAR_PATHS.qualified}
+SELECT p.id, p.delta, p.start_band, p.start_key, p.suffix || c.band_key
+FROM {NEAR_PATHS.qualified} p
+SEMI JOIN (SELECT * FROM {NEAR_WALK.qualified} WHERE descend) w USING (start_band, start_key, suffix)
+JOIN {NEAR_CHANGED.qualified} c ON c.id = p.id AND c.band = (p.start_band + $depth) % $bands
+WHERE octet_length(p.suffix) = ($depth - 1) * $key_bytes
+"""
+# The buckets at $depth on the paths with their size in the state and now (added less removed rows: every added
+# row is new to the bucket, every removed one was in it); walked through when split in both.
+WALK_AT_DEPTH = f"""
+INSERT INTO {NEAR_WALK.qualified}
+WITH buckets AS (
+    SELECT start_band, start_key, suffix, sum(delta) AS delta, count(*) FILTER (WHERE delta > 0) AS added
+    FROM {NEAR_PATHS.qualified} WHERE octet_length(suffix) = $depth * $key_bytes
+    GROUP BY start_band, start_key, suffix
 )
-SELECT r.seq, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN touched_rows r USING (id)
-WHERE b.stage_key = $state
+SELECT b.start_band, b.start_key, b.suffix, s.size, s.size + b.delta, b.added,
+    coalesce(s.size > $max_bucket AND s.size + b.delta > $max_bucket AND $depth < $max_depth, false)
+FROM buckets b LEFT JOIN {BUCKET_STATE.qualified} s
+  ON s.stage_key = $state AND s.start_band = b.start_band AND s.band_key = b.start_key AND s.suffix = b.suffix
 """
-# The listed buckets of the touched start buckets whose pairs are listed again: whole when unknown to the state's
-# listed buckets; else, when holding an added row, the pairs of their added rows (the others are the state's).
+# The buckets listed again from their rows: the first on a path not walked through, when the state has it or it
+# gains a row (a bucket the state lacks had one row at most; with none added, it has nothing to list).
+RELISTED_ROOTS = f"""
+SELECT start_band, start_key, suffix FROM {NEAR_WALK.qualified}
+WHERE NOT descend AND (old_size IS NOT NULL OR added > 0)
+"""
+# Their rows now, with their size (two or more): the state's rows of the bucket, less the removed ones, and the
+# added rows on it. A bucket at depth 0 is a band key; the state's rows of a deeper one are those whose key is the
+# bucket's in every band of its path, looked for in the band of the path whose bucket at depth 0 is the smallest
+# (a bucket the state lacks holds one row at most), then checked.
+RELISTED_ROOT_ROWS = f"""
+INSERT INTO {NEAR_LEVEL.qualified}
+WITH roots AS ({RELISTED_ROOTS}),
+path_keys AS (
+    SELECT start_band, start_key, suffix, (start_band + i) % $bands AS band,
+        CASE WHEN i = 0 THEN start_key ELSE suffix[(i - 1) * $key_bytes + 1 : i * $key_bytes] END AS band_key
+    FROM (
+        SELECT *, unnest(range(0, octet_length(suffix) // $key_bytes + 1)) AS i FROM roots WHERE suffix <> ''::BLOB
+    )
+),
+seeds AS (
+    SELECT k.start_band, k.start_key, k.suffix,
+        arg_min({{'band': k.band, 'band_key': k.band_key}}, coalesce(s.size, 1)) AS seed
+    FROM path_keys k LEFT JOIN {BUCKET_STATE.qualified} s
+      ON s.stage_key = $state AND s.start_band = k.band AND s.band_key = k.band_key AND s.suffix = ''::BLOB
+    GROUP BY k.start_band, k.start_key, k.suffix
+),
+looked_at AS (
+    SELECT e.start_band, e.start_key, e.suffix, b.id FROM seeds e
+    JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.band = e.seed.band AND b.band_key = e.seed.band_key
+),
+state_rows AS (
+    SELECT r.start_band, r.start_key, r.suffix, b.id FROM roots r
+    JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.band = r.start_band AND b.band_key = r.start_key
+    WHERE r.suffix = ''::BLOB
+    UNION ALL
+    SELECT l.start_band, l.start_key, l.suffix, l.id FROM looked_at l
+    JOIN path_keys k ON k.start_band = l.start_band AND k.start_key = l.start_key AND k.suffix = l.suffix
+    JOIN {BAND_STATE.qualified} b
+      ON b.stage_key = $state AND b.id = l.id AND b.band = k.band AND b.band_key = k.band_key
+    GROUP BY l.start_band, l.start_key, l.suffix, l.id HAVING count(*) = octet_length(l.suffix) // $key_bytes + 1
+),
+rows AS (
+    SELECT r.start_band, r.start_key, r.suffix, d.seq FROM state_rows r
+    JOIN {DEDUP_ROWS.qualified} d ON d.id = r.id AND d.seq = d.exact_kept
+    UNION ALL
+    SELECT p.start_band, p.start_key, p.suffix, a.seq FROM {NEAR_PATHS.qualified} p
+    SEMI JOIN roots USING (start_band, start_key, suffix)
+    JOIN {NEAR_ADDED.qualified} a USING (id)
+)
+SELECT * FROM (SELECT *, count(*) OVER (PARTITION BY start_band, start_key, suffix) AS size FROM rows) WHERE size > 1
+"""
+# Every band key of the state's rows of the buckets split again (the next levels group them by further bands),
+# unless this run placed the row's bands already (an added row, or one whose signature was computed).
+STATE_BANDS_OF_SPLIT_ROWS = f"""
+INSERT INTO {NEAR_BANDS.qualified}
+WITH rows AS (
+    SELECT DISTINCT d.seq, d.id FROM {NEAR_SPLIT.qualified} l JOIN {DEDUP_ROWS.qualified} d USING (seq)
+    WHERE NOT EXISTS (SELECT 1 FROM {NEAR_BANDS.qualified} n WHERE n.seq = d.seq)
+)
+SELECT r.seq, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN rows r USING (id) WHERE b.stage_key = $state
+"""
+# The state's buckets at and below the buckets listed again at $depth (the suffix starts with theirs).
+STATE_BUCKETS_BELOW = f"""
+INSERT INTO {NEAR_OLD_NODES.qualified}
+SELECT s.start_band, s.band_key, s.suffix,
+    s.size <= $max_bucket OR octet_length(s.suffix) >= $max_depth * $key_bytes
+FROM {BUCKET_STATE.qualified} s
+JOIN ({RELISTED_ROOTS}) r
+  ON s.start_band = r.start_band AND s.band_key = r.start_key AND s.suffix[1 : $depth * $key_bytes] = r.suffix
+WHERE s.stage_key = $state AND octet_length(r.suffix) = $depth * $key_bytes
+  AND octet_length(s.suffix) >= $depth * $key_bytes
+"""
+# The listed buckets whose pairs are listed: whole when the state did not list them; else, when holding an added
+# row, the pairs of their added rows (the others are the state's).
 RELISTED_BUCKETS = f"""
 INSERT INTO {NEAR_RELISTED.qualified}
 WITH buckets AS (
@@ -505,41 +643,38 @@ WITH buckets AS (
 ),
 known AS (
     SELECT b.*, EXISTS (
-        SELECT 1 FROM {BUCKET_STATE.qualified} s WHERE s.stage_key = $state AND s.start_band = b.start_band
-          AND s.band_key = b.start_key AND s.suffix = b.suffix
+        SELECT 1 FROM {NEAR_OLD_NODES.qualified} o
+        WHERE o.listed AND o.start_band = b.start_band AND o.start_key = b.start_key AND o.suffix = b.suffix
     ) AS known
     FROM buckets b
 )
 SELECT start_band, start_key, suffix, NOT known FROM known WHERE grown OR NOT known
 """
+# The state's listed buckets that are not listed now (split, merged or gone): their pairs leave the state.
+STALE_BUCKETS = f"""
+INSERT INTO {NEAR_STALE.qualified}
+SELECT start_band, start_key, suffix FROM {NEAR_OLD_NODES.qualified} WHERE listed
+EXCEPT SELECT start_band, start_key, suffix FROM {NEAR_LISTED.qualified}
+"""
+# Of a state row ``s`` (pair or bucket): its listed bucket is stale.
+STATE_BUCKET_STALE = f"""EXISTS (
+    SELECT 1 FROM {NEAR_STALE.qualified} t
+    WHERE t.start_band = s.start_band AND t.start_key = s.band_key AND t.suffix = s.suffix
+)"""
 # The rows of the buckets listed again (their signatures and sketches are needed).
 ROWS_OF_RELISTED_BUCKETS = f"""
 SELECT DISTINCT seq FROM {NEAR_LISTED.qualified}
 SEMI JOIN {NEAR_RELISTED.qualified} USING (start_band, start_key, suffix)
 """
-# Of a state row ``s`` (pair or listed bucket): its start bucket is touched; its listed bucket is listed again
-# whole; its listed bucket is a listed bucket of this run's (of a touched start bucket).
-STATE_BUCKET_TOUCHED = f"""EXISTS (
-    SELECT 1 FROM {NEAR_TOUCHED.qualified} t WHERE t.band = s.start_band AND t.band_key = s.band_key
-)"""
-STATE_BUCKET_RELISTED = f"""EXISTS (
-    SELECT 1 FROM {NEAR_RELISTED.qualified} r
-    WHERE r.whole AND r.start_band = s.start_band AND r.start_key = s.band_key AND r.suffix = s.suffix
-)"""
-STATE_BUCKET_LISTED = f"""EXISTS (
-    SELECT 1 FROM {NEAR_LISTED.qualified} l
-    WHERE l.start_band = s.start_band AND l.start_key = s.band_key AND l.suffix = s.suffix
-)"""
-# The state's pairs that stay candidates, by this run's rows (a < b): both rows survive and the pair's start bucket
-# is untouched, or its listed bucket is listed this run too but not again whole (split unchanged).
+# The state's pairs that stay candidates, by this run's rows (a < b): both rows survive and their bucket is not
+# stale (untouched, or listed again in part).
 STATE_PAIRS_STILL_LISTED = f"""
 INSERT INTO {NEAR_KEPT_PAIRS.qualified}
 SELECT DISTINCT least(da.seq, db.seq), greatest(da.seq, db.seq)
 FROM {PAIR_STATE.qualified} s
 JOIN {DEDUP_ROWS.qualified} da ON da.id = s.id_low AND da.seq = da.exact_kept
 JOIN {DEDUP_ROWS.qualified} db ON db.id = s.id_high AND db.seq = db.exact_kept
-WHERE s.stage_key = $state
-  AND (NOT {STATE_BUCKET_TOUCHED} OR ({STATE_BUCKET_LISTED} AND NOT {STATE_BUCKET_RELISTED}))
+WHERE s.stage_key = $state AND NOT {STATE_BUCKET_STALE}
 """
 # The pairs this run listed that passed the estimate, once per listed bucket, by record ids.
 LISTED_PAIRS_BY_ID = f"""
@@ -551,41 +686,43 @@ JOIN {DEDUP_ROWS.qualified} da ON da.seq = p.a
 JOIN {DEDUP_ROWS.qualified} db ON db.seq = p.b
 """
 
-
-def band_bucket_rows(touched_only: bool) -> str:
-    """The rows of every LSH bucket of two or more rows at depth 0 (one band), with its size; ``touched_only``:
-    of the buckets in near_touched only (near_bands then holds their rows, and others' rows in part)."""
-    bands = NEAR_BANDS.qualified
-    if touched_only:
-        bands = f"(SELECT n.* FROM {NEAR_BANDS.qualified} n SEMI JOIN {NEAR_TOUCHED.qualified} USING (band, band_key))"
-    return f"""
-    WITH rows AS (SELECT * FROM {bands}),
-    sizes AS (SELECT band, band_key, count(*) AS size FROM rows GROUP BY band, band_key HAVING count(*) > 1)
-    SELECT n.band AS start_band, n.band_key AS start_key, ''::BLOB AS suffix, n.seq, s.size
-    FROM rows n JOIN sizes s USING (band, band_key)
-    """
-
-
-# The rows being split, each with the key of the next band appended to its suffix, in buckets of two or more,
-# with their size.
+# Every LSH bucket of two or more rows at depth 0 (one band), with its size; then their rows.
+START_BUCKETS = f"""
+INSERT INTO {NEAR_NODES.qualified}
+SELECT band, band_key, ''::BLOB, count(*) FROM {NEAR_BANDS.qualified} GROUP BY band, band_key HAVING count(*) > 1
+"""
+START_BUCKET_ROWS = f"""
+INSERT INTO {NEAR_LEVEL.qualified}
+SELECT n.band, n.band_key, ''::BLOB, n.seq, s.size
+FROM {NEAR_BANDS.qualified} n JOIN {NEAR_NODES.qualified} s ON s.start_band = n.band AND s.start_key = n.band_key
+"""
+# The rows being split, each with the key of the band after its bucket's last appended to its suffix, in buckets
+# of two or more, with their size.
 SPLIT_BUCKET_ROWS = f"""
+INSERT INTO {NEAR_LEVEL.qualified}
 WITH rows AS (
     SELECT s.start_band, s.start_key, s.suffix || n.band_key AS suffix, s.seq
     FROM {NEAR_SPLIT.qualified} s
-    JOIN {NEAR_BANDS.qualified} n ON n.seq = s.seq AND n.band = (s.start_band + $depth) % $bands
+    JOIN {NEAR_BANDS.qualified} n
+      ON n.seq = s.seq AND n.band = (s.start_band + octet_length(s.suffix) // $key_bytes + 1) % $bands
 )
 SELECT * FROM (SELECT *, count(*) OVER (PARTITION BY start_band, start_key, suffix) AS size FROM rows)
 WHERE size > 1
 """
-# Of the buckets at one depth, the rows listed (small enough, or at the last depth) and the rows split further.
-LISTED_AT_DEPTH = f"""
+# Of the buckets of a level: each bucket, the rows listed (small enough, or at the last depth) and the rows split
+# further.
+NODES_OF_LEVEL = f"""
+INSERT INTO {NEAR_NODES.qualified} SELECT DISTINCT start_band, start_key, suffix, size FROM {NEAR_LEVEL.qualified}
+"""
+LISTED_OF_LEVEL = f"""
 INSERT INTO {NEAR_LISTED.qualified}
 SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified}
-WHERE size <= $max_bucket OR $depth >= $max_depth
+WHERE size <= $max_bucket OR octet_length(suffix) >= $max_depth * $key_bytes
 """
-SPLIT_AT_DEPTH = f"""
+SPLIT_OF_LEVEL = f"""
 INSERT INTO {NEAR_SPLIT.qualified}
-SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE size > $max_bucket AND $depth < $max_depth
+SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified}
+WHERE size > $max_bucket AND octet_length(suffix) < $max_depth * $key_bytes
 """
 
 
@@ -737,11 +874,18 @@ def signature_tables(
             "same_key": pa.nulls(n, pa.int64()) if same_keys is None else same_keys,
         }
     )
-    band_keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * r), n * bands, [None, pa.py_buffer(keys)])
+    band_keys = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(band_key_bytes(cfg)), n * bands, [None, pa.py_buffer(keys)]
+    )
     band_rows = pa.table(
         {"seq": np.repeat(seqs, bands), "band": np.tile(np.arange(bands, dtype=np.int32), n), "band_key": band_keys}
     )
     return signatures, band_rows
+
+
+def band_key_bytes(cfg: MinHashConfig) -> int:
+    """Bytes of a band key: the band's ``r`` slot values, 4 bytes each (uint32)."""
+    return 4 * lsh_bands(cfg)[1]
 
 
 def sketch_of(sigs: np.ndarray) -> pa.StringArray:
@@ -929,21 +1073,23 @@ def deduplicate_regime_tables(
             conn.execute(REMOVED_SURVIVORS, state)
         computed = _signatures_of_uncached(conn, records, cfg, batch_rows, processes)
         if incremental:
-            # the added rows' signatures and bands, then the state's band keys of every row of the start buckets
-            # they and the removed rows are in (their splits are worked out again)
+            # the added rows' signatures and bands (the removed rows' are in the state)
             _signatures_from_cache(conn, cfg, batch_rows, f"SELECT seq FROM {NEAR_ADDED.qualified}")
-            conn.execute(TOUCHED_BUCKETS, state)
-            conn.execute(STATE_BANDS_OF_TOUCHED_BUCKETS, state)
         else:
             _signatures_from_cache(conn, cfg, batch_rows, SURVIVORS)
     with timed("candidates"):
-        list_buckets(conn, cfg, touched_only=incremental)
         if incremental:
+            # the buckets on the changed rows' paths, listed again from their rows where not walked through
+            walk_changed_paths(conn, cfg, state)
+            list_buckets(conn, cfg, state)
             # the listed buckets whose pairs change, and the signatures of their rows
-            conn.execute(RELISTED_BUCKETS, state)
+            conn.execute(RELISTED_BUCKETS)
+            conn.execute(STALE_BUCKETS)
             _signatures_from_cache(conn, cfg, batch_rows, ROWS_OF_RELISTED_BUCKETS, with_bands=False)
+        else:
+            list_buckets(conn, cfg)
         write_listed_pairs(conn, cfg, batch_rows, relisted_only=incremental)
-        _save_candidate_state(conn, state, incremental)
+        _save_candidate_state(conn, cfg, state, incremental)
         # survivors whose buckets were listed: all, or (from a state) the rows of the buckets listed again
         listed = _count(conn, f"({ROWS_OF_RELISTED_BUCKETS})") if incremental else survivors
     with timed("verification"):
@@ -999,13 +1145,16 @@ def _signatures_from_cache(
             insert_arrow(conn, NEAR_BANDS, bands)
 
 
-def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str], incremental: bool) -> None:
+def _save_candidate_state(
+    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, state: dict[str, str], incremental: bool
+) -> None:
     """Bring the candidate state to this run's survivors and add the state's still-valid pairs to the candidates.
 
-    A full listing replaces the state. Otherwise the pairs of the buckets not listed again are taken from the state
-    (by this run's rows) before it changes; then the removed rows' bands and pairs, the touched start buckets'
-    listed buckets and the relisted buckets' pairs leave it, and the added rows' bands, the touched start buckets'
-    listed buckets now and the pairs listed this run enter it, in one transaction."""
+    A full listing replaces the state. Otherwise the pairs of the buckets not stale are taken from the state (by
+    this run's rows) before it changes; then the removed rows' bands and pairs, the stale buckets' pairs and the
+    state's buckets at and below the buckets listed again leave it, the walked-through buckets get their new
+    size, and the added rows' bands, the buckets formed this run and the pairs listed this run enter it, in one
+    transaction."""
     if incremental:
         conn.execute(STATE_PAIRS_STILL_LISTED, state)
     with transaction(conn):
@@ -1020,16 +1169,23 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
                 f"FROM {NEAR_BANDS.qualified} n JOIN {NEAR_ADDED.qualified} a USING (seq)",
                 state,
             )
-            # pairs of a removed row; of a touched start bucket's bucket listed again, or listed no more
             conn.execute(
                 f"DELETE FROM {PAIR_STATE.qualified} s WHERE stage_key = $state AND ("
                 f"id_low IN (SELECT id FROM {NEAR_REMOVED.qualified}) "
-                f"OR id_high IN (SELECT id FROM {NEAR_REMOVED.qualified}) "
-                f"OR ({STATE_BUCKET_TOUCHED} AND ({STATE_BUCKET_RELISTED} OR NOT {STATE_BUCKET_LISTED})))",
+                f"OR id_high IN (SELECT id FROM {NEAR_REMOVED.qualified}) OR {STATE_BUCKET_STALE})",
                 state,
             )
             conn.execute(
-                f"DELETE FROM {BUCKET_STATE.qualified} s WHERE stage_key = $state AND {STATE_BUCKET_TOUCHED}", state
+                f"DELETE FROM {BUCKET_STATE.qualified} s WHERE stage_key = $state AND EXISTS ("
+                f"SELECT 1 FROM {NEAR_OLD_NODES.qualified} o WHERE o.start_band = s.start_band "
+                "AND o.start_key = s.band_key AND o.suffix = s.suffix)",
+                state,
+            )
+            conn.execute(
+                f"UPDATE {BUCKET_STATE.qualified} s SET size = w.new_size FROM {NEAR_WALK.qualified} w "
+                "WHERE s.stage_key = $state AND w.descend AND s.start_band = w.start_band "
+                "AND s.band_key = w.start_key AND s.suffix = w.suffix",
+                state,
             )
         else:
             for table in (BAND_STATE, PAIR_STATE, BUCKET_STATE):
@@ -1039,12 +1195,7 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
                 f"FROM {NEAR_BANDS.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
                 state,
             )
-        # near_listed holds every listed bucket of the touched start buckets (of all, in a full listing)
-        conn.execute(
-            f"INSERT INTO {BUCKET_STATE.qualified} SELECT DISTINCT $state, start_band, start_key, suffix "
-            f"FROM {NEAR_LISTED.qualified}",
-            state,
-        )
+        conn.execute(f"INSERT INTO {BUCKET_STATE.qualified} SELECT $state, * FROM {NEAR_NODES.qualified}", state)
         conn.execute(f"INSERT INTO {PAIR_STATE.qualified} {LISTED_PAIRS_BY_ID}", state)
     if incremental:
         conn.execute(
@@ -1053,22 +1204,67 @@ def _save_candidate_state(conn: duckdb.DuckDBPyConnection, state: dict[str, str]
         )
 
 
-def list_buckets(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, *, touched_only: bool = False) -> None:
-    """Fill ``near_listed`` with the rows of every bucket whose pairs are listed, from ``near_bands``.
+def _run(conn: duckdb.DuckDBPyConnection, sql: str, values: dict[str, Any]) -> None:
+    """Execute ``sql`` with the entries of ``values`` it names as ``$name`` (DuckDB rejects unused parameters)."""
+    names = set(re.findall(r"\$(\w+)", sql))
+    conn.execute(sql, {name: value for name, value in values.items() if name in names})
 
-    Depth 0 groups the rows by one band (``touched_only``: the buckets of near_touched only); a bucket of more
-    than ``dedup.MAX_BUCKET`` rows goes on to depth 1, where its rows are grouped by the next band as well, and so
-    on up to depth ``dedup.MAX_SPLIT_BANDS``, where every bucket is listed whole (as ``dedup.candidate_pairs``)."""
+
+def _bucket_shape(cfg: MinHashConfig) -> dict[str, int]:
+    """The parameters of the bucket queries: bands, bytes of a band key, bucket limit and split depth."""
     bands, _rows = lsh_bands(cfg)
-    limits = {"max_bucket": dedup.MAX_BUCKET, "max_depth": dedup.MAX_SPLIT_BANDS}
-    conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {band_bucket_rows(touched_only)}")
+    return {
+        "bands": bands,
+        "key_bytes": band_key_bytes(cfg),
+        "max_bucket": dedup.MAX_BUCKET,
+        "max_depth": dedup.MAX_SPLIT_BANDS,
+    }
+
+
+def walk_changed_paths(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, state: dict[str, str]) -> None:
+    """Fill ``near_walk`` with the buckets on the paths of the added and removed rows (near_added, near_removed),
+    depth by depth while a bucket stays split, and ``near_old_nodes`` with the state's buckets at and below the
+    buckets to list again."""
+    shape = {**state, **_bucket_shape(cfg)}
+    conn.execute(CHANGED_BANDS, state)
+    conn.execute(PATHS_AT_START)
     for depth in range(dedup.MAX_SPLIT_BANDS + 1):
-        if depth > 0:
+        at_depth = {**shape, "depth": depth}
+        if depth:
+            _run(conn, PATHS_BELOW, at_depth)
+        _run(conn, WALK_AT_DEPTH, at_depth)
+        _run(conn, STATE_BUCKETS_BELOW, at_depth)
+        walked = f"SELECT 1 FROM {NEAR_WALK.qualified} WHERE descend AND octet_length(suffix) = $length"
+        if not _count(conn, f"({walked})", {"length": depth * shape["key_bytes"]}):
+            break
+
+
+def list_buckets(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, state: dict[str, str] | None = None) -> None:
+    """Fill ``near_listed`` with the rows of every bucket whose pairs are listed and ``near_nodes`` with every
+    bucket formed, from ``near_bands``.
+
+    The first level is every bucket of two rows or more at depth 0 (one band), or, with the candidate ``state``,
+    the buckets ``walk_changed_paths`` left to list again, at their depths, with their rows now. A bucket of more
+    than ``dedup.MAX_BUCKET`` rows goes on to the next level, where its rows are grouped by the next band as well,
+    and so on down to depth ``dedup.MAX_SPLIT_BANDS``, where every bucket is listed whole (as
+    ``dedup.candidate_pairs``)."""
+    shape = {**(state or {}), **_bucket_shape(cfg)}
+    if state is None:
+        conn.execute(START_BUCKETS)
+        conn.execute(START_BUCKET_ROWS)
+    else:
+        _run(conn, RELISTED_ROOT_ROWS, shape)
+        conn.execute(NODES_OF_LEVEL)
+    for level in range(dedup.MAX_SPLIT_BANDS + 1):
+        if level:
             conn.execute(f"DELETE FROM {NEAR_LEVEL.qualified}")
-            conn.execute(f"INSERT INTO {NEAR_LEVEL.qualified} {SPLIT_BUCKET_ROWS}", {"depth": depth, "bands": bands})
+            _run(conn, SPLIT_BUCKET_ROWS, shape)
             conn.execute(f"DELETE FROM {NEAR_SPLIT.qualified}")
-        conn.execute(LISTED_AT_DEPTH, {**limits, "depth": depth})
-        conn.execute(SPLIT_AT_DEPTH, {**limits, "depth": depth})
+            conn.execute(NODES_OF_LEVEL)
+        _run(conn, LISTED_OF_LEVEL, shape)
+        _run(conn, SPLIT_OF_LEVEL, shape)
+        if state is not None and not level:
+            conn.execute(STATE_BANDS_OF_SPLIT_ROWS, state)
         if not _count(conn, NEAR_SPLIT.qualified):
             break
 

@@ -401,10 +401,13 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
     expected = expected_candidate_ids(second, sigs, cfg)
     assert candidate_ids(conn) == expected and len(expected) > 100
-    listed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()[0][0]
-    assert 24 < listed < len(second)  # the added rows and the rows sharing a start bucket with an added or removed row
-    signed = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_SIGNATURES.qualified}").fetchall()[0][0]
-    assert signed < listed  # of those, only the rows of the split buckets holding an added row (or a new split)
+    placed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()[0][0]
+    changed = {r["id"] for r in first} ^ {r["id"] for r in second}
+    # the added rows and the rows of the buckets listed again (here, with buckets split at every depth, most of the
+    # clump's rows: test_a_row_added_to_a_giant_bucket_reads_only_its_path shows the other end)
+    assert 24 <= placed <= len(sharing_a_start_bucket(second, changed, sigs, cfg))
+    walked = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_WALK.qualified} WHERE descend").fetchall()
+    assert walked[0][0] > 0  # split buckets on the changed rows' paths were walked through, not listed again
     kept = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_KEPT_PAIRS.qualified}").fetchall()[0][0]
     assert kept > 0  # pairs of untouched buckets came from the state
 
@@ -414,6 +417,98 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     assert conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall() == [(0,)]
     state = conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {dedup_tables.BAND_STATE.qualified}").fetchall()
     assert state == [(len(second) * bands, len(second))]
+
+
+@pytest.mark.parametrize(("max_bucket", "values"), [(4, 3), (6, 2)])
+def test_rounds_of_added_and_removed_rows_keep_the_state_exact(monkeypatch, max_bucket: int, values: int) -> None:
+    """Five runs, each adding and removing a random tenth of a clumped pool (buckets grow past MAX_BUCKET and
+    shrink below it at every depth, rows come back after leaving): the candidates are a full listing's every time,
+    and the state's buckets are those a full listing of the survivors forms, with their sizes."""
+    monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
+    cfg = MinHashConfig()
+    rng = np.random.default_rng(max_bucket * values)
+    pool = clumped_signatures(rng, 160, cfg, values)
+    rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(160)]
+    sigs = {r["id"]: s for r, s in zip(rows, pool, strict=True)}
+    member = rng.random(160) < 0.6
+    conn = staged_connection([r for r, m in zip(rows, member, strict=True) if m], by_priority)
+    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+    key = dedup_tables.signature_stage_key(cfg)
+    conn.executemany(
+        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
+        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
+    )
+    state_key = dedup_tables.candidate_state_key("sft", cfg)
+    bucket_state = (
+        f"SELECT start_band, band_key, suffix, size FROM {dedup_tables.BUCKET_STATE.qualified} "
+        "WHERE stage_key = $key ORDER BY ALL"
+    )
+    for run in range(5):
+        if run:
+            member ^= rng.random(160) < 0.1
+            restage(conn, [r for r, m in zip(rows, member, strict=True) if m])
+        current = [r for r, m in zip(rows, member, strict=True) if m]
+        dedup_staged(conn, {"sft"}, processes=1, batch_rows=40)
+        assert candidate_ids(conn) == expected_candidate_ids(current, sigs, cfg)
+        kept = conn.execute(bucket_state, {"key": state_key}).fetchall()
+        fresh = staged_connection(current, by_priority)
+        fresh.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+        fresh.executemany(
+            f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
+            [(key, r["id"], sigs[r["id"]].tolist()) for r in current],
+        )
+        dedup_staged(fresh, {"sft"}, processes=1, batch_rows=40)
+        assert kept == fresh.execute(bucket_state, {"key": state_key}).fetchall() and len(kept) > 100
+
+
+def test_a_row_added_to_a_giant_bucket_reads_only_its_path() -> None:
+    """300 rows share their band-0 key and nothing else: the start bucket is split by band 1 into single rows. A
+    row added to it (with a band-1 key of its own) and one added beside a row of it are walked down their paths:
+    the start bucket's other rows are never read, and the candidates are those of a full listing."""
+    cfg = MinHashConfig()
+    _bands, r = dedup.lsh_bands(cfg)
+    rng = np.random.default_rng(5)
+    sigs_matrix = rng.integers(0, 2**32, size=(303, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
+    sigs_matrix[:302, :r] = 7  # band 0: one key for all but the last row
+    sigs_matrix[301, r : 2 * r] = sigs_matrix[5, r : 2 * r]  # band 1: row 301 meets row 5 below the start bucket
+    sigs_matrix[302] = np.where(rng.random(cfg.num_perm) < 0.05, sigs_matrix[302], sigs_matrix[9])  # near row 9
+    sigs_matrix[302, :r] = 8
+    rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(303)]
+    sigs = {row["id"]: sig for row, sig in zip(rows, sigs_matrix, strict=True)}
+    conn = staged_connection(rows[:300], by_priority)
+    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+    key = dedup_tables.signature_stage_key(cfg)
+    conn.executemany(
+        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
+        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
+    )
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
+
+    restage(conn, rows)
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
+    assert candidate_ids(conn) == expected_candidate_ids(rows, sigs, cfg)
+    assert ("row009", "row302") in candidate_ids(conn)
+    read = conn.execute(
+        f"SELECT DISTINCT d.id FROM {dedup_tables.NEAR_SIGNATURES.qualified} "
+        f"JOIN {dedup_tables.DEDUP_ROWS.qualified} d USING (seq) ORDER BY ALL"
+    ).fetchall()
+    # the three added rows, row 5 (row 301's bucket below the start bucket) and row 9 (row 302's in other bands)
+    assert [r[0] for r in read] == ["row005", "row009", "row300", "row301", "row302"]
+    placed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()
+    assert placed == [(3,)]  # only the added rows' band keys: no bucket holding a row of the state is split again
+
+
+def sharing_a_start_bucket(
+    rows: list[dict[str, Any]], changed: set[str], sigs: dict[str, np.ndarray], cfg: MinHashConfig
+) -> set[str]:
+    """The ids of ``rows`` that share a band key (a bucket at depth 0) with a row of ``changed``."""
+    bands, r = dedup.lsh_bands(cfg)
+
+    def keys(rid: str) -> set[tuple[int, bytes]]:
+        return {(band, sigs[rid][band * r : (band + 1) * r].tobytes()) for band in range(bands)}
+
+    changed_keys = set().union(*(keys(rid) for rid in changed))
+    return {row["id"] for row in rows if keys(row["id"]) & changed_keys}
 
 
 def restage(conn: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
