@@ -261,8 +261,14 @@ GATE_FILES = Table(
         Column("created_at", "TIMESTAMP WITH TIME ZONE", "the file's modification time", False),
     ),
 )
+GATE_MISSES = Table(
+    WORK_SCHEMA,
+    "gate_misses",
+    "Bronze rows the gate cache does not hold under their source's current stage key: gated this run.",
+    tuple(c for c in _GATE_LOCATOR if c.name in ("source", "file_path", "row_number", "record_sha256")),
+)
 WORK_TABLES = (STAGED, REMOVED, DROPPED_DUPLICATES, WORK_QUARANTINE, WORK_DEDUP, WORK_EVAL, WORK_CONTAMINATION)
-WORK_TABLES += (GATE_KEYS, GATE_FILES)
+WORK_TABLES += (GATE_KEYS, GATE_FILES, GATE_MISSES)
 # Bronze rows placed from the gate cache (narrow: locator, destination, key, the current file hash and created_at),
 # with their rank among the rows of their exact-duplicate key; and the staged rows kept, numbered in bronze order.
 PLACEMENT = f"{WORK_SCHEMA}.placement"
@@ -281,13 +287,20 @@ _CACHED_BRONZE_ROW = (
     "AND c.row_number = b.row_number AND c.record_sha256 = b.record_sha256"
 )
 
-# Bronze rows of the registry's sources the gate cache does not hold under their source's current stage key.
-GATE_MISSES = f"""
-SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256
+# Bronze rows of the registry's sources the gate cache does not hold under their source's current stage key: their
+# locators first, then their payloads. One anti join reading the payloads read every bronze payload (2.3 s at 1M for
+# 10,000 new rows); the second query's join filter lets the scan skip the row groups of sources with no miss.
+FIND_GATE_MISSES = f"""
+INSERT INTO {GATE_MISSES.qualified}
+SELECT b.source, b.file_path, b.row_number, b.record_sha256
 FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
 WHERE NOT EXISTS (SELECT 1 FROM {GATE_ROWS.qualified} c WHERE {_CACHED_BRONZE_ROW})
 """
-GATE_MISSES_COUNT = f"SELECT count(*) FROM ({GATE_MISSES})"
+MISSED_BRONZE_ROWS = f"""
+SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256
+FROM {BRONZE_RECORDS.qualified} b
+SEMI JOIN {GATE_MISSES.qualified} m USING (source, file_path, row_number, record_sha256)
+"""
 
 # Exact duplicates: the first row of a content key in bronze priority order (source priority, file, row) is the
 # one kept, whatever its destination (a row the gate quarantined still claims its key).
@@ -659,9 +672,10 @@ def normalise_and_gate(
     context = GateContext(
         registry, tokenizer, {file: created_at(file) for _, file, _ in files}, quality, cfg.max_row_bytes
     )
-    (missing,) = conn.execute(GATE_MISSES_COUNT).fetchone()
+    conn.execute(FIND_GATE_MISSES)
+    (missing,) = conn.execute(f"SELECT count(*) FROM {GATE_MISSES.qualified}").fetchall()[0]
     processes = processes_for(missing, cfg.batch_rows, cfg.processes)
-    batches = fetch_arrow(conn, GATE_MISSES, cfg.batch_rows)
+    batches = fetch_arrow(conn, MISSED_BRONZE_ROWS, cfg.batch_rows) if missing else iter(())
     # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per full
     # row group of a cache table (io.Appends): the rows are compressed into the file as they come, not held in
     # DuckDB's memory (spilled past its cap) until one checkpoint after the last batch
