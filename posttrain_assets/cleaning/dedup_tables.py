@@ -17,11 +17,13 @@ process: the per-regime state lives in work tables, the Python work runs one bat
    joins rows whose keys differ, and ``dedup.candidate_pairs`` leaves them out), are the candidates
    (``near_candidates``): DuckDB lists the pairs of one start band at a time and drops those whose
    one-character-per-slot sketches (:func:`sketch_of`) already fall short; the few left get the exact estimate
-   (:func:`estimated_at_least`). The survivors' band keys, the listed buckets and their candidate pairs are kept
-   between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`, :data:`PAIR_STATE`):
-   a bucket's pairs depend only on its rows, so a run splits again only the start buckets of survivors added or
-   removed since, lists only the pairs of added rows in the buckets it knows (whole buckets it does not), and
-   takes the other pairs from the state (the full listing when there is no state for the config).
+   (:func:`estimated_at_least`). The survivors' band keys, every bucket of two rows or more with its size and
+   the listed buckets' candidate pairs are kept between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`,
+   :data:`PAIR_STATE`): a bucket's pairs depend only on its rows, so a run follows each survivor added or
+   removed since down its path in every start band (:func:`walk_changed_paths`), lists again from its rows the
+   first bucket on the path that was not split before and after, there pairs only the added rows in a bucket it
+   knows (whole a bucket it does not), and takes the other pairs from the state (the full listing when there is
+   no state for the config).
 4. **Verification** (workers, :func:`verify_batch`): candidate pairs in order, a chunk at a time with the texts
    of their rows, checked by the rules of ``MinHashConfig``; verified pairs are joined in a union-find over their
    rows. A pair whose rows are already joined is not compared (a cluster of k copies costs about k comparisons).
@@ -132,13 +134,14 @@ NEAR_LISTED = Table(
 NEAR_SPLIT = Table(
     WORK_SCHEMA,
     "near_split",
-    "Rows of the LSH buckets of more than MAX_BUCKET rows at the last depth: split by the next band.",
+    "Rows of the LSH buckets of more than MAX_BUCKET rows of the level just listed: split by the next band.",
     NEAR_LISTED.columns,
 )
 NEAR_LEVEL = Table(
     WORK_SCHEMA,
     "near_level",
-    "Rows of the LSH buckets of two or more rows at the current split depth, with the bucket's size.",
+    "Rows of the LSH buckets of two or more rows of the current level (in a refresh, buckets listed again may sit "
+    "at different depths), with the bucket's size.",
     (*NEAR_LISTED.columns, Column("size", "BIGINT", "rows in the bucket", False)),
 )
 NEAR_SKETCH_PAIRS = Table(
@@ -1053,8 +1056,9 @@ def deduplicate_regime_tables(
     and ``kept_rank`` (unique; lowest is kept). ``records``: a relation holding their ``id`` and ``UNIT_COLUMNS``
     by seq, read once for the signatures the cache lacks and once each for the texts verification and the
     similarities need (gathered into ``near_texts``, whose index makes a chunk's look-ups point reads). ``keyed``:
-    rows carry a same key (RL). ``regime`` names the candidate state (:data:`BAND_STATE`, :data:`PAIR_STATE`):
-    when it holds this config's state, only the buckets of survivors added or removed since are listed again.
+    rows carry a same key (RL). ``regime`` names the candidate state (:data:`BAND_STATE`, :data:`BUCKET_STATE`,
+    :data:`PAIR_STATE`): when it holds this config's state, only the buckets on the paths of survivors added or
+    removed since change (the first one on a path not split before and after is listed again).
     ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
     ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
     module are replaced; the caller drops the work schema.

@@ -368,8 +368,8 @@ def expected_candidate_ids(rows: list[dict[str, Any]], sigs: dict[str, np.ndarra
 def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_bucket: int) -> None:
     """Signatures planted in the signature cache: a clump whose buckets split at every depth, and rows of their
     own. Added and removed rows change bucket sizes (a bucket split before may be listed whole now, and the other
-    way round); the candidates are dedup.candidate_pairs' every time, a run works out again only the splits of the
-    touched start buckets, and lists again only the split buckets that changed."""
+    way round); the candidates are dedup.candidate_pairs' every time, and a run lists again only the buckets on
+    the changed rows' paths that changed."""
     monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
     cfg = MinHashConfig()
     bands, _r = dedup.lsh_bands(cfg)
@@ -405,7 +405,7 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     changed = {r["id"] for r in first} ^ {r["id"] for r in second}
     # the added rows and the rows of the buckets listed again (here, with buckets split at every depth, most of the
     # clump's rows: test_a_row_added_to_a_giant_bucket_reads_only_its_path shows the other end)
-    assert 24 <= placed <= len(sharing_a_start_bucket(second, changed, sigs, cfg))
+    assert 24 <= placed < len(sharing_a_start_bucket(second, changed, sigs, cfg))
     walked = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_WALK.qualified} WHERE descend").fetchall()
     assert walked[0][0] > 0  # split buckets on the changed rows' paths were walked through, not listed again
     kept = conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_KEPT_PAIRS.qualified}").fetchall()[0][0]
@@ -419,46 +419,82 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     assert state == [(len(second) * bands, len(second))]
 
 
-@pytest.mark.parametrize(("max_bucket", "values"), [(4, 3), (6, 2)])
-def test_rounds_of_added_and_removed_rows_keep_the_state_exact(monkeypatch, max_bucket: int, values: int) -> None:
-    """Five runs, each adding and removing a random tenth of a clumped pool (buckets grow past MAX_BUCKET and
-    shrink below it at every depth, rows come back after leaving): the candidates are a full listing's every time,
-    and the state's buckets are those a full listing of the survivors forms, with their sizes."""
+@pytest.mark.parametrize(
+    ("max_bucket", "values", "split_bands", "deepest"), [(4, 3, 3, 1), (2, 2, 3, 3), (3, 2, 1, 1), (5, 3, 0, 0)]
+)
+def test_rounds_of_added_and_removed_rows_keep_the_state_exact(
+    monkeypatch, max_bucket: int, values: int, split_bands: int, deepest: int
+) -> None:
+    """Five runs, each adding and removing a random tenth of a clumped pool, exact twins among them (a twin whose
+    kept row leaves survives in its place): buckets grow past MAX_BUCKET and shrink below it, down to the last
+    split depth, and rows come back after leaving. Every time the candidates are a full listing's, and the state
+    (band keys, buckets with their sizes, pairs by bucket) is the one a full listing of the survivors stores."""
     monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
+    monkeypatch.setattr(dedup, "MAX_SPLIT_BANDS", split_bands)
     cfg = MinHashConfig()
-    rng = np.random.default_rng(max_bucket * values)
+    rng = np.random.default_rng(max_bucket * values + split_bands)
     pool = clumped_signatures(rng, 160, cfg, values)
     rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(160)]
-    sigs = {r["id"]: s for r, s in zip(rows, pool, strict=True)}
-    member = rng.random(160) < 0.6
-    conn = staged_connection([r for r, m in zip(rows, member, strict=True) if m], by_priority)
-    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+    for i in range(0, 160, 8):  # an exact twin (case) of every eighth row, after it in the kept order
+        rows.append(
+            {
+                **rows[i],
+                "id": f"twin{i:03d}",
+                "source": "src_b",
+                "messages": [{**m, "content": m["content"].upper()} for m in rows[i]["messages"]],
+            }
+        )
+    sigs = {r["id"]: pool[int(r["id"][-3:])] for r in rows}
+    member = rng.random(len(rows)) < 0.6
+
+    def current() -> list[dict[str, Any]]:
+        return [r for r, m in zip(rows, member, strict=True) if m]
+
+    def with_cache(chosen: list[dict[str, Any]]) -> duckdb.DuckDBPyConnection:
+        conn = staged_connection(chosen, by_priority)
+        conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+        conn.executemany(
+            f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
+            [(key, r["id"], sigs[r["id"]].tolist()) for r in rows],
+        )
+        return conn
+
     key = dedup_tables.signature_stage_key(cfg)
-    conn.executemany(
-        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
-        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
-    )
-    state_key = dedup_tables.candidate_state_key("sft", cfg)
-    bucket_state = (
-        f"SELECT start_band, band_key, suffix, size FROM {dedup_tables.BUCKET_STATE.qualified} "
-        "WHERE stage_key = $key ORDER BY ALL"
-    )
+    state_key = {"key": dedup_tables.candidate_state_key("sft", cfg)}
+    state_queries = [
+        f"SELECT * EXCLUDE (stage_key) FROM {t.qualified} WHERE stage_key = $key ORDER BY ALL"
+        for t in (dedup_tables.BAND_STATE, dedup_tables.BUCKET_STATE, dedup_tables.PAIR_STATE)
+    ]
+    conn = with_cache(current())
+    walked = relisted = shrunk = 0
     for run in range(5):
         if run:
-            member ^= rng.random(160) < 0.1
-            restage(conn, [r for r, m in zip(rows, member, strict=True) if m])
-        current = [r for r, m in zip(rows, member, strict=True) if m]
+            member ^= rng.random(len(rows)) < 0.1
+            restage(conn, current())
         dedup_staged(conn, {"sft"}, processes=1, batch_rows=40)
-        assert candidate_ids(conn) == expected_candidate_ids(current, sigs, cfg)
-        kept = conn.execute(bucket_state, {"key": state_key}).fetchall()
-        fresh = staged_connection(current, by_priority)
-        fresh.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
-        fresh.executemany(
-            f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
-            [(key, r["id"], sigs[r["id"]].tolist()) for r in current],
-        )
+        survivors = [
+            r
+            for r in current()
+            if not (r["id"].startswith("twin") and f"row{r['id'][4:]}" in {c["id"] for c in current()})
+        ]
+        assert candidate_ids(conn) == expected_candidate_ids(survivors, sigs, cfg)
+        fresh = with_cache(current())
         dedup_staged(fresh, {"sft"}, processes=1, batch_rows=40)
-        assert kept == fresh.execute(bucket_state, {"key": state_key}).fetchall() and len(kept) > 100
+        for query in state_queries:
+            assert conn.execute(query, state_key).fetchall() == fresh.execute(query, state_key).fetchall()
+        if run:  # the refresh path ran: buckets walked through and buckets listed again
+            walk = dedup_tables.NEAR_WALK.qualified
+            walked += conn.execute(f"SELECT count(*) FROM {walk} WHERE descend").fetchall()[0][0]
+            relisted += conn.execute(f"SELECT count(*) FROM {walk} WHERE NOT descend").fetchall()[0][0]
+            shrunk += conn.execute(
+                f"SELECT count(*) FROM {walk} WHERE old_size > $max AND new_size <= $max", {"max": max_bucket}
+            ).fetchall()[0][0]
+    depths = conn.execute(
+        f"SELECT max(octet_length(suffix)) // {dedup_tables.band_key_bytes(cfg)} "
+        f"FROM {dedup_tables.BUCKET_STATE.qualified}"
+    ).fetchall()
+    assert depths == [(deepest,)]  # buckets split this deep (the second and third cases: down to the last depth)
+    assert relisted > 0 and shrunk > 0 and (walked > 0 or split_bands == 0)
 
 
 def test_a_row_added_to_a_giant_bucket_reads_only_its_path() -> None:
