@@ -1069,6 +1069,43 @@ def deduplicate_regime_tables(
         ensure_cache_table(conn, table)
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     survivors = _count(conn, f"({SURVIVORS})")
+    computed, listed = list_candidates(
+        conn, regime=regime, records=records, cfg=cfg, batch_rows=batch_rows, processes=processes, timed=timed
+    )
+    with timed("verification"):
+        conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
+        conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
+        clusters, pairs = _verified_clusters(conn, records, cfg, keyed, batch_rows, processes)
+        _insert_clusters(conn, NEAR_CLUSTERS, clusters, batch_rows)
+        del clusters
+        similarities = _dropped_near(conn, records, batch_rows, processes)
+    conn.execute(
+        f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
+        {"near": METHOD_NEAR, "exact": METHOD_EXACT},
+    )
+    return DedupReuse(
+        Reuse(computed=computed, reused=survivors - computed),
+        pairs,
+        similarities,
+        Reuse(computed=listed, reused=survivors - listed),
+    )
+
+
+def list_candidates(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    regime: str,
+    records: str,
+    cfg: MinHashConfig,
+    batch_rows: int,
+    processes: int,
+    timed: Timed = lambda _part: nullcontext(),
+) -> tuple[int, int]:
+    """Steps 2 and 3 for the exact survivors of ``dedup_rows``: their signatures (computed for the rows of
+    ``records`` the signature cache lacks) and band keys, then ``near_candidates``, from the regime's candidate
+    state when it holds one (then brought to this run's survivors) or by a full listing. Returns how many
+    signatures were computed and how many survivors' buckets were listed (all, or the rows of the buckets listed
+    again). ``timed`` wraps the parts ``signatures`` and ``candidates``."""
     state = {"state": candidate_state_key(regime, cfg)}
     with timed("signatures"):
         incremental = conn.execute(STATE_HOLDS, state).fetchall()[0][0] > 0
@@ -1095,24 +1132,8 @@ def deduplicate_regime_tables(
         write_listed_pairs(conn, cfg, batch_rows, relisted_only=incremental)
         _save_candidate_state(conn, cfg, state, incremental)
         # survivors whose buckets were listed: all, or (from a state) the rows of the buckets listed again
-        listed = _count(conn, f"({ROWS_OF_RELISTED_BUCKETS})") if incremental else survivors
-    with timed("verification"):
-        conn.execute(f"CREATE OR REPLACE TABLE {NEAR_TEXTS} AS SELECT {', '.join(UNIT_COLUMNS)} FROM {records} LIMIT 0")
-        conn.execute(f"CREATE INDEX near_texts_seq ON {NEAR_TEXTS} (seq)")
-        clusters, pairs = _verified_clusters(conn, records, cfg, keyed, batch_rows, processes)
-        _insert_clusters(conn, NEAR_CLUSTERS, clusters, batch_rows)
-        del clusters
-        similarities = _dropped_near(conn, records, batch_rows, processes)
-    conn.execute(
-        f"INSERT INTO {dropped.qualified} (member_id, kept_id, method, similarity) {DROPPED_ROWS}",
-        {"near": METHOD_NEAR, "exact": METHOD_EXACT},
-    )
-    return DedupReuse(
-        Reuse(computed=computed, reused=survivors - computed),
-        pairs,
-        similarities,
-        Reuse(computed=listed, reused=survivors - listed),
-    )
+        listed = _count(conn, f"({ROWS_OF_RELISTED_BUCKETS})" if incremental else f"({SURVIVORS})")
+    return computed, listed
 
 
 def _signatures_of_uncached(
