@@ -383,13 +383,7 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     sigs = {r["id"]: s for r, s in zip(rows, np.concatenate([clump, unique]), strict=True)}
     first = [r for i, r in enumerate(rows) if i % 10 != 3]  # 24 rows held back, from the clump and the others
 
-    conn = staged_connection(first, by_priority)
-    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
-    key = dedup_tables.signature_stage_key(cfg)
-    conn.executemany(
-        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
-        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
-    )
+    conn = with_planted_signatures(first, sigs, cfg)
     dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
     assert candidate_ids(conn) == expected_candidate_ids(first, sigs, cfg)
     listed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()
@@ -450,22 +444,12 @@ def test_rounds_of_added_and_removed_rows_keep_the_state_exact(
     def current() -> list[dict[str, Any]]:
         return [r for r, m in zip(rows, member, strict=True) if m]
 
-    def with_cache(chosen: list[dict[str, Any]]) -> duckdb.DuckDBPyConnection:
-        conn = staged_connection(chosen, by_priority)
-        conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
-        conn.executemany(
-            f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
-            [(key, r["id"], sigs[r["id"]].tolist()) for r in rows],
-        )
-        return conn
-
-    key = dedup_tables.signature_stage_key(cfg)
     state_key = {"key": dedup_tables.candidate_state_key("sft", cfg)}
     state_queries = [
         f"SELECT * EXCLUDE (stage_key) FROM {t.qualified} WHERE stage_key = $key ORDER BY ALL"
         for t in (dedup_tables.BAND_STATE, dedup_tables.BUCKET_STATE, dedup_tables.PAIR_STATE)
     ]
-    conn = with_cache(current())
+    conn = with_planted_signatures(current(), sigs, cfg)
     walked = relisted = shrunk = 0
     for run in range(5):
         if run:
@@ -478,7 +462,7 @@ def test_rounds_of_added_and_removed_rows_keep_the_state_exact(
             if not (r["id"].startswith("twin") and f"row{r['id'][4:]}" in {c["id"] for c in current()})
         ]
         assert candidate_ids(conn) == expected_candidate_ids(survivors, sigs, cfg)
-        fresh = with_cache(current())
+        fresh = with_planted_signatures(current(), sigs, cfg)
         dedup_staged(fresh, {"sft"}, processes=1, batch_rows=40)
         for query in state_queries:
             assert conn.execute(query, state_key).fetchall() == fresh.execute(query, state_key).fetchall()
@@ -511,13 +495,7 @@ def test_a_row_added_to_a_giant_bucket_reads_only_its_path() -> None:
     sigs_matrix[302, :r] = 8
     rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(303)]
     sigs = {row["id"]: sig for row, sig in zip(rows, sigs_matrix, strict=True)}
-    conn = staged_connection(rows[:300], by_priority)
-    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
-    key = dedup_tables.signature_stage_key(cfg)
-    conn.executemany(
-        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
-        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
-    )
+    conn = with_planted_signatures(rows[:300], sigs, cfg)
     dedup_staged(conn, {"sft"}, processes=1, batch_rows=50)
 
     restage(conn, rows)
@@ -532,6 +510,21 @@ def test_a_row_added_to_a_giant_bucket_reads_only_its_path() -> None:
     assert [r[0] for r in read] == ["row005", "row009", "row300", "row301", "row302"]
     placed = conn.execute(f"SELECT count(DISTINCT seq) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall()
     assert placed == [(3,)]  # only the added rows' band keys: no bucket holding a row of the state is split again
+
+
+def with_planted_signatures(
+    rows: list[dict[str, Any]], sigs: dict[str, np.ndarray], cfg: MinHashConfig
+) -> duckdb.DuckDBPyConnection:
+    """``rows`` staged (staged_connection), with the signatures ``sigs`` (by id, of these rows and others) in the
+    signature cache under ``cfg``'s key: runs list candidates of the planted signatures."""
+    conn = staged_connection(rows, by_priority)
+    conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
+    key = dedup_tables.signature_stage_key(cfg)
+    conn.executemany(
+        f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} VALUES (?, ?, ?, NULL)",
+        [(key, rid, sig.tolist()) for rid, sig in sigs.items()],
+    )
+    return conn
 
 
 def sharing_a_start_bucket(
