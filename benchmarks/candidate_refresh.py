@@ -20,7 +20,6 @@ import hashlib
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,25 +138,13 @@ class StatementClock:
         return getattr(self.conn, name)
 
 
-@contextmanager
-def _timer() -> Iterator[dict[str, float]]:
-    out: dict[str, float] = {}
-    started = time.perf_counter()
-    yield out
-    out["seconds"] = round(time.perf_counter() - started, 2)
-
-
 def list_regime(conn: duckdb.DuckDBPyConnection, regime: str, with_refresh: bool) -> tuple[float, int, StatementClock]:
     """Stage the regime's rows (with or without the refresh's) and list their candidates: seconds, survivors listed,
     and the timed statements."""
     conn.execute(STAGED, {"regime": regime, "with_refresh": with_refresh})
-    for table in dedup_tables.TABLES:
-        conn.execute(table.create_sql(replace=True))
-    for table in (dedup_tables.BAND_STATE, dedup_tables.PAIR_STATE, dedup_tables.BUCKET_STATE):
-        dedup_tables.ensure_cache_table(conn, table)
-    conn.execute(dedup_tables.EXACT_GROUPS.format(ranked="SELECT seq, id, exact_key, kept_rank FROM staged"))
+    dedup_tables.group_exact_duplicates(conn, "SELECT seq, id, exact_key, kept_rank FROM staged", {})
     clock = StatementClock(conn)
-    with _timer() as t:
+    with bench.timed() as t:
         _computed, listed = dedup_tables.list_candidates(
             clock,  # a connection whose statements are timed (duck-typed)
             regime=regime,
@@ -166,7 +153,7 @@ def list_regime(conn: duckdb.DuckDBPyConnection, regime: str, with_refresh: bool
             batch_rows=65_536,
             processes=default_processes(),
         )
-    return t["seconds"], listed, clock
+    return round(t["seconds"], 2), listed, clock
 
 
 def run(out: Path, records: int, refresh_rows: int, seed: int, statements: int) -> bool:

@@ -528,6 +528,15 @@ WHERE b.stage_key = $state AND b.band = 0 AND NOT EXISTS (
     SELECT 1 FROM {DEDUP_ROWS.qualified} d WHERE d.seq = d.exact_kept AND d.id = b.id
 )
 """
+
+
+def _listed(size: str, suffix: str) -> str:
+    """SQL: whether a bucket of ``size`` rows whose split suffix is ``suffix`` has its pairs listed (at most
+    MAX_BUCKET rows, or at the last split depth) rather than being split by the next band (dedup.candidate_pairs'
+    rule; the query binds $max_bucket, $max_depth and $key_bytes)."""
+    return f"({size} <= $max_bucket OR octet_length({suffix}) >= $max_depth * $key_bytes)"
+
+
 # The band keys of the added rows (in near_bands by now) and of the removed ones (in the state).
 CHANGED_BANDS = f"""
 INSERT INTO {NEAR_CHANGED.qualified}
@@ -559,7 +568,7 @@ WITH buckets AS (
     GROUP BY start_band, start_key, suffix
 )
 SELECT b.start_band, b.start_key, b.suffix, s.size, s.size + b.delta, b.added,
-    coalesce(s.size > $max_bucket AND s.size + b.delta > $max_bucket AND $depth < $max_depth, false)
+    coalesce(NOT {_listed("s.size", "b.suffix")} AND NOT {_listed("s.size + b.delta", "b.suffix")}, false)
 FROM buckets b LEFT JOIN {BUCKET_STATE.qualified} s
   ON s.stage_key = $state AND s.start_band = b.start_band AND s.band_key = b.start_key AND s.suffix = b.suffix
 """
@@ -628,8 +637,7 @@ SELECT r.seq, b.band, b.band_key FROM {BAND_STATE.qualified} b JOIN rows r USING
 # The state's buckets at and below the buckets listed again at $depth (the suffix starts with theirs).
 STATE_BUCKETS_BELOW = f"""
 INSERT INTO {NEAR_OLD_NODES.qualified}
-SELECT s.start_band, s.band_key, s.suffix,
-    s.size <= $max_bucket OR octet_length(s.suffix) >= $max_depth * $key_bytes
+SELECT s.start_band, s.band_key, s.suffix, {_listed("s.size", "s.suffix")}
 FROM {BUCKET_STATE.qualified} s
 JOIN ({RELISTED_ROOTS}) r
   ON s.start_band = r.start_band AND s.band_key = r.start_key AND s.suffix[1 : $depth * $key_bytes] = r.suffix
@@ -719,13 +727,11 @@ INSERT INTO {NEAR_NODES.qualified} SELECT DISTINCT start_band, start_key, suffix
 """
 LISTED_OF_LEVEL = f"""
 INSERT INTO {NEAR_LISTED.qualified}
-SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified}
-WHERE size <= $max_bucket OR octet_length(suffix) >= $max_depth * $key_bytes
+SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE {_listed("size", "suffix")}
 """
 SPLIT_OF_LEVEL = f"""
 INSERT INTO {NEAR_SPLIT.qualified}
-SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified}
-WHERE size > $max_bucket AND octet_length(suffix) < $max_depth * $key_bytes
+SELECT start_band, start_key, suffix, seq FROM {NEAR_LEVEL.qualified} WHERE NOT {_listed("size", "suffix")}
 """
 
 
@@ -1063,12 +1069,7 @@ def deduplicate_regime_tables(
     ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
     module are replaced; the caller drops the work schema.
     """
-    for table in TABLES:
-        conn.execute(table.create_sql(replace=True))
-    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, SIMILARITY_CACHE):
-        ensure_cache_table(conn, table)
-    conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
-    survivors = _count(conn, f"({SURVIVORS})")
+    survivors = group_exact_duplicates(conn, ranked, params)
     computed, listed = list_candidates(
         conn, regime=regime, records=records, cfg=cfg, batch_rows=batch_rows, processes=processes, timed=timed
     )
@@ -1089,6 +1090,18 @@ def deduplicate_regime_tables(
         similarities,
         Reuse(computed=listed, reused=survivors - listed),
     )
+
+
+def group_exact_duplicates(conn: duckdb.DuckDBPyConnection, ranked: str, params: dict[str, Any]) -> int:
+    """Step 1: this module's work tables made afresh, the caches and the candidate state made ready, and
+    ``dedup_rows`` filled from the query ``ranked`` (with ``params``; see deduplicate_regime_tables). Returns the
+    exact survivors."""
+    for table in TABLES:
+        conn.execute(table.create_sql(replace=True))
+    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, SIMILARITY_CACHE):
+        ensure_cache_table(conn, table)
+    conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
+    return _count(conn, f"({SURVIVORS})")
 
 
 def list_candidates(
