@@ -285,17 +285,15 @@ _CACHED_BRONZE_ROW = (
 # their payloads, of the sources ``$missed`` (those MISSES_BY_SOURCE counts). One anti join over every source read
 # every bronze payload (2.3 s at 1M for a refresh's 10,000 new rows, 1.8 s with none missing); counted on the
 # narrow columns first, the sources without a miss are filtered out before any payload is read (0.3 s in all).
-MISSED_BRONZE_ROWS = f"""
-SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256
+_MISSED = f"""
 FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
-WHERE list_contains($missed, b.source)
-  AND NOT EXISTS (SELECT 1 FROM {GATE_ROWS.qualified} c WHERE {_CACHED_BRONZE_ROW})
-"""
-MISSES_BY_SOURCE = f"""
-SELECT b.source, count(*) FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
 WHERE NOT EXISTS (SELECT 1 FROM {GATE_ROWS.qualified} c WHERE {_CACHED_BRONZE_ROW})
-GROUP BY b.source
 """
+MISSED_BRONZE_ROWS = f"""
+SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256 {_MISSED}
+  AND list_contains($missed, b.source)
+"""
+MISSES_BY_SOURCE = f"SELECT b.source, count(*) {_MISSED} GROUP BY b.source"
 
 # Exact duplicates: the first row of a content key in bronze priority order (source priority, file, row) is the
 # one kept, whatever its destination (a row the gate quarantined still claims its key).
