@@ -49,9 +49,13 @@ ORDER BY ALL
 """
 
 
-def signature_batch(cfg: MinHashConfig, texts: list[str]) -> np.ndarray:
-    """MinHash signatures of one batch of texts (a worker's item)."""
-    return dedup.minhash_signatures(texts, cfg).astype(np.uint32)
+def signature_batch(
+    configs: dict[str, MinHashConfig], batch: tuple[str, list[str], list[str]]
+) -> tuple[str, list[str], np.ndarray]:
+    """A worker's item: one batch of (regime, ids, texts) with its texts' MinHash signatures under the regime's
+    config, in place of the texts."""
+    regime, ids, texts = batch
+    return regime, ids, dedup.minhash_signatures(texts, configs[regime]).astype(np.uint32)
 
 
 def _importable(fn: Any) -> Any:
@@ -88,34 +92,26 @@ def build_signatures(out: Path, records: int, refresh_rows: int, seed: int) -> P
     conn.execute("CREATE SCHEMA cache")
     conn.execute(dedup_tables.SIGNATURE_CACHE.create_sql())
     conn.execute("CREATE TABLE corpus_rows (id VARCHAR, regime VARCHAR, refresh BOOLEAN)")
+    keys = {regime: dedup_tables.signature_stage_key(cfg) for regime, cfg in CONFIGS.items()}
     for corpus, prefix in (("corpus", ""), ("refresh_corpus", "refresh_")):
-        for regime in CONFIGS:
-            batches = [(ids, texts) for r, ids, texts in _corpus_texts(out / corpus, prefix) if r == regime]
+        batches = _corpus_texts(out / corpus, prefix)  # read once, a batch at a time
+        for regime, ids, sigs in map_batches(_importable(signature_batch), CONFIGS, batches, default_processes()):
             cfg = CONFIGS[regime]
-            key = dedup_tables.signature_stage_key(cfg)
-            signed = map_batches(
-                _importable(signature_batch), cfg, [texts for _, texts in batches], default_processes()
+            rows = pa.table(
+                {
+                    "stage_key": pa.array([keys[regime]] * len(ids)),
+                    "id": pa.array(ids),
+                    "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel()), cfg.num_perm),
+                    "same_key": pa.nulls(len(ids), pa.int64()),
+                }
             )
-            for (ids, _texts), sigs in zip(batches, signed, strict=True):
-                rows = pa.table(
-                    {
-                        "stage_key": pa.array([key] * len(ids)),
-                        "id": pa.array(ids),
-                        "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel()), cfg.num_perm),
-                        "same_key": pa.nulls(len(ids), pa.int64()),
-                    }
-                )
-                conn.register("signed", rows)
-                conn.execute(f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} SELECT * FROM signed")
-                conn.execute(
-                    "INSERT INTO corpus_rows SELECT unnest($ids), $regime, $refresh",
-                    {
-                        "ids": ids,
-                        "regime": regime,
-                        "refresh": prefix != "",
-                    },
-                )
-                conn.unregister("signed")
+            conn.register("signed", rows)
+            conn.execute(f"INSERT INTO {dedup_tables.SIGNATURE_CACHE.qualified} SELECT * FROM signed")
+            conn.execute(
+                "INSERT INTO corpus_rows SELECT unnest($ids), $regime, $refresh",
+                {"ids": ids, "regime": regime, "refresh": prefix != ""},
+            )
+            conn.unregister("signed")
     conn.close()
     tmp.rename(path)
     return path
