@@ -67,7 +67,13 @@ from posttrain_assets.cleaning.dedup import (
     unit_words,
 )
 from posttrain_assets.parallel import map_batches, processes_for
-from posttrain_assets.warehouse.io import fetch_arrow, insert_arrow, transaction
+from posttrain_assets.warehouse.io import (
+    WORKER_LOOP_MEMORY_LIMIT,
+    fetch_arrow,
+    insert_arrow,
+    memory_limit_at_most,
+    transaction,
+)
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -1157,9 +1163,11 @@ def _signatures_of_uncached(
     key = {"key": signature_stage_key(cfg)}
     computed = _count(conn, f"({_uncached_units(records)})", key)
     units = fetch_arrow(conn, _uncached_units(records), batch_rows, key)
-    for signatures, bands in map_batches(signature_batch, cfg, units, processes_for(computed, batch_rows, processes)):
-        insert_arrow(conn, NEAR_SIGNATURES, signatures)
-        insert_arrow(conn, NEAR_BANDS, bands)
+    workers = processes_for(computed, batch_rows, processes)
+    with memory_limit_at_most(conn, WORKER_LOOP_MEMORY_LIMIT):
+        for signatures, bands in map_batches(signature_batch, cfg, units, workers):
+            insert_arrow(conn, NEAR_SIGNATURES, signatures)
+            insert_arrow(conn, NEAR_BANDS, bands)
     conn.execute(
         f"INSERT INTO {SIGNATURE_CACHE.qualified} SELECT $key, d.id, n.signature, n.same_key "
         f"FROM {NEAR_SIGNATURES.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
@@ -1394,11 +1402,12 @@ def _verified_clusters(
 
     count = _count(conn, f"({open_pairs})")
     workers = processes_for(count, chunk, processes)
-    for compared in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
-        insert_arrow(conn, NEAR_VERDICTS, compared)
-        near = compared.filter(compared.column("near"))
-        for a, b in zip(near.column("a").to_pylist(), near.column("b").to_pylist(), strict=True):
-            clusters.union(a, b)
+    with memory_limit_at_most(conn, WORKER_LOOP_MEMORY_LIMIT):
+        for compared in map_batches(verify_batch, (cfg, keyed), chunks(), workers):
+            insert_arrow(conn, NEAR_VERDICTS, compared)
+            near = compared.filter(compared.column("near"))
+            for a, b in zip(near.column("a").to_pylist(), near.column("b").to_pylist(), strict=True):
+                clusters.union(a, b)
     conn.execute(CACHE_VERDICTS, key)
     return clusters, Reuse(computed=_count(conn, NEAR_VERDICTS.qualified), reused=reused)
 
@@ -1424,10 +1433,10 @@ def _dropped_near(conn: duckdb.DuckDBPyConnection, records: str, batch_rows: int
             seqs = {*members.column("seq").to_pylist(), *members.column("kept_seq").to_pylist()}
             yield pa.table(members), _texts(conn, sorted(seqs))
 
-    for similarities in map_batches(
-        similarity_batch, None, batches(), processes_for(computed, min(CHUNK_PAIRS, batch_rows), processes)
-    ):
-        insert_arrow(conn, NEAR_DROPPED, similarities)
+    workers = processes_for(computed, min(CHUNK_PAIRS, batch_rows), processes)
+    with memory_limit_at_most(conn, WORKER_LOOP_MEMORY_LIMIT):
+        for similarities in map_batches(similarity_batch, None, batches(), workers):
+            insert_arrow(conn, NEAR_DROPPED, similarities)
     if computed:
         conn.execute(CACHE_SIMILARITIES, key)
     return Reuse(computed=computed, reused=reused)

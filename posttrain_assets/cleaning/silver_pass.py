@@ -82,12 +82,14 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_RECORDS,
 )
 from posttrain_assets.warehouse.io import (
+    WORKER_LOOP_MEMORY_LIMIT,
     appending,
     checkpoints_held_off,
     fetch_arrow,
     fetch_batches,
     fetch_dicts,
     insert_rows,
+    memory_limit_at_most,
     ordered_batches,
     sync_table,
     transaction,
@@ -672,7 +674,7 @@ def normalise_and_gate(
     # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per full
     # row group of a cache table (io.Appends): the rows are compressed into the file as they come, not held in
     # DuckDB's memory (spilled past its cap) until one checkpoint after the last batch
-    with appending(conn) as appends:
+    with memory_limit_at_most(conn, WORKER_LOOP_MEMORY_LIMIT), appending(conn) as appends:
         for gated in map_batches(normalise_and_gate_batch, context, batches, processes):
             cached: dict[str, list[Record]] = {"staged": [], "eval": [], "quarantine": [], "rows": []}
             for g in gated:

@@ -71,7 +71,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posttrain_assets.publish import verl_reward
-from posttrain_assets.warehouse.io import fingerprint_sql, ordered_arrow
+from posttrain_assets.warehouse.io import fingerprint_sql, memory_limit_at_most, ordered_arrow
 
 # The single-file layout of a mixture folder (export_mixture); an export folder of an earlier version had them too.
 PARQUET_FILE = "train.parquet"
@@ -963,6 +963,8 @@ def _write_data(
             pq.ParquetWriter(_tmp(parquet), schema, **options) as writer,
             _tmp(jsonl).open("w", encoding="utf-8", newline="\n") as lines,
             duckdb.connect() as json_writer,
+            # the rows are read range by range: DuckDB's cache of the blocks read would only sit beside the ranges
+            memory_limit_at_most(conn),
         ):
             pending: list[pa.Table] = []
             pending_rows = 0
