@@ -585,9 +585,11 @@ SELECT start_band, start_key, suffix FROM {NEAR_WALK.qualified}
 WHERE NOT descend AND (old_size IS NOT NULL OR added > 0)
 """
 # Their rows now, with their size (two or more): the state's rows of the bucket, less the removed ones, and the
-# added rows on it. A bucket at depth 0 is a band key; the state's rows of a deeper one are those whose key is the
-# bucket's in every band of its path, looked for in the band of the path whose bucket at depth 0 is the smallest
-# (a bucket the state lacks holds one row at most), then checked.
+# added rows on it. A bucket at depth 0 is a band key; the state's rows of a deeper one are those whose keys along
+# its path are the bucket's. They are looked for in the band of the path whose bucket at depth 0 is the smallest
+# (its seed; a bucket the state lacks holds one row at most): each seed's rows are read once per start band and
+# depth that looks in it, not once per bucket (many deep buckets may share one large seed), their keys along the
+# path are joined into a path key, and that is matched with the buckets' (start key, suffix).
 RELISTED_ROOT_ROWS = f"""
 INSERT INTO {NEAR_LEVEL.qualified}
 WITH roots AS ({RELISTED_ROOTS}),
@@ -599,26 +601,33 @@ path_keys AS (
     )
 ),
 seeds AS (
-    SELECT k.start_band, k.start_key, k.suffix,
+    SELECT k.start_band, octet_length(k.suffix) // $key_bytes AS depth,
         arg_min({{'band': k.band, 'band_key': k.band_key}}, coalesce(s.size, 1)) AS seed
     FROM path_keys k LEFT JOIN {BUCKET_STATE.qualified} s
       ON s.stage_key = $state AND s.start_band = k.band AND s.band_key = k.band_key AND s.suffix = ''::BLOB
     GROUP BY k.start_band, k.start_key, k.suffix
 ),
 looked_at AS (
-    SELECT e.start_band, e.start_key, e.suffix, b.id FROM seeds e
+    SELECT DISTINCT e.start_band, e.depth, b.id
+    FROM (SELECT DISTINCT start_band, depth, seed FROM seeds) e
     JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.band = e.seed.band AND b.band_key = e.seed.band_key
+),
+looked_at_paths AS (
+    SELECT l.start_band, l.depth, l.id,
+        any_value(b.band_key) FILTER (WHERE l.i = 0) AS start_key,
+        list_reduce(list(b.band_key ORDER BY l.i) FILTER (WHERE l.i > 0), lambda a, x: a || x) AS suffix
+    FROM (SELECT *, unnest(range(0, depth + 1)) AS i FROM looked_at) l
+    JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.id = l.id AND b.band = (l.start_band + l.i) % $bands
+    GROUP BY l.start_band, l.depth, l.id
 ),
 state_rows AS (
     SELECT r.start_band, r.start_key, r.suffix, b.id FROM roots r
     JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.band = r.start_band AND b.band_key = r.start_key
     WHERE r.suffix = ''::BLOB
     UNION ALL
-    SELECT l.start_band, l.start_key, l.suffix, l.id FROM looked_at l
-    JOIN path_keys k ON k.start_band = l.start_band AND k.start_key = l.start_key AND k.suffix = l.suffix
-    JOIN {BAND_STATE.qualified} b
-      ON b.stage_key = $state AND b.id = l.id AND b.band = k.band AND b.band_key = k.band_key
-    GROUP BY l.start_band, l.start_key, l.suffix, l.id HAVING count(*) = octet_length(l.suffix) // $key_bytes + 1
+    SELECT r.start_band, r.start_key, r.suffix, p.id FROM roots r
+    JOIN looked_at_paths p ON p.start_band = r.start_band AND p.start_key = r.start_key AND p.suffix = r.suffix
+    WHERE r.suffix <> ''::BLOB
 ),
 rows AS (
     SELECT r.start_band, r.start_key, r.suffix, d.seq FROM state_rows r
