@@ -31,8 +31,9 @@ card's YAML header declares ``data/*.parquet`` as the ``train`` split, so ``data
 loads every shard; ``load_dataset("parquet" | "json", data_files=...)`` reads either kind of file;
 ``manifest.json`` lists each folder's files (verl takes the Parquet list as ``data.train_files``).
 
-Refresh: each shard's fingerprint (computed in DuckDB: an aggregate over its ids and a hash of each exported row,
-with the projection's text, schema, writer options and library versions) is stored in ``manifest.json`` with its
+Refresh: each shard's fingerprint (computed in DuckDB: an aggregate over its ids and each row's hash, the gold
+row's stored sync fingerprint while those are trusted, else a hash of the exported row; with the projection's text,
+schema, writer options and library versions) is stored in ``manifest.json`` with its
 files' sha256; a later export rewrites only the shards whose fingerprint differs from the manifest in ``out_dir``
 or whose file is missing or does not match its sha256 (a hand-edited or truncated file), deletes the shards no
 longer planned, and rewrites the cards and the manifest. Whether a kept file still matches its sha256 is decided
@@ -71,7 +72,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posttrain_assets.publish import verl_reward
-from posttrain_assets.warehouse.io import fingerprint_sql, memory_limit_at_most, ordered_arrow
+from posttrain_assets.warehouse.catalogue import (
+    GOLD_PREFERENCE,
+    GOLD_PREFERENCE_LENGTH_BALANCED,
+    GOLD_RL_PROMPTS,
+    GOLD_SFT,
+)
+from posttrain_assets.warehouse.io import fingerprint_sql, memory_limit_at_most, ordered_arrow, trusted_fingerprints
+from posttrain_assets.warehouse.model import Table
 
 # The single-file layout of a mixture folder (export_mixture); an export folder of an earlier version had them too.
 PARQUET_FILE = "train.parquet"
@@ -683,8 +691,7 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
 
     A source of ``n`` rows has ``2 ** bits`` parts, the fewest of at most ``SHARD_ROWS`` rows each on average
     (at most 256). The fingerprint is the sha256 of the writer identity, the shard's name and rows, and the md5
-    of its ``id:row hash`` list in id order (the warehouse's row fingerprint, ``io.fingerprint_sql``, of the exported
-    columns but ``spec.derived``): one aggregate query, no row leaves DuckDB."""
+    of its ``id:row hash`` list in id order (:func:`_row_hashes`): one aggregate query, no row leaves DuckDB."""
     counts = conn.execute(
         f"SELECT source, count(*) FROM ({spec.query}) GROUP BY source ORDER BY source", params
     ).fetchall()
@@ -696,13 +703,11 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     writer = _writer_identity(spec)
     if not bits:
         return [Shard("", 0, 0, 0, hashlib.sha256(f"{writer}:{EMPTY_SHARD}".encode()).hexdigest())]
-    row_hash = fingerprint_sql((name, kind) for name, kind in _duckdb_columns(spec.schema) if name not in spec.derived)
+    hashed, basis = _row_hashes(conn, spec, params)
     sources = sorted(bits)
     planned = conn.execute(
         f"""
-        WITH hashed AS (
-            SELECT source, id, {_ID_BYTE} AS id_byte, {row_hash} AS row_hash FROM ({spec.query})
-        ), parted AS (
+        WITH hashed AS ({hashed}), parted AS (
             SELECT *, list_extract($shard_bits, list_position($shard_sources, source)) AS bits FROM hashed
         )
         SELECT source, bits, id_byte >> (8 - bits) AS part, count(*) AS rows,
@@ -716,9 +721,35 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     shards = []
     for source, source_bits, part, rows, digest in planned:
         shard = Shard(source, part, source_bits, rows, "")
-        fingerprint = hashlib.sha256(f"{writer}:{shard.name}:{rows}:{digest}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{writer}:{basis}:{shard.name}:{rows}:{digest}".encode()).hexdigest()
         shards.append(replace(shard, fingerprint=fingerprint))
     return shards
+
+
+# The gold tables whose rows are kept by io.sync_table, with a stored fingerprint per row.
+_SYNCED_GOLD: dict[str, Table] = {
+    t.qualified: t for t in (GOLD_SFT, GOLD_PREFERENCE, GOLD_PREFERENCE_LENGTH_BALANCED, GOLD_RL_PROMPTS)
+}
+
+
+def _row_hashes(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any]) -> tuple[str, str]:
+    """A query of ``spec``'s rows as (``source``, ``id``, ``id_byte``, ``row_hash``) and what the hashes are of.
+
+    An exported row is a function of its gold row and ``params``, so where the gold table's stored row
+    fingerprints are trusted (io.trusted_fingerprints: they change whenever the row does) they are read, with the
+    parameters in the basis, instead of hashing every exported value: hashing gold.sft's input_ids and labels was
+    most of a refresh's export at 1M rows. Otherwise each row's exported columns but ``spec.derived`` are hashed
+    (io.fingerprint_sql)."""
+    table = _SYNCED_GOLD.get(spec.table)
+    stored = trusted_fingerprints(conn, table) if table is not None else None
+    if stored is not None:
+        query = (
+            f"SELECT q.source, q.id, {_ID_BYTE} AS id_byte, f.sync_fingerprint AS row_hash "
+            f"FROM ({spec.query}) q JOIN {stored} f ON f.sync_key = q.id"
+        )
+        return query, "stored:" + json.dumps(params, sort_keys=True, default=str)
+    row_hash = fingerprint_sql((name, kind) for name, kind in _duckdb_columns(spec.schema) if name not in spec.derived)
+    return f"SELECT source, id, {_ID_BYTE} AS id_byte, {row_hash} AS row_hash FROM ({spec.query})", "rows"
 
 
 @functools.cache

@@ -38,6 +38,9 @@ from posttrain_assets.publish.exports import (
     shard_files,
 )
 from posttrain_assets.sft.tokenizer import tokenizer_identity
+from posttrain_assets.warehouse.catalogue import GOLD_SFT
+from posttrain_assets.warehouse.io import fingerprint_table, trusted_fingerprints
+from posttrain_assets.warehouse.model import Table
 from posttrain_assets_tests.graph import deployed
 from posttrain_assets_tests.sft.test_masking import CHATML_TAGGED
 
@@ -265,12 +268,62 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 def _without_source(warehouse: Path, tmp_path: Path, table: str, source: str) -> Path:
     """A copy of the warehouse whose ``table`` lacks ``source``'s rows (what the warehouse was before that source
-    was added)."""
+    was added), their stored row fingerprints deleted with them as io.sync_table deletes them."""
     database = tmp_path / f"without_{source}.duckdb"
     shutil.copy(warehouse, database)
+    schema, name = table.split(".")
     with duckdb.connect(str(database)) as conn:
+        conn.execute(
+            f"DELETE FROM {fingerprint_table(Table(schema, name, '', ()))} "
+            f"WHERE sync_key IN (SELECT id FROM {table} WHERE source = $source)",
+            {"source": source},
+        )
         conn.execute(f"DELETE FROM {table} WHERE source = $source", {"source": source})
     return database
+
+
+def _shards_by_path(manifest: ExportManifest, name: str) -> dict[str, str]:
+    return {shard.paths(name)[0]: shard.fingerprint for shard in manifest.table(name).shards}
+
+
+@pytest.mark.slow
+def test_shards_are_planned_from_the_gold_tables_stored_fingerprints_while_they_are_trusted(
+    warehouse: Path, exported: ExportManifest, tmp_path: Path, smollm2_tokenizer: Any
+) -> None:
+    """An exported row is a function of its gold row, so a shard's fingerprint is read from gold's stored row
+    fingerprints (kept by io.sync_table) instead of hashing input_ids and labels; a gold row changed through the
+    sync (new fingerprint) rewrites its shard alone, byte for byte what a fresh export writes."""
+    with duckdb.connect(str(warehouse), read_only=True) as conn:
+        assert trusted_fingerprints(conn, GOLD_SFT) is not None  # the demo build synced gold.sft
+    database = tmp_path / "edited.duckdb"
+    shutil.copy(warehouse, database)
+    with duckdb.connect(str(database)) as conn:
+        (row_id, source) = conn.execute("SELECT id, source FROM gold.sft ORDER BY id LIMIT 1").fetchone()
+        conn.execute("UPDATE gold.sft SET num_tokens = num_tokens + 1 WHERE id = $id", {"id": row_id})
+        side = fingerprint_table(GOLD_SFT)
+        conn.execute(f"UPDATE {side} SET sync_fingerprint = sync_fingerprint + 1 WHERE sync_key = $id", {"id": row_id})
+    out = tmp_path / "out"
+    shutil.copytree(exported.out_dir, out)
+    manifest = _export(database, out, smollm2_tokenizer)
+    before, after = _shards_by_path(exported, "sft"), _shards_by_path(manifest, "sft")
+    changed = [path for path in after if after[path] != before[path]]
+    assert len(changed) == 1 and f"/{source}" in changed[0]
+    assert {t.name: len(t.written) for t in manifest.tables if t.written} == {"sft": 2}  # its Parquet and JSONL
+    _export(database, tmp_path / "fresh", smollm2_tokenizer)
+    assert _tree(out) == _tree(tmp_path / "fresh")
+
+    # edited outside the sync (fingerprints no longer agree with the rows): every row is hashed, the same files
+    with duckdb.connect(str(database)) as conn:
+        conn.execute(f"DELETE FROM {fingerprint_table(GOLD_SFT)} WHERE sync_key = $id", {"id": row_id})
+        assert trusted_fingerprints(conn, GOLD_SFT) is None
+    hashed = _export(database, tmp_path / "hashed", smollm2_tokenizer)
+
+    def data_files(root: Path) -> dict[str, bytes]:
+        return {path: data for path, data in _tree(root).items() if f"/{SHARD_DIR}/" in path}
+
+    assert data_files(tmp_path / "hashed") == data_files(tmp_path / "fresh")
+    assert _shards_by_path(hashed, "sft").keys() == after.keys()
+    assert not set(_shards_by_path(hashed, "sft").values()) & set(after.values())  # the other basis
 
 
 def _smallest_sft_source(warehouse: Path) -> str:
