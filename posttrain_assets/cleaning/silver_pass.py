@@ -419,15 +419,6 @@ LIVE_RECORDS = f"""
 SELECT * FROM {STAGED_RECORDS.qualified}
 WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
 """
-# A fingerprint of each live record for publishing (io.sync_table's ``fingerprints``) from the narrow staged row
-# alone: a record is its narrow columns plus its gate-cache entry, which is a function of the entry's key (stage
-# key, bronze row and hash: written once per key, never changed), so these change whenever the record does.
-# Hashing every record's content instead cost 4.1 s of a 10,000-row refresh at 1M rows.
-LIVE_RECORD_FINGERPRINTS = f"""
-SELECT id AS sync_key, hash({", ".join(_NARROW_RECORD_COLUMNS)}, stage_key, file_path, row_number, record_sha256)
-    AS sync_fingerprint
-FROM ({LIVE})
-"""
 
 # Live rows of one regime with their kept-order rank: source priority, then the fuller copy, the earliest
 # created_at, file and row (dedup.kept_sort_key, evaluated in SQL).
@@ -586,7 +577,7 @@ def run_silver_pass(
             with clock.stage("quarantine"):
                 quarantine_removed(conn)
             with clock.stage("publish"):
-                reuse["silver_records"] = publish(conn, leaks, trust_stored=cfg.reuse)
+                reuse["silver_records"] = publish(conn, leaks)
         finally:
             conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
     return PassResult(report, clock.seconds, reuse)
@@ -876,21 +867,12 @@ def quarantine_removed(conn: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]], *, trust_stored: bool = True) -> Reuse:
+def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]]) -> Reuse:
     """Bring the six silver tables to the work tables' rows, in one transaction. silver.records is synced (only
     rows that changed are deleted or inserted: a refresh does not rewrite every record; a first build stores it in
-    id order), each record's change told by :data:`LIVE_RECORD_FINGERPRINTS`, and filled anew when not
-    ``trust_stored``; the five small tables are replaced. Returns silver.records' rows inserted and kept."""
+    id order); the five small tables are replaced. Returns silver.records' rows inserted and kept."""
     with transaction(conn):
-        records = sync_table(
-            conn,
-            SILVER_RECORDS,
-            LIVE_RECORDS,
-            "id",
-            PUBLISH_RANGE_ROWS,
-            fingerprints=LIVE_RECORD_FINGERPRINTS,
-            trust_stored=trust_stored,  # a full rebuild (no cache reused) fills silver.records anew
-        )
+        records = sync_table(conn, SILVER_RECORDS, LIVE_RECORDS, "id", PUBLISH_RANGE_ROWS)
         for table, relation in (
             (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
             (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),
