@@ -167,20 +167,6 @@ def seed_lineage(seed: dict[str, Any], policy: PolicySpec, sampling: SamplingPar
     return lineage_key(policy, sampling, name, verifiers.VERIFIER_VERSIONS.get(name, "unknown"))
 
 
-def pending(
-    seeds: Iterable[dict[str, Any]],
-    existing_lineages: set[tuple[str, str]],
-    lineage: str | Callable[[dict[str, Any]], str],
-) -> list[dict[str, Any]]:
-    """The seeds without an estimate for ``lineage``: those whose ``(id, lineage)`` is not in ``existing_lineages``.
-
-    ``lineage`` is one key for every seed, or a function of the seed (e.g. ``lambda s: seed_lineage(s, policy,
-    sampling)`` when the seeds use different verifiers). Order is preserved.
-    """
-    key_of = lineage if callable(lineage) else (lambda _seed: lineage)
-    return [seed for seed in seeds if (str(seed["id"]), key_of(seed)) not in existing_lineages]
-
-
 # --------------------------------------------------------------------------- model loading
 
 _MODEL_CACHE: dict[tuple[str, str, str], PreTrainedModel] = {}
@@ -425,7 +411,6 @@ __all__ = [
     "lineage_key",
     "load_policy_model",
     "local_policy_backend",
-    "pending",
     "policy_backend",
     "prompt_seed",
     "sample_token_ids",

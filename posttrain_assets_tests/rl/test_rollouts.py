@@ -22,7 +22,6 @@ from posttrain_assets.rl.rollouts import (
     SamplingParams,
     estimate_difficulty,
     lineage_key,
-    pending,
     sample_token_ids,
     seed_lineage,
 )
@@ -463,20 +462,14 @@ def test_lineage_key_changes_with_everything_it_depends_on() -> None:
     assert len(set(variants)) == len(variants)
 
 
-def test_pending_skips_already_estimated_pairs() -> None:
-    seeds = [{"id": i, "verifier": "numeric"} for i in ("a", "b", "c", "d")]
-    lineage = lineage_key(SPEC, SamplingParams(), "numeric", "1")
-    other = lineage_key(SPEC, SamplingParams(seed=1), "numeric", "1")
-    existing = {("a", lineage), ("b", other), ("zz", lineage)}
-    assert [s["id"] for s in pending(seeds, existing, lineage)] == ["b", "c", "d"]
-    assert [s["id"] for s in pending(seeds, existing, other)] == ["a", "c", "d"]
-    assert pending(seeds, {(s["id"], lineage) for s in seeds}, lineage) == []
-    per_seed = pending(seeds, existing, lambda s: seed_lineage(s, SPEC, SamplingParams()))
-    assert seed_lineage(seeds[0], SPEC, SamplingParams()) == lineage_key(
-        SPEC, SamplingParams(), "numeric", VERIFIER_VERSIONS["numeric"]
-    )
-    expected = ["b", "c", "d"] if VERIFIER_VERSIONS["numeric"] == "1" else ["a", "b", "c", "d"]
-    assert [s["id"] for s in per_seed] == expected
+def test_a_seeds_lineage_is_its_verifiers_current_version_with_the_policy_and_sampling() -> None:
+    """silver.rl_difficulty's pending seeds are found in SQL by (id, lineage), the lineage computed once per verifier
+    (defs.silver.rl.PENDING_SEEDS): it depends on the seed's verifier only."""
+    lineage = seed_lineage({"id": "a", "verifier": "numeric"}, SPEC, SamplingParams())
+    assert lineage == lineage_key(SPEC, SamplingParams(), "numeric", VERIFIER_VERSIONS["numeric"])
+    assert seed_lineage({"id": "b", "verifier": "numeric", "answer": "7"}, SPEC, SamplingParams()) == lineage
+    assert seed_lineage({"id": "a", "verifier": "math"}, SPEC, SamplingParams()) != lineage
+    assert seed_lineage({"id": "a", "verifier": "numeric"}, SPEC, SamplingParams(seed=1)) != lineage
 
 
 def test_sampling_params_and_policy_spec_are_validated() -> None:
