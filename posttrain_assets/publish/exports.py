@@ -72,12 +72,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posttrain_assets.publish import verl_reward
-from posttrain_assets.warehouse.catalogue import (
-    GOLD_PREFERENCE,
-    GOLD_PREFERENCE_LENGTH_BALANCED,
-    GOLD_RL_PROMPTS,
-    GOLD_SFT,
-)
+from posttrain_assets.warehouse.catalogue import ALL_TABLES
 from posttrain_assets.warehouse.io import fingerprint_sql, memory_limit_at_most, ordered_arrow, trusted_fingerprints
 from posttrain_assets.warehouse.model import Table
 
@@ -726,10 +721,8 @@ def _plan_shards(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict
     return shards
 
 
-# The gold tables whose rows are kept by io.sync_table, with a stored fingerprint per row.
-_SYNCED_GOLD: dict[str, Table] = {
-    t.qualified: t for t in (GOLD_SFT, GOLD_PREFERENCE, GOLD_PREFERENCE_LENGTH_BALANCED, GOLD_RL_PROMPTS)
-}
+# The warehouse's tables by qualified name: an export's table has stored row fingerprints when io.sync_table keeps it.
+_TABLES: dict[str, Table] = {t.qualified: t for t in ALL_TABLES}
 
 
 def _row_hashes(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[str, Any]) -> tuple[str, str]:
@@ -740,7 +733,7 @@ def _row_hashes(conn: duckdb.DuckDBPyConnection, spec: ExportSpec, params: dict[
     parameters in the basis, instead of hashing every exported value: hashing gold.sft's input_ids and labels was
     most of a refresh's export at 1M rows. Otherwise each row's exported columns but ``spec.derived`` are hashed
     (io.fingerprint_sql)."""
-    table = _SYNCED_GOLD.get(spec.table)
+    table = _TABLES.get(spec.table)
     stored = trusted_fingerprints(conn, table) if table is not None else None
     if stored is not None:
         query = (
