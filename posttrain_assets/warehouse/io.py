@@ -660,10 +660,10 @@ def _quoted(name: str) -> str:
 # 1 GB) the buffer pool keeps every block the loop reads or writes, so the process grew with the corpus towards the
 # cap while the workers hold their own memory beside it (100k rows: 600-900 MiB of DuckDB in that loop).
 STREAMING_MEMORY_LIMIT = "256MiB"
-# The same cap for the silver pass's worker loops (the gate, MinHash signatures, near-dup verification and
-# similarities), which also stream a query's result into the workers and fill the pass's work tables and caches as
-# they go: at 1 M rows 256 MiB runs out of memory there, 512 MiB holds. Without a cap the parent's 1 GB of DuckDB sat
-# beside the workers' memory: the silver pass peaked at 3.2 GiB (parent + workers) at 1 M rows.
+# A cap of the same kind, higher, for the silver pass's worker loops (the gate, MinHash signatures, near-dup
+# verification and similarities), which also stream a query's result into the workers and fill the pass's work
+# tables and caches as they go: at 1 M rows 256 MiB runs out of memory there, 512 MiB holds. Without a cap the
+# parent's 1 GB of DuckDB sat beside the workers' memory: the silver pass peaked at 3.2 GiB at 1 M rows.
 WORKER_LOOP_MEMORY_LIMIT = "512MiB"
 _MEMORY_SIZE = re.compile(r"\s*([\d.]+)\s*([KMGT]i?B|bytes)\s*")
 _UNITS = {"bytes": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
