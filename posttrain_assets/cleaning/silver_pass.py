@@ -284,16 +284,22 @@ _CACHED_BRONZE_ROW = (
 )
 
 # Bronze rows of the registry's sources the gate cache does not hold under their source's current stage key, with
-# their payloads, of the sources ``$missed`` (those MISSES_BY_SOURCE counts). One anti join over every source read
+# their payloads, of the sources ``$sources`` (those MISSES_BY_SOURCE counts). One anti join over every source read
 # every bronze payload (2.3 s at 1M for a refresh's 10,000 new rows, 1.8 s with none missing); counted on the
 # narrow columns first, the sources without a miss are filtered out before any payload is read (0.3 s in all).
+# The anti join's hash table is built from the cache entries of the current stage keys ($keys) of those sources
+# only: entries of old keys stay until a gate finishes, and with a run killed after a code change the cache held
+# 2M entries at 1M rows, whose hash table ran out of the 512 MiB the gate loop streams these rows under.
 _MISSED = f"""
 FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
-WHERE NOT EXISTS (SELECT 1 FROM {GATE_ROWS.qualified} c WHERE {_CACHED_BRONZE_ROW})
+WHERE NOT EXISTS (
+    SELECT 1 FROM {GATE_ROWS.qualified} c
+    WHERE list_contains($keys, c.stage_key) AND list_contains($sources, c.source) AND {_CACHED_BRONZE_ROW}
+)
 """
 MISSED_BRONZE_ROWS = f"""
 SELECT b.source, b.file_path, b.row_number, b.record_sha256, b.payload, b.decode_error, b.file_sha256 {_MISSED}
-  AND list_contains($missed, b.source)
+  AND list_contains($sources, b.source)
 """
 MISSES_BY_SOURCE = f"SELECT b.source, count(*) {_MISSED} GROUP BY b.source"
 
@@ -333,12 +339,16 @@ def _fill_from_gate_cache(target: Table, cached: Table, placed: str) -> str:
     return f"INSERT INTO {target.qualified} ({names}) SELECT {values} FROM {joined}"
 
 
-# The staged rows with their records from the gate cache (the current provenance and seq from the staged row).
-CREATE_STAGED_RECORDS = f"""
-CREATE OR REPLACE VIEW {STAGED_RECORDS.qualified} AS
-SELECT {", ".join(f's."{n}"' if n in STAGED.column_names else f'c."{n}"' for n in STAGED_RECORDS.column_names)}
-FROM {STAGED.qualified} s JOIN {GATE_STAGED.qualified} c ON {_same_row("c", "s")}
-"""
+def _with_records(staged: str) -> str:
+    """The rows of the query ``staged`` (rows of STAGED) with their records from the gate cache (the current
+    provenance and seq from the staged row): STAGED_RECORDS' columns."""
+    columns = ", ".join(f's."{n}"' if n in STAGED.column_names else f'c."{n}"' for n in STAGED_RECORDS.column_names)
+    return f"SELECT {columns} FROM ({staged}) s JOIN {GATE_STAGED.qualified} c ON {_same_row('c', 's')}"
+
+
+CREATE_STAGED_RECORDS = (
+    f"CREATE OR REPLACE VIEW {STAGED_RECORDS.qualified} AS {_with_records(f'SELECT * FROM {STAGED.qualified}')}"
+)
 
 FILL_FROM_GATE_CACHE = (
     _fill_from_gate_cache(STAGED, GATE_STAGED, STAGED_SEQ),
@@ -419,6 +429,17 @@ LIVE_RECORDS = f"""
 SELECT * FROM {STAGED_RECORDS.qualified}
 WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
 """
+
+
+def live_records_of(keys: str) -> str:
+    """The live records whose id the table ``keys`` lists (column ``sync_key``): the narrow staged rows are
+    filtered before they are joined with the gate cache's wide rows (DuckDB filters a join's result after the join:
+    fetching a 10,000-row refresh's records from LIVE_RECORDS read all 1M records' messages)."""
+    return _with_records(
+        f"SELECT * FROM {STAGED.qualified} WHERE id IN (SELECT sync_key FROM {keys}) "
+        f"AND id NOT IN (SELECT id FROM {REMOVED.qualified})"
+    )
+
 
 # Live rows of one regime with their kept-order rank: source priority, then the fuller copy, the earliest
 # created_at, file and row (dedup.kept_sort_key, evaluated in SQL).
@@ -577,7 +598,7 @@ def run_silver_pass(
             with clock.stage("quarantine"):
                 quarantine_removed(conn)
             with clock.stage("publish"):
-                reuse["silver_records"] = publish(conn, leaks)
+                reuse["silver_records"] = publish(conn, leaks, trust_stored=cfg.reuse)
         finally:
             conn.execute(f"DROP SCHEMA IF EXISTS {WORK_SCHEMA} CASCADE")
     return PassResult(report, clock.seconds, reuse)
@@ -667,10 +688,12 @@ def normalise_and_gate(
     context = GateContext(
         registry, tokenizer, {file: created_at(file) for _, file, _ in files}, quality, cfg.max_row_bytes
     )
-    misses = dict(conn.execute(MISSES_BY_SOURCE).fetchall())
+    current = sorted(set(keys.values()))
+    misses = dict(conn.execute(MISSES_BY_SOURCE, {"keys": current, "sources": registry.names}).fetchall())
     missing = sum(misses.values())
     processes = processes_for(missing, cfg.batch_rows, cfg.processes)
-    batches = fetch_arrow(conn, MISSED_BRONZE_ROWS, cfg.batch_rows, {"missed": sorted(misses)}) if missing else iter(())
+    missed = {"keys": current, "sources": sorted(misses)}
+    batches = fetch_arrow(conn, MISSED_BRONZE_ROWS, cfg.batch_rows, missed) if missing else iter(())
     # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per full
     # row group of a cache table (io.Appends): the rows are compressed into the file as they come, not held in
     # DuckDB's memory (spilled past its cap) until one checkpoint after the last batch
@@ -867,12 +890,21 @@ def quarantine_removed(conn: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]]) -> Reuse:
+def publish(conn: duckdb.DuckDBPyConnection, leaks: list[dict[str, Any]], *, trust_stored: bool = True) -> Reuse:
     """Bring the six silver tables to the work tables' rows, in one transaction. silver.records is synced (only
     rows that changed are deleted or inserted: a refresh does not rewrite every record; a first build stores it in
-    id order); the five small tables are replaced. Returns silver.records' rows inserted and kept."""
+    id order), the new records fetched by :func:`live_records_of`, the stored records hashed again when not
+    ``trust_stored``; the five small tables are replaced. Returns silver.records' rows inserted and kept."""
     with transaction(conn):
-        records = sync_table(conn, SILVER_RECORDS, LIVE_RECORDS, "id", PUBLISH_RANGE_ROWS)
+        records = sync_table(
+            conn,
+            SILVER_RECORDS,
+            LIVE_RECORDS,
+            "id",
+            PUBLISH_RANGE_ROWS,
+            rows_of_keys=live_records_of,
+            trust_stored=trust_stored,  # a full rebuild (no cache reused) hashes every stored record again
+        )
         for table, relation in (
             (SILVER_EVAL_RECORDS, WORK_EVAL.qualified),
             (SILVER_QUARANTINE, WORK_QUARANTINE.qualified),

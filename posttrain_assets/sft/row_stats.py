@@ -24,7 +24,7 @@ from posttrain_assets.sft.agentic_stats import (
     reasoning_tokens_by_row,
 )
 from posttrain_assets.sft.turn_depth import TurnDepth, turn_depth_from_rows, turn_depth_rows_sql
-from posttrain_assets.warehouse.io import FINGERPRINT_SCHEMA, fingerprint_table
+from posttrain_assets.warehouse.io import FINGERPRINT_SCHEMA, fingerprint_table, stored_rows_with_keys
 from posttrain_assets.warehouse.model import Column, Table
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def _insert_row_stats(
     group_by: str,
 ) -> int:
     """Insert the figures of ``table``'s rows whose keys and fingerprints are in the table ``new``; the rows."""
-    changed = f"(SELECT * FROM {table.qualified} WHERE id IN (SELECT sync_key FROM {new}))"
+    changed = f"({stored_rows_with_keys(table.qualified, new)})"
     columns = set(table.column_names)
     group = f'CAST("{group_by}" AS VARCHAR)'
     depth = turn_depth_rows_sql(columns, changed, group, key="id")

@@ -26,6 +26,7 @@ from posttrain_assets.warehouse.io import (
     memory_limit_at_most,
     ordered_arrow,
     stored_in_key_order,
+    stored_rows_with_keys,
     sync_table,
     transaction,
 )
@@ -78,13 +79,18 @@ SELECT r.id, r.source, r.messages, r.tools FROM {SILVER_RECORDS.qualified} r JOI
 """
 
 
-def _current(cached: Table) -> str:
-    """The rows of ``cached`` for the current SFT rows under ``$key``, with each row's source from silver.records."""
+def _current(cached: Table, keys: str | None = None) -> str:
+    """The rows of ``cached`` for the current SFT rows under ``$key``, with each row's source from silver.records;
+    with ``keys`` (a table with column ``sync_key``) those with these ids only, fetched by rowid before the join
+    (the syncs' ``rows_of_keys``: filtered after it, DuckDB read every cached row's token lists)."""
     names = ", ".join(f'c."{n}"' for n in cached.column_names if n != "stage_key")
-    return f"""
-    SELECT {names}, r.source FROM {cached.qualified} c JOIN {SILVER_RECORDS.qualified} r USING (id)
-    WHERE c.stage_key = $key AND r.regime = 'sft'
-    """
+    rows = (
+        f"SELECT * FROM {cached.qualified} WHERE stage_key = $key"
+        if keys is None
+        else stored_rows_with_keys(cached.qualified, keys, where="stage_key = $key")
+    )
+    records = SILVER_RECORDS.qualified
+    return f"SELECT {names}, r.source FROM ({rows}) c JOIN {records} r USING (id) WHERE r.regime = 'sft'"
 
 
 def _forget_stale(cached: Table) -> str:
@@ -176,6 +182,8 @@ def build_sft_tokenized(
                 # is read by a query of its own that skips the other ranges' row groups, with no copy of the token
                 # lists to split them into ranges (io.insert_key_ranges)
                 key_ordered=lambda cached=cached: records_in_id_order() and stored_in_key_order(conn, cached),
+                trust_stored=reuse,  # a full rebuild hashes every stored row again
+                rows_of_keys=functools.partial(_current, cached),
             )
             for table, cached in ((SILVER_SFT_TOKENIZED, TOKENIZED_CACHE), (SILVER_SFT_QUARANTINE, REJECTED_CACHE))
         ]

@@ -299,6 +299,13 @@ def test_a_changed_file_hash_or_time_is_taken_from_bronze_without_gating_again(w
         "SELECT source, origin.file_sha256, created_at FROM silver.records ORDER BY source LIMIT 1"
     ).fetchall()
     assert rows == [("rl_bank", "g", later)]
+    # publishing writes a record again when it changed (its new row fetched by live_records_of): every record's
+    # created_at moved, so every one is written again; a run with nothing new writes none
+    (published,) = conn.execute("SELECT count(*) FROM silver.records").fetchone()
+    assert published == 3
+    assert result.reuse["silver_records"] == cleaning.Reuse(computed=3, reused=0)
+    again = run_silver_pass(conn, registry, smollm2_tokenizer, lambda _path: later, CleaningConfig(batch_rows=1))
+    assert again.reuse["silver_records"] == cleaning.Reuse(computed=0, reused=3)
 
 
 def test_a_changed_gate_config_or_a_removed_source_invalidates_exactly_its_rows(warehouse, smollm2_tokenizer) -> None:

@@ -771,13 +771,21 @@ PROJECTED = Table(
 )
 
 
-def sync_projection(conn: duckdb.DuckDBPyConnection, salt: int = 0) -> SyncCounts:
+def sync_projection(conn: duckdb.DuckDBPyConnection, salt: int = 0, *, trust_stored: bool = True) -> SyncCounts:
     """Sync main.projected to main.synced's ids and scores, fingerprinted by main.synced's stored fingerprints."""
     upstream = trusted_fingerprints(conn, SYNCED)
     assert upstream is not None
     derived = f"SELECT sync_key, hash(sync_fingerprint, {salt}) AS sync_fingerprint FROM {upstream}"
     with transaction(conn):
-        return sync_table(conn, PROJECTED, "SELECT id, score FROM main.synced", "id", 1000, fingerprints=derived)
+        return sync_table(
+            conn,
+            PROJECTED,
+            "SELECT id, score FROM main.synced",
+            "id",
+            1000,
+            fingerprints=derived,
+            trust_stored=trust_stored,
+        )
 
 
 def test_sync_table_with_derived_fingerprints_follows_the_rows_they_stand_for(conn):
@@ -788,9 +796,23 @@ def test_sync_table_with_derived_fingerprints_follows_the_rows_they_stand_for(co
     assert sync_projection(conn) == SyncCounts(inserted=2, deleted=2, kept=1, rebuilt=False)
     projected = conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall()
     assert projected == [("a", 5.0), ("b", 1.0), ("d", 1.0)]
-    # another fingerprint query (another kind): derived fingerprints cannot be read from the rows, so the table is
-    # filled anew
-    assert sync_projection(conn, salt=1) == SyncCounts(inserted=3, deleted=3, kept=0, rebuilt=True)
+    # another fingerprint query (another kind): derived fingerprints cannot be read from the rows, so both sides
+    # are compared by content once (only the row whose content changed meanwhile is written) and the new kind stored
+    sync_rows(conn, [row("a", score=5.0), row("b", score=3.0), row("d")])
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    projected = conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall()
+    assert projected == [("a", 5.0), ("b", 3.0), ("d", 1.0)]
+    salted = f"SELECT sync_key, hash(sync_fingerprint, 1) FROM {fingerprint_table(SYNCED)} ORDER BY sync_key"
+    assert conn.execute(f"SELECT * FROM {fingerprint_table(PROJECTED)} ORDER BY sync_key").fetchall() == (
+        conn.execute(salted).fetchall()
+    )
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=0, deleted=0, kept=3, rebuilt=False)
+    # a row edited in place keeps its stored fingerprint: a full rebuild (stored fingerprints not trusted) compares
+    # by content and writes that row alone
+    conn.execute("UPDATE main.projected SET score = 9.0 WHERE id = 'd'")
+    assert sync_projection(conn, salt=1) == SyncCounts(inserted=0, deleted=0, kept=3, rebuilt=False)
+    assert sync_projection(conn, salt=1, trust_stored=False) == SyncCounts(inserted=1, deleted=1, kept=2, rebuilt=False)
+    assert conn.execute("SELECT id, score FROM main.projected ORDER BY id").fetchall() == projected
     # rows deleted and inserted outside the sync are found by key: the stray row goes, the deleted one comes back
     conn.execute("DELETE FROM main.projected WHERE id = 'a'")
     conn.execute("INSERT INTO main.projected VALUES ('stray', 9.0)")

@@ -7,7 +7,13 @@ from dagster_duckdb import DuckDBResource
 
 from posttrain_assets import settings
 from posttrain_assets.defs.metadata import column_lineage, table_metadata
-from posttrain_assets.warehouse.io import SyncCounts, sync_table, transaction, trusted_fingerprints
+from posttrain_assets.warehouse.io import (
+    SyncCounts,
+    stored_rows_with_keys,
+    sync_table,
+    transaction,
+    trusted_fingerprints,
+)
 from posttrain_assets.warehouse.model import Table
 
 # Gold runs on its own once silver is fresh and every blocking check upstream passed;
@@ -57,6 +63,10 @@ def write_projection(
                 params,
                 fingerprints=fingerprints,
                 trust_stored=not settings.full_rebuild(),  # a full rebuild distrusts every kept result
+                # the changed rows fetched by rowid, not by filtering every upstream row's wide columns
+                rows_of_keys=lambda keys: (
+                    f"SELECT {columns} FROM ({stored_rows_with_keys(upstream.qualified, keys, where=where)})"
+                ),
             )
         metadata = table_metadata(conn, table, preview_columns=["id", "source", "prompt"], group_by="source")
     metadata.update(sync_metadata(table, counts))

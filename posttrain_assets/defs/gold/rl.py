@@ -25,7 +25,13 @@ from posttrain_assets.warehouse.catalogue import (
     SILVER_RL_CERTIFICATION,
     SILVER_RL_DIFFICULTY,
 )
-from posttrain_assets.warehouse.io import fingerprint_sql, sync_table, transaction, trusted_fingerprints
+from posttrain_assets.warehouse.io import (
+    fingerprint_sql,
+    stored_rows_with_keys,
+    sync_table,
+    transaction,
+    trusted_fingerprints,
+)
 
 
 class DifficultyBandConfig(dg.Config):
@@ -36,8 +42,11 @@ class DifficultyBandConfig(dg.Config):
     keep_unestimated: bool = True
 
 
-# The latest estimate per seed; a seed with none has null difficulty and is flagged.
-RL_BANK = f"""
+def rl_bank(records: str = SILVER_RECORDS.qualified) -> str:
+    """The bank's rows (named parameters: the difficulty band) from ``records``: silver.records, or a query of some
+    of its rows (the changed rows fetched by rowid, ``io.stored_rows_with_keys``). Each seed with its latest
+    difficulty estimate; a seed with none has null difficulty and is flagged."""
+    return f"""
 WITH latest AS (
     SELECT * FROM {SILVER_RL_DIFFICULTY.qualified}
     QUALIFY row_number() OVER (PARTITION BY id ORDER BY estimated_at DESC, lineage) = 1
@@ -47,13 +56,16 @@ SELECT r.id, r.source, r.source_kind, r.messages, r.prompt, r.answer, r.verifier
        l.difficulty, r.difficulty AS difficulty_source, l.pass_rate, l.k AS difficulty_k,
        l.lineage AS difficulty_lineage, l.id IS NOT NULL AS difficulty_estimated,
        r.token_count, r.lang, r.license, r.origin, r.created_at, r.source_ref, r.tests
-FROM {SILVER_RECORDS.qualified} r
+FROM {records} r
 JOIN {SILVER_RL_CERTIFICATION.qualified} c ON c.id = r.id AND c.certified
 LEFT JOIN latest l ON l.id = r.id
 WHERE r.regime = 'rl'
   AND CASE WHEN l.id IS NULL THEN $keep_unestimated
            ELSE l.pass_rate > $min_pass_rate AND l.pass_rate < $max_pass_rate END
 """
+
+
+RL_BANK = rl_bank()
 
 # The bank's columns that do not come from its silver.records row (every other one does).
 NOT_FROM_RECORDS = frozenset(
@@ -104,6 +116,7 @@ def gold_rl_prompts(config: DifficultyBandConfig, duckdb: DuckDBResource) -> dg.
                 band,
                 fingerprints=bank_fingerprints(conn),
                 trust_stored=not settings.full_rebuild(),
+                rows_of_keys=lambda keys: rl_bank(f"({stored_rows_with_keys(SILVER_RECORDS.qualified, keys)})"),
             )
         metadata = table_metadata(conn, GOLD_RL_PROMPTS, preview_columns=["id", "source", "prompt"], group_by="source")
         estimated = conn.execute(

@@ -13,7 +13,13 @@ from posttrain_assets.sft.agentic_stats import ALL, AgenticStats, combined, mark
 from posttrain_assets.sft.row_stats import stats_from_rows, update_row_stats
 from posttrain_assets.sft.turn_depth import TurnDepth, markdown_turn_depth_table
 from posttrain_assets.warehouse.catalogue import GOLD_SFT, SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import stored_in_key_order, sync_table, transaction, trusted_fingerprints
+from posttrain_assets.warehouse.io import (
+    stored_in_key_order,
+    stored_rows_with_keys,
+    sync_table,
+    transaction,
+    trusted_fingerprints,
+)
 
 SILVER_KEY = dg.AssetKey(["silver", "records"])
 FROM_TOKENIZED = {c.name for c in SILVER_SFT_TOKENIZED.columns}
@@ -80,6 +86,17 @@ def upstream_fingerprints(conn: DuckDBPyConnection) -> str | None:
     )
 
 
+def proven_rows(keys: str | None = None) -> str:
+    """Each tokenised row with trained tokens joined with its silver record (gold.sft's rows); with ``keys`` (a
+    table with column ``sync_key``) those with these ids only, both tables' rows fetched by rowid first
+    (``io.stored_rows_with_keys``: 0.1 s for a refresh's 5,336 rows at 1M where filtering the join took 2.3 s)."""
+    select = ", ".join(f't."{c}"' if c in FROM_TOKENIZED else f'r."{c}"' for c in GOLD_SFT.column_names)
+    tokenized, records = SILVER_SFT_TOKENIZED.qualified, SILVER_RECORDS.qualified
+    if keys is not None:
+        tokenized, records = (f"({stored_rows_with_keys(t, keys)})" for t in (tokenized, records))
+    return f"SELECT {select} FROM {tokenized} t JOIN {records} r USING (id) WHERE t.num_trainable_tokens > 0"
+
+
 @dg.asset(
     key=["gold", "sft"],
     deps=[SFT_TOKENIZED_KEY, SILVER_KEY],
@@ -92,11 +109,7 @@ def upstream_fingerprints(conn: DuckDBPyConnection) -> str | None:
 def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.MaterializeResult:
     """Join each proven tokenised row with its silver record; rows with no trained token never reach gold. Only the
     rows that changed since the last materialisation are deleted or inserted (io.sync_table)."""
-    select = ", ".join(f't."{c}"' if c in FROM_TOKENIZED else f'r."{c}"' for c in GOLD_SFT.column_names)
-    proven = (
-        f"SELECT {select} FROM {SILVER_SFT_TOKENIZED.qualified} t JOIN {SILVER_RECORDS.qualified} r USING (id) "
-        "WHERE t.num_trainable_tokens > 0"
-    )
+    proven = proven_rows()
     with duckdb.get_connection() as conn:
         # while both silver tables are stored in id order, each id range of a (first) build is read by its own
         # query; the commit checkpoints rather than writing the token lists to the WAL first
@@ -111,6 +124,7 @@ def gold_sft(duckdb: DuckDBResource, tokenizer: TokenizerResource) -> dg.Materia
                 key_ordered=lambda: all(stored_in_key_order(conn, t) for t in (SILVER_SFT_TOKENIZED, SILVER_RECORDS)),
                 fingerprints=upstream_fingerprints(conn),
                 trust_stored=not settings.full_rebuild(),
+                rows_of_keys=proven_rows,
             )
             # each row's turn depth and agentic figures are kept beside it: only the rows inserted are read, and
             # the tokenizer is loaded only when one of them has reasoning to count
