@@ -287,9 +287,10 @@ _CACHED_BRONZE_ROW = (
 # their payloads, of the sources ``$sources`` (those MISSES_BY_SOURCE counts). One anti join over every source read
 # every bronze payload (2.3 s at 1M for a refresh's 10,000 new rows, 1.8 s with none missing); counted on the
 # narrow columns first, the sources without a miss are filtered out before any payload is read (0.3 s in all).
-# The anti join's hash table is built from the cache entries of the current stage keys ($keys) of those sources
-# only: entries of old keys stay until a gate finishes, and with a run killed after a code change the cache held
-# 2M entries at 1M rows, whose hash table ran out of the 512 MiB the gate loop streams these rows under.
+# The anti join's hash table is built from the cache entries of the current stage keys ($keys) of the sources
+# $sources (the registry's when counting, those with misses when streaming) only: entries of old keys stay until a
+# gate finishes, and with a run killed after a code change the cache held 2M entries at 1M rows, whose hash table
+# ran out of the 512 MiB the gate loop streams these rows under.
 _MISSED = f"""
 FROM {BRONZE_RECORDS.qualified} b JOIN {GATE_KEYS.qualified} k ON k.source = b.source
 WHERE NOT EXISTS (

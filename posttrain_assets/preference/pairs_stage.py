@@ -30,7 +30,7 @@ import duckdb
 from posttrain_assets.parallel import map_batches, processes_for
 from posttrain_assets.preference.pairs import PairJob, pair_measures
 from posttrain_assets.warehouse.catalogue import SILVER_PREFERENCE_PAIRS, SILVER_RECORDS
-from posttrain_assets.warehouse.io import SyncCounts, appending, ordered_arrow, sync_table
+from posttrain_assets.warehouse.io import SyncCounts, appending, ordered_arrow, stored_rows_in_range, sync_table
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -82,9 +82,12 @@ SELECT id FROM ({PREFERENCE_IDS}) r
 WHERE NOT EXISTS (SELECT 1 FROM {PAIRS_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = r.id)
 ORDER BY id
 """
+# The preference rows to measure of one id range ($range_first, $range_last; io.ordered_arrow's range_keys), fetched
+# by rowid (as the tokenize stage's: a join with the todo ids read every range's row groups of silver.records).
+TODO_IDS = f"SELECT id FROM {TODO.qualified}"
 ROWS_TO_MEASURE = f"""
-SELECT r.id, r.chosen, r.rejected FROM {SILVER_RECORDS.qualified} r JOIN {TODO.qualified} t USING (id)
-WHERE r.regime = 'preference'
+SELECT id, chosen, rejected
+FROM ({stored_rows_in_range(SILVER_RECORDS.qualified, TODO_IDS, where="regime = 'preference'")})
 """
 # The silver.records columns a pair carries over unchanged (the rest are measures or computed below).
 CARRIED = tuple(name for name in SILVER_PREFERENCE_PAIRS.column_names if name in SILVER_RECORDS.column_names)
@@ -163,7 +166,7 @@ def _measure_missing(
         done = 0
         # Batches come back in id order, so a first build stores the cache in id order (the publishing ranges are
         # pruned by zone maps); a refresh appends its new ids after them.
-        batches = ordered_arrow(conn, ROWS_TO_MEASURE, "id", batch_rows)
+        batches = ordered_arrow(conn, ROWS_TO_MEASURE, "id", batch_rows, range_keys=TODO_IDS)
         # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per
         # full row group of the cache (io.Appends)
         with appending(conn) as appends:

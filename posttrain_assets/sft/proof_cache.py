@@ -30,7 +30,7 @@ from posttrain_assets.parallel import default_processes, map_batches, processes_
 from posttrain_assets.sft.batches import MaskProof, ProofJob, prove_batch
 from posttrain_assets.sft.masking import IGNORE_INDEX
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_TOKENIZED
-from posttrain_assets.warehouse.io import appending, memory_limit_at_most, ordered_arrow
+from posttrain_assets.warehouse.io import appending, memory_limit_at_most, ordered_arrow, stored_rows_in_range
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
@@ -120,14 +120,17 @@ SELECT f.id, f.source, f.row_fingerprint, EXISTS (
 FROM fingerprinted f
 """
 
-# The rows to prove (what prove_batch reads), with the fingerprint of exactly the bytes read: computed again here
-# rather than carried from the scratch table, so the entry a passing row gets names what was proven.
+# The ids of the rows to prove, and those rows of one id range ($range_first, $range_last; io.ordered_arrow's
+# range_keys): what prove_batch reads, with the fingerprint of exactly the bytes read (computed again here rather
+# than carried from the scratch table, so the entry a passing row gets names what was proven). Both tables' rows are
+# fetched by rowid: a refresh's rows are the last ones their syncs appended, and joining the ids read every range's
+# row groups of both tables (token lists and messages): 4-6 s for a 10k-row refresh at 1M, 2.2 s by rowid.
+ROWS_TO_PROVE_IDS = f"SELECT id FROM {PROOF_ROWS.qualified} WHERE NOT reused"
 ROWS_TO_PROVE = f"""
 SELECT t.id, t.source, r.messages, r.tools, t.input_ids, t.labels, t.num_messages, t.train_on, t.train_reasoning,
        t.end_of_turn, t.tokenizer_sha256, t.chat_template_sha256, {ROW_FINGERPRINT} AS row_fingerprint
-FROM {PROOF_ROWS.qualified} p JOIN {SILVER_SFT_TOKENIZED.qualified} t USING (id) JOIN {SILVER_RECORDS.qualified} r
-  USING (id)
-WHERE NOT p.reused
+FROM ({stored_rows_in_range(SILVER_SFT_TOKENIZED.qualified, ROWS_TO_PROVE_IDS)}) t
+JOIN ({stored_rows_in_range(SILVER_RECORDS.qualified, ROWS_TO_PROVE_IDS)}) r USING (id)
 """
 ROWS_TO_PROVE_COUNT = f"SELECT count(*) FROM {PROOF_ROWS.qualified} WHERE NOT reused"
 
@@ -218,7 +221,7 @@ def prove_tokenized(
         proof = MaskProof()
         (missing,) = conn.execute(ROWS_TO_PROVE_COUNT).fetchone()
         workers = processes_for(missing, batch_rows, default_processes() if processes is None else processes)
-        batches = ordered_arrow(conn, ROWS_TO_PROVE, "id", batch_rows)
+        batches = ordered_arrow(conn, ROWS_TO_PROVE, "id", batch_rows, range_keys=ROWS_TO_PROVE_IDS)
         # DuckDB's cache beside the workers stays small, whatever the corpus; one commit per batch (a killed run
         # leaves whole batches, which the next run reuses), one checkpoint per full row group (io.Appends)
         with memory_limit_at_most(conn), appending(conn) as appends:

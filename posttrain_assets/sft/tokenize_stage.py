@@ -26,6 +26,7 @@ from posttrain_assets.warehouse.io import (
     memory_limit_at_most,
     ordered_arrow,
     stored_in_key_order,
+    stored_rows_in_range,
     stored_rows_with_keys,
     sync_table,
     transaction,
@@ -74,8 +75,12 @@ WHERE NOT EXISTS (SELECT 1 FROM {TOKENIZED_CACHE.qualified} c WHERE c.stage_key 
   AND NOT EXISTS (SELECT 1 FROM {REJECTED_CACHE.qualified} c WHERE c.stage_key = $key AND c.id = r.id)
 ORDER BY id
 """
+# The rows to tokenise of one id range ($range_first, $range_last; io.ordered_arrow's range_keys), fetched by rowid:
+# a refresh's rows are the last ones silver.records' sync appended, and a join with the todo ids read every range's
+# row groups of silver.records (its messages) to find them.
+TODO_IDS = f"SELECT id FROM {TODO.qualified}"
 ROWS_TO_TOKENIZE = f"""
-SELECT r.id, r.source, r.messages, r.tools FROM {SILVER_RECORDS.qualified} r JOIN {TODO.qualified} t USING (id)
+SELECT id, source, messages, tools FROM ({stored_rows_in_range(SILVER_RECORDS.qualified, TODO_IDS)})
 """
 
 
@@ -147,7 +152,7 @@ def build_sft_tokenized(
         done = 0
         # Batches come back in id order, so a first build stores the cache in id order and the ranges below are
         # pruned by zone maps; a refresh appends its new ids after them.
-        batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows)
+        batches = ordered_arrow(conn, ROWS_TO_TOKENIZE, "id", batch_rows, range_keys=TODO_IDS)
         # one commit per batch (a killed run leaves whole batches, which the next run reuses), one checkpoint per
         # full row group of the cache (io.Appends); the rows after the last one are written by the publishing
         # commit below, which checkpoints

@@ -89,15 +89,26 @@ def _key_range(relation: str, key: str) -> str:
 
 
 def ordered_arrow(
-    conn: duckdb.DuckDBPyConnection, relation: str, key: str, rows: int, params: dict[str, Any] | None = None
+    conn: duckdb.DuckDBPyConnection,
+    relation: str,
+    key: str,
+    rows: int,
+    params: dict[str, Any] | None = None,
+    *,
+    range_keys: str | None = None,
 ) -> Iterator[Any]:
     """The rows of the query ``relation`` as Arrow tables in ``key`` order, one range of ``rows`` keys each.
 
-    The ranges are read on a cursor of their own (committed data), so the caller may write on ``conn`` between
-    them."""
+    ``range_keys``: a query of the keys to cut the ranges from, cheaper than ``relation`` (it gets ``params`` too,
+    so it must use every one of them); the ``relation`` then reads its range itself (named parameters
+    ``$range_first`` and ``$range_last``, in every subquery that should be cut to it), e.g. to fetch its rows by
+    rowid (:func:`stored_rows_with_keys`): a range's filter on the key outside the query is applied after its
+    joins, and each range read its row groups of every table. The ranges are cut on ``conn`` (which sees the
+    caller's open transaction) and read on a cursor of their own (committed data only), so the caller may write
+    on ``conn`` between them, but rows it has not committed are not read."""
     params = dict(params or {})
-    sql = _key_range(relation, key)
-    ranges = key_ranges(conn, relation, key, rows, params)
+    sql = _key_range(relation, key) if range_keys is None else f"SELECT * FROM ({relation}) ORDER BY {key}"
+    ranges = key_ranges(conn, relation if range_keys is None else range_keys, key, rows, params)
     with conn.cursor() as cursor:  # one cursor for every range, closed at the end (see fetch_batches)
         for first, last in ranges:
             yield cursor.sql(sql, params={**params, "range_first": first, "range_last": last}).to_arrow_table()
@@ -420,6 +431,15 @@ def stored_rows_with_keys(table: str, keys: str, key: str = "id", where: str = "
         f"SELECT * FROM {table} WHERE rowid IN "
         f"(SELECT rowid FROM {table} WHERE ({where}) AND {key} IN (SELECT sync_key FROM {keys}))"
     )
+
+
+def stored_rows_in_range(table: str, keys: str, key: str = "id", where: str = "TRUE") -> str:
+    """As :func:`stored_rows_with_keys`, for a relation of :func:`ordered_arrow` with ``range_keys``: the rows of
+    ``table`` matching ``where`` whose ``key`` the query ``keys`` (one column) lists, of the range
+    ``$range_first`` to ``$range_last`` only (the keys too, so each range's look-up stays the size of the range)."""
+    in_range = "BETWEEN $range_first AND $range_last"
+    listed = f"(SELECT sync_key FROM ({keys}) listed(sync_key) WHERE sync_key {in_range})"
+    return stored_rows_with_keys(table, listed, key, f"({where}) AND {key} {in_range}")
 
 
 # The schema of the stored row fingerprints of the tables sync_table writes, one table per synced table

@@ -34,6 +34,8 @@ from posttrain_assets.warehouse.io import (
     ordered_batches,
     replace_table,
     stored_in_key_order,
+    stored_rows_in_range,
+    stored_rows_with_keys,
     swap_in,
     sync_table,
     transaction,
@@ -88,6 +90,35 @@ def test_ordered_arrow_reads_committed_rows_while_conn_writes(conn):
         seen += batch.num_rows
     assert seen == 1000
     assert conn.execute("SELECT count(*), min(id), max(id) FROM sink").fetchone() == (1000, "k0000", "k0999")
+
+
+def test_ordered_arrow_with_range_keys_reads_each_range_by_rowid(conn):
+    # the rows of the keys listed in main.wanted (every third key), each range's rows fetched by rowid
+    conn.execute("CREATE TABLE wanted AS SELECT id FROM src WHERE (hash(id) % 3) = 0")
+    relation = stored_rows_in_range("main.src", "SELECT id FROM main.wanted", where="payload <> $skip")
+    params = {"skip": "a" * 50}
+    batches = list(
+        ordered_arrow(conn, relation, "id", 64, params, range_keys="SELECT id FROM main.wanted WHERE $skip <> ''")
+    )
+    expected = conn.execute(
+        "SELECT id, payload FROM src WHERE id IN (SELECT id FROM wanted) AND payload <> $skip ORDER BY id", params
+    ).fetchall()
+    assert [(r["id"], r["payload"]) for b in batches for r in b.to_pylist()] == expected
+    assert 250 < len(expected) < 400 and all(b.num_rows <= 64 for b in batches)
+
+
+def test_stored_rows_with_keys_sees_the_open_transactions_rows(conn):
+    conn.execute("CREATE TABLE keys (sync_key VARCHAR)")
+    conn.execute("INSERT INTO keys VALUES ('k0001'), ('k0500'), ('k0998'), ('new1'), ('gone')")
+    with transaction(conn):
+        conn.execute("INSERT INTO src VALUES ('new1', 'fresh'), ('new2', 'not asked for')")
+        conn.execute("DELETE FROM src WHERE id = 'k0500'")
+        rows = conn.execute(f"SELECT id, payload FROM ({stored_rows_with_keys('src', 'keys')}) ORDER BY id").fetchall()
+        # committed and uncommitted rows alike, deleted ones not; the where filter applies to the rows
+        assert [r[0] for r in rows] == ["k0001", "k0998", "new1"]
+        assert rows[2] == ("new1", "fresh")
+        where = stored_rows_with_keys("src", "keys", where="payload = 'fresh'")
+        assert conn.execute(f"SELECT id FROM ({where})").fetchall() == [("new1",)]
 
 
 def test_insert_ordered_stores_rows_in_key_order(conn):
