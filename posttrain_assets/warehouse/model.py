@@ -22,6 +22,9 @@ class Column:
     type: str
     description: str
     nullable: bool = True
+    # SQL over the other columns of the rows being inserted that :meth:`Table.insert_sql` stores in this column,
+    # instead of reading it from the inserted relation (e.g. a content hash DuckDB computes as a row is cached).
+    computed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Table:
         return f"CREATE SCHEMA IF NOT EXISTS {self.schema};\n{verb} {self.qualified} (\n  {self.columns_sql()}\n)"
 
     def insert_sql(self, relation: str) -> str:
-        """INSERT of every column, by name, from a registered relation (an Arrow table)."""
+        """INSERT of every column, by name, from a registered relation (an Arrow table); a computed column's value
+        is its expression over the relation's columns."""
         names = ", ".join(f'"{n}"' for n in self.column_names)
-        return f"INSERT INTO {self.qualified} ({names}) SELECT {names} FROM {relation}"
+        values = ", ".join(c.computed or f'"{c.name}"' for c in self.columns)
+        return f"INSERT INTO {self.qualified} ({names}) SELECT {values} FROM {relation}"

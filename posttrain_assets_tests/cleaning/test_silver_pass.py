@@ -20,6 +20,7 @@ import pytest
 from posttrain_assets.cleaning import silver_pass as cleaning
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS
 from posttrain_assets.cleaning.silver_pass import (
+    GATE_STAGED,
     STAGE_NAMES,
     SUBSTAGE_NAMES,
     CleaningConfig,
@@ -27,7 +28,9 @@ from posttrain_assets.cleaning.silver_pass import (
     run_silver_pass,
 )
 from posttrain_assets.ingest.registry import Registry, Source
+from posttrain_assets.records.schema import DEFAULT_MAX_ROW_BYTES
 from posttrain_assets.warehouse.catalogue import BRONZE_RECORDS
+from posttrain_assets.warehouse.io import fetch_dicts, insert_rows
 
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -306,6 +309,36 @@ def test_a_changed_file_hash_or_time_is_taken_from_bronze_without_gating_again(w
     assert result.reuse["silver_records"] == cleaning.Reuse(computed=3, reused=0)
     again = run_silver_pass(conn, registry, smollm2_tokenizer, lambda _path: later, CleaningConfig(batch_rows=1))
     assert again.reuse["silver_records"] == cleaning.Reuse(computed=0, reused=3)
+
+
+def test_gating_again_to_the_same_records_rewrites_no_record(warehouse, smollm2_tokenizer) -> None:
+    conn, registry = warehouse
+    run(conn, registry, smollm2_tokenizer)
+    before = silver(conn)
+    stored = "SELECT sync_key, sync_fingerprint FROM sync.silver__records ORDER BY ALL"
+    fingerprints = conn.execute(stored).fetchall()
+    # a new stage key for every source (a larger row limit no row comes near): every row is gated again, to the
+    # same records, so silver.records' derived fingerprints (gate_staged.content_hash + the narrow staged
+    # columns) do not move and the publish writes nothing
+    result = run(conn, registry, smollm2_tokenizer, max_row_bytes=2 * DEFAULT_MAX_ROW_BYTES)
+
+    assert result.reuse["normalise_and_gate"] == cleaning.Reuse(computed=9, reused=0)
+    assert result.reuse["silver_records"] == cleaning.Reuse(computed=0, reused=3)
+    assert conn.execute(stored).fetchall() == fingerprints
+    assert silver(conn) == before
+    # the content hash, computed as an entry is inserted, covers the cached record columns, not the cache's key
+    entry = fetch_dicts(conn, "SELECT * EXCLUDE (content_hash) FROM cache.gate_staged ORDER BY source LIMIT 1")[0]
+    insert_rows(
+        conn,
+        GATE_STAGED,
+        [dict(entry, stage_key="another", row_number=100), dict(entry, row_number=101, prompt=entry["prompt"] + "!")],
+    )
+    hashes = dict(
+        conn.execute(
+            "SELECT row_number, content_hash FROM cache.gate_staged WHERE source = $s", {"s": entry["source"]}
+        ).fetchall()
+    )
+    assert hashes[100] == hashes[entry["row_number"]] != hashes[101]
 
 
 def test_a_changed_gate_config_or_a_removed_source_invalidates_exactly_its_rows(warehouse, smollm2_tokenizer) -> None:
