@@ -98,12 +98,14 @@ from posttrain_assets.warehouse.io import (
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
+    CONTENT_HASH,
     Reuse,
     cache_table,
     code_fingerprint,
     library_versions,
     open_caches,
     stage_key,
+    with_content_hash,
 )
 
 Record = dict[str, Any]
@@ -239,26 +241,13 @@ GATE_ROWS = Table(
 )
 # origin.file_sha256 and created_at are those of the run that computed the row: the work tables take the current
 # ones from bronze and the file's modification time, so an edit elsewhere in a file does not recompute its rows.
-# silver.records' columns a published record takes from its gate-cache entry, and those its staged row carries
-# (the current provenance and created_at: see STAGED_RECORDS).
-_CACHED_RECORD_COLUMNS = tuple(c for c in SILVER_RECORDS.columns if c.name not in STAGED.column_names)
+# The columns of silver.records a published record takes from its staged row (the current provenance and
+# created_at: see STAGED_RECORDS); the others come from its gate-cache entry, whose content hash covers them.
 _STAGED_RECORD_COLUMNS = tuple(c for c in SILVER_RECORDS.columns if c.name in STAGED.column_names)
-_gate_staged = cache_table(
-    "gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED_RECORDS, "seq"
-)
-GATE_STAGED = dataclasses.replace(
-    _gate_staged,
-    columns=(
-        *_gate_staged.columns,
-        Column(
-            "content_hash",
-            "UBIGINT",
-            "fingerprint of the record's columns that silver.records takes from this entry (io.fingerprint_sql), "
-            "computed by DuckDB as the entry is inserted",
-            False,
-            computed=fingerprint_sql((c.name, c.type) for c in _CACHED_RECORD_COLUMNS),
-        ),
-    ),
+GATE_STAGED = with_content_hash(
+    cache_table("gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED_RECORDS, "seq"),
+    SILVER_RECORDS,
+    *STAGED.column_names,
 )
 GATE_EVAL = cache_table("gate_eval", "Records of evaluation sources, per bronze row.", _GATE_LOCATOR, WORK_EVAL)
 GATE_QUARANTINE = cache_table(
@@ -456,12 +445,12 @@ WHERE id NOT IN (SELECT id FROM {REMOVED.qualified})
 # gates every row again to the same records rewrites none). Hashing every live record's wide columns instead
 # took 4.2-4.8 s of each refresh's publish at 1M rows.
 _LIVE_RECORD_FINGERPRINT = fingerprint_sql(
-    [("content_hash", "UBIGINT"), *((c.name, c.type) for c in _STAGED_RECORD_COLUMNS)]
+    [(CONTENT_HASH, "UBIGINT"), *((c.name, c.type) for c in _STAGED_RECORD_COLUMNS)]
 )
 LIVE_RECORD_FINGERPRINTS = f"""
 SELECT id AS sync_key, {_LIVE_RECORD_FINGERPRINT} AS sync_fingerprint
 FROM (
-    SELECT {", ".join(f's."{c.name}"' for c in _STAGED_RECORD_COLUMNS)}, c.content_hash
+    SELECT {", ".join(f's."{c.name}"' for c in _STAGED_RECORD_COLUMNS)}, c.{CONTENT_HASH}
     FROM ({LIVE}) s JOIN {GATE_STAGED.qualified} c ON {_same_row("c", "s")}
 )
 """

@@ -23,6 +23,7 @@ from posttrain_assets.sft.batches import TokenizeJob, tokenize_batch
 from posttrain_assets.warehouse.catalogue import SILVER_RECORDS, SILVER_SFT_QUARANTINE, SILVER_SFT_TOKENIZED
 from posttrain_assets.warehouse.io import (
     appending,
+    fingerprint_sql,
     memory_limit_at_most,
     ordered_arrow,
     stored_in_key_order,
@@ -34,6 +35,7 @@ from posttrain_assets.warehouse.io import (
 from posttrain_assets.warehouse.model import Column, Table
 from posttrain_assets.warehouse.stage_cache import (
     CACHE_SCHEMA,
+    CONTENT_HASH,
     Reuse,
     cache_table,
     code_fingerprint,
@@ -41,25 +43,35 @@ from posttrain_assets.warehouse.stage_cache import (
     library_versions,
     open_caches,
     stage_key,
+    with_content_hash,
 )
 
 TOKENIZE_CODE = ("posttrain_assets.sft", "posttrain_assets.records.tools")
 TOKENIZE_LIBRARIES = ("tokenizers", "transformers", "jinja2")
 
 _KEY = (Column("stage_key", "VARCHAR", "the tokenise stage's key (tokenize_stage.tokenize_stage_key)", False),)
-TOKENIZED_CACHE = cache_table(
-    "sft_tokenized",
-    "Tokenised SFT rows by (stage key, id), without their source.",
-    _KEY,
+# Each entry's content hash covers its published columns but the id (and the source, which the cache leaves out).
+TOKENIZED_CACHE = with_content_hash(
+    cache_table(
+        "sft_tokenized",
+        "Tokenised SFT rows by (stage key, id), without their source.",
+        _KEY,
+        SILVER_SFT_TOKENIZED,
+        "source",
+    ),
     SILVER_SFT_TOKENIZED,
-    "source",
+    "id",
 )
-REJECTED_CACHE = cache_table(
-    "sft_quarantine",
-    "SFT rows no exact mask could be built for, by (stage key, id), without their source.",
-    _KEY,
+REJECTED_CACHE = with_content_hash(
+    cache_table(
+        "sft_quarantine",
+        "SFT rows no exact mask could be built for, by (stage key, id), without their source.",
+        _KEY,
+        SILVER_SFT_QUARANTINE,
+        "source",
+    ),
     SILVER_SFT_QUARANTINE,
-    "source",
+    "id",
 )
 CACHE_TABLES = (TOKENIZED_CACHE, REJECTED_CACHE)
 # The ids to tokenise this run, in id order (narrow; dropped when the stage ends).
@@ -88,7 +100,7 @@ def _current(cached: Table, keys: str | None = None) -> str:
     """The rows of ``cached`` for the current SFT rows under ``$key``, with each row's source from silver.records;
     with ``keys`` (a table with column ``sync_key``) those with these ids only, fetched by rowid before the join
     (the syncs' ``rows_of_keys``: filtered after it, DuckDB read every cached row's token lists)."""
-    names = ", ".join(f'c."{n}"' for n in cached.column_names if n != "stage_key")
+    names = ", ".join(f'c."{n}"' for n in cached.column_names if n not in ("stage_key", CONTENT_HASH))
     rows = (
         f"SELECT * FROM {cached.qualified} WHERE stage_key = $key"
         if keys is None
@@ -96,6 +108,23 @@ def _current(cached: Table, keys: str | None = None) -> str:
     )
     records = SILVER_RECORDS.qualified
     return f"SELECT {names}, r.source FROM ({rows}) c JOIN {records} r USING (id) WHERE r.regime = 'sft'"
+
+
+# A current row's sync fingerprint: its cache entry's content hash with its id and source. The same for the same
+# tokens and mask whatever the stage key (a code change that tokenises every row again to the same arrays rewrites
+# no row); hashing every row's token lists instead read all of them on each refresh (about 3 s at 1M rows).
+_ROW_FINGERPRINT = fingerprint_sql([(CONTENT_HASH, "UBIGINT"), ("id", "VARCHAR"), ("source", "VARCHAR")])
+
+
+def _fingerprints(cached: Table) -> str:
+    """The sync fingerprints of the rows of :func:`_current` (``cached``'s)."""
+    return f"""
+    SELECT id AS sync_key, {_ROW_FINGERPRINT} AS sync_fingerprint FROM (
+        SELECT c.id, r.source, c.{CONTENT_HASH}
+        FROM {cached.qualified} c JOIN {SILVER_RECORDS.qualified} r USING (id)
+        WHERE c.stage_key = $key AND r.regime = 'sft'
+    )
+    """
 
 
 def _forget_stale(cached: Table) -> str:
@@ -187,6 +216,7 @@ def build_sft_tokenized(
                 # is read by a query of its own that skips the other ranges' row groups, with no copy of the token
                 # lists to split them into ranges (io.insert_key_ranges)
                 key_ordered=lambda cached=cached: records_in_id_order() and stored_in_key_order(conn, cached),
+                fingerprints=_fingerprints(cached),
                 trust_stored=reuse,  # a full rebuild hashes every stored row again
                 rows_of_keys=functools.partial(_current, cached),
             )

@@ -15,6 +15,10 @@ Global decisions (exact and near dedup, decontamination, the kept member of a cl
 cached: they are recomputed as set operations over the cached per-row results, so a refresh gives the same tables
 as a full build by construction (``posttrain_assets_tests/test_incremental_refresh.py`` checks it).
 
+A cache table whose rows a synced table publishes may carry a ``content_hash`` (:func:`with_content_hash`):
+DuckDB fingerprints the entry's published columns as it is inserted, and the sync derives its row fingerprints
+from it instead of hashing every published row again, the same for the same content whatever the stage key.
+
 Entries whose key no longer matches any current row are deleted at the end of the stage that owns them, so a
 cache holds one entry per current row and a deleted source leaves nothing behind. A killed run leaves whole
 batches (each written in one transaction) that the next run reuses.
@@ -35,6 +39,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from posttrain_assets.warehouse.io import fingerprint_sql
 from posttrain_assets.warehouse.model import Column, Table
 
 CACHE_SCHEMA = "cache"
@@ -90,6 +95,28 @@ def cache_table(name: str, description: str, key_columns: tuple[Column, ...], ta
     return dataclasses.replace(
         table, schema=CACHE_SCHEMA, name=name, description=description, columns=key_columns + columns
     )
+
+
+CONTENT_HASH = "content_hash"
+
+
+def with_content_hash(cached: Table, published: Table, *carried: str) -> Table:
+    """``cached`` with a last column ``content_hash``: io.fingerprint_sql over the columns of ``published`` (the
+    synced table its entries become) that the entry holds, but those named in ``carried`` (the publishing query
+    takes them from elsewhere, e.g. the current provenance), computed by DuckDB as an entry is inserted
+    (model.Column.computed). Not the cache's key: an entry under another stage key with the same content has the
+    same hash."""
+    held = {c.name for c in cached.columns}
+    hashed = [(c.name, c.type) for c in published.columns if c.name in held and c.name not in carried]
+    column = Column(
+        CONTENT_HASH,
+        "UBIGINT",
+        f"fingerprint of the {published.qualified} columns this entry holds (io.fingerprint_sql), computed as the "
+        "entry is inserted",
+        False,
+        computed=fingerprint_sql(hashed),
+    )
+    return dataclasses.replace(cached, columns=(*cached.columns, column))
 
 
 def keyed_rows(rows: pa.Table, key: str) -> pa.Table:

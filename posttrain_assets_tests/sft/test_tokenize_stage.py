@@ -120,3 +120,28 @@ def test_a_changed_mask_config_tokenises_every_row_again(conn, smollm2_tokenizer
     assert conn.execute("SELECT count(*) FROM silver.sft_tokenized").fetchone() == (0,)
     reasons = conn.execute("SELECT id, reason FROM silver.sft_quarantine ORDER BY id").fetchall()
     assert reasons == [("a1", "too_long"), ("b2", "too_long"), ("c3", "special_token_in_content"), ("d4", "too_long")]
+
+
+def test_tokenising_again_to_the_same_arrays_keeps_every_fingerprint(conn, smollm2_tokenizer) -> None:
+    build(conn, job_of(smollm2_tokenizer))
+    before = tables(conn)
+    hashes = f"SELECT id, stage_key, content_hash FROM {TOKENIZED_CACHE.qualified} ORDER BY id"
+    stored = "SELECT sync_key, sync_fingerprint FROM sync.silver__sft_tokenized ORDER BY ALL"
+    first_hashes, fingerprints = conn.execute(hashes).fetchall(), conn.execute(stored).fetchall()
+    # a new stage key (truncate rather than quarantine an overlong row; no row is near the limit): every row is
+    # tokenised again, to the same rows
+    truncating = build(conn, job_of(smollm2_tokenizer, overflow="truncate"))
+    again = conn.execute(hashes).fetchall()
+
+    assert truncating.reuse == Reuse(computed=4, reused=0)
+    assert [k for _, k, _ in again] != [k for _, k, _ in first_hashes]
+    # the content hash is the published columns', not the stage key's: the same, so the silver rows' derived
+    # fingerprints are the same and the sync writes nothing
+    assert [(i, h) for i, _, h in again] == [(i, h) for i, _, h in first_hashes]
+    assert conn.execute(stored).fetchall() == fingerprints
+    assert tables(conn) == before
+    # another row's tokens have another content hash: a1's conversation with a longer answer
+    insert_rows(conn, SILVER_RECORDS, [record("a1-longer", "What is 2 + 2?", "2 + 2 = 4, always.")])
+    build(conn, job_of(smollm2_tokenizer, overflow="truncate"))
+    hashed = {i: h for i, _, h in conn.execute(hashes).fetchall()}
+    assert hashed["a1"] != hashed["a1-longer"]
