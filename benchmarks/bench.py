@@ -1449,12 +1449,17 @@ def measured_apart(
     the pipeline's peak RSS, which a ``posttrain run`` does not carry."""
     import importlib
 
-    from posttrain_assets.parallel import map_batches
+    from posttrain_assets.parallel import map_batches, retire_fork_server
 
     # Workers import a function by its module's name; run as ``python -m benchmarks.bench``, this module's is
     # ``__main__``, which they do not import.
     measure = getattr(importlib.import_module("benchmarks.bench"), measure.__name__)
-    return next(iter(map_batches(measure, (corpus_dir, cache_dir), [None], 1, fresh_process_per_item=True)))
+    try:
+        return next(iter(map_batches(measure, (corpus_dir, cache_dir), [None], 1, fresh_process_per_item=True)))
+    finally:
+        # the fork server that preloaded this module (83 MiB) would otherwise be counted in the pipeline's RSS
+        # until the first pool of the pipeline replaced it
+        retire_fork_server()
 
 
 def encode_probe(corpus_dir: Path, cache_dir: Path, records: int = PROBE_RECORDS) -> dict[str, Any]:

@@ -162,6 +162,12 @@ def _use_fork_server(preload: tuple[str, ...]) -> None:
                 _RETIRED_SERVERS.remove(retired)
 
 
+def retire_fork_server() -> None:
+    """Retire the fork server and the modules it imported (it exits once its workers have); the next pool starts
+    a new one. For a caller whose pools are done and whose memory is measured next (the benchmark's floor)."""
+    _use_fork_server(())
+
+
 def _forget_fork_server() -> None:
     """In a child forked from a process whose fork server runs: that server is not the child's own child, so the
     handle's liveness check (waitpid) would fail there; the child starts a server of its own when it needs one."""

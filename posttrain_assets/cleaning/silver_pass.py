@@ -477,7 +477,7 @@ FROM ({LIVE}) WHERE regime = $regime
 ORDER BY seq
 """
 
-# Near-dup verification reads the texts of up to 2 x 4096 rows at a time (dedup_tables.CHUNK_PAIRS pairs), by seq;
+# Near-dup verification reads the texts of up to 2 x dedup_tables.CHUNK_PAIRS rows at a time, by seq;
 # DuckDB answers such a look-up from an ART index only when it matches fewer rows than index_scan_max_count.
 TEXT_LOOKUP_ROWS = 16_384
 # Rows gated in a run from which the gate cache's appended rows are checkpointed into the database file before the

@@ -112,7 +112,8 @@ def _current(cached: Table, keys: str | None = None) -> str:
 
 # A current row's sync fingerprint: its cache entry's content hash with its id and source. The same for the same
 # tokens and mask whatever the stage key (a code change that tokenises every row again to the same arrays rewrites
-# no row); hashing every row's token lists instead read all of them on each refresh (about 3 s at 1M rows).
+# no row; the sync compares both sides by content once then, as the query's parameters, $key, changed: see
+# io.sync_table); hashing every row's token lists instead read all of them on each refresh (about 3 s at 1M rows).
 _ROW_FINGERPRINT = fingerprint_sql([(CONTENT_HASH, "UBIGINT"), ("id", "VARCHAR"), ("source", "VARCHAR")])
 
 
