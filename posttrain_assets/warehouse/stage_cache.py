@@ -124,9 +124,10 @@ def keyed_rows(rows: pa.Table, key: str) -> pa.Table:
     return rows.append_column("stage_key", pa.repeat(key, rows.num_rows))
 
 
-def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
+def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> bool:
     """Create ``table`` if it does not exist; a stored table with other columns (written by older code) is dropped
-    first: its entries are forgotten and recomputed, never inserted into with the wrong shape."""
+    first: its entries are forgotten and recomputed, never inserted into with the wrong shape. Returns whether
+    such a table was dropped."""
     stored = [
         name
         for (name,) in conn.execute(
@@ -135,17 +136,21 @@ def ensure_cache_table(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
             {"schema": table.schema, "name": table.name},
         ).fetchall()
     ]
-    if stored and stored != table.column_names:
+    dropped = bool(stored) and stored != table.column_names
+    if dropped:
         conn.execute(f"DROP TABLE {table.qualified}")
     conn.execute(table.create_sql())
+    return dropped
 
 
 def open_caches(conn: duckdb.DuckDBPyConnection, *tables: Table, reuse: bool = True) -> None:
-    """Make a stage's cache tables ready (:func:`ensure_cache_table`); emptied when ``reuse`` is False (a full
-    rebuild: every row is computed again)."""
-    for table in tables:
-        ensure_cache_table(conn, table)
-        if not reuse:
+    """Make a stage's cache tables ready (:func:`ensure_cache_table`); all emptied when ``reuse`` is False (a full
+    rebuild: every row is computed again) or when one of them had another shape and was made anew. A stage's
+    tables describe the same rows (the gate's gate_rows says where a row went, gate_staged holds its record): a row
+    whose entry survived in one while the other forgot it would count as computed, with nothing to read."""
+    made_anew = [ensure_cache_table(conn, table) for table in tables]
+    if not reuse or any(made_anew):
+        for table in tables:
             conn.execute(f"DELETE FROM {table.qualified}")
 
 
