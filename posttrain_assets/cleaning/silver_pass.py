@@ -242,12 +242,13 @@ GATE_ROWS = Table(
 # origin.file_sha256 and created_at are those of the run that computed the row: the work tables take the current
 # ones from bronze and the file's modification time, so an edit elsewhere in a file does not recompute its rows.
 # The columns of silver.records a published record takes from its staged row (the current provenance and
-# created_at: see STAGED_RECORDS); the others come from its gate-cache entry, whose content hash covers them.
+# created_at: see STAGED_RECORDS); the others come from its gate-cache entry, whose content hash covers them. The
+# same list leaves them out of the hash and adds them to the sync fingerprint (LIVE_RECORD_FINGERPRINTS).
 _STAGED_RECORD_COLUMNS = tuple(c for c in SILVER_RECORDS.columns if c.name in STAGED.column_names)
 GATE_STAGED = with_content_hash(
     cache_table("gate_staged", "Records that passed the gate, per bronze row.", _GATE_LOCATOR, STAGED_RECORDS, "seq"),
     SILVER_RECORDS,
-    *STAGED.column_names,
+    *(c.name for c in _STAGED_RECORD_COLUMNS),
 )
 GATE_EVAL = cache_table("gate_eval", "Records of evaluation sources, per bronze row.", _GATE_LOCATOR, WORK_EVAL)
 GATE_QUARANTINE = cache_table(
