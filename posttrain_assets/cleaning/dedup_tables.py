@@ -17,13 +17,13 @@ process: the per-regime state lives in work tables, the Python work runs one bat
    joins rows whose keys differ, and ``dedup.candidate_pairs`` leaves them out), are the candidates
    (``near_candidates``): DuckDB lists the pairs of one start band at a time and drops those whose
    one-character-per-slot sketches (:func:`sketch_of`) already fall short; the few left get the exact estimate
-   (:func:`estimated_at_least`). The survivors' band keys, every bucket of two rows or more with its size and
-   the listed buckets' candidate pairs are kept between runs (:data:`BAND_STATE`, :data:`BUCKET_STATE`,
-   :data:`PAIR_STATE`): a bucket's pairs depend only on its rows, so a run follows each survivor added or
-   removed since down its path in every start band (:func:`walk_changed_paths`), lists again from its rows the
-   first bucket on the path that was not split before and after, there pairs only the added rows in a bucket it
-   knows (whole a bucket it does not), and takes the other pairs from the state (the full listing when there is
-   no state for the config).
+   (:func:`estimated_at_least`). The survivors (their band keys, per band and in one piece, and sketches), every
+   bucket of two rows or more with its size and the listed buckets' candidate pairs are kept between runs
+   (:data:`SURVIVOR_STATE`, :data:`BAND_STATE`, :data:`BUCKET_STATE`, :data:`PAIR_STATE`): a bucket's pairs depend
+   only on its rows, so a run follows each survivor added or removed since down its path in every start band
+   (:func:`walk_changed_paths`), lists again from its rows the first bucket on the path that was not split before
+   and after, there pairs only the added rows in a bucket it knows (whole a bucket it does not), and takes the
+   other pairs from the state (the full listing when there is no state for the config).
 4. **Verification** (workers, :func:`verify_batch`): candidate pairs in order, a chunk at a time with the texts
    of their rows, checked by the rules of ``MinHashConfig``; verified pairs are joined in a union-find over their
    rows. A pair whose rows are already joined is not compared (a cluster of k copies costs about k comparisons).
@@ -110,9 +110,19 @@ NEAR_SIGNATURES = Table(
     "MinHash signatures of the exact survivors' dedup units (dedup.minhash_signatures).",
     (
         Column("seq", "BIGINT", "the staged row", False),
-        Column("signature", "UINTEGER[]", "num_perm slot values (32-bit in either permutation scheme)", False),
+        Column(
+            "signature",
+            "UINTEGER[]",
+            "num_perm slot values (32-bit in either permutation scheme); null for a row placed from the candidate "
+            "state (SURVIVOR_STATE), whose signature the signature cache holds",
+        ),
         Column("sketch", "VARCHAR", "one ASCII character per slot (sketch_of): equal slots, equal characters", False),
         Column("same_key", "BIGINT", "dedup.same_key_hash of the row (RL); null in a regime without same keys"),
+        Column(
+            "band_keys",
+            "BLOB",
+            "its band keys of every band in band order, concatenated; null for a row placed from the candidate state",
+        ),
     ),
 )
 NEAR_BANDS = Table(
@@ -458,6 +468,26 @@ BAND_STATE = Table(
         Column("band_key", "BLOB", "the band's r signature values, 4 bytes each", False),
     ),
 )
+SURVIVOR_STATE = Table(
+    CACHE_SCHEMA,
+    "near_survivor_state",
+    "Each regime's exact survivors as of the last run's candidates, one row per record, with what listing pairs reads "
+    "of it: its band keys of every band in one piece (its keys along a bucket's path are one slice), sketch and "
+    "same key.",
+    (
+        Column("stage_key", "VARCHAR", "the regime's candidate state key (dedup_tables.candidate_state_key)", False),
+        Column("id", "VARCHAR", "record id of an exact survivor", False),
+        Column(
+            "band_keys",
+            "BLOB",
+            "the band keys of bands 0 .. bands - 1 concatenated: band b's is bytes b * key_bytes + 1 .. (b + 1) * "
+            "key_bytes",
+            False,
+        ),
+        Column("sketch", "VARCHAR", "its sketch (sketch_of)", False),
+        Column("same_key", "BIGINT", "dedup.same_key_hash of the record (RL); null without a same key"),
+    ),
+)
 PAIR_STATE = Table(
     CACHE_SCHEMA,
     "near_candidate_state",
@@ -484,6 +514,8 @@ BUCKET_STATE = Table(
         Column("size", "BIGINT", "its rows", False),
     ),
 )
+# The candidate state's tables, replaced together.
+CANDIDATE_STATE_TABLES = (SURVIVOR_STATE, BAND_STATE, BUCKET_STATE, PAIR_STATE)
 
 
 def candidate_state_key(regime: str, cfg: MinHashConfig) -> str:
@@ -521,19 +553,19 @@ def _cached_signatures(rows: str) -> str:
 
 
 # The state's diff with this run's survivors: survivors it lacks, and its records no longer survivors.
-STATE_HOLDS = f"SELECT count(*) FROM {BAND_STATE.qualified} WHERE stage_key = $state AND band = 0"
+STATE_HOLDS = f"SELECT count(*) FROM {SURVIVOR_STATE.qualified} WHERE stage_key = $state"
 ADDED_SURVIVORS = f"""
 INSERT INTO {NEAR_ADDED.qualified}
 SELECT d.seq, d.id FROM {DEDUP_ROWS.qualified} d
 WHERE d.seq = d.exact_kept AND NOT EXISTS (
-    SELECT 1 FROM {BAND_STATE.qualified} b WHERE b.stage_key = $state AND b.band = 0 AND b.id = d.id
+    SELECT 1 FROM {SURVIVOR_STATE.qualified} k WHERE k.stage_key = $state AND k.id = d.id
 )
 """
 REMOVED_SURVIVORS = f"""
 INSERT INTO {NEAR_REMOVED.qualified}
-SELECT b.id FROM {BAND_STATE.qualified} b
-WHERE b.stage_key = $state AND b.band = 0 AND NOT EXISTS (
-    SELECT 1 FROM {DEDUP_ROWS.qualified} d WHERE d.seq = d.exact_kept AND d.id = b.id
+SELECT k.id FROM {SURVIVOR_STATE.qualified} k
+WHERE k.stage_key = $state AND NOT EXISTS (
+    SELECT 1 FROM {DEDUP_ROWS.qualified} d WHERE d.seq = d.exact_kept AND d.id = k.id
 )
 """
 
@@ -591,7 +623,10 @@ WHERE NOT descend AND (old_size IS NOT NULL OR added > 0)
 # its path are the bucket's. They are looked for in the band of the path whose bucket at depth 0 is the smallest
 # (its seed; a bucket the state lacks holds one row at most): each seed's rows are read once per start band and
 # depth that looks in it, not once per bucket (many deep buckets may share one large seed), their keys along the
-# path are joined into a path key, and that is matched with the buckets' (start key, suffix).
+# path are sliced from their band keys in one piece (SURVIVOR_STATE; the path wraps past the last band to band 0), and
+# that is matched with the buckets' (start key, suffix). Joining each row's keys band by band instead (a row per
+# row and band of the path, then a grouped concatenation) took 5.9 s of a 10,000-row refresh's SFT candidates at
+# 1M, the slices 3.3-4.0 s (163,550 buckets listed again, 3.0 M rows of their seeds looked at).
 RELISTED_ROOT_ROWS = f"""
 INSERT INTO {NEAR_LEVEL.qualified}
 WITH roots AS ({RELISTED_ROOTS}),
@@ -616,11 +651,10 @@ looked_at AS (
 ),
 looked_at_paths AS (
     SELECT l.start_band, l.depth, l.id,
-        any_value(b.band_key) FILTER (WHERE l.i = 0) AS start_key,
-        list_reduce(list(b.band_key ORDER BY l.i) FILTER (WHERE l.i > 0), lambda a, x: a || x) AS suffix
-    FROM (SELECT *, unnest(range(0, depth + 1)) AS i FROM looked_at) l
-    JOIN {BAND_STATE.qualified} b ON b.stage_key = $state AND b.id = l.id AND b.band = (l.start_band + l.i) % $bands
-    GROUP BY l.start_band, l.depth, l.id
+        k.band_keys[l.start_band * $key_bytes + 1 : (l.start_band + 1) * $key_bytes] AS start_key,
+        k.band_keys[(l.start_band + 1) * $key_bytes + 1 : least(l.start_band + l.depth + 1, $bands) * $key_bytes]
+            || k.band_keys[1 : greatest(l.start_band + l.depth + 1 - $bands, 0) * $key_bytes] AS suffix
+    FROM looked_at l JOIN {SURVIVOR_STATE.qualified} k ON k.stage_key = $state AND k.id = l.id
 ),
 state_rows AS (
     SELECT r.start_band, r.start_key, r.suffix, b.id FROM roots r
@@ -693,6 +727,16 @@ STATE_BUCKET_STALE = f"""EXISTS (
 ROWS_OF_RELISTED_BUCKETS = f"""
 SELECT DISTINCT seq FROM {NEAR_LISTED.qualified}
 SEMI JOIN {NEAR_RELISTED.qualified} USING (start_band, start_key, suffix)
+"""
+# The rows of the buckets listed again that this run has not placed (rows of the state), placed from the state:
+# their sketches and same keys are all the listing reads of them, and the signature cache holds their signatures
+# for the few pairs whose sketches agree (sketch_pairs_with_signatures). Read through Python from the signature
+# cache instead (signatures to sketches), the 482,710 SFT rows of a 10,000-row refresh at 1M took 2-3 s.
+RELISTED_ROWS_FROM_STATE = f"""
+INSERT INTO {NEAR_SIGNATURES.qualified} (seq, sketch, same_key)
+SELECT d.seq, k.sketch, k.same_key FROM {DEDUP_ROWS.qualified} d
+JOIN {SURVIVOR_STATE.qualified} k ON k.stage_key = $state AND k.id = d.id
+WHERE d.seq IN ({ROWS_OF_RELISTED_BUCKETS}) AND d.seq NOT IN (SELECT seq FROM {NEAR_SIGNATURES.qualified})
 """
 # The state's pairs that stay candidates, by this run's rows (a < b): both rows survive and their bucket is not
 # stale (untouched, or listed again in part).
@@ -786,14 +830,31 @@ def sketch_pairs_of_band(relisted_only: bool) -> str:
     """
 
 
-# Each pair whose sketches could reach the floor, once, with both signatures for the exact estimate.
-SKETCH_PAIRS_WITH_SIGNATURES = f"""
-WITH pairs AS (SELECT DISTINCT a, b FROM {NEAR_SKETCH_PAIRS.qualified})
-SELECT p.a, p.b, sa.signature AS signature_a, sb.signature AS signature_b
-FROM pairs p
-JOIN {NEAR_SIGNATURES.qualified} sa ON sa.seq = p.a
-JOIN {NEAR_SIGNATURES.qualified} sb ON sb.seq = p.b
-"""
+def sketch_pairs_with_signatures(placed_from_state: bool) -> str:
+    """Each pair whose sketches could reach the floor, once, with both signatures for the exact estimate: from
+    near_signatures, and with ``placed_from_state`` (a refresh, whose rows of the buckets listed again were placed
+    from the candidate state without one) from the signature cache (under ``$key``) for the rows without one."""
+    if not placed_from_state:
+        signatures = NEAR_SIGNATURES.qualified
+    else:
+        signatures = f"""(
+            SELECT seq, signature FROM placed WHERE signature IS NOT NULL
+            UNION ALL
+            SELECT p.seq, c.signature FROM placed p JOIN {DEDUP_ROWS.qualified} d USING (seq)
+            JOIN {SIGNATURE_CACHE.qualified} c ON c.stage_key = $key AND c.id = d.id
+            WHERE p.signature IS NULL
+        )"""
+    return f"""
+    WITH pairs AS (SELECT DISTINCT a, b FROM {NEAR_SKETCH_PAIRS.qualified}),
+    placed AS (
+        SELECT seq, signature FROM {NEAR_SIGNATURES.qualified}
+        WHERE seq IN (SELECT a FROM pairs UNION SELECT b FROM pairs)
+    )
+    SELECT p.a, p.b, sa.signature AS signature_a, sb.signature AS signature_b
+    FROM pairs p
+    JOIN {signatures} sa ON sa.seq = p.a
+    JOIN {signatures} sb ON sb.seq = p.b
+    """
 
 
 # The candidate pairs, each with the verdict the pair cache holds for its two records (null: none).
@@ -898,6 +959,9 @@ def signature_tables(
             "signature": pa.FixedSizeListArray.from_arrays(pa.array(sigs.ravel()), cfg.num_perm),
             "sketch": sketch_of(sigs),
             "same_key": pa.nulls(n, pa.int64()) if same_keys is None else same_keys,
+            "band_keys": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(bands * band_key_bytes(cfg)), n, [None, pa.py_buffer(keys)]
+            ),
         }
     )
     band_keys = pa.FixedSizeBinaryArray.from_buffers(
@@ -1115,7 +1179,7 @@ def group_exact_duplicates(conn: duckdb.DuckDBPyConnection, ranked: str, params:
     exact survivors."""
     for table in TABLES:
         conn.execute(table.create_sql(replace=True))
-    for table in (SIGNATURE_CACHE, PAIR_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, SIMILARITY_CACHE):
+    for table in (SIGNATURE_CACHE, PAIR_CACHE, *CANDIDATE_STATE_TABLES, SIMILARITY_CACHE):
         ensure_cache_table(conn, table)
     conn.execute(EXACT_GROUPS.format(ranked=ranked), params)
     return _count(conn, f"({SURVIVORS})")
@@ -1153,10 +1217,10 @@ def list_candidates(
             # the buckets on the changed rows' paths, listed again from their rows where not walked through
             walk_changed_paths(conn, cfg, state)
             list_buckets(conn, cfg, state)
-            # the listed buckets whose pairs change, and the signatures of their rows
+            # the listed buckets whose pairs change, and their rows' sketches (from the state when not placed)
             conn.execute(RELISTED_BUCKETS)
             conn.execute(STALE_BUCKETS)
-            _signatures_from_cache(conn, cfg, batch_rows, ROWS_OF_RELISTED_BUCKETS, with_bands=False)
+            conn.execute(RELISTED_ROWS_FROM_STATE, state)
         else:
             list_buckets(conn, cfg)
         write_listed_pairs(conn, cfg, batch_rows, relisted_only=incremental)
@@ -1187,19 +1251,15 @@ def _signatures_of_uncached(
     return computed
 
 
-def _signatures_from_cache(
-    conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, rows: str, *, with_bands: bool = True
-) -> None:
-    """Place the cached signatures of the rows the query ``rows`` lists in near_signatures, with their sketches
-    and (``with_bands``: near_bands does not hold them yet) band keys derived here (numpy, no shingling); rows
-    already placed are skipped."""
+def _signatures_from_cache(conn: duckdb.DuckDBPyConnection, cfg: MinHashConfig, batch_rows: int, rows: str) -> None:
+    """Place the cached signatures of the rows the query ``rows`` lists in near_signatures and near_bands, with
+    their sketches and band keys derived here (numpy, no shingling); rows already placed are skipped."""
     for cached in fetch_arrow(conn, _cached_signatures(rows), batch_rows, {"key": signature_stage_key(cfg)}):
         seqs = np.asarray(cached.column("seq"), dtype=np.int64)
         sigs = _signature_matrix(cached.column("signature"), cfg.num_perm)
         signatures, bands = signature_tables(seqs, sigs, cfg, cached.column("same_key"))
         insert_arrow(conn, NEAR_SIGNATURES, signatures)
-        if with_bands:
-            insert_arrow(conn, NEAR_BANDS, bands)
+        insert_arrow(conn, NEAR_BANDS, bands)
 
 
 def _save_candidate_state(
@@ -1216,9 +1276,15 @@ def _save_candidate_state(
         conn.execute(STATE_PAIRS_STILL_LISTED, state)
     with transaction(conn):
         if incremental:
+            for table in (SURVIVOR_STATE, BAND_STATE):
+                conn.execute(
+                    f"DELETE FROM {table.qualified} WHERE stage_key = $state "
+                    f"AND id IN (SELECT id FROM {NEAR_REMOVED.qualified})",
+                    state,
+                )
             conn.execute(
-                f"DELETE FROM {BAND_STATE.qualified} WHERE stage_key = $state "
-                f"AND id IN (SELECT id FROM {NEAR_REMOVED.qualified})",
+                f"INSERT INTO {SURVIVOR_STATE.qualified} SELECT $state, a.id, n.band_keys, n.sketch, n.same_key "
+                f"FROM {NEAR_SIGNATURES.qualified} n JOIN {NEAR_ADDED.qualified} a USING (seq)",
                 state,
             )
             conn.execute(
@@ -1245,8 +1311,13 @@ def _save_candidate_state(
                 state,
             )
         else:
-            for table in (BAND_STATE, PAIR_STATE, BUCKET_STATE):
+            for table in CANDIDATE_STATE_TABLES:
                 conn.execute(f"DELETE FROM {table.qualified} WHERE stage_key = $state", state)
+            conn.execute(
+                f"INSERT INTO {SURVIVOR_STATE.qualified} SELECT $state, d.id, n.band_keys, n.sketch, n.same_key "
+                f"FROM {NEAR_SIGNATURES.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
+                state,
+            )
             conn.execute(
                 f"INSERT INTO {BAND_STATE.qualified} SELECT $state, d.id, n.band, n.band_key "
                 f"FROM {NEAR_BANDS.qualified} n JOIN {DEDUP_ROWS.qualified} d USING (seq)",
@@ -1331,14 +1402,17 @@ def write_listed_pairs(
 ) -> None:
     """Fill ``near_sketch_pairs`` with the pairs of the listed buckets (``relisted_only``: of those in
     near_relisted) per start band and ``near_candidates`` with those whose signatures pass the estimate; their rows'
-    signatures are in ``near_signatures``."""
+    sketches are in ``near_signatures``, their signatures there or (``relisted_only``: rows placed from the state) in
+    the signature cache."""
     bands, _rows = lsh_bands(cfg)
     # the sketch of a candidate agrees on at least the slots its signature does: count / num_perm >= floor
     min_equal = math.floor(cfg.effective_lsh_threshold() * cfg.num_perm) - 1  # - 1: whatever the float rounding
     sketch_pairs = sketch_pairs_of_band(relisted_only)
     for band in range(bands):
         conn.execute(sketch_pairs, {"band": band, "min_equal": min_equal})
-    for pairs in fetch_arrow(conn, SKETCH_PAIRS_WITH_SIGNATURES, batch_rows):
+    with_signatures = sketch_pairs_with_signatures(placed_from_state=relisted_only)
+    key = {"key": signature_stage_key(cfg)} if relisted_only else {}
+    for pairs in fetch_arrow(conn, with_signatures, batch_rows, key):
         insert_arrow(conn, NEAR_CANDIDATES, estimated_at_least(cfg, pairs))
 
 

@@ -49,10 +49,8 @@ import duckdb
 from posttrain_assets.cleaning.decontamination import EvalIndex, contamination_matches, contamination_report
 from posttrain_assets.cleaning.dedup import DEFAULT_CONFIGS, MinHashConfig, exact_key, prompt_key, quality_score
 from posttrain_assets.cleaning.dedup_tables import (
-    BAND_STATE,
-    BUCKET_STATE,
+    CANDIDATE_STATE_TABLES,
     PAIR_CACHE,
-    PAIR_STATE,
     SIGNATURE_CACHE,
     SIMILARITY_CACHE,
     DedupReuse,
@@ -848,9 +846,7 @@ def deduplicate_staged(
     # Point look-ups of texts by seq instead of a scan per chunk of candidate pairs (session setting: other
     # connections keep DuckDB's default).
     conn.execute(f"SET SESSION index_scan_max_count = {TEXT_LOOKUP_ROWS}")
-    open_caches(
-        conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, BAND_STATE, PAIR_STATE, BUCKET_STATE, reuse=cfg.reuse
-    )
+    open_caches(conn, SIGNATURE_CACHE, PAIR_CACHE, SIMILARITY_CACHE, *CANDIDATE_STATE_TABLES, reuse=cfg.reuse)
     near = DedupReuse()
     try:
         for regime in REGIMES:
@@ -885,7 +881,7 @@ def deduplicate_staged(
     )
     # The candidate states of other configs or code (a regime's current state is brought to its survivors above).
     states = [candidate_state_key(regime, minhash) for regime, (minhash, _) in zip(REGIMES, configs, strict=True)]
-    for table in (BAND_STATE, PAIR_STATE, BUCKET_STATE):
+    for table in CANDIDATE_STATE_TABLES:
         conn.execute(f"DELETE FROM {table.qualified} WHERE NOT list_contains($keys, stage_key)", {"keys": states})
     conn.execute(
         f"DELETE FROM {SIMILARITY_CACHE.qualified} c WHERE c.stage_key <> $key "

@@ -22,6 +22,7 @@ from posttrain_assets.cleaning.dedup_tables import (
     PAIR_STATE,
     SIGNATURE_CACHE,
     SIMILARITY_CACHE,
+    SURVIVOR_STATE,
 )
 from posttrain_assets.cleaning.quality import QUALITY_REASONS
 from posttrain_assets.cleaning.silver_pass import DECONTAMINATION_CACHE_TABLES, GATE_CACHE_TABLES
@@ -44,6 +45,7 @@ CACHE_TABLES = (
     *GATE_CACHE_TABLES,
     *DECONTAMINATION_CACHE_TABLES,
     SIGNATURE_CACHE,
+    SURVIVOR_STATE,
     BAND_STATE,
     BUCKET_STATE,
     PAIR_STATE,

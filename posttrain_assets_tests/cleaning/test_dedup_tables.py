@@ -341,6 +341,11 @@ def test_band_keys_are_the_bands_signature_values() -> None:
     row = band_rows.slice(bands + 2, 1).to_pylist()[0]  # the second row's band 2: its r slot values as bytes
     assert (row["seq"], row["band"]) == (11, 2)
     assert row["band_key"] == sigs[1, 2 * r : 3 * r].astype(np.uint32).tobytes()
+    # every band's key in one piece: band 2's is the slice of bytes 2 * key_bytes .. 3 * key_bytes
+    in_one_piece = signatures.column("band_keys")[1].as_py()
+    assert in_one_piece == sigs[1, : bands * r].astype(np.uint32).tobytes()
+    key_bytes = dedup_tables.band_key_bytes(cfg)
+    assert in_one_piece[2 * key_bytes : 3 * key_bytes] == row["band_key"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +377,7 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     the changed rows' paths that changed."""
     monkeypatch.setattr(dedup, "MAX_BUCKET", max_bucket)
     cfg = MinHashConfig()
-    bands, _r = dedup.lsh_bands(cfg)
+    bands, rows_per_band = dedup.lsh_bands(cfg)
     rng = np.random.default_rng(max_bucket)
     clump = clumped_signatures(rng, 120, cfg, 2)
     unique = rng.integers(0, 2**32, size=(120, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
@@ -411,6 +416,10 @@ def test_candidates_from_the_state_are_those_of_a_full_listing(monkeypatch, max_
     assert conn.execute(f"SELECT count(*) FROM {dedup_tables.NEAR_BANDS.qualified}").fetchall() == [(0,)]
     state = conn.execute(f"SELECT count(*), count(DISTINCT id) FROM {dedup_tables.BAND_STATE.qualified}").fetchall()
     assert state == [(len(second) * bands, len(second))]
+    keys = conn.execute(f"SELECT id, band_keys FROM {dedup_tables.SURVIVOR_STATE.qualified} ORDER BY id").fetchall()
+    assert keys == [
+        (r["id"], sigs[r["id"]][: bands * rows_per_band].tobytes()) for r in sorted(second, key=lambda r: r["id"])
+    ]
 
 
 @pytest.mark.parametrize(
@@ -447,7 +456,7 @@ def test_rounds_of_added_and_removed_rows_keep_the_state_exact(
     state_key = {"key": dedup_tables.candidate_state_key("sft", cfg)}
     state_queries = [
         f"SELECT * EXCLUDE (stage_key) FROM {t.qualified} WHERE stage_key = $key ORDER BY ALL"
-        for t in (dedup_tables.BAND_STATE, dedup_tables.BUCKET_STATE, dedup_tables.PAIR_STATE)
+        for t in dedup_tables.CANDIDATE_STATE_TABLES
     ]
     conn = with_planted_signatures(current(), sigs, cfg)
     walked = relisted = shrunk = 0
