@@ -164,7 +164,7 @@ def run(out: Path, records: int, refresh_rows: int, seed: int, statements: int) 
             refresh, listed, clock = list_regime(conn, regime, with_refresh=True)
             pairs = conn.execute(CANDIDATE_IDS).fetchall()
             state = {"state": dedup_tables.candidate_state_key(regime, CONFIGS[regime])}
-            for table in (dedup_tables.BAND_STATE, dedup_tables.PAIR_STATE, dedup_tables.BUCKET_STATE):
+            for table in dedup_tables.CANDIDATE_STATE_TABLES:
                 conn.execute(f"DELETE FROM {table.qualified} WHERE stage_key = $state", state)
             check, _, _ = list_regime(conn, regime, with_refresh=True)
             same = conn.execute(CANDIDATE_IDS).fetchall() == pairs

@@ -445,8 +445,9 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
     )
 
 
-# The candidate state: the band keys of a regime's exact survivors, every bucket of two rows or more at every
-# split depth with its size, and the candidate pairs of the listed buckets, as the last run left them. Candidates
+# The candidate state: a regime's exact survivors with their band keys (per band, and per row in one piece with its
+# sketch and same key), every bucket of two rows or more at every split depth with its size, and the candidate
+# pairs of the listed buckets, as the last run left them. Candidates
 # are a function of the survivors' signatures and the bucket rules alone, and a bucket's pairs depend only on its
 # rows. So a run follows each added or removed survivor down its path in each start band (issue 23): a bucket split
 # in the state and still split now (its size stays above MAX_BUCKET) is walked through, since only the bucket
@@ -552,8 +553,14 @@ def _cached_signatures(rows: str) -> str:
     """
 
 
+# Whether the state holds survivors under $state, each with its row of band 0: the survivor and band tables are
+# replaced together, so they disagree only when one was dropped or emptied outside a run (then a full listing).
+STATE_HOLDS = f"""
+SELECT count(*) > 0 AND count(*) = (
+    SELECT count(*) FROM {BAND_STATE.qualified} WHERE stage_key = $state AND band = 0
+) FROM {SURVIVOR_STATE.qualified} WHERE stage_key = $state
+"""
 # The state's diff with this run's survivors: survivors it lacks, and its records no longer survivors.
-STATE_HOLDS = f"SELECT count(*) FROM {SURVIVOR_STATE.qualified} WHERE stage_key = $state"
 ADDED_SURVIVORS = f"""
 INSERT INTO {NEAR_ADDED.qualified}
 SELECT d.seq, d.id FROM {DEDUP_ROWS.qualified} d
@@ -623,7 +630,8 @@ WHERE NOT descend AND (old_size IS NOT NULL OR added > 0)
 # its path are the bucket's. They are looked for in the band of the path whose bucket at depth 0 is the smallest
 # (its seed; a bucket the state lacks holds one row at most): each seed's rows are read once per start band and
 # depth that looks in it, not once per bucket (many deep buckets may share one large seed), their keys along the
-# path are sliced from their band keys in one piece (SURVIVOR_STATE; the path wraps past the last band to band 0), and
+# path are sliced from their band keys in one piece (SURVIVOR_STATE; a path past the last band goes on at band 0:
+# sliced from the keys repeated, $wraps times, only for the rows whose path wraps), and
 # that is matched with the buckets' (start key, suffix). Joining each row's keys band by band instead (a row per
 # row and band of the path, then a grouped concatenation) took 5.9 s of a 10,000-row refresh's SFT candidates at
 # 1M, the slices 3.3-4.0 s (163,550 buckets listed again, 3.0 M rows of their seeds looked at).
@@ -652,8 +660,8 @@ looked_at AS (
 looked_at_paths AS (
     SELECT l.start_band, l.depth, l.id,
         k.band_keys[l.start_band * $key_bytes + 1 : (l.start_band + 1) * $key_bytes] AS start_key,
-        k.band_keys[(l.start_band + 1) * $key_bytes + 1 : least(l.start_band + l.depth + 1, $bands) * $key_bytes]
-            || k.band_keys[1 : greatest(l.start_band + l.depth + 1 - $bands, 0) * $key_bytes] AS suffix
+        (CASE WHEN l.start_band + l.depth < $bands THEN k.band_keys ELSE repeat(k.band_keys, $wraps) END)
+            [(l.start_band + 1) * $key_bytes + 1 : (l.start_band + l.depth + 1) * $key_bytes] AS suffix
     FROM looked_at l JOIN {SURVIVOR_STATE.qualified} k ON k.stage_key = $state AND k.id = l.id
 ),
 state_rows AS (
@@ -723,7 +731,7 @@ STATE_BUCKET_STALE = f"""EXISTS (
     SELECT 1 FROM {NEAR_STALE.qualified} t
     WHERE t.start_band = s.start_band AND t.start_key = s.band_key AND t.suffix = s.suffix
 )"""
-# The rows of the buckets listed again (their signatures and sketches are needed).
+# The rows of the buckets listed again (their sketches are needed).
 ROWS_OF_RELISTED_BUCKETS = f"""
 SELECT DISTINCT seq FROM {NEAR_LISTED.qualified}
 SEMI JOIN {NEAR_RELISTED.qualified} USING (start_band, start_key, suffix)
@@ -1143,9 +1151,9 @@ def deduplicate_regime_tables(
     and ``kept_rank`` (unique; lowest is kept). ``records``: a relation holding their ``id`` and ``UNIT_COLUMNS``
     by seq, read once for the signatures the cache lacks and once each for the texts verification and the
     similarities need (gathered into ``near_texts``, whose index makes a chunk's look-ups point reads). ``keyed``:
-    rows carry a same key (RL). ``regime`` names the candidate state (:data:`BAND_STATE`, :data:`BUCKET_STATE`,
-    :data:`PAIR_STATE`): when it holds this config's state, only the buckets on the paths of survivors added or
-    removed since change (the first one on a path not split before and after is listed again).
+    rows carry a same key (RL). ``regime`` names the candidate state (:data:`CANDIDATE_STATE_TABLES`): when it
+    holds this config's state, only the buckets on the paths of survivors added or removed since change (the first
+    one on a path not split before and after is listed again).
     ``dropped`` gets ``member_id``, ``kept_id`` (always a kept row), ``method`` and ``similarity``.
     ``timed(part)`` wraps the parts ``signatures``, ``candidates`` and ``verification``. The work tables of this
     module are replaced; the caller drops the work schema.
@@ -1202,7 +1210,7 @@ def list_candidates(
     again). ``timed`` wraps the parts ``signatures`` and ``candidates``."""
     state = {"state": candidate_state_key(regime, cfg)}
     with timed("signatures"):
-        incremental = conn.execute(STATE_HOLDS, state).fetchall()[0][0] > 0
+        incremental = bool(conn.execute(STATE_HOLDS, state).fetchall()[0][0])
         if incremental:
             conn.execute(ADDED_SURVIVORS, state)
             conn.execute(REMOVED_SURVIVORS, state)
@@ -1268,10 +1276,10 @@ def _save_candidate_state(
     """Bring the candidate state to this run's survivors and add the state's still-valid pairs to the candidates.
 
     A full listing replaces the state. Otherwise the pairs of the buckets not stale are taken from the state (by
-    this run's rows) before it changes; then the removed rows' bands and pairs, the stale buckets' pairs and the
-    state's buckets at and below the buckets listed again leave it, the walked-through buckets get their new
-    size, and the added rows' bands, the buckets formed this run and the pairs listed this run enter it, in one
-    transaction."""
+    this run's rows) before it changes; then the removed rows (survivor rows, bands and pairs), the stale buckets'
+    pairs and the state's buckets at and below the buckets listed again leave it, the walked-through buckets get
+    their new size, and the added rows (survivor rows and bands), the buckets formed this run and the pairs listed
+    this run enter it, in one transaction."""
     if incremental:
         conn.execute(STATE_PAIRS_STILL_LISTED, state)
     with transaction(conn):
@@ -1346,6 +1354,8 @@ def _bucket_shape(cfg: MinHashConfig) -> dict[str, int]:
         "key_bytes": band_key_bytes(cfg),
         "max_bucket": dedup.MAX_BUCKET,
         "max_depth": dedup.MAX_SPLIT_BANDS,
+        # copies of a row's band keys that hold every path: start band + depth + 1 <= bands + max_depth
+        "wraps": 1 + -(-dedup.MAX_SPLIT_BANDS // bands),
     }
 
 

@@ -490,6 +490,44 @@ def test_rounds_of_added_and_removed_rows_keep_the_state_exact(
     assert relisted > 0 and shrunk > 0 and (walked > 0 or split_bands == 0)
 
 
+def test_paths_going_round_the_bands_more_than_once(monkeypatch) -> None:
+    """Two bands (8 permutations at an LSH threshold of 0.7) split by three more: a bucket's path from band 1 goes
+    through bands 1, 0, 1, 0, so a row's keys along it wrap past the last band twice. Groups of rows with one
+    signature fill buckets split down to the last depth; rows added to them meet the state's rows there, and the
+    candidates and the whole state are a full listing's. A state whose band table was emptied outside a run is not
+    trusted: the next run lists in full."""
+    monkeypatch.setattr(dedup, "MAX_BUCKET", 2)
+    cfg = MinHashConfig(num_perm=8, lsh_threshold=0.7)
+    assert dedup.lsh_bands(cfg)[0] == 2
+    rng = np.random.default_rng(11)
+    groups = rng.integers(0, 2**32, size=(6, cfg.num_perm), dtype=np.uint64).astype(np.uint32)
+    pool = np.concatenate([np.repeat(groups, 8, axis=0), clumped_signatures(rng, 48, cfg, 2)])
+    rows = [sft(f"row{i:03d}", "Say something.", f"text {i}") for i in range(len(pool))]
+    sigs = {r["id"]: s for r, s in zip(rows, pool, strict=True)}
+    configs = {"sft": cfg}
+    conn = with_planted_signatures([r for i, r in enumerate(rows) if i % 8 != 7], sigs, cfg)
+    dedup_staged(conn, {"sft"}, processes=1, batch_rows=40, cfg=configs)
+    restage(conn, rows)
+    refresh = dedup_staged(conn, {"sft"}, processes=1, batch_rows=40, cfg=configs)
+    assert refresh.candidates.reused > 0  # a refresh: some survivors' buckets came from the state
+    expected = expected_candidate_ids(rows, sigs, cfg)
+    assert candidate_ids(conn) == expected and len(expected) > 6 * 28
+    fresh = with_planted_signatures(rows, sigs, cfg)
+    dedup_staged(fresh, {"sft"}, processes=1, batch_rows=40, cfg=configs)
+    state_key = {"key": dedup_tables.candidate_state_key("sft", cfg)}
+    for table in dedup_tables.CANDIDATE_STATE_TABLES:
+        query = f"SELECT * EXCLUDE (stage_key) FROM {table.qualified} WHERE stage_key = $key ORDER BY ALL"
+        assert conn.execute(query, state_key).fetchall() == fresh.execute(query, state_key).fetchall(), table.name
+    walk = f"SELECT start_band, octet_length(suffix) // {dedup_tables.band_key_bytes(cfg)} AS depth, old_size"
+    relisted = conn.execute(f"{walk} FROM {dedup_tables.NEAR_WALK.qualified} WHERE NOT descend").fetchall()
+    assert (1, 3, 8 - 1) in relisted  # a group's bucket from band 1 at the last depth, listed before
+
+    conn.execute(f"DELETE FROM {dedup_tables.BAND_STATE.qualified}")
+    again = dedup_staged(conn, {"sft"}, processes=1, batch_rows=40, cfg=configs)
+    assert again.candidates.reused == 0  # listed in full
+    assert candidate_ids(conn) == expected
+
+
 def test_a_row_added_to_a_giant_bucket_reads_only_its_path() -> None:
     """300 rows share their band-0 key and nothing else: the start bucket is split by band 1 into single rows. A
     row added to it (with a band-1 key of its own) and one added beside a row of it are walked down their paths:
