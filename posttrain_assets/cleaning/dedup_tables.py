@@ -447,12 +447,12 @@ def signature_stage_key(cfg: MinHashConfig) -> str:
 
 # The candidate state: a regime's exact survivors with their band keys (per band, and per row in one piece with its
 # sketch and same key), every bucket of two rows or more at every split depth with its size, and the candidate
-# pairs of the listed buckets, as the last run left them. Candidates
-# are a function of the survivors' signatures and the bucket rules alone, and a bucket's pairs depend only on its
-# rows. So a run follows each added or removed survivor down its path in each start band (issue 23): a bucket split
-# in the state and still split now (its size stays above MAX_BUCKET) is walked through, since only the bucket
-# below on the row's path changes; the first bucket on a path that is not (listed before or now, or new) is
-# listed again from its rows, found through the state's band keys. A bucket listed before and now keeps the
+# pairs of the listed buckets, as the last run left them. Candidates are a function of the survivors' signatures
+# and the bucket rules alone, and a bucket's pairs depend only on its rows. So a run follows each added or removed
+# survivor down its path in each start band (issue 23): a bucket split in the state and still split now (its size
+# stays above MAX_BUCKET) is walked through, since only the bucket below on the row's path changes; the first
+# bucket on a path that is not (listed before or now, or new) is listed again from its rows, found through the
+# state's band keys. A bucket listed before and now keeps the
 # state's pairs less those of removed rows and gets the pairs of its added rows; any other is listed whole. The
 # pairs of every bucket off the paths are the state's. A giant start bucket (short bands of common words hold
 # tens of thousands of rows at a million chats) thus costs the buckets on a changed row's path, not its rows.
@@ -631,8 +631,8 @@ WHERE NOT descend AND (old_size IS NOT NULL OR added > 0)
 # (its seed; a bucket the state lacks holds one row at most): each seed's rows are read once per start band and
 # depth that looks in it, not once per bucket (many deep buckets may share one large seed), their keys along the
 # path are sliced from their band keys in one piece (SURVIVOR_STATE; a path past the last band goes on at band 0:
-# sliced from the keys repeated, $wraps times, only for the rows whose path wraps), and
-# that is matched with the buckets' (start key, suffix). Joining each row's keys band by band instead (a row per
+# sliced from the keys repeated, $wraps times, only for the rows whose path wraps), and that is matched with the
+# buckets' (start key, suffix). Joining each row's keys band by band instead (a row per
 # row and band of the path, then a grouped concatenation) took 5.9 s of a 10,000-row refresh's SFT candidates at
 # 1M, the slices 3.3-4.0 s (163,550 buckets listed again, 3.0 M rows of their seeds looked at).
 RELISTED_ROOT_ROWS = f"""
@@ -842,9 +842,8 @@ def sketch_pairs_with_signatures(placed_from_state: bool) -> str:
     """Each pair whose sketches could reach the floor, once, with both signatures for the exact estimate: from
     near_signatures, and with ``placed_from_state`` (a refresh, whose rows of the buckets listed again were placed
     from the candidate state without one) from the signature cache (under ``$key``) for the rows without one."""
-    if not placed_from_state:
-        signatures = NEAR_SIGNATURES.qualified
-    else:
+    signatures = "placed"  # the pairs' rows, with their signatures
+    if placed_from_state:
         signatures = f"""(
             SELECT seq, signature FROM placed WHERE signature IS NOT NULL
             UNION ALL
